@@ -1,0 +1,349 @@
+//! Tokens to rights, and where a request carries its token.
+//!
+//! Mercure authorizes with a JWS whose `mercure` claim lists the topic selectors a client may
+//! publish to and receive private updates from. Verification is jsonwebtoken's; this module
+//! decides which key and algorithm apply, reads the claim (also under its namespaced name),
+//! and turns every failure into a one-line reason the client can act on.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::Value;
+
+/// Clock leeway for `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// The cookie a browser carries its token in.
+pub const COOKIE_NAME: &str = "mercureAuthorization";
+
+/// What a verified token allows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rights {
+    /// `mercure.publish`: selectors the holder may publish to. `None` when absent.
+    pub publish: Option<Vec<String>>,
+    /// `mercure.subscribe`: selectors of private updates the holder may receive.
+    pub subscribe: Option<Vec<String>>,
+    /// `mercure.payload`, echoed in subscription events.
+    pub payload: Option<Value>,
+    /// The token's `exp`.
+    pub expires_at: Option<SystemTime>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing token: send it as \"Authorization: Bearer <jwt>\", the \"authorization\" query parameter or the \"mercureAuthorization\" cookie")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// A key that verifies tokens (and, for secrets and private keys, signs them).
+#[derive(Clone)]
+pub struct Key {
+    algorithm: Algorithm,
+    decoding: Option<DecodingKey>,
+    encoding: Option<EncodingKey>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({:?})", self.algorithm)
+    }
+}
+
+/// Parses `--jwt-algorithm`. `none` is not an algorithm jsonwebtoken knows, so it is refused.
+pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    let alg = match s.to_ascii_uppercase().as_str() {
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EDDSA" => Algorithm::EdDSA,
+        "NONE" => return Err("unsigned tokens (alg \"none\") are never accepted".into()),
+        _ => {
+            return Err(format!(
+                "unknown JWT algorithm {s:?}: use one of HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384, EdDSA"
+            ))
+        }
+    };
+    Ok(alg)
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+impl Key {
+    /// An HMAC secret.
+    pub fn secret(algorithm: Algorithm, secret: &[u8]) -> Key {
+        debug_assert!(is_hmac(algorithm));
+        Key::build(
+            algorithm,
+            Some(DecodingKey::from_secret(secret)),
+            Some(EncodingKey::from_secret(secret)),
+        )
+    }
+
+    /// `--…-jwt-key` as the user gave it: the secret itself for HMAC algorithms, the path of a
+    /// PEM file holding the public key for the others. The key verifies tokens.
+    pub fn load(algorithm: Algorithm, key: &str) -> Result<Key, String> {
+        let k = Key::load_any(algorithm, key)?;
+        if k.decoding.is_none() {
+            return Err(format!(
+                "{key:?} holds no public key for {algorithm:?}: give the PEM file of the public key"
+            ));
+        }
+        Ok(k)
+    }
+
+    /// Like [`Key::load`], for signing: a secret, or a PEM file holding the private key.
+    pub fn load_signing(algorithm: Algorithm, key: &str) -> Result<Key, String> {
+        let k = Key::load_any(algorithm, key)?;
+        if k.encoding.is_none() {
+            return Err(format!(
+                "{key:?} holds no private key for {algorithm:?}: give the PEM file of the private key"
+            ));
+        }
+        Ok(k)
+    }
+
+    fn load_any(algorithm: Algorithm, key: &str) -> Result<Key, String> {
+        if is_hmac(algorithm) {
+            if key.is_empty() {
+                return Err("the JWT secret is empty".into());
+            }
+            return Ok(Key::secret(algorithm, key.as_bytes()));
+        }
+        let pem = std::fs::read(Path::new(key))
+            .map_err(|e| format!("cannot read the PEM key file {key:?} for {algorithm:?}: {e}"))?;
+        let (decoding, encoding) = match algorithm {
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => (
+                DecodingKey::from_rsa_pem(&pem).ok(),
+                EncodingKey::from_rsa_pem(&pem).ok(),
+            ),
+            Algorithm::ES256 | Algorithm::ES384 => (
+                DecodingKey::from_ec_pem(&pem).ok(),
+                EncodingKey::from_ec_pem(&pem).ok(),
+            ),
+            _ => (
+                DecodingKey::from_ed_pem(&pem).ok(),
+                EncodingKey::from_ed_pem(&pem).ok(),
+            ),
+        };
+        if decoding.is_none() && encoding.is_none() {
+            return Err(format!(
+                "{key:?} is not a PEM key usable with {algorithm:?}"
+            ));
+        }
+        Ok(Key::build(algorithm, decoding, encoding))
+    }
+
+    fn build(
+        algorithm: Algorithm,
+        decoding: Option<DecodingKey>,
+        encoding: Option<EncodingKey>,
+    ) -> Key {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY_SECS;
+        validation.required_spec_claims = HashSet::new();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        Key {
+            algorithm,
+            decoding,
+            encoding,
+            validation,
+        }
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// Verifies `token` and reads its rights.
+    pub fn verify(&self, token: &str) -> Result<Rights, AuthError> {
+        use jsonwebtoken::errors::ErrorKind as K;
+        let Some(decoding) = &self.decoding else {
+            return Err(AuthError::Invalid(
+                "the hub has no key to verify tokens".into(),
+            ));
+        };
+        let data =
+            jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(|e| {
+                AuthError::Invalid(
+                    match e.kind() {
+                        K::ExpiredSignature => "the token has expired",
+                        K::ImmatureSignature => "the token is not valid yet (nbf)",
+                        K::InvalidSignature => "the signature does not match the hub's key",
+                        K::InvalidAlgorithm => {
+                            "the token's algorithm is not the one the hub accepts"
+                        }
+                        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                            "it is not a well-formed JWS"
+                        }
+                        _ => "it could not be verified",
+                    }
+                    .to_owned(),
+                )
+            })?;
+        rights_from_claims(&data.claims).map_err(AuthError::Invalid)
+    }
+
+    /// Signs a token granting `publish` and `subscribe`, valid for `ttl` (forever when `None`).
+    pub fn mint(
+        &self,
+        publish: Option<&[String]>,
+        subscribe: Option<&[String]>,
+        ttl: Option<Duration>,
+    ) -> Result<String, String> {
+        let enc = self.encoding.as_ref().ok_or_else(|| {
+            "this key cannot sign tokens (give the private key, or the secret for HS*)".to_owned()
+        })?;
+        let mut mercure = serde_json::Map::new();
+        if let Some(p) = publish {
+            mercure.insert("publish".into(), p.into());
+        }
+        if let Some(s) = subscribe {
+            mercure.insert("subscribe".into(), s.into());
+        }
+        let mut claims = serde_json::Map::new();
+        claims.insert("mercure".into(), Value::Object(mercure));
+        if let Some(ttl) = ttl {
+            let exp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                + ttl;
+            claims.insert("exp".into(), exp.as_secs().into());
+        }
+        jsonwebtoken::encode(&Header::new(self.algorithm), &Value::Object(claims), enc)
+            .map_err(|e| format!("cannot sign the token: {e}"))
+    }
+}
+
+/// Reads the `mercure` claim (or its namespaced form `https://mercure.rocks/`).
+pub fn rights_from_claims(claims: &Value) -> Result<Rights, String> {
+    let mut rights = Rights::default();
+    if let Some(exp) = claims.get("exp") {
+        let secs = exp
+            .as_u64()
+            .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .ok_or("\"exp\" is not a number")?;
+        rights.expires_at = Some(UNIX_EPOCH + Duration::from_secs(secs.min(u32::MAX as u64 * 4)));
+    }
+    let Some(m) = claims
+        .get("mercure")
+        .or_else(|| claims.get("https://mercure.rocks/"))
+    else {
+        return Ok(rights);
+    };
+    if !m.is_object() {
+        return Err("the \"mercure\" claim is not an object".into());
+    }
+    let list = |name: &str| -> Result<Option<Vec<String>>, String> {
+        match m.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("\"mercure.{name}\" must be an array of strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(format!("\"mercure.{name}\" must be an array of strings")),
+        }
+    };
+    rights.publish = list("publish")?;
+    rights.subscribe = list("subscribe")?;
+    rights.payload = m.get("payload").cloned();
+    Ok(rights)
+}
+
+/// Where a request's token came from. A cookie makes a publish subject to the CSRF check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    Query,
+    Cookie,
+}
+
+/// Finds the token: the `Authorization` header wins, then the `authorization` query parameter,
+/// then the `mercureAuthorization` cookie.
+pub fn find_token<'a>(
+    headers: &'a http::HeaderMap,
+    query_token: Option<&'a str>,
+) -> Result<Option<(&'a str, TokenSource)>, AuthError> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| AuthError::Invalid("the Authorization header is not ASCII".into()))?;
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                AuthError::Invalid("the Authorization header must be \"Bearer <jwt>\"".into())
+            })?;
+        return Ok(Some((token.trim(), TokenSource::Header)));
+    }
+    if let Some(t) = query_token {
+        return Ok(Some((t, TokenSource::Query)));
+    }
+    for v in headers.get_all(http::header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if name == COOKIE_NAME {
+                    return Ok(Some((value.trim_matches('"'), TokenSource::Cookie)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mint_and_verify_round_trip() {
+        let k = Key::secret(Algorithm::HS256, b"secret");
+        let t = k
+            .mint(Some(&["a".into()]), None, Some(Duration::from_secs(60)))
+            .unwrap();
+        let r = k.verify(&t).unwrap();
+        assert_eq!(r.publish, Some(vec!["a".to_string()]));
+        assert_eq!(r.subscribe, None);
+        assert!(r.expires_at.is_some());
+        let other = Key::secret(Algorithm::HS256, b"other");
+        assert!(matches!(other.verify(&t), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn namespaced_claim() {
+        let r = rights_from_claims(
+            &serde_json::json!({"https://mercure.rocks/": {"subscribe": ["x"], "payload": {"a": 1}}}),
+        )
+        .unwrap();
+        assert_eq!(r.subscribe, Some(vec!["x".to_string()]));
+        assert!(r.payload.is_some());
+        assert!(rights_from_claims(&serde_json::json!({"mercure": {"publish": "x"}})).is_err());
+    }
+
+    #[test]
+    fn none_is_refused() {
+        assert!(parse_algorithm("none").is_err());
+        assert_eq!(parse_algorithm("es256"), Ok(Algorithm::ES256));
+    }
+}

@@ -1,0 +1,263 @@
+//! The client side: publish an update, follow a stream. Used by the `publish` and `subscribe`
+//! commands, the benchmark and the tests, so that there is one implementation of the wire.
+//!
+//! Built directly on hyper's client connection (one TCP connection per publisher or stream)
+//! rather than on a full HTTP client: the hub is one known endpoint, and the tests and the
+//! benchmark need to see exactly what one connection does.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+use crate::sse::{Event, Parser};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "{0:?} is not a usable hub URL: give one like http://127.0.0.1:8000/.well-known/mercure"
+    )]
+    BadUrl(String),
+    #[error("cannot connect to {addr}: {source}. Is the hub running there?")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    #[error("HTTP error talking to the hub: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the hub answered {status}: {reason}")]
+    Refused { status: StatusCode, reason: String },
+    #[error("the stream sent an event-stream line longer than the limit")]
+    LineTooLong,
+}
+
+/// Where to reach a hub: host:port and the request target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub authority: String,
+    pub path_and_query: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, ClientError> {
+        let bad = || ClientError::BadUrl(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad());
+        }
+        let authority = uri.authority().ok_or_else(bad)?;
+        let port = authority.port_u16().unwrap_or(80);
+        Ok(Target {
+            authority: format!("{}:{port}", authority.host()),
+            path_and_query: uri
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+        })
+    }
+
+    /// The same hub, another path and query.
+    pub fn with_path(&self, path_and_query: impl Into<String>) -> Target {
+        Target {
+            authority: self.authority.clone(),
+            path_and_query: path_and_query.into(),
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to the hub.
+pub struct Connection {
+    target: Target,
+    sender: SendRequest<Full<Bytes>>,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Connection {
+    pub async fn open(target: &Target) -> Result<Connection, ClientError> {
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&target.authority),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(target.authority.clone()))?
+        .map_err(|source| ClientError::Connect {
+            addr: target.authority.clone(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Connection {
+            target: target.clone(),
+            sender,
+        })
+    }
+
+    /// Sends one request and returns the response with its body unread.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(header::HOST, &self.target.authority)
+            .body(Full::new(body))
+            .map_err(|_| ClientError::BadUrl(path_and_query.to_owned()))?;
+        for (k, v) in headers {
+            req.headers_mut().append(k, v.clone());
+        }
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(req).await?)
+    }
+
+    /// Publishes one update (form fields as given) and returns the status and body text.
+    pub async fn publish(
+        &mut self,
+        token: Option<&str>,
+        fields: &[(&str, &str)],
+    ) -> Result<(StatusCode, String), ClientError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        if let Some(t) = token {
+            headers.insert(header::AUTHORIZATION, bearer(t)?);
+        }
+        let path = self.target.path_and_query.clone();
+        let resp = self
+            .send(
+                Method::POST,
+                &path,
+                &headers,
+                Bytes::from(encode_form(fields)),
+            )
+            .await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, ClientError> {
+    HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| ClientError::BadUrl("the token has characters a header cannot carry".into()))
+}
+
+/// `application/x-www-form-urlencoded` for the given fields.
+pub fn encode_form(fields: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (k, v) in fields {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.extend(utf8_percent_encode(k, NON_ALPHANUMERIC));
+        out.push('=');
+        out.extend(utf8_percent_encode(v, NON_ALPHANUMERIC));
+    }
+    out
+}
+
+/// Publishes once, on a connection of its own, and returns the id; a refusal is an error.
+pub async fn publish(
+    hub: &Target,
+    token: Option<&str>,
+    fields: &[(&str, &str)],
+) -> Result<String, ClientError> {
+    let mut conn = Connection::open(hub).await?;
+    let (status, body) = conn.publish(token, fields).await?;
+    if status != StatusCode::OK {
+        return Err(ClientError::Refused {
+            status,
+            reason: body.trim().to_owned(),
+        });
+    }
+    Ok(body)
+}
+
+/// An open event stream.
+pub struct EventStream {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: Incoming,
+    parser: Parser,
+    ready: VecDeque<Event>,
+    scratch: Vec<Event>,
+}
+
+impl EventStream {
+    /// Opens `target` (a stream URL) with the given extra headers. A non-200 answer is an
+    /// error carrying the hub's reason.
+    pub async fn open(target: &Target, headers: &HeaderMap) -> Result<EventStream, ClientError> {
+        let mut conn = Connection::open(target).await?;
+        let mut h = headers.clone();
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let resp = conn
+            .send(Method::GET, &target.path_and_query, &h, Bytes::new())
+            .await?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Err(ClientError::Refused {
+                status,
+                reason: String::from_utf8_lossy(&body).trim().to_owned(),
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        Ok(EventStream {
+            status,
+            headers: parts.headers,
+            body,
+            parser: Parser::with_max_line(16 << 20),
+            ready: VecDeque::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The next event; `Ok(None)` when the hub ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Ok(Some(e));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.parser
+                            .feed(&data, &mut self.scratch)
+                            .map_err(|_| ClientError::LineTooLong)?;
+                        self.ready.extend(self.scratch.drain(..));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Comment lines (heartbeats and the opening comment) seen so far.
+    pub fn comments(&self) -> u64 {
+        self.parser.comments
+    }
+
+    /// The id of the last event received, as a browser would resume with.
+    pub fn last_event_id(&self) -> &str {
+        self.parser.last_event_id()
+    }
+}

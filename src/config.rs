@@ -1,0 +1,178 @@
+//! `serve` settings: parsed by clap (flag, then `SSEHUB_*` variable, then default) and checked
+//! here, so that a bad value is a clear message at start rather than a surprise later.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `ssehub serve` (also accepted with no subcommand).
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (use port 0 for any free port).
+    #[arg(long, env = "SSEHUB_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: String,
+
+    /// How often the demo clock publishes on topic "time"; 0 turns it off.
+    #[arg(long, env = "SSEHUB_CLOCK_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub clock_interval: Duration,
+
+    /// HS256 secret for publishers' tokens (or a PEM file path with --jwt-algorithm RS*/ES*/EdDSA).
+    /// Without it, a random secret is made for this run and a ready-made publish command printed.
+    #[arg(long, env = "SSEHUB_PUBLISHER_JWT_KEY", hide_env_values = true)]
+    pub publisher_jwt_key: Option<String>,
+
+    /// Key for subscribers' tokens; defaults to the publisher key.
+    #[arg(long, env = "SSEHUB_SUBSCRIBER_JWT_KEY", hide_env_values = true)]
+    pub subscriber_jwt_key: Option<String>,
+
+    /// Token algorithm: HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384 or EdDSA.
+    #[arg(long, env = "SSEHUB_JWT_ALGORITHM", default_value = "HS256")]
+    pub jwt_algorithm: String,
+
+    /// Let subscribers without a token receive public updates.
+    #[arg(long, env = "SSEHUB_ANONYMOUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub anonymous: bool,
+
+    /// Updates kept for Last-Event-ID replay (whole hub, all topics); 0 keeps none.
+    #[arg(long, env = "SSEHUB_HISTORY_SIZE", default_value_t = 10_000)]
+    pub history_size: usize,
+
+    /// Comment line sent on an idle stream this often; 0 turns heartbeats off.
+    #[arg(long, env = "SSEHUB_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Updates a subscriber may lag behind before the hub drops its connection.
+    #[arg(long, env = "SSEHUB_SUBSCRIBER_QUEUE", default_value_t = 1000)]
+    pub subscriber_queue: usize,
+
+    /// Subscribers connected at once; further ones get 503 with Retry-After.
+    /// Defaults to a margin under the process's open-file limit.
+    #[arg(long, env = "SSEHUB_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Largest publish body accepted (e.g. 1MiB, 64KiB, 100000); larger ones get 413.
+    #[arg(long, env = "SSEHUB_MAX_BODY", default_value = "1MiB", value_parser = parse_size)]
+    pub max_body: usize,
+
+    /// Log format; RUST_LOG filters (default: info).
+    #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Checked settings, ready for the server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub clock_interval: Option<Duration>,
+    pub publisher_jwt_key: Option<String>,
+    pub subscriber_jwt_key: Option<String>,
+    pub jwt_algorithm: jsonwebtoken::Algorithm,
+    pub anonymous: bool,
+    pub history_size: usize,
+    pub heartbeat: Option<Duration>,
+    pub subscriber_queue: usize,
+    pub max_connections: usize,
+    pub max_body: usize,
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<ServeConfig, String> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "--listen {:?} is not an address: give IP:PORT, e.g. 127.0.0.1:8000 or 0.0.0.0:8000",
+                self.listen
+            )
+        })?;
+        if self.subscriber_queue == 0 {
+            return Err("--subscriber-queue must be at least 1".into());
+        }
+        if self.max_body == 0 {
+            return Err("--max-body must be at least 1 byte".into());
+        }
+        let jwt_algorithm = crate::auth::parse_algorithm(&self.jwt_algorithm)
+            .map_err(|e| format!("--jwt-algorithm: {e}"))?;
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Ok(ServeConfig {
+            listen,
+            clock_interval: nonzero(self.clock_interval),
+            publisher_jwt_key: self.publisher_jwt_key.clone().filter(|k| !k.is_empty()),
+            subscriber_jwt_key: self.subscriber_jwt_key.clone().filter(|k| !k.is_empty()),
+            jwt_algorithm,
+            anonymous: self.anonymous,
+            history_size: self.history_size,
+            heartbeat: nonzero(self.heartbeat),
+            subscriber_queue: self.subscriber_queue,
+            max_connections: self.max_connections.unwrap_or_else(default_max_connections),
+            max_body: self.max_body,
+        })
+    }
+}
+
+/// A margin under the open-file limit: every subscriber holds one descriptor, and the hub
+/// needs a few for its listener, publishers and logs.
+pub fn default_max_connections() -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(10_000_000);
+    soft.saturating_sub(soft / 20 + 32).max(1)
+}
+
+/// `5s`, `250ms`, `1m`, or `0` for off.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 5s or 250ms: {e}"))
+}
+
+/// `1MiB`, `64KiB`, `512kB`, `100000`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1MiB, 64KiB or 100000"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, kB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("100000"), Ok(100_000));
+        assert_eq!(parse_size("64 KiB"), Ok(65536));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,298 @@
+//! The Mercure hub endpoint: `GET` subscribes, `POST` publishes.
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+
+use super::{form, reject, stream_body, stream_response, AppState, Connection, MERCURE_PATH};
+use crate::auth::{find_token, AuthError, Rights};
+use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
+
+/// How long a publisher may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parameters beyond the topics that a request may carry.
+const MAX_OTHER_PARAMS: usize = 32;
+
+/// What a subscribe request asks for, parsed from its query string.
+struct SubscribeQuery {
+    topics: Vec<String>,
+    last_event_id: Option<String>,
+    authorization: Option<String>,
+}
+
+fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
+    let raw = req.uri().query().unwrap_or("");
+    let pairs = form::parse(raw.as_bytes(), MAX_TOPICS + MAX_OTHER_PARAMS)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, e))?;
+    let mut q = SubscribeQuery {
+        topics: Vec::new(),
+        last_event_id: None,
+        authorization: None,
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "topic" => q.topics.push(value),
+            // `Last-Event-ID` is the 0.x compatibility spelling.
+            "lastEventID" | "Last-Event-ID" => {
+                q.last_event_id.get_or_insert(value);
+            }
+            "authorization" => {
+                q.authorization.get_or_insert(value);
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// The id a reconnecting client last saw: the `Last-Event-ID` header wins over the
+/// `lastEventID` query parameter.
+pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
+    if let Some(v) = req.headers().get("last-event-id") {
+        return v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
+            reject(
+                StatusCode::BAD_REQUEST,
+                "the Last-Event-ID header is not valid text",
+            )
+        });
+    }
+    Ok(parse_subscribe_query(req)?.last_event_id)
+}
+
+fn auth_error(e: AuthError) -> Response {
+    let status = match e {
+        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    reject(status, e)
+}
+
+pub(super) fn subscribe_error(e: SubscribeError) -> Response {
+    match e {
+        SubscribeError::Full | SubscribeError::ShuttingDown => {
+            let mut r = reject(StatusCode::SERVICE_UNAVAILABLE, e);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        _ => reject(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// Checks a subscriber's request: topics, token. Returns what to subscribe with.
+fn check_subscriber(
+    app: &AppState,
+    req: &Request,
+) -> Result<(SubscribeQuery, Option<Rights>), Response> {
+    let q = parse_subscribe_query(req)?;
+    if q.topics.is_empty() {
+        return Err(subscribe_error(SubscribeError::NoTopic));
+    }
+    if q.topics.len() > MAX_TOPICS {
+        return Err(subscribe_error(SubscribeError::TooManyTopics));
+    }
+    let token = find_token(req.headers(), q.authorization.as_deref()).map_err(auth_error)?;
+    let rights = match token {
+        Some((t, _)) => Some(app.subscriber_key.verify(t).map_err(auth_error)?),
+        None if app.anonymous => None,
+        None => return Err(auth_error(AuthError::Missing)),
+    };
+    Ok((q, rights))
+}
+
+/// `GET /.well-known/mercure?topic=…`
+pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
+    let (q, rights) = match check_subscriber(&app, &req) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let header_id = match last_event_id(&req) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let kill = req.extensions().get::<Connection>().map(|c| c.kill.clone());
+    let (subscribe_rights, expires_at) = match rights {
+        // A token without `mercure.subscribe` still identifies the subscriber: it receives
+        // public updates and no private ones.
+        Some(r) => (Some(r.subscribe.unwrap_or_default()), r.expires_at),
+        None => (None, None),
+    };
+    let sub = app.hub.subscribe(SubscribeRequest {
+        topics: q.topics,
+        rights: subscribe_rights,
+        last_event_id: header_id.or(q.last_event_id),
+        expires_at,
+        kill,
+    });
+    match sub {
+        Ok(s) => stream_response(
+            stream_body(s.stream, MERCURE_PATH),
+            s.last_event_id.as_deref(),
+        ),
+        Err(e) => subscribe_error(e),
+    }
+}
+
+/// `HEAD /.well-known/mercure?topic=…`: the same checks and headers, no stream.
+pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Response {
+    match check_subscriber(&app, &req) {
+        Ok(_) => stream_response(axum::body::Body::empty(), None),
+        Err(r) => r,
+    }
+}
+
+/// Why a publish was refused, for the debug log and the response.
+fn refuse(status: StatusCode, reason: impl std::fmt::Display, app: &AppState) -> Response {
+    app.hub
+        .metrics()
+        .updates_rejected
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(status = status.as_u16(), %reason, "publish rejected");
+    reject(status, reason)
+}
+
+/// `POST /.well-known/mercure`
+pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
+    let query_token = match req.uri().query() {
+        Some(q) => match form::parse(q.as_bytes(), MAX_OTHER_PARAMS) {
+            Ok(pairs) => pairs
+                .into_iter()
+                .find(|(n, _)| n == "authorization")
+                .map(|(_, v)| v),
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e, &app),
+        },
+        None => None,
+    };
+    let rights = match find_token(req.headers(), query_token.as_deref()) {
+        Ok(Some((t, _source))) => match app.publisher_key.verify(t) {
+            Ok(r) => r,
+            Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+        },
+        Ok(None) => return refuse(StatusCode::UNAUTHORIZED, AuthError::Missing, &app),
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+    };
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ok = ct
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            });
+        if !ok {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be application/x-www-form-urlencoded",
+                &app,
+            );
+        }
+    }
+    let body = http_body_util::Limited::new(req.into_body(), app.max_body);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+                &app,
+            )
+        }
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the body is larger than --max-body ({} bytes)",
+                        app.max_body
+                    ),
+                    &app,
+                );
+            }
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+                &app,
+            );
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let draft = match draft_from_form(&bytes) {
+        Ok(d) => d,
+        Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, &app),
+    };
+    if let Err(e) = draft.validate() {
+        return refuse(StatusCode::BAD_REQUEST, e, &app);
+    }
+    if let Some(t) = draft.topics.iter().find(|t| t.contains(MERCURE_PATH)) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("topic {t:?} is reserved for the hub"),
+            &app,
+        );
+    }
+    if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
+        return refuse(StatusCode::FORBIDDEN, reason, &app);
+    }
+    match app.hub.publish(draft) {
+        Ok(p) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], p.id).into_response(),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, e, &app),
+    }
+}
+
+/// Every topic must match one of the token's `mercure.publish` selectors.
+fn may_publish(app: &AppState, rights: &Rights, topics: &[String]) -> Result<(), String> {
+    let Some(allowed) = rights.publish.as_deref().filter(|a| !a.is_empty()) else {
+        return Err("the token has no \"mercure.publish\" claim: it may not publish".into());
+    };
+    let selectors: Vec<std::sync::Arc<Selector>> =
+        allowed.iter().map(|s| app.hub.selector(s)).collect();
+    match topics
+        .iter()
+        .find(|t| !selectors.iter().any(|s| s.matches(t)))
+    {
+        Some(t) => Err(format!("the token may not publish to topic {t:?}")),
+        None => Ok(()),
+    }
+}
+
+fn draft_from_form(body: &[u8]) -> Result<Draft, String> {
+    let pairs = form::parse(body, MAX_TOPICS + MAX_OTHER_PARAMS).map_err(|e| match e {
+        form::FormError::TooMany(_) => Invalid::TooManyTopics.to_string(),
+        e => e.to_string(),
+    })?;
+    let mut d = Draft::default();
+    let mut data = None;
+    for (name, value) in pairs {
+        // An empty id, type or retry is as if absent (an empty id asks the hub for one).
+        if value.is_empty() && matches!(name.as_str(), "id" | "type" | "retry") {
+            continue;
+        }
+        match name.as_str() {
+            "topic" => d.topics.push(value),
+            "data" => {
+                data.get_or_insert(value);
+            }
+            "id" => {
+                d.id.get_or_insert(value);
+            }
+            "type" => {
+                d.event_type.get_or_insert(value);
+            }
+            "retry" if d.retry.is_none() => {
+                d.retry = Some(value.parse::<u64>().map_err(|_| {
+                    format!("\"retry\" must be a whole number of milliseconds, not {value:?}")
+                })?);
+            }
+            "private" => d.private = true,
+            _ => {}
+        }
+    }
+    d.data = data.unwrap_or_default();
+    Ok(d)
+}

@@ -1,0 +1,155 @@
+//! The HTTP face of the hub: thin handlers that turn requests into hub calls and hub results
+//! into responses. Every refusal is a status and a one-line reason.
+
+mod demo;
+pub mod form;
+mod mercure;
+mod ops;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::{header, HeaderValue, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Key;
+use crate::hub::{Hub, SubscriberStream};
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Hub,
+    pub publisher_key: Arc<Key>,
+    pub subscriber_key: Arc<Key>,
+    /// Subscribers without a token may receive public updates.
+    pub anonymous: bool,
+    /// Largest publish body accepted, in bytes.
+    pub max_body: usize,
+    /// Cancelled when the hub starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// Per-connection context the server puts into every request.
+#[derive(Clone)]
+pub struct Connection {
+    /// Cancelling it closes the connection at once (used to drop a subscriber that stopped
+    /// reading, whose stream can no longer end by itself).
+    pub kill: CancellationToken,
+}
+
+pub const MERCURE_PATH: &str = "/.well-known/mercure";
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(demo::page))
+        .route("/events", get(demo::events).head(demo::events_head))
+        .route("/events/", get(demo::events).head(demo::events_head))
+        .route(
+            MERCURE_PATH,
+            get(mercure::subscribe)
+                .head(mercure::subscribe_head)
+                .post(mercure::publish),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(explain_405))
+        .with_state(state)
+}
+
+/// The router answers a wrong method with an empty 405; say why, keeping its `Allow`.
+async fn explain_405(mut r: Response) -> Response {
+    if r.status() == StatusCode::METHOD_NOT_ALLOWED && http_body::Body::is_end_stream(r.body()) {
+        let allow = r
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        *r.body_mut() = Body::from(format!("method not allowed here; use {allow}\n"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    r
+}
+
+async fn not_found() -> Response {
+    reject(StatusCode::NOT_FOUND, "not found")
+}
+
+/// A refusal: the status and a one-line reason as plain text.
+pub fn reject(status: StatusCode, reason: impl std::fmt::Display) -> Response {
+    let mut r = (status, format!("{reason}\n")).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The headers every event stream carries (Mercure's full set).
+fn stream_response(body: Body, last_event_id: Option<&str>) -> Response {
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache, no-store, must-revalidate, max-age=0"),
+    );
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert("expire", HeaderValue::from_static("0"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
+        h.insert("last-event-id", id);
+    }
+    r
+}
+
+/// A subscriber's stream that logs the seed's "Finished HTTP request at …" when it ends.
+struct Logged {
+    inner: SubscriberStream,
+    path: &'static str,
+}
+
+impl http_body::Body for Logged {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        tracing::info!(
+            subscriber = self.inner.subscriber_id(),
+            "Finished HTTP request at {}",
+            self.path
+        );
+    }
+}
+
+fn stream_body(stream: SubscriberStream, path: &'static str) -> Body {
+    Body::new(Logged {
+        inner: stream,
+        path,
+    })
+}

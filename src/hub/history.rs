@@ -1,0 +1,133 @@
+//! The bounded history that makes `Last-Event-ID` replay possible.
+//!
+//! A ring of the last N updates in publish order, with an index from id to position so that
+//! finding where a reconnecting client left off does not scan.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::update::{v7_millis, SharedUpdate};
+
+pub struct History {
+    entries: VecDeque<SharedUpdate>,
+    /// id -> seq of the newest retained update with that id (publishers may reuse ids).
+    by_id: HashMap<String, u64>,
+    capacity: usize,
+}
+
+/// Where a replay starts, as decided from the client's `Last-Event-ID`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Replay the retained updates after this position; the id was found.
+    After(u64),
+    /// Replay everything retained, and answer `Last-Event-ID: earliest`.
+    Earliest,
+    /// Replay nothing (a foreign id), and answer `earliest`.
+    Nothing,
+}
+
+impl History {
+    pub fn new(capacity: usize) -> Self {
+        History {
+            entries: VecDeque::with_capacity(capacity.min(4096)),
+            by_id: HashMap::with_capacity(capacity.min(4096)),
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn push(&mut self, update: SharedUpdate) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() == self.capacity {
+            if let Some(old) = self.entries.pop_front() {
+                if self.by_id.get(&old.id) == Some(&old.seq) {
+                    self.by_id.remove(&old.id);
+                }
+            }
+        }
+        self.by_id.insert(update.id.clone(), update.seq);
+        self.entries.push_back(update);
+    }
+
+    /// Decides where a client that last saw `last_event_id` resumes.
+    ///
+    /// An id the hub does not hold any more but that is one of its own time-ordered ids, older
+    /// than everything retained, means the client missed at least all of it: replay it all.
+    /// Any other unknown id is foreign: replay nothing rather than guess.
+    pub fn locate(&self, last_event_id: &str) -> ReplayFrom {
+        if last_event_id == "earliest" {
+            return ReplayFrom::Earliest;
+        }
+        if let Some(&seq) = self.by_id.get(last_event_id) {
+            return ReplayFrom::After(seq);
+        }
+        match (v7_millis(last_event_id), self.entries.front()) {
+            (Some(t), Some(oldest)) if t <= oldest.time_ms => ReplayFrom::Earliest,
+            _ => ReplayFrom::Nothing,
+        }
+    }
+
+    /// The retained updates after `from`, oldest first.
+    pub fn since(&self, from: &ReplayFrom) -> impl Iterator<Item = &SharedUpdate> {
+        let skip = match (from, self.entries.front()) {
+            (ReplayFrom::Earliest, _) => 0,
+            (ReplayFrom::After(seq), Some(first)) => (seq + 1 - first.seq) as usize,
+            (_, _) => self.entries.len(),
+        };
+        self.entries.iter().skip(skip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::update::Update;
+    use std::sync::Arc;
+
+    fn upd(seq: u64, id: &str, time_ms: u64) -> SharedUpdate {
+        Arc::new(Update {
+            seq,
+            id: id.into(),
+            topics: vec!["t".into()],
+            private: false,
+            time_ms,
+            encoded: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn bounded_and_located() {
+        let mut h = History::new(3);
+        for i in 0..5 {
+            h.push(upd(i, &format!("id{i}"), 1000 + i));
+        }
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.locate("id3"), ReplayFrom::After(3));
+        let ids: Vec<_> = h.since(&h.locate("id2")).map(|u| u.id.clone()).collect();
+        assert_eq!(ids, ["id3", "id4"]);
+        assert_eq!(h.locate("id0"), ReplayFrom::Nothing);
+        assert_eq!(h.since(&ReplayFrom::Earliest).count(), 3);
+        assert_eq!(h.since(&ReplayFrom::Nothing).count(), 0);
+        assert_eq!(h.since(&h.locate("id4")).count(), 0);
+    }
+
+    #[test]
+    fn own_old_ids_replay_everything() {
+        let mut h = History::new(2);
+        let old = crate::hub::update::new_id();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        h.push(upd(7, "x", now));
+        assert_eq!(h.locate(&old), ReplayFrom::Earliest);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let newer = crate::hub::update::new_id();
+        assert_eq!(h.locate(&newer), ReplayFrom::Nothing);
+    }
+}

@@ -1,0 +1,379 @@
+//! The fan-out core. It knows nothing of HTTP: updates come in through [`Hub::publish`],
+//! subscribers through [`Hub::subscribe`], and each subscriber leaves with a
+//! [`SubscriberStream`] of event-stream bytes.
+//!
+//! One lock orders everything: a publish takes its place in the history and is offered to every
+//! matching subscriber while holding it, and a subscribe snapshots its replay and registers
+//! while holding it. That is what makes replay exact: every update is either in a new
+//! subscriber's replay or in its queue, never both and never neither. The lock is held only to
+//! push pointers; encoding happens before it and writing to sockets after it, on each
+//! subscriber's own task.
+
+mod history;
+pub mod selector;
+mod subscriber;
+pub mod update;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use history::History;
+pub use history::ReplayFrom;
+pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
+pub use subscriber::SubscriberStream;
+use subscriber::{Offer, Subscriber};
+pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
+
+use crate::metrics::{DropReason, Metrics};
+
+/// What the hub needs to know, taken from the `serve` flags.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Updates kept for replay (whole hub).
+    pub history_size: usize,
+    /// Updates a subscriber may lag behind before it is dropped.
+    pub subscriber_queue: usize,
+    /// Subscribers connected at once; more are refused.
+    pub max_subscribers: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            history_size: 10_000,
+            subscriber_queue: 1000,
+            max_subscribers: 10_000,
+        }
+    }
+}
+
+/// A handle on the hub; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<HubShared>,
+}
+
+pub(crate) struct HubShared {
+    core: Mutex<Core>,
+    config: HubConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    selectors: SelectorCache,
+    closing: AtomicBool,
+}
+
+type SubscriberSet = HashMap<u64, Arc<Subscriber>>;
+
+struct Core {
+    history: History,
+    next_seq: u64,
+    next_subscriber: u64,
+    /// Subscribers with at least one exact selector, by topic.
+    exact: HashMap<String, SubscriberSet>,
+    /// Subscribers with a `*` or template selector: tested one by one.
+    wide: SubscriberSet,
+    all: SubscriberSet,
+}
+
+/// A subscriber's request, already authenticated.
+#[derive(Debug, Default)]
+pub struct SubscribeRequest {
+    /// Topic selectors; at least one.
+    pub topics: Vec<String>,
+    /// The token's `mercure.subscribe` selectors; `None` for an anonymous subscriber.
+    pub rights: Option<Vec<String>>,
+    /// From `Last-Event-ID` or `lastEventID`.
+    pub last_event_id: Option<String>,
+    /// When the subscriber's token expires.
+    pub expires_at: Option<SystemTime>,
+    /// Cancelled to tear the connection down if the subscriber must be dropped.
+    pub kill: Option<CancellationToken>,
+}
+
+/// An accepted subscription.
+pub struct Subscription {
+    pub stream: SubscriberStream,
+    /// The value of the `Last-Event-ID` response header, when the client sent an id.
+    pub last_event_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubscribeError {
+    #[error("missing \"topic\" parameter")]
+    NoTopic,
+    #[error("too many \"topic\" parameters (at most {MAX_TOPICS})")]
+    TooManyTopics,
+    #[error("a topic selector is longer than {MAX_SELECTOR_LEN} bytes")]
+    SelectorTooLong,
+    #[error("too many subscribers connected; try again later")]
+    Full,
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub id: String,
+    pub seq: u64,
+    /// Subscribers the update was queued for.
+    pub delivered: usize,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Hub {
+        Hub {
+            shared: Arc::new(HubShared {
+                core: Mutex::new(Core {
+                    history: History::new(config.history_size),
+                    next_seq: 0,
+                    next_subscriber: 0,
+                    exact: HashMap::new(),
+                    wide: HashMap::new(),
+                    all: HashMap::new(),
+                }),
+                config,
+                metrics: Arc::new(Metrics::default()),
+                selectors: SelectorCache::default(),
+                closing: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Compiled selector, shared with every other user of the same string.
+    pub fn selector(&self, s: &str) -> Arc<Selector> {
+        self.shared.selectors.get(s)
+    }
+
+    /// Checks, stores and fans out one update.
+    pub fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
+        let started = Instant::now();
+        if let Err(e) = draft.validate() {
+            self.shared.metrics.updates_rejected.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        let id = draft.id.clone().unwrap_or_else(update::new_id);
+        let encoded = update::encode(&draft, &id);
+        let time_ms = now_ms();
+        let limit = self.shared.config.subscriber_queue;
+        let metrics = &self.shared.metrics;
+
+        let mut core = self.shared.core.lock();
+        let seq = core.next_seq;
+        core.next_seq += 1;
+        let update = Arc::new(Update {
+            seq,
+            id: id.clone(),
+            topics: draft.topics,
+            private: draft.private,
+            time_ms,
+            encoded,
+        });
+        core.history.push(update.clone());
+        let (delivered, dropped) = core.fan_out(&update, limit);
+        metrics
+            .history_len
+            .store(core.history.len() as u64, Relaxed);
+        drop(core);
+
+        metrics.updates_published.fetch_add(1, Relaxed);
+        metrics.deliveries.fetch_add(delivered as u64, Relaxed);
+        for sub in dropped {
+            metrics.dropped(DropReason::Slow);
+            tracing::info!(
+                subscriber = sub,
+                queue = limit,
+                "Dropped client: too slow (more than --subscriber-queue updates behind)"
+            );
+        }
+        metrics.observe_publish(started.elapsed());
+        Ok(Published { id, seq, delivered })
+    }
+
+    /// Registers a subscriber and returns its stream, starting with the replay it asked for.
+    pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
+        if req.topics.is_empty() {
+            return Err(SubscribeError::NoTopic);
+        }
+        if req.topics.len() > MAX_TOPICS {
+            return Err(SubscribeError::TooManyTopics);
+        }
+        let too_long = |v: &[String]| v.iter().any(|t| t.len() > MAX_SELECTOR_LEN);
+        if too_long(&req.topics) {
+            return Err(SubscribeError::SelectorTooLong);
+        }
+        let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
+        let selectors = compile(&req.topics);
+        let rights = req.rights.as_deref().map(compile);
+        let expires_in = req.expires_at.map(|t| {
+            t.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
+
+        let mut core = self.shared.core.lock();
+        if self.shared.closing.load(Relaxed) {
+            return Err(SubscribeError::ShuttingDown);
+        }
+        if core.all.len() >= self.shared.config.max_subscribers {
+            drop(core);
+            self.shared
+                .metrics
+                .subscribers_refused
+                .fetch_add(1, Relaxed);
+            return Err(SubscribeError::Full);
+        }
+        let id = core.next_subscriber;
+        core.next_subscriber += 1;
+        let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill));
+        let (replay, header) = match &req.last_event_id {
+            None => (Vec::new(), None),
+            Some(last) => {
+                let from = core.history.locate(last);
+                let replay: Vec<_> = core
+                    .history
+                    .since(&from)
+                    .filter(|u| sub.wants(u))
+                    .cloned()
+                    .collect();
+                let header = match from {
+                    ReplayFrom::After(_) => last.clone(),
+                    _ => "earliest".to_owned(),
+                };
+                (replay, Some(header))
+            }
+        };
+        core.register(&sub);
+        drop(core);
+
+        let m = &self.shared.metrics;
+        m.subscribers_connected.fetch_add(1, Relaxed);
+        m.subscribers_total.fetch_add(1, Relaxed);
+        tracing::info!(subscriber = id, replayed = replay.len(), "Added new client");
+        Ok(Subscription {
+            stream: SubscriberStream::new(self.shared.clone(), sub, replay, expires_in),
+            last_event_id: header,
+        })
+    }
+
+    /// Sends a heartbeat on every stream that had nothing to send since the previous call.
+    /// One hub-wide tick instead of a timer per subscriber.
+    pub fn heartbeat(&self) {
+        let subs: Vec<_> = self.shared.core.lock().all.values().cloned().collect();
+        for s in subs {
+            s.tick();
+        }
+    }
+
+    /// Ends every stream (after what is queued) and refuses new subscribers.
+    pub fn shutdown(&self) {
+        self.shared.closing.store(true, Relaxed);
+        let subs: Vec<_> = self.shared.core.lock().all.values().cloned().collect();
+        for s in subs {
+            if s.close(DropReason::Shutdown) {
+                self.shared.metrics.dropped(DropReason::Shutdown);
+            }
+        }
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.shared.core.lock().all.len()
+    }
+
+    pub fn history_len(&self) -> usize {
+        self.shared.core.lock().history.len()
+    }
+}
+
+impl HubShared {
+    /// Called when a subscriber's stream is dropped, whatever the reason.
+    pub(crate) fn remove(&self, sub: &Arc<Subscriber>, reason: Option<DropReason>) {
+        let removed = self.core.lock().unregister(sub);
+        if removed {
+            self.metrics.subscribers_connected.fetch_sub(1, Relaxed);
+            let why = reason.map_or("client went away", DropReason::as_str);
+            tracing::info!(subscriber = sub.id, reason = why, "Removed client");
+        }
+    }
+}
+
+impl Core {
+    fn register(&mut self, sub: &Arc<Subscriber>) {
+        for sel in &sub.selectors {
+            match &**sel {
+                Selector::Exact(topic) => {
+                    self.exact
+                        .entry(topic.clone())
+                        .or_default()
+                        .insert(sub.id, sub.clone());
+                }
+                _ => {
+                    self.wide.insert(sub.id, sub.clone());
+                }
+            }
+        }
+        self.all.insert(sub.id, sub.clone());
+    }
+
+    fn unregister(&mut self, sub: &Arc<Subscriber>) -> bool {
+        if self.all.remove(&sub.id).is_none() {
+            return false;
+        }
+        for sel in &sub.selectors {
+            match &**sel {
+                Selector::Exact(topic) => {
+                    if let Some(set) = self.exact.get_mut(topic) {
+                        set.remove(&sub.id);
+                        if set.is_empty() {
+                            self.exact.remove(topic);
+                        }
+                    }
+                }
+                _ => {
+                    self.wide.remove(&sub.id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Offers `update` to every matching subscriber. Returns how many queued it, and the ids of
+    /// those dropped for being too slow.
+    fn fan_out(&self, update: &SharedUpdate, limit: usize) -> (usize, Vec<u64>) {
+        let mut delivered = 0;
+        let mut dropped = Vec::new();
+        let mut offer = |sub: &Arc<Subscriber>, check: bool| match sub.offer(update, limit, check) {
+            Offer::Queued => delivered += 1,
+            Offer::Dropped => dropped.push(sub.id),
+            Offer::Skipped => {}
+        };
+        for topic in &update.topics {
+            if let Some(set) = self.exact.get(topic) {
+                for sub in set.values() {
+                    offer(sub, false);
+                }
+            }
+        }
+        for sub in self.wide.values() {
+            offer(sub, true);
+        }
+        (delivered, dropped)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

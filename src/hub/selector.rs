@@ -1,0 +1,197 @@
+//! Topic selectors: `*`, exact strings and URI templates (RFC 6570), as Mercure defines them.
+//!
+//! A template is compiled once into a `regex` (linear time, so no hostile selector can make
+//! matching blow up) and shared through [`SelectorCache`]. Exact selectors are not matched at
+//! all: the hub indexes them by topic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use regex::Regex;
+
+/// The longest selector or topic the hub accepts, in bytes.
+pub const MAX_SELECTOR_LEN: usize = 4096;
+
+/// One compiled topic selector.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// `*`: every topic.
+    Any,
+    /// A string that matches only itself.
+    Exact(String),
+    /// A URI template; it matches itself as a string too.
+    Template { source: String, regex: Regex },
+}
+
+impl Selector {
+    /// Compiles a selector. Strings that are not valid URI templates are exact selectors,
+    /// as in the reference hub.
+    pub fn compile(s: &str) -> Selector {
+        if s == "*" {
+            return Selector::Any;
+        }
+        if s.contains('{') {
+            if let Some(regex) = template_regex(s) {
+                return Selector::Template {
+                    source: s.to_owned(),
+                    regex,
+                };
+            }
+        }
+        Selector::Exact(s.to_owned())
+    }
+
+    /// The selector as the subscriber wrote it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Selector::Any => "*",
+            Selector::Exact(s) => s,
+            Selector::Template { source, .. } => source,
+        }
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            Selector::Any => true,
+            Selector::Exact(s) => s == topic,
+            Selector::Template { source, regex } => source == topic || regex.is_match(topic),
+        }
+    }
+
+    /// True when any of `topics` matches.
+    pub fn matches_any<S: AsRef<str>>(&self, topics: &[S]) -> bool {
+        topics.iter().any(|t| self.matches(t.as_ref()))
+    }
+}
+
+/// True when one of `selectors` matches one of `topics`.
+pub fn any_matches<S: AsRef<str>>(selectors: &[Arc<Selector>], topics: &[S]) -> bool {
+    selectors.iter().any(|s| s.matches_any(topics))
+}
+
+/// Compiled selectors, shared: a template used by ten thousand subscribers is compiled once.
+/// Bounded: when full it starts over, which costs only recompilation.
+#[derive(Default)]
+pub struct SelectorCache {
+    map: Mutex<HashMap<String, Arc<Selector>>>,
+}
+
+const CACHE_CAPACITY: usize = 10_000;
+
+impl SelectorCache {
+    pub fn get(&self, s: &str) -> Arc<Selector> {
+        if let Some(sel) = self.map.lock().get(s) {
+            return sel.clone();
+        }
+        // Compile outside the lock: a large template must not stall other subscribers.
+        let sel = Arc::new(Selector::compile(s));
+        let mut map = self.map.lock();
+        if map.len() >= CACHE_CAPACITY {
+            map.clear();
+        }
+        map.entry(s.to_owned()).or_insert(sel).clone()
+    }
+}
+
+const UNRESERVED: &str = r"(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})";
+const RESERVED: &str = r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})";
+const NAME: &str = r"(?:[A-Za-z0-9_.]|%[0-9A-Fa-f]{2})+";
+
+/// Translates an RFC 6570 template into an anchored regular expression, or `None` when the
+/// string is not a valid template. Every expression may expand to nothing (an undefined
+/// variable), and list values are comma-separated, as the expansion rules allow.
+fn template_regex(t: &str) -> Option<Regex> {
+    let mut re = String::with_capacity(t.len() * 4 + 2);
+    re.push('^');
+    let mut rest = t;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest.as_bytes()[open] == b'}' {
+            return None;
+        }
+        re.push_str(&regex::escape(&rest[..open]));
+        let close = rest[open..].find('}')? + open;
+        let expr = &rest[open + 1..close];
+        re.push_str(&expression_regex(expr)?);
+        rest = &rest[close + 1..];
+    }
+    re.push_str(&regex::escape(rest));
+    re.push('$');
+    regex::RegexBuilder::new(&re)
+        .size_limit(1 << 20)
+        .build()
+        .ok()
+}
+
+fn expression_regex(expr: &str) -> Option<String> {
+    let (op, vars) = match expr.chars().next()? {
+        c @ ('+' | '#' | '.' | '/' | ';' | '?' | '&') => (Some(c), &expr[1..]),
+        '=' | ',' | '!' | '@' | '|' => return None,
+        _ => (None, expr),
+    };
+    if vars.is_empty() {
+        return None;
+    }
+    for var in vars.split(',') {
+        let name = var.strip_suffix('*').unwrap_or(var);
+        let name = match name.split_once(':') {
+            Some((n, len)) => {
+                if len.is_empty() || len.len() > 4 || !len.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                n
+            }
+            None => name,
+        };
+        if name.is_empty() || !valid_varname(name) {
+            return None;
+        }
+    }
+    let u = UNRESERVED;
+    let r = RESERVED;
+    Some(match op {
+        None => format!("(?:{u}|,)*"),
+        Some('+') => format!("{r}*"),
+        Some('#') => format!("(?:#{r}*)?"),
+        Some('.') => format!(r"(?:\.(?:{u}|,)*)*"),
+        Some('/') => format!("(?:/(?:{u}|,)*)*"),
+        Some(';') => format!("(?:;{NAME}(?:=(?:{u}|,)*)?)*"),
+        Some('?') => format!(r"(?:\?{NAME}=(?:{u}|,)*(?:&{NAME}=(?:{u}|,)*)*)?"),
+        Some('&') => format!("(?:&{NAME}=(?:{u}|,)*)*"),
+        Some(_) => return None,
+    })
+}
+
+fn valid_varname(name: &str) -> bool {
+    let b = name.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' => i += 1,
+            b'%' if b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit) =>
+            {
+                i += 3
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert!(matches!(Selector::compile("*"), Selector::Any));
+        assert!(matches!(Selector::compile("a/b"), Selector::Exact(_)));
+        assert!(matches!(Selector::compile("a/{b"), Selector::Exact(_)));
+        assert!(matches!(Selector::compile("a/{!b}"), Selector::Exact(_)));
+        assert!(matches!(
+            Selector::compile("a/{b}"),
+            Selector::Template { .. }
+        ));
+    }
+}

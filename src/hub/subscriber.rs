@@ -1,0 +1,296 @@
+//! One subscriber: its bounded queue, and the stream that drains it onto the wire.
+//!
+//! The queue is a small hand-written structure rather than a channel: a channel allocates its
+//! slots up front (memory per idle subscriber is what limits a hub), cannot hand its reader
+//! everything pending at once, and cannot be closed by the writer with a reason. Here the
+//! publisher pushes a pointer to the shared encoded update under this subscriber's own lock,
+//! and the stream takes all that is pending in one go and sends it as one chunk, so a
+//! subscriber that fell behind catches up with one write instead of one per update.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::selector::{any_matches, Selector};
+use super::update::SharedUpdate;
+use super::HubShared;
+use crate::metrics::DropReason;
+use crate::sse;
+
+/// The most bytes of replayed history sent in one chunk.
+const REPLAY_CHUNK: usize = 64 * 1024;
+
+pub(crate) struct Subscriber {
+    pub id: u64,
+    pub selectors: Vec<Arc<Selector>>,
+    /// The token's `mercure.subscribe` selectors; `None` for an anonymous subscriber.
+    pub rights: Option<Vec<Arc<Selector>>>,
+    /// The last update offered, so that a subscriber found twice by one publish gets it once.
+    last_seq: AtomicU64,
+    state: Mutex<State>,
+    /// Cancelled to tear down the connection when the stream can no longer end by itself (a
+    /// client that stopped reading never lets the end of the stream through).
+    kill: Option<CancellationToken>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<SharedUpdate>,
+    heartbeat: bool,
+    /// Something was queued since the last heartbeat tick.
+    active: bool,
+    waker: Option<Waker>,
+    closed: Option<DropReason>,
+}
+
+/// What became of an update offered to a subscriber.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Offer {
+    Queued,
+    Skipped,
+    /// The subscriber was too far behind and has been closed.
+    Dropped,
+}
+
+impl Subscriber {
+    pub fn new(
+        id: u64,
+        selectors: Vec<Arc<Selector>>,
+        rights: Option<Vec<Arc<Selector>>>,
+        kill: Option<CancellationToken>,
+    ) -> Self {
+        Subscriber {
+            id,
+            selectors,
+            rights,
+            last_seq: AtomicU64::new(u64::MAX),
+            state: Mutex::new(State::default()),
+            kill,
+        }
+    }
+
+    /// May this subscriber see `update` at all (topics and, for private updates, rights)?
+    pub fn wants(&self, update: &SharedUpdate) -> bool {
+        any_matches(&self.selectors, &update.topics) && self.authorized_for(update)
+    }
+
+    pub fn authorized_for(&self, update: &SharedUpdate) -> bool {
+        !update.private
+            || self
+                .rights
+                .as_deref()
+                .is_some_and(|r| any_matches(r, &update.topics))
+    }
+
+    /// Queues `update` unless already offered or not authorized. `check_topics` is false when
+    /// the caller found this subscriber through the exact-topic index.
+    pub fn offer(&self, update: &SharedUpdate, limit: usize, check_topics: bool) -> Offer {
+        if self.last_seq.swap(update.seq, Ordering::Relaxed) == update.seq {
+            return Offer::Skipped;
+        }
+        if !self.authorized_for(update)
+            || (check_topics && !any_matches(&self.selectors, &update.topics))
+        {
+            return Offer::Skipped;
+        }
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return Offer::Skipped;
+        }
+        if st.queue.len() >= limit {
+            st.closed = Some(DropReason::Slow);
+            st.queue = VecDeque::new();
+            let waker = st.waker.take();
+            drop(st);
+            if let Some(k) = &self.kill {
+                k.cancel();
+            }
+            if let Some(w) = waker {
+                w.wake();
+            }
+            return Offer::Dropped;
+        }
+        st.queue.push_back(update.clone());
+        st.active = true;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Offer::Queued
+    }
+
+    /// Called by the hub-wide heartbeat tick: an idle stream gets a comment line.
+    pub fn tick(&self) {
+        let mut st = self.state.lock();
+        if std::mem::take(&mut st.active) || st.closed.is_some() {
+            return;
+        }
+        st.heartbeat = true;
+        if let Some(w) = st.waker.take() {
+            drop(st);
+            w.wake();
+        }
+    }
+
+    /// Ends the stream after what is queued has been sent.
+    pub fn close(&self, reason: DropReason) -> bool {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return false;
+        }
+        st.closed = Some(reason);
+        if let Some(w) = st.waker.take() {
+            drop(st);
+            w.wake();
+        }
+        true
+    }
+
+    fn closed(&self) -> Option<DropReason> {
+        self.state.lock().closed
+    }
+}
+
+/// The body of one subscriber's response: the opening comment, the replay, then live updates
+/// until the hub, the token's expiry or the client ends it.
+pub struct SubscriberStream {
+    hub: Arc<HubShared>,
+    sub: Arc<Subscriber>,
+    opening: Option<Bytes>,
+    replay: std::vec::IntoIter<SharedUpdate>,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Reused between drains so that taking the queue does not allocate.
+    spare: VecDeque<SharedUpdate>,
+    done: bool,
+}
+
+impl SubscriberStream {
+    pub(crate) fn new(
+        hub: Arc<HubShared>,
+        sub: Arc<Subscriber>,
+        replay: Vec<SharedUpdate>,
+        expires_in: Option<Duration>,
+    ) -> Self {
+        SubscriberStream {
+            hub,
+            sub,
+            opening: Some(Bytes::from_static(sse::OPENING)),
+            replay: replay.into_iter(),
+            expires: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
+            spare: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// The hub's id for this subscriber (for logs).
+    pub fn subscriber_id(&self) -> u64 {
+        self.sub.id
+    }
+
+    fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        if let Some(mut first) = self.opening.take() {
+            if self.replay.len() > 0 {
+                let mut buf = BytesMut::from(&first[..]);
+                self.fill_replay(&mut buf);
+                first = buf.freeze();
+            }
+            return Some(first);
+        }
+        if self.replay.len() > 0 {
+            let mut buf = BytesMut::new();
+            self.fill_replay(&mut buf);
+            return Some(buf.freeze());
+        }
+        if let Some(exp) = self.expires.as_mut() {
+            if exp.as_mut().poll(cx).is_ready() {
+                self.expires = None;
+                if self.sub.close(DropReason::Expired) {
+                    self.hub.metrics.dropped(DropReason::Expired);
+                    tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
+                }
+            }
+        }
+        let mut st = self.sub.state.lock();
+        if !st.queue.is_empty() {
+            std::mem::swap(&mut st.queue, &mut self.spare);
+            drop(st);
+            let chunk = if self.spare.len() == 1 {
+                self.spare[0].encoded.clone()
+            } else {
+                let len = self.spare.iter().map(|u| u.encoded.len()).sum();
+                let mut buf = BytesMut::with_capacity(len);
+                for u in &self.spare {
+                    buf.extend_from_slice(&u.encoded);
+                }
+                buf.freeze()
+            };
+            self.spare.clear();
+            return Some(chunk);
+        }
+        if std::mem::take(&mut st.heartbeat) {
+            return Some(Bytes::from_static(sse::HEARTBEAT));
+        }
+        if st.closed.is_some() {
+            self.done = true;
+            return None;
+        }
+        match &st.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => st.waker = Some(cx.waker().clone()),
+        }
+        None
+    }
+
+    fn fill_replay(&mut self, buf: &mut BytesMut) {
+        while buf.len() < REPLAY_CHUNK {
+            match self.replay.next() {
+                Some(u) => buf.extend_from_slice(&u.encoded),
+                None => break,
+            }
+        }
+    }
+}
+
+impl Body for SubscriberStream {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.next_chunk(cx) {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None if this.done => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for SubscriberStream {
+    fn drop(&mut self) {
+        self.hub.remove(&self.sub, self.sub.closed());
+    }
+}

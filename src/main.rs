@@ -1,0 +1,73 @@
+//! The `ssehub` binary: parse the command line and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ssehub::cli::{Cli, Command, TokenArgs};
+use ssehub::config::{LogFormat, ServeArgs};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format());
+    let result = match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Token(args)) => token(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ssehub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.validate().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = ssehub::server::bind(config.listen).await?;
+        let stop = CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            ssehub::server::termination().await;
+            on_signal.cancel();
+        });
+        ssehub::server::run(listener, config, stop).await
+    })?;
+    // Streams left hanging by clients that stopped reading must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let alg = ssehub::auth::parse_algorithm(&args.jwt_algorithm).map_err(anyhow::Error::msg)?;
+    let key = ssehub::auth::Key::load_signing(alg, &args.jwt_key).map_err(anyhow::Error::msg)?;
+    let ttl = (!args.ttl.is_zero()).then_some(args.ttl);
+    let publish = (!args.publish.is_empty()).then_some(args.publish.as_slice());
+    let subscribe = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());
+    println!(
+        "{}",
+        key.mint(publish, subscribe, ttl)
+            .map_err(anyhow::Error::msg)?
+    );
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The hub's figures, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Plain atomics rather than a metrics registry: the fan-out path bumps them once per publish
+//! (never once per delivery), and the rendering is a page of `format!`. The publish-latency
+//! histogram has fixed buckets, so it never grows.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Why a subscriber's stream ended, as logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// More than `--subscriber-queue` updates behind.
+    Slow,
+    /// Its token's `exp` passed.
+    Expired,
+    /// The hub is shutting down.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [DropReason::Slow, DropReason::Expired, DropReason::Shutdown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Slow => "slow",
+            DropReason::Expired => "expired",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub subscribers_connected: AtomicU64,
+    pub subscribers_total: AtomicU64,
+    pub subscribers_refused: AtomicU64,
+    pub updates_published: AtomicU64,
+    pub updates_rejected: AtomicU64,
+    pub deliveries: AtomicU64,
+    dropped: [AtomicU64; 3],
+    pub history_len: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_ns: AtomicU64,
+}
+
+impl Metrics {
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Relaxed)
+    }
+
+    pub fn observe_publish(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_ns
+            .fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// The Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut one = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        one(
+            "ssehub_subscribers_connected",
+            "gauge",
+            "Subscribers connected now.",
+            self.subscribers_connected.load(Relaxed),
+        );
+        one(
+            "ssehub_subscribers_total",
+            "counter",
+            "Subscriptions started since the hub started.",
+            self.subscribers_total.load(Relaxed),
+        );
+        one(
+            "ssehub_subscribers_refused_total",
+            "counter",
+            "Subscribers refused because the hub was at --max-connections.",
+            self.subscribers_refused.load(Relaxed),
+        );
+        one(
+            "ssehub_deliveries_total",
+            "counter",
+            "Updates queued to a subscriber (one update reaching one subscriber).",
+            self.deliveries.load(Relaxed),
+        );
+        one(
+            "ssehub_history_length",
+            "gauge",
+            "Updates kept for Last-Event-ID replay.",
+            self.history_len.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_updates_published_total Publish requests by outcome.\n\
+             # TYPE ssehub_updates_published_total counter\n\
+             ssehub_updates_published_total{{outcome=\"accepted\"}} {}\n\
+             ssehub_updates_published_total{{outcome=\"rejected\"}} {}\n",
+            self.updates_published.load(Relaxed),
+            self.updates_rejected.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ssehub_subscribers_dropped_total Subscriber streams ended by the hub, by reason.\n\
+             # TYPE ssehub_subscribers_dropped_total counter"
+        );
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "ssehub_subscribers_dropped_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.dropped_count(r)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ssehub_publish_duration_seconds Time to accept, store and fan out one update.\n\
+             # TYPE ssehub_publish_duration_seconds histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "ssehub_publish_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = write!(
+            out,
+            "ssehub_publish_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             ssehub_publish_duration_seconds_sum {}\n\
+             ssehub_publish_duration_seconds_count {count}\n",
+            self.latency_sum_ns.load(Relaxed) as f64 / 1e9
+        );
+        out
+    }
+}

@@ -1,0 +1,197 @@
+//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 (prior knowledge) on each,
+//! enforces the per-connection limits, and shuts down gracefully.
+//!
+//! Graceful shutdown needs care with event streams, which never end by themselves: the hub
+//! first ends every stream, then the connections are given a few seconds to finish, then the
+//! process exits regardless.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::auth::Key;
+use crate::config::ServeConfig;
+use crate::http::{router, AppState, Connection};
+use crate::hub::{Hub, HubConfig};
+
+/// A request head must arrive within this time (slow-loris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head, in bytes; larger ones get 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// How long open connections get to finish once shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Binds the listening socket, with an error that says what to do when the port is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr}: is another server using this port? \
+             Stop it, or choose another address with --listen (or SSEHUB_LISTEN)"
+        )
+    })
+}
+
+/// Keys for the run. Without a publisher key, a random secret is made and a token for it
+/// returned so that the start-up message can show a working publish command.
+pub fn keys(config: &ServeConfig) -> anyhow::Result<(Arc<Key>, Arc<Key>, Option<String>)> {
+    let alg = config.jwt_algorithm;
+    let (publisher, generated) = match &config.publisher_jwt_key {
+        Some(k) => (Key::load(alg, k).map_err(anyhow::Error::msg)?, None),
+        None => {
+            let secret: [u8; 32] = rand::random();
+            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let key = Key::secret(jsonwebtoken::Algorithm::HS256, secret.as_bytes());
+            let token = key
+                .mint(Some(&["*".to_owned()]), Some(&["*".to_owned()]), None)
+                .map_err(anyhow::Error::msg)?;
+            (key, Some(token))
+        }
+    };
+    let subscriber = match &config.subscriber_jwt_key {
+        Some(k) => Key::load(alg, k).map_err(anyhow::Error::msg)?,
+        None => publisher.clone(),
+    };
+    Ok((Arc::new(publisher), Arc::new(subscriber), generated))
+}
+
+/// Runs the hub on `listener` until `stop` is cancelled, then shuts down gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: ServeConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (publisher_key, subscriber_key, generated_token) = keys(&config)?;
+    let hub = Hub::new(HubConfig {
+        history_size: config.history_size,
+        subscriber_queue: config.subscriber_queue,
+        max_subscribers: config.max_connections,
+    });
+    let state = AppState {
+        hub: hub.clone(),
+        publisher_key,
+        subscriber_key,
+        anonymous: config.anonymous,
+        max_body: config.max_body,
+        shutdown: stop.clone(),
+    };
+    let app = router(state);
+
+    tracing::info!("ssehub listening on http://{addr}");
+    if let Some(token) = generated_token {
+        eprintln!(
+            "No --publisher-jwt-key given: using a random key for this run. Publish with:\n  \
+             ssehub publish --hub http://{addr}/.well-known/mercure --topic time --data hello --token {token}\n  \
+             curl -d topic=time -d data=hello -H 'Authorization: Bearer {token}' http://{addr}/.well-known/mercure"
+        );
+    }
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    if let Some(every) = config.clock_interval {
+        tasks.spawn(crate::clock::run(hub.clone(), every, stop.clone()));
+    }
+    if let Some(every) = config.heartbeat {
+        let (hub, stop) = (hub.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => hub.heartbeat(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD as u32)
+        .keep_alive_interval(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: not fatal.
+                    // Pause so that a full descriptor table does not spin the loop.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let kill = CancellationToken::new();
+        let conn_ctx = Connection { kill: kill.clone() };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(conn_ctx.clone());
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "connection ended with an error: {e}");
+                    }
+                }
+                _ = kill.cancelled() => tracing::debug!(%peer, "connection closed by the hub"),
+            }
+        });
+    }
+
+    tracing::info!("shutting down: ending every stream");
+    drop(listener);
+    hub.shutdown();
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish in time; closing them");
+    }
+    tasks.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

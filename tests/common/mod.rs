@@ -1,0 +1,263 @@
+//! Starts a real `ssehub` process on 127.0.0.1 and talks to it over TCP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use ssehub::auth::Key;
+use ssehub::client::{Connection, EventStream, Target};
+use ssehub::sse::Event;
+
+pub const SECRET: &str = "test-secret-for-ssehub";
+
+pub struct TestHub {
+    pub addr: SocketAddr,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub key: Key,
+}
+
+impl TestHub {
+    /// Starts the hub with `args`, adding a free port, a known key and no clock unless given.
+    pub fn start(args: &[&str]) -> TestHub {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssehub"));
+        let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
+        cmd.arg("serve");
+        if !has("--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !has("--publisher-jwt-key") {
+            cmd.args(["--publisher-jwt-key", SECRET]);
+        }
+        if !has("--clock-interval") {
+            cmd.args(["--clock-interval", "0"]);
+        }
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SSEHUB_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start ssehub");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(rest.trim().to_owned());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the hub printed its address")
+            .parse()
+            .unwrap();
+        TestHub {
+            addr,
+            child,
+            logs,
+            key: Key::secret(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn target(&self, path: &str) -> Target {
+        Target::parse(&self.url(path)).unwrap()
+    }
+
+    /// A token that may publish to every topic.
+    pub fn publisher_token(&self) -> String {
+        self.key.mint(Some(&["*".to_owned()]), None, None).unwrap()
+    }
+
+    pub async fn publisher(&self) -> Publisher {
+        Publisher {
+            conn: Connection::open(&self.target("/.well-known/mercure"))
+                .await
+                .unwrap(),
+            token: self.publisher_token(),
+        }
+    }
+
+    /// Opens a Mercure subscription to `query` (e.g. `topic=a&topic=b`).
+    pub async fn subscribe(&self, query: &str, headers: &[(&str, &str)]) -> EventStream {
+        self.try_subscribe(query, headers).await.unwrap()
+    }
+
+    pub async fn try_subscribe(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<EventStream, ssehub::client::ClientError> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        EventStream::open(&self.target(&format!("/.well-known/mercure?{query}")), &h).await
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.logs().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The hub's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A metric's value from `/metrics` (the whole line's name and labels, e.g.
+    /// `ssehub_subscribers_dropped_total{reason="slow"}`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (status, body) = get(self, "/metrics", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Publisher {
+    pub conn: Connection,
+    pub token: String,
+}
+
+impl Publisher {
+    pub async fn publish(&mut self, fields: &[(&str, &str)]) -> (StatusCode, String) {
+        let token = self.token.clone();
+        self.conn.publish(Some(&token), fields).await.unwrap()
+    }
+
+    /// Publishes and asserts success; returns the id.
+    pub async fn ok(&mut self, fields: &[(&str, &str)]) -> String {
+        let (status, body) = self.publish(fields).await;
+        assert_eq!(status, StatusCode::OK, "publish refused: {body}");
+        body
+    }
+}
+
+/// A plain GET (or other method) on its own connection: status and body text.
+pub async fn get(hub: &TestHub, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    request(hub, http::Method::GET, path, headers, "").await.0
+}
+
+pub async fn request(
+    hub: &TestHub,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> ((StatusCode, String), HeaderMap) {
+    use http_body_util::BodyExt;
+    let mut conn = Connection::open(&hub.target(path)).await.unwrap();
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let resp = conn
+        .send(method, path, &h, bytes::Bytes::from(body.to_owned()))
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        (status, String::from_utf8_lossy(&body).into_owned()),
+        headers,
+    )
+}
+
+/// Reads `n` events, failing if they do not come within `within`.
+pub async fn take(stream: &mut EventStream, n: usize, within: Duration) -> Vec<Event> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Ok(Some(e))) => out.push(e),
+            Ok(Ok(None)) => panic!("stream ended after {} of {n} events", out.len()),
+            Ok(Err(e)) => panic!("stream failed after {} of {n} events: {e}", out.len()),
+            Err(_) => panic!("timed out after {} of {n} events", out.len()),
+        }
+    }
+    out
+}
+
+/// Asserts that no event arrives within `wait`.
+pub async fn assert_quiet(stream: &mut EventStream, wait: Duration) {
+    if let Ok(r) = tokio::time::timeout(wait, stream.next()).await {
+        panic!("expected no event, got {r:?}");
+    }
+}

@@ -1,0 +1,57 @@
+//! SIGTERM: every stream ends cleanly and the process exits 0 within a few seconds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{take, TestHub};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_streams_and_exits_zero() {
+    let mut hub = TestHub::start(&[]);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(hub.subscribe("topic=a", &[]).await);
+    }
+    let mut p = hub.publisher().await;
+    p.ok(&[("topic", "a"), ("data", "before")]).await;
+    for s in &mut streams {
+        assert_eq!(take(s, 1, Duration::from_secs(5)).await[0].data, "before");
+    }
+    let started = Instant::now();
+    hub.terminate();
+    for s in &mut streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert!(
+            matches!(end, Ok(Ok(None))),
+            "the stream ends cleanly: {end:?}"
+        );
+    }
+    let status = hub
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited within 5 s");
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_a_stalled_client_still_exits() {
+    let mut hub = TestHub::start(&[]);
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(hub.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut p = hub.publisher().await;
+    let big = "y".repeat(60_000);
+    for _ in 0..100 {
+        p.ok(&[("topic", "a"), ("data", &big)]).await;
+    }
+    hub.terminate();
+    let status = hub.wait_exit(Duration::from_secs(8)).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    drop(stalled);
+}

@@ -1,0 +1,95 @@
+//! A subscriber that stops reading is dropped; nobody else notices, and memory stays bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{take, TestHub};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Connects with a tiny receive buffer, asks for the stream, and never reads.
+async fn stalled_subscriber(hub: &TestHub, topic: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(hub.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /.well-known/mercure?topic={topic} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                hub.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_subscriber_is_dropped_and_the_others_get_everything() {
+    let hub = TestHub::start(&["--subscriber-queue", "200", "--history-size", "1000"]);
+    let mut stalled = stalled_subscriber(&hub, "load").await;
+    let mut others = Vec::new();
+    for _ in 0..50 {
+        others.push(hub.subscribe("topic=load", &[]).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_before = hub.rss_kib();
+
+    let payload = "x".repeat(4096);
+    let mut p = hub.publisher().await;
+    let readers: Vec<_> = others
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let events = take(&mut s, 5000, Duration::from_secs(180)).await;
+                (events, s)
+            })
+        })
+        .collect();
+    let mut rss_peak = rss_before;
+    for i in 0..5000 {
+        let data = format!("{i} {payload}");
+        p.ok(&[("topic", "load"), ("data", &data)]).await;
+        if i % 250 == 0 {
+            rss_peak = rss_peak.max(hub.rss_kib());
+        }
+    }
+    let mut streams = Vec::new();
+    for r in readers {
+        let (events, stream) = r.await.unwrap();
+        streams.push(stream);
+        for (i, e) in events.iter().enumerate() {
+            assert!(e.data.starts_with(&format!("{i} ")), "update {i} in order");
+        }
+    }
+    rss_peak = rss_peak.max(hub.rss_kib());
+
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+            .await,
+        1.0
+    );
+    assert!(hub.wait_for_log("Dropped client: too slow", Duration::from_secs(5)));
+    // The connection is really closed: reading what the kernel holds ends in EOF or a reset.
+    let mut buf = vec![0u8; 1 << 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the stalled subscriber's connection is still open"
+    );
+
+    // History holds at most 1,000 updates of 4 KiB; everything else is transient. A hub that
+    // buffered for the stalled client would grow by its 20 MB backlog and more.
+    let growth_mib = rss_peak.saturating_sub(rss_before) / 1024;
+    assert!(growth_mib < 64, "RSS grew by {growth_mib} MiB");
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 50.0);
+}
