@@ -26,8 +26,70 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (the default).
     Serve(ServeArgs),
+    /// Publish one update and print the id the hub assigned.
+    Publish(PublishArgs),
+    /// Print updates as they arrive; reconnects by itself with Last-Event-ID.
+    Subscribe(SubscribeArgs),
     /// Mint a token with the `mercure` claim.
     Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// The hub URL, e.g. http://127.0.0.1:8000/.well-known/mercure
+    #[arg(long, env = "SSEHUB_HUB")]
+    pub hub: String,
+    /// Topic (repeatable): the first is canonical, the others alternates.
+    #[arg(long, required = true)]
+    pub topic: Vec<String>,
+    /// The data; `-` reads it from standard input.
+    #[arg(long, default_value = "")]
+    pub data: String,
+    /// The update's id (by default the hub makes one).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The SSE event type.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// The SSE retry field, in milliseconds.
+    #[arg(long)]
+    pub retry: Option<u64>,
+    /// Only subscribers authorized for one of the topics receive it.
+    #[arg(long)]
+    pub private: bool,
+    /// A publisher token.
+    #[arg(
+        long,
+        env = "SSEHUB_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "jwt_key"
+    )]
+    pub token: Option<String>,
+    /// Mint a short-lived token for these topics with this HS256 secret instead.
+    #[arg(long, hide_env_values = true)]
+    pub jwt_key: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    /// The hub URL, e.g. http://127.0.0.1:8000/.well-known/mercure
+    #[arg(long, env = "SSEHUB_HUB")]
+    pub hub: String,
+    /// Topic selector (repeatable): a topic, a URI template, or `*`.
+    #[arg(long, required = true)]
+    pub topic: Vec<String>,
+    /// Resume after this id (`earliest` for all the hub keeps).
+    #[arg(long)]
+    pub last_event_id: Option<String>,
+    /// A subscriber token (needed for private updates).
+    #[arg(long, env = "SSEHUB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// One JSON object per line: {"id","type","data","retry"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many updates (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ssehub::cli::{Cli, Command, TokenArgs};
 use ssehub::config::{LogFormat, ServeArgs};
+use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -14,6 +15,8 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Token(args)) => token(args),
+        Some(Command::Publish(args)) => block_on(ssehub::commands::publish(args)),
+        Some(Command::Subscribe(args)) => block_on(ssehub::commands::subscribe(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,6 +59,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Streams left hanging by clients that stopped reading must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// The client commands need little: one thread.
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {

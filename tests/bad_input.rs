@@ -46,7 +46,15 @@ async fn publish_refusals() {
         .collect::<Vec<_>>()
         .join("&");
     let big = format!("topic=a&data={}", "x".repeat(17 * 1024));
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, StatusCode, &str)> = vec![
+    // (case, body, headers, status, a word the reason must contain)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Vec<(&'a str, &'a str)>,
+        StatusCode,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "no topic",
             "data=x".into(),

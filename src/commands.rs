@@ -1,0 +1,141 @@
+//! The client commands, `publish` and `subscribe`, on top of [`crate::client`].
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::cli::{PublishArgs, SubscribeArgs};
+use crate::client::{self, ClientError, EventStream, Target};
+
+/// Publishes one update and prints its id.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let target = Target::parse(&args.hub)?;
+    let data = if args.data == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| anyhow::anyhow!("cannot read the data from standard input: {e}"))?;
+        s
+    } else {
+        args.data
+    };
+    let token = match (args.token, args.jwt_key) {
+        (Some(t), _) => Some(t),
+        (None, Some(key)) => Some(
+            crate::auth::Key::secret(jsonwebtoken::Algorithm::HS256, key.as_bytes())
+                .mint(Some(&args.topic), None, Some(Duration::from_secs(60)))
+                .map_err(anyhow::Error::msg)?,
+        ),
+        (None, None) => None,
+    };
+    let retry = args.retry.map(|r| r.to_string());
+    let mut fields: Vec<(&str, &str)> = args.topic.iter().map(|t| ("topic", t.as_str())).collect();
+    fields.push(("data", &data));
+    if let Some(id) = &args.id {
+        fields.push(("id", id));
+    }
+    if let Some(t) = &args.event_type {
+        fields.push(("type", t));
+    }
+    if let Some(r) = &retry {
+        fields.push(("retry", r));
+    }
+    if args.private {
+        fields.push(("private", "on"));
+    }
+    let id = client::publish(&target, token.as_deref(), &fields).await?;
+    println!("{id}");
+    Ok(())
+}
+
+/// The longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Prints updates as they come; reconnects with `Last-Event-ID` and backoff when the stream
+/// ends or the hub is unreachable, honouring the hub's `retry:`. A refusal (4xx) ends it.
+pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let base = Target::parse(&args.hub)?;
+    let mut query = client::encode_form(
+        &args
+            .topic
+            .iter()
+            .map(|t| ("topic", t.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let sep = if base.path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    query.insert(0, sep);
+    let target = base.with_path(format!("{}{query}", base.path_and_query));
+    let mut last_id = args.last_event_id.clone();
+    let mut retry = Duration::from_secs(1);
+    let mut backoff = retry;
+    let mut connected_once = false;
+    let mut received: u64 = 0;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut headers = HeaderMap::new();
+        if let Some(t) = &args.token {
+            headers.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}"))?,
+            );
+        }
+        if let Some(id) = &last_id {
+            headers.insert("last-event-id", HeaderValue::from_str(id)?);
+        }
+        match EventStream::open(&target, &headers).await {
+            Ok(mut stream) => {
+                connected_once = true;
+                backoff = retry;
+                loop {
+                    match stream.next().await {
+                        Ok(Some(ev)) => {
+                            if let Some(r) = ev.retry {
+                                retry = Duration::from_millis(r);
+                                backoff = retry;
+                            }
+                            last_id = Some(ev.id.clone());
+                            if args.json {
+                                let v = serde_json::json!({
+                                    "id": ev.id,
+                                    "type": if ev.event_type.is_empty() { "message" } else { &ev.event_type },
+                                    "data": ev.data,
+                                    "retry": ev.retry,
+                                });
+                                writeln!(out, "{v}")?;
+                            } else {
+                                writeln!(out, "{}", ev.data)?;
+                            }
+                            out.flush()?;
+                            received += 1;
+                            if args.count.is_some_and(|c| received >= c) {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => {
+                            eprintln!("ssehub: the hub ended the stream; reconnecting");
+                            break;
+                        }
+                        Err(e) => {
+                            eprintln!("ssehub: the stream broke ({e}); reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(ClientError::Refused { status, reason }) if !status.is_server_error() => {
+                anyhow::bail!("the hub refused the subscription ({status}): {reason}");
+            }
+            Err(e) if !connected_once => return Err(e.into()),
+            Err(e) => {
+                eprintln!("ssehub: cannot reconnect yet: {e}");
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}

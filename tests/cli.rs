@@ -1,0 +1,196 @@
+//! The client commands against a real hub: publish, subscribe (with replay), token.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{TestHub, SECRET};
+
+fn ssehub(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_then_subscribe_with_last_event_id() {
+    let hub = TestHub::start(&[]);
+    let url = hub.url("/.well-known/mercure");
+    let token = String::from_utf8(ssehub(&["token", "--jwt-key", SECRET, "--publish", "*"]).stdout)
+        .unwrap();
+    let token = token.trim();
+    let before = ssehub(&[
+        "publish", "--hub", &url, "--topic", "books", "--data", "zero", "--token", token,
+    ]);
+    assert!(
+        before.status.success(),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+    let before_id = String::from_utf8(before.stdout).unwrap().trim().to_owned();
+    assert!(before_id.starts_with("urn:uuid:"));
+
+    // stdin data and a minted token.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args([
+            "publish",
+            "--hub",
+            &url,
+            "--topic",
+            "books",
+            "--data",
+            "-",
+            "--jwt-key",
+            SECRET,
+            "--id",
+            "b-1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"line one\nline two")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "b-1");
+
+    let sub = ssehub(&[
+        "subscribe",
+        "--hub",
+        &url,
+        "--topic",
+        "books",
+        "--last-event-id",
+        &before_id,
+        "--json",
+        "--count",
+        "1",
+    ]);
+    assert!(
+        sub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sub.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&sub.stdout).unwrap();
+    assert_eq!(line["id"], "b-1");
+    assert_eq!(line["data"], "line one\nline two");
+    assert_eq!(line["type"], "message");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_reconnects_by_itself() {
+    let mut first = TestHub::start(&[]);
+    let addr = first.addr.to_string();
+    let url = first.url("/.well-known/mercure");
+    let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["subscribe", "--hub", &url, "--topic", "t", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(first.wait_for_log("Added new client", Duration::from_secs(10)));
+    // retry: 100 ms, so that the client comes back quickly.
+    first
+        .publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "one"), ("retry", "100")])
+        .await;
+    first.terminate();
+    first
+        .wait_exit(Duration::from_secs(5))
+        .expect("first hub stopped");
+    // A new hub on the same address: the client finds it by itself.
+    let second = TestHub::start(&["--listen", &addr]);
+    assert!(
+        second.wait_for_log("Added new client", Duration::from_secs(20)),
+        "the client did not reconnect"
+    );
+    second
+        .publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "two")])
+        .await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "one\ntwo\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reconnecting"));
+}
+
+#[test]
+fn clear_errors_and_exit_code_1() {
+    let hub = TestHub::start(&[]);
+    let url = hub.url("/.well-known/mercure");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["publish", "--hub", &url, "--topic", "a", "--token", "bad"],
+            "401",
+        ),
+        (
+            &[
+                "publish",
+                "--hub",
+                &url,
+                "--topic",
+                "a",
+                "--jwt-key",
+                "wrong key",
+            ],
+            "signature",
+        ),
+        (
+            &[
+                "publish",
+                "--hub",
+                "http://127.0.0.1:1/.well-known/mercure",
+                "--topic",
+                "a",
+                "--token",
+                "x",
+            ],
+            "cannot connect",
+        ),
+        (
+            &[
+                "publish",
+                "--hub",
+                "not a url",
+                "--topic",
+                "a",
+                "--token",
+                "x",
+            ],
+            "not a usable hub URL",
+        ),
+        (
+            &[
+                "subscribe",
+                "--hub",
+                "http://127.0.0.1:1/.well-known/mercure",
+                "--topic",
+                "a",
+            ],
+            "cannot connect",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = ssehub(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let out = ssehub(&["subscribe", "--hub", &url, "--topic", "a", "--token", "bad"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
