@@ -61,6 +61,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_MAX_BODY", default_value = "1MiB", value_parser = parse_size)]
     pub max_body: usize,
 
+    /// Origins allowed to use the hub from browsers (CORS), comma-separated, e.g.
+    /// https://app.example.com; `*` allows any origin but without cookies or credentials.
+    #[arg(long, env = "SSEHUB_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+
+    /// Origins allowed to publish with a cookie token (CSRF protection), comma-separated; `*`
+    /// for any. Without it, a publish authenticated by cookie is refused.
+    #[arg(long, env = "SSEHUB_PUBLISH_ORIGINS")]
+    pub publish_origins: Option<String>,
+
+    /// Publish Mercure subscription events and serve the subscription API.
+    #[arg(long, env = "SSEHUB_SUBSCRIPTIONS")]
+    pub subscriptions: bool,
+
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -80,6 +94,56 @@ pub struct ServeConfig {
     pub subscriber_queue: usize,
     pub max_connections: usize,
     pub max_body: usize,
+    pub cors_origins: Option<Origins>,
+    pub publish_origins: Origins,
+    pub subscriptions: bool,
+}
+
+/// A list of origins, or any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    List(Vec<String>),
+}
+
+impl Origins {
+    /// Parses `a,b,c` or `*`. Each origin must look like scheme://host[:port].
+    pub fn parse(flag: &str, s: &str) -> Result<Origins, String> {
+        let items: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .collect();
+        if items.contains(&"*") {
+            return Ok(Origins::Any);
+        }
+        for o in &items {
+            let ok = (o.starts_with("http://") || o.starts_with("https://"))
+                && !o
+                    .trim_end_matches('/')
+                    .split_once("://")
+                    .is_some_and(|(_, h)| h.contains('/'))
+                && http::HeaderValue::from_str(o).is_ok();
+            if !ok {
+                return Err(format!(
+                    "{flag}: {o:?} is not an origin; write it as scheme://host[:port], e.g. https://app.example.com"
+                ));
+            }
+        }
+        Ok(Origins::List(
+            items
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_owned())
+                .collect(),
+        ))
+    }
+
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(l) => l.iter().any(|o| o == origin),
+        }
+    }
 }
 
 impl ServeArgs {
@@ -111,6 +175,16 @@ impl ServeArgs {
             subscriber_queue: self.subscriber_queue,
             max_connections: self.max_connections.unwrap_or_else(default_max_connections),
             max_body: self.max_body,
+            cors_origins: self
+                .cors_origins
+                .as_deref()
+                .map(|s| Origins::parse("--cors-origins", s))
+                .transpose()?,
+            subscriptions: self.subscriptions,
+            publish_origins: match self.publish_origins.as_deref() {
+                Some(s) => Origins::parse("--publish-origins", s)?,
+                None => Origins::List(Vec::new()),
+            },
         })
     }
 }

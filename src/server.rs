@@ -74,6 +74,7 @@ pub async fn run(
         history_size: config.history_size,
         subscriber_queue: config.subscriber_queue,
         max_subscribers: config.max_connections,
+        subscription_events: config.subscriptions,
     });
     let state = AppState {
         hub: hub.clone(),
@@ -82,8 +83,10 @@ pub async fn run(
         anonymous: config.anonymous,
         max_body: config.max_body,
         shutdown: stop.clone(),
+        publish_origins: Arc::new(config.publish_origins.clone()),
+        subscriptions: config.subscriptions,
     };
-    let app = router(state);
+    let app = router(state, config.cors_origins.as_ref());
 
     tracing::info!("ssehub listening on http://{addr}");
     if let Some(token) = generated_token {

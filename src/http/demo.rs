@@ -27,6 +27,7 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
         last_event_id,
         expires_at: None,
         kill,
+        payload: None,
     });
     match sub {
         Ok(s) => {

@@ -8,7 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{form, reject, stream_body, stream_response, AppState, Connection, MERCURE_PATH};
-use crate::auth::{find_token, AuthError, Rights};
+use crate::auth::{find_token, AuthError, Rights, TokenSource};
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
 /// How long a publisher may take to send its body.
@@ -63,7 +63,7 @@ pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
     Ok(parse_subscribe_query(req)?.last_event_id)
 }
 
-fn auth_error(e: AuthError) -> Response {
+pub(super) fn auth_error(e: AuthError) -> Response {
     let status = match e {
         AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
         _ => StatusCode::UNAUTHORIZED,
@@ -115,11 +115,15 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         Err(r) => return r,
     };
     let kill = req.extensions().get::<Connection>().map(|c| c.kill.clone());
-    let (subscribe_rights, expires_at) = match rights {
+    let (subscribe_rights, expires_at, payload) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
         // public updates and no private ones.
-        Some(r) => (Some(r.subscribe.unwrap_or_default()), r.expires_at),
-        None => (None, None),
+        Some(r) => (
+            Some(r.subscribe.unwrap_or_default()),
+            r.expires_at,
+            r.payload,
+        ),
+        None => (None, None, None),
     };
     let sub = app.hub.subscribe(SubscribeRequest {
         topics: q.topics,
@@ -127,6 +131,7 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         last_event_id: header_id.or(q.last_event_id),
         expires_at,
         kill,
+        payload,
     });
     match sub {
         Ok(s) => stream_response(
@@ -168,10 +173,17 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         None => None,
     };
     let rights = match find_token(req.headers(), query_token.as_deref()) {
-        Ok(Some((t, _source))) => match app.publisher_key.verify(t) {
-            Ok(r) => r,
-            Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
-        },
+        Ok(Some((t, source))) => {
+            if source == TokenSource::Cookie {
+                if let Err(reason) = csrf_check(&app, req.headers()) {
+                    return refuse(StatusCode::FORBIDDEN, reason, &app);
+                }
+            }
+            match app.publisher_key.verify(t) {
+                Ok(r) => r,
+                Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+            }
+        }
         Ok(None) => return refuse(StatusCode::UNAUTHORIZED, AuthError::Missing, &app),
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
     };
@@ -243,6 +255,37 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         Ok(p) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], p.id).into_response(),
         Err(e) => refuse(StatusCode::BAD_REQUEST, e, &app),
     }
+}
+
+/// A publish authenticated by cookie must come from an allowed origin, or any page the user
+/// visits could publish in their name (CSRF). `Origin` is used, else `Referer`'s origin.
+fn csrf_check(app: &AppState, headers: &http::HeaderMap) -> Result<(), String> {
+    let origin = match headers.get(header::ORIGIN) {
+        Some(o) => o.to_str().unwrap_or("").to_owned(),
+        None => match headers.get(header::REFERER).and_then(|r| r.to_str().ok()) {
+            Some(r) => origin_of(r).unwrap_or_default(),
+            None => {
+                return Err(
+                    "a publish authenticated by cookie needs an Origin or Referer header (CSRF protection)"
+                        .into(),
+                )
+            }
+        },
+    };
+    if app.publish_origins.allows(&origin) {
+        Ok(())
+    } else {
+        Err(format!(
+            "origin {origin:?} may not publish with a cookie token: add it to --publish-origins"
+        ))
+    }
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.split(['/', '?', '#']).next()?;
+    Some(format!("{scheme}://{host}"))
 }
 
 /// Every topic must match one of the token's `mercure.publish` selectors.

@@ -5,6 +5,7 @@ mod demo;
 pub mod form;
 mod mercure;
 mod ops;
+mod subscriptions;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use http::{header, HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Key;
+use crate::config::Origins;
 use crate::hub::{Hub, SubscriberStream};
 
 /// Everything the handlers share.
@@ -30,6 +32,10 @@ pub struct AppState {
     pub max_body: usize,
     /// Cancelled when the hub starts shutting down.
     pub shutdown: CancellationToken,
+    /// Serve the subscription API.
+    pub subscriptions: bool,
+    /// Origins that may publish with a cookie token.
+    pub publish_origins: Arc<Origins>,
 }
 
 /// Per-connection context the server puts into every request.
@@ -42,8 +48,8 @@ pub struct Connection {
 
 pub const MERCURE_PATH: &str = "/.well-known/mercure";
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
+    let router = Router::new()
         .route("/", get(demo::page))
         .route("/events", get(demo::events).head(demo::events_head))
         .route("/events/", get(demo::events).head(demo::events_head))
@@ -53,12 +59,52 @@ pub fn router(state: AppState) -> Router {
                 .head(mercure::subscribe_head)
                 .post(mercure::publish),
         )
+        .route(
+            "/.well-known/mercure/subscriptions",
+            get(subscriptions::all),
+        )
+        .route(
+            "/.well-known/mercure/subscriptions/{topic}",
+            get(subscriptions::for_topic),
+        )
+        .route(
+            "/.well-known/mercure/subscriptions/{topic}/{subscriber}",
+            get(subscriptions::one),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(explain_405))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(origins) => router.layer(cors_layer(origins)),
+        None => router,
+    }
+}
+
+/// CORS for browsers on other origins. Credentials (cookies, `withCredentials`) only with an
+/// explicit list: a browser refuses them with `*` anyway.
+fn cors_layer(origins: &Origins) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([http::Method::GET, http::Method::HEAD, http::Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CACHE_CONTROL,
+            header::CONTENT_TYPE,
+            http::HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([http::HeaderName::from_static("last-event-id")])
+        .max_age(std::time::Duration::from_secs(3600));
+    match origins {
+        Origins::Any => layer.allow_origin(AllowOrigin::any()),
+        Origins::List(list) => layer
+            .allow_origin(AllowOrigin::list(
+                list.iter().filter_map(|o| HeaderValue::from_str(o).ok()),
+            ))
+            .allow_credentials(true),
+    }
 }
 
 /// The router answers a wrong method with an empty 405; say why, keeping its `Allow`.

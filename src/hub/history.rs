@@ -38,6 +38,11 @@ impl History {
         self.entries.len()
     }
 
+    /// The id of the newest retained update.
+    pub fn newest_id(&self) -> Option<&str> {
+        self.entries.back().map(|u| u.id.as_str())
+    }
+
     pub fn push(&mut self, update: SharedUpdate) {
         if self.capacity == 0 {
             return;

@@ -12,6 +12,7 @@
 mod history;
 pub mod selector;
 mod subscriber;
+pub mod subscriptions;
 pub mod update;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ pub use history::ReplayFrom;
 pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
 pub use subscriber::SubscriberStream;
 use subscriber::{Offer, Subscriber};
+use subscriptions::SubscriberInfo;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
 use crate::metrics::{DropReason, Metrics};
@@ -40,6 +42,8 @@ pub struct HubConfig {
     pub subscriber_queue: usize,
     /// Subscribers connected at once; more are refused.
     pub max_subscribers: usize,
+    /// Publish Mercure subscription events and keep what the subscription API lists.
+    pub subscription_events: bool,
 }
 
 impl Default for HubConfig {
@@ -48,6 +52,7 @@ impl Default for HubConfig {
             history_size: 10_000,
             subscriber_queue: 1000,
             max_subscribers: 10_000,
+            subscription_events: false,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct SubscribeRequest {
     pub expires_at: Option<SystemTime>,
     /// Cancelled to tear the connection down if the subscriber must be dropped.
     pub kill: Option<CancellationToken>,
+    /// The token's `mercure.payload`, for subscription events.
+    pub payload: Option<serde_json::Value>,
 }
 
 /// An accepted subscription.
@@ -159,47 +166,7 @@ impl Hub {
 
     /// Checks, stores and fans out one update.
     pub fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
-        let started = Instant::now();
-        if let Err(e) = draft.validate() {
-            self.shared.metrics.updates_rejected.fetch_add(1, Relaxed);
-            return Err(e);
-        }
-        let id = draft.id.clone().unwrap_or_else(update::new_id);
-        let encoded = update::encode(&draft, &id);
-        let time_ms = now_ms();
-        let limit = self.shared.config.subscriber_queue;
-        let metrics = &self.shared.metrics;
-
-        let mut core = self.shared.core.lock();
-        let seq = core.next_seq;
-        core.next_seq += 1;
-        let update = Arc::new(Update {
-            seq,
-            id: id.clone(),
-            topics: draft.topics,
-            private: draft.private,
-            time_ms,
-            encoded,
-        });
-        core.history.push(update.clone());
-        let (delivered, dropped) = core.fan_out(&update, limit);
-        metrics
-            .history_len
-            .store(core.history.len() as u64, Relaxed);
-        drop(core);
-
-        metrics.updates_published.fetch_add(1, Relaxed);
-        metrics.deliveries.fetch_add(delivered as u64, Relaxed);
-        for sub in dropped {
-            metrics.dropped(DropReason::Slow);
-            tracing::info!(
-                subscriber = sub,
-                queue = limit,
-                "Dropped client: too slow (more than --subscriber-queue updates behind)"
-            );
-        }
-        metrics.observe_publish(started.elapsed());
-        Ok(Published { id, seq, delivered })
+        self.shared.publish(draft)
     }
 
     /// Registers a subscriber and returns its stream, starting with the replay it asked for.
@@ -236,7 +203,14 @@ impl Hub {
         }
         let id = core.next_subscriber;
         core.next_subscriber += 1;
-        let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill));
+        let info = self.shared.config.subscription_events.then(|| {
+            Box::new(SubscriberInfo {
+                id: uuid::Uuid::new_v4().urn().to_string(),
+                topics: req.topics.clone(),
+                payload: req.payload.clone(),
+            })
+        });
+        let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill, info));
         let (replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
@@ -261,6 +235,7 @@ impl Hub {
         m.subscribers_connected.fetch_add(1, Relaxed);
         m.subscribers_total.fetch_add(1, Relaxed);
         tracing::info!(subscriber = id, replayed = replay.len(), "Added new client");
+        self.shared.announce(&sub, true);
         Ok(Subscription {
             stream: SubscriberStream::new(self.shared.clone(), sub, replay, expires_in),
             last_event_id: header,
@@ -287,6 +262,24 @@ impl Hub {
         }
     }
 
+    /// The active subscriptions (topic and subscriber) and the id of the newest update, read
+    /// together so that the list is exactly the state after that update.
+    pub fn subscriptions(&self) -> (Vec<serde_json::Value>, String) {
+        let core = self.shared.core.lock();
+        let mut docs = Vec::new();
+        let mut subs: Vec<_> = core.all.values().collect();
+        subs.sort_by_key(|s| s.id);
+        for sub in subs {
+            if let Some(info) = &sub.info {
+                for topic in &info.topics {
+                    docs.push(subscriptions::document(topic, info, true));
+                }
+            }
+        }
+        let last = core.history.newest_id().unwrap_or("earliest").to_owned();
+        (docs, last)
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.shared.core.lock().all.len()
     }
@@ -297,6 +290,51 @@ impl Hub {
 }
 
 impl HubShared {
+    /// Checks, stores and fans out one update.
+    pub(crate) fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
+        let started = Instant::now();
+        if let Err(e) = draft.validate() {
+            self.metrics.updates_rejected.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        let id = draft.id.clone().unwrap_or_else(update::new_id);
+        let encoded = update::encode(&draft, &id);
+        let time_ms = now_ms();
+        let limit = self.config.subscriber_queue;
+        let metrics = &self.metrics;
+
+        let mut core = self.core.lock();
+        let seq = core.next_seq;
+        core.next_seq += 1;
+        let update = Arc::new(Update {
+            seq,
+            id: id.clone(),
+            topics: draft.topics,
+            private: draft.private,
+            time_ms,
+            encoded,
+        });
+        core.history.push(update.clone());
+        let (delivered, dropped) = core.fan_out(&update, limit);
+        metrics
+            .history_len
+            .store(core.history.len() as u64, Relaxed);
+        drop(core);
+
+        metrics.updates_published.fetch_add(1, Relaxed);
+        metrics.deliveries.fetch_add(delivered as u64, Relaxed);
+        for sub in dropped {
+            metrics.dropped(DropReason::Slow);
+            tracing::info!(
+                subscriber = sub,
+                queue = limit,
+                "Dropped client: too slow (more than --subscriber-queue updates behind)"
+            );
+        }
+        metrics.observe_publish(started.elapsed());
+        Ok(Published { id, seq, delivered })
+    }
+
     /// Called when a subscriber's stream is dropped, whatever the reason.
     pub(crate) fn remove(&self, sub: &Arc<Subscriber>, reason: Option<DropReason>) {
         let removed = self.core.lock().unregister(sub);
@@ -304,6 +342,24 @@ impl HubShared {
             self.metrics.subscribers_connected.fetch_sub(1, Relaxed);
             let why = reason.map_or("client went away", DropReason::as_str);
             tracing::info!(subscriber = sub.id, reason = why, "Removed client");
+            self.announce(sub, false);
+        }
+    }
+
+    /// Publishes a subscription event for each of the subscriber's topics.
+    fn announce(&self, sub: &Subscriber, active: bool) {
+        let Some(info) = &sub.info else { return };
+        for topic in &info.topics {
+            let doc = subscriptions::document(topic, info, active);
+            let draft = Draft {
+                topics: vec![doc["id"].as_str().unwrap_or_default().to_owned()],
+                data: doc.to_string(),
+                private: true,
+                ..Draft::default()
+            };
+            if let Err(e) = self.publish(draft) {
+                tracing::warn!("cannot publish a subscription event: {e}");
+            }
         }
     }
 }

@@ -194,4 +194,65 @@ mod tests {
             Selector::Template { .. }
         ));
     }
+
+    #[test]
+    fn matching_table() {
+        #[rustfmt::skip]
+        let table: &[(&str, &str, bool)] = &[
+            ("*", "anything at all", true),
+            ("*", "", true),
+            ("https://example.com/books/1", "https://example.com/books/1", true),
+            ("https://example.com/books/1", "https://example.com/books/12", false),
+            ("https://example.com/books/1", "https://example.com/books/1/", false),
+            ("https://example.com/books/{id}", "https://example.com/books/1", true),
+            ("https://example.com/books/{id}", "https://example.com/books/abc-._~", true),
+            ("https://example.com/books/{id}", "https://example.com/books/caf%C3%A9", true),
+            ("https://example.com/books/{id}", "https://example.com/books/1/reviews", false),
+            ("https://example.com/books/{id}", "https://example.com/books/a%2Fb", true),
+            ("https://example.com/books/{id}", "https://example.com/books/a?b", false),
+            ("https://example.com/books/{id}", "https://example.com/books/{id}", true),
+            ("https://example.com/books/{id}", "https://example.org/books/1", false),
+            ("https://example.com/books/{id}", "http://example.com/books/1", false),
+            ("https://example.com/books/{id}/reviews/{rid}", "https://example.com/books/1/reviews/2", true),
+            ("https://example.com/books/{id}/reviews/{rid}", "https://example.com/books/1/reviews", false),
+            ("https://example.com/{+path}", "https://example.com/books/1/reviews", true),
+            ("https://example.com/{+path}", "https://example.com/a?b=c#d", true),
+            ("https://example.com/books{/id}", "https://example.com/books/1", true),
+            ("https://example.com/books{/id}", "https://example.com/books", true),
+            ("https://example.com/books{/id*}", "https://example.com/books/1/2/3", true),
+            ("https://example.com/books{?page}", "https://example.com/books?page=2", true),
+            ("https://example.com/books{?page}", "https://example.com/books", true),
+            ("https://example.com/books{?page,size}", "https://example.com/books?page=2&size=10", true),
+            ("https://example.com/books{?page}", "https://example.com/books?page=2/3", false),
+            ("https://example.com/books{?page}{&size}", "https://example.com/books?page=2&size=3", true),
+            ("https://example.com/books{#frag}", "https://example.com/books#top", true),
+            ("https://example.com/books{#frag}", "https://example.com/booksx", false),
+            ("https://example.com/{a,b}", "https://example.com/1,2", true),
+            ("https://example.com/x{.ext}", "https://example.com/x.json", true),
+            ("https://example.com/x{;p}", "https://example.com/x;p=1", true),
+            ("https://example.com/{id:3}", "https://example.com/abc", true),
+            ("a.b{id}", "aXb1", false),
+            ("https://example.com/{unclosed", "https://example.com/{unclosed", true),
+            ("https://example.com/{unclosed", "https://example.com/x", false),
+            ("https://example.com/{!bad}", "https://example.com/x", false),
+            ("https://example.com/{!bad}", "https://example.com/{!bad}", true),
+            ("{x}", "", true),
+        ];
+        assert!(table.len() >= 30);
+        for (selector, topic, expected) in table {
+            let sel = Selector::compile(selector);
+            assert_eq!(sel.matches(topic), *expected, "{selector} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn hostile_templates_stay_linear() {
+        // Many expressions against a long topic: the regex engine does not backtrack, so this
+        // ends at once; a template too large to compile falls back to an exact selector.
+        let sel = Selector::compile(&"{a}{+b}{/c*}".repeat(50));
+        let topic = "a/".repeat(2000) + "!";
+        let _ = sel.matches(&topic);
+        let huge = Selector::compile(&"{x}".repeat(10_000));
+        assert!(!huge.matches("y"));
+    }
 }

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::selector::{any_matches, Selector};
+use super::subscriptions::SubscriberInfo;
 use super::update::SharedUpdate;
 use super::HubShared;
 use crate::metrics::DropReason;
@@ -40,6 +41,8 @@ pub(crate) struct Subscriber {
     /// Cancelled to tear down the connection when the stream can no longer end by itself (a
     /// client that stopped reading never lets the end of the stream through).
     kill: Option<CancellationToken>,
+    /// Kept only when the hub publishes subscription events.
+    pub info: Option<Box<SubscriberInfo>>,
 }
 
 #[derive(Default)]
@@ -67,6 +70,7 @@ impl Subscriber {
         selectors: Vec<Arc<Selector>>,
         rights: Option<Vec<Arc<Selector>>>,
         kill: Option<CancellationToken>,
+        info: Option<Box<SubscriberInfo>>,
     ) -> Self {
         Subscriber {
             id,
@@ -75,6 +79,7 @@ impl Subscriber {
             last_seq: AtomicU64::new(u64::MAX),
             state: Mutex::new(State::default()),
             kill,
+            info,
         }
     }
 

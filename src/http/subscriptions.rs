@@ -1,0 +1,168 @@
+//! The subscription API (`--subscriptions`): who is subscribed to what, as JSON-LD.
+//!
+//! The caller's token must allow receiving the request URL itself (its `mercure.subscribe`
+//! selectors must match the document's id), as the reference hub requires; only the
+//! subscriptions the caller could receive events about are listed.
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use serde_json::{json, Value};
+
+use super::mercure::auth_error;
+use super::{form, reject, AppState};
+use crate::auth::{find_token, AuthError};
+use crate::hub::subscriptions::{escape, subscription_id, topic_collection_id, PREFIX};
+use crate::hub::Selector;
+
+const CONTEXT: &str = "https://mercure.rocks/";
+
+/// The caller's `mercure.subscribe` selectors, or the refusal.
+fn caller(app: &AppState, req: &Request) -> Result<Vec<std::sync::Arc<Selector>>, Response> {
+    if !app.subscriptions {
+        return Err(reject(
+            StatusCode::NOT_FOUND,
+            "the subscription API is off: start the hub with --subscriptions",
+        ));
+    }
+    let query_token = req
+        .uri()
+        .query()
+        .and_then(|q| form::parse(q.as_bytes(), 32).ok())
+        .and_then(|p| {
+            p.into_iter()
+                .find(|(n, _)| n == "authorization")
+                .map(|(_, v)| v)
+        });
+    let token = find_token(req.headers(), query_token.as_deref()).map_err(auth_error)?;
+    let Some((token, _)) = token else {
+        return Err(auth_error(AuthError::Missing));
+    };
+    let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
+    Ok(rights
+        .subscribe
+        .unwrap_or_default()
+        .iter()
+        .map(|s| app.hub.selector(s))
+        .collect())
+}
+
+fn allowed(selectors: &[std::sync::Arc<Selector>], id: &str) -> bool {
+    selectors.iter().any(|s| s.matches(id))
+}
+
+fn forbidden(id: &str) -> Response {
+    auth_error(AuthError::Forbidden(format!(
+        "the token's \"mercure.subscribe\" does not match {id:?}"
+    )))
+}
+
+/// The decoded path segments after the API prefix.
+fn segments(req: &Request) -> Result<Vec<String>, Response> {
+    let rest = req.uri().path().strip_prefix(PREFIX).unwrap_or("");
+    rest.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            form::parse(format!("x={s}").as_bytes(), 1)
+                .map(|mut p| p.pop().map(|(_, v)| v).unwrap_or_default())
+                .map_err(|e| reject(StatusCode::BAD_REQUEST, e))
+        })
+        .collect()
+}
+
+fn ld_json(doc: Value, last_event_id: &str, req: &Request) -> Response {
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_matches('"') == last_event_id)
+        });
+    let etag = HeaderValue::from_str(last_event_id).unwrap_or(HeaderValue::from_static("earliest"));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/ld+json"),
+            ),
+            (header::ETAG, etag),
+        ],
+        doc.to_string(),
+    )
+        .into_response()
+}
+
+fn collection(app: &AppState, req: &Request, topic: Option<&str>) -> Response {
+    let selectors = match caller(app, req) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let id = topic.map_or_else(|| PREFIX.to_owned(), topic_collection_id);
+    if !allowed(&selectors, &id) {
+        return forbidden(&id);
+    }
+    let (docs, last) = app.hub.subscriptions();
+    let list: Vec<Value> = docs
+        .into_iter()
+        .filter(|d| topic.is_none_or(|t| d["topic"] == t))
+        .filter(|d| allowed(&selectors, d["id"].as_str().unwrap_or("")))
+        .collect();
+    let doc = json!({
+        "@context": CONTEXT,
+        "id": id,
+        "type": "Subscriptions",
+        "lastEventID": last,
+        "subscriptions": list,
+    });
+    ld_json(doc, &last, req)
+}
+
+/// `GET /.well-known/mercure/subscriptions`
+pub async fn all(State(app): State<AppState>, req: Request) -> Response {
+    collection(&app, &req, None)
+}
+
+/// `GET /.well-known/mercure/subscriptions/{topic}`
+pub async fn for_topic(State(app): State<AppState>, req: Request) -> Response {
+    match segments(&req) {
+        Ok(s) if s.len() == 1 => collection(&app, &req, Some(&s[0])),
+        Ok(_) => reject(StatusCode::NOT_FOUND, "not found"),
+        Err(r) => r,
+    }
+}
+
+/// `GET /.well-known/mercure/subscriptions/{topic}/{subscriber}`
+pub async fn one(State(app): State<AppState>, req: Request) -> Response {
+    let selectors = match caller(&app, &req) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (topic, subscriber) = match segments(&req) {
+        Ok(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        Ok(_) => return reject(StatusCode::NOT_FOUND, "not found"),
+        Err(r) => return r,
+    };
+    let id = subscription_id(&topic, &subscriber);
+    if !allowed(&selectors, &id) {
+        return forbidden(&id);
+    }
+    let (docs, last) = app.hub.subscriptions();
+    match docs.into_iter().find(|d| d["id"] == id.as_str()) {
+        Some(mut doc) => {
+            doc["lastEventID"] = Value::from(last.clone());
+            ld_json(doc, &last, &req)
+        }
+        None => reject(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no active subscription of {} to {}",
+                escape(&subscriber),
+                escape(&topic)
+            ),
+        ),
+    }
+}
