@@ -6,6 +6,7 @@
 //! benchmark need to see exactly what one connection does.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::sse::{Event, Parser};
 
@@ -29,6 +31,11 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connecting to {0} timed out")]
     Timeout(String),
     #[error("HTTP error talking to the hub: {0}")]
@@ -39,37 +46,92 @@ pub enum ClientError {
     LineTooLong,
 }
 
-/// Where to reach a hub: host:port and the request target.
-#[derive(Debug, Clone)]
+/// Where to reach a hub: host:port, the request target, and TLS settings for `https`.
+#[derive(Clone)]
 pub struct Target {
     pub authority: String,
+    pub host: String,
     pub path_and_query: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path_and_query)
+    }
 }
 
 impl Target {
+    /// Parses an `http://` or `https://` URL. For `https`, the server's certificate must chain
+    /// to the system's roots (`/etc/ssl/certs/ca-certificates.crt`) or to a certificate in the
+    /// file named by `SSL_CERT_FILE`.
     pub fn parse(url: &str) -> Result<Target, ClientError> {
+        Target::parse_trusting(url, &[])
+    }
+
+    /// Like [`Target::parse`], also trusting `extra` certificates (e.g. a self-signed one).
+    pub fn parse_trusting(
+        url: &str,
+        extra: &[CertificateDer<'static>],
+    ) -> Result<Target, ClientError> {
         let bad = || ClientError::BadUrl(url.to_owned());
         let uri: Uri = url.parse().map_err(|_| bad())?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad());
-        }
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("http") => (None, 80),
+            Some("https") => (Some(Arc::new(tls_config(extra))), 443),
+            _ => return Err(bad()),
+        };
         let authority = uri.authority().ok_or_else(bad)?;
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(default_port);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         Ok(Target {
             authority: format!("{}:{port}", authority.host()),
+            host: host.to_owned(),
             path_and_query: uri
                 .path_and_query()
                 .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            tls,
         })
     }
 
     /// The same hub, another path and query.
     pub fn with_path(&self, path_and_query: impl Into<String>) -> Target {
         Target {
-            authority: self.authority.clone(),
             path_and_query: path_and_query.into(),
+            ..self.clone()
         }
     }
+}
+
+/// Roots: the system bundle, `SSL_CERT_FILE`, and `extra`. HTTP/1.1 by ALPN.
+fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let files = ["/etc/ssl/certs/ca-certificates.crt".to_owned()]
+        .into_iter()
+        .chain(std::env::var("SSL_CERT_FILE").ok());
+    for file in files {
+        if let Ok(certs) = CertificateDer::pem_file_iter(&file) {
+            for c in certs.flatten() {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    for c in extra {
+        let _ = roots.add(c.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
 }
 
 /// One keep-alive HTTP/1.1 connection to the hub.
@@ -93,10 +155,32 @@ impl Connection {
             source,
         })?;
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let sender = match &target.tls {
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+            Some(config) => {
+                let name = ServerName::try_from(target.host.clone())
+                    .map_err(|_| ClientError::BadUrl(target.host.clone()))?;
+                let tls = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| ClientError::Timeout(target.authority.clone()))?
+                .map_err(|source| ClientError::Tls {
+                    addr: target.authority.clone(),
+                    source,
+                })?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         Ok(Connection {
             target: target.clone(),
             sender,

@@ -75,6 +75,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_SUBSCRIPTIONS")]
     pub subscriptions: bool,
 
+    /// PEM certificate chain: serve HTTPS, with HTTP/2 and HTTP/1.1 chosen by ALPN.
+    /// Re-read with the key on SIGHUP.
+    #[arg(long, env = "SSEHUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "SSEHUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -97,6 +106,8 @@ pub struct ServeConfig {
     pub cors_origins: Option<Origins>,
     pub publish_origins: Origins,
     pub subscriptions: bool,
+    /// Certificate and key files, when serving HTTPS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// A list of origins, or any.
@@ -181,6 +192,7 @@ impl ServeArgs {
                 .map(|s| Origins::parse("--cors-origins", s))
                 .transpose()?,
             subscriptions: self.subscriptions,
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),

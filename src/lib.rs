@@ -14,3 +14,4 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod sse;
+pub mod tls;

@@ -69,6 +69,12 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(Arc::new(
+            crate::tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     let (publisher_key, subscriber_key, generated_token) = keys(&config)?;
     let hub = Hub::new(HubConfig {
         history_size: config.history_size,
@@ -88,16 +94,20 @@ pub async fn run(
     };
     let app = router(state, config.cors_origins.as_ref());
 
-    tracing::info!("ssehub listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("ssehub listening on {scheme}://{addr}");
     if let Some(token) = generated_token {
         eprintln!(
             "No --publisher-jwt-key given: using a random key for this run. Publish with:\n  \
-             ssehub publish --hub http://{addr}/.well-known/mercure --topic time --data hello --token {token}\n  \
-             curl -d topic=time -d data=hello -H 'Authorization: Bearer {token}' http://{addr}/.well-known/mercure"
+             ssehub publish --hub {scheme}://{addr}/.well-known/mercure --topic time --data hello --token {token}\n  \
+             curl -d topic=time -d data=hello -H 'Authorization: Bearer {token}' {scheme}://{addr}/.well-known/mercure"
         );
     }
 
     let tasks = tokio_util::task::TaskTracker::new();
+    if let Some(tls) = &tls {
+        tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
+    }
     if let Some(every) = config.clock_interval {
         tasks.spawn(crate::clock::run(hub.clone(), every, stop.clone()));
     }
@@ -152,19 +162,29 @@ pub async fn run(
                 req.extensions_mut().insert(conn_ctx.clone());
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(serve_until_killed(conn, kill, peer));
+            continue;
+        };
+        // The handshake runs on the connection's own task, under the same deadline as a
+        // request head, so a client that stalls in it holds nothing else up.
+        let acceptor = tls.acceptor();
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            tokio::select! {
-                r = conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, "connection ended with an error: {e}");
-                    }
-                }
-                _ = kill.cancelled() => tracing::debug!(%peer, "connection closed by the hub"),
-            }
+            let stream =
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            serve_until_killed(watcher.watch(conn), kill, peer).await;
         });
     }
 
@@ -181,6 +201,44 @@ pub async fn run(
     tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves one connection until it ends or the hub tears it down.
+async fn serve_until_killed<F, E>(conn: F, kill: CancellationToken, peer: SocketAddr)
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
+        }
+        _ = kill.cancelled() => tracing::debug!(%peer, "connection closed by the hub"),
+    }
+}
+
+/// Re-reads the certificate and key on each SIGHUP.
+async fn reload_on_sighup(tls: Arc<crate::tls::Tls>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: keeping the old certificate: {e}"),
+                },
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (tls, stop);
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -16,6 +16,10 @@ pub const SECRET: &str = "test-secret-for-ssehub";
 
 pub struct TestHub {
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// A certificate the test's clients trust (a TLS hub's self-signed one).
+    pub trust: Option<rustls::pki_types::CertificateDer<'static>>,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     pub key: Key,
@@ -51,21 +55,27 @@ impl TestHub {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|r| r.split("://").nth(1));
+                if let Some(rest) = addr {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(rest.trim().to_owned());
+                        let scheme = line.split("listening on ").nth(1).unwrap_or("");
+                        let scheme = scheme.split("://").next().unwrap_or("http").to_owned();
+                        let _ = tx.send((scheme, rest.trim().to_owned()));
                     }
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = rx
+        let (scheme, addr) = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("the hub printed its address")
-            .parse()
-            .unwrap();
+            .expect("the hub printed its address");
         TestHub {
-            addr,
+            addr: addr.parse().unwrap(),
+            scheme,
+            trust: None,
             child,
             logs,
             key: Key::secret(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()),
@@ -76,12 +86,20 @@ impl TestHub {
         self.child.id()
     }
 
+    /// Starts a TLS hub whose self-signed certificate the test's clients trust.
+    pub fn start_tls(args: &[&str], trust: rustls::pki_types::CertificateDer<'static>) -> TestHub {
+        let mut hub = TestHub::start(args);
+        hub.trust = Some(trust);
+        hub
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn target(&self, path: &str) -> Target {
-        Target::parse(&self.url(path)).unwrap()
+        let trust: Vec<_> = self.trust.iter().cloned().collect();
+        Target::parse_trusting(&self.url(path), &trust).unwrap()
     }
 
     /// A token that may publish to every topic.

@@ -1,0 +1,285 @@
+//! HTTPS with HTTP/2 and HTTP/1.1 by ALPN, h2c on the plain port, and certificate reload.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::TestHub;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use ssehub::sse::Parser;
+
+struct Cert {
+    dir: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+impl Cert {
+    fn cert(&self) -> String {
+        self.dir.join("cert.pem").display().to_string()
+    }
+    fn key(&self) -> String {
+        self.dir.join("key.pem").display().to_string()
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written to a fresh directory.
+fn make_cert(dir: &std::path::Path) -> Cert {
+    std::fs::create_dir_all(dir).unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+    Cert {
+        dir: dir.to_owned(),
+        der: c.cert.der().clone(),
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ssehub-test-{name}-{}", std::process::id()))
+}
+
+async fn tls_connect(
+    hub: &TestHub,
+    trust: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads events from an h2 response body until `n` have arrived.
+async fn read_events(body: &mut hyper::body::Incoming, n: usize) -> Vec<ssehub::sse::Event> {
+    let mut parser = Parser::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("event in time")
+            .expect("stream open")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            parser.feed(&data, &mut out).unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_over_tls_carries_a_hundred_streams_on_one_connection() {
+    let cert = make_cert(&temp_dir("h2"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut bodies = Vec::new();
+    for _ in 0..100 {
+        let mut s = sender.clone();
+        let req = Request::get(format!("https://{}/.well-known/mercure?topic=a", hub.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), Version::HTTP_2);
+        bodies.push(resp.into_body());
+    }
+    // Publish over the same HTTP/2 connection.
+    let mut s = sender.clone();
+    let req = Request::post(format!("https://{}/.well-known/mercure", hub.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", format!("Bearer {}", hub.publisher_token()))
+        .body(Full::new(Bytes::from("topic=a&data=over+h2")))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for body in &mut bodies {
+        assert_eq!(read_events(body, 1).await[0].data, "over h2");
+    }
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_by_alpn_and_h2c_with_prior_knowledge() {
+    let cert = make_cert(&temp_dir("h1"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let tls = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("/healthz")
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status(), resp.version()),
+        (StatusCode::OK, Version::HTTP_11)
+    );
+
+    // h2c on a plain hub.
+    let plain = TestHub::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get(format!("http://{}/.well-known/mercure?topic=b", plain.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status(), resp.version()),
+        (StatusCode::OK, Version::HTTP_2)
+    );
+    let mut body = resp.into_body();
+    plain
+        .publisher()
+        .await
+        .ok(&[("topic", "b"), ("data", "h2c")])
+        .await;
+    assert_eq!(read_events(&mut body, 1).await[0].data, "h2c");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_certificate_without_dropping_streams() {
+    let dir = temp_dir("reload");
+    let first = make_cert(&dir);
+    let mut hub = TestHub::start_tls(
+        &["--tls-cert", &first.cert(), "--tls-key", &first.key()],
+        first.der.clone(),
+    );
+    let tls = tls_connect(&hub, &first.der, &[b"h2"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get(format!("https://{}/.well-known/mercure?topic=c", hub.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+
+    let second = make_cert(&dir);
+    assert_ne!(first.der, second.der);
+    hub.trust = Some(second.der.clone());
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(hub.wait_for_log("certificate reloaded", Duration::from_secs(5)));
+    // A new connection is served the new certificate (trusting only it succeeds)...
+    let tls2 = tls_connect(&hub, &second.der, &[b"h2"]).await;
+    let served = tls2.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(served, second.der);
+    // ...and the stream opened before the reload still delivers.
+    hub.publisher()
+        .await
+        .ok(&[("topic", "c"), ("data", "still here")])
+        .await;
+    assert_eq!(read_events(&mut body, 1).await[0].data, "still here");
+
+    // A broken file on reload keeps the working certificate.
+    std::fs::write(dir.join("cert.pem"), "garbage").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hub.wait_for_log("keeping the old certificate", Duration::from_secs(5)));
+    let _ = tls_connect(&hub, &second.der, &[b"h2"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_http2_streams_updates_over_tls() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("curl is required (SSEHUB_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP curl_http2_streams_updates_over_tls: curl not found");
+        return;
+    }
+    let cert = make_cert(&temp_dir("curl"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let url = format!("https://{}/.well-known/mercure?topic=d", hub.addr);
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-sSN",
+            "--http2",
+            "--cacert",
+            &cert.cert(),
+            "--max-time",
+            "5",
+            "-w",
+            "\nVERSION %{http_version}\n",
+            &url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(hub.wait_for_log("Added new client", Duration::from_secs(10)));
+    hub.publisher()
+        .await
+        .ok(&[("topic", "d"), ("data", "via curl")])
+        .await;
+    let out = tokio::task::spawn_blocking(move || curl.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("data: via curl"), "{text}");
+    assert!(text.contains("VERSION 2"), "{text}");
+}
