@@ -160,14 +160,25 @@ pub async fn run(
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(conn_ctx.clone());
-                app.clone().oneshot(req.map(axum::body::Body::new))
+                let app = app.clone();
+                async move {
+                    if let Some(refusal) = oversized_head(&req) {
+                        return Ok(refusal);
+                    }
+                    app.oneshot(req.map(axum::body::Body::new)).await
+                }
             });
         let Some(tls) = &tls else {
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(serve_until_killed(conn, kill, peer));
+            let (builder, watcher) = (builder.clone(), graceful.watcher());
+            tokio::spawn(async move {
+                let Some(builder) = sniff_protocol(&stream, builder).await else {
+                    return tracing::debug!(%peer, "no request within the head deadline");
+                };
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                serve_until_killed(watcher.watch(conn), kill, peer).await;
+            });
             continue;
         };
         // The handshake runs on the connection's own task, under the same deadline as a
@@ -181,6 +192,12 @@ pub async fn run(
                     Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
+            // ALPN has chosen the protocol: no need to sniff the first bytes.
+            let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
@@ -201,6 +218,63 @@ pub async fn run(
     tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// hyper bounds its read buffer, but a head that arrives whole in one read can still exceed
+/// it; the limit on the head's size is enforced here, before any routing.
+fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response> {
+    let uri = req.uri().to_string().len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if uri + headers <= MAX_HEAD {
+        return None;
+    }
+    let status = if uri > MAX_HEAD / 2 {
+        http::StatusCode::URI_TOO_LONG
+    } else {
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    };
+    Some(crate::http::reject(
+        status,
+        format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
+    ))
+}
+
+/// The HTTP/2 connection preface, which an h2c client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits (within the head deadline) for the first bytes of a plain connection and picks
+/// HTTP/1.1 or HTTP/2 from them. hyper's own detection waits for them without a deadline, so a
+/// client that connects and says nothing would hold its descriptor forever.
+async fn sniff_protocol(
+    stream: &tokio::net::TcpStream,
+    builder: auto::Builder<TokioExecutor>,
+) -> Option<auto::Builder<TokioExecutor>> {
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(builder.http1_only());
+        }
+        if n == H2_PREFACE.len() {
+            return Some(builder.http2_only());
+        }
+        // A partial preface: peek returns at once while no more has come, so pause.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
 }
 
 /// Serves one connection until it ends or the hub tears it down.
