@@ -1,6 +1,8 @@
 //! The fan-out core. It knows nothing of HTTP: updates come in through [`Hub::publish`],
 //! subscribers through [`Hub::subscribe`], and each subscriber leaves with a
-//! [`SubscriberStream`] of event-stream bytes.
+//! [`SubscriberStream`] of event-stream bytes. In cluster mode updates come in through
+//! `Hub::apply` instead, from the reader of the cluster's stream (see `crate::cluster`), which
+//! shares the encode, store and fan-out step with [`Hub::publish`].
 //!
 //! One lock orders everything: a publish takes its place in the history and is offered to every
 //! matching subscriber while holding it, and a subscribe snapshots its replay and registers
