@@ -32,7 +32,12 @@ fn redis_binary() -> Option<PathBuf> {
         if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
             panic!("redis-server not found on PATH, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install redis-server)");
         }
-        eprintln!("SKIP: redis-server not found on PATH; cluster tests not run (apt-get install redis-server)");
+        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: redis-server not found on PATH; cluster tests not run (apt-get install redis-server)"
+        );
     }
     found
 }
