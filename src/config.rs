@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "SSEHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Cluster mode: run as one node of a hub shared through this Redis, e.g.
+    /// redis://127.0.0.1:6379/0 (a password goes in the URL: redis://:secret@host:6379).
+    #[arg(long, env = "SSEHUB_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
 
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
@@ -108,6 +112,8 @@ pub struct ServeConfig {
     pub subscriptions: bool,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Redis URL for cluster mode.
+    pub redis: Option<String>,
 }
 
 /// A list of origins, or any.
@@ -193,12 +199,36 @@ impl ServeArgs {
                 .transpose()?,
             subscriptions: self.subscriptions,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            redis: self
+                .redis
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .map(check_redis_url)
+                .transpose()?,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),
             },
         })
     }
+}
+
+/// Accepts `redis://HOST[:PORT][/DB]`, with an optional user and password.
+fn check_redis_url(url: &str) -> Result<String, String> {
+    if url.starts_with("rediss://") {
+        return Err(format!(
+            "--redis {url:?}: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
+             private network, or a TLS tunnel (stunnel, spiped) to the Redis host"
+        ));
+    }
+    if !url.starts_with("redis://") {
+        return Err(format!(
+            "--redis {url:?} is not a Redis URL: write redis://HOST:PORT[/DB], e.g. redis://127.0.0.1:6379"
+        ));
+    }
+    redis::Client::open(url)
+        .map(|_| url.to_owned())
+        .map_err(|e| format!("--redis: {e}; write redis://HOST:PORT[/DB]"))
 }
 
 /// A margin under the open-file limit: every subscriber holds one descriptor, and the hub
@@ -260,5 +290,15 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn redis_urls() {
+        assert!(check_redis_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check_redis_url("redis://:pw@localhost").is_ok());
+        assert!(check_redis_url("rediss://localhost")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(check_redis_url("http://localhost").is_err());
     }
 }

@@ -82,6 +82,13 @@ pub async fn run(
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
     });
+    let cluster = match &config.redis {
+        Some(url) => Some(
+            crate::cluster::Cluster::start(url, hub.clone(), config.history_size, stop.clone())
+                .await?,
+        ),
+        None => None,
+    };
     let state = AppState {
         hub: hub.clone(),
         publisher_key,
@@ -91,6 +98,7 @@ pub async fn run(
         shutdown: stop.clone(),
         publish_origins: Arc::new(config.publish_origins.clone()),
         subscriptions: config.subscriptions,
+        cluster: cluster.clone(),
     };
     let app = router(state, config.cors_origins.as_ref());
 
@@ -109,7 +117,10 @@ pub async fn run(
         tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
     }
     if let Some(every) = config.clock_interval {
-        tasks.spawn(crate::clock::run(hub.clone(), every, stop.clone()));
+        match &cluster {
+            Some(c) => tasks.spawn(crate::cluster::run_clock(c.clone(), every, stop.clone())),
+            None => tasks.spawn(crate::clock::run(hub.clone(), every, stop.clone())),
+        };
     }
     if let Some(every) = config.heartbeat {
         let (hub, stop) = (hub.clone(), stop.clone());

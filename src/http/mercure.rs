@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 
 use super::{form, reject, stream_body, stream_response, AppState, Connection, MERCURE_PATH};
 use crate::auth::{find_token, AuthError, Rights, TokenSource};
+use crate::cluster::PublishError;
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
 /// How long a publisher may take to send its body.
@@ -251,9 +252,19 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
         return refuse(StatusCode::FORBIDDEN, reason, &app);
     }
-    match app.hub.publish(draft) {
-        Ok(p) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], p.id).into_response(),
-        Err(e) => refuse(StatusCode::BAD_REQUEST, e, &app),
+    let published = match &app.cluster {
+        Some(cluster) => cluster.publish(draft).await,
+        None => app.hub.publish(draft).map(|p| p.id).map_err(Into::into),
+    };
+    match published {
+        Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
+        Err(PublishError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, e, &app),
+        Err(e @ PublishError::Unavailable(_)) => {
+            let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use http::{header, HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Key;
+use crate::cluster::Cluster;
 use crate::config::Origins;
 use crate::hub::{Hub, SubscriberStream};
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub subscriptions: bool,
     /// Origins that may publish with a cookie token.
     pub publish_origins: Arc<Origins>,
+    /// In cluster mode, where publishes go (instead of straight into `hub`).
+    pub cluster: Option<Cluster>,
 }
 
 /// Per-connection context the server puts into every request.

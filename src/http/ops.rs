@@ -14,6 +14,9 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     if app.shutdown.is_cancelled() {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
+    if app.cluster.as_ref().is_some_and(|c| !c.is_ready()) {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "Redis is unreachable");
+    }
     (StatusCode::OK, "ready\n").into_response()
 }
 

@@ -1,6 +1,8 @@
 //! The fan-out core. It knows nothing of HTTP: updates come in through [`Hub::publish`],
 //! subscribers through [`Hub::subscribe`], and each subscriber leaves with a
-//! [`SubscriberStream`] of event-stream bytes.
+//! [`SubscriberStream`] of event-stream bytes. In cluster mode updates come in through
+//! `Hub::apply` instead, from the reader of the cluster's stream (see `crate::cluster`), which
+//! shares the encode, store and fan-out step with [`Hub::publish`].
 //!
 //! One lock orders everything: a publish takes its place in the history and is offered to every
 //! matching subscriber while holding it, and a subscribe snapshots its replay and registers
@@ -17,7 +19,7 @@ pub mod update;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -69,7 +71,12 @@ pub(crate) struct HubShared {
     pub(crate) metrics: Arc<Metrics>,
     selectors: SelectorCache,
     closing: AtomicBool,
+    /// Where subscription events go instead of the local publish path (cluster mode).
+    relay: OnceLock<Relay>,
 }
+
+/// Takes a subscription event the hub wants published, in cluster mode.
+pub type Relay = Box<dyn Fn(Draft) + Send + Sync>;
 
 type SubscriberSet = HashMap<u64, Arc<Subscriber>>;
 
@@ -147,6 +154,7 @@ impl Hub {
                 metrics: Arc::new(Metrics::default()),
                 selectors: SelectorCache::default(),
                 closing: AtomicBool::new(false),
+                relay: OnceLock::new(),
             }),
         }
     }
@@ -167,6 +175,18 @@ impl Hub {
     /// Checks, stores and fans out one update.
     pub fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
         self.shared.publish(draft)
+    }
+
+    /// Stores and fans out an update that was checked and given its id elsewhere: in cluster
+    /// mode, by the node it was published on. `time_ms` is when it was stored.
+    pub(crate) fn apply(&self, draft: Draft, id: String, time_ms: u64) -> Published {
+        self.shared.apply(draft, id, time_ms)
+    }
+
+    /// Sends subscription events to `relay` rather than publishing them locally, so that in
+    /// cluster mode they take the same road as every other update. Set once.
+    pub(crate) fn relay_subscription_events(&self, relay: Relay) {
+        let _ = self.shared.relay.set(relay);
     }
 
     /// Registers a subscriber and returns its stream, starting with the replay it asked for.
@@ -298,8 +318,16 @@ impl HubShared {
             return Err(e);
         }
         let id = draft.id.clone().unwrap_or_else(update::new_id);
+        let published = self.apply(draft, id, now_ms());
+        self.metrics.observe_publish(started.elapsed());
+        Ok(published)
+    }
+
+    /// Encodes, stores and fans out an update that already has its id and was checked where it
+    /// entered the system. Both a local publish and an update read from the cluster's stream
+    /// end here, so the fan-out is the same code in both modes.
+    pub(crate) fn apply(&self, draft: Draft, id: String, time_ms: u64) -> Published {
         let encoded = update::encode(&draft, &id);
-        let time_ms = now_ms();
         let limit = self.config.subscriber_queue;
         let metrics = &self.metrics;
 
@@ -331,8 +359,7 @@ impl HubShared {
                 "Dropped client: too slow (more than --subscriber-queue updates behind)"
             );
         }
-        metrics.observe_publish(started.elapsed());
-        Ok(Published { id, seq, delivered })
+        Published { id, seq, delivered }
     }
 
     /// Called when a subscriber's stream is dropped, whatever the reason.
@@ -357,7 +384,9 @@ impl HubShared {
                 private: true,
                 ..Draft::default()
             };
-            if let Err(e) = self.publish(draft) {
+            if let Some(relay) = self.relay.get() {
+                relay(draft);
+            } else if let Err(e) = self.publish(draft) {
                 tracing::warn!("cannot publish a subscription event: {e}");
             }
         }

@@ -1,0 +1,251 @@
+//! The update stream in Redis: how an update is written as a stream entry and read back, the
+//! history loaded at start, and the reader that follows the stream for as long as the node runs.
+//!
+//! The reader is the only way updates enter a node's hub in cluster mode, and it applies
+//! entries one at a time in stream order: that is what gives every node the same order.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use super::{Cluster, STREAM};
+use crate::hub::{Draft, Hub};
+
+/// How long one `XREAD` waits for new entries before asking again.
+const BLOCK: Duration = Duration::from_secs(5);
+/// Entries taken per read.
+const BATCH: usize = 1000;
+/// Reconnection delays: doubled after each failure, between these bounds.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The entry's fields. Topics are a JSON array: one field, whatever their number.
+pub(super) fn fields(draft: &Draft, id: &str) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("id", id.to_owned()),
+        (
+            "topics",
+            serde_json::to_string(&draft.topics).unwrap_or_default(),
+        ),
+        ("data", draft.data.clone()),
+    ];
+    if let Some(t) = &draft.event_type {
+        f.push(("type", t.clone()));
+    }
+    if let Some(r) = draft.retry {
+        f.push(("retry", r.to_string()));
+    }
+    if draft.private {
+        f.push(("private", "1".to_owned()));
+    }
+    f
+}
+
+/// An entry back as an update and its id; `None` if it was not written by ssehub.
+fn parse(entry: &StreamId) -> Option<(Draft, String)> {
+    let id: String = entry.get("id")?;
+    let topics: Vec<String> = serde_json::from_str(&entry.get::<String>("topics")?).ok()?;
+    let draft = Draft {
+        topics,
+        data: entry.get("data").unwrap_or_default(),
+        id: Some(id.clone()),
+        event_type: entry.get("type"),
+        retry: entry.get::<String>("retry").and_then(|r| r.parse().ok()),
+        private: entry.contains_key("private"),
+    };
+    Some((draft, id))
+}
+
+/// A stream entry id as `(milliseconds, sequence)`, for comparing.
+fn position(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Applies one entry to the local hub. Redis's time of the entry stands for when the update
+/// was accepted, the same on every node.
+fn apply(hub: &Hub, entry: &StreamId) {
+    match parse(entry) {
+        Some((draft, id)) => {
+            hub.apply(draft, id, position(&entry.id).0);
+        }
+        None => tracing::warn!(entry = %entry.id, "skipped a stream entry ssehub did not write"),
+    }
+}
+
+/// Loads the newest `history_size` entries into `hub`, oldest first, before any subscriber is
+/// accepted (so nobody receives them as live updates). Returns the stream id to read after.
+pub(super) async fn load_history(
+    conn: &mut ConnectionManager,
+    hub: &Hub,
+    history_size: usize,
+) -> redis::RedisResult<String> {
+    let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(STREAM)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(history_size.max(1))
+        .query_async(conn)
+        .await?;
+    let last = reply
+        .ids
+        .first()
+        .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+    if history_size > 0 {
+        for entry in reply.ids.iter().rev() {
+            apply(hub, entry);
+        }
+    }
+    Ok(last)
+}
+
+/// Follows the stream from `last` until `stop`: reads, applies in order, and on any Redis
+/// error reconnects with backoff and resumes where it was, so nothing published meanwhile
+/// through other nodes is missed. Each transition is logged once.
+pub(super) async fn follow(cluster: Cluster, mut last: String, stop: CancellationToken) {
+    let mut conn = None;
+    let mut backoff = MIN_BACKOFF;
+    let mut lost = false;
+    loop {
+        let read = read_batch(&cluster.inner.client, &mut conn, &mut last);
+        let result = tokio::select! {
+            r = read => r,
+            _ = stop.cancelled() => return,
+        };
+        match result {
+            Ok(entries) => {
+                if lost {
+                    tracing::info!("Redis is back");
+                    lost = false;
+                    cluster.set_ready(true);
+                }
+                backoff = MIN_BACKOFF;
+                for entry in &entries {
+                    apply(&cluster.inner.hub, entry);
+                    last.clone_from(&entry.id);
+                }
+            }
+            Err(e) => {
+                conn = None;
+                if !lost {
+                    tracing::warn!("lost Redis: {e}; retrying with backoff");
+                    lost = true;
+                    cluster.set_ready(false);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One blocking read after `last`, connecting first if needed.
+async fn read_batch(
+    client: &redis::Client,
+    conn: &mut Option<MultiplexedConnection>,
+    last: &mut String,
+) -> redis::RedisResult<Vec<StreamId>> {
+    let c = match conn {
+        Some(c) => c,
+        None => {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
+            let mut fresh = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            check_restart(&mut fresh, last).await?;
+            conn.insert(fresh)
+        }
+    };
+    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(BATCH)
+        .arg("BLOCK")
+        .arg(BLOCK.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(last.as_str())
+        .query_async(c)
+        .await?;
+    Ok(reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .collect())
+}
+
+/// A Redis that restarted without its data holds a new stream, whose ids may be below where
+/// this node left off: then read the new stream from its start, or its first entries would be
+/// skipped.
+async fn check_restart(
+    conn: &mut MultiplexedConnection,
+    last: &mut String,
+) -> redis::RedisResult<()> {
+    let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(STREAM)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let behind = match newest.ids.first() {
+        Some(e) => position(&e.id) < position(last),
+        None => position(last) > (0, 0),
+    };
+    if behind {
+        tracing::warn!(
+            was = %last,
+            "the update stream in Redis starts over (Redis lost its data): reading it from its start"
+        );
+        *last = "0-0".to_owned();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_compare_as_numbers() {
+        assert!(position("9-5") < position("10-0"));
+        assert!(position("10-1") > position("10-0"));
+        assert_eq!(position("0-0"), (0, 0));
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let draft = Draft {
+            topics: vec!["a".into(), "b/{x}".into()],
+            data: "line 1\nline 2".into(),
+            id: None,
+            event_type: Some("t".into()),
+            retry: Some(42),
+            private: true,
+        };
+        let f = fields(&draft, "urn:x");
+        let entry = StreamId {
+            id: "1-0".into(),
+            map: f
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), redis::Value::BulkString(v.into_bytes())))
+                .collect(),
+            ..Default::default()
+        };
+        let (back, id) = parse(&entry).unwrap();
+        assert_eq!(id, "urn:x");
+        assert_eq!(back.topics, draft.topics);
+        assert_eq!(back.data, draft.data);
+        assert_eq!(back.event_type.as_deref(), Some("t"));
+        assert_eq!(back.retry, Some(42));
+        assert!(back.private);
+    }
+}

@@ -1,0 +1,509 @@
+//! Cluster mode: several real `ssehub` processes and a real `redis-server`, started by the
+//! tests on free ports of 127.0.0.1. Without `redis-server` on PATH the tests skip loudly,
+//! unless `SSEHUB_REQUIRE_ALL=1`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{get, take, TestHub};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use ssehub::client::{Connection, EventStream, Target};
+use ssehub::sse::Event;
+
+/// A `redis-server` of our own, without persistence unless given a directory.
+struct Redis {
+    child: Child,
+    port: u16,
+    binary: PathBuf,
+    dir: Option<PathBuf>,
+}
+
+/// `redis-server` on PATH; `None` (after a loud SKIP) when missing, unless required.
+fn redis_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("redis-server not found on PATH, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install redis-server)");
+        }
+        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: redis-server not found on PATH; cluster tests not run (apt-get install redis-server)"
+        );
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    /// Starts a Redis on a free port; with `dir`, its data is kept there (append-only file).
+    fn start(dir: Option<&Path>) -> Option<Redis> {
+        let binary = redis_binary()?;
+        let port = free_port();
+        let r = Redis {
+            child: spawn_redis(&binary, port, dir),
+            port,
+            binary,
+            dir: dir.map(Path::to_path_buf),
+        };
+        r.wait_up();
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = redis::Client::open(self.url()).unwrap();
+        while Instant::now() < deadline {
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not come up on port {}", self.port);
+    }
+
+    /// Stops Redis the way an operator would (SIGTERM: it writes what it keeps, then exits).
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, with the same data directory if any.
+    fn restart(&mut self) {
+        self.child = spawn_redis(&self.binary, self.port, self.dir.as_deref());
+        self.wait_up();
+    }
+}
+
+fn spawn_redis(binary: &Path, port: u16, dir: Option<&Path>) -> Child {
+    let mut cmd = Command::new(binary);
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]);
+    match dir {
+        Some(d) => {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(d);
+        }
+        None => {
+            cmd.args(["--appendonly", "no"]);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server")
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(redis: &Redis, extra: &[&str]) -> TestHub {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str()];
+    args.extend_from_slice(extra);
+    TestHub::start(&args)
+}
+
+fn kill9(hub: &TestHub) {
+    let ok = Command::new("kill")
+        .args(["-KILL", &hub.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+async fn subscribe_from(hub: &TestHub, path: &str, last: Option<&str>) -> EventStream {
+    let mut h = HeaderMap::new();
+    if let Some(id) = last {
+        h.insert("last-event-id", HeaderValue::from_str(id).unwrap());
+    }
+    EventStream::open(&hub.target(path), &h).await.unwrap()
+}
+
+/// Publishes `data` on topic `t`, retrying on refusals until `within`; the id once stored.
+async fn publish_until_ok(hub: &TestHub, data: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut c) = Connection::open(&hub.target("/.well-known/mercure")).await {
+            let token = hub.publisher_token();
+            if let Ok((StatusCode::OK, id)) = c
+                .publish(Some(&token), &[("topic", "t"), ("data", data)])
+                .await
+            {
+                return id;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no publish of {data:?} succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_status(hub: &TestHub, path: &str, want: StatusCode, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _) = get(hub, path, &[]).await;
+        if status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} did not become {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn data(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.data.clone()).collect()
+}
+
+fn numbers(n: std::ops::Range<usize>) -> Vec<String> {
+    n.map(|i| i.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_deliver_every_update_once_in_one_order() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let nodes: Vec<TestHub> = (0..3).map(|_| node(&redis, &[])).collect();
+    let mut subs = Vec::new();
+    for i in 0..6 {
+        subs.push(nodes[i % 3].subscribe("topic=t", &[]).await);
+    }
+    // Three publishers at once, one per node: the global order is Redis's, not ours.
+    let mut publishers = Vec::new();
+    for (k, hub) in nodes.iter().enumerate() {
+        let mut p = hub.publisher().await;
+        publishers.push(tokio::spawn(async move {
+            for i in (k..1000).step_by(3) {
+                p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut orders = Vec::new();
+    for s in &mut subs {
+        let got = take(s, 1000, Duration::from_secs(60)).await;
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+        let mut sorted: Vec<usize> = got.iter().map(|e| e.data.parse().unwrap()).collect();
+        orders.push(got);
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..1000).collect::<Vec<_>>(),
+            "each update exactly once"
+        );
+    }
+    let first: Vec<_> = orders[0].iter().map(|e| e.id.clone()).collect();
+    for o in &orders[1..] {
+        let ids: Vec<_> = o.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, first, "the same order on every node");
+    }
+    // Each publisher's own updates keep their order within the global one.
+    for k in 0..3 {
+        let mine: Vec<usize> = orders[0]
+            .iter()
+            .map(|e| e.data.parse().unwrap())
+            .filter(|i: &usize| i % 3 == k)
+            .collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]));
+    }
+}
+
+/// Follows topic `t` across `nodes`, starting on `start`, moving to the next node with
+/// `Last-Event-ID` whenever a stream breaks, until `n` updates arrived.
+async fn follow_across(nodes: Vec<Target>, start: usize, n: usize) -> Vec<Event> {
+    let mut got: Vec<Event> = Vec::new();
+    let mut at = start;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} updates",
+            got.len()
+        );
+        let mut h = HeaderMap::new();
+        if let Some(last) = got.last() {
+            h.insert("last-event-id", HeaderValue::from_str(&last.id).unwrap());
+        }
+        let Ok(mut s) = EventStream::open(&nodes[at], &h).await else {
+            at = (at + 1) % nodes.len();
+            continue;
+        };
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
+                Ok(Ok(Some(e))) => got.push(e),
+                _ => {
+                    at = (at + 1) % nodes.len();
+                    break;
+                }
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let nodes: Vec<TestHub> = (0..3).map(|_| node(&redis, &[])).collect();
+    let addrs: Vec<Target> = nodes
+        .iter()
+        .map(|n| n.target("/.well-known/mercure?topic=t"))
+        .collect();
+    const N: usize = 600;
+    let mut followers = Vec::new();
+    for i in 0..6 {
+        followers.push(tokio::spawn(follow_across(addrs.clone(), i % 3, N)));
+    }
+    // Let every follower connect before the first update.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        while n.metric("ssehub_subscribers_connected").await < 2.0 {
+            assert!(Instant::now() < deadline, "followers did not connect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // One publisher, through the two nodes that stay up, in turn.
+    let mut a = nodes[0].publisher().await;
+    let mut b = nodes[1].publisher().await;
+    for i in 0..N {
+        if i == N / 3 {
+            kill9(&nodes[2]);
+        }
+        let p = if i % 2 == 0 { &mut a } else { &mut b };
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for f in followers {
+        let got = f.await.unwrap();
+        assert_eq!(data(&got), numbers(0..N), "every update once, in order");
+    }
+}
+
+/// Publishes 50, stops Redis for about 5 s, checks the outage, restarts it, publishes 50 more:
+/// every subscriber gets all 100 exactly once, on the streams it had all along.
+async fn survive_redis_restart(mut redis: Redis) {
+    let nodes: Vec<TestHub> = (0..2)
+        .map(|_| node(&redis, &["--heartbeat", "500ms"]))
+        .collect();
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("topic=t", &[]).await);
+        subs.push(n.subscribe("topic=t", &[]).await);
+    }
+    let mut p = nodes[0].publisher().await;
+    for i in 0..50 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 50, Duration::from_secs(30)).await),
+            numbers(0..50)
+        );
+    }
+
+    redis.stop();
+    let outage = Instant::now();
+    for n in &nodes {
+        wait_status(
+            n,
+            "/readyz",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(n.wait_for_log("lost Redis", Duration::from_secs(5)));
+    }
+    for n in &nodes {
+        let mut p = n.publisher().await;
+        let (status, reason) = p.publish(&[("topic", "t"), ("data", "lost")]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
+        assert!(reason.contains("Redis"), "{reason}");
+    }
+    let comments_before: Vec<u64> = subs.iter().map(|s| s.comments()).collect();
+    // Streams stay open and keep receiving heartbeats (read them off the wire meanwhile).
+    while outage.elapsed() < Duration::from_secs(5) {
+        for s in &mut subs {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), s.next()).await {
+                panic!("no update may arrive during the outage, got {r:?}");
+            }
+        }
+    }
+    for (s, before) in subs.iter().zip(comments_before) {
+        assert!(s.comments() > before, "heartbeats kept coming");
+    }
+
+    redis.restart();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(20)).await;
+        assert!(n.wait_for_log("Redis is back", Duration::from_secs(5)));
+    }
+    for (k, i) in (50..100).enumerate() {
+        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 50, Duration::from_secs(30)).await),
+            numbers(50..100)
+        );
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+    }
+    // A logged transition, not one line per retry.
+    for n in &nodes {
+        let lost = n.logs().iter().filter(|l| l.contains("lost Redis")).count();
+        assert_eq!(lost, 1, "{:#?}", n.logs());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restart_without_its_data() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    survive_redis_restart(redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restart_with_its_data_kept() {
+    let dir = std::env::temp_dir().join(format!("ssehub-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some(redis) = Redis::start(Some(&dir)) else {
+        return;
+    };
+    survive_redis_restart(redis).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_node_replays_from_the_stream() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let first = node(&redis, &[]);
+    let mut p = first.publisher().await;
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        ids.push(p.ok(&[("topic", "t"), ("data", &i.to_string())]).await);
+    }
+    let late = node(&redis, &[]);
+    let mut s = subscribe_from(&late, "/.well-known/mercure?topic=t", Some(&ids[99])).await;
+    assert_eq!(s.headers["last-event-id"], ids[99].as_str());
+    let got = take(&mut s, 400, Duration::from_secs(30)).await;
+    assert_eq!(data(&got), numbers(100..500));
+    assert_eq!(got.last().unwrap().id, ids[499]);
+    // And then live updates, from the other node.
+    p.ok(&[("topic", "t"), ("data", "500")]).await;
+    assert_eq!(
+        take(&mut s, 1, Duration::from_secs(10)).await[0].data,
+        "500"
+    );
+}
+
+fn message_number(e: &Event) -> u64 {
+    e.data
+        .strip_prefix("Message: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a clock message: {:?}", e.data))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clock_for_the_cluster_and_it_moves_when_its_node_dies() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let nodes: Vec<TestHub> = (0..3)
+        .map(|_| node(&redis, &["--clock-interval", "200ms"]))
+        .collect();
+    let holds = |n: &TestHub| {
+        n.logs()
+            .iter()
+            .any(|l| l.contains("this node now runs the cluster's clock"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let holder = loop {
+        if let Some(i) = nodes.iter().position(holds) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no node took the clock");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(nodes.iter().filter(|n| holds(n)).count(), 1, "one holder");
+    let watcher = (holder + 1) % 3;
+    let mut s = subscribe_from(&nodes[watcher], "/events/", None).await;
+    let got = take(&mut s, 10, Duration::from_secs(20)).await;
+    let n: Vec<u64> = got.iter().map(message_number).collect();
+    assert!(
+        n.windows(2).all(|w| w[1] == w[0] + 1),
+        "one sequence: {n:?}"
+    );
+
+    kill9(&nodes[holder]);
+    // The sequence carries on from another node within a few seconds (the lease is 3 s).
+    let after = take(&mut s, 10, Duration::from_secs(20)).await;
+    let m: Vec<u64> = after.iter().map(message_number).collect();
+    assert!(m[0] > *n.last().unwrap(), "{n:?} then {m:?}");
+    assert!(m.windows(2).all(|w| w[1] > w[0]), "{m:?}");
+    let others: Vec<usize> = (0..3).filter(|&i| i != holder).collect();
+    assert!(
+        others.iter().any(|&i| holds(&nodes[i])),
+        "another node took the clock"
+    );
+}
+
+#[test]
+fn rediss_is_refused_with_a_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            "rediss://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not supported yet"), "{err}");
+}
