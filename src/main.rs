@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Token(args)) => token(args),
+        Some(Command::Bench(args)) => ssehub::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
