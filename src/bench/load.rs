@@ -74,6 +74,8 @@ pub struct Counts {
     pub publish_failed: AtomicU64,
     /// Successful publishes per topic.
     pub per_topic: Vec<AtomicU64>,
+    /// Reading subscribers connected per topic.
+    pub readers_per_topic: Vec<AtomicU64>,
     pub latency_us: Mutex<Histogram<u64>>,
     pub first_error: Mutex<Option<String>>,
 }
@@ -90,6 +92,7 @@ impl Counts {
             published: AtomicU64::new(0),
             publish_failed: AtomicU64::new(0),
             per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+            readers_per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
             ),
@@ -181,6 +184,9 @@ pub async fn subscriber(
     };
     end.connected = true;
     counts.connected.fetch_add(1, Ordering::Relaxed);
+    if !slow {
+        counts.readers_per_topic[topic].fetch_add(1, Ordering::Relaxed);
+    }
 
     if slow {
         stop.cancelled().await;

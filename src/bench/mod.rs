@@ -392,17 +392,17 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     bar.finish_and_clear();
     let publish_secs = start.elapsed().as_secs_f64();
 
-    // Readers connected per topic, to know what each topic's updates owe.
+    // What each topic's updates owe its connected readers: wait for that much, or the timeout.
     let published = counts.published.load(Ordering::Relaxed);
     let deadline = Instant::now() + args.timeout;
     let mut timed_out = false;
-    let reading = reading_per_topic(args, topics, &counts);
-    let expected_estimate: u64 = reading
+    let owed: u64 = counts
+        .readers_per_topic
         .iter()
         .zip(&counts.per_topic)
-        .map(|(n, p)| n * p.load(Ordering::Relaxed))
+        .map(|(r, p)| r.load(Ordering::Relaxed) * p.load(Ordering::Relaxed))
         .sum();
-    while counts.delivered.load(Ordering::Relaxed) < expected_estimate {
+    while counts.delivered.load(Ordering::Relaxed) < owed {
         if Instant::now() > deadline {
             timed_out = true;
             break;
@@ -496,15 +496,4 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         bench_cpu_secs: own_cpu,
         first_error,
     })
-}
-
-/// Reading subscribers that connected, per topic.
-fn reading_per_topic(args: &BenchArgs, topics: usize, counts: &Counts) -> Vec<u64> {
-    // Failed connections are rare and not attributed to a topic while running; the exact
-    // figure is computed from the tasks at the end, this one only decides when to stop waiting.
-    let failed = counts.connect_failed.load(Ordering::Relaxed) as usize;
-    let readers = args.subscribers.saturating_sub(failed);
-    (0..topics)
-        .map(|t| (readers / topics + usize::from(t < readers % topics)) as u64)
-        .collect()
 }
