@@ -1,4 +1,4 @@
-//! The command line: `serve` (the default), `token`, and the client commands.
+//! The command line: `serve` (the default), `token`, `bench`, and the client commands.
 
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// Mint a token with the `mercure` claim.
     Token(TokenArgs),
+    /// Load-test an SSE server (ssehub or a peer) and report loss, latency and cost.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]

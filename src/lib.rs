@@ -4,6 +4,7 @@
 //! [`sse`], stored and fanned out by [`hub`], and leaves through each subscriber's stream.
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

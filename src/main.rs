@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Publish(args)) => block_on(ssehub::commands::publish(args)),
         Some(Command::Subscribe(args)) => block_on(ssehub::commands::subscribe(args)),
+        Some(Command::Bench(args)) => ssehub::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

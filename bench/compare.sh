@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Runs the scenarios of PERFORMANCE.md (S1-S6) against ssehub, the naive axum + broadcast
+# baseline (bench/baseline) and nginx + nchan, back to back on 127.0.0.1, RUNS times each,
+# and writes the raw JSON to bench/results/ and the medians to docs/BENCHMARKS.md.
+#
+#   bench/compare.sh                      # everything, twice
+#   RUNS=3 PEERS="ssehub baseline" SCENARIOS="S1 S3" bench/compare.sh
+#
+# Each run gets a freshly started server, so its memory figures start from idle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-2}
+PEERS=${PEERS:-"ssehub baseline nchan"}
+SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5 S6"}
+S3_RATES=${S3_RATES:-"1000 2000 5000 10000 20000 40000"}
+S3_SECONDS=${S3_SECONDS:-3}
+RESULTS=${RESULTS:-bench/results}
+SECRET=bench-secret-not-for-production
+WORK=$(mktemp -d /tmp/ssehub-bench.XXXXXX)
+SSEHUB=target/release/ssehub
+BASELINE=bench/baseline/target/release/sse-baseline
+
+log() { echo "==> $*" >&2; }
+
+log "building ssehub and the baseline (release)"
+cargo build --release --quiet
+(cd bench/baseline && cargo build --release --quiet)
+
+# nginx + nchan from Debian, if it can be had.
+have_nchan=0
+if [[ " $PEERS " == *" nchan "* ]]; then
+  if ! [ -e /usr/share/nginx/modules/ngx_nchan_module.so ] && ! [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+    if apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+      log "installing nginx and libnginx-mod-nchan"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan >/dev/null || true
+    fi
+  fi
+  NCHAN_SO=$(ls /usr/share/nginx/modules/ngx_nchan_module.so /usr/lib/nginx/modules/ngx_nchan_module.so 2>/dev/null | head -1 || true)
+  if command -v nginx >/dev/null && [ -n "$NCHAN_SO" ]; then
+    have_nchan=1
+  else
+    log "nginx + nchan is not available here (apt-cache policy libnginx-mod-nchan): skipping that peer"
+  fi
+fi
+
+ulimit -n 20000 2>/dev/null || true
+
+write_nginx_conf() {
+  mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+  cat >"$WORK/nginx/nginx.conf" <<CONF
+load_module $NCHAN_SO;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+daemon off;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/tmp/body;
+  proxy_temp_path $WORK/nginx/tmp/proxy;
+  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+  scgi_temp_path $WORK/nginx/tmp/scgi;
+  server {
+    listen 127.0.0.1:8090 backlog=4096;
+    location ~ ^/pub/(.+)\$ {
+      nchan_publisher;
+      nchan_channel_id \$1;
+      nchan_message_buffer_length 1000;
+    }
+    location ~ ^/sub/(.+)\$ {
+      nchan_subscriber eventsource;
+      nchan_channel_id \$1;
+    }
+  }
+}
+CONF
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+# Starts a peer; sets SERVER_PID (to stop) and PIDS (to measure, comma-separated).
+start_peer() {
+  case $1 in
+    ssehub)
+      RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
+        --clock-interval 0 --max-connections 19800 >"$WORK/ssehub.log" 2>&1 &
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 ;;
+    baseline)
+      "$BASELINE" 127.0.0.1:3000 >"$WORK/baseline.log" 2>&1 &
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 3000 ;;
+    nchan)
+      write_nginx_conf
+      nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+      SERVER_PID=$!; wait_port 8090; sleep 0.3
+      PIDS=$(pgrep -P "$SERVER_PID" | paste -sd, -); PIDS="$SERVER_PID${PIDS:+,$PIDS}" ;;
+  esac
+}
+
+stop_peer() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  sleep 0.5
+}
+
+# bench PEER SCENARIO RUN [bench flags...]: one fresh server, one bench run, its JSON kept.
+bench() {
+  local peer=$1 scenario=$2 run=$3; shift 3
+  local out="$RESULTS/$scenario-$peer-$run.json"
+  start_peer "$peer"
+  log "$scenario $peer run $run: $*"
+  if ! "$SSEHUB" bench --target "$peer" --jwt-key "$SECRET" --pid "$PIDS" --label "$scenario" \
+      --json "$@" >"$out.tmp" 2>"$WORK/bench.err"; then
+    log "bench failed: $(tail -1 "$WORK/bench.err")"
+    rm -f "$out.tmp"
+  else
+    mv "$out.tmp" "$out"
+  fi
+  stop_peer
+}
+
+peers=()
+for p in $PEERS; do
+  if [ "$p" = nchan ] && [ $have_nchan = 0 ]; then continue; fi
+  peers+=("$p")
+done
+
+mkdir -p "$RESULTS"
+for s in $SCENARIOS; do
+  for run in $(seq 1 "$RUNS"); do
+    for p in "${peers[@]}"; do
+      case $s in
+        S1) bench "$p" S1 "$run" --subscribers 1000 --updates 2000 --rate 200 --size 100 --publishers 16 ;;
+        S2) bench "$p" S2 "$run" --subscribers 10000 --updates 300 --rate 20 --size 100 --publishers 16 \
+              --source-ips 8 --connect-concurrency 500 ;;
+        S3) for r in $S3_RATES; do
+              bench "$p" "S3-$r" "$run" --subscribers 100 --updates $((r * S3_SECONDS)) --rate "$r" \
+                --size 100 --publishers 16 --timeout 5s
+              f="$RESULTS/S3-$r-$p-$run.json"
+              # Past the first rate with loss, p99 over 100 ms or publishes falling behind (the
+              # publishers are closed-loop: each waits for its answer), higher rates only fail more.
+              if ! [ -f "$f" ] || ! python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(0 if r["lost"]==0 and r["latency_ms"]["p99"]<100 and r["rate_achieved"]>=0.9*r["rate_requested"] else 1)' "$f"; then
+                break
+              fi
+            done ;;
+        S4) bench "$p" S4 "$run" --subscribers 200 --slow 5 --updates 5000 --rate 500 --size 4096 --publishers 16
+            bench "$p" S4-noslow "$run" --subscribers 200 --updates 5000 --rate 500 --size 4096 --publishers 16 ;;
+        S5) bench "$p" S5 "$run" --subscribers 19000 --updates 1 --rate 1 --size 100 \
+              --source-ips 8 --connect-concurrency 500 --settle 3s ;;
+        S6) bench "$p" S6 "$run" --subscribers 10000 --topics 1000 --updates 2000 --rate 200 --publishers 16 \
+              --size 100 --source-ips 8 --connect-concurrency 500 ;;
+        *) log "unknown scenario $s" ;;
+      esac
+    done
+  done
+done
+
+log "writing docs/BENCHMARKS.md"
+python3 bench/summarize.py "$RESULTS" > docs/BENCHMARKS.md.new
+mv docs/BENCHMARKS.md.new docs/BENCHMARKS.md
+rm -rf "$WORK"
+log "done: docs/BENCHMARKS.md, raw JSON in $RESULTS/"

@@ -1,0 +1,438 @@
+//! The load itself: subscribers that read and check every event, subscribers that never read,
+//! and publishers at a steady rate over keep-alive connections.
+//!
+//! Each payload starts with `SEQ:SEND_NS:` (the update's sequence number and the wall-clock
+//! send time in nanoseconds; bench and server share the machine, hence the clock), so each
+//! subscriber can tell delivered from lost from duplicated and measure latency itself.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, BodyKind, Chunked};
+use crate::sse::{Event, Parser};
+
+/// Everything the tasks share: prepared requests and the running counts.
+pub struct Plan {
+    pub sub_addr: SocketAddr,
+    /// One prepared GET per topic.
+    pub sub_requests: Vec<Vec<u8>>,
+    pub pub_addr: SocketAddr,
+    pub pub_authority: String,
+    /// Path per topic.
+    pub pub_paths: Vec<String>,
+    /// Body template with `{topic}` already filled in per topic; `{data}` is left.
+    pub pub_bodies: Vec<String>,
+    /// Extra header lines for publishes, each ending in CRLF.
+    pub pub_headers: String,
+    pub topic_names: Vec<String>,
+    pub updates: u64,
+    pub rate: f64,
+    pub size: usize,
+    pub source_ips: u8,
+}
+
+impl Plan {
+    /// The topic update `seq` goes to: all to one, or spread evenly but unpredictably.
+    pub fn topic_of(&self, seq: u64) -> usize {
+        let n = self.pub_paths.len() as u64;
+        if n == 1 {
+            0
+        } else {
+            (splitmix(seq) % n) as usize
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Running totals, read by the progress display and the final report.
+pub struct Counts {
+    pub connected: AtomicU64,
+    pub connect_failed: AtomicU64,
+    /// Distinct updates received by reading subscribers.
+    pub delivered: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Events whose data did not carry a sequence number this run sent.
+    pub foreign: AtomicU64,
+    /// Reading subscribers whose stream ended before the run did.
+    pub disconnected: AtomicU64,
+    pub published: AtomicU64,
+    pub publish_failed: AtomicU64,
+    /// Successful publishes per topic.
+    pub per_topic: Vec<AtomicU64>,
+    /// Reading subscribers connected per topic.
+    pub readers_per_topic: Vec<AtomicU64>,
+    pub latency_us: Mutex<Histogram<u64>>,
+    pub first_error: Mutex<Option<String>>,
+}
+
+impl Counts {
+    pub fn new(topics: usize) -> Counts {
+        Counts {
+            connected: AtomicU64::new(0),
+            connect_failed: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
+            disconnected: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            publish_failed: AtomicU64::new(0),
+            per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+            readers_per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+            latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+            ),
+            first_error: Mutex::new(None),
+        }
+    }
+
+    fn error(&self, e: impl std::fmt::Display) {
+        let mut slot = self.first_error.lock();
+        if slot.is_none() {
+            *slot = Some(e.to_string());
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Opens a TCP connection from 127.0.0.(1 + index % source_ips).
+async fn connect(
+    addr: SocketAddr,
+    index: usize,
+    source_ips: u8,
+    recv_buffer: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if source_ips > 1 {
+        let last = 1 + (index % usize::from(source_ips)) as u8;
+        socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0)))?;
+    }
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// How one subscriber ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SubscriberEnd {
+    pub connected: bool,
+    pub topic: usize,
+    /// Distinct updates received.
+    pub received: u64,
+    /// For a subscriber that never read: the server had closed its connection by the end.
+    pub closed_by_server: bool,
+}
+
+/// One subscriber: connect (bounded by `gate`), check the response head, then either read and
+/// check every event until `stop`, or (when `slow`) never read at all.
+pub async fn subscriber(
+    index: usize,
+    topic: usize,
+    slow: bool,
+    plan: Arc<Plan>,
+    counts: Arc<Counts>,
+    gate: Arc<tokio::sync::Semaphore>,
+    stop: CancellationToken,
+) -> SubscriberEnd {
+    let mut end = SubscriberEnd {
+        topic,
+        ..SubscriberEnd::default()
+    };
+    let permit = gate.acquire().await;
+    let opened = async {
+        let recv_buffer = slow.then_some(4096);
+        let mut stream = connect(plan.sub_addr, index, plan.source_ips, recv_buffer).await?;
+        stream.write_all(&plan.sub_requests[topic]).await?;
+        let mut buf = Vec::with_capacity(4096);
+        let head = wire::read_head(&mut stream, &mut buf).await?;
+        if head.status != 200 {
+            anyhow::bail!("a subscriber got HTTP status {}", head.status);
+        }
+        anyhow::Ok((stream, buf, head))
+    }
+    .await;
+    drop(permit);
+    let (mut stream, mut buf, head) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            counts.connect_failed.fetch_add(1, Ordering::Relaxed);
+            counts.error(format!("subscribe: {e:#}"));
+            return end;
+        }
+    };
+    end.connected = true;
+    counts.connected.fetch_add(1, Ordering::Relaxed);
+    if !slow {
+        counts.readers_per_topic[topic].fetch_add(1, Ordering::Relaxed);
+    }
+
+    if slow {
+        stop.cancelled().await;
+        end.closed_by_server = drained_to_eof(&mut stream).await;
+        return end;
+    }
+
+    let mut seen = Bitset::default();
+    let mut chunked = (head.body == BodyKind::Chunked).then(Chunked::default);
+    let mut parser = Parser::new();
+    let mut events: Vec<Event> = Vec::new();
+    let mut payload = Vec::with_capacity(4096);
+    let mut latencies: Vec<u64> = Vec::new();
+    let mut read_buf = vec![0u8; 16 * 1024];
+    // Bytes that came with the head are the body's first bytes.
+    let mut pending = std::mem::take(&mut buf);
+    loop {
+        if !pending.is_empty() {
+            payload.clear();
+            let ended = match &mut chunked {
+                Some(d) => match d.decode(&pending, &mut payload) {
+                    Ok((_, ended)) => ended,
+                    Err(e) => {
+                        counts.error(format!("subscriber stream: {e}"));
+                        true
+                    }
+                },
+                None => {
+                    payload.extend_from_slice(&pending);
+                    false
+                }
+            };
+            pending.clear();
+            let _ = parser.feed(&payload, &mut events);
+            let now = now_ns();
+            let mut fresh = 0;
+            for ev in events.drain(..) {
+                match parse_payload(&ev.data) {
+                    Some((seq, sent)) if seq < plan.updates => {
+                        if seen.insert(seq) {
+                            fresh += 1;
+                            latencies.push(now.saturating_sub(sent) / 1000);
+                        } else {
+                            counts.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        counts.foreign.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if fresh > 0 {
+                end.received += fresh;
+                let mut h = counts.latency_us.lock();
+                for l in latencies.drain(..) {
+                    h.saturating_record(l.max(1));
+                }
+                drop(h);
+                counts.delivered.fetch_add(fresh, Ordering::Relaxed);
+            }
+            if ended {
+                counts.disconnected.fetch_add(1, Ordering::Relaxed);
+                return end;
+            }
+        }
+        let n = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return end,
+            r = stream.read(&mut read_buf) => r,
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                counts.disconnected.fetch_add(1, Ordering::Relaxed);
+                return end;
+            }
+            Ok(n) => pending.extend_from_slice(&read_buf[..n]),
+        }
+    }
+}
+
+/// Reads what a never-reading subscriber left in its buffers; true if the server had closed
+/// the connection (the hub dropped a slow subscriber, as it should).
+async fn drained_to_eof(stream: &mut TcpStream) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `SEQ:SEND_NS:...` → (seq, send_ns).
+fn parse_payload(data: &str) -> Option<(u64, u64)> {
+    let mut parts = data.splitn(3, ':');
+    let seq = parts.next()?.parse().ok()?;
+    let sent = parts.next()?.parse().ok()?;
+    Some((seq, sent))
+}
+
+/// The payload of update `seq`, padded with `x` to `size` bytes.
+fn payload(seq: u64, size: usize) -> String {
+    let mut s = format!("{seq}:{}:", now_ns());
+    if s.len() < size {
+        s.extend(std::iter::repeat_n('x', size - s.len()));
+    }
+    s
+}
+
+#[derive(Default)]
+struct Bitset(Vec<u64>);
+
+impl Bitset {
+    /// Sets bit `i`; false if it was already set.
+    fn insert(&mut self, i: u64) -> bool {
+        let word = (i / 64) as usize;
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let bit = 1u64 << (i % 64);
+        let fresh = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        fresh
+    }
+}
+
+/// One publisher connection: takes the next sequence number, waits for its slot in the
+/// schedule (`start + seq / rate`), sends it and waits for the answer.
+pub async fn publisher(
+    plan: Arc<Plan>,
+    counts: Arc<Counts>,
+    next: Arc<AtomicU64>,
+    start: Instant,
+    stop: CancellationToken,
+) {
+    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
+    let mut request = Vec::with_capacity(plan.size + 512);
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        if seq >= plan.updates || stop.is_cancelled() {
+            break;
+        }
+        let due = start + Duration::from_secs_f64(seq as f64 / plan.rate);
+        tokio::time::sleep_until(due).await;
+        let topic = plan.topic_of(seq);
+        request.clear();
+        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, plan.size));
+        request.extend_from_slice(
+            format!(
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{}\r\n",
+                plan.pub_paths[topic],
+                plan.pub_authority,
+                body.len(),
+                plan.pub_headers
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(body.as_bytes());
+        match send_one(&plan, &mut conn, &request).await {
+            Ok(status) if (200..300).contains(&status) => {
+                counts.per_topic[topic].fetch_add(1, Ordering::Relaxed);
+                counts.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(status) => {
+                counts.publish_failed.fetch_add(1, Ordering::Relaxed);
+                counts.error(format!("a publish got HTTP status {status}"));
+            }
+            Err(e) => {
+                conn = None;
+                counts.publish_failed.fetch_add(1, Ordering::Relaxed);
+                counts.error(format!("publish: {e:#}"));
+            }
+        }
+    }
+}
+
+/// Sends one request on the kept-alive connection (opening it if needed) and reads the whole
+/// answer; returns its status.
+async fn send_one(
+    plan: &Plan,
+    conn: &mut Option<(TcpStream, Vec<u8>)>,
+    request: &[u8],
+) -> anyhow::Result<u16> {
+    if conn.is_none() {
+        *conn = Some((connect(plan.pub_addr, 0, 1, None).await?, Vec::new()));
+    }
+    let (stream, buf) = conn.as_mut().expect("just opened");
+    stream.write_all(request).await?;
+    let head = wire::read_head(stream, buf).await?;
+    let mut read_buf = [0u8; 4096];
+    match head.body {
+        BodyKind::Length(n) => {
+            let n = n as usize;
+            while buf.len() < n {
+                let r = stream.read(&mut read_buf).await?;
+                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
+                buf.extend_from_slice(&read_buf[..r]);
+            }
+            buf.drain(..n);
+        }
+        BodyKind::Chunked => {
+            let mut d = Chunked::default();
+            let mut sink = Vec::new();
+            loop {
+                let (used, ended) = d.decode(buf, &mut sink)?;
+                buf.drain(..used);
+                if ended {
+                    break;
+                }
+                let r = stream.read(&mut read_buf).await?;
+                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
+                buf.extend_from_slice(&read_buf[..r]);
+            }
+        }
+        BodyKind::UntilClose => {
+            while stream.read(&mut read_buf).await? > 0 {}
+            *conn = None;
+            return Ok(head.status);
+        }
+    }
+    if head.close {
+        *conn = None;
+    }
+    Ok(head.status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trip() {
+        let p = payload(42, 100);
+        assert_eq!(p.len(), 100);
+        let (seq, sent) = parse_payload(&p).unwrap();
+        assert_eq!(seq, 42);
+        assert!(sent > 0);
+    }
+
+    #[test]
+    fn bitset_counts_duplicates() {
+        let mut b = Bitset::default();
+        assert!(b.insert(1000));
+        assert!(!b.insert(1000));
+        assert!(b.insert(3));
+    }
+}

@@ -1,0 +1,499 @@
+//! `ssehub bench`: a load generator for SSE servers, ssehub and its peers alike.
+//!
+//! Subscribers are raw HTTP/1.1 connections (a hand-written GET, a hand-decoded chunked body,
+//! the crate's own incremental SSE parser) because a full HTTP client per subscriber would
+//! measure the client. Every payload carries its sequence number and send time, so the run
+//! reports loss, duplicates and latency; with `--pid` it also reads the server's CPU and
+//! memory from `/proc`, which is what the comparison in `docs/BENCHMARKS.md` rests on.
+
+mod load;
+mod process;
+mod report;
+mod wire;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::parse_duration;
+use load::{Counts, Plan};
+use process::{Proc, Server};
+pub use report::Report;
+use report::{Latency, ServerFigures};
+
+/// Which kind of server the URLs and bodies are shaped for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// A Mercure hub: `GET HUB?topic=T`, `POST HUB` with `topic=T&data=D` and a token.
+    Ssehub,
+    /// nginx + nchan as `bench/compare.sh` configures it: `/sub/T` and `/pub/T`.
+    Nchan,
+    /// The naive axum server in `bench/baseline`: `/events?topic=T`, `/publish?topic=T`.
+    Baseline,
+    /// Anything else: give `--sub-url` and `--pub-url` (and `--pub-body` unless the body is
+    /// the data itself).
+    Custom,
+}
+
+/// Flags of `ssehub bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// What kind of server is measured; sets the URL and body shapes.
+    #[arg(long, value_enum, default_value = "ssehub")]
+    pub target: Peer,
+    /// The server's base URL (for ssehub, the hub URL). Defaults: ssehub
+    /// http://127.0.0.1:8000/.well-known/mercure, nchan http://127.0.0.1:8090, baseline
+    /// http://127.0.0.1:3000.
+    #[arg(long)]
+    pub hub: Option<String>,
+    /// Subscribe URL template; `{hub}` and `{topic}` are filled in.
+    #[arg(long)]
+    pub sub_url: Option<String>,
+    /// Publish URL template; `{hub}` and `{topic}` are filled in.
+    #[arg(long)]
+    pub pub_url: Option<String>,
+    /// Publish body template; `{topic}` and `{data}` are filled in.
+    #[arg(long)]
+    pub pub_body: Option<String>,
+    /// Extra header on publishes, `Name: value` (repeatable).
+    #[arg(long)]
+    pub pub_header: Vec<String>,
+    /// Extra header on subscribe requests, `Name: value` (repeatable), e.g. a token.
+    #[arg(long)]
+    pub header: Vec<String>,
+    /// Publisher token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "SSEHUB_BENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Or the hub's HS256 secret, to mint a publisher token for the run.
+    #[arg(long, env = "SSEHUB_PUBLISHER_JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+    /// Reading subscribers.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Subscribers connecting at once.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+    /// Spread subscribers' source addresses over 127.0.0.1 to 127.0.0.K.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub source_ips: u8,
+    /// Updates to publish.
+    #[arg(long, default_value_t = 1000)]
+    pub updates: u64,
+    /// Publish rate, updates per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Payload size in bytes (at least the sequence number and send time).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Publisher keep-alive connections.
+    #[arg(long, default_value_t = 8)]
+    pub publishers: usize,
+    /// Extra subscribers that never read (with a small receive buffer).
+    #[arg(long, default_value_t = 0)]
+    pub slow: usize,
+    /// Topics: subscribers are spread over them, each update goes to one at random.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Server process ids to watch (comma-separated; summed, e.g. nginx's workers).
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// How long to wait for missing deliveries after the last publish.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Pause between the last subscriber connecting and the first publish (memory settles).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// A name for this run in the report, e.g. the scenario.
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the benchmark and prints its report.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let plan = plan(&args)?;
+    let sockets = (args.subscribers + args.slow + args.publishers + 64) as u64;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    if sockets > limit {
+        bail!(
+            "{} connections need more open files than this process may have ({limit}): \
+             use fewer --subscribers, or run several bench processes",
+            sockets
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(execute(&args, plan))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// `http://host:port/path` → (authority, address, path and query).
+fn split_url(url: &str) -> anyhow::Result<(String, SocketAddr, String)> {
+    let bad =
+        || anyhow::anyhow!("{url:?} is not a usable URL: give one like http://127.0.0.1:8000/path");
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let with_port = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(bad)?;
+    Ok((authority.to_owned(), addr, path.to_owned()))
+}
+
+fn header_lines(headers: &[String]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for h in headers {
+        if !h.contains(':') || h.contains(['\r', '\n']) {
+            bail!("{h:?} is not a header: write it as 'Name: value'");
+        }
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    Ok(out)
+}
+
+/// Turns the flags into prepared requests.
+fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
+    if args.topics == 0 || args.subscribers + args.slow == 0 || args.rate <= 0.0 {
+        bail!("--topics, --subscribers (or --slow) and --rate must be positive");
+    }
+    let (hub, sub, publ, body) = match args.target {
+        Peer::Ssehub => (
+            "http://127.0.0.1:8000/.well-known/mercure",
+            "{hub}?topic={topic}",
+            "{hub}",
+            "topic={topic}&data={data}",
+        ),
+        Peer::Nchan => (
+            "http://127.0.0.1:8090",
+            "{hub}/sub/{topic}",
+            "{hub}/pub/{topic}",
+            "{data}",
+        ),
+        Peer::Baseline => (
+            "http://127.0.0.1:3000",
+            "{hub}/events?topic={topic}",
+            "{hub}/publish?topic={topic}",
+            "{data}",
+        ),
+        Peer::Custom => ("", "", "", "{data}"),
+    };
+    let hub = args.hub.as_deref().unwrap_or(hub);
+    let sub = args.sub_url.as_deref().unwrap_or(sub).replace("{hub}", hub);
+    let publ = args
+        .pub_url
+        .as_deref()
+        .unwrap_or(publ)
+        .replace("{hub}", hub);
+    let body = args.pub_body.as_deref().unwrap_or(body);
+    if sub.is_empty() || publ.is_empty() {
+        bail!("--target custom needs --sub-url and --pub-url");
+    }
+
+    let mut pub_headers = args.pub_header.clone();
+    if !pub_headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("content-type:"))
+    {
+        pub_headers.push(
+            match args.target {
+                Peer::Ssehub => "Content-Type: application/x-www-form-urlencoded",
+                _ => "Content-Type: text/plain",
+            }
+            .to_owned(),
+        );
+    }
+    let token = match (&args.token, &args.jwt_key) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(secret)) => Some(
+            crate::auth::Key::secret(jsonwebtoken::Algorithm::HS256, secret.as_bytes())
+                .mint(
+                    Some(&["*".to_owned()]),
+                    None,
+                    Some(Duration::from_secs(86_400)),
+                )
+                .map_err(anyhow::Error::msg)?,
+        ),
+        (None, None) if args.target == Peer::Ssehub => bail!(
+            "publishing to ssehub needs a token: give --token (mint one with \
+             `ssehub token --jwt-key SECRET --publish '*'`) or --jwt-key SECRET"
+        ),
+        (None, None) => None,
+    };
+    if let Some(t) = token {
+        pub_headers.push(format!("Authorization: Bearer {t}"));
+    }
+    let pub_headers = header_lines(&pub_headers)?;
+    let sub_headers = header_lines(&args.header)?;
+
+    let topic_names: Vec<String> = (0..args.topics).map(|i| format!("bench-{i}")).collect();
+    let (sub_authority, sub_addr, _) = split_url(&sub.replace("{topic}", "x"))?;
+    let sub_requests = topic_names
+        .iter()
+        .map(|t| {
+            let (_, _, path) = split_url(&sub.replace("{topic}", t))?;
+            Ok(format!(
+                "GET {path} HTTP/1.1\r\nHost: {sub_authority}\r\nAccept: text/event-stream\r\n\
+                 Cache-Control: no-cache\r\n{sub_headers}\r\n"
+            )
+            .into_bytes())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (pub_authority, pub_addr, _) = split_url(&publ.replace("{topic}", "x"))?;
+    let pub_paths = topic_names
+        .iter()
+        .map(|t| Ok(split_url(&publ.replace("{topic}", t))?.2))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pub_bodies = topic_names
+        .iter()
+        .map(|t| body.replace("{topic}", t))
+        .collect();
+    Ok(Plan {
+        sub_addr,
+        sub_requests,
+        pub_addr,
+        pub_authority,
+        pub_paths,
+        pub_bodies,
+        pub_headers,
+        topic_names,
+        updates: args.updates,
+        rate: args.rate,
+        size: args.size,
+        source_ips: args.source_ips,
+    })
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let target = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    if let Ok(style) =
+        ProgressStyle::with_template(&format!("{what:>12} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"))
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
+    let server = Server(args.pid.clone());
+    server.check()?;
+    let plan = Arc::new(plan);
+    let topics = plan.topic_names.len();
+    let counts = Arc::new(Counts::new(topics));
+    let stop = CancellationToken::new();
+    let rss_idle = server.rss_kib();
+    let cpu_before_connect = server.cpu_secs();
+
+    // Connect everyone, readers first, never more than --connect-concurrency at once.
+    let total = args.subscribers + args.slow;
+    let gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
+    let connect_start = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let slow = i >= args.subscribers;
+        tasks.push(tokio::spawn(load::subscriber(
+            i,
+            i % topics,
+            slow,
+            plan.clone(),
+            counts.clone(),
+            gate.clone(),
+            stop.clone(),
+        )));
+    }
+    let bar = progress(total as u64, "connecting");
+    let connect_deadline = connect_start + Duration::from_secs(60) + args.timeout;
+    loop {
+        let done = counts.connected.load(Ordering::Relaxed)
+            + counts.connect_failed.load(Ordering::Relaxed);
+        bar.set_position(done);
+        if done >= total as u64 || Instant::now() > connect_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bar.finish_and_clear();
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    tokio::time::sleep(args.settle).await;
+    let rss_connected = server.rss_kib();
+    let cpu_before_publish = server.cpu_secs();
+    let own_cpu_before = Proc::SelfProc.cpu_secs().unwrap_or(0.0);
+
+    // Watch the server's memory for its peak.
+    let peak = Arc::new(AtomicU64::new(rss_connected));
+    let sampler = {
+        let (server, peak, stop) = (server.clone(), peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                peak.fetch_max(server.rss_kib(), Ordering::Relaxed);
+            }
+        })
+    };
+
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    for _ in 0..args.publishers.max(1) {
+        publishers.push(tokio::spawn(load::publisher(
+            plan.clone(),
+            counts.clone(),
+            next.clone(),
+            start,
+            stop.clone(),
+        )));
+    }
+    let bar = progress(args.updates, "publishing");
+    let mut all_published = Box::pin(futures_util::future::join_all(publishers));
+    loop {
+        tokio::select! {
+            _ = &mut all_published => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        bar.set_position(
+            counts.published.load(Ordering::Relaxed)
+                + counts.publish_failed.load(Ordering::Relaxed),
+        );
+        bar.set_message(format!(
+            "delivered {}",
+            counts.delivered.load(Ordering::Relaxed)
+        ));
+    }
+    bar.finish_and_clear();
+    let publish_secs = start.elapsed().as_secs_f64();
+
+    // What each topic's updates owe its connected readers: wait for that much, or the timeout.
+    let published = counts.published.load(Ordering::Relaxed);
+    let deadline = Instant::now() + args.timeout;
+    let mut timed_out = false;
+    let owed: u64 = counts
+        .readers_per_topic
+        .iter()
+        .zip(&counts.per_topic)
+        .map(|(r, p)| r.load(Ordering::Relaxed) * p.load(Ordering::Relaxed))
+        .sum();
+    while counts.delivered.load(Ordering::Relaxed) < owed {
+        if Instant::now() > deadline {
+            timed_out = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let run_secs = start.elapsed().as_secs_f64();
+    let cpu_end = server.cpu_secs();
+    let own_cpu = Proc::SelfProc.cpu_secs().unwrap_or(0.0) - own_cpu_before;
+    let rss_end = server.rss_kib();
+    stop.cancel();
+    let _ = sampler.await;
+
+    let mut expected = 0;
+    let mut delivered = 0;
+    let mut slow_dropped = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let end = t.await.context("a subscriber task failed")?;
+        if !end.connected {
+            continue;
+        }
+        if i >= args.subscribers {
+            slow_dropped += u64::from(end.closed_by_server);
+        } else {
+            expected += counts.per_topic[end.topic].load(Ordering::Relaxed);
+            delivered += end.received;
+        }
+    }
+
+    let h = counts.latency_us.lock();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let latency_ms = if h.is_empty() {
+        Latency::default()
+    } else {
+        Latency {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    };
+    drop(h);
+    let connected = counts.connected.load(Ordering::Relaxed);
+    let server_figures = (!args.pid.is_empty()).then(|| {
+        let cpu = cpu_end - cpu_before_publish;
+        ServerFigures {
+            pids: args.pid.clone(),
+            rss_idle_kib: rss_idle,
+            rss_connected_kib: rss_connected,
+            rss_peak_kib: peak.load(Ordering::Relaxed).max(rss_end),
+            rss_end_kib: rss_end,
+            rss_per_subscriber_kib: rss_connected.saturating_sub(rss_idle) as f64
+                / connected.max(1) as f64,
+            cpu_connect_secs: cpu_before_publish - cpu_before_connect,
+            cpu_secs: cpu,
+            deliveries_per_cpu_sec: if cpu > 0.0 {
+                delivered as f64 / cpu
+            } else {
+                0.0
+            },
+        }
+    });
+    let first_error = counts.first_error.lock().clone();
+    Ok(Report {
+        label: args.label.clone(),
+        target: format!("{:?}", args.target).to_ascii_lowercase(),
+        subscribers: args.subscribers as u64,
+        slow: args.slow as u64,
+        topics: topics as u64,
+        size: args.size as u64,
+        connected,
+        connect_failed: counts.connect_failed.load(Ordering::Relaxed),
+        connect_secs,
+        updates: args.updates,
+        published,
+        publish_failed: counts.publish_failed.load(Ordering::Relaxed),
+        rate_requested: args.rate,
+        rate_achieved: published as f64 / publish_secs.max(1e-9),
+        expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        duplicates: counts.duplicates.load(Ordering::Relaxed),
+        foreign_events: counts.foreign.load(Ordering::Relaxed),
+        disconnected: counts.disconnected.load(Ordering::Relaxed),
+        slow_dropped,
+        timed_out,
+        run_secs,
+        latency_ms,
+        server: server_figures,
+        bench_cpu_secs: own_cpu,
+        first_error,
+    })
+}

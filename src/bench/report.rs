@@ -1,0 +1,160 @@
+//! The outcome of one run: a table for people, JSON for scripts (`bench/compare.sh` reads it).
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub target: String,
+    pub subscribers: u64,
+    pub slow: u64,
+    pub topics: u64,
+    pub size: u64,
+    pub connected: u64,
+    pub connect_failed: u64,
+    pub connect_secs: f64,
+    pub updates: u64,
+    pub published: u64,
+    pub publish_failed: u64,
+    pub rate_requested: f64,
+    pub rate_achieved: f64,
+    /// Deliveries owed to the reading subscribers that connected, for the updates that were
+    /// accepted.
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub foreign_events: u64,
+    pub disconnected: u64,
+    /// Never-reading subscribers whose connection the server had closed by the end.
+    pub slow_dropped: u64,
+    /// Stopped by `--timeout` with deliveries missing.
+    pub timed_out: bool,
+    /// Publish start to last delivery (or timeout).
+    pub run_secs: f64,
+    pub latency_ms: Latency,
+    pub server: Option<ServerFigures>,
+    pub bench_cpu_secs: f64,
+    pub first_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerFigures {
+    pub pids: Vec<u32>,
+    pub rss_idle_kib: u64,
+    pub rss_connected_kib: u64,
+    pub rss_peak_kib: u64,
+    pub rss_end_kib: u64,
+    /// (connected - idle) / subscribers connected.
+    pub rss_per_subscriber_kib: f64,
+    /// CPU while subscribers connected.
+    pub cpu_connect_secs: f64,
+    /// CPU from the first publish to the last delivery.
+    pub cpu_secs: f64,
+    pub deliveries_per_cpu_sec: f64,
+}
+
+impl Report {
+    /// A plain table, one figure per line.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(&str, String)> = vec![
+            ("target", format!("{} {}", self.target, self.label)),
+            (
+                "subscribers",
+                format!(
+                    "{} connected of {} ({} failed, {} slow, {} topics) in {:.1} s",
+                    self.connected,
+                    self.subscribers + self.slow,
+                    self.connect_failed,
+                    self.slow,
+                    self.topics,
+                    self.connect_secs
+                ),
+            ),
+            (
+                "published",
+                format!(
+                    "{} of {} ({} failed), {:.0}/s of {:.0}/s asked, {} bytes",
+                    self.published,
+                    self.updates,
+                    self.publish_failed,
+                    self.rate_achieved,
+                    self.rate_requested,
+                    self.size
+                ),
+            ),
+            (
+                "delivered",
+                format!(
+                    "{} of {} expected{}",
+                    self.delivered,
+                    self.expected,
+                    if self.timed_out { " (timed out)" } else { "" }
+                ),
+            ),
+            (
+                "lost / duplicates",
+                format!("{} / {}", self.lost, self.duplicates),
+            ),
+            ("disconnected", self.disconnected.to_string()),
+            (
+                "latency ms",
+                format!(
+                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                    self.latency_ms.p50,
+                    self.latency_ms.p90,
+                    self.latency_ms.p99,
+                    self.latency_ms.p999,
+                    self.latency_ms.max
+                ),
+            ),
+        ];
+        if self.slow > 0 {
+            rows.push((
+                "slow dropped",
+                format!("{} of {}", self.slow_dropped, self.slow),
+            ));
+        }
+        if let Some(s) = &self.server {
+            rows.push((
+                "server RSS KiB",
+                format!(
+                    "idle {}  connected {}  peak {}  end {}  ({:.2} per subscriber)",
+                    s.rss_idle_kib,
+                    s.rss_connected_kib,
+                    s.rss_peak_kib,
+                    s.rss_end_kib,
+                    s.rss_per_subscriber_kib
+                ),
+            ));
+            rows.push((
+                "server CPU s",
+                format!(
+                    "{:.2} publishing ({:.2} connecting)",
+                    s.cpu_secs, s.cpu_connect_secs
+                ),
+            ));
+            rows.push((
+                "deliveries/CPU-s",
+                format!("{:.0}", s.deliveries_per_cpu_sec),
+            ));
+        }
+        rows.push(("bench CPU s", format!("{:.2}", self.bench_cpu_secs)));
+        if let Some(e) = &self.first_error {
+            rows.push(("first error", e.clone()));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(k, v)| format!("{k:>width$}  {v}\n"))
+            .collect()
+    }
+}

@@ -1,0 +1,219 @@
+//! Just enough HTTP/1.1 for the load generator: a response head and the chunked
+//! transfer-coding, decoded by hand so that a subscriber costs the bench one socket, one small
+//! buffer and one parser, and the figures measure the server rather than an HTTP client.
+
+/// The longest response head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the server closed the connection before a whole response head")]
+    Closed,
+    #[error("the response head is longer than {MAX_HEAD} bytes")]
+    HeadTooLong,
+    #[error("the response head is not HTTP/1.x: {0:?}")]
+    BadHead(String),
+    #[error("bad chunked encoding")]
+    BadChunk,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Chunked,
+    Length(u64),
+    UntilClose,
+}
+
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub status: u16,
+    pub body: BodyKind,
+    /// The server will close the connection after this response.
+    pub close: bool,
+}
+
+/// Where the head ends in `buf` (the index just past the blank line), if it is complete.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Parses a complete response head (including the blank line).
+pub fn parse_head(head: &[u8]) -> Result<Head, WireError> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let bad = || WireError::BadHead(status_line.chars().take(80).collect());
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().ok_or_else(bad)?;
+    if !version.starts_with("HTTP/1.") {
+        return Err(bad());
+    }
+    let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let mut body = BodyKind::UntilClose;
+    let mut close = version == "HTTP/1.0";
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim().to_ascii_lowercase();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "transfer-encoding" if value.ends_with("chunked") => body = BodyKind::Chunked,
+            "content-length" if body != BodyKind::Chunked => {
+                body = BodyKind::Length(value.parse().map_err(|_| bad())?);
+            }
+            "connection" => close = value.contains("close"),
+            _ => {}
+        }
+    }
+    if status == 204 || status == 304 {
+        body = BodyKind::Length(0);
+    }
+    Ok(Head {
+        status,
+        body,
+        close,
+    })
+}
+
+/// Reads from `read` into `buf` until a whole head is there; returns the head and leaves the
+/// bytes after it at the front of `buf`.
+pub async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Head, WireError> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = head_end(buf) {
+            let head = parse_head(&buf[..end])?;
+            buf.drain(..end);
+            return Ok(head);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(WireError::HeadTooLong);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = read.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(WireError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// An incremental decoder for `Transfer-Encoding: chunked`.
+#[derive(Debug, Clone, Default)]
+pub struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    SizeValue(u64),
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// The last chunk was seen; trailers and the final CRLF are skipped.
+    Done,
+}
+
+impl Chunked {
+    /// Decodes `input`, appending payload bytes to `out`. Returns how many bytes of `input`
+    /// were consumed (all of them unless the body ended) and whether the body ended.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, bool), WireError> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            self.state = match self.state {
+                ChunkState::Size | ChunkState::SizeValue(_) => {
+                    let acc = match self.state {
+                        ChunkState::SizeValue(v) => Some(v),
+                        _ => None,
+                    };
+                    match (b as char).to_digit(16) {
+                        Some(d) => {
+                            let v = acc.unwrap_or(0);
+                            if v > u64::MAX >> 8 {
+                                return Err(WireError::BadChunk);
+                            }
+                            ChunkState::SizeValue(v * 16 + u64::from(d))
+                        }
+                        None => match (acc, b) {
+                            (Some(v), b';' | b' ' | b'\t') => ChunkState::Extension(v),
+                            (Some(v), b'\r') => ChunkState::SizeLf(v),
+                            _ => return Err(WireError::BadChunk),
+                        },
+                    }
+                }
+                ChunkState::Extension(v) => match b {
+                    b'\r' => ChunkState::SizeLf(v),
+                    _ => ChunkState::Extension(v),
+                },
+                ChunkState::SizeLf(v) => match (b, v) {
+                    (b'\n', 0) => ChunkState::Done,
+                    (b'\n', v) => ChunkState::Data(v),
+                    _ => return Err(WireError::BadChunk),
+                },
+                ChunkState::Data(rem) => {
+                    let take = rem.min((input.len() - i) as u64) as usize;
+                    out.extend_from_slice(&input[i..i + take]);
+                    i += take;
+                    let rem = rem - take as u64;
+                    self.state = if rem == 0 {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data(rem)
+                    };
+                    continue;
+                }
+                ChunkState::DataCr if b == b'\r' => ChunkState::DataLf,
+                ChunkState::DataLf if b == b'\n' => ChunkState::Size,
+                ChunkState::DataCr | ChunkState::DataLf => return Err(WireError::BadChunk),
+                ChunkState::Done => return Ok((i, true)),
+            };
+            i += 1;
+        }
+        Ok((i, self.state == ChunkState::Done))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_in_every_split() {
+        let input = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n";
+        for piece in 1..input.len() {
+            let mut d = Chunked::default();
+            let mut out = Vec::new();
+            let mut ended = false;
+            for c in input.chunks(piece) {
+                let (_, e) = d.decode(c, &mut out).unwrap();
+                ended |= e;
+            }
+            assert_eq!(out, b"hello, world", "piece {piece}");
+            assert!(ended);
+        }
+    }
+
+    #[test]
+    fn head() {
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert_eq!((h.status, h.body, h.close), (200, BodyKind::Chunked, false));
+        let h =
+            parse_head(b"HTTP/1.1 202 Accepted\r\ncontent-length: 12\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        assert_eq!(
+            (h.status, h.body, h.close),
+            (202, BodyKind::Length(12), true)
+        );
+        assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+    }
+}
