@@ -46,6 +46,7 @@ async fn publish_refusals() {
         .collect::<Vec<_>>()
         .join("&");
     let big = format!("topic=a&data={}", "x".repeat(17 * 1024));
+    #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, String, Vec<(&str, &str)>, StatusCode, &str)> = vec![
         (
             "no topic",

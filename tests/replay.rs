@@ -134,9 +134,7 @@ async fn the_demo_stream_replays_too() {
             .parse()
             .unwrap()
     };
-    let mut expect = n(&first[1].data) + 1;
-    for e in next {
+    for (expect, e) in (n(&first[1].data) + 1..).zip(next) {
         assert_eq!(n(&e.data), expect, "no tick lost across the reconnect");
-        expect += 1;
     }
 }
