@@ -60,7 +60,11 @@ impl Browser {
             if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
                 panic!("{test}: {why}, and SSEHUB_REQUIRE_ALL=1 requires them");
             }
-            eprintln!("\n!!!!! SKIP {test}: {why} !!!!!\n");
+            // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("\n!!!!! SKIP {test}: {why} !!!!!\n").as_bytes(),
+            );
             return None;
         };
         let turn = ONE_AT_A_TIME.lock().await;
