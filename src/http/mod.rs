@@ -6,6 +6,7 @@ pub mod form;
 mod mercure;
 mod ops;
 mod subscriptions;
+mod ui;
 
 use std::sync::Arc;
 
@@ -77,6 +78,9 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/ui", get(ui::redirect))
+        .route("/ui/", get(ui::page))
+        .route("/ui/stats", get(ui::stats))
         .fallback(not_found)
         .layer(axum::middleware::map_response(explain_405))
         .with_state(state);

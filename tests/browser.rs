@@ -1,0 +1,404 @@
+//! In a real browser: Debian's Chromium, driven through chromedriver, against the real `ssehub`
+//! binary. What a person sees in a tab: the demo page, a tab that loses its connection and
+//! catches up by itself, hostile data shown as text, a page on another origin, the dashboard.
+
+#[path = "common/browser.rs"]
+mod chromium;
+mod common;
+
+use std::time::Duration;
+
+use chromium::{Browser, CutProxy, PageServer};
+use common::TestHub;
+
+const GREETING: &str = "Yo friend, here are some fascinating messages about the current time:";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A JavaScript string literal for `s`.
+fn js_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// The demo page's lines, in order.
+async fn demo_lines(b: &Browser) -> Vec<String> {
+    let v = b
+        .js("return [...document.querySelectorAll('#messages .message')].map(e => e.textContent)")
+        .await;
+    serde_json::from_value(v).unwrap()
+}
+
+/// N of each "Message: N - the time is …" line; fails on a line of another shape.
+fn clock_numbers(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| {
+            let rest = l
+                .strip_prefix("Message: ")
+                .unwrap_or_else(|| panic!("not a clock line: {l:?}"));
+            let (n, time) = rest
+                .split_once(" - the time is ")
+                .unwrap_or_else(|| panic!("not a clock line: {l:?}"));
+            assert!(!time.is_empty(), "no time in {l:?}");
+            n.parse()
+                .unwrap_or_else(|_| panic!("no message number in {l:?}"))
+        })
+        .collect()
+}
+
+fn assert_consecutive(numbers: &[u64]) {
+    let first = numbers[0];
+    let expected: Vec<u64> = (first..first + numbers.len() as u64).collect();
+    assert_eq!(
+        numbers, expected,
+        "every clock line exactly once, in order, no gap"
+    );
+}
+
+#[tokio::test]
+async fn demo_page_shows_the_greeting_and_clock_lines() {
+    let Some(b) = Browser::start("demo_page_shows_the_greeting_and_clock_lines").await else {
+        return;
+    };
+    let hub = TestHub::start(&["--clock-interval", "200ms"]);
+    b.goto(&hub.url("/")).await;
+    b.wait_for(
+        "the greeting",
+        &format!(
+            "return document.body.innerText.includes({})",
+            js_str(GREETING)
+        ),
+        WAIT,
+    )
+    .await;
+    b.wait_for(
+        "three clock lines",
+        "return document.querySelectorAll('#messages .message').length >= 3",
+        WAIT,
+    )
+    .await;
+    assert_consecutive(&clock_numbers(&demo_lines(&b).await));
+    let status = b
+        .js("return document.getElementById('status').textContent")
+        .await;
+    assert_eq!(status, "live");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_cut_connection_catches_up_by_itself_without_gap_or_duplicate() {
+    let Some(b) = Browser::start("a_cut_connection_catches_up_by_itself").await else {
+        return;
+    };
+    let hub = TestHub::start(&["--clock-interval", "200ms"]);
+    let proxy = CutProxy::start(hub.addr).await;
+    b.goto(&format!("http://{}/", proxy.addr)).await;
+    b.wait_for(
+        "three clock lines",
+        "return document.querySelectorAll('#messages .message').length >= 3",
+        WAIT,
+    )
+    .await;
+
+    for round in 1..=2 {
+        let before = demo_lines(&b).await.len();
+        assert!(
+            proxy.cut() >= 1,
+            "round {round}: the page's stream went through the proxy"
+        );
+        // Chromium waits about three seconds before it reconnects: fifteen clock ticks that
+        // only a replay from Last-Event-ID can fill in.
+        b.wait_for(
+            "lines after the reconnection",
+            &format!(
+                "return document.querySelectorAll('#messages .message').length >= {}",
+                before + 25
+            ),
+            WAIT,
+        )
+        .await;
+    }
+
+    let numbers = clock_numbers(&demo_lines(&b).await);
+    assert_consecutive(&numbers);
+    // The proxy sees the first request of each connection; after a cut, every connection
+    // is new, so each reconnection is there.
+    let (resumed, fresh): (Vec<String>, Vec<String>) = proxy
+        .request_heads()
+        .into_iter()
+        .filter(|h| h.starts_with("GET /events/ "))
+        .partition(|h| {
+            h.to_ascii_lowercase()
+                .contains("\r\nlast-event-id: urn:uuid:")
+        });
+    assert!(
+        resumed.len() >= 2,
+        "each reconnection sent Last-Event-ID: {resumed:?}"
+    );
+    assert!(
+        fresh.len() <= 1,
+        "only the first opening had no Last-Event-ID: {fresh:?}"
+    );
+    b.close().await;
+}
+
+#[tokio::test]
+async fn markup_in_data_is_shown_as_text_and_runs_nothing() {
+    let Some(b) = Browser::start("markup_in_data_is_shown_as_text_and_runs_nothing").await else {
+        return;
+    };
+    let hub = TestHub::start(&[]);
+    b.goto(&hub.url("/")).await;
+    b.wait_for(
+        "the stream to open",
+        "return document.getElementById('status').textContent === 'live'",
+        WAIT,
+    )
+    .await;
+
+    let payload = "<script>window.ssehubScriptRan = true</script>\
+                   <img src=x onerror=\"window.ssehubImgRan = true\">";
+    let mut publisher = hub.publisher().await;
+    publisher.ok(&[("topic", "time"), ("data", payload)]).await;
+    publisher.ok(&[("topic", "time"), ("data", "after")]).await;
+    b.wait_for(
+        "both updates",
+        "return document.querySelectorAll('#messages .message').length >= 2",
+        WAIT,
+    )
+    .await;
+    // Give a broken image time to fire `onerror`, had it been parsed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(
+        demo_lines(&b).await,
+        vec![payload.to_owned(), "after".into()]
+    );
+    let elements = b
+        .js("return document.querySelectorAll('#messages script, #messages img').length")
+        .await;
+    assert_eq!(elements, 0, "no element was made from the data");
+    let ran = b
+        .js("return [typeof window.ssehubScriptRan, typeof window.ssehubImgRan]")
+        .await;
+    assert_eq!(ran, serde_json::json!(["undefined", "undefined"]));
+
+    // The check above can see a payload run: the same markup as HTML does set the global.
+    b.js(&format!(
+        "const d = document.createElement('div'); document.body.appendChild(d); d.innerHTML = {};",
+        js_str(payload)
+    ))
+    .await;
+    b.wait_for(
+        "the control: the same markup parsed as HTML runs its onerror",
+        "return window.ssehubImgRan === true",
+        WAIT,
+    )
+    .await;
+    b.close().await;
+}
+
+/// A page on another origin that subscribes to the hub with `withCredentials`.
+fn cross_origin_page(hub: &str, topic: &str) -> String {
+    format!(
+        r#"<!DOCTYPE html><meta charset="utf-8"><title>another origin</title>
+<ul id="got"></ul>
+<script>
+  window.opened = false; window.failed = false;
+  const es = new EventSource({hub} + "/.well-known/mercure?topic=" + encodeURIComponent({topic}),
+                             {{ withCredentials: true }});
+  es.onopen = () => {{ window.opened = true; }};
+  es.onerror = () => {{ if (es.readyState === EventSource.CLOSED) window.failed = true; }};
+  es.onmessage = (e) => {{
+    const li = document.createElement("li"); li.textContent = e.data;
+    document.getElementById("got").appendChild(li);
+  }};
+</script>"#,
+        hub = js_str(hub),
+        topic = js_str(topic),
+    )
+}
+
+#[tokio::test]
+async fn another_origin_gets_private_updates_only_when_listed_in_cors_origins() {
+    let Some(b) = Browser::start("another_origin_gets_private_updates").await else {
+        return;
+    };
+    let topic = "https://example.com/private/1";
+    let page = PageServer::start().await;
+    let hubs = [
+        (true, TestHub::start(&["--cors-origins", &page.origin()])),
+        (
+            false,
+            TestHub::start(&["--cors-origins", "http://127.0.0.1:9"]),
+        ),
+    ];
+    for (listed, hub) in &hubs {
+        let token = hub.key.mint(None, Some(&[topic.to_owned()]), None).unwrap();
+        // The cookie belongs to the hub's host; ports do not count for cookies, so the page
+        // (same site, another origin) sends it with a credentialed request.
+        b.goto(&hub.url("/healthz")).await;
+        b.js(&format!(
+            "document.cookie = 'mercureAuthorization={token}; path=/.well-known/mercure; SameSite=Lax'"
+        ))
+        .await;
+        page.set_page(&cross_origin_page(&format!("http://{}", hub.addr), topic));
+        b.goto(&format!("{}/", page.origin())).await;
+
+        if *listed {
+            b.wait_for("the stream to open", "return window.opened", WAIT)
+                .await;
+        } else {
+            b.wait_for(
+                "the browser to refuse the stream",
+                "return window.failed",
+                WAIT,
+            )
+            .await;
+        }
+        let data = format!("private news (origin listed: {listed})");
+        let mut publisher = hub.publisher().await;
+        publisher
+            .ok(&[("topic", topic), ("data", &data), ("private", "on")])
+            .await;
+        if *listed {
+            b.wait_for(
+                "the private update",
+                &format!(
+                    "return document.getElementById('got').textContent === {}",
+                    js_str(&data)
+                ),
+                WAIT,
+            )
+            .await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let got = b
+                .js("return document.getElementById('got').textContent")
+                .await;
+            assert_eq!(got, "", "an origin not in --cors-origins received nothing");
+        }
+    }
+    b.close().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
+    let Some(b) = Browser::start("the_dashboard_shows_figures_and_publishes").await else {
+        return;
+    };
+    let hub = TestHub::start(&["--clock-interval", "200ms"]);
+    let everything = ["*".to_owned()];
+    let token = hub
+        .key
+        .mint(Some(&everything), Some(&everything), None)
+        .unwrap();
+
+    // Without a token the page says so, and shows no figures.
+    b.goto(&hub.url("/ui/")).await;
+    b.wait_for(
+        "the no-token notice",
+        "const n = document.getElementById('notoken'); \
+         return !n.hidden && n.innerText.includes('need a token')",
+        WAIT,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let history = b
+        .js("return document.getElementById('fig-history').textContent")
+        .await;
+    assert_eq!(history, "–", "no figures without a token");
+
+    // With one, the figures come.
+    b.goto(&hub.url(&format!("/ui/#token={token}"))).await;
+    b.wait_for(
+        "the figures to arrive",
+        "return document.getElementById('notoken').hidden \
+         && Number(document.getElementById('fig-history').textContent) > 0 \
+         && Number(document.getElementById('fig-updates').textContent) > 0",
+        WAIT,
+    )
+    .await;
+
+    // Follow some topics; the dashboard's own subscription shows in the figures.
+    b.js(
+        "document.getElementById('topics').value = 'https://example.com/{name}'; \
+          document.querySelector('#follow-form button[type=submit]').click();",
+    )
+    .await;
+    b.wait_for(
+        "the live log to follow",
+        "return document.getElementById('log-status').dataset.state === 'live'",
+        WAIT,
+    )
+    .await;
+    b.wait_for(
+        "a connected subscriber",
+        "return Number(document.getElementById('fig-subscribers').textContent) >= 1",
+        WAIT,
+    )
+    .await;
+
+    // Publish through the form (typed into it, as a person would), and see it in the log.
+    for data in [
+        "first note from the dashboard",
+        "hello from the dashboard test",
+    ] {
+        let topic = b
+            .client()
+            .find(fantoccini::Locator::Id("pub-topic"))
+            .await
+            .unwrap();
+        topic.clear().await.unwrap();
+        topic
+            .send_keys("https://example.com/dashboard")
+            .await
+            .unwrap();
+        let field = b
+            .client()
+            .find(fantoccini::Locator::Id("pub-data"))
+            .await
+            .unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(data).await.unwrap();
+        b.client()
+            .find(fantoccini::Locator::Css(
+                "#publish-form button[type=submit]",
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.wait_for(
+            "the publish to be accepted",
+            "return document.getElementById('pub-result').textContent.startsWith('Published: urn:uuid:')",
+            WAIT,
+        )
+        .await;
+        b.wait_for(
+            "the update in the live log",
+            &format!(
+                "return [...document.querySelectorAll('#log .data')].some(e => e.textContent === {})",
+                js_str(data)
+            ),
+            WAIT,
+        )
+        .await;
+    }
+
+    // A few seconds of chart, then the picture the README shows.
+    b.wait_for(
+        "a few seconds of chart",
+        "return document.getElementById('line-updates').points.length >= 8",
+        WAIT,
+    )
+    .await;
+    b.js("window.scrollTo(0, 0)").await;
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    b.screenshot(&artifacts.join("ui.png")).await;
+    if std::env::var("SSEHUB_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
+        b.screenshot(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ui.png"))
+            .await;
+    }
+    b.close().await;
+}
