@@ -207,7 +207,9 @@ fn cross_origin_page(hub: &str, topic: &str) -> String {
   const es = new EventSource({hub} + "/.well-known/mercure?topic=" + encodeURIComponent({topic}),
                              {{ withCredentials: true }});
   es.onopen = () => {{ window.opened = true; }};
-  es.onerror = () => {{ if (es.readyState === EventSource.CLOSED) window.failed = true; }};
+  // A CORS refusal is a network error: Chromium may close the source or keep retrying it, so
+  // any error before the stream ever opened counts as refused.
+  es.onerror = () => {{ if (!window.opened) window.failed = true; }};
   es.onmessage = (e) => {{
     const li = document.createElement("li"); li.textContent = e.data;
     document.getElementById("got").appendChild(li);
