@@ -1,6 +1,7 @@
 //! In a real browser: Debian's Chromium, driven through chromedriver, against the real `ssehub`
 //! binary. What a person sees in a tab: the demo page, a tab that loses its connection and
-//! catches up by itself, hostile data shown as text, a page on another origin, the dashboard.
+//! catches up by itself, hostile data shown as text, a page on another origin, ten tabs over
+//! HTTP/2, the dashboard.
 
 #[path = "common/browser.rs"]
 mod chromium;
@@ -8,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use chromium::{Browser, CutProxy, PageServer};
+use chromium::{Browser, CutProxy, PageServer, SelfSigned};
 use common::TestHub;
 
 const GREETING: &str = "Yo friend, here are some fascinating messages about the current time:";
@@ -280,6 +281,84 @@ async fn another_origin_gets_private_updates_only_when_listed_in_cors_origins() 
             assert_eq!(got, "", "an origin not in --cors-origins received nothing");
         }
     }
+    b.close().await;
+}
+
+/// Browsers open at most six HTTP/1.1 connections per site, so a seventh tab's `EventSource`
+/// would hang; over HTTP/2 (which browsers speak only over TLS) every tab shares one.
+#[tokio::test]
+async fn ten_tabs_over_http2_all_receive_updates() {
+    const TABS: usize = 10;
+    let cert = SelfSigned::generate("ten-tabs");
+    let Some(b) = Browser::start_trusting("ten_tabs_over_http2_all_receive_updates", &cert).await
+    else {
+        return;
+    };
+    let hub = TestHub::start_tls(
+        &[
+            "--clock-interval",
+            "200ms",
+            "--tls-cert",
+            &cert.cert_path(),
+            "--tls-key",
+            &cert.key_path(),
+        ],
+        cert.der.clone(),
+    );
+    assert_eq!(hub.scheme, "https");
+    let url = format!("https://127.0.0.1:{}/", hub.addr.port());
+
+    let c = b.client();
+    let mut tabs = vec![c.window().await.unwrap()];
+    b.goto(&url).await;
+    for _ in 1..TABS {
+        let tab = c.new_window(true).await.unwrap().handle;
+        c.switch_to_window(tab.clone()).await.unwrap();
+        b.goto(&url).await;
+        tabs.push(tab);
+    }
+    assert_eq!(c.windows().await.unwrap().len(), TABS);
+
+    // After the tenth opened, every tab, the first to the last, shows clock lines over h2.
+    let mut seen = Vec::new();
+    for (i, tab) in tabs.iter().enumerate() {
+        c.switch_to_window(tab.clone()).await.unwrap();
+        let protocol = b
+            .js("return performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            .await;
+        assert_eq!(protocol, "h2", "tab {} was loaded over HTTP/2", i + 1);
+        b.wait_for(
+            &format!("two clock lines in tab {}", i + 1),
+            "return document.querySelectorAll('#messages .message').length >= 2 \
+             && document.getElementById('status').textContent === 'live'",
+            WAIT,
+        )
+        .await;
+        let lines = demo_lines(&b).await;
+        assert_consecutive(&clock_numbers(&lines));
+        seen.push(lines.len());
+    }
+    // And they keep coming, in every tab.
+    for (i, tab) in tabs.iter().enumerate() {
+        c.switch_to_window(tab.clone()).await.unwrap();
+        b.wait_for(
+            &format!("more clock lines in tab {}", i + 1),
+            &format!(
+                "return document.querySelectorAll('#messages .message').length > {}",
+                seen[i]
+            ),
+            WAIT,
+        )
+        .await;
+        assert_consecutive(&clock_numbers(&demo_lines(&b).await));
+    }
+
+    // The hub counts one subscriber per tab, all connected at once.
+    let connected = hub.metric("ssehub_subscribers_connected").await;
+    assert_eq!(connected, TABS as f64, "one stream per tab, all open");
+
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    b.screenshot(&artifacts.join("ten-tabs.png")).await;
     b.close().await;
 }
 

@@ -53,6 +53,16 @@ impl Browser {
     /// Starts chromedriver and a fresh headless Chromium. `None` (after a loud message) when
     /// they are not installed and `SSEHUB_REQUIRE_ALL` is not `1`.
     pub async fn start(test: &str) -> Option<Browser> {
+        Browser::start_with(test, &[]).await
+    }
+
+    /// Like [`Browser::start`], trusting `cert` (a TLS hub's self-signed certificate) besides.
+    pub async fn start_trusting(test: &str, cert: &SelfSigned) -> Option<Browser> {
+        Browser::start_with(test, &[cert.chromium_flag()]).await
+    }
+
+    /// Like [`Browser::start`], with more command-line flags for Chromium.
+    pub async fn start_with(test: &str, extra_flags: &[String]) -> Option<Browser> {
         let (Some(chromium), Some(chromedriver)) = (on_path("chromium"), on_path("chromedriver"))
         else {
             let why = "chromium and chromedriver are not both on PATH \
@@ -100,6 +110,7 @@ impl Browser {
 
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", browser.profile.display()));
+        args.extend(extra_flags.iter().cloned());
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },
@@ -193,6 +204,56 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, with its key, written as PEM files.
+pub struct SelfSigned {
+    dir: PathBuf,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    spki: Vec<u8>,
+}
+
+impl SelfSigned {
+    pub fn generate(name: &str) -> SelfSigned {
+        let dir =
+            std::env::temp_dir().join(format!("ssehub-browser-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+        use rcgen::PublicKeyData;
+        SelfSigned {
+            dir,
+            der: c.cert.der().clone(),
+            spki: c.signing_key.subject_public_key_info(),
+        }
+    }
+
+    pub fn cert_path(&self) -> String {
+        self.dir.join("cert.pem").display().to_string()
+    }
+
+    pub fn key_path(&self) -> String {
+        self.dir.join("key.pem").display().to_string()
+    }
+
+    /// Chromium's flag to accept this certificate, and no other that fails to validate: it
+    /// names the certificate's public key (base64 of the SHA-256 of its SubjectPublicKeyInfo),
+    /// rather than `--ignore-certificate-errors`, which would accept any certificate at all.
+    pub fn chromium_flag(&self) -> String {
+        use base64::Engine;
+        use sha2::Digest;
+        let pin =
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&self.spki));
+        format!("--ignore-certificate-errors-spki-list={pin}")
+    }
+}
+
+impl Drop for SelfSigned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
