@@ -8,8 +8,10 @@ use ssehub::http::form::parse;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(pairs) = parse(data, 2000) {
-        let borrowed: Vec<(&str, &str)> =
-            pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let borrowed: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let again = parse(encode_form(&borrowed).as_bytes(), 2000).expect("re-encoded form parses");
         assert_eq!(again, pairs);
     }
