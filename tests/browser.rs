@@ -204,13 +204,10 @@ fn cross_origin_page(hub: &str, topic: &str) -> String {
         r#"<!DOCTYPE html><meta charset="utf-8"><title>another origin</title>
 <ul id="got"></ul>
 <script>
-  window.opened = false; window.failed = false;
+  window.opened = false;
   const es = new EventSource({hub} + "/.well-known/mercure?topic=" + encodeURIComponent({topic}),
                              {{ withCredentials: true }});
   es.onopen = () => {{ window.opened = true; }};
-  // A CORS refusal is a network error: Chromium may close the source or keep retrying it, so
-  // any error before the stream ever opened counts as refused.
-  es.onerror = () => {{ if (!window.opened) window.failed = true; }};
   es.onmessage = (e) => {{
     const li = document.createElement("li"); li.textContent = e.data;
     document.getElementById("got").appendChild(li);
@@ -245,18 +242,18 @@ async fn another_origin_gets_private_updates_only_when_listed_in_cors_origins() 
         ))
         .await;
         page.set_page(&cross_origin_page(&format!("http://{}", hub.addr), topic));
-        b.goto(&format!("{}/", page.origin())).await;
+        // A URL of its own per hub, so that the browser cannot show the previous page.
+        b.goto(&format!("{}/?hub={}", page.origin(), hub.addr.port()))
+            .await;
 
         if *listed {
             b.wait_for("the stream to open", "return window.opened", WAIT)
                 .await;
         } else {
-            b.wait_for(
-                "the browser to refuse the stream",
-                "return window.failed",
-                WAIT,
-            )
-            .await;
+            // Whatever Chromium reports on the source (it may even fire `open` before its
+            // CORS check ends the stream), what must hold is that no update reaches the page:
+            // give it time to connect, then publish and look below.
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
         let data = format!("private news (origin listed: {listed})");
         let mut publisher = hub.publisher().await;
