@@ -67,6 +67,20 @@ async fn tls_connect(
         .unwrap()
 }
 
+/// Opens an HTTP/2 connection on `io` and sends one GET on it.
+async fn h2_get<IO>(io: IO, url: String) -> http::Response<hyper::body::Incoming>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
 /// Reads events from an h2 response body until `n` have arrived.
 async fn read_events(body: &mut hyper::body::Incoming, n: usize) -> Vec<ssehub::sse::Event> {
     let mut parser = Parser::new();
@@ -154,19 +168,11 @@ async fn http1_by_alpn_and_h2c_with_prior_knowledge() {
     // h2c on a plain hub.
     let plain = TestHub::start(&[]);
     let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(
-            Request::get(format!("http://{}/.well-known/mercure?topic=b", plain.addr))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = h2_get(
+        tcp,
+        format!("http://{}/.well-known/mercure?topic=b", plain.addr),
+    )
+    .await;
     assert_eq!(
         (resp.status(), resp.version()),
         (StatusCode::OK, Version::HTTP_2)
@@ -189,19 +195,11 @@ async fn sighup_reloads_the_certificate_without_dropping_streams() {
         first.der.clone(),
     );
     let tls = tls_connect(&hub, &first.der, &[b"h2"]).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(
-            Request::get(format!("https://{}/.well-known/mercure?topic=c", hub.addr))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = h2_get(
+        tls,
+        format!("https://{}/.well-known/mercure?topic=c", hub.addr),
+    )
+    .await;
     let mut body = resp.into_body();
 
     let second = make_cert(&dir);
