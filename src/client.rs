@@ -142,6 +142,16 @@ pub struct Connection {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// HTTP/1.1 on an open connection, plain or TLS; the connection is driven on its own task.
+async fn http1<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, ClientError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 impl Connection {
     pub async fn open(target: &Target) -> Result<Connection, ClientError> {
         let tcp = tokio::time::timeout(
@@ -156,12 +166,7 @@ impl Connection {
         })?;
         let _ = tcp.set_nodelay(true);
         let sender = match &target.tls {
-            None => {
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(conn);
-                sender
-            }
+            None => http1(tcp).await?,
             Some(config) => {
                 let name = ServerName::try_from(target.host.clone())
                     .map_err(|_| ClientError::BadUrl(target.host.clone()))?;
@@ -175,10 +180,7 @@ impl Connection {
                     addr: target.authority.clone(),
                     source,
                 })?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-                tokio::spawn(conn);
-                sender
+                http1(tls).await?
             }
         };
         Ok(Connection {
