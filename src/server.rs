@@ -15,10 +15,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::auth::Key;
 use crate::config::ServeConfig;
+use crate::h1_stream;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
 
@@ -79,6 +81,7 @@ pub async fn run(
     let hub = Hub::new(HubConfig {
         history_size: config.history_size,
         subscriber_queue: config.subscriber_queue,
+        coalesce: config.coalesce,
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
     });
@@ -112,7 +115,7 @@ pub async fn run(
         );
     }
 
-    let tasks = tokio_util::task::TaskTracker::new();
+    let tasks = TaskTracker::new();
     if let Some(tls) = &tls {
         tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
     }
@@ -149,6 +152,8 @@ pub async fn run(
         .max_header_list_size(MAX_HEAD as u32)
         .keep_alive_interval(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
+    // Event streams written by `h1_stream` run on tasks of their own, outside hyper's watch.
+    let streams = TaskTracker::new();
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -166,12 +171,15 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let kill = CancellationToken::new();
-        let conn_ctx = Connection { kill: kill.clone() };
-        let app = app.clone();
+        let conn_ctx = Connection {
+            kill: kill.clone(),
+            stream_slot: None,
+        };
+        let router = app.clone();
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(conn_ctx.clone());
-                let app = app.clone();
+                let app = router.clone();
                 async move {
                     if let Some(refusal) = oversized_head(&req) {
                         return Ok(refusal);
@@ -179,16 +187,28 @@ pub async fn run(
                     app.oneshot(req.map(axum::body::Body::new)).await
                 }
             });
+        let h1 = Http1 {
+            builder: builder.clone().http1_only(),
+            app: app.clone(),
+            kill: kill.clone(),
+            peer,
+            streams: streams.clone(),
+        };
         let Some(tls) = &tls else {
             let (builder, watcher) = (builder.clone(), graceful.watcher());
             tokio::spawn(async move {
-                let Some(builder) = sniff_protocol(&stream, builder).await else {
-                    return tracing::debug!(%peer, "no request within the head deadline");
-                };
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                serve_until_killed(watcher.watch(conn), kill, peer).await;
+                let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+                match sniff_protocol(&stream, deadline).await {
+                    None => tracing::debug!(%peer, "no request within the head deadline"),
+                    Some(Protocol::Http2) => {
+                        let conn = builder
+                            .http2_only()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned();
+                        serve_until_killed(watcher.watch(conn), kill, peer).await;
+                    }
+                    Some(Protocol::Http1) => h1.serve(stream, deadline, service, watcher).await,
+                }
             });
             continue;
         };
@@ -204,15 +224,16 @@ pub async fn run(
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
             // ALPN has chosen the protocol: no need to sniff the first bytes.
-            let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                builder.http2_only()
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let conn = builder
+                    .http2_only()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                serve_until_killed(watcher.watch(conn), kill, peer).await;
             } else {
-                builder.http1_only()
-            };
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            serve_until_killed(watcher.watch(conn), kill, peer).await;
+                let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+                h1.serve(stream, deadline, service, watcher).await;
+            }
         });
     }
 
@@ -220,10 +241,12 @@ pub async fn run(
     drop(listener);
     hub.shutdown();
     tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    streams.close();
+    let drained = async {
+        graceful.shutdown().await;
+        streams.wait().await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
         tracing::warn!("some connections did not finish in time; closing them");
     }
     tasks.wait().await;
@@ -257,14 +280,18 @@ fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response>
 /// The HTTP/2 connection preface, which an h2c client sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Waits (within the head deadline) for the first bytes of a plain connection and picks
-/// HTTP/1.1 or HTTP/2 from them. hyper's own detection waits for them without a deadline, so a
-/// client that connects and says nothing would hold its descriptor forever.
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Waits (until `deadline`) for the first bytes of a plain connection and tells HTTP/1.1 from
+/// HTTP/2 by them. hyper's own detection waits for them without a deadline, so a client that
+/// connects and says nothing would hold its descriptor forever.
 async fn sniff_protocol(
     stream: &tokio::net::TcpStream,
-    builder: auto::Builder<TokioExecutor>,
-) -> Option<auto::Builder<TokioExecutor>> {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    deadline: tokio::time::Instant,
+) -> Option<Protocol> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
@@ -275,16 +302,67 @@ async fn sniff_protocol(
             return None;
         }
         if !H2_PREFACE.starts_with(&buf[..n]) {
-            return Some(builder.http1_only());
+            return Some(Protocol::Http1);
         }
         if n == H2_PREFACE.len() {
-            return Some(builder.http2_only());
+            return Some(Protocol::Http2);
         }
         // A partial preface: peek returns at once while no more has come, so pause.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
+    }
+}
+
+/// What an HTTP/1.1 connection needs to be served, by `h1_stream` or by hyper.
+struct Http1 {
+    builder: auto::Builder<TokioExecutor>,
+    app: axum::Router,
+    kill: CancellationToken,
+    peer: SocketAddr,
+    streams: TaskTracker,
+}
+
+impl Http1 {
+    /// Reads the first request head; an event stream request is answered by `h1_stream`, any
+    /// other by hyper, with the head put back in front of the connection.
+    async fn serve<S, Svc>(
+        self,
+        mut io: S,
+        deadline: tokio::time::Instant,
+        service: Svc,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        Svc: hyper::service::Service<
+                http::Request<hyper::body::Incoming>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+            > + Send
+            + 'static,
+        Svc::Future: Send + 'static,
+    {
+        let Some(head) = h1_stream::read_head(&mut io, deadline, MAX_HEAD + 1).await else {
+            return tracing::debug!(peer = %self.peer, "no request within the head deadline");
+        };
+        if let Some(mut req) = h1_stream::stream_request(&head, MAX_HEAD) {
+            drop(head);
+            let slot = h1_stream::new_slot();
+            req.extensions_mut().insert(Connection {
+                kill: self.kill.clone(),
+                stream_slot: Some(slot.clone()),
+            });
+            let Ok(response) = Box::pin(self.app.oneshot(req)).await;
+            h1_stream::respond(io, response, &slot, self.peer, &self.streams).await;
+            return;
+        }
+        let io = h1_stream::Prefixed::new(head.freeze(), io);
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        serve_until_killed(watcher.watch(conn), self.kill, self.peer).await;
     }
 }
 

@@ -3,7 +3,7 @@
 use axum::extract::{Request, State};
 use axum::response::{Html, IntoResponse, Response};
 
-use super::{stream_body, stream_response, AppState, Connection};
+use super::{stream_reply, stream_response, AppState, Connection};
 use crate::clock::TOPIC;
 use crate::hub::SubscribeRequest;
 
@@ -20,7 +20,8 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let kill = req.extensions().get::<Connection>().map(|c| c.kill.clone());
+    let conn = req.extensions().get::<Connection>();
+    let kill = conn.map(|c| c.kill.clone());
     let sub = app.hub.subscribe(SubscribeRequest {
         topics: vec![TOPIC.to_owned()],
         rights: None,
@@ -36,7 +37,7 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
             } else {
                 "/events/"
             };
-            stream_response(stream_body(s.stream, path), s.last_event_id.as_deref())
+            stream_reply(conn, s.stream, path, s.last_event_id.as_deref())
         }
         Err(e) => super::mercure::subscribe_error(e),
     }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{form, reject, stream_body, stream_response, AppState, Connection, MERCURE_PATH};
+use super::{form, reject, stream_reply, stream_response, AppState, Connection, MERCURE_PATH};
 use crate::auth::{find_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
@@ -115,7 +115,8 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let kill = req.extensions().get::<Connection>().map(|c| c.kill.clone());
+    let conn = req.extensions().get::<Connection>();
+    let kill = conn.map(|c| c.kill.clone());
     let (subscribe_rights, expires_at, payload) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
         // public updates and no private ones.
@@ -135,10 +136,7 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         payload,
     });
     match sub {
-        Ok(s) => stream_response(
-            stream_body(s.stream, MERCURE_PATH),
-            s.last_event_id.as_deref(),
-        ),
+        Ok(s) => stream_reply(conn, s.stream, MERCURE_PATH, s.last_event_id.as_deref()),
         Err(e) => subscribe_error(e),
     }
 }

@@ -48,7 +48,14 @@ pub struct Connection {
     /// Cancelling it closes the connection at once (used to drop a subscriber that stopped
     /// reading, whose stream can no longer end by itself).
     pub kill: CancellationToken,
+    /// Set on connections whose event stream is written by the server's own HTTP/1.1 writer
+    /// (see `crate::h1_stream`): a subscribe handler leaves its stream here instead of in the
+    /// response body.
+    pub stream_slot: Option<StreamSlot>,
 }
+
+/// Where a subscribe handler leaves its stream (and the path, for the log) for the connection.
+pub type StreamSlot = Arc<parking_lot::Mutex<Option<(SubscriberStream, &'static str)>>>;
 
 pub const MERCURE_PATH: &str = "/.well-known/mercure";
 
@@ -200,9 +207,22 @@ impl Drop for Logged {
     }
 }
 
-fn stream_body(stream: SubscriberStream, path: &'static str) -> Body {
-    Body::new(Logged {
+/// The response that carries an accepted subscriber's stream: in its body, or, on a connection
+/// with a stream slot, in the slot (the body then stays empty and the connection writes the
+/// stream itself).
+fn stream_reply(
+    conn: Option<&Connection>,
+    stream: SubscriberStream,
+    path: &'static str,
+    last_event_id: Option<&str>,
+) -> Response {
+    if let Some(slot) = conn.and_then(|c| c.stream_slot.as_ref()) {
+        *slot.lock() = Some((stream, path));
+        return stream_response(Body::empty(), last_event_id);
+    }
+    let body = Body::new(Logged {
         inner: stream,
         path,
-    })
+    });
+    stream_response(body, last_event_id)
 }

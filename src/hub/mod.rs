@@ -42,6 +42,8 @@ pub struct HubConfig {
     pub history_size: usize,
     /// Updates a subscriber may lag behind before it is dropped.
     pub subscriber_queue: usize,
+    /// How long further updates for a subscriber wait after a write, to go out together.
+    pub coalesce: Duration,
     /// Subscribers connected at once; more are refused.
     pub max_subscribers: usize,
     /// Publish Mercure subscription events and keep what the subscription API lists.
@@ -53,6 +55,7 @@ impl Default for HubConfig {
         HubConfig {
             history_size: 10_000,
             subscriber_queue: 1000,
+            coalesce: Duration::ZERO,
             max_subscribers: 10_000,
             subscription_events: false,
         }
@@ -257,7 +260,13 @@ impl Hub {
         tracing::info!(subscriber = id, replayed = replay.len(), "Added new client");
         self.shared.announce(&sub, true);
         Ok(Subscription {
-            stream: SubscriberStream::new(self.shared.clone(), sub, replay, expires_in),
+            stream: SubscriberStream::new(
+                self.shared.clone(),
+                sub,
+                replay,
+                expires_in,
+                self.shared.config.coalesce,
+            ),
             last_event_id: header,
         })
     }

@@ -1,0 +1,444 @@
+//! The server's own HTTP/1.1 writer for event streams.
+//!
+//! Most of a hub's connections are subscribers that send one `GET` and then only receive. Served
+//! through hyper, each keeps a read buffer (~16 KiB), a write buffer (~8 KiB) and a large
+//! connection future for as long as it is open, which made an idle subscriber cost ~20 KiB of
+//! server memory; and every update passes through hyper's body polling and chunk encoder.
+//!
+//! So the first request head of a connection is read here. When it is a `GET` for an event
+//! stream, it is routed through the same axum router as everything else (same checks, same
+//! headers, CORS included), the handler leaves the subscriber's stream in the connection's
+//! [`StreamSlot`], and a small task writes the response head and the chunks straight to the
+//! socket: one vectored write per wake-up, nothing buffered but what the hub already shares.
+//! Any other request, or anything unusual about this one, goes to hyper with the bytes already
+//! read put back in front of the connection, so hyper answers it as it always did.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, Method, Request, Response, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use crate::http::{StreamSlot, MERCURE_PATH};
+use crate::hub::SubscriberStream;
+
+/// Most header lines in a request head this writer takes; hyper gets the rest.
+const MAX_HEADERS: usize = 64;
+/// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
+/// send nothing on an event stream; this bounds the work one that does can cause).
+const MAX_STRAY_INPUT: usize = 64 * 1024;
+
+/// Reads the first request head of a connection, until its blank line, `limit` bytes, the end
+/// of input or `deadline`. Returns what was read, or `None` when nothing usable came in time.
+pub async fn read_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    deadline: Instant,
+    limit: usize,
+) -> Option<BytesMut> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if buf.len() >= limit || head_end(&buf).is_some() {
+            return Some(buf);
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(buf.capacity().min(limit));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => return (!buf.is_empty()).then_some(buf),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
+/// request to route, or `None` to leave the connection to hyper.
+pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body::Body>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    if len > max_head || parsed.method != Some("GET") || parsed.version != Some(1) {
+        return None;
+    }
+    let target = parsed.path?;
+    let path = target.split('?').next().unwrap_or("");
+    if !matches!(path, MERCURE_PATH | "/events" | "/events/") {
+        return None;
+    }
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(target)
+        .version(Version::HTTP_11);
+    for h in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        // A body, an upgrade or an expectation: unusual for an event stream; hyper knows them.
+        let unusual = name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+            || (name == header::CONTENT_LENGTH && h.value != b"0");
+        if unusual {
+            return None;
+        }
+        req = req.header(name, http::HeaderValue::from_bytes(h.value).ok()?);
+    }
+    req.body(axum::body::Body::empty()).ok()
+}
+
+/// Writes the router's answer to a stream request: the stream itself when the handler accepted
+/// the subscriber, or the refusal, after which the connection is closed.
+pub async fn respond<S>(
+    mut io: S,
+    response: Response<axum::body::Body>,
+    slot: &StreamSlot,
+    peer: SocketAddr,
+    streams: &tokio_util::task::TaskTracker,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let taken = slot.lock().take();
+    let Some((stream, path)) = taken else {
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        let mut head = response_head(parts.status, &parts.headers);
+        head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        head.extend_from_slice(b"connection: close\r\n\r\n");
+        let _ = write_all(&mut io, &[&head[..], &body[..]], None).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        return;
+    };
+    let (parts, _) = response.into_parts();
+    let mut head = response_head(parts.status, &parts.headers);
+    head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    // The stream gets a task of its own, holding only what it needs: the routing above ran
+    // on a much larger future that can now be freed.
+    streams.spawn(pump(io, head, stream, path, peer));
+}
+
+/// The status line and the headers of a response, with a `date`, without the blank line.
+fn response_head(status: StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
+    head.extend_from_slice(format!("date: {date}\r\n").as_bytes());
+    head
+}
+
+/// Why a stream's connection ended.
+enum End {
+    /// The hub ended the stream (shutdown, token expiry); the closing chunk is sent.
+    Finished,
+    /// The hub dropped the subscriber (too slow): close at once.
+    Dropped,
+    /// The client closed its side, or the connection failed.
+    Gone,
+    /// The client kept sending on a connection that only receives.
+    Stray,
+}
+
+/// Writes the head, then every chunk the stream yields, until the stream or the connection
+/// ends.
+async fn pump<S>(
+    mut io: S,
+    head: Vec<u8>,
+    mut stream: SubscriberStream,
+    path: &'static str,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let subscriber = stream.subscriber_id();
+    let mut head = Some(head);
+    let mut stray = 0usize;
+    let end = loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(chunk) = stream.poll_chunk(cx) {
+                return Poll::Ready(chunk.ok_or(End::Finished));
+            }
+            // A client never speaks on an event stream; reading is how its leaving is seen.
+            // While nothing arrives this costs no system call: tokio knows the socket is idle.
+            match poll_discard(&mut io, cx, &mut stray) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let head_bytes = head.take().unwrap_or_default();
+        let written = match &next {
+            Ok(chunk) => {
+                let mut size = [0u8; 18];
+                let size = chunk_size_line(chunk.len(), &mut size);
+                let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
+                write_all(&mut io, &parts, Some(&mut stream)).await
+            }
+            // Dropped for being too slow: its socket is full, so close without a last word.
+            Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
+            Err(End::Finished) => {
+                let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
+                write_all(&mut io, &parts, Some(&mut stream)).await
+            }
+            Err(_) => Ok(()),
+        };
+        match (next, written) {
+            (Ok(_), Ok(())) => {}
+            (Err(End::Finished), Ok(())) => {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                break End::Finished;
+            }
+            (_, Err(e)) | (Err(e), Ok(())) => break e,
+        }
+    };
+    match end {
+        End::Finished | End::Dropped => {}
+        End::Gone => tracing::debug!(%peer, subscriber, "client closed its event stream"),
+        End::Stray => tracing::info!(
+            %peer,
+            subscriber,
+            "closing an event stream whose client kept sending data"
+        ),
+    }
+    drop(stream);
+    tracing::info!(subscriber, "Finished HTTP request at {path}");
+}
+
+/// Reads and throws away whatever the client sends. `Ready` when the connection is over.
+fn poll_discard<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    stray: &mut usize,
+) -> Poll<End> {
+    let mut scratch = [0u8; 256];
+    loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(End::Gone),
+            Poll::Ready(Ok(())) => {
+                *stray += buf.filled().len();
+                if *stray > MAX_STRAY_INPUT {
+                    return Poll::Ready(End::Stray);
+                }
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// `{len:x}\r\n` into `buf`, without allocating.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut n = len;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    let count = digits.len() - i;
+    buf[..count].copy_from_slice(&digits[i..]);
+    buf[count] = b'\r';
+    buf[count + 1] = b'\n';
+    &buf[..count + 2]
+}
+
+/// Writes every byte of `parts` with vectored writes, giving up with [`End::Dropped`] as soon
+/// as the hub drops `stream`'s subscriber (one dropped while its socket is full would otherwise
+/// wait here forever).
+async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &[&[u8]],
+    mut stream: Option<&mut SubscriberStream>,
+) -> Result<(), End> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < total {
+            if stream.as_mut().is_some_and(|s| s.poll_dropped(cx)) {
+                return Poll::Ready(Err(End::Dropped));
+            }
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = remaining(parts, written, &mut slices);
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(End::Gone)),
+                Poll::Ready(Ok(k)) => written += k,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match Pin::new(&mut *io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(End::Gone)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The parts of `parts` after the first `skip` bytes, as at most four slices.
+fn remaining<'a>(parts: &[&'a [u8]], mut skip: usize, out: &mut [IoSlice<'a>; 4]) -> usize {
+    let mut n = 0;
+    for part in parts {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        if n == out.len() {
+            break;
+        }
+        out[n] = IoSlice::new(&part[skip..]);
+        skip = 0;
+        n += 1;
+    }
+    n
+}
+
+/// A connection with the bytes already read from it put back in front, for hyper.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Shared handle the server uses to create a slot per stream request.
+pub fn new_slot() -> StreamSlot {
+    Arc::new(parking_lot::Mutex::new(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size_line(0, &mut b), b"0\r\n");
+        assert_eq!(chunk_size_line(10, &mut b), b"a\r\n");
+        assert_eq!(chunk_size_line(4096, &mut b), b"1000\r\n");
+        assert_eq!(chunk_size_line(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
+    }
+
+    #[test]
+    fn remaining_skips_written_bytes() {
+        let parts: [&[u8]; 3] = [b"abc", b"", b"defg"];
+        let mut out = [IoSlice::new(&[]); 4];
+        let n = remaining(&parts, 4, &mut out);
+        assert_eq!(n, 1);
+        assert_eq!(&*out[0], b"efg");
+        let n = remaining(&parts, 0, &mut out);
+        assert_eq!(n, 2);
+        assert_eq!(remaining(&parts, 7, &mut out), 0);
+    }
+
+    #[test]
+    fn only_plain_stream_gets_are_taken() {
+        let ok = b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(stream_request(ok, 65536).is_some());
+        assert!(stream_request(b"GET /events/ HTTP/1.1\r\n\r\n", 65536).is_some());
+        for other in [
+            &b"POST /.well-known/mercure HTTP/1.1\r\n\r\n"[..],
+            b"GET /.well-known/mercure?topic=a HTTP/1.0\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET /.well-known/mercure/subscriptions HTTP/1.1\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\nX: \xff\x00\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\n",
+            b"\x00\x01garbage\r\n\r\n",
+        ] {
+            assert!(
+                stream_request(other, 65536).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        assert!(stream_request(ok, 10).is_none(), "head over the limit");
+    }
+}

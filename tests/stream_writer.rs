@@ -1,0 +1,229 @@
+//! The hub's own HTTP/1.1 writer for event streams (`src/h1_stream.rs`), byte for byte over raw
+//! TCP: what it sends, what it leaves to hyper, and how it treats odd clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestHub;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Reads until `needle` has arrived (in the raw bytes), returning everything read.
+async fn read_until(conn: &mut TcpStream, raw: &mut Vec<u8>, needle: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut buf = [0u8; 8192];
+    while !String::from_utf8_lossy(raw).contains(needle) {
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {needle:?}; got {:?}",
+                    String::from_utf8_lossy(raw)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before {needle:?}; got {:?}",
+            String::from_utf8_lossy(raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Splits a response into its head and its chunked body decoded (the body must be complete
+/// chunks).
+fn split_chunked(raw: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, mut rest) = text.split_once("\r\n\r\n").expect("a complete head");
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size {size:?}"));
+        if n == 0 || after.len() < n + 2 {
+            break;
+        }
+        body.push_str(&after[..n]);
+        assert_eq!(&after[n..n + 2], "\r\n", "a chunk ends with CRLF");
+        rest = &after[n + 2..];
+    }
+    (head.to_owned(), body)
+}
+
+async fn publish(hub: &TestHub, topic: &str, data: &str) {
+    hub.publisher()
+        .await
+        .ok(&[("topic", topic), ("data", data)])
+        .await;
+}
+
+/// Waits until the hub counts `n` subscribers.
+async fn subscribers(hub: &TestHub, n: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.metric("ssehub_subscribers_connected").await != n {
+        assert!(tokio::time::Instant::now() < deadline, "{n} subscribers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_head_and_chunks_on_the_wire() {
+    let hub = TestHub::start(&["--cors-origins", "https://app.example"]);
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(
+        b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    publish(&hub, "a", "one").await;
+    publish(&hub, "a", "two\nlines").await;
+    read_until(&mut c, &mut raw, "data: lines\n\n").await;
+
+    let (head, body) = split_chunked(&raw);
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "x-accel-buffering: no",
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-credentials: true",
+        "date: ",
+    ] {
+        assert!(head.contains(line), "missing {line:?} in {head}");
+    }
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(
+        body.starts_with(":\n"),
+        "the opening comment first: {body:?}"
+    );
+    assert!(body.contains("data: one\n\n"), "{body:?}");
+    assert!(body.contains("data: two\ndata: lines\n\n"), "{body:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_in_pieces_and_a_refusal_on_the_same_path() {
+    let hub = TestHub::start(&["--anonymous", "false"]);
+    // Dribbled in five pieces, well within the head deadline.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    let token = hub.key.mint(None, Some(&["a".to_owned()]), None).unwrap();
+    let head = format!("GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    for piece in head.as_bytes().chunks(head.len() / 5 + 1) {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    publish(&hub, "a", "hello").await;
+    read_until(&mut c, &mut raw, "data: hello\n\n").await;
+
+    // Without a token: the refusal is a whole response, then the connection closes.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut raw))
+        .await
+        .expect("the connection is closed after the refusal")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 401 unauthorized\r\n"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{text}"
+    );
+    assert!(body.contains("token"), "the reason is given: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_it_does_not_write_go_to_hyper_unchanged() {
+    let hub = TestHub::start(&[]);
+    // A publish, then a subscribe on the same keep-alive connection.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    let token = hub.publisher_token();
+    let body = "topic=b&data=first";
+    c.write_all(
+        format!(
+            "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, "urn:uuid:").await;
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+    c.write_all(b"GET /.well-known/mercure?topic=b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    publish(&hub, "b", "second").await;
+    read_until(&mut c, &mut raw, "data: second\n\n").await;
+
+    // HTTP/1.0 has no chunked encoding: hyper answers it, ending the body with the connection.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=c HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.0 200 ok\r\n"), "{text}");
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    subscribers(&hub, 2.0).await;
+    publish(&hub, "c", "old-client").await;
+    read_until(&mut c, &mut raw, "data: old-client\n\n").await;
+
+    // A head that is not HTTP at all still gets hyper's 400.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=a HTTP/9.9\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut raw)).await;
+    assert!(
+        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_keeps_sending_is_closed_and_others_are_not_disturbed() {
+    let hub = TestHub::start(&[]);
+    let mut witness = hub.subscribe("topic=w", &[]).await;
+    let mut chatty = TcpStream::connect(hub.addr).await.unwrap();
+    chatty
+        .write_all(b"GET /.well-known/mercure?topic=w HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut chatty, &mut raw, ":\n").await;
+    subscribers(&hub, 2.0).await;
+    // A few bytes are tolerated (and thrown away)…
+    chatty.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    publish(&hub, "w", "still-here").await;
+    read_until(&mut chatty, &mut raw, "data: still-here\n\n").await;
+    // …a flood is not.
+    let junk = vec![b'x'; 256 * 1024];
+    let _ = tokio::time::timeout(WAIT, chatty.write_all(&junk)).await;
+    subscribers(&hub, 1.0).await;
+    assert!(hub.wait_for_log("kept sending data", WAIT));
+
+    publish(&hub, "w", "after").await;
+    let events = common::take(&mut witness, 2, WAIT).await;
+    assert_eq!(events[0].data, "still-here");
+    assert_eq!(events[1].data, "after");
+}
