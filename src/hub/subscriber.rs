@@ -32,6 +32,12 @@ use crate::sse;
 /// writes under about half a core).
 const WRITE_SPACING: Duration = Duration::from_micros(20);
 
+/// The wait after a write for `subscribers` connected, at most `bound`.
+pub(crate) fn coalescing_window(bound: Duration, subscribers: u64) -> Duration {
+    let subscribers = u32::try_from(subscribers).unwrap_or(u32::MAX);
+    WRITE_SPACING.saturating_mul(subscribers).min(bound)
+}
+
 /// The most bytes of replayed history sent in one chunk.
 const REPLAY_CHUNK: usize = 64 * 1024;
 
@@ -308,8 +314,7 @@ impl SubscriberStream {
             .metrics
             .subscribers_connected
             .load(Ordering::Relaxed);
-        let spread = WRITE_SPACING.saturating_mul(subscribers.min(u32::MAX as u64) as u32);
-        spread.min(self.window)
+        coalescing_window(self.window, subscribers)
     }
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
@@ -380,5 +385,21 @@ impl Body for SubscriberStream {
 impl Drop for SubscriberStream {
     fn drop(&mut self) {
         self.hub.remove(&self.sub, self.sub.closed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_grows_with_subscribers_up_to_the_bound() {
+        let bound = Duration::from_millis(100);
+        assert_eq!(coalescing_window(bound, 0), Duration::ZERO);
+        assert_eq!(coalescing_window(bound, 100), Duration::from_millis(2));
+        assert_eq!(coalescing_window(bound, 1000), Duration::from_millis(20));
+        assert_eq!(coalescing_window(bound, 5000), bound);
+        assert_eq!(coalescing_window(bound, u64::MAX), bound);
+        assert_eq!(coalescing_window(Duration::ZERO, 1000), Duration::ZERO);
     }
 }
