@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Runs the scenarios of PERFORMANCE.md (S1-S6) against ssehub, the naive axum + broadcast
+# Runs the scenarios of PERFORMANCE.md (S1-S7) against ssehub, the naive axum + broadcast
 # baseline (bench/baseline) and nginx + nchan, back to back on 127.0.0.1, RUNS times each,
 # and writes the raw JSON to bench/results/ and the medians to docs/BENCHMARKS.md.
 #
 #   bench/compare.sh                      # everything, twice
 #   RUNS=3 PEERS="ssehub baseline" SCENARIOS="S1 S3" bench/compare.sh
+#
+# S7 (ssehub only: three nodes on one Redis against one node) needs redis-server; SCALE (ssehub
+# only) runs the S2 shape at 1,000, 5,000, 10,000 and 19,000 subscribers.
 #
 # Each run gets a freshly started server, so its memory figures start from idle.
 set -euo pipefail
@@ -12,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-2}
 PEERS=${PEERS:-"ssehub baseline nchan"}
-SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5 S6"}
+SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5 S6 S7 SCALE"}
 S3_RATES=${S3_RATES:-"1000 2000 5000 10000 20000 40000"}
 S3_SECONDS=${S3_SECONDS:-3}
 RESULTS=${RESULTS:-bench/results}
@@ -128,6 +131,45 @@ bench() {
   stop_peer
 }
 
+# S7: three ssehub nodes sharing one Redis, S1's load spread over them (subscribers and
+# publishers round-robin), CPU summed over the nodes and Redis; against S1 on one node.
+REDIS_PORT=${REDIS_PORT:-6391}
+s7() {
+  local run=$1
+  if ! command -v redis-server >/dev/null; then
+    log "S7 needs redis-server (apt-get install redis-server): skipped"
+    return
+  fi
+  local s1=(--subscribers 1000 --updates 2000 --rate 200 --size 100 --publishers 16)
+  bench ssehub S7-single "$run" "${s1[@]}"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    >"$WORK/redis.log" 2>&1 &
+  local redis=$!
+  wait_port "$REDIS_PORT"
+  local pids=() hubs=()
+  for port in 8001 8002 8003; do
+    RUST_LOG=warn "$SSEHUB" serve --listen "127.0.0.1:$port" --publisher-jwt-key "$SECRET" \
+      --clock-interval 0 --redis "redis://127.0.0.1:$REDIS_PORT" >"$WORK/node-$port.log" 2>&1 &
+    pids+=($!)
+    hubs+=("http://127.0.0.1:$port/.well-known/mercure")
+  done
+  for port in 8001 8002 8003; do wait_port $port; done
+  local out="$RESULTS/S7-cluster-ssehub-$run.json"
+  local all_pids
+  all_pids=$(IFS=,; echo "${pids[*]},$redis")
+  log "S7 cluster run $run: ${s1[*]}"
+  if "$SSEHUB" bench --target ssehub --hub "$(IFS=,; echo "${hubs[*]}")" --jwt-key "$SECRET" \
+      --pid "$all_pids" --label S7-cluster --json "${s1[@]}" >"$out.tmp" 2>"$WORK/bench.err"; then
+    mv "$out.tmp" "$out"
+  else
+    log "bench failed: $(tail -1 "$WORK/bench.err")"
+    rm -f "$out.tmp"
+  fi
+  kill "${pids[@]}" "$redis" 2>/dev/null || true
+  wait "${pids[@]}" "$redis" 2>/dev/null || true
+  sleep 0.5
+}
+
 peers=()
 for p in $PEERS; do
   if [ "$p" = nchan ] && [ $have_nchan = 0 ]; then continue; fi
@@ -158,6 +200,13 @@ for s in $SCENARIOS; do
               --source-ips 8 --connect-concurrency 500 --settle 3s ;;
         S6) bench "$p" S6 "$run" --subscribers 10000 --topics 1000 --updates 2000 --rate 200 --publishers 16 \
               --size 100 --source-ips 8 --connect-concurrency 500 ;;
+        S7) if [ "$p" = ssehub ]; then s7 "$run"; fi ;;
+        SCALE) if [ "$p" = ssehub ]; then
+                 for n in 1000 5000 10000 19000; do
+                   bench ssehub "scale-$n" "$run" --subscribers "$n" --updates 200 --rate 20 --size 100 \
+                     --publishers 16 --source-ips 8 --connect-concurrency 500
+                 done
+               fi ;;
         *) log "unknown scenario $s" ;;
       esac
     done

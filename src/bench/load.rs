@@ -23,6 +23,9 @@ use crate::sse::{Event, Parser};
 /// Everything the tasks share: prepared requests and the running counts.
 pub struct Plan {
     pub sub_addr: SocketAddr,
+    /// With several nodes (a cluster), their addresses: subscriber and publisher `i` use node
+    /// `i % len` instead of `sub_addr` and `pub_addr`.
+    pub nodes: Vec<SocketAddr>,
     /// One prepared GET per topic.
     pub sub_requests: Vec<Vec<u8>>,
     pub pub_addr: SocketAddr,
@@ -41,6 +44,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    fn node(&self, i: usize, single: SocketAddr) -> SocketAddr {
+        match self.nodes.len() {
+            0 | 1 => single,
+            n => self.nodes[i % n],
+        }
+    }
+
     /// The topic update `seq` goes to: all to one, or spread evenly but unpredictably.
     pub fn topic_of(&self, seq: u64) -> usize {
         let n = self.pub_paths.len() as u64;
@@ -163,7 +173,8 @@ pub async fn subscriber(
     let permit = gate.acquire().await;
     let opened = async {
         let recv_buffer = slow.then_some(4096);
-        let mut stream = connect(plan.sub_addr, index, plan.source_ips, recv_buffer).await?;
+        let addr = plan.node(index, plan.sub_addr);
+        let mut stream = connect(addr, index, plan.source_ips, recv_buffer).await?;
         stream.write_all(&plan.sub_requests[topic]).await?;
         let mut buf = Vec::with_capacity(4096);
         let head = wire::read_head(&mut stream, &mut buf).await?;
@@ -318,6 +329,7 @@ impl Bitset {
 /// One publisher connection: takes the next sequence number, waits for its slot in the
 /// schedule (`start + seq / rate`), sends it and waits for the answer.
 pub async fn publisher(
+    index: usize,
     plan: Arc<Plan>,
     counts: Arc<Counts>,
     next: Arc<AtomicU64>,
@@ -347,7 +359,7 @@ pub async fn publisher(
             .as_bytes(),
         );
         request.extend_from_slice(body.as_bytes());
-        match send_one(&plan, &mut conn, &request).await {
+        match send_one(plan.node(index, plan.pub_addr), &mut conn, &request).await {
             Ok(status) if (200..300).contains(&status) => {
                 counts.per_topic[topic].fetch_add(1, Ordering::Relaxed);
                 counts.published.fetch_add(1, Ordering::Relaxed);
@@ -368,12 +380,12 @@ pub async fn publisher(
 /// Sends one request on the kept-alive connection (opening it if needed) and reads the whole
 /// answer; returns its status.
 async fn send_one(
-    plan: &Plan,
+    addr: SocketAddr,
     conn: &mut Option<(TcpStream, Vec<u8>)>,
     request: &[u8],
 ) -> anyhow::Result<u16> {
     if conn.is_none() {
-        *conn = Some((connect(plan.pub_addr, 0, 1, None).await?, Vec::new()));
+        *conn = Some((connect(addr, 0, 1, None).await?, Vec::new()));
     }
     let (stream, buf) = conn.as_mut().expect("just opened");
     stream.write_all(request).await?;

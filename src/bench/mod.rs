@@ -50,7 +50,8 @@ pub struct BenchArgs {
     pub target: Peer,
     /// The server's base URL (for ssehub, the hub URL). Defaults: ssehub
     /// http://127.0.0.1:8000/.well-known/mercure, nchan http://127.0.0.1:8090, baseline
-    /// http://127.0.0.1:3000.
+    /// http://127.0.0.1:3000. Several comma-separated URLs (the nodes of a cluster, same path on
+    /// each) spread subscribers and publishers over them in turn.
     #[arg(long)]
     pub hub: Option<String>,
     /// Subscribe URL template; `{hub}` and `{topic}` are filled in.
@@ -202,7 +203,8 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         ),
         Peer::Custom => ("", "", "", "{data}"),
     };
-    let hub = args.hub.as_deref().unwrap_or(hub);
+    let hubs: Vec<&str> = args.hub.as_deref().unwrap_or(hub).split(',').collect();
+    let hub = hubs[0];
     let sub = args.sub_url.as_deref().unwrap_or(sub).replace("{hub}", hub);
     let publ = args
         .pub_url
@@ -272,8 +274,13 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         .iter()
         .map(|t| body.replace("{topic}", t))
         .collect();
+    let nodes = hubs
+        .iter()
+        .map(|h| Ok(split_url(&sub.replace(hub, h).replace("{topic}", "x"))?.1))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Plan {
         sub_addr,
+        nodes,
         sub_requests,
         pub_addr,
         pub_authority,
@@ -364,8 +371,9 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     let start = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut publishers = Vec::new();
-    for _ in 0..args.publishers.max(1) {
+    for i in 0..args.publishers.max(1) {
         publishers.push(tokio::spawn(load::publisher(
+            i,
             plan.clone(),
             counts.clone(),
             next.clone(),
