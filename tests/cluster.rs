@@ -507,3 +507,44 @@ fn rediss_is_refused_with_a_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not supported yet"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_spreads_over_the_nodes_and_loses_nothing() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let hubs = format!(
+        "{},{}",
+        a.url("/.well-known/mercure"),
+        b.url("/.well-known/mercure")
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ssehub"))
+            .args(["bench", "--target", "ssehub", "--json", "--timeout", "20s"])
+            .args(["--settle", "0", "--hub", &hubs, "--jwt-key", common::SECRET])
+            .args(["--subscribers", "20", "--updates", "60", "--rate", "300"])
+            .args(["--publishers", "4"])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run ssehub bench")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["delivered"], 20 * 60, "{r:#}");
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // Both nodes really served: each holds half of the subscribers.
+    for hub in [&a, &b] {
+        assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+        assert_eq!(hub.metric("ssehub_subscribers_total").await, 10.0);
+    }
+}
