@@ -49,10 +49,11 @@ pub struct ServeArgs {
     pub heartbeat: Duration,
 
     /// Longest wait for updates that follow a write to the same subscriber, so that they go out
-    /// together in one write. The wait is 20 µs per connected subscriber up to this bound: a
-    /// hub with 100 subscribers waits 2 ms, one with 5,000 or more this bound. The first update
-    /// after a quiet spell is never delayed; 0 writes every update at once.
-    #[arg(long, env = "SSEHUB_COALESCE", default_value = "100ms", value_parser = parse_duration)]
+    /// together in one write. The wait is 40 µs per connected subscriber divided by the
+    /// number of cores, up to this bound (on 2 cores: 2 ms for 100 subscribers, 200 ms for
+    /// 10,000). The first update after a quiet spell is never delayed; 0 writes every update at
+    /// once.
+    #[arg(long, env = "SSEHUB_COALESCE", default_value = "250ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 
     /// Updates a subscriber may lag behind before the hub drops its connection.

@@ -27,15 +27,25 @@ use super::HubShared;
 use crate::metrics::DropReason;
 use crate::sse;
 
-/// The hub's write budget: about one write per this much time, across all subscribers (a
-/// write to a socket costs ~8-10 µs of CPU on loopback, most of it the kernel's; 20 µs keeps
-/// writes under about half a core).
-const WRITE_SPACING: Duration = Duration::from_micros(20);
+/// The hub's write budget: about one write per this much time per core, across all
+/// subscribers. A write to a socket costs ~8-10 µs of CPU on loopback, most of it the kernel's,
+/// so 40 µs keeps writes to about a quarter of the machine and leaves the rest for publishing,
+/// TLS and the clients' own bursts.
+const WRITE_SPACING_PER_CORE: Duration = Duration::from_micros(40);
 
-/// The wait after a write for `subscribers` connected, at most `bound`.
-pub(crate) fn coalescing_window(bound: Duration, subscribers: u64) -> Duration {
+fn cores() -> u32 {
+    static CORES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+    })
+}
+
+/// The wait after a write with `subscribers` connected on `cores` cores, at most `bound`.
+pub(crate) fn coalescing_window(bound: Duration, subscribers: u64, cores: u32) -> Duration {
     let subscribers = u32::try_from(subscribers).unwrap_or(u32::MAX);
-    WRITE_SPACING.saturating_mul(subscribers).min(bound)
+    (WRITE_SPACING_PER_CORE / cores.max(1))
+        .saturating_mul(subscribers)
+        .min(bound)
 }
 
 /// The most bytes of replayed history sent in one chunk.
@@ -314,7 +324,7 @@ impl SubscriberStream {
             .metrics
             .subscribers_connected
             .load(Ordering::Relaxed);
-        coalescing_window(self.window, subscribers)
+        coalescing_window(self.window, subscribers, cores())
     }
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
@@ -394,12 +404,16 @@ mod tests {
 
     #[test]
     fn the_window_grows_with_subscribers_up_to_the_bound() {
-        let bound = Duration::from_millis(100);
-        assert_eq!(coalescing_window(bound, 0), Duration::ZERO);
-        assert_eq!(coalescing_window(bound, 100), Duration::from_millis(2));
-        assert_eq!(coalescing_window(bound, 1000), Duration::from_millis(20));
-        assert_eq!(coalescing_window(bound, 5000), bound);
-        assert_eq!(coalescing_window(bound, u64::MAX), bound);
-        assert_eq!(coalescing_window(Duration::ZERO, 1000), Duration::ZERO);
+        let bound = Duration::from_millis(250);
+        let ms = Duration::from_millis;
+        assert_eq!(coalescing_window(bound, 0, 2), Duration::ZERO);
+        assert_eq!(coalescing_window(bound, 100, 2), ms(2));
+        assert_eq!(coalescing_window(bound, 1000, 2), ms(20));
+        assert_eq!(coalescing_window(bound, 10_000, 2), ms(200));
+        assert_eq!(coalescing_window(bound, 19_000, 2), bound);
+        assert_eq!(coalescing_window(bound, 10_000, 8), ms(50));
+        assert_eq!(coalescing_window(bound, 1000, 0), ms(40));
+        assert_eq!(coalescing_window(bound, u64::MAX, 1), bound);
+        assert_eq!(coalescing_window(Duration::ZERO, 1000, 2), Duration::ZERO);
     }
 }
