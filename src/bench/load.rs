@@ -17,8 +17,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, BodyKind, Chunked};
-use crate::sse::{Event, Parser};
+use super::wire::{self, EventBody};
+use crate::sse::Event;
 
 /// Everything the tasks share: prepared requests and the running counts.
 pub struct Plan {
@@ -174,7 +174,7 @@ pub async fn subscriber(
     }
     .await;
     drop(permit);
-    let (mut stream, mut buf, head) = match opened {
+    let (mut stream, buf, head) = match opened {
         Ok(v) => v,
         Err(e) => {
             counts.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -195,32 +195,19 @@ pub async fn subscriber(
     }
 
     let mut seen = Bitset::default();
-    let mut chunked = (head.body == BodyKind::Chunked).then(Chunked::default);
-    let mut parser = Parser::new();
+    let mut body = EventBody::new(head.body);
     let mut events: Vec<Event> = Vec::new();
-    let mut payload = Vec::with_capacity(4096);
     let mut latencies: Vec<u64> = Vec::new();
     let mut read_buf = vec![0u8; 16 * 1024];
     // Bytes that came with the head are the body's first bytes.
-    let mut pending = std::mem::take(&mut buf);
+    let mut pending = buf;
     loop {
         if !pending.is_empty() {
-            payload.clear();
-            let ended = match &mut chunked {
-                Some(d) => match d.decode(&pending, &mut payload) {
-                    Ok((_, ended)) => ended,
-                    Err(e) => {
-                        counts.error(format!("subscriber stream: {e}"));
-                        true
-                    }
-                },
-                None => {
-                    payload.extend_from_slice(&pending);
-                    false
-                }
-            };
+            let ended = body.feed(&pending, &mut events).unwrap_or_else(|e| {
+                counts.error(format!("subscriber stream: {e}"));
+                true
+            });
             pending.clear();
-            let _ = parser.feed(&payload, &mut events);
             let now = now_ns();
             let mut fresh = 0;
             for ev in events.drain(..) {
@@ -378,38 +365,8 @@ async fn send_one(
     let (stream, buf) = conn.as_mut().expect("just opened");
     stream.write_all(request).await?;
     let head = wire::read_head(stream, buf).await?;
-    let mut read_buf = [0u8; 4096];
-    match head.body {
-        BodyKind::Length(n) => {
-            let n = n as usize;
-            while buf.len() < n {
-                let r = stream.read(&mut read_buf).await?;
-                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
-                buf.extend_from_slice(&read_buf[..r]);
-            }
-            buf.drain(..n);
-        }
-        BodyKind::Chunked => {
-            let mut d = Chunked::default();
-            let mut sink = Vec::new();
-            loop {
-                let (used, ended) = d.decode(buf, &mut sink)?;
-                buf.drain(..used);
-                if ended {
-                    break;
-                }
-                let r = stream.read(&mut read_buf).await?;
-                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
-                buf.extend_from_slice(&read_buf[..r]);
-            }
-        }
-        BodyKind::UntilClose => {
-            while stream.read(&mut read_buf).await? > 0 {}
-            *conn = None;
-            return Ok(head.status);
-        }
-    }
-    if head.close {
+    wire::read_body(stream, buf, head.body).await?;
+    if head.close || head.body == wire::BodyKind::UntilClose {
         *conn = None;
     }
     Ok(head.status)
