@@ -25,6 +25,8 @@ pub struct Plan {
     pub sub_addr: SocketAddr,
     /// One prepared GET per topic.
     pub sub_requests: Vec<Vec<u8>>,
+    /// A GET for every topic at once (`topic=*`), where the target speaks Mercure.
+    pub sub_every_topic: Option<Vec<u8>>,
     pub pub_addr: SocketAddr,
     pub pub_authority: String,
     /// Path per topic.
@@ -100,7 +102,7 @@ impl Counts {
         }
     }
 
-    fn error(&self, e: impl std::fmt::Display) {
+    pub(super) fn error(&self, e: impl std::fmt::Display) {
         let mut slot = self.first_error.lock();
         if slot.is_none() {
             *slot = Some(e.to_string());
@@ -108,14 +110,15 @@ impl Counts {
     }
 }
 
-fn now_ns() -> u64 {
+/// Wall-clock nanoseconds, the clock payloads carry.
+pub(super) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Opens a TCP connection from 127.0.0.(1 + index % source_ips).
-async fn connect(
+pub(super) async fn connect(
     addr: SocketAddr,
     index: usize,
     source_ips: u8,
@@ -256,7 +259,7 @@ pub async fn subscriber(
 
 /// Reads what a never-reading subscriber left in its buffers; true if the server had closed
 /// the connection (the hub dropped a slow subscriber, as it should).
-async fn drained_to_eof(stream: &mut TcpStream) -> bool {
+pub(super) async fn drained_to_eof(stream: &mut TcpStream) -> bool {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -269,16 +272,16 @@ async fn drained_to_eof(stream: &mut TcpStream) -> bool {
 }
 
 /// `SEQ:SEND_NS:...` → (seq, send_ns).
-fn parse_payload(data: &str) -> Option<(u64, u64)> {
+pub(super) fn parse_payload(data: &str) -> Option<(u64, u64)> {
     let mut parts = data.splitn(3, ':');
     let seq = parts.next()?.parse().ok()?;
     let sent = parts.next()?.parse().ok()?;
     Some((seq, sent))
 }
 
-/// The payload of update `seq`, padded with `x` to `size` bytes.
-fn payload(seq: u64, size: usize) -> String {
-    let mut s = format!("{seq}:{}:", now_ns());
+/// The payload of update `seq` sent at `sent_ns`, padded with `x` to `size` bytes.
+fn payload(seq: u64, sent_ns: u64, size: usize) -> String {
+    let mut s = format!("{seq}:{sent_ns}:");
     if s.len() < size {
         s.extend(std::iter::repeat_n('x', size - s.len()));
     }
@@ -302,6 +305,10 @@ impl Bitset {
     }
 }
 
+/// Told of each update the server accepted: its sequence number, its topic and the send time
+/// its payload carries. The soak keeps these to know what each subscriber is owed.
+pub type OnAccepted = Arc<dyn Fn(u64, usize, u64) + Send + Sync>;
+
 /// One publisher connection: takes the next sequence number, waits for its slot in the
 /// schedule (`start + seq / rate`), sends it and waits for the answer.
 pub async fn publisher(
@@ -310,6 +317,7 @@ pub async fn publisher(
     next: Arc<AtomicU64>,
     start: Instant,
     stop: CancellationToken,
+    on_accepted: Option<OnAccepted>,
 ) {
     let mut conn: Option<(TcpStream, Vec<u8>)> = None;
     let mut request = Vec::with_capacity(plan.size + 512);
@@ -319,10 +327,14 @@ pub async fn publisher(
             break;
         }
         let due = start + Duration::from_secs_f64(seq as f64 / plan.rate);
-        tokio::time::sleep_until(due).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = stop.cancelled() => break,
+        }
         let topic = plan.topic_of(seq);
         request.clear();
-        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, plan.size));
+        let sent_ns = now_ns();
+        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, sent_ns, plan.size));
         request.extend_from_slice(
             format!(
                 "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{}\r\n",
@@ -336,6 +348,9 @@ pub async fn publisher(
         request.extend_from_slice(body.as_bytes());
         match send_one(&plan, &mut conn, &request).await {
             Ok(status) if (200..300).contains(&status) => {
+                if let Some(f) = &on_accepted {
+                    f(seq, topic, sent_ns);
+                }
                 counts.per_topic[topic].fetch_add(1, Ordering::Relaxed);
                 counts.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -378,11 +393,9 @@ mod tests {
 
     #[test]
     fn payload_round_trip() {
-        let p = payload(42, 100);
+        let p = payload(42, 1_700_000_000_000_000_000, 100);
         assert_eq!(p.len(), 100);
-        let (seq, sent) = parse_payload(&p).unwrap();
-        assert_eq!(seq, 42);
-        assert!(sent > 0);
+        assert_eq!(parse_payload(&p), Some((42, 1_700_000_000_000_000_000)));
     }
 
     #[test]
