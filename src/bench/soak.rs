@@ -730,6 +730,8 @@ pub struct Sample {
     pub delivered: u64,
     /// `ssehub_deliveries_total`.
     pub hub_deliveries: Option<u64>,
+    /// `ssehub_subscribers_dropped_total{reason="slow"}`.
+    pub hub_slow_dropped: Option<u64>,
     pub slow_dropped: u64,
     pub bad_requests: u64,
     pub lost: u64,
@@ -776,6 +778,8 @@ pub struct SoakSettings {
     pub size: u64,
     pub lifetime_secs: [f64; 2],
     pub resume: f64,
+    /// How long a resuming reader stays away.
+    pub away_secs: [f64; 2],
     pub bad_rate: f64,
     pub source_ips: u8,
     pub pids: Vec<u32>,
@@ -942,8 +946,9 @@ pub async fn execute(
     let server_cpu_secs = server.cpu_secs() - cpu_start;
     let bench_cpu_secs = Proc::SelfProc.cpu_secs().unwrap_or(0.0) - own_cpu_start;
     tokio::time::sleep(AFTER_SETTLE).await;
-    let hub_after = soak.hub_figures().await;
-    samples.push(sample_with(&soak, &server, "after", start, hub_after));
+    let after = sample(&soak, &server, "after", start).await;
+    let hub_slow_dropped = after.hub_slow_dropped;
+    samples.push(after);
 
     let c = &soak.counts;
     let churn = &soak.churn;
@@ -984,7 +989,7 @@ pub async fn execute(
         slow_patience: soak.slow_patience,
         slow_dropped: churn.slow_dropped.load(Relaxed),
         slow_kept: churn.slow_kept.load(Relaxed),
-        hub_slow_dropped: hub_after.and_then(|f| f.slow_dropped),
+        hub_slow_dropped,
         bad_as_expected: churn.bad_as_expected.load(Relaxed),
         bad_unexpected: churn.bad_unexpected.load(Relaxed),
         errors: soak.errors(),
@@ -1005,6 +1010,7 @@ pub async fn execute(
             size: args.size as u64,
             lifetime_secs: [lifetime.min.as_secs_f64(), lifetime.max.as_secs_f64()],
             resume: args.soak.resume,
+            away_secs: [AWAY.start.as_secs_f64(), AWAY.end.as_secs_f64()],
             bad_rate: args.soak.bad_rate,
             source_ips: args.source_ips(),
             pids: args.pid.clone(),
@@ -1014,33 +1020,24 @@ pub async fn execute(
     })
 }
 
+/// Takes a sample. The server's figures are read before `/metrics` is asked, so that the
+/// sampler's own connection is never among the descriptors counted.
 async fn sample(soak: &Soak, server: &Server, phase: &'static str, start: Instant) -> Sample {
-    let hub = soak.hub_figures().await;
-    sample_with(soak, server, phase, start, hub)
-}
-
-fn sample_with(
-    soak: &Soak,
-    server: &Server,
-    phase: &'static str,
-    start: Instant,
-    hub: Option<HubFigures>,
-) -> Sample {
+    let elapsed_secs = (start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    let (rss_kib, fds) = (server.rss_kib(), server.open_fds());
     let c = &soak.counts;
     let churn = &soak.churn;
-    Sample {
+    let mut s = Sample {
         phase,
-        elapsed_secs: (start.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-        rss_kib: server.rss_kib(),
-        fds: server.open_fds(),
+        elapsed_secs,
+        rss_kib,
+        fds,
         subscribers: churn.open.load(Relaxed),
-        hub_subscribers: hub.and_then(|f| f.subscribers),
         connects: c.connected.load(Relaxed),
         disconnects: churn.disconnects.load(Relaxed),
         resumed: churn.resumed.load(Relaxed),
         published: c.published.load(Relaxed),
         delivered: c.delivered.load(Relaxed),
-        hub_deliveries: hub.and_then(|f| f.deliveries),
         slow_dropped: churn.slow_dropped.load(Relaxed),
         bad_requests: churn.bad_as_expected.load(Relaxed) + churn.bad_unexpected.load(Relaxed),
         lost: churn.lost.load(Relaxed),
@@ -1048,7 +1045,16 @@ fn sample_with(
         errors: soak.errors(),
         bench_rss_kib: Proc::SelfProc.rss_kib().unwrap_or(0),
         bench_fds: Proc::SelfProc.open_fds().unwrap_or(0),
+        hub_subscribers: None,
+        hub_deliveries: None,
+        hub_slow_dropped: None,
+    };
+    if let Some(hub) = soak.hub_figures().await {
+        s.hub_subscribers = hub.subscribers;
+        s.hub_deliveries = hub.deliveries;
+        s.hub_slow_dropped = hub.slow_dropped;
     }
+    s
 }
 
 impl SoakReport {
@@ -1257,6 +1263,7 @@ mod tests {
             published: 0,
             delivered: 0,
             hub_deliveries: None,
+            hub_slow_dropped: None,
             slow_dropped: 0,
             bad_requests: 0,
             lost: 0,
