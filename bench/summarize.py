@@ -2,10 +2,13 @@
 """Turns the JSON of bench/compare.sh into docs/BENCHMARKS.md (printed on stdout).
 
 Medians over runs; ratios of ssehub to each peer are computed from the same set of runs.
+A soak (`ssehub bench --soak`, saved as bench/results/soak*.json) gets its own section, and its
+plot is written beside the document (bench/results/soak.json -> docs/soak.svg).
 Everything in the current docs/BENCHMARKS.md after the NOTES marker is kept as it is.
 """
 import glob
 import json
+import math
 import os
 import platform
 import re
@@ -171,6 +174,172 @@ def machine():
             f"{nginx or 'nginx not installed'}")
 
 
+def nice_step(span, ticks=5):
+    """A round tick step (1, 2 or 5 times a power of ten) giving about `ticks` ticks."""
+    raw = max(span, 1e-9) / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def soak_svg(report):
+    """Server RSS (MiB) and open fds over time as an SVG: two panels sharing the time axis.
+
+    Written by hand, about as long as the code to drive a charting library, and with no
+    dependency to install: the project's only other script needs nothing beyond Python.
+    """
+    samples = report["samples"]
+    minutes = [s["elapsed_secs"] / 60 for s in samples]
+    x_end = max(minutes[-1], 1e-9)
+    width, left, right, panel, gap, top = 760, 70, 20, 170, 50, 30
+    plot_w = width - left - right
+    height = top + 2 * panel + gap + 45
+    x_step = nice_step(x_end, 8)
+
+    def x_of(m):
+        return left + plot_w * m / x_end
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="14" font-weight="bold">'
+           f'ssehub soak: server memory and open file descriptors</text>']
+    panels = [("RSS MiB", [s["rss_kib"] / 1024 for s in samples], "#1f77b4", "{:,.1f}"),
+              ("open fds", [s["fds"] for s in samples], "#d95f02", "{:,.0f}")]
+    load_end = max((m for s, m in zip(samples, minutes) if s["phase"] == "run"), default=0)
+    for i, (name, values, colour, label) in enumerate(panels):
+        y0 = top + i * (panel + gap)  # the panel's top edge
+        y_max = max(values) * 1.1 or 1
+        y_step = nice_step(y_max, 4)
+
+        def y_of(v):
+            return y0 + panel - panel * v / y_max
+
+        out.append(f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{panel}" '
+                   f'fill="none" stroke="#999"/>')
+        v = 0
+        while v <= y_max:
+            y = y_of(v)
+            out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" '
+                       f'stroke="#eee"/>')
+            out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
+            v += y_step
+        out.append(f'<text x="16" y="{y0 + panel / 2}" text-anchor="middle" fill="{colour}" '
+                   f'transform="rotate(-90 16 {y0 + panel / 2})">{name}</text>')
+        out.append(f'<line x1="{x_of(load_end):.1f}" y1="{y0}" x2="{x_of(load_end):.1f}" '
+                   f'y2="{y0 + panel}" stroke="#999" stroke-dasharray="4 3"/>')
+        if i == 0:
+            out.append(f'<text x="{x_of(load_end) - 4:.1f}" y="{y0 + panel - 6}" '
+                       f'text-anchor="end" fill="#666">load ends</text>')
+        points = " ".join(f"{x_of(m):.1f},{y_of(v):.1f}" for m, v in zip(minutes, values))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for s, m, v in zip(samples, minutes, values):
+            if s["phase"] != "run":  # the idle server before the load, and after everyone left
+                anchor = "start" if s["phase"] == "idle" else "end"
+                out.append(f'<circle cx="{x_of(m):.1f}" cy="{y_of(v):.1f}" r="3.5" '
+                           f'fill="{colour}"/>')
+                out.append(f'<text x="{x_of(m):.1f}" y="{y_of(v) - 8:.1f}" '
+                           f'text-anchor="{anchor}">{s["phase"]}: {label.format(v)}</text>')
+    axis_y = top + 2 * panel + gap
+    m = 0
+    while m <= x_end + 1e-9:
+        x = x_of(m)
+        out.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="#999"/>')
+        out.append(f'<text x="{x:.1f}" y="{axis_y + 18}" text-anchor="middle">{m:g}</text>')
+        m += x_step
+    out.append(f'<text x="{left + plot_w / 2}" y="{axis_y + 36}" text-anchor="middle">'
+               f'minutes since the start of the load</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def span(secs):
+    """10 s, 5 minutes, 30.2 minutes."""
+    if secs < 60:
+        return f"{secs:.3g} s"
+    return f"{secs / 60:.3g} minute" + ("" if round(secs) == 60 else "s")
+
+
+def soak_section(path, report):
+    """The soak's settings, summary, abridged samples and a link to its plot."""
+    st, m, samples = report["settings"], report["summary"], report["samples"]
+    name = os.path.splitext(os.path.basename(path))[0]
+    mib = lambda k: f"{k / 1024:,.1f}"
+    # Soaks run before `away_secs` was recorded do not say how long resuming readers stayed away.
+    away = " after {:g}–{:g} s".format(*st["away_secs"]) if "away_secs" in st else ""
+    out = []
+    out.append(f"From `{path}`: {span(st['duration_secs'])} against "
+               f"{report['target']}; {fmt(st['subscribers'])} reading subscribers at any time, "
+               f"each staying {st['lifetime_secs'][0]:g}–{st['lifetime_secs'][1]:g} s, "
+               f"{st['resume'] * 100:g} % of those leaving coming back{away} with "
+               f"`Last-Event-ID`; {st['slow']} that never read; {st['topics']} topics, "
+               f"{fmt(st['rate'])} updates/s of {st['size']} bytes; {st['bad_rate']:g} bad "
+               f"request/s; a sample every {st['sample_secs']:g} s.")
+    out.append("")
+    out.append(f"![Server RSS and open file descriptors during the soak]({name}.svg)")
+    out.append("")
+    out.append("| server | idle, before | first sample | min | max | last sample | after all left |")
+    out.append("|---|---|---|---|---|---|---|")
+    keys = ["idle", "first", "min", "max", "last", "after"]
+    out.append("| RSS MiB | " + " | ".join(mib(m["rss_kib"][k]) for k in keys) + " |")
+    out.append("| open fds | " + " | ".join(fmt(m["fds"][k]) for k in keys) + " |")
+    out.append("")
+    rows = [
+        ("subscriber connections", f"{fmt(m['connects'])} opened ({fmt(m['resumed'])} resumed with "
+                                   f"`Last-Event-ID`, {fmt(m['slow_connects'])} slow), "
+                                   f"{fmt(m['connect_failed'])} failed"),
+        ("readers checked when they left", fmt(m["sessions_checked"])),
+        ("lost / duplicates", f"{fmt(m['lost'])} / {fmt(m['duplicates'])}"),
+        ("… of which across a resume", f"{fmt(m['resumed_lost'])} / {fmt(m['resumed_duplicates'])} "
+                                       f"({fmt(m['replayed'])} updates replayed)"),
+        ("updates published", f"{fmt(m['published'])} ({fmt(m['publish_failed'])} failed)"),
+        ("deliveries", fmt(m["delivered"])),
+        ("latency p50 / p99 / max ms", f"{fmt(m['latency_ms']['p50'], 2)} / "
+                                       f"{fmt(m['latency_ms']['p99'], 2)} / {fmt(m['latency_ms']['max'], 1)}"),
+        ("slow subscribers dropped by the hub", f"{fmt(m['slow_dropped'])} seen by the bench "
+                                                f"({fmt(m['slow_kept'])} still connected after "
+                                                f"{fmt(m['slow_patience'])} updates); the hub "
+                                                f"counted {fmt(m['hub_slow_dropped'])}"),
+        ("bad requests answered as expected / not", f"{fmt(m['bad_as_expected'])} / "
+                                                    f"{fmt(m['bad_unexpected'])}"),
+        ("readers cut off by the server", fmt(m["readers_cut"])),
+        ("errors", fmt(m["errors"]) + (f" (first: {m['first_error']})" if m["first_error"] else "")),
+        ("CPU seconds: server / bench", f"{fmt(m['server_cpu_secs'], 1)} / "
+                                        f"{fmt(m['bench_cpu_secs'], 1)} "
+                                        f"({m['server_cpu_secs'] / st['duration_secs']:.2f} / "
+                                        f"{m['bench_cpu_secs'] / st['duration_secs']:.2f} of a core)"),
+    ]
+    out.append("| | |")
+    out.append("|---|---|")
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out.append("")
+    # One row per 5 minutes (fewer for a short soak), with the first and last of the load.
+    run = [s for s in samples if s["phase"] == "run"]
+    step = 300 if st["duration_secs"] >= 1200 else max(st["sample_secs"], st["duration_secs"] / 6)
+    picked, due = [], 0.0
+    for i, s in enumerate(run):
+        if s["elapsed_secs"] + st["sample_secs"] / 2 >= due or i in (0, len(run) - 1):
+            if s not in picked:
+                picked.append(s)
+            while due <= s["elapsed_secs"] + st["sample_secs"] / 2:
+                due += step
+    picked = [s for s in samples if s["phase"] == "idle"] + picked \
+        + [s for s in samples if s["phase"] == "after"]
+    out.append(f"Samples, one per {span(step)} of the {len(run)} taken (all of them are in "
+               f"`{path}`):")
+    out.append("")
+    out.append("| time | RSS MiB | open fds | subscribers (bench / hub) | connects | "
+               "disconnects | published | delivered | slow dropped | lost | errors |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in picked:
+        secs = round(s["elapsed_secs"])
+        when = f"{secs // 60}:{secs % 60:02}" if s["phase"] == "run" else s["phase"]
+        out.append(f"| {when} | {mib(s['rss_kib'])} | {fmt(s['fds'])} | {fmt(s['subscribers'])} / "
+                   f"{fmt(s['hub_subscribers'])} | {fmt(s['connects'])} | {fmt(s['disconnects'])} | "
+                   f"{fmt(s['published'])} | {fmt(s['delivered'])} | {fmt(s['slow_dropped'])} | "
+                   f"{fmt(s['lost'])} | {fmt(s['errors'])} |")
+    return name, "\n".join(out)
+
+
 DESCRIPTIONS = {
     "S1": "steady fan-out: 1,000 subscribers, 2,000 updates at 200/s, 100 bytes",
     "S2": "wide fan-out: 10,000 subscribers, 300 updates at 20/s (3 million deliveries)",
@@ -202,6 +371,57 @@ print("```")
 print()
 print("Per-scenario flags are in `bench/compare.sh`; every run has a freshly started server.")
 print()
+def s7_table():
+    single = runs.get(("S7-single", "ssehub"), [])
+    cluster = runs.get(("S7-cluster", "ssehub"), [])
+    if not single or not cluster:
+        return None
+    rows = [
+        ("delivered", "delivered", 0),
+        ("expected", "expected", 0),
+        ("lost", "lost", 0),
+        ("duplicates", "duplicates", 0),
+        ("publish rate achieved /s", "rate_achieved", 0),
+        ("latency p50 ms", "latency_ms.p50", 2),
+        ("latency p99 ms", "latency_ms.p99", 2),
+        ("server CPU s (every node, and Redis)", "server.cpu_secs", 2),
+        ("**deliveries per server CPU-second**", "server.deliveries_per_cpu_sec", 0),
+        ("bench CPU s", "bench_cpu_secs", 2),
+    ]
+    out = ["| | one node | three nodes + Redis |", "|---|---|---|"]
+    for name, path, digits in rows:
+        out.append(f"| {name} | {cell('S7-single', 'ssehub', path, digits)} | "
+                   f"{cell('S7-cluster', 'ssehub', path, digits)} |")
+    a = med([get(r, "server.deliveries_per_cpu_sec") for r in single])
+    b = med([get(r, "server.deliveries_per_cpu_sec") for r in cluster])
+    pa = med([get(r, "latency_ms.p99") for r in single])
+    pb = med([get(r, "latency_ms.p99") for r in cluster])
+    if a and b and pa is not None and pb is not None:
+        out.append("")
+        out.append(f"Cluster mode costs {(1 - b / a) * 100:.0f} % of the deliveries per server "
+                   f"CPU-second and changes p99 by {pb - pa:+.1f} ms (targets: at most 20 % and "
+                   "5 ms).")
+    return "\n".join(out)
+
+
+def scale_table():
+    labels = sorted({k[0] for k in runs if k[0].startswith("scale-")}, key=lambda s: int(s[6:]))
+    if not labels:
+        return None
+    out = ["| subscribers | server RSS per subscriber KiB | deliveries per server CPU-second | "
+           "server CPU per delivery µs | p99 ms | lost |",
+           "|---|---|---|---|---|---|"]
+    for label in labels:
+        rs = runs.get((label, "ssehub"), [])
+        kib = med([get(r, "server.rss_per_subscriber_kib") for r in rs])
+        dpc = med([get(r, "server.deliveries_per_cpu_sec") for r in rs])
+        p99 = med([get(r, "latency_ms.p99") for r in rs])
+        lost = med([r["lost"] for r in rs])
+        out.append(f"| {int(label[6:]):,} | {fmt(kib, 2)} | {fmt(dpc)} | "
+                   f"{fmt(1e6 / dpc if dpc else None, 2)} | {fmt(p99, 1)} | {fmt(lost)} |")
+    return "\n".join(out)
+
+
 for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"]:
     if label == "S3":
         t = s3_table()
@@ -223,6 +443,44 @@ for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"]:
         print("|---|" + "---|" * len(peers))
     print()
 
+t = s7_table()
+if t:
+    print("## S7 — cluster: S1 across three nodes sharing one Redis, against S1 on one node")
+    print()
+    print("Subscribers and publishers are spread over the three nodes in turn; server CPU is the")
+    print("sum of the three nodes and `redis-server`. All of it runs on the same two cores.")
+    print()
+    print(t)
+    print()
+t = scale_table()
+if t:
+    print("## Scaling — ssehub alone, S2's shape (200 updates at 20/s) at 1,000 to 19,000 subscribers")
+    print()
+    print(t)
+    print()
+
+soaks = sorted(glob.glob(os.path.join(results_dir, "soak*.json")))
+if soaks:
+    print("## Soak")
+    print()
+    print("`ssehub bench --soak 30m` (or `bench/soak.sh`) keeps a population of subscribers coming")
+    print("and going for the whole run and samples the server's resident memory (VmRSS) and open")
+    print("file descriptors (`/proc/PID/fd`); the question is whether they stay flat under churn and")
+    print("come back once every client has left. Every subscriber is checked when it leaves: each")
+    print("update accepted on its topic while it was subscribed must have arrived exactly once.")
+    print()
+for path in soaks:
+    with open(path) as f:
+        report = json.load(f)
+    name, section = soak_section(path, report)
+    if len(soaks) > 1:
+        print(f"### {report['label'] or name}")
+        print()
+    print(section)
+    print()
+    with open(os.path.join("docs", f"{name}.svg"), "w") as f:
+        f.write(soak_svg(report))
+
 notes = ""
 try:
     with open("docs/BENCHMARKS.md") as f:
@@ -232,4 +490,4 @@ try:
 except OSError:
     pass
 print(NOTES, end="")
-print(notes if notes else "\n")
+print(notes if notes else "\n", end="")

@@ -1,5 +1,6 @@
 //! `ssehub bench` end to end against a real hub: a tiny run must report every update delivered
-//! exactly once, so the tool itself cannot rot. No timing is asserted.
+//! exactly once, and a tiny soak must sample and churn, so the tool itself cannot rot. No
+//! timing is asserted.
 
 mod common;
 
@@ -7,10 +8,16 @@ use std::process::Command;
 
 use common::{TestHub, SECRET};
 
+/// A fixed run: publish the updates, wait for their deliveries.
 fn run_bench(hub: &TestHub, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--timeout", "20s", "--settle", "0"];
+    args.extend_from_slice(extra);
+    bench(hub, &args)
+}
+
+fn bench(hub: &TestHub, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
-        .args(["bench", "--target", "ssehub", "--json", "--timeout", "20s"])
-        .args(["--settle", "0"])
+        .args(["bench", "--target", "ssehub", "--json"])
         .args(["--hub", &hub.url("/.well-known/mercure")])
         .args(["--jwt-key", SECRET])
         .args(["--pid", &hub.pid().to_string()])
@@ -64,4 +71,63 @@ fn topics_split_the_expected_deliveries() {
     assert_eq!(r["lost"], 0, "{r:#}");
     assert_eq!(r["duplicates"], 0, "{r:#}");
     assert_eq!(r["foreign_events"], 0, "{r:#}");
+}
+
+#[test]
+fn a_short_soak_samples_churns_and_loses_nothing() {
+    let hub = TestHub::start(&[]);
+    let r = bench(
+        &hub,
+        &[
+            "--soak",
+            "6s",
+            "--sample",
+            "1s",
+            "--subscribers",
+            "40",
+            "--lifetime",
+            "500ms..2s",
+            "--resume",
+            "0.5",
+            "--topics",
+            "3",
+            "--rate",
+            "50",
+            "--slow",
+            "1",
+            "--bad-rate",
+            "2",
+        ],
+    );
+    let samples = r["samples"].as_array().unwrap();
+    let phase = |p: &'static str| samples.iter().filter(move |s| s["phase"] == p);
+    assert!(phase("run").count() >= 3, "{r:#}");
+    assert_eq!(phase("idle").count(), 1, "{r:#}");
+    assert_eq!(phase("after").count(), 1, "{r:#}");
+    for s in samples {
+        assert!(s["rss_kib"].as_u64().unwrap() > 0, "{s:#}");
+        assert!(s["fds"].as_u64().unwrap() > 0, "{s:#}");
+    }
+    assert!(phase("run").any(|s| s["hub_subscribers"].as_u64().unwrap() > 0));
+
+    let m = &r["summary"];
+    for figure in ["rss_kib", "fds"] {
+        for at in ["idle", "first", "min", "max", "last", "after"] {
+            assert!(m[figure][at].as_u64().unwrap() > 0, "{figure} {at}: {m:#}");
+        }
+    }
+    // Subscribers came and went: more connections than the population.
+    assert!(m["connects"].as_u64().unwrap() > 40, "{m:#}");
+    assert!(m["disconnects"].as_u64().unwrap() > 0, "{m:#}");
+    // Some came back with Last-Event-ID, and got every update they missed, once.
+    assert!(m["resumed"].as_u64().unwrap() > 0, "{m:#}");
+    assert_eq!(m["resumed_lost"], 0, "{m:#}");
+    assert_eq!(m["resumed_duplicates"], 0, "{m:#}");
+    assert_eq!(m["lost"], 0, "{m:#}");
+    assert_eq!(m["duplicates"], 0, "{m:#}");
+    assert!(m["sessions_checked"].as_u64().unwrap() > 0, "{m:#}");
+    assert!(m["published"].as_u64().unwrap() > 0, "{m:#}");
+    assert!(m["bad_as_expected"].as_u64().unwrap() > 0, "{m:#}");
+    assert_eq!(m["bad_unexpected"], 0, "{m:#}");
+    assert_eq!(m["errors"], 0, "{m:#}");
 }

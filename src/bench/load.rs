@@ -17,8 +17,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, BodyKind, Chunked};
-use crate::sse::{Event, Parser};
+use super::wire::{self, EventBody};
+use crate::sse::Event;
 
 /// Everything the tasks share: prepared requests and the running counts.
 pub struct Plan {
@@ -28,6 +28,8 @@ pub struct Plan {
     pub nodes: Vec<SocketAddr>,
     /// One prepared GET per topic.
     pub sub_requests: Vec<Vec<u8>>,
+    /// A GET for every topic at once (`topic=*`), where the target speaks Mercure.
+    pub sub_every_topic: Option<Vec<u8>>,
     pub pub_addr: SocketAddr,
     pub pub_authority: String,
     /// Path per topic.
@@ -110,7 +112,7 @@ impl Counts {
         }
     }
 
-    fn error(&self, e: impl std::fmt::Display) {
+    pub(super) fn error(&self, e: impl std::fmt::Display) {
         let mut slot = self.first_error.lock();
         if slot.is_none() {
             *slot = Some(e.to_string());
@@ -118,14 +120,15 @@ impl Counts {
     }
 }
 
-fn now_ns() -> u64 {
+/// Wall-clock nanoseconds, the clock payloads carry.
+pub(super) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Opens a TCP connection from 127.0.0.(1 + index % source_ips).
-async fn connect(
+pub(super) async fn connect(
     addr: SocketAddr,
     index: usize,
     source_ips: u8,
@@ -185,7 +188,7 @@ pub async fn subscriber(
     }
     .await;
     drop(permit);
-    let (mut stream, mut buf, head) = match opened {
+    let (mut stream, buf, head) = match opened {
         Ok(v) => v,
         Err(e) => {
             counts.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -206,32 +209,19 @@ pub async fn subscriber(
     }
 
     let mut seen = Bitset::default();
-    let mut chunked = (head.body == BodyKind::Chunked).then(Chunked::default);
-    let mut parser = Parser::new();
+    let mut body = EventBody::new(head.body);
     let mut events: Vec<Event> = Vec::new();
-    let mut payload = Vec::with_capacity(4096);
     let mut latencies: Vec<u64> = Vec::new();
     let mut read_buf = vec![0u8; 16 * 1024];
     // Bytes that came with the head are the body's first bytes.
-    let mut pending = std::mem::take(&mut buf);
+    let mut pending = buf;
     loop {
         if !pending.is_empty() {
-            payload.clear();
-            let ended = match &mut chunked {
-                Some(d) => match d.decode(&pending, &mut payload) {
-                    Ok((_, ended)) => ended,
-                    Err(e) => {
-                        counts.error(format!("subscriber stream: {e}"));
-                        true
-                    }
-                },
-                None => {
-                    payload.extend_from_slice(&pending);
-                    false
-                }
-            };
+            let ended = body.feed(&pending, &mut events).unwrap_or_else(|e| {
+                counts.error(format!("subscriber stream: {e}"));
+                true
+            });
             pending.clear();
-            let _ = parser.feed(&payload, &mut events);
             let now = now_ns();
             let mut fresh = 0;
             for ev in events.drain(..) {
@@ -280,7 +270,7 @@ pub async fn subscriber(
 
 /// Reads what a never-reading subscriber left in its buffers; true if the server had closed
 /// the connection (the hub dropped a slow subscriber, as it should).
-async fn drained_to_eof(stream: &mut TcpStream) -> bool {
+pub(super) async fn drained_to_eof(stream: &mut TcpStream) -> bool {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -293,16 +283,16 @@ async fn drained_to_eof(stream: &mut TcpStream) -> bool {
 }
 
 /// `SEQ:SEND_NS:...` → (seq, send_ns).
-fn parse_payload(data: &str) -> Option<(u64, u64)> {
+pub(super) fn parse_payload(data: &str) -> Option<(u64, u64)> {
     let mut parts = data.splitn(3, ':');
     let seq = parts.next()?.parse().ok()?;
     let sent = parts.next()?.parse().ok()?;
     Some((seq, sent))
 }
 
-/// The payload of update `seq`, padded with `x` to `size` bytes.
-fn payload(seq: u64, size: usize) -> String {
-    let mut s = format!("{seq}:{}:", now_ns());
+/// The payload of update `seq` sent at `sent_ns`, padded with `x` to `size` bytes.
+fn payload(seq: u64, sent_ns: u64, size: usize) -> String {
+    let mut s = format!("{seq}:{sent_ns}:");
     if s.len() < size {
         s.extend(std::iter::repeat_n('x', size - s.len()));
     }
@@ -326,6 +316,10 @@ impl Bitset {
     }
 }
 
+/// Told of each update the server accepted: its sequence number, its topic and the send time
+/// its payload carries. The soak keeps these to know what each subscriber is owed.
+pub type OnAccepted = Arc<dyn Fn(u64, usize, u64) + Send + Sync>;
+
 /// One publisher connection: takes the next sequence number, waits for its slot in the
 /// schedule (`start + seq / rate`), sends it and waits for the answer.
 pub async fn publisher(
@@ -335,6 +329,7 @@ pub async fn publisher(
     next: Arc<AtomicU64>,
     start: Instant,
     stop: CancellationToken,
+    on_accepted: Option<OnAccepted>,
 ) {
     let mut conn: Option<(TcpStream, Vec<u8>)> = None;
     let mut request = Vec::with_capacity(plan.size + 512);
@@ -344,10 +339,14 @@ pub async fn publisher(
             break;
         }
         let due = start + Duration::from_secs_f64(seq as f64 / plan.rate);
-        tokio::time::sleep_until(due).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = stop.cancelled() => break,
+        }
         let topic = plan.topic_of(seq);
         request.clear();
-        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, plan.size));
+        let sent_ns = now_ns();
+        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, sent_ns, plan.size));
         request.extend_from_slice(
             format!(
                 "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{}\r\n",
@@ -361,6 +360,9 @@ pub async fn publisher(
         request.extend_from_slice(body.as_bytes());
         match send_one(plan.node(index, plan.pub_addr), &mut conn, &request).await {
             Ok(status) if (200..300).contains(&status) => {
+                if let Some(f) = &on_accepted {
+                    f(seq, topic, sent_ns);
+                }
                 counts.per_topic[topic].fetch_add(1, Ordering::Relaxed);
                 counts.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -390,38 +392,8 @@ async fn send_one(
     let (stream, buf) = conn.as_mut().expect("just opened");
     stream.write_all(request).await?;
     let head = wire::read_head(stream, buf).await?;
-    let mut read_buf = [0u8; 4096];
-    match head.body {
-        BodyKind::Length(n) => {
-            let n = n as usize;
-            while buf.len() < n {
-                let r = stream.read(&mut read_buf).await?;
-                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
-                buf.extend_from_slice(&read_buf[..r]);
-            }
-            buf.drain(..n);
-        }
-        BodyKind::Chunked => {
-            let mut d = Chunked::default();
-            let mut sink = Vec::new();
-            loop {
-                let (used, ended) = d.decode(buf, &mut sink)?;
-                buf.drain(..used);
-                if ended {
-                    break;
-                }
-                let r = stream.read(&mut read_buf).await?;
-                anyhow::ensure!(r > 0, "the server closed the connection mid-answer");
-                buf.extend_from_slice(&read_buf[..r]);
-            }
-        }
-        BodyKind::UntilClose => {
-            while stream.read(&mut read_buf).await? > 0 {}
-            *conn = None;
-            return Ok(head.status);
-        }
-    }
-    if head.close {
+    wire::read_body(stream, buf, head.body).await?;
+    if head.close || head.body == wire::BodyKind::UntilClose {
         *conn = None;
     }
     Ok(head.status)
@@ -433,11 +405,9 @@ mod tests {
 
     #[test]
     fn payload_round_trip() {
-        let p = payload(42, 100);
+        let p = payload(42, 1_700_000_000_000_000_000, 100);
         assert_eq!(p.len(), 100);
-        let (seq, sent) = parse_payload(&p).unwrap();
-        assert_eq!(seq, 42);
-        assert!(sent > 0);
+        assert_eq!(parse_payload(&p), Some((42, 1_700_000_000_000_000_000)));
     }
 
     #[test]

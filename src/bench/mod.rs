@@ -5,10 +5,12 @@
 //! measure the client. Every payload carries its sequence number and send time, so the run
 //! reports loss, duplicates and latency; with `--pid` it also reads the server's CPU and
 //! memory from `/proc`, which is what the comparison in `docs/BENCHMARKS.md` rests on.
+//! `--soak` runs mixed load for a long time instead (see `soak.rs`).
 
 mod load;
 mod process;
 mod report;
+mod soak;
 mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -27,6 +29,7 @@ use load::{Counts, Plan};
 use process::{Proc, Server};
 pub use report::Report;
 use report::{Latency, ServerFigures};
+pub use soak::{Lifetime, SoakArgs};
 
 /// Which kind of server the URLs and bodies are shaped for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,15 +78,16 @@ pub struct BenchArgs {
     /// Or the hub's HS256 secret, to mint a publisher token for the run.
     #[arg(long, env = "SSEHUB_PUBLISHER_JWT_KEY", hide_env_values = true)]
     pub jwt_key: Option<String>,
-    /// Reading subscribers.
-    #[arg(long, default_value_t = 100)]
-    pub subscribers: usize,
+    /// Reading subscribers [default: 100; with --soak, 2000 at any time].
+    #[arg(long)]
+    pub subscribers: Option<usize>,
     /// Subscribers connecting at once.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
-    /// Spread subscribers' source addresses over 127.0.0.1 to 127.0.0.K.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
-    pub source_ips: u8,
+    /// Spread subscribers' source addresses over 127.0.0.1 to 127.0.0.K [default: 1; with
+    /// --soak, 4].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub source_ips: Option<u8>,
     /// Updates to publish.
     #[arg(long, default_value_t = 1000)]
     pub updates: u64,
@@ -96,12 +100,14 @@ pub struct BenchArgs {
     /// Publisher keep-alive connections.
     #[arg(long, default_value_t = 8)]
     pub publishers: usize,
-    /// Extra subscribers that never read (with a small receive buffer).
-    #[arg(long, default_value_t = 0)]
-    pub slow: usize,
-    /// Topics: subscribers are spread over them, each update goes to one at random.
-    #[arg(long, default_value_t = 1)]
-    pub topics: usize,
+    /// Extra subscribers that never read (with a small receive buffer) [default: 0; with
+    /// --soak, 5].
+    #[arg(long)]
+    pub slow: Option<usize>,
+    /// Topics: subscribers are spread over them, each update goes to one at random [default:
+    /// 1; with --soak, 10].
+    #[arg(long)]
+    pub topics: Option<usize>,
     /// Server process ids to watch (comma-separated; summed, e.g. nginx's workers).
     #[arg(long, value_delimiter = ',')]
     pub pid: Vec<u32>,
@@ -117,12 +123,41 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub soak: SoakArgs,
+}
+
+impl BenchArgs {
+    // A soak keeps a population churning for a long time, so a few flags have other defaults
+    // there: a bigger population, spread over topics (a modest load per subscriber) and over
+    // source addresses (room for the TIME_WAIT sockets that churn leaves), and a few slow
+    // clients.
+    fn subscribers(&self) -> usize {
+        self.subscribers
+            .unwrap_or(if self.soak.soak.is_some() { 2000 } else { 100 })
+    }
+
+    fn slow(&self) -> usize {
+        self.slow
+            .unwrap_or(if self.soak.soak.is_some() { 5 } else { 0 })
+    }
+
+    fn topics(&self) -> usize {
+        self.topics
+            .unwrap_or(if self.soak.soak.is_some() { 10 } else { 1 })
+    }
+
+    fn source_ips(&self) -> u8 {
+        self.source_ips
+            .unwrap_or(if self.soak.soak.is_some() { 4 } else { 1 })
+    }
 }
 
 /// Runs the benchmark and prints its report.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
-    let sockets = (args.subscribers + args.slow + args.publishers + 64) as u64;
+    let sockets = (args.subscribers() + args.slow() + args.publishers + 64) as u64
+        + soak::extra_sockets(&args.soak);
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
     if sockets > limit {
         bail!(
@@ -134,6 +169,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(duration) = args.soak.soak {
+        let report = runtime.block_on(soak::execute(&args, plan, duration))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
+    }
     let report = runtime.block_on(execute(&args, plan))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -179,7 +223,7 @@ fn header_lines(headers: &[String]) -> anyhow::Result<String> {
 
 /// Turns the flags into prepared requests.
 fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
-    if args.topics == 0 || args.subscribers + args.slow == 0 || args.rate <= 0.0 {
+    if args.topics() == 0 || args.subscribers() + args.slow() == 0 || args.rate <= 0.0 {
         bail!("--topics, --subscribers (or --slow) and --rate must be positive");
     }
     let (hub, sub, publ, body) = match args.target {
@@ -252,19 +296,29 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
     let pub_headers = header_lines(&pub_headers)?;
     let sub_headers = header_lines(&args.header)?;
 
-    let topic_names: Vec<String> = (0..args.topics).map(|i| format!("bench-{i}")).collect();
+    let topic_names: Vec<String> = (0..args.topics()).map(|i| format!("bench-{i}")).collect();
     let (sub_authority, sub_addr, _) = split_url(&sub.replace("{topic}", "x"))?;
+    let sub_request = |topic: &str| -> anyhow::Result<Vec<u8>> {
+        let (_, _, path) = split_url(&sub.replace("{topic}", topic))?;
+        Ok(format!(
+            "GET {path} HTTP/1.1\r\nHost: {sub_authority}\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\n{sub_headers}\r\n"
+        )
+        .into_bytes())
+    };
     let sub_requests = topic_names
         .iter()
-        .map(|t| {
-            let (_, _, path) = split_url(&sub.replace("{topic}", t))?;
-            Ok(format!(
-                "GET {path} HTTP/1.1\r\nHost: {sub_authority}\r\nAccept: text/event-stream\r\n\
-                 Cache-Control: no-cache\r\n{sub_headers}\r\n"
-            )
-            .into_bytes())
-        })
+        .map(|t| sub_request(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let sub_every_topic = match args.target {
+        Peer::Ssehub => Some(sub_request("*")?),
+        _ => None,
+    };
+    // A soak publishes until its time is up; the count only bounds the sequence numbers.
+    let updates = match args.soak.soak {
+        Some(d) => (args.rate * d.as_secs_f64()).ceil() as u64 + 1,
+        None => args.updates,
+    };
     let (pub_authority, pub_addr, _) = split_url(&publ.replace("{topic}", "x"))?;
     let pub_paths = topic_names
         .iter()
@@ -282,16 +336,17 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         sub_addr,
         nodes,
         sub_requests,
+        sub_every_topic,
         pub_addr,
         pub_authority,
         pub_paths,
         pub_bodies,
         pub_headers,
         topic_names,
-        updates: args.updates,
+        updates,
         rate: args.rate,
         size: args.size,
-        source_ips: args.source_ips,
+        source_ips: args.source_ips(),
     })
 }
 
@@ -321,12 +376,13 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     let cpu_before_connect = server.cpu_secs();
 
     // Connect everyone, readers first, never more than --connect-concurrency at once.
-    let total = args.subscribers + args.slow;
+    let subscribers = args.subscribers();
+    let total = subscribers + args.slow();
     let gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
     let connect_start = Instant::now();
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
-        let slow = i >= args.subscribers;
+        let slow = i >= subscribers;
         tasks.push(tokio::spawn(load::subscriber(
             i,
             i % topics,
@@ -379,6 +435,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
             next.clone(),
             start,
             stop.clone(),
+            None,
         )));
     }
     let bar = progress(args.updates, "publishing");
@@ -432,7 +489,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         if !end.connected {
             continue;
         }
-        if i >= args.subscribers {
+        if i >= subscribers {
             slow_dropped += u64::from(end.closed_by_server);
         } else {
             expected += counts.per_topic[end.topic].load(Ordering::Relaxed);
@@ -478,8 +535,8 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     Ok(Report {
         label: args.label.clone(),
         target: format!("{:?}", args.target).to_ascii_lowercase(),
-        subscribers: args.subscribers as u64,
-        slow: args.slow as u64,
+        subscribers: subscribers as u64,
+        slow: args.slow() as u64,
         topics: topics as u64,
         size: args.size as u64,
         connected,

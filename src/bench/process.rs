@@ -1,6 +1,7 @@
-//! What the kernel says a process costs: CPU time from `/proc/PID/stat` and resident memory
-//! from `/proc/PID/status`. Read for the server (possibly several processes, such as nginx's
-//! workers) and for the bench itself, so that deliveries can be counted per CPU-second.
+//! What the kernel says a process costs: CPU time from `/proc/PID/stat`, resident memory
+//! from `/proc/PID/status` and open file descriptors from `/proc/PID/fd`. Read for the server
+//! (possibly several processes, such as nginx's workers) and for the bench itself, so that
+//! deliveries can be counted per CPU-second and a soak can show whether anything leaks.
 
 /// Clock ticks per second in `/proc/PID/stat` (USER_HZ, 100 on every Linux architecture
 /// that ssehub runs on).
@@ -42,6 +43,11 @@ impl Proc {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0))
     }
+
+    /// Open file descriptors (sockets included): the entries of `/proc/PID/fd`.
+    pub fn open_fds(self) -> std::io::Result<u64> {
+        Ok(std::fs::read_dir(format!("{}/fd", self.dir()))?.count() as u64)
+    }
 }
 
 /// A set of server processes, summed.
@@ -60,6 +66,13 @@ impl Server {
         self.0
             .iter()
             .filter_map(|&p| Proc::Pid(p).rss_kib().ok())
+            .sum()
+    }
+
+    pub fn open_fds(&self) -> u64 {
+        self.0
+            .iter()
+            .filter_map(|&p| Proc::Pid(p).open_fds().ok())
             .sum()
     }
 
@@ -84,5 +97,7 @@ mod tests {
     fn reads_itself() {
         assert!(Proc::SelfProc.rss_kib().unwrap() > 0);
         assert!(Proc::SelfProc.cpu_secs().unwrap() >= 0.0);
+        // The directory being listed is itself open while it is read.
+        assert!(Proc::SelfProc.open_fds().unwrap() > 0);
     }
 }

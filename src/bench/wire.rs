@@ -2,6 +2,8 @@
 //! transfer-coding, decoded by hand so that a subscriber costs the bench one socket, one small
 //! buffer and one parser, and the figures measure the server rather than an HTTP client.
 
+use crate::sse::{Event, Parser};
+
 /// The longest response head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -15,6 +17,8 @@ pub enum WireError {
     BadHead(String),
     #[error("bad chunked encoding")]
     BadChunk,
+    #[error("the server closed the connection in the middle of a response body")]
+    ClosedMidBody,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -100,6 +104,94 @@ pub async fn read_head<R: tokio::io::AsyncRead + Unpin>(
             return Err(WireError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads the body that follows `head` and returns it, leaving any bytes after it in `buf` (the
+/// start of the next response on a kept-alive connection). A body delimited by the end of the
+/// connection is read to that end.
+pub async fn read_body<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut Vec<u8>,
+    kind: BodyKind,
+) -> Result<Vec<u8>, WireError> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let mut body = Vec::new();
+    match kind {
+        BodyKind::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| WireError::ClosedMidBody)?;
+            while buf.len() < n {
+                let r = read.read(&mut chunk).await?;
+                if r == 0 {
+                    return Err(WireError::ClosedMidBody);
+                }
+                buf.extend_from_slice(&chunk[..r]);
+            }
+            body.extend(buf.drain(..n));
+        }
+        BodyKind::Chunked => {
+            let mut decoder = Chunked::default();
+            loop {
+                let (used, ended) = decoder.decode(buf, &mut body)?;
+                buf.drain(..used);
+                if ended {
+                    break;
+                }
+                let r = read.read(&mut chunk).await?;
+                if r == 0 {
+                    return Err(WireError::ClosedMidBody);
+                }
+                buf.extend_from_slice(&chunk[..r]);
+            }
+        }
+        BodyKind::UntilClose => {
+            body.append(buf);
+            loop {
+                let r = read.read(&mut chunk).await?;
+                if r == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..r]);
+            }
+        }
+    }
+    Ok(body)
+}
+
+/// A subscriber's response body as events: undoes the chunked transfer-coding when the server
+/// used it, then parses the event stream.
+#[derive(Debug)]
+pub struct EventBody {
+    chunked: Option<Chunked>,
+    parser: Parser,
+    /// The event-stream bytes of the latest read, kept to reuse the allocation.
+    plain: Vec<u8>,
+}
+
+impl EventBody {
+    pub fn new(kind: BodyKind) -> EventBody {
+        EventBody {
+            chunked: (kind == BodyKind::Chunked).then(Chunked::default),
+            parser: Parser::new(),
+            plain: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Feeds bytes as read from the connection and appends the events they complete to
+    /// `events`. Returns true when the body has ended (the last chunk was seen).
+    pub fn feed(&mut self, bytes: &[u8], events: &mut Vec<Event>) -> Result<bool, WireError> {
+        self.plain.clear();
+        let ended = match &mut self.chunked {
+            Some(d) => d.decode(bytes, &mut self.plain)?.1,
+            None => {
+                self.plain.extend_from_slice(bytes);
+                false
+            }
+        };
+        // A parser made without a line limit never refuses input.
+        let _ = self.parser.feed(&self.plain, events);
+        Ok(ended)
     }
 }
 
@@ -215,5 +307,39 @@ mod tests {
             (202, BodyKind::Length(12), true)
         );
         assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn bodies_of_every_kind() {
+        let mut buf = b"hel".to_vec();
+        let mut rest: &[u8] = b"lo, world\r\nHTTP/1.1";
+        let body = read_body(&mut rest, &mut buf, BodyKind::Length(12)).await;
+        assert_eq!(body.unwrap(), b"hello, world");
+        assert_eq!(buf, b"\r\nHTTP/1.1");
+
+        let mut buf = Vec::new();
+        let mut rest: &[u8] = b"5\r\nhello\r\n0\r\n\r\nnext";
+        let body = read_body(&mut rest, &mut buf, BodyKind::Chunked).await;
+        assert_eq!(body.unwrap(), b"hello");
+
+        let mut buf = b"a".to_vec();
+        let mut rest: &[u8] = b"ll of it";
+        let body = read_body(&mut rest, &mut buf, BodyKind::UntilClose).await;
+        assert_eq!(body.unwrap(), b"all of it");
+
+        let mut rest: &[u8] = b"short";
+        let body = read_body(&mut rest, &mut Vec::new(), BodyKind::Length(10)).await;
+        assert!(matches!(body, Err(WireError::ClosedMidBody)));
+    }
+
+    #[test]
+    fn events_through_chunks() {
+        let mut body = EventBody::new(BodyKind::Chunked);
+        let mut events = Vec::new();
+        assert!(!body.feed(b"d\r\nid: 1\ndata: a\r\n", &mut events).unwrap());
+        assert!(events.is_empty());
+        assert!(!body.feed(b"2\r\n\n\n\r\n", &mut events).unwrap());
+        assert_eq!((events[0].id.as_str(), events[0].data.as_str()), ("1", "a"));
+        assert!(body.feed(b"0\r\n\r\n", &mut events).unwrap());
     }
 }
