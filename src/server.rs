@@ -28,6 +28,10 @@ use crate::hub::{Hub, HubConfig};
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// The send buffer asked of the kernel for each connection (Linux doubles it for its own
+/// bookkeeping): room for bursts of large updates, small enough that a client that stops
+/// reading fills it quickly.
+const SEND_BUFFER: usize = 128 * 1024;
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -170,6 +174,10 @@ pub async fn run(
             _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Without a bound, the kernel grows a socket's send buffer to megabytes for a client
+        // that stopped reading, so it would be noticed (and dropped) only after thousands of
+        // updates, holding that memory meanwhile. A fixed buffer keeps both small.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let kill = CancellationToken::new();
         let conn_ctx = Connection {
             kill: kill.clone(),

@@ -93,3 +93,33 @@ async fn a_stalled_subscriber_is_dropped_and_the_others_get_everything() {
     assert!(growth_mib < 64, "RSS grew by {growth_mib} MiB");
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 50.0);
 }
+
+/// A client that stops reading with the kernel's default buffers is noticed after a few
+/// thousand small updates, not tens of thousands: the hub bounds each socket's send buffer,
+/// which the kernel would otherwise grow to megabytes for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_stops_is_noticed_soon_even_with_small_updates() {
+    let hub = TestHub::start(&["--subscriber-queue", "50"]);
+    let mut idle = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    idle.write_all(b"GET /.well-known/mercure?topic=t HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut p = hub.publisher().await;
+    let data = "y".repeat(100);
+    let mut sent = 0;
+    while hub
+        .metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+        .await
+        < 1.0
+    {
+        assert!(
+            sent < 8_000,
+            "a subscriber that never reads was still connected after {sent} updates of 100 bytes"
+        );
+        for _ in 0..250 {
+            p.ok(&[("topic", "t"), ("data", &data)]).await;
+        }
+        sent += 250;
+    }
+    drop(idle);
+}
