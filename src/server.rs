@@ -129,6 +129,18 @@ pub async fn run(
             None => tasks.spawn(crate::clock::run(hub.clone(), every, stop.clone())),
         };
     }
+    if !config.coalesce.is_zero() {
+        let (hub, stop) = (hub.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => hub.retune_coalescing(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     if let Some(every) = config.heartbeat {
         let (hub, stop) = (hub.clone(), stop.clone());
         tasks.spawn(async move {

@@ -11,6 +11,7 @@
 //! push pointers; encoding happens before it and writing to sockets after it, on each
 //! subscriber's own task.
 
+mod coalesce;
 mod history;
 pub mod selector;
 mod subscriber;
@@ -42,7 +43,8 @@ pub struct HubConfig {
     pub history_size: usize,
     /// Updates a subscriber may lag behind before it is dropped.
     pub subscriber_queue: usize,
-    /// How long further updates for a subscriber wait after a write, to go out together.
+    /// The longest wait for further updates after a write to a subscriber, so that they go
+    /// out together (see `coalesce`); zero writes each update at once.
     pub coalesce: Duration,
     /// Subscribers connected at once; more are refused.
     pub max_subscribers: usize,
@@ -76,6 +78,7 @@ pub(crate) struct HubShared {
     closing: AtomicBool,
     /// Where subscription events go instead of the local publish path (cluster mode).
     relay: OnceLock<Relay>,
+    pub(crate) coalescing: coalesce::Coalescing,
 }
 
 /// Takes a subscription event the hub wants published, in cluster mode.
@@ -143,6 +146,7 @@ pub struct Published {
 
 impl Hub {
     pub fn new(config: HubConfig) -> Hub {
+        let coalescing = coalesce::Coalescing::new(config.coalesce);
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
@@ -158,6 +162,7 @@ impl Hub {
                 selectors: SelectorCache::default(),
                 closing: AtomicBool::new(false),
                 relay: OnceLock::new(),
+                coalescing,
             }),
         }
     }
@@ -271,6 +276,13 @@ impl Hub {
         })
     }
 
+    /// Resets the coalescing window from what was delivered since the previous call; called a
+    /// few times a second while `--coalesce` is on.
+    pub fn retune_coalescing(&self) {
+        let delivered = self.shared.metrics.deliveries.load(Relaxed);
+        self.shared.coalescing.retune(delivered);
+    }
+
     /// Sends a heartbeat on every stream that had nothing to send since the previous call.
     /// One hub-wide tick instead of a timer per subscriber.
     pub fn heartbeat(&self) {
@@ -352,7 +364,7 @@ impl HubShared {
             encoded,
         });
         core.history.push(update.clone());
-        let (delivered, dropped) = core.fan_out(&update, limit);
+        let (delivered, dropped) = core.fan_out(&update, limit, &self.coalescing);
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
@@ -444,10 +456,17 @@ impl Core {
 
     /// Offers `update` to every matching subscriber. Returns how many queued it, and the ids of
     /// those dropped for being too slow.
-    fn fan_out(&self, update: &SharedUpdate, limit: usize) -> (usize, Vec<u64>) {
+    fn fan_out(
+        &self,
+        update: &SharedUpdate,
+        limit: usize,
+        coalescing: &coalesce::Coalescing,
+    ) -> (usize, Vec<u64>) {
         let mut delivered = 0;
         let mut dropped = Vec::new();
-        let mut offer = |sub: &Arc<Subscriber>, check: bool| match sub.offer(update, limit, check) {
+        let mut offer = |sub: &Arc<Subscriber>, check: bool| match sub
+            .offer(update, limit, check, coalescing)
+        {
             Offer::Queued => delivered += 1,
             Offer::Dropped => dropped.push(sub.id),
             Offer::Skipped => {}

@@ -20,33 +20,13 @@ use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::coalesce::Coalescing;
 use super::selector::{any_matches, Selector};
 use super::subscriptions::SubscriberInfo;
 use super::update::SharedUpdate;
 use super::HubShared;
 use crate::metrics::DropReason;
 use crate::sse;
-
-/// The hub's write budget: about one write per this much time per core, across all
-/// subscribers. A write to a socket costs ~8-10 µs of CPU on loopback, most of it the kernel's,
-/// so 40 µs keeps writes to about a quarter of the machine and leaves the rest for publishing,
-/// TLS and the clients' own bursts.
-const WRITE_SPACING_PER_CORE: Duration = Duration::from_micros(40);
-
-fn cores() -> u32 {
-    static CORES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| {
-        std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
-    })
-}
-
-/// The wait after a write with `subscribers` connected on `cores` cores, at most `bound`.
-pub(crate) fn coalescing_window(bound: Duration, subscribers: u64, cores: u32) -> Duration {
-    let subscribers = u32::try_from(subscribers).unwrap_or(u32::MAX);
-    (WRITE_SPACING_PER_CORE / cores.max(1))
-        .saturating_mul(subscribers)
-        .min(bound)
-}
 
 /// The most bytes of replayed history sent in one chunk.
 const REPLAY_CHUNK: usize = 64 * 1024;
@@ -58,6 +38,8 @@ pub(crate) struct Subscriber {
     pub rights: Option<Vec<Arc<Selector>>>,
     /// The last update offered, so that a subscriber found twice by one publish gets it once.
     last_seq: AtomicU64,
+    /// When it was last counted as receiving (see `Coalescing::touched`).
+    seen: AtomicU64,
     state: Mutex<State>,
     /// Cancelled to tear down the connection when the stream can no longer end by itself (a
     /// client that stopped reading never lets the end of the stream through).
@@ -98,6 +80,7 @@ impl Subscriber {
             selectors,
             rights,
             last_seq: AtomicU64::new(u64::MAX),
+            seen: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             kill,
             info,
@@ -119,7 +102,13 @@ impl Subscriber {
 
     /// Queues `update` unless already offered or not authorized. `check_topics` is false when
     /// the caller found this subscriber through the exact-topic index.
-    pub fn offer(&self, update: &SharedUpdate, limit: usize, check_topics: bool) -> Offer {
+    pub fn offer(
+        &self,
+        update: &SharedUpdate,
+        limit: usize,
+        check_topics: bool,
+        coalescing: &Coalescing,
+    ) -> Offer {
         if self.last_seq.swap(update.seq, Ordering::Relaxed) == update.seq {
             return Offer::Skipped;
         }
@@ -149,6 +138,7 @@ impl Subscriber {
         st.active = true;
         let waker = st.waker.take();
         drop(st);
+        coalescing.touched(&self.seen);
         if let Some(w) = waker {
             w.wake();
         }
@@ -312,19 +302,12 @@ impl SubscriberStream {
         None
     }
 
-    /// How long updates wait after a write to this subscriber. The hub budgets its writes: a
-    /// busy subscriber gets at most one per `WRITE_SPACING` × subscribers connected, so a hub
-    /// with few subscribers writes at once and one with many batches more, up to `--coalesce`.
+    /// How long updates wait after a write to this subscriber (see `coalesce`).
     fn window(&self) -> Duration {
         if self.window.is_zero() {
             return Duration::ZERO;
         }
-        let subscribers = self
-            .hub
-            .metrics
-            .subscribers_connected
-            .load(Ordering::Relaxed);
-        coalescing_window(self.window, subscribers, cores())
+        self.hub.coalescing.window()
     }
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
@@ -395,25 +378,5 @@ impl Body for SubscriberStream {
 impl Drop for SubscriberStream {
     fn drop(&mut self) {
         self.hub.remove(&self.sub, self.sub.closed());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_window_grows_with_subscribers_up_to_the_bound() {
-        let bound = Duration::from_millis(250);
-        let ms = Duration::from_millis;
-        assert_eq!(coalescing_window(bound, 0, 2), Duration::ZERO);
-        assert_eq!(coalescing_window(bound, 100, 2), ms(2));
-        assert_eq!(coalescing_window(bound, 1000, 2), ms(20));
-        assert_eq!(coalescing_window(bound, 10_000, 2), ms(200));
-        assert_eq!(coalescing_window(bound, 19_000, 2), bound);
-        assert_eq!(coalescing_window(bound, 10_000, 8), ms(50));
-        assert_eq!(coalescing_window(bound, 1000, 0), ms(40));
-        assert_eq!(coalescing_window(bound, u64::MAX, 1), bound);
-        assert_eq!(coalescing_window(Duration::ZERO, 1000, 2), Duration::ZERO);
     }
 }

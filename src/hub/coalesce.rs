@@ -1,0 +1,143 @@
+//! Deliberate coalescing: how long a subscriber's further updates wait after a write to it, so
+//! that they share the next one.
+//!
+//! A write to a socket costs far more than the update it carries (~8-10 µs of CPU on loopback,
+//! most of it the kernel's, whether it carries 100 bytes or 1,000). The hub budgets its writes:
+//! about [`WRITES_PER_CORE`] per second per core. While the updates it delivers fit in that
+//! budget, each goes out at once. Past it, every subscriber that receives updates gets at most
+//! one write per window, the window being long enough for those subscribers together to stay
+//! within the budget (and never longer than `--coalesce`). The window is retuned a few times a
+//! second from what the hub actually delivered; the first update after a quiet spell is never
+//! delayed either way.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// Socket writes per second and core the hub allows itself before batching: about a quarter
+/// of a core, leaving the rest for publishing, TLS and bursts.
+pub const WRITES_PER_CORE: u64 = 25_000;
+
+pub(crate) struct Coalescing {
+    bound: Duration,
+    window_ns: AtomicU64,
+    /// Counts the subscribers that received something since the last retune: each remembers
+    /// the epoch in which it was last counted.
+    epoch: AtomicU64,
+    active: AtomicU64,
+    last: Mutex<(Instant, u64)>,
+}
+
+impl Coalescing {
+    pub fn new(bound: Duration) -> Self {
+        Coalescing {
+            bound,
+            window_ns: AtomicU64::new(0),
+            epoch: AtomicU64::new(1),
+            active: AtomicU64::new(0),
+            last: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// The current wait after a write.
+    pub fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Relaxed))
+    }
+
+    /// Called when an update is queued for a subscriber whose counter is `seen`.
+    pub fn touched(&self, seen: &AtomicU64) {
+        let epoch = self.epoch.load(Relaxed);
+        if seen.load(Relaxed) != epoch {
+            seen.store(epoch, Relaxed);
+            self.active.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Sets the window from the deliveries made since the last call (`deliveries` is the
+    /// running total) and the subscribers that received them.
+    pub fn retune(&self, deliveries: u64) {
+        if self.bound.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut last = self.last.lock();
+        let secs = now.duration_since(last.0).as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        let rate = deliveries.saturating_sub(last.1) as f64 / secs;
+        *last = (now, deliveries);
+        drop(last);
+        self.epoch.fetch_add(1, Relaxed);
+        let active = self.active.swap(0, Relaxed);
+        let window = window_for(self.bound, rate, active, cores());
+        self.window_ns.store(window.as_nanos() as u64, Relaxed);
+    }
+}
+
+/// The window for `rate` deliveries per second to `active` subscribers on `cores` cores.
+pub(crate) fn window_for(bound: Duration, rate: f64, active: u64, cores: u32) -> Duration {
+    let budget = WRITES_PER_CORE * u64::from(cores.max(1));
+    if rate <= budget as f64 {
+        return Duration::ZERO;
+    }
+    // `active` subscribers written at most once per window each: `active / window` writes a
+    // second, which the budget bounds.
+    Duration::from_secs_f64(active as f64 / budget as f64).min(bound)
+}
+
+fn cores() -> u32 {
+    static CORES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_wait_while_the_budget_holds_then_enough_to_keep_it() {
+        let bound = Duration::from_millis(250);
+        let ms = Duration::from_millis;
+        // A quiet hub, or many subscribers receiving little (S6): every update at once.
+        assert_eq!(window_for(bound, 0.0, 0, 2), Duration::ZERO);
+        assert_eq!(window_for(bound, 2_000.0, 10_000, 2), Duration::ZERO);
+        assert_eq!(window_for(bound, 50_000.0, 1_000, 2), Duration::ZERO);
+        // Past the budget of 50,000 writes a second on 2 cores.
+        assert_eq!(window_for(bound, 500_000.0, 100, 2), ms(2));
+        assert_eq!(window_for(bound, 200_000.0, 1_000, 2), ms(20));
+        assert_eq!(window_for(bound, 200_000.0, 10_000, 2), ms(200));
+        assert_eq!(window_for(bound, 400_000.0, 19_000, 2), bound);
+        assert_eq!(window_for(bound, 200_000.0, 10_000, 8), Duration::ZERO);
+        assert_eq!(window_for(bound, 400_000.0, 10_000, 8), ms(50));
+        assert_eq!(window_for(Duration::ZERO, 1e9, 1_000, 2), Duration::ZERO);
+    }
+
+    #[test]
+    fn counts_each_receiving_subscriber_once_per_retune() {
+        let c = Coalescing::new(Duration::from_millis(250));
+        let subs: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        for _ in 0..5 {
+            for s in &subs {
+                c.touched(s);
+            }
+        }
+        assert_eq!(c.active.load(Relaxed), 3);
+        std::thread::sleep(Duration::from_millis(5));
+        c.retune(1_000_000_000);
+        assert_eq!(c.active.load(Relaxed), 0);
+        assert!(c.window() > Duration::ZERO, "a huge rate batches");
+        c.touched(&subs[0]);
+        assert_eq!(c.active.load(Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(5));
+        c.retune(1_000_000_000);
+        assert_eq!(
+            c.window(),
+            Duration::ZERO,
+            "nothing delivered since: no wait"
+        );
+    }
+}
