@@ -45,6 +45,11 @@ impl Coalescing {
         Duration::from_nanos(self.window_ns.load(Relaxed))
     }
 
+    #[cfg(test)]
+    pub fn set_window(&self, window: Duration) {
+        self.window_ns.store(window.as_nanos() as u64, Relaxed);
+    }
+
     /// Called when an update is queued for a subscriber whose counter is `seen`.
     pub fn touched(&self, seen: &AtomicU64) {
         let epoch = self.epoch.load(Relaxed);

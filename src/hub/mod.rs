@@ -490,3 +490,96 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn publish(hub: &Hub, n: usize) {
+        for _ in 0..n {
+            let draft = Draft {
+                topics: vec!["t".to_owned()],
+                data: "x".to_owned(),
+                ..Draft::default()
+            };
+            hub.publish(draft).unwrap();
+        }
+    }
+
+    fn events(chunk: &[u8]) -> usize {
+        String::from_utf8_lossy(chunk).matches("data: x").count()
+    }
+
+    /// A stream waiting out a coalescing window is woken early once its queue is half full, so
+    /// the wait can never be what gets a subscriber dropped as slow; and a close wakes it.
+    #[tokio::test]
+    async fn a_held_stream_wakes_before_its_queue_fills_and_on_close() {
+        let hub = Hub::new(HubConfig {
+            coalesce: Duration::from_secs(10),
+            subscriber_queue: 10,
+            ..HubConfig::default()
+        });
+        let mut stream = hub
+            .subscribe(SubscribeRequest {
+                topics: vec!["t".to_owned()],
+                ..SubscribeRequest::default()
+            })
+            .unwrap()
+            .stream;
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut next = |s: &mut SubscriberStream| match s.poll_chunk(&mut cx) {
+            Poll::Ready(Some(c)) => Some(events(&c)),
+            Poll::Ready(None) => panic!("the stream ended"),
+            Poll::Pending => None,
+        };
+        assert_eq!(next(&mut stream), Some(0), "the opening comment");
+        hub.shared.coalescing.set_window(Duration::from_secs(10));
+
+        publish(&hub, 1);
+        assert_eq!(
+            next(&mut stream),
+            Some(1),
+            "the first update after a quiet spell"
+        );
+        publish(&hub, 3);
+        assert_eq!(next(&mut stream), None, "held: inside the window");
+        let woken = count.0.load(Relaxed);
+        publish(&hub, 1);
+        assert_eq!(count.0.load(Relaxed), woken, "4 of 10 queued: still held");
+        publish(&hub, 1);
+        assert_eq!(count.0.load(Relaxed), woken + 1, "5 of 10 queued: woken");
+        assert_eq!(next(&mut stream), Some(5), "all five in one chunk");
+        publish(&hub, 8);
+        assert_eq!(
+            next(&mut stream),
+            Some(8),
+            "woken again at half, never dropped"
+        );
+        assert_eq!(hub.metrics().dropped_count(DropReason::Slow), 0);
+
+        publish(&hub, 1);
+        assert_eq!(next(&mut stream), None, "held again");
+        let woken = count.0.load(Relaxed);
+        hub.shutdown();
+        assert_eq!(
+            count.0.load(Relaxed),
+            woken + 1,
+            "a close wakes a held stream"
+        );
+        assert_eq!(next(&mut stream), Some(1), "what was queued goes out first");
+        assert!(matches!(stream.poll_chunk(&mut cx), Poll::Ready(None)));
+    }
+}

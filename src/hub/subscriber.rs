@@ -28,6 +28,11 @@ use super::HubShared;
 use crate::metrics::DropReason;
 use crate::sse;
 
+/// Queue length at which a stream waiting out its coalescing window is woken anyway.
+fn early_flush(limit: usize) -> usize {
+    (limit / 2).max(1)
+}
+
 /// The most bytes of replayed history sent in one chunk.
 const REPLAY_CHUNK: usize = 64 * 1024;
 
@@ -56,6 +61,9 @@ struct State {
     active: bool,
     waker: Option<Waker>,
     closed: Option<DropReason>,
+    /// The stream is waiting out its coalescing window: a publish wakes it only once the queue
+    /// is half full (so that the wait can never be what makes a subscriber "slow").
+    held: bool,
 }
 
 /// What became of an update offered to a subscriber.
@@ -136,7 +144,11 @@ impl Subscriber {
         }
         st.queue.push_back(update.clone());
         st.active = true;
-        let waker = st.waker.take();
+        let waker = if st.held && st.queue.len() < early_flush(limit) {
+            None
+        } else {
+            st.waker.take()
+        };
         drop(st);
         coalescing.touched(&self.seen);
         if let Some(w) = waker {
@@ -246,15 +258,17 @@ impl SubscriberStream {
             }
         }
         let mut st = self.sub.state.lock();
+        st.held = false;
         if !st.queue.is_empty() {
             let window = self.window();
-            if !window.is_zero() {
+            let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
+            if !window.is_zero() && !filling && st.closed.is_none() {
                 let now = tokio::time::Instant::now();
                 if let Some(open_at) = self.last_sent.map(|t| t + window) {
                     if now < open_at {
-                        // Too soon after the last write: let more updates join this one. The
-                        // waker is not left with the queue, so publishes do not wake the
-                        // stream in the meantime; the timer does, once.
+                        // Too soon after the last write: let more updates join this one.
+                        // Publishes do not wake the stream meanwhile (unless its queue fills
+                        // up, or it is closed); the timer does, once.
                         let hold = match &mut self.hold {
                             Some(h) => {
                                 if h.deadline() != open_at {
@@ -267,6 +281,11 @@ impl SubscriberStream {
                                 .insert(Box::pin(tokio::time::sleep_until(open_at))),
                         };
                         if hold.as_mut().poll(cx).is_pending() {
+                            st.held = true;
+                            match &st.waker {
+                                Some(w) if w.will_wake(cx.waker()) => {}
+                                _ => st.waker = Some(cx.waker().clone()),
+                            }
                             return None;
                         }
                     }
