@@ -52,8 +52,8 @@ pub struct ServeArgs {
     /// together in one write. There is no wait while the hub delivers fewer than 25,000
     /// updates a second per core; past that, the wait is what keeps the receiving subscribers
     /// within that many writes (on 2 cores: 20 ms for 1,000 busy subscribers, 200 ms for
-    /// 10,000), up to this bound. The first update after a quiet spell is never delayed; 0
-    /// writes every update at once.
+    /// 10,000), up to this bound. The first update after a quiet spell is never delayed, nor
+    /// are updates once half of --subscriber-queue are pending; 0 writes every update at once.
     #[arg(long, env = "SSEHUB_COALESCE", default_value = "250ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 
