@@ -32,6 +32,8 @@ const MAX_HEADERS: usize = 64;
 /// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
 /// send nothing on an event stream; this bounds the work one that does can cause).
 const MAX_STRAY_INPUT: usize = 64 * 1024;
+/// How long the last writes of a stream the hub has ended may take.
+const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads the first request head of a connection, until its blank line, `limit` bytes, the end
 /// of input or `deadline`. Returns what was read, or `None` when nothing usable came in time.
@@ -43,7 +45,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     use tokio::io::AsyncReadExt as _;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        if buf.len() >= limit || head_end(&buf).is_some() {
+        if buf.len() >= limit || head_complete(&buf) {
             return Some(buf);
         }
         if buf.capacity() - buf.len() < 512 {
@@ -57,8 +59,17 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+/// Has the head ended (or gone wrong, which hyper then answers)? httparse decides, as it
+/// would for hyper: it also takes bare LF line endings.
+fn head_complete(buf: &[u8]) -> bool {
+    if buf.is_empty() {
+        return false;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    !matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
@@ -193,26 +204,34 @@ async fn pump<S>(
             }
         })
         .await;
+        if matches!(&next, Ok(chunk) if chunk.is_empty()) {
+            // An empty chunk would read as the end of the body.
+            continue;
+        }
         let head_bytes = head.take().unwrap_or_default();
+        // Once the hub has ended the stream (shutdown, token expiry) the subscriber can no
+        // longer be dropped as slow, so what is left to write gets a deadline instead.
+        let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
         let written = match &next {
             Ok(chunk) => {
                 let mut size = [0u8; 18];
                 let size = chunk_size_line(chunk.len(), &mut size);
                 let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
-                write_all(&mut io, &parts, Some(&mut stream)).await
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
             }
             // Dropped for being too slow: its socket is full, so close without a last word.
             Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
             Err(End::Finished) => {
                 let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
-                write_all(&mut io, &parts, Some(&mut stream)).await
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
             }
             Err(_) => Ok(()),
         };
         match (next, written) {
             (Ok(_), Ok(())) => {}
             (Err(End::Finished), Ok(())) => {
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                let shutdown = tokio::io::AsyncWriteExt::shutdown(&mut io);
+                let _ = tokio::time::timeout(LAST_WRITES, shutdown).await;
                 break End::Finished;
             }
             (_, Err(e)) | (Err(e), Ok(())) => break e,
@@ -229,6 +248,19 @@ async fn pump<S>(
     }
     drop(stream);
     tracing::info!(subscriber, "Finished HTTP request at {path}");
+}
+
+/// `write` bounded by `deadline`, if any; past it the connection is taken as gone.
+async fn within(
+    deadline: Option<Instant>,
+    write: impl std::future::Future<Output = Result<(), End>>,
+) -> Result<(), End> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, write)
+            .await
+            .unwrap_or(Err(End::Gone)),
+        None => write.await,
+    }
 }
 
 /// Reads and throws away whatever the client sends. `Ready` when the connection is over.
@@ -286,10 +318,12 @@ async fn write_all<S: AsyncWrite + Unpin>(
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut written = 0;
     std::future::poll_fn(|cx| {
+        // Checked on every poll, the flush included: a TLS stream takes a whole chunk into its
+        // own buffer and then waits in the flush when the socket is full.
+        if stream.as_mut().is_some_and(|s| s.poll_dropped(cx)) {
+            return Poll::Ready(Err(End::Dropped));
+        }
         while written < total {
-            if stream.as_mut().is_some_and(|s| s.poll_dropped(cx)) {
-                return Poll::Ready(Err(End::Dropped));
-            }
             let mut slices = [IoSlice::new(&[]); 4];
             let n = remaining(parts, written, &mut slices);
             match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {

@@ -133,6 +133,7 @@ pub async fn run(
         let (hub, stop) = (hub.clone(), stop.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => hub.retune_coalescing(),
@@ -186,10 +187,6 @@ pub async fn run(
             _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        // Without a bound, the kernel grows a socket's send buffer to megabytes for a client
-        // that stopped reading, so it would be noticed (and dropped) only after thousands of
-        // updates, holding that memory meanwhile. A fixed buffer keeps both small.
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let kill = CancellationToken::new();
         let conn_ctx = Connection {
             kill: kill.clone(),
@@ -227,7 +224,15 @@ pub async fn run(
                             .into_owned();
                         serve_until_killed(watcher.watch(conn), kill, peer).await;
                     }
-                    Some(Protocol::Http1) => h1.serve(stream, deadline, service, watcher).await,
+                    Some(Protocol::Http1) => {
+                        // Without a bound, the kernel grows a socket's send buffer to megabytes
+                        // for a client that stopped reading, so it would be noticed (and
+                        // dropped) only after thousands of updates, holding that memory
+                        // meanwhile. HTTP/1.1 connections carry one stream each; HTTP/2 and TLS
+                        // ones keep the kernel's own sizing.
+                        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+                        h1.serve(stream, deadline, service, watcher).await
+                    }
                 }
             });
             continue;

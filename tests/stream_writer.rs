@@ -227,3 +227,28 @@ async fn a_subscriber_that_keeps_sending_is_closed_and_others_are_not_disturbed(
     assert_eq!(events[0].data, "still-here");
     assert_eq!(events[1].data, "after");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_lf_line_endings_are_understood_as_hyper_would() {
+    let hub = TestHub::start(&[]);
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut raw))
+        .await
+        .expect("answered at once, not after the head deadline")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=lf HTTP/1.1\nHost: x\n\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    publish(&hub, "lf", "bare").await;
+    read_until(&mut c, &mut raw, "data: bare\n\n").await;
+}

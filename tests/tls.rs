@@ -281,3 +281,62 @@ async fn curl_http2_streams_updates_over_tls() {
     assert!(text.contains("data: via curl"), "{text}");
     assert!(text.contains("VERSION 2"), "{text}");
 }
+
+/// An HTTPS subscriber that stops reading is dropped like a plain one: its connection closes
+/// and the hub forgets it, although TLS takes whole chunks into its own buffer first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_https_subscriber_is_dropped_and_forgotten() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("stalled"));
+    let hub = TestHub::start_tls(
+        &[
+            "--tls-cert",
+            &cert.cert(),
+            "--tls-key",
+            &cert.key(),
+            "--subscriber-queue",
+            "20",
+        ],
+        cert.der.clone(),
+    );
+    let mut tls = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /.well-known/mercure?topic=s HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hub.metric("ssehub_subscribers_connected").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Never read; publish until the hub gives up on it (the kernel buffers megabytes first).
+    let mut p = hub.publisher().await;
+    let data = "z".repeat(16 * 1024);
+    let mut sent = 0;
+    while hub.metric("ssehub_subscribers_connected").await > 0.0 {
+        assert!(
+            sent < 4_000,
+            "still connected after {sent} updates of 16 KiB"
+        );
+        for _ in 0..50 {
+            p.ok(&[("topic", "s"), ("data", &data)]).await;
+        }
+        sent += 50;
+    }
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+            .await,
+        1.0
+    );
+    // Its connection is closed: reading what was buffered ends, with an end or an error.
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was closed");
+}

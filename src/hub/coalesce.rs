@@ -68,7 +68,8 @@ impl Coalescing {
         let now = Instant::now();
         let mut last = self.last.lock();
         let secs = now.duration_since(last.0).as_secs_f64();
-        if secs <= 0.0 {
+        if secs < 0.05 {
+            // Too short to measure a rate (ticks bunched up after a stall): keep the window.
             return;
         }
         let rate = deliveries.saturating_sub(last.1) as f64 / secs;
@@ -131,13 +132,13 @@ mod tests {
             }
         }
         assert_eq!(c.active.load(Relaxed), 3);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(60));
         c.retune(1_000_000_000);
         assert_eq!(c.active.load(Relaxed), 0);
         assert!(c.window() > Duration::ZERO, "a huge rate batches");
         c.touched(&subs[0]);
         assert_eq!(c.active.load(Relaxed), 1);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(60));
         c.retune(1_000_000_000);
         assert_eq!(
             c.window(),

@@ -354,6 +354,11 @@ impl SubscriberStream {
         false
     }
 
+    /// Has the hub ended this stream (whatever is still queued is being sent)?
+    pub fn ending(&self) -> bool {
+        self.sub.closed().is_some()
+    }
+
     /// Was the stream ended because the subscriber fell too far behind?
     pub fn dropped_as_slow(&self) -> bool {
         self.sub.closed() == Some(DropReason::Slow)
