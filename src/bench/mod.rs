@@ -498,18 +498,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     }
 
     let h = counts.latency_us.lock();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let latency_ms = if h.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1000.0,
-        }
-    };
+    let latency_ms = Latency::from_micros(&h);
     drop(h);
     let connected = counts.connected.load(Ordering::Relaxed);
     let server_figures = (!args.pid.is_empty()).then(|| {

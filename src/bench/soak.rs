@@ -954,18 +954,7 @@ pub async fn execute(
     let c = &soak.counts;
     let churn = &soak.churn;
     let h = c.latency_us.lock();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let latency_ms = if h.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1000.0,
-        }
-    };
+    let latency_ms = Latency::from_micros(&h);
     drop(h);
     let summary = SoakSummary {
         rss_kib: Spread::of(&samples, |s| s.rss_kib),
