@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-2}
 PEERS=${PEERS:-"ssehub baseline nchan"}
-SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5 S6 S7 SCALE"}
+SCENARIOS=${SCENARIOS:-"S1 S2 S2-lean S3 S4 S5 S6 S7 SCALE"}
 S3_RATES=${S3_RATES:-"1000 2000 5000 10000 20000 40000"}
 S3_SECONDS=${S3_SECONDS:-3}
 RESULTS=${RESULTS:-bench/results}
@@ -95,8 +95,9 @@ wait_port() {
 start_peer() {
   case $1 in
     ssehub)
+      # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
       RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
-        --clock-interval 0 --max-connections 19800 >"$WORK/ssehub.log" 2>&1 &
+        --clock-interval 0 --max-connections 19800 ${SSEHUB_FLAGS:-} >"$WORK/ssehub.log" 2>&1 &
       SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 ;;
     baseline)
       "$BASELINE" 127.0.0.1:3000 >"$WORK/baseline.log" 2>&1 &
@@ -201,6 +202,12 @@ for s in $SCENARIOS; do
         S6) bench "$p" S6 "$run" --subscribers 10000 --topics 1000 --updates 2000 --rate 200 --publishers 16 \
               --size 100 --source-ips 8 --connect-concurrency 500 ;;
         S7) if [ "$p" = ssehub ]; then s7 "$run"; fi ;;
+        # S2 again with a smaller write budget: less CPU per delivery, longer waits.
+        S2-lean) if [ "$p" = ssehub ]; then
+                   SSEHUB_FLAGS="--write-budget 20000" bench ssehub S2-lean "$run" --subscribers 10000 \
+                     --updates 300 --rate 20 --size 100 --publishers 16 --source-ips 8 \
+                     --connect-concurrency 500
+                 fi ;;
         SCALE) if [ "$p" = ssehub ]; then
                  for n in 1000 5000 10000 19000; do
                    bench ssehub "scale-$n" "$run" --subscribers "$n" --updates 200 --rate 20 --size 100 \

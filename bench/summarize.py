@@ -457,6 +457,31 @@ def s7_table():
     return "\n".join(out)
 
 
+def lean_table():
+    """S2 with `--write-budget 20000`, next to S2 with the default and the baseline's S2."""
+    lean = runs.get(("S2-lean", "ssehub"), [])
+    if not lean:
+        return None
+    cols = [("S2", "ssehub", "ssehub, default (25,000)"), ("S2-lean", "ssehub", "ssehub, --write-budget 20000")]
+    if runs.get(("S2", "baseline")):
+        cols.append(("S2", "baseline", PEER_NAMES["baseline"]))
+    rows = [("lost", "lost", 0), ("latency p50 ms", "latency_ms.p50", 1),
+            ("latency p99 ms", "latency_ms.p99", 1), ("server CPU s", "server.cpu_secs", 2),
+            ("**deliveries per server CPU-second**", "server.deliveries_per_cpu_sec", 0)]
+    out = ["| | " + " | ".join(c[2] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, path, digits in rows:
+        out.append(f"| {name} | " + " | ".join(cell(l, p, path, digits) for l, p, _ in cols) + " |")
+    a = med([get(r, "server.deliveries_per_cpu_sec") for r in lean])
+    b = med([get(r, "server.deliveries_per_cpu_sec") for r in runs.get(("S2", "baseline"), [])])
+    pa = med([get(r, "latency_ms.p99") for r in lean])
+    pb = med([get(r, "latency_ms.p99") for r in runs.get(("S2", "baseline"), [])])
+    if a and b and pa and pb:
+        out.append("")
+        out.append(f"With `--write-budget 20000`: {a / b:.2f}× the baseline's deliveries per server "
+                   f"CPU-second, at {pa / pb:.2f}× its p99.")
+    return "\n".join(out)
+
+
 def scale_table():
     labels = sorted({k[0] for k in runs if k[0].startswith("scale-")}, key=lambda s: int(s[6:]))
     if not labels:
@@ -539,6 +564,15 @@ if t:
     print()
     print("Subscribers and publishers are spread over the three nodes in turn; server CPU is the")
     print("sum of the three nodes and `redis-server`. All of it runs on the same two cores.")
+    print()
+    print(t)
+    print()
+t = lean_table()
+if t:
+    print("## S2 with a smaller write budget")
+    print()
+    print("The same load as S2, the hub started with `--write-budget 20000` (writes a second per")
+    print("core before it batches; the default is 25,000): fewer, fuller writes.")
     print()
     print(t)
     print()

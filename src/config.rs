@@ -49,13 +49,19 @@ pub struct ServeArgs {
     pub heartbeat: Duration,
 
     /// Longest wait for updates that follow a write to the same subscriber, so that they go out
-    /// together in one write. There is no wait while the hub delivers fewer than 25,000
-    /// updates a second per core; past that, the wait is what keeps the receiving subscribers
+    /// together in one write. There is no wait while the hub delivers fewer than
+    /// --write-budget updates a second per core; past that, the wait is what keeps the receiving subscribers
     /// within that many writes (on 2 cores: 20 ms for 1,000 busy subscribers, 200 ms for
     /// 10,000), up to this bound. The first update after a quiet spell is never delayed, nor
     /// are updates once half of --subscriber-queue are pending; 0 writes every update at once.
     #[arg(long, env = "SSEHUB_COALESCE", default_value = "250ms", value_parser = parse_duration)]
     pub coalesce: Duration,
+
+    /// Socket writes a second per core the hub allows itself before it batches (see
+    /// --coalesce). Lower spends less CPU per update and waits longer; higher the reverse.
+    #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value_t = 25_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
+    pub write_budget: u64,
 
     /// Updates a subscriber may lag behind before the hub drops its connection.
     #[arg(long, env = "SSEHUB_SUBSCRIBER_QUEUE", default_value_t = 1000)]
@@ -115,6 +121,8 @@ pub struct ServeConfig {
     pub heartbeat: Option<Duration>,
     pub subscriber_queue: usize,
     pub coalesce: Duration,
+    /// Writes a second per core before batching.
+    pub write_budget: u64,
     pub max_connections: usize,
     pub max_body: usize,
     pub cors_origins: Option<Origins>,
@@ -201,6 +209,7 @@ impl ServeArgs {
             heartbeat: nonzero(self.heartbeat),
             subscriber_queue: self.subscriber_queue,
             coalesce: self.coalesce,
+            write_budget: self.write_budget,
             max_connections: self.max_connections.unwrap_or_else(default_max_connections),
             max_body: self.max_body,
             cors_origins: self

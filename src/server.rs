@@ -86,6 +86,7 @@ pub async fn run(
         history_size: config.history_size,
         subscriber_queue: config.subscriber_queue,
         coalesce: config.coalesce,
+        write_budget: config.write_budget,
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
     });

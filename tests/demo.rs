@@ -155,6 +155,7 @@ fn bad_flags_are_clear_errors() {
         (vec!["--max-body", "lots"], "not a size"),
         (vec!["--heartbeat", "soon"], "not a duration"),
         (vec!["--jwt-algorithm", "none"], "never accepted"),
+        (vec!["--write-budget", "10"], "not in 1000..=10000000"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"))
             .args(&args)

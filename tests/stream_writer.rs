@@ -252,3 +252,79 @@ async fn bare_lf_line_endings_are_understood_as_hyper_would() {
     publish(&hub, "lf", "bare").await;
     read_until(&mut c, &mut raw, "data: bare\n\n").await;
 }
+
+/// The chunks of a chunked body (the body must be complete chunks).
+fn chunks(raw: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (_, mut rest) = text.split_once("\r\n\r\n").expect("a complete head");
+    let mut out = Vec::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size {size:?}"));
+        if n == 0 || after.len() < n + 2 {
+            break;
+        }
+        out.push(after[..n].to_owned());
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// 200 subscribers, 150 updates at 100 a second (20,000 deliveries a second): how many of one
+/// subscriber's chunks carried events, and how many events.
+async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
+    const SUBS: usize = 200;
+    const UPDATES: usize = 150;
+    let hub = TestHub::start(args);
+    let mut conns = Vec::new();
+    for _ in 0..SUBS {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        c.write_all(b"GET /.well-known/mercure?topic=w HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(c);
+    }
+    subscribers(&hub, SUBS as f64).await;
+    let mut publisher = hub.publisher().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..UPDATES {
+        tick.tick().await;
+        publisher
+            .ok(&[("topic", "w"), ("data", &format!("n{i}"))])
+            .await;
+    }
+    let mut raw = Vec::new();
+    read_until(
+        &mut conns[SUBS / 2],
+        &mut raw,
+        &format!("data: n{}\n\n", UPDATES - 1),
+    )
+    .await;
+    let with_events: Vec<String> = chunks(&raw)
+        .into_iter()
+        .filter(|c| c.contains("data: "))
+        .collect();
+    let events = with_events
+        .iter()
+        .map(|c| c.matches("data: ").count())
+        .sum();
+    (with_events.len(), events)
+}
+
+/// `--write-budget` decides when the hub starts batching: under the default budget 20,000
+/// deliveries a second go out one write each; at 1,000 writes a second per core they share
+/// writes (on fewer than 20 cores), and nothing is lost either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_write_budget_decides_when_updates_share_a_write() {
+    let (chunks, events) = chunks_and_events(&["--coalesce", "1s"]).await;
+    assert_eq!(events, 150);
+    assert!(
+        chunks * 10 >= events * 8,
+        "under budget, one write per update: {chunks} chunks for {events} events"
+    );
+    let (chunks, events) = chunks_and_events(&["--coalesce", "1s", "--write-budget", "1000"]).await;
+    assert_eq!(events, 150);
+    assert!(
+        chunks * 10 <= events * 7,
+        "over budget, updates share writes: {chunks} chunks for {events} events"
+    );
+}

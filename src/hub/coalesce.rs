@@ -3,7 +3,7 @@
 //!
 //! A write to a socket costs far more than the update it carries (~8-10 µs of CPU on loopback,
 //! most of it the kernel's, whether it carries 100 bytes or 1,000). The hub budgets its writes:
-//! about [`WRITES_PER_CORE`] per second per core. While the updates it delivers fit in that
+//! `--write-budget` per second per core ([`WRITES_PER_CORE`] unless told otherwise). While the updates it delivers fit in that
 //! budget, each goes out at once. Past it, every subscriber that receives updates gets at most
 //! one write per window, the window being long enough for those subscribers together to stay
 //! within the budget (and never longer than `--coalesce`). The window is retuned a few times a
@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Socket writes per second and core the hub allows itself before batching: about a quarter
-/// of a core, leaving the rest for publishing, TLS and bursts.
+/// Socket writes per second and core the hub allows itself before batching, by default: about a
+/// quarter of a core, leaving the rest for publishing, TLS and bursts.
 pub const WRITES_PER_CORE: u64 = 25_000;
 
 pub(crate) struct Coalescing {
     bound: Duration,
+    /// Writes a second on one core.
+    per_core: u64,
     window_ns: AtomicU64,
     /// Counts the subscribers that received something since the last retune: each remembers
     /// the epoch in which it was last counted.
@@ -30,9 +32,10 @@ pub(crate) struct Coalescing {
 }
 
 impl Coalescing {
-    pub fn new(bound: Duration) -> Self {
+    pub fn new(bound: Duration, per_core: u64) -> Self {
         Coalescing {
             bound,
+            per_core,
             window_ns: AtomicU64::new(0),
             epoch: AtomicU64::new(1),
             active: AtomicU64::new(0),
@@ -77,14 +80,21 @@ impl Coalescing {
         drop(last);
         self.epoch.fetch_add(1, Relaxed);
         let active = self.active.swap(0, Relaxed);
-        let window = window_for(self.bound, rate, active, cores());
+        let window = window_for(self.bound, self.per_core, rate, active, cores());
         self.window_ns.store(window.as_nanos() as u64, Relaxed);
     }
 }
 
-/// The window for `rate` deliveries per second to `active` subscribers on `cores` cores.
-pub(crate) fn window_for(bound: Duration, rate: f64, active: u64, cores: u32) -> Duration {
-    let budget = WRITES_PER_CORE * u64::from(cores.max(1));
+/// The window for `rate` deliveries per second to `active` subscribers on `cores` cores, each
+/// allowed `per_core` writes a second.
+pub(crate) fn window_for(
+    bound: Duration,
+    per_core: u64,
+    rate: f64,
+    active: u64,
+    cores: u32,
+) -> Duration {
+    let budget = per_core.max(1) * u64::from(cores.max(1));
     if rate <= budget as f64 {
         return Duration::ZERO;
     }
@@ -109,22 +119,56 @@ mod tests {
         let bound = Duration::from_millis(250);
         let ms = Duration::from_millis;
         // A quiet hub, or many subscribers receiving little (S6): every update at once.
-        assert_eq!(window_for(bound, 0.0, 0, 2), Duration::ZERO);
-        assert_eq!(window_for(bound, 2_000.0, 10_000, 2), Duration::ZERO);
-        assert_eq!(window_for(bound, 50_000.0, 1_000, 2), Duration::ZERO);
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 0.0, 0, 2),
+            Duration::ZERO
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 2_000.0, 10_000, 2),
+            Duration::ZERO
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 50_000.0, 1_000, 2),
+            Duration::ZERO
+        );
         // Past the budget of 50,000 writes a second on 2 cores.
-        assert_eq!(window_for(bound, 500_000.0, 100, 2), ms(2));
-        assert_eq!(window_for(bound, 200_000.0, 1_000, 2), ms(20));
-        assert_eq!(window_for(bound, 200_000.0, 10_000, 2), ms(200));
-        assert_eq!(window_for(bound, 400_000.0, 19_000, 2), bound);
-        assert_eq!(window_for(bound, 200_000.0, 10_000, 8), Duration::ZERO);
-        assert_eq!(window_for(bound, 400_000.0, 10_000, 8), ms(50));
-        assert_eq!(window_for(Duration::ZERO, 1e9, 1_000, 2), Duration::ZERO);
+        assert_eq!(window_for(bound, WRITES_PER_CORE, 500_000.0, 100, 2), ms(2));
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 200_000.0, 1_000, 2),
+            ms(20)
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 200_000.0, 10_000, 2),
+            ms(200)
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 400_000.0, 19_000, 2),
+            bound
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 200_000.0, 10_000, 8),
+            Duration::ZERO
+        );
+        assert_eq!(
+            window_for(bound, WRITES_PER_CORE, 400_000.0, 10_000, 8),
+            ms(50)
+        );
+        assert_eq!(
+            window_for(Duration::ZERO, WRITES_PER_CORE, 1e9, 1_000, 2),
+            Duration::ZERO
+        );
+        // --write-budget: half the writes, twice the wait.
+        assert_eq!(window_for(bound, 12_500, 200_000.0, 10_000, 2), bound);
+        assert_eq!(window_for(bound, 12_500, 200_000.0, 1_000, 2), ms(40));
+        assert_eq!(
+            window_for(bound, 100_000, 200_000.0, 1_000, 2),
+            Duration::ZERO
+        );
     }
 
     #[test]
     fn counts_each_receiving_subscriber_once_per_retune() {
-        let c = Coalescing::new(Duration::from_millis(250));
+        let c = Coalescing::new(Duration::from_millis(250), WRITES_PER_CORE);
         let subs: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
         for _ in 0..5 {
             for s in &subs {

@@ -46,6 +46,8 @@ pub struct HubConfig {
     /// The longest wait for further updates after a write to a subscriber, so that they go
     /// out together (see `coalesce`); zero writes each update at once.
     pub coalesce: Duration,
+    /// Socket writes a second per core before the hub batches.
+    pub write_budget: u64,
     /// Subscribers connected at once; more are refused.
     pub max_subscribers: usize,
     /// Publish Mercure subscription events and keep what the subscription API lists.
@@ -58,6 +60,7 @@ impl Default for HubConfig {
             history_size: 10_000,
             subscriber_queue: 1000,
             coalesce: Duration::ZERO,
+            write_budget: coalesce::WRITES_PER_CORE,
             max_subscribers: 10_000,
             subscription_events: false,
         }
@@ -146,7 +149,7 @@ pub struct Published {
 
 impl Hub {
     pub fn new(config: HubConfig) -> Hub {
-        let coalescing = coalesce::Coalescing::new(config.coalesce);
+        let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
