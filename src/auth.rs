@@ -55,25 +55,27 @@ pub struct Key {
     verified: Arc<Verified>,
 }
 
-/// Tokens this key has already verified, with their rights.
+/// Publisher tokens this key has already verified, with their rights.
 ///
 /// A publisher usually sends the same token with every request; decoding it again each time
 /// (base64, two JSON documents, the signature) was an eighth of the hub's CPU per publish.
-/// An entry is used only while the token has not expired (without the leeway: the full check
-/// decides in that last stretch), the whole token is compared in constant time, and tokens
-/// that fail are never kept. Bounded: it is emptied when full.
+/// Only the publish path uses it (subscribers verify once per connection, and their many
+/// distinct tokens would push the publishers' out). An entry is used only while the token has
+/// not expired (without the leeway: the full check decides in that last stretch); tokens with
+/// `nbf` are never kept; the whole token is compared in constant time; tokens that fail are
+/// never kept. Bounded: it is emptied when full.
 struct Verified {
     hasher: RandomState,
-    entries: Mutex<HashMap<u64, Entry>>,
+    entries: Mutex<HashMap<u64, Arc<Entry>>>,
 }
 
 struct Entry {
     token: Box<[u8]>,
-    rights: Rights,
+    rights: Arc<Rights>,
 }
 
 /// Tokens kept at most, and the longest kept (a token's size is the client's choice).
-const VERIFIED_ENTRIES: usize = 1024;
+const VERIFIED_ENTRIES: usize = 256;
 const VERIFIED_TOKEN_MAX: usize = 4096;
 
 impl Verified {
@@ -84,33 +86,39 @@ impl Verified {
         }
     }
 
-    fn get(&self, token: &str, now: SystemTime) -> Option<Rights> {
+    fn get(&self, token: &str, now: SystemTime) -> Option<Arc<Rights>> {
         if token.len() > VERIFIED_TOKEN_MAX {
             return None;
         }
         let key = self.hasher.hash_one(token);
-        let entries = self.entries.lock();
-        let e = entries.get(&key)?;
-        let same: bool = e.token.as_ref().ct_eq(token.as_bytes()).into();
-        (same && still_valid(e.rights.expires_at, now)).then(|| e.rights.clone())
+        let entry = self.entries.lock().get(&key).cloned()?;
+        let same: bool = entry.token.as_ref().ct_eq(token.as_bytes()).into();
+        (same && still_valid(entry.rights.expires_at, now)).then(|| entry.rights.clone())
     }
 
-    fn put(&self, token: &str, rights: &Rights) {
+    fn put(&self, token: &str, rights: &Arc<Rights>) {
+        self.put_at(self.hasher.hash_one(token), token, rights);
+    }
+
+    fn put_at(&self, key: u64, token: &str, rights: &Arc<Rights>) {
         if token.len() > VERIFIED_TOKEN_MAX {
             return;
         }
-        let key = self.hasher.hash_one(token);
+        let entry = Arc::new(Entry {
+            token: token.as_bytes().into(),
+            rights: rights.clone(),
+        });
         let mut entries = self.entries.lock();
-        if entries.len() >= VERIFIED_ENTRIES && !entries.contains_key(&key) {
-            entries.clear();
-        }
-        entries.insert(
-            key,
-            Entry {
-                token: token.as_bytes().into(),
-                rights: rights.clone(),
-            },
-        );
+        let full = entries.len() >= VERIFIED_ENTRIES && !entries.contains_key(&key);
+        // Emptied when full; the old entries are freed after the lock is released.
+        let old = if full {
+            std::mem::take(&mut *entries)
+        } else {
+            HashMap::new()
+        };
+        entries.insert(key, entry);
+        drop(entries);
+        drop(old);
     }
 
     #[cfg(test)]
@@ -122,26 +130,6 @@ impl Verified {
 /// May a verified token's rights still be used from memory at `now`? Strictly before `exp`.
 fn still_valid(expires_at: Option<SystemTime>, now: SystemTime) -> bool {
     expires_at.is_none_or(|exp| now < exp)
-}
-
-/// Is the token's `nbf` (if any) already past, so that it cannot become invalid by it?
-fn started(claims: &Value, now: SystemTime) -> bool {
-    match claims.get("nbf") {
-        None => true,
-        Some(nbf) => {
-            let now = now
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            nbf.as_f64().is_some_and(|n| n <= now)
-        }
-    }
-}
-
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Key({:?})", self.algorithm)
-    }
 }
 
 /// Parses `--jwt-algorithm`. `none` is not an algorithm jsonwebtoken knows, so it is refused.
@@ -261,12 +249,18 @@ impl Key {
 
     /// Verifies `token` and reads its rights.
     pub fn verify(&self, token: &str) -> Result<Rights, AuthError> {
-        let now = SystemTime::now();
-        if let Some(rights) = self.verified.get(token, now) {
+        self.verify_fully(token).map(|(rights, _)| rights)
+    }
+
+    /// Like [`Key::verify`], for the publish path: remembers the tokens it verified (see
+    /// `Verified`), so that a publisher's token is checked once, not with every publish.
+    pub fn verify_publisher(&self, token: &str) -> Result<Arc<Rights>, AuthError> {
+        if let Some(rights) = self.verified.get(token, SystemTime::now()) {
             return Ok(rights);
         }
         let (rights, claims) = self.verify_fully(token)?;
-        if started(&claims, now) {
+        let rights = Arc::new(rights);
+        if claims.get("nbf").is_none() {
             self.verified.put(token, &rights);
         }
         Ok(rights)
@@ -432,31 +426,72 @@ mod tests {
         assert!(matches!(other.verify(&t), Err(AuthError::Invalid(_))));
     }
 
+    fn marker(publish: &str, expires_at: Option<SystemTime>) -> Arc<Rights> {
+        Arc::new(Rights {
+            publish: Some(vec![publish.to_owned()]),
+            expires_at,
+            ..Rights::default()
+        })
+    }
+
     #[test]
-    fn a_verified_token_is_remembered_and_only_that_token() {
+    fn a_verified_publisher_token_is_remembered() {
         let k = Key::secret(Algorithm::HS256, b"secret");
         let t = k
             .mint(Some(&["a".into()]), None, Some(Duration::from_secs(60)))
             .unwrap();
-        assert_eq!(k.verified.len(), 0);
-        let first = k.verify(&t).unwrap();
+        k.verify(&t).unwrap();
+        assert_eq!(k.verified.len(), 0, "verify() keeps nothing");
+        assert_eq!(
+            k.verify_publisher(&t).unwrap().publish,
+            Some(vec!["a".into()])
+        );
         assert_eq!(k.verified.len(), 1, "kept after the full check");
-        assert_eq!(k.verify(&t).unwrap(), first);
-        // Same length, one character of the signature changed: not the remembered token.
+        // A hit is served from memory: swap in a marker and it comes back.
+        k.verified.put(&t, &marker("from memory", None));
+        assert_eq!(
+            k.verify_publisher(&t).unwrap().publish,
+            Some(vec!["from memory".into()])
+        );
+        // Clones of a key share what it verified; another key knows nothing of it.
+        assert_eq!(k.clone().verified.len(), 1);
+        let other = Key::secret(Algorithm::HS256, b"other");
+        assert!(other.verify_publisher(&t).is_err());
+    }
+
+    #[test]
+    fn a_remembered_entry_never_stands_for_another_token_or_past_exp() {
+        let k = Key::secret(Algorithm::HS256, b"secret");
+        let t = k.mint(Some(&["a".into()]), None, None).unwrap();
+        // Same length, one character of the signature changed, filed under the forged token's
+        // own hash slot as if the two collided: the constant-time compare refuses it.
         let mut forged = t.clone().into_bytes();
         let last = forged.len() - 2;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).unwrap();
-        assert!(matches!(k.verify(&forged), Err(AuthError::Invalid(_))));
+        let slot = k.verified.hasher.hash_one(forged.as_str());
+        k.verified.put_at(slot, &t, &marker("*", None));
+        assert!(matches!(
+            k.verify_publisher(&forged),
+            Err(AuthError::Invalid(_))
+        ));
         assert_eq!(k.verified.len(), 1, "a failed token is never kept");
-        // Clones of a key share what it verified; another key knows nothing of it.
-        assert_eq!(k.clone().verified.len(), 1);
-        let other = Key::secret(Algorithm::HS256, b"other");
-        assert!(other.verify(&t).is_err());
+        // An entry past its exp is not used: this unsigned token only passes from memory.
+        let unsigned = "eyJhbGciOiJIUzI1NiJ9.e30.";
+        k.verified.put(
+            unsigned,
+            &marker("*", Some(SystemTime::now() - Duration::from_secs(1))),
+        );
+        assert!(k.verify_publisher(unsigned).is_err());
+        k.verified.put(unsigned, &marker("*", None));
+        assert!(
+            k.verify_publisher(unsigned).is_ok(),
+            "the entry itself is read"
+        );
     }
 
     #[test]
-    fn remembered_rights_end_at_exp_and_wait_for_nbf() {
+    fn remembered_rights_end_at_exp_and_tokens_with_nbf_are_not_kept() {
         let now = SystemTime::now();
         let s = Duration::from_secs(1);
         assert!(still_valid(None, now));
@@ -466,17 +501,12 @@ mod tests {
             "from exp on, the full check decides"
         );
         assert!(!still_valid(Some(now - s), now));
-        let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
-        assert!(started(&serde_json::json!({}), now));
-        assert!(started(&serde_json::json!({"nbf": secs - 1}), now));
-        assert!(!started(&serde_json::json!({"nbf": secs + 2}), now));
-        assert!(!started(&serde_json::json!({"nbf": "soon"}), now));
-        // A token whose nbf is within the leeway passes but is not kept.
         let k = Key::secret(Algorithm::HS256, b"secret");
-        let claims = serde_json::json!({"nbf": secs + 2, "mercure": {"publish": ["*"]}});
+        let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims = serde_json::json!({"nbf": secs - 10, "mercure": {"publish": ["*"]}});
         let enc = EncodingKey::from_secret(b"secret");
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
-        assert!(k.verify(&t).is_ok());
+        assert!(k.verify_publisher(&t).is_ok());
         assert_eq!(k.verified.len(), 0);
     }
 
@@ -485,14 +515,14 @@ mod tests {
         let k = Key::secret(Algorithm::HS256, b"secret");
         for i in 0..VERIFIED_ENTRIES + 10 {
             let t = k.mint(Some(&[format!("t{i}")]), None, None).unwrap();
-            k.verify(&t).unwrap();
+            k.verify_publisher(&t).unwrap();
             assert!(k.verified.len() <= VERIFIED_ENTRIES);
         }
         let huge = k
             .mint(Some(&["x".repeat(VERIFIED_TOKEN_MAX)]), None, None)
             .unwrap();
         let before = k.verified.len();
-        k.verify(&huge).unwrap();
+        k.verify_publisher(&huge).unwrap();
         assert_eq!(
             k.verified.len(),
             before,

@@ -50,16 +50,18 @@ pub struct ServeArgs {
 
     /// Longest wait for updates that follow a write to the same subscriber, so that they go out
     /// together in one write. There is no wait while the hub delivers fewer than
-    /// --write-budget updates a second per core; past that, the wait is what keeps the receiving subscribers
-    /// within that many writes (on 2 cores: 20 ms for 1,000 busy subscribers, 200 ms for
-    /// 10,000), up to this bound. The first update after a quiet spell is never delayed, nor
-    /// are updates once half of --subscriber-queue are pending; 0 writes every update at once.
+    /// --write-budget updates a second per core; past that, the wait is what keeps the
+    /// receiving subscribers within that many writes (at the default budget on 2 cores: 20 ms
+    /// for 1,000 busy subscribers, 200 ms for 10,000), up to this bound. The first update after
+    /// a quiet spell is never delayed, nor are updates once half of --subscriber-queue are
+    /// pending; 0 writes every update at once.
     #[arg(long, env = "SSEHUB_COALESCE", default_value = "250ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 
     /// Socket writes a second per core the hub allows itself before it batches (see
-    /// --coalesce). Lower spends less CPU per update and waits longer; higher the reverse.
-    #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value_t = 25_000,
+    /// --coalesce; no effect with --coalesce 0). Lower spends less CPU per update and waits
+    /// longer; higher the reverse.
+    #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value_t = crate::hub::WRITES_PER_CORE,
           value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
     pub write_budget: u64,
 

@@ -269,23 +269,27 @@ fn chunks(raw: &[u8]) -> Vec<String> {
     out
 }
 
-/// 200 subscribers, 150 updates at 100 a second (20,000 deliveries a second): how many of one
-/// subscriber's chunks carried events, and how many events.
+/// 100 subscribers per core, 150 updates at 100 a second: how many of one subscriber's chunks
+/// carried events, and how many events. Per core, that is 10,000 deliveries a second: under
+/// the default budget (25,000 writes a second per core), over a budget of 1,000, where the
+/// window is 100 subscribers / 1,000 writes = 100 ms whatever the number of cores.
 async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
-    const SUBS: usize = 200;
     const UPDATES: usize = 150;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+    let subs = 100 * cores;
     let hub = TestHub::start(args);
     let mut conns = Vec::new();
-    for _ in 0..SUBS {
+    for _ in 0..subs {
         let mut c = TcpStream::connect(hub.addr).await.unwrap();
         c.write_all(b"GET /.well-known/mercure?topic=w HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         conns.push(c);
     }
-    subscribers(&hub, SUBS as f64).await;
+    subscribers(&hub, subs as f64).await;
     let mut publisher = hub.publisher().await;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for i in 0..UPDATES {
         tick.tick().await;
         publisher
@@ -293,12 +297,8 @@ async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
             .await;
     }
     let mut raw = Vec::new();
-    read_until(
-        &mut conns[SUBS / 2],
-        &mut raw,
-        &format!("data: n{}\n\n", UPDATES - 1),
-    )
-    .await;
+    let last = format!("data: n{}\n\n\r\n", UPDATES - 1);
+    read_until(&mut conns[subs / 2], &mut raw, &last).await;
     let with_events: Vec<String> = chunks(&raw)
         .into_iter()
         .filter(|c| c.contains("data: "))
@@ -310,21 +310,21 @@ async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
     (with_events.len(), events)
 }
 
-/// `--write-budget` decides when the hub starts batching: under the default budget 20,000
-/// deliveries a second go out one write each; at 1,000 writes a second per core they share
-/// writes (on fewer than 20 cores), and nothing is lost either way.
+/// `--write-budget` decides when the hub starts batching: under the default budget every
+/// update goes out in a write of its own; over a budget of 1,000 writes a second per core,
+/// updates share writes; nothing is lost either way.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_write_budget_decides_when_updates_share_a_write() {
-    let (chunks, events) = chunks_and_events(&["--coalesce", "1s"]).await;
+    let (under, events) = chunks_and_events(&["--coalesce", "1s"]).await;
     assert_eq!(events, 150);
     assert!(
-        chunks * 10 >= events * 8,
-        "under budget, one write per update: {chunks} chunks for {events} events"
+        under * 10 >= events * 6,
+        "under budget, about one write per update: {under} chunks for {events} events"
     );
-    let (chunks, events) = chunks_and_events(&["--coalesce", "1s", "--write-budget", "1000"]).await;
+    let (over, events) = chunks_and_events(&["--coalesce", "1s", "--write-budget", "1000"]).await;
     assert_eq!(events, 150);
     assert!(
-        chunks * 10 <= events * 7,
-        "over budget, updates share writes: {chunks} chunks for {events} events"
+        over * 10 <= events * 3 && over * 3 <= under,
+        "over budget, updates share writes: {over} chunks for {events} events ({under} under budget)"
     );
 }

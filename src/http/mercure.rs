@@ -178,7 +178,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
                     return refuse(StatusCode::FORBIDDEN, reason, &app);
                 }
             }
-            match app.publisher_key.verify(t) {
+            match app.publisher_key.verify_publisher(t) {
                 Ok(r) => r,
                 Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
             }

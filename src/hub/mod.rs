@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
 pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
