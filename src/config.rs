@@ -51,11 +51,11 @@ pub struct ServeArgs {
     /// Longest wait for updates that follow a write to the same subscriber, so that they go out
     /// together in one write. There is no wait while the hub delivers fewer than
     /// --write-budget updates a second per core; past that, the wait is what keeps the
-    /// receiving subscribers within that many writes (at the default budget on 2 cores: 20 ms
-    /// for 1,000 busy subscribers, 200 ms for 10,000), up to this bound. The first update after
+    /// receiving subscribers within that many writes (at the default budget on 2 cores: 25 ms
+    /// for 1,000 busy subscribers, 125 ms for 5,000), up to this bound (reached at 8,000). The first update after
     /// a quiet spell is never delayed, nor are updates once half of --subscriber-queue are
     /// pending; 0 writes every update at once.
-    #[arg(long, env = "SSEHUB_COALESCE", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "SSEHUB_COALESCE", default_value = "200ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 
     /// Socket writes a second per core the hub allows itself before it batches (see

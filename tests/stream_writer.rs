@@ -271,7 +271,7 @@ fn chunks(raw: &[u8]) -> Vec<String> {
 
 /// 100 subscribers per core, 150 updates at 100 a second: how many of one subscriber's chunks
 /// carried events, and how many events. Per core, that is 10,000 deliveries a second: under
-/// the default budget (25,000 writes a second per core), over a budget of 1,000, where the
+/// the default budget (20,000 writes a second per core), over a budget of 1,000, where the
 /// window is 100 subscribers / 1,000 writes = 100 ms whatever the number of cores.
 async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
     const UPDATES: usize = 150;
