@@ -37,19 +37,27 @@ async fn read_until(conn: &mut TcpStream, raw: &mut Vec<u8>, needle: &str) {
 /// Splits a response into its head and its chunked body decoded (the body must be complete
 /// chunks).
 fn split_chunked(raw: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, _) = text.split_once("\r\n\r\n").expect("a complete head");
+    (head.to_owned(), chunks(raw).concat())
+}
+
+/// The chunks of a chunked body, each checked to end with CRLF (the body must be complete
+/// chunks).
+fn chunks(raw: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, mut rest) = text.split_once("\r\n\r\n").expect("a complete head");
-    let mut body = String::new();
+    let (_, mut rest) = text.split_once("\r\n\r\n").expect("a complete head");
+    let mut out = Vec::new();
     while let Some((size, after)) = rest.split_once("\r\n") {
         let n = usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size {size:?}"));
         if n == 0 || after.len() < n + 2 {
             break;
         }
-        body.push_str(&after[..n]);
+        out.push(after[..n].to_owned());
         assert_eq!(&after[n..n + 2], "\r\n", "a chunk ends with CRLF");
         rest = &after[n + 2..];
     }
-    (head.to_owned(), body)
+    out
 }
 
 async fn publish(hub: &TestHub, topic: &str, data: &str) {
@@ -251,22 +259,6 @@ async fn bare_lf_line_endings_are_understood_as_hyper_would() {
     subscribers(&hub, 1.0).await;
     publish(&hub, "lf", "bare").await;
     read_until(&mut c, &mut raw, "data: bare\n\n").await;
-}
-
-/// The chunks of a chunked body (the body must be complete chunks).
-fn chunks(raw: &[u8]) -> Vec<String> {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (_, mut rest) = text.split_once("\r\n\r\n").expect("a complete head");
-    let mut out = Vec::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("chunk size {size:?}"));
-        if n == 0 || after.len() < n + 2 {
-            break;
-        }
-        out.push(after[..n].to_owned());
-        rest = &after[n + 2..];
-    }
-    out
 }
 
 /// 100 subscribers per core, 150 updates at 100 a second: how many of one subscriber's chunks
