@@ -55,6 +55,13 @@ pub struct Key {
     verified: Arc<Verified>,
 }
 
+/// Names the algorithm only: key material stays out of logs.
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({:?})", self.algorithm)
+    }
+}
+
 /// Publisher tokens this key has already verified, with their rights.
 ///
 /// A publisher usually sends the same token with every request; decoding it again each time
@@ -432,6 +439,12 @@ mod tests {
             expires_at,
             ..Rights::default()
         })
+    }
+
+    #[test]
+    fn debug_shows_no_key_material() {
+        let k = Key::secret(Algorithm::HS256, b"do-not-print-me");
+        assert_eq!(format!("{k:?}"), "Key(HS256)");
     }
 
     #[test]

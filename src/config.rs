@@ -52,9 +52,9 @@ pub struct ServeArgs {
     /// together in one write. There is no wait while the hub delivers fewer than
     /// --write-budget updates a second per core; past that, the wait is what keeps the
     /// receiving subscribers within that many writes (at the default budget on 2 cores: 25 ms
-    /// for 1,000 busy subscribers, 125 ms for 5,000), up to this bound (reached at 8,000). The first update after
-    /// a quiet spell is never delayed, nor are updates once half of --subscriber-queue are
-    /// pending; 0 writes every update at once.
+    /// for 1,000 busy subscribers, 125 ms for 5,000), up to this bound (reached at 8,000).
+    /// The first update after a quiet spell is never delayed, nor are updates once half of
+    /// --subscriber-queue are pending; 0 writes every update at once.
     #[arg(long, env = "SSEHUB_COALESCE", default_value = "200ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 

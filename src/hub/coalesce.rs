@@ -4,11 +4,11 @@
 //! A write to a socket costs far more than the update it carries (~8-10 µs of CPU on loopback,
 //! most of it the kernel's, whether it carries 100 bytes or 1,000). The hub budgets its writes:
 //! `--write-budget` per second per core ([`WRITES_PER_CORE`] unless told otherwise). While the
-//! updates it delivers fit in that budget, each goes out at once. Past it, every subscriber that receives updates gets at most
-//! one write per window, the window being long enough for those subscribers together to stay
-//! within the budget (and never longer than `--coalesce`). The window is retuned a few times a
-//! second from what the hub actually delivered; the first update after a quiet spell is never
-//! delayed either way.
+//! updates it delivers fit in that budget, each goes out at once. Past it, every subscriber
+//! that receives updates gets at most one write per window, the window being long enough for
+//! those subscribers together to stay within the budget (and never longer than `--coalesce`).
+//! The window is retuned a few times a second from what the hub actually delivered; the first
+//! update after a quiet spell is never delayed either way.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
