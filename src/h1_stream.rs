@@ -12,6 +12,10 @@
 //! socket: one vectored write per wake-up, nothing buffered but what the hub already shares.
 //! Any other request, or anything unusual about this one, goes to hyper with the bytes already
 //! read put back in front of the connection, so hyper answers it as it always did.
+//!
+//! Over plain TCP the socket is shared with the hub ([`DirectTcp`]): while the stream's task
+//! waits with nothing in flight, a publishing thread may write an update to it directly, and
+//! the task only writes what that left over (see `hub::subscriber`).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -25,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::http::{StreamSlot, MERCURE_PATH};
-use crate::hub::SubscriberStream;
+use crate::hub::{DirectSink, SubscriberStream, Wire};
 
 /// Most header lines in a request head this writer takes; hyper gets the rest.
 const MAX_HEADERS: usize = 64;
@@ -108,17 +112,141 @@ pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body:
     req.body(axum::body::Body::empty()).ok()
 }
 
+/// A connection an event stream can be written to by this module.
+pub trait StreamIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// What the stream's task writes to.
+    type Pumped: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The connection for the stream's task, and a sink for direct writes if the connection
+    /// allows them.
+    fn into_pumped(self) -> (Self::Pumped, Option<Arc<dyn DirectSink>>);
+}
+
+impl StreamIo for tokio::net::TcpStream {
+    type Pumped = SharedTcp;
+
+    fn into_pumped(self) -> (SharedTcp, Option<Arc<dyn DirectSink>>) {
+        let socket = Arc::new(self);
+        (SharedTcp(socket.clone()), Some(Arc::new(DirectTcp(socket))))
+    }
+}
+
+/// TLS keeps its session state on one side: only the stream's task writes.
+impl StreamIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    type Pumped = Self;
+
+    fn into_pumped(self) -> (Self, Option<Arc<dyn DirectSink>>) {
+        (self, None)
+    }
+}
+
+/// A TCP connection shared by a stream's task and the hub's direct writes. tokio's socket
+/// takes reads and writes through `&self`; this gives the task the usual traits over it.
+pub struct SharedTcp(Arc<tokio::net::TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let sock = socket2::SockRef::from(&*self.0);
+        match sock.shutdown(std::net::Shutdown::Write) {
+            // Already closed by the peer: nothing left to shut.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
+        }
+    }
+}
+
+/// Direct writes to a plain TCP stream: one chunk per update, written without waiting.
+pub struct DirectTcp(Arc<tokio::net::TcpStream>);
+
+impl DirectSink for DirectTcp {
+    fn try_send(&self, payload: &[u8]) -> Option<Bytes> {
+        let mut size = [0u8; 18];
+        let size = chunk_size_line(payload.len(), &mut size);
+        let parts: [&[u8]; 3] = [size, payload, b"\r\n"];
+        let total = size.len() + payload.len() + 2;
+        let mut written = 0;
+        while written < total {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = remaining(&parts, written, &mut slices);
+            match self.0.try_write_vectored(&slices[..n]) {
+                Ok(k) if k > 0 => written += k,
+                // Full, or failed: the stream's task writes the rest when it can, or finds
+                // the connection gone and ends the stream.
+                _ => break,
+            }
+        }
+        if written == total {
+            return None;
+        }
+        let mut rest = BytesMut::with_capacity(total - written);
+        let mut slices = [IoSlice::new(&[]); 4];
+        let n = remaining(&parts, written, &mut slices);
+        for s in &slices[..n] {
+            rest.extend_from_slice(s);
+        }
+        Some(rest.freeze())
+    }
+}
+
 /// Writes the router's answer to a stream request: the stream itself when the handler accepted
 /// the subscriber, or the refusal, after which the connection is closed.
-pub async fn respond<S>(
+pub async fn respond<S: StreamIo>(
     mut io: S,
     response: Response<axum::body::Body>,
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
         let (parts, body) = response.into_parts();
@@ -135,6 +263,10 @@ pub async fn respond<S>(
     let (parts, _) = response.into_parts();
     let mut head = response_head(parts.status, &parts.headers);
     head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    let (io, sink) = io.into_pumped();
+    if let Some(sink) = sink {
+        stream.attach_sink(sink);
+    }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
     streams.spawn(pump(io, head, stream, path, peer));
@@ -193,8 +325,8 @@ async fn pump<S>(
     let mut stray = 0usize;
     let end = loop {
         let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(chunk) = stream.poll_chunk(cx) {
-                return Poll::Ready(chunk.ok_or(End::Finished));
+            if let Poll::Ready(wire) = stream.poll_wire(cx) {
+                return Poll::Ready(wire.ok_or(End::Finished));
             }
             // A client never speaks on an event stream; reading is how its leaving is seen.
             // While nothing arrives this costs no system call: tokio knows the socket is idle.
@@ -204,7 +336,7 @@ async fn pump<S>(
             }
         })
         .await;
-        if matches!(&next, Ok(chunk) if chunk.is_empty()) {
+        if matches!(&next, Ok(Wire::Data(chunk) | Wire::Framed(chunk)) if chunk.is_empty()) {
             // An empty chunk would read as the end of the body.
             continue;
         }
@@ -213,10 +345,14 @@ async fn pump<S>(
         // longer be dropped as slow, so what is left to write gets a deadline instead.
         let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
         let written = match &next {
-            Ok(chunk) => {
+            Ok(Wire::Data(chunk)) => {
                 let mut size = [0u8; 18];
                 let size = chunk_size_line(chunk.len(), &mut size);
                 let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+            }
+            Ok(Wire::Framed(framed)) => {
+                let parts: [&[u8]; 2] = [&head_bytes, framed];
                 within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
             }
             // Dropped for being too slow: its socket is full, so close without a last word.

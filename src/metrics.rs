@@ -43,6 +43,8 @@ pub struct Metrics {
     pub updates_published: AtomicU64,
     pub updates_rejected: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Deliveries written by the publishing thread straight to the socket.
+    pub direct_writes: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -103,6 +105,13 @@ impl Metrics {
             "counter",
             "Updates queued to a subscriber (one update reaching one subscriber).",
             self.deliveries.load(Relaxed),
+        );
+        one(
+            "ssehub_direct_writes_total",
+            "counter",
+            "Deliveries written to the socket by the publishing thread itself (an idle HTTP/1.1 \
+             stream, the hub within its write budget) rather than by the stream's own task.",
+            self.direct_writes.load(Relaxed),
         );
         one(
             "ssehub_history_length",

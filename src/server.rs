@@ -360,7 +360,7 @@ impl Http1 {
         service: Svc,
         watcher: hyper_util::server::graceful::Watcher,
     ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: h1_stream::StreamIo,
         Svc: hyper::service::Service<
                 http::Request<hyper::body::Incoming>,
                 Response = axum::response::Response,

@@ -320,3 +320,92 @@ async fn the_write_budget_decides_when_updates_share_a_write() {
         "over budget, updates share writes: {over} chunks for {events} events ({under} under budget)"
     );
 }
+
+/// While the hub is within its write budget, an update for an idle HTTP/1.1 stream is written
+/// by the publishing thread itself: each arrives as one well-formed chunk, and the hub counts
+/// every one as a direct write.
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_for_an_idle_stream_are_written_directly_as_whole_chunks() {
+    let hub = TestHub::start(&[]);
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=d HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    // The stream's task goes back to waiting once it has written the opening.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publisher = hub.publisher().await;
+    for i in 0..5 {
+        publisher
+            .ok(&[("topic", "d"), ("data", &format!("direct {i}"))])
+            .await;
+        read_until(&mut c, &mut raw, &format!("data: direct {i}\n\n\r\n")).await;
+    }
+    let chunks = chunks(&raw);
+    assert_eq!(
+        chunks.len(),
+        6,
+        "the opening, then one chunk per update: {chunks:?}"
+    );
+    for (i, chunk) in chunks[1..].iter().enumerate() {
+        assert!(chunk.starts_with("id: urn:uuid:"), "{chunk:?}");
+        assert!(
+            chunk.ends_with(&format!("\ndata: direct {i}\n\n")),
+            "{chunk:?}"
+        );
+    }
+    assert_eq!(hub.metric("ssehub_direct_writes_total").await, 5.0);
+    assert_eq!(hub.metric("ssehub_deliveries_total").await, 5.0);
+}
+
+/// Publishers racing on one topic, some updates written directly and some by the streams' own
+/// tasks: every subscriber still gets every update once, in the one order the hub stored them
+/// (which a replay from `earliest` shows).
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_publishers_leave_every_subscriber_the_same_order() {
+    const PUBLISHERS: usize = 8;
+    const EACH: usize = 40;
+    let hub = TestHub::start(&[]);
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(hub.subscribe("topic=race", &[]).await);
+    }
+    subscribers(&hub, 3.0).await;
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut publisher = hub.publisher().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                publisher
+                    .ok(&[("topic", "race"), ("data", &format!("{p}-{i}"))])
+                    .await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = PUBLISHERS * EACH;
+    let mut replay = hub
+        .subscribe("topic=race", &[("Last-Event-ID", "earliest")])
+        .await;
+    let stored: Vec<String> = common::take(&mut replay, total, WAIT)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    for sub in &mut subs {
+        let got: Vec<String> = common::take(sub, total, WAIT)
+            .await
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(got, stored, "the order the hub stored them in");
+    }
+    assert!(
+        hub.metric("ssehub_direct_writes_total").await > 0.0,
+        "some updates were written directly"
+    );
+}

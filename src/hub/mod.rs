@@ -8,8 +8,9 @@
 //! matching subscriber while holding it, and a subscribe snapshots its replay and registers
 //! while holding it. That is what makes replay exact: every update is either in a new
 //! subscriber's replay or in its queue, never both and never neither. The lock is held only to
-//! push pointers; encoding happens before it and writing to sockets after it, on each
-//! subscriber's own task.
+//! push pointers; encoding happens before it and writing to sockets after it: on each
+//! subscriber's own task, or, for a few idle subscribers of a hub within its write budget, by
+//! the publishing thread itself (see `subscriber`'s direct writes).
 
 mod coalesce;
 mod history;
@@ -30,12 +31,17 @@ pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
 pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
-pub use subscriber::SubscriberStream;
+pub use subscriber::{DirectSink, SubscriberStream, Wire};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
 use crate::metrics::{DropReason, Metrics};
+
+/// The most subscribers one publish writes to directly, on the publishing thread; the others'
+/// own tasks write, spread over the cores. Small fan-outs (one topic among many, S6) are then
+/// written without waking any task, and a wide one never holds its publisher for long.
+const DIRECT_MAX: usize = 32;
 
 /// What the hub needs to know, taken from the `serve` flags.
 #[derive(Debug, Clone)]
@@ -368,14 +374,24 @@ impl HubShared {
             encoded,
         });
         core.history.push(update.clone());
-        let (delivered, dropped) = core.fan_out(&update, limit, &self.coalescing);
+        let fanned = core.fan_out(&update, limit, &self.coalescing);
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
         drop(core);
 
+        // Each claimed stream waits for this write alone, and the update's place in its
+        // order was taken under the lock: later updates queue behind the write.
+        for (sub, sink) in &fanned.direct {
+            sub.direct_done(sink.try_send(&update.encoded));
+        }
+        let delivered = fanned.queued + fanned.direct.len();
         metrics.updates_published.fetch_add(1, Relaxed);
         metrics.deliveries.fetch_add(delivered as u64, Relaxed);
+        metrics
+            .direct_writes
+            .fetch_add(fanned.direct.len() as u64, Relaxed);
+        let dropped = fanned.dropped;
         for sub in dropped {
             metrics.dropped(DropReason::Slow);
             tracing::info!(
@@ -458,22 +474,25 @@ impl Core {
         true
     }
 
-    /// Offers `update` to every matching subscriber. Returns how many queued it, and the ids of
-    /// those dropped for being too slow.
+    /// Offers `update` to every matching subscriber: queued for most, claimed for a direct
+    /// write by the caller for at most [`DIRECT_MAX`] while the hub is within its write budget
+    /// (coalescing wants every write it can save otherwise).
     fn fan_out(
         &self,
         update: &SharedUpdate,
         limit: usize,
         coalescing: &coalesce::Coalescing,
-    ) -> (usize, Vec<u64>) {
-        let mut delivered = 0;
-        let mut dropped = Vec::new();
-        let mut offer = |sub: &Arc<Subscriber>, check: bool| match sub
-            .offer(update, limit, check, coalescing)
-        {
-            Offer::Queued => delivered += 1,
-            Offer::Dropped => dropped.push(sub.id),
-            Offer::Skipped => {}
+    ) -> FanOut {
+        let mut out = FanOut::default();
+        let within_budget = coalescing.window().is_zero();
+        let mut offer = |sub: &Arc<Subscriber>, check: bool| {
+            let direct = within_budget && out.direct.len() < DIRECT_MAX;
+            match sub.offer(update, limit, check, coalescing, direct) {
+                Offer::Queued => out.queued += 1,
+                Offer::Direct(sink) => out.direct.push((sub.clone(), sink)),
+                Offer::Dropped => out.dropped.push(sub.id),
+                Offer::Skipped => {}
+            }
         };
         for topic in &update.topics {
             if let Some(set) = self.exact.get(topic) {
@@ -485,8 +504,19 @@ impl Core {
         for sub in self.wide.values() {
             offer(sub, true);
         }
-        (delivered, dropped)
+        out
     }
+}
+
+/// What one fan-out did.
+#[derive(Default)]
+struct FanOut {
+    /// Subscribers that queued the update for their own task.
+    queued: usize,
+    /// Subscribers whose socket the caller writes the update to.
+    direct: Vec<(Arc<Subscriber>, Arc<dyn DirectSink>)>,
+    /// Ids of those dropped for being too far behind.
+    dropped: Vec<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -585,5 +615,101 @@ mod tests {
         );
         assert_eq!(next(&mut stream), Some(1), "what was queued goes out first");
         assert!(matches!(stream.poll_chunk(&mut cx), Poll::Ready(None)));
+    }
+
+    /// An in-memory connection for direct writes: takes at most `room` bytes a call (the
+    /// encoded update, unframed, so the test reads events straight off it).
+    #[derive(Default)]
+    struct Socket {
+        room: AtomicUsize,
+        wire: parking_lot::Mutex<Vec<u8>>,
+    }
+
+    impl DirectSink for Socket {
+        fn try_send(&self, payload: &[u8]) -> Option<bytes::Bytes> {
+            let n = payload.len().min(self.room.load(Relaxed));
+            self.wire.lock().extend_from_slice(&payload[..n]);
+            (n < payload.len()).then(|| bytes::Bytes::copy_from_slice(&payload[n..]))
+        }
+    }
+
+    /// An idle stream with a sink is written by the publisher; a short write leaves the rest
+    /// to the stream's task, ahead of what was queued meanwhile; nothing is written directly
+    /// while the hub batches, nor to a stream that is busy; the sink goes with the stream.
+    #[tokio::test]
+    async fn direct_writes_keep_the_order_and_leave_the_rest_to_the_task() {
+        let hub = Hub::new(HubConfig {
+            coalesce: Duration::from_secs(10),
+            ..HubConfig::default()
+        });
+        let mut stream = hub
+            .subscribe(SubscribeRequest {
+                topics: vec!["t".to_owned()],
+                ..SubscribeRequest::default()
+            })
+            .unwrap()
+            .stream;
+        let socket = Arc::new(Socket::default());
+        socket.room.store(usize::MAX, Relaxed);
+        stream.attach_sink(socket.clone());
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let direct = |hub: &Hub| hub.metrics().direct_writes.load(Relaxed);
+
+        publish(&hub, 1);
+        assert_eq!(direct(&hub), 0, "the opening is not written yet: queued");
+        for expected in [0, 1] {
+            let Poll::Ready(Some(Wire::Data(c))) = stream.poll_wire(&mut cx) else {
+                panic!("the opening, then the update")
+            };
+            assert_eq!(events(&c), expected);
+        }
+        assert!(stream.poll_wire(&mut cx).is_pending(), "now idle");
+
+        let woken = count.0.load(Relaxed);
+        publish(&hub, 2);
+        assert_eq!(direct(&hub), 2, "both written by the publisher");
+        assert_eq!(events(&socket.wire.lock()), 2);
+        assert_eq!(count.0.load(Relaxed), woken, "the task was not woken");
+        assert!(stream.poll_wire(&mut cx).is_pending());
+
+        // The socket takes 3 bytes of the next one; the next two queue behind the rest.
+        socket.room.store(3, Relaxed);
+        publish(&hub, 1);
+        assert_eq!(direct(&hub), 3);
+        assert_eq!(count.0.load(Relaxed), woken + 1, "woken for the rest");
+        publish(&hub, 2);
+        assert_eq!(direct(&hub), 3, "a stream with bytes to finish is not idle");
+        let Poll::Ready(Some(Wire::Framed(rest))) = stream.poll_wire(&mut cx) else {
+            panic!("the rest of the short write first")
+        };
+        let mut wire = socket.wire.lock().clone();
+        wire.extend_from_slice(&rest);
+        assert_eq!(events(&wire), 3, "the short write completed: {wire:?}");
+        let Poll::Ready(Some(Wire::Data(queued))) = stream.poll_wire(&mut cx) else {
+            panic!("then what queued meanwhile")
+        };
+        assert_eq!(events(&queued), 2);
+        assert!(stream.poll_wire(&mut cx).is_pending());
+
+        // Past the write budget the hub batches: the stream's task writes, within its window.
+        hub.shared.coalescing.set_window(Duration::from_millis(50));
+        socket.room.store(usize::MAX, Relaxed);
+        publish(&hub, 1);
+        assert_eq!(direct(&hub), 3, "no direct write while batching");
+        assert!(matches!(
+            stream.poll_wire(&mut cx),
+            Poll::Ready(Some(Wire::Data(_)))
+        ));
+
+        assert_eq!(Arc::strong_count(&socket), 2);
+        drop(stream);
+        assert_eq!(
+            Arc::strong_count(&socket),
+            1,
+            "the sink goes with the stream"
+        );
+        assert_eq!(hub.subscriber_count(), 0);
     }
 }

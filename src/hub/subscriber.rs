@@ -6,6 +6,13 @@
 //! publisher pushes a pointer to the shared encoded update under this subscriber's own lock,
 //! and the stream takes all that is pending in one go and sends it as one chunk, so a
 //! subscriber that fell behind catches up with one write instead of one per update.
+//!
+//! Direct writes: waking a subscriber's task for one small update costs about as much as the
+//! write itself once the scheduler, the task's poll and, on an idle hub, another worker
+//! thread's wake-up are counted. So while the hub is within its write budget, an update for a
+//! subscriber whose stream is waiting with nothing in flight is written by the publishing
+//! thread itself, straight to the socket, after the hub's lock is released (see
+//! [`DirectSink`]). Only what the socket did not take is left to the stream's task.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -31,6 +38,24 @@ use crate::sse;
 /// Queue length at which a stream waiting out its coalescing window is woken anyway.
 fn early_flush(limit: usize) -> usize {
     (limit / 2).max(1)
+}
+
+/// A subscriber's connection as a publishing thread can write to it: plain HTTP/1.1 over TCP
+/// (`h1_stream`). Streams served by hyper or over TLS have none and are always written by their
+/// own task.
+pub trait DirectSink: Send + Sync {
+    /// Writes `payload` as one chunk of the stream, as much as the socket takes at once and
+    /// without waiting. Returns the framed bytes it did not take (`None` when all were
+    /// written); the stream's task writes them before anything else.
+    fn try_send(&self, payload: &[u8]) -> Option<Bytes>;
+}
+
+/// What a subscriber's stream gives its writer next.
+pub enum Wire {
+    /// Event-stream bytes, to be framed for the connection.
+    Data(Bytes),
+    /// Bytes already framed as one chunk (what a direct write left over): written as they are.
+    Framed(Bytes),
 }
 
 /// The most bytes of replayed history sent in one chunk.
@@ -64,15 +89,25 @@ struct State {
     /// The stream is waiting out its coalescing window: a publish wakes it only once the queue
     /// is half full (so that the wait can never be what makes a subscriber "slow").
     held: bool,
+    /// The stream's task waits with nothing in flight: an update may be written directly.
+    idle: bool,
+    /// A publishing thread is writing to the socket; the stream's task must not write.
+    direct_busy: bool,
+    /// What a direct write left unwritten, already framed: the next thing on the wire.
+    carry: Option<Bytes>,
+    /// Where direct writes go, while the stream's writer allows them.
+    sink: Option<Arc<dyn DirectSink>>,
 }
 
 /// What became of an update offered to a subscriber.
-#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Offer {
     Queued,
     Skipped,
     /// The subscriber was too far behind and has been closed.
     Dropped,
+    /// The caller writes the update to this sink once the hub's lock is released, then calls
+    /// [`Subscriber::direct_done`].
+    Direct(Arc<dyn DirectSink>),
 }
 
 impl Subscriber {
@@ -109,13 +144,15 @@ impl Subscriber {
     }
 
     /// Queues `update` unless already offered or not authorized. `check_topics` is false when
-    /// the caller found this subscriber through the exact-topic index.
+    /// the caller found this subscriber through the exact-topic index. With `direct`, an idle
+    /// stream with a sink is claimed for a direct write instead ([`Offer::Direct`]).
     pub fn offer(
         &self,
         update: &SharedUpdate,
         limit: usize,
         check_topics: bool,
         coalescing: &Coalescing,
+        direct: bool,
     ) -> Offer {
         if self.last_seq.swap(update.seq, Ordering::Relaxed) == update.seq {
             return Offer::Skipped;
@@ -142,9 +179,21 @@ impl Subscriber {
             }
             return Offer::Dropped;
         }
-        st.queue.push_back(update.clone());
         st.active = true;
-        let waker = if st.held && st.queue.len() < early_flush(limit) {
+        if direct && st.idle && !st.held && !st.direct_busy && st.queue.is_empty() {
+            if let Some(sink) = &st.sink {
+                debug_assert!(st.carry.is_none(), "a stream with a carry is not idle");
+                let sink = sink.clone();
+                st.direct_busy = true;
+                drop(st);
+                coalescing.touched(&self.seen);
+                return Offer::Direct(sink);
+            }
+        }
+        st.queue.push_back(update.clone());
+        // While a direct write is in flight the task could not write anyway; the writer wakes
+        // it when done.
+        let waker = if st.direct_busy || (st.held && st.queue.len() < early_flush(limit)) {
             None
         } else {
             st.waker.take()
@@ -155,6 +204,27 @@ impl Subscriber {
             w.wake();
         }
         Offer::Queued
+    }
+
+    /// Ends a direct write claimed by [`Offer::Direct`]: keeps what the socket did not take and
+    /// wakes the stream's task if it has something to write now.
+    pub fn direct_done(&self, rest: Option<Bytes>) {
+        let mut st = self.state.lock();
+        st.direct_busy = false;
+        if rest.is_some() {
+            // The task has this to write first: no direct write until it has.
+            st.carry = rest;
+            st.idle = false;
+        }
+        let pending =
+            st.carry.is_some() || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
+        if !pending {
+            return;
+        }
+        if let Some(w) = st.waker.take() {
+            drop(st);
+            w.wake();
+        }
     }
 
     /// Called by the hub-wide heartbeat tick: an idle stream gets a comment line.
@@ -234,19 +304,25 @@ impl SubscriberStream {
         self.sub.id
     }
 
-    fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+    /// Lets publishing threads write updates straight to the connection through `sink`
+    /// whenever this stream waits with nothing in flight.
+    pub fn attach_sink(&self, sink: Arc<dyn DirectSink>) {
+        self.sub.state.lock().sink = Some(sink);
+    }
+
+    fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
         if let Some(mut first) = self.opening.take() {
             if self.replay.len() > 0 {
                 let mut buf = BytesMut::from(&first[..]);
                 self.fill_replay(&mut buf);
                 first = buf.freeze();
             }
-            return Some(first);
+            return Some(Wire::Data(first));
         }
         if self.replay.len() > 0 {
             let mut buf = BytesMut::new();
             self.fill_replay(&mut buf);
-            return Some(buf.freeze());
+            return Some(Wire::Data(buf.freeze()));
         }
         if let Some(exp) = self.expires.as_mut() {
             if exp.as_mut().poll(cx).is_ready() {
@@ -259,6 +335,18 @@ impl SubscriberStream {
         }
         let mut st = self.sub.state.lock();
         st.held = false;
+        // Whatever is returned below, the writer is busy with it until it polls again; every
+        // `None` from here on leaves it waiting with nothing in flight.
+        st.idle = false;
+        if st.direct_busy {
+            // A publishing thread has the socket; it wakes this task when done.
+            st.idle = true;
+            register(&mut st.waker, cx);
+            return None;
+        }
+        if let Some(carry) = st.carry.take() {
+            return Some(Wire::Framed(carry));
+        }
         if !st.queue.is_empty() {
             let window = self.window();
             let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
@@ -282,10 +370,7 @@ impl SubscriberStream {
                         };
                         if hold.as_mut().poll(cx).is_pending() {
                             st.held = true;
-                            match &st.waker {
-                                Some(w) if w.will_wake(cx.waker()) => {}
-                                _ => st.waker = Some(cx.waker().clone()),
-                            }
+                            register(&mut st.waker, cx);
                             return None;
                         }
                     }
@@ -305,19 +390,17 @@ impl SubscriberStream {
                 buf.freeze()
             };
             self.spare.clear();
-            return Some(chunk);
+            return Some(Wire::Data(chunk));
         }
         if std::mem::take(&mut st.heartbeat) {
-            return Some(Bytes::from_static(sse::HEARTBEAT));
+            return Some(Wire::Data(Bytes::from_static(sse::HEARTBEAT)));
         }
         if st.closed.is_some() {
             self.done = true;
             return None;
         }
-        match &st.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => st.waker = Some(cx.waker().clone()),
-        }
+        st.idle = true;
+        register(&mut st.waker, cx);
         None
     }
 
@@ -347,10 +430,7 @@ impl SubscriberStream {
         if st.closed == Some(DropReason::Slow) {
             return true;
         }
-        match &st.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => st.waker = Some(cx.waker().clone()),
-        }
+        register(&mut st.waker, cx);
         false
     }
 
@@ -364,16 +444,32 @@ impl SubscriberStream {
         self.sub.closed() == Some(DropReason::Slow)
     }
 
-    /// The next bytes to send; `Ready(None)` once the stream has ended.
-    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    /// What to send next; `Ready(None)` once the stream has ended.
+    pub fn poll_wire(&mut self, cx: &mut Context<'_>) -> Poll<Option<Wire>> {
         if self.done {
             return Poll::Ready(None);
         }
         match self.next_chunk(cx) {
-            Some(chunk) => Poll::Ready(Some(chunk)),
+            Some(wire) => Poll::Ready(Some(wire)),
             None if self.done => Poll::Ready(None),
             None => Poll::Pending,
         }
+    }
+
+    /// The next event-stream bytes to send, for a writer that attached no sink (hyper's body,
+    /// which frames every chunk itself); `Ready(None)` once the stream has ended.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.poll_wire(cx).map(|w| {
+            w.map(|w| match w {
+                Wire::Data(b) => b,
+                // Only a direct write leaves framed bytes, and only a writer that attached a
+                // sink allows direct writes; that writer calls `poll_wire`.
+                Wire::Framed(b) => {
+                    debug_assert!(false, "framed bytes for a stream without a sink");
+                    b
+                }
+            })
+        })
     }
 }
 
@@ -401,6 +497,18 @@ impl Body for SubscriberStream {
 
 impl Drop for SubscriberStream {
     fn drop(&mut self) {
+        // The sink holds the connection open; it goes with the stream, even if a publisher
+        // still holds the subscriber for a moment.
+        let sink = self.sub.state.lock().sink.take();
+        drop(sink);
         self.hub.remove(&self.sub, self.sub.closed());
+    }
+}
+
+/// Keeps `cx`'s waker to be woken, unless the same one is kept already.
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
     }
 }
