@@ -380,8 +380,12 @@ impl HubShared {
             .store(core.history.len() as u64, Relaxed);
         drop(core);
 
-        // Each claimed stream waits for this write alone, and the update's place in its
-        // order was taken under the lock: later updates queue behind the write.
+        // The other streams' tasks start writing (on every core) while this thread writes to
+        // the claimed ones. Each claimed stream waits for this write alone, and the update's
+        // place in its order was taken under the lock: later updates queue behind the write.
+        for waker in fanned.wakes {
+            waker.wake();
+        }
         for (sub, sink) in &fanned.direct {
             sub.direct_done(sink.try_send(&update.encoded));
         }
@@ -488,9 +492,15 @@ impl Core {
         let mut offer = |sub: &Arc<Subscriber>, check: bool| {
             let direct = within_budget && out.direct.len() < DIRECT_MAX;
             match sub.offer(update, limit, check, coalescing, direct) {
-                Offer::Queued => out.queued += 1,
+                Offer::Queued(waker) => {
+                    out.queued += 1;
+                    out.wakes.extend(waker);
+                }
                 Offer::Direct(sink) => out.direct.push((sub.clone(), sink)),
-                Offer::Dropped => out.dropped.push(sub.id),
+                Offer::Dropped(waker) => {
+                    out.dropped.push(sub.id);
+                    out.wakes.extend(waker);
+                }
                 Offer::Skipped => {}
             }
         };
@@ -517,6 +527,8 @@ struct FanOut {
     direct: Vec<(Arc<Subscriber>, Arc<dyn DirectSink>)>,
     /// Ids of those dropped for being too far behind.
     dropped: Vec<u64>,
+    /// Stream tasks to wake once the lock is released.
+    wakes: Vec<std::task::Waker>,
 }
 
 fn now_ms() -> u64 {

@@ -101,10 +101,11 @@ struct State {
 
 /// What became of an update offered to a subscriber.
 pub(crate) enum Offer {
-    Queued,
+    /// Queued; the caller wakes the stream's task with this, once the hub's lock is released.
+    Queued(Option<Waker>),
     Skipped,
-    /// The subscriber was too far behind and has been closed.
-    Dropped,
+    /// The subscriber was too far behind and has been closed; its task is to be woken.
+    Dropped(Option<Waker>),
     /// The caller writes the update to this sink once the hub's lock is released, then calls
     /// [`Subscriber::direct_done`].
     Direct(Arc<dyn DirectSink>),
@@ -174,10 +175,7 @@ impl Subscriber {
             if let Some(k) = &self.kill {
                 k.cancel();
             }
-            if let Some(w) = waker {
-                w.wake();
-            }
-            return Offer::Dropped;
+            return Offer::Dropped(waker);
         }
         st.active = true;
         if direct && st.idle && !st.held && !st.direct_busy && st.queue.is_empty() {
@@ -200,10 +198,7 @@ impl Subscriber {
         };
         drop(st);
         coalescing.touched(&self.seen);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Offer::Queued
+        Offer::Queued(waker)
     }
 
     /// Ends a direct write claimed by [`Offer::Direct`]: keeps what the socket did not take and
