@@ -93,10 +93,16 @@ struct State {
     idle: bool,
     /// A publishing thread is writing to the socket; the stream's task must not write.
     direct_busy: bool,
+    /// Set while the stream's writer allows direct writes. Boxed: the state every publish
+    /// touches stays within one cache line.
+    direct: Option<Box<Direct>>,
+}
+
+/// What direct writes to one stream need.
+struct Direct {
+    sink: Arc<dyn DirectSink>,
     /// What a direct write left unwritten, already framed: the next thing on the wire.
     carry: Option<Bytes>,
-    /// Where direct writes go, while the stream's writer allows them.
-    sink: Option<Arc<dyn DirectSink>>,
 }
 
 /// What became of an update offered to a subscriber.
@@ -179,9 +185,9 @@ impl Subscriber {
         }
         st.active = true;
         if direct && st.idle && !st.held && !st.direct_busy && st.queue.is_empty() {
-            if let Some(sink) = &st.sink {
-                debug_assert!(st.carry.is_none(), "a stream with a carry is not idle");
-                let sink = sink.clone();
+            if let Some(d) = &st.direct {
+                debug_assert!(d.carry.is_none(), "a stream with a carry is not idle");
+                let sink = d.sink.clone();
                 st.direct_busy = true;
                 drop(st);
                 coalescing.touched(&self.seen);
@@ -206,13 +212,16 @@ impl Subscriber {
     pub fn direct_done(&self, rest: Option<Bytes>) {
         let mut st = self.state.lock();
         st.direct_busy = false;
-        if rest.is_some() {
-            // The task has this to write first: no direct write until it has.
-            st.carry = rest;
+        if let Some(rest) = rest {
+            // The task has this to write first: no direct write until it has. (Without a
+            // sink the stream has ended, and the bytes have nowhere to go.)
+            if let Some(d) = st.direct.as_mut() {
+                d.carry = Some(rest);
+            }
             st.idle = false;
         }
-        let pending =
-            st.carry.is_some() || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
+        let carry = st.direct.as_ref().is_some_and(|d| d.carry.is_some());
+        let pending = carry || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
         if !pending {
             return;
         }
@@ -302,7 +311,7 @@ impl SubscriberStream {
     /// Lets publishing threads write updates straight to the connection through `sink`
     /// whenever this stream waits with nothing in flight.
     pub fn attach_sink(&self, sink: Arc<dyn DirectSink>) {
-        self.sub.state.lock().sink = Some(sink);
+        self.sub.state.lock().direct = Some(Box::new(Direct { sink, carry: None }));
     }
 
     fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
@@ -339,7 +348,7 @@ impl SubscriberStream {
             register(&mut st.waker, cx);
             return None;
         }
-        if let Some(carry) = st.carry.take() {
+        if let Some(carry) = st.direct.as_mut().and_then(|d| d.carry.take()) {
             return Some(Wire::Framed(carry));
         }
         if !st.queue.is_empty() {
@@ -494,8 +503,8 @@ impl Drop for SubscriberStream {
     fn drop(&mut self) {
         // The sink holds the connection open; it goes with the stream, even if a publisher
         // still holds the subscriber for a moment.
-        let sink = self.sub.state.lock().sink.take();
-        drop(sink);
+        let direct = self.sub.state.lock().direct.take();
+        drop(direct);
         self.hub.remove(&self.sub, self.sub.closed());
     }
 }
