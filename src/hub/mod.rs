@@ -563,6 +563,15 @@ mod tests {
         }
     }
 
+    fn subscribe(hub: &Hub) -> SubscriberStream {
+        hub.subscribe(SubscribeRequest {
+            topics: vec!["t".to_owned()],
+            ..SubscribeRequest::default()
+        })
+        .unwrap()
+        .stream
+    }
+
     fn events(chunk: &[u8]) -> usize {
         String::from_utf8_lossy(chunk).matches("data: x").count()
     }
@@ -576,13 +585,7 @@ mod tests {
             subscriber_queue: 10,
             ..HubConfig::default()
         });
-        let mut stream = hub
-            .subscribe(SubscribeRequest {
-                topics: vec!["t".to_owned()],
-                ..SubscribeRequest::default()
-            })
-            .unwrap()
-            .stream;
+        let mut stream = subscribe(&hub);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
@@ -654,13 +657,7 @@ mod tests {
             coalesce: Duration::from_secs(10),
             ..HubConfig::default()
         });
-        let mut stream = hub
-            .subscribe(SubscribeRequest {
-                topics: vec!["t".to_owned()],
-                ..SubscribeRequest::default()
-            })
-            .unwrap()
-            .stream;
+        let mut stream = subscribe(&hub);
         let socket = Arc::new(Socket::default());
         socket.room.store(usize::MAX, Relaxed);
         stream.attach_sink(socket.clone());
