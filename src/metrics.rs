@@ -103,7 +103,7 @@ impl Metrics {
         one(
             "ssehub_deliveries_total",
             "counter",
-            "Updates queued to a subscriber (one update reaching one subscriber).",
+            "Updates queued for or written to a subscriber (one update reaching one subscriber).",
             self.deliveries.load(Relaxed),
         );
         one(
