@@ -45,6 +45,8 @@ pub struct Metrics {
     pub deliveries: AtomicU64,
     /// Deliveries written by the publishing thread straight to the socket.
     pub direct_writes: AtomicU64,
+    /// Socket writes of held updates made by the coalescing flusher.
+    pub coalesced_writes: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -112,6 +114,13 @@ impl Metrics {
             "Deliveries written to the socket by the publishing thread itself (an idle HTTP/1.1 \
              stream, the hub within its write budget) rather than by the stream's own task.",
             self.direct_writes.load(Relaxed),
+        );
+        one(
+            "ssehub_coalesced_writes_total",
+            "counter",
+            "Socket writes made by the hub's flusher when a held subscriber's coalescing window \
+             opened (each carries every update queued for it meanwhile, as one chunk).",
+            self.coalesced_writes.load(Relaxed),
         );
         one(
             "ssehub_history_length",

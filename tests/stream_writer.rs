@@ -262,10 +262,10 @@ async fn bare_lf_line_endings_are_understood_as_hyper_would() {
 }
 
 /// 100 subscribers per core, 150 updates at 100 a second: how many of one subscriber's chunks
-/// carried events, and how many events. Per core, that is 10,000 deliveries a second: under
+/// carried events, how many events, and how many writes the hub's flusher made. Per core, that is 10,000 deliveries a second: under
 /// the default budget (20,000 writes a second per core), over a budget of 1,000, where the
 /// window is 100 subscribers / 1,000 writes = 100 ms whatever the number of cores.
-async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
+async fn chunks_and_events(args: &[&str]) -> (usize, usize, f64) {
     const UPDATES: usize = 150;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
     let subs = 100 * cores;
@@ -299,25 +299,33 @@ async fn chunks_and_events(args: &[&str]) -> (usize, usize) {
         .iter()
         .map(|c| c.matches("data: ").count())
         .sum();
-    (with_events.len(), events)
+    let flushed = hub.metric("ssehub_coalesced_writes_total").await;
+    (with_events.len(), events, flushed)
 }
 
 /// `--write-budget` decides when the hub starts batching: under the default budget every
 /// update goes out in a write of its own; over a budget of 1,000 writes a second per core,
-/// updates share writes; nothing is lost either way.
+/// updates share writes, written by the hub's flusher when each window opens; nothing is lost
+/// either way.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_write_budget_decides_when_updates_share_a_write() {
-    let (under, events) = chunks_and_events(&["--coalesce", "1s"]).await;
+    let (under, events, flushed) = chunks_and_events(&["--coalesce", "1s"]).await;
     assert_eq!(events, 150);
     assert!(
         under * 10 >= events * 6,
         "under budget, about one write per update: {under} chunks for {events} events"
     );
-    let (over, events) = chunks_and_events(&["--coalesce", "1s", "--write-budget", "1000"]).await;
+    assert_eq!(flushed, 0.0, "under budget nothing is held for the flusher");
+    let (over, events, flushed) =
+        chunks_and_events(&["--coalesce", "1s", "--write-budget", "1000"]).await;
     assert_eq!(events, 150);
     assert!(
         over * 10 <= events * 3 && over * 3 <= under,
         "over budget, updates share writes: {over} chunks for {events} events ({under} under budget)"
+    );
+    assert!(
+        flushed >= 100.0,
+        "the held streams were written by the flusher: {flushed} writes"
     );
 }
 
@@ -365,14 +373,56 @@ async fn updates_for_an_idle_stream_are_written_directly_as_whole_chunks() {
 /// (which a replay from `earliest` shows).
 #[tokio::test(flavor = "multi_thread")]
 async fn racing_publishers_leave_every_subscriber_the_same_order() {
+    let hub = TestHub::start(&[]);
+    race(&hub, Duration::ZERO).await;
+    assert!(
+        hub.metric("ssehub_direct_writes_total").await > 0.0,
+        "some updates were written directly"
+    );
+}
+
+/// The same race while the hub batches (a budget of 1,000 writes a second per core, kept
+/// exceeded by a steady publisher to 10 other subscribers per core): held updates are written by
+/// the flusher, others by the streams' tasks when a queue fills or a window has passed; the order
+/// still holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_publishers_keep_the_order_while_the_hub_batches() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let hub = TestHub::start(&["--write-budget", "1000", "--coalesce", "15ms"]);
+    let mut warm_subs = Vec::new();
+    for _ in 0..10 * cores {
+        warm_subs.push(hub.subscribe("topic=warm", &[]).await);
+    }
+    subscribers(&hub, (10 * cores) as f64).await;
+    let mut warm = hub.publisher().await;
+    // 500 updates a second to 10 subscribers per core: 5,000 deliveries a second per core.
+    let warming = tokio::spawn(async move {
+        loop {
+            warm.ok(&[("topic", "warm"), ("data", "w")]).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    // Two retunes of the window (every 100 ms) with the budget exceeded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    race(&hub, Duration::from_millis(1)).await;
+    warming.abort();
+    assert!(
+        hub.metric("ssehub_coalesced_writes_total").await > 0.0,
+        "some updates were held and written by the flusher"
+    );
+}
+
+/// 8 publishers × 40 updates on topic `race`, each publisher waiting `pace` between its
+/// publishes, to 3 subscribers; each must receive exactly the stored order.
+async fn race(hub: &TestHub, pace: Duration) {
     const PUBLISHERS: usize = 8;
     const EACH: usize = 40;
-    let hub = TestHub::start(&[]);
+    let before = hub.metric("ssehub_subscribers_connected").await;
     let mut subs = Vec::new();
     for _ in 0..3 {
         subs.push(hub.subscribe("topic=race", &[]).await);
     }
-    subscribers(&hub, 3.0).await;
+    subscribers(hub, before + 3.0).await;
     let mut tasks = Vec::new();
     for p in 0..PUBLISHERS {
         let mut publisher = hub.publisher().await;
@@ -381,6 +431,9 @@ async fn racing_publishers_leave_every_subscriber_the_same_order() {
                 publisher
                     .ok(&[("topic", "race"), ("data", &format!("{p}-{i}"))])
                     .await;
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
             }
         }));
     }
@@ -404,8 +457,4 @@ async fn racing_publishers_leave_every_subscriber_the_same_order() {
             .collect();
         assert_eq!(got, stored, "the order the hub stored them in");
     }
-    assert!(
-        hub.metric("ssehub_direct_writes_total").await > 0.0,
-        "some updates were written directly"
-    );
 }

@@ -10,9 +10,11 @@
 //! subscriber's replay or in its queue, never both and never neither. The lock is held only to
 //! push pointers; encoding happens before it and writing to sockets after it: on each
 //! subscriber's own task, or, for a few idle subscribers of a hub within its write budget, by
-//! the publishing thread itself (see `subscriber`'s direct writes).
+//! the publishing thread itself (see `subscriber`'s direct writes), or, once the hub batches, by
+//! the flusher when a held subscriber's window opens (see `flusher`).
 
 mod coalesce;
+mod flusher;
 mod history;
 pub mod selector;
 mod subscriber;
@@ -89,6 +91,7 @@ pub(crate) struct HubShared {
     /// Where subscription events go instead of the local publish path (cluster mode).
     relay: OnceLock<Relay>,
     pub(crate) coalescing: coalesce::Coalescing,
+    flusher: flusher::Flusher,
 }
 
 /// Takes a subscription event the hub wants published, in cluster mode.
@@ -157,6 +160,8 @@ pub struct Published {
 impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
+        let metrics = Arc::new(Metrics::default());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
@@ -168,7 +173,8 @@ impl Hub {
                     all: HashMap::new(),
                 }),
                 config,
-                metrics: Arc::new(Metrics::default()),
+                flusher: flusher::Flusher::new(cores, metrics.clone()),
+                metrics,
                 selectors: SelectorCache::default(),
                 closing: AtomicBool::new(false),
                 relay: OnceLock::new(),
@@ -361,6 +367,9 @@ impl HubShared {
         let encoded = update::encode(&draft, &id);
         let limit = self.config.subscriber_queue;
         let metrics = &self.metrics;
+        let window = self.coalescing.window();
+        let hold = (!window.is_zero() && self.flusher.ready())
+            .then(|| (flusher::now_ns(), window.as_nanos() as u64));
 
         let mut core = self.core.lock();
         let seq = core.next_seq;
@@ -374,7 +383,7 @@ impl HubShared {
             encoded,
         });
         core.history.push(update.clone());
-        let fanned = core.fan_out(&update, limit, &self.coalescing);
+        let fanned = core.fan_out(&update, limit, &self.coalescing, window, hold);
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
@@ -386,6 +395,7 @@ impl HubShared {
         for waker in fanned.wakes {
             waker.wake();
         }
+        self.flusher.schedule(fanned.held);
         for (sub, sink) in &fanned.direct {
             sub.direct_done(sink.try_send(&update.encoded));
         }
@@ -481,20 +491,28 @@ impl Core {
     /// Offers `update` to every matching subscriber: queued for most, claimed for a direct
     /// write by the caller for at most [`DIRECT_MAX`] while the hub is within its write budget
     /// (coalescing wants every write it can save otherwise).
+    /// `window` is the hub's coalescing window, `hold` the flusher's clock (see
+    /// [`subscriber::HoldClock`]).
     fn fan_out(
         &self,
         update: &SharedUpdate,
         limit: usize,
         coalescing: &coalesce::Coalescing,
+        window: Duration,
+        hold: subscriber::HoldClock,
     ) -> FanOut {
         let mut out = FanOut::default();
-        let within_budget = coalescing.window().is_zero();
+        let within_budget = window.is_zero();
         let mut offer = |sub: &Arc<Subscriber>, check: bool| {
             let direct = within_budget && out.direct.len() < DIRECT_MAX;
-            match sub.offer(update, limit, check, coalescing, direct) {
+            match sub.offer(update, limit, check, coalescing, direct, hold) {
                 Offer::Queued(waker) => {
                     out.queued += 1;
                     out.wakes.extend(waker);
+                }
+                Offer::Held(at) => {
+                    out.queued += 1;
+                    out.held.push((sub.clone(), at));
                 }
                 Offer::Direct(sink) => out.direct.push((sub.clone(), sink)),
                 Offer::Dropped(waker) => {
@@ -529,6 +547,8 @@ struct FanOut {
     dropped: Vec<u64>,
     /// Stream tasks to wake once the lock is released.
     wakes: Vec<std::task::Waker>,
+    /// Held subscribers to enter in the flusher, with the time their windows open.
+    held: Vec<(Arc<Subscriber>, u64)>,
 }
 
 fn now_ms() -> u64 {
@@ -720,5 +740,69 @@ mod tests {
             "the sink goes with the stream"
         );
         assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    /// Past the write budget, an update for a waiting stream inside its window is held: its
+    /// task is not woken, and the flusher writes everything queued meanwhile as one chunk when
+    /// the window opens.
+    #[tokio::test]
+    async fn held_updates_are_written_by_the_flusher_when_the_window_opens() {
+        let hub = Hub::new(HubConfig {
+            coalesce: Duration::from_secs(10),
+            ..HubConfig::default()
+        });
+        let mut stream = subscribe(&hub);
+        let socket = Arc::new(Socket::default());
+        socket.room.store(usize::MAX, Relaxed);
+        stream.attach_sink(socket.clone());
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let flushed = |hub: &Hub| hub.metrics().coalesced_writes.load(Relaxed);
+        assert!(matches!(stream.poll_wire(&mut cx), Poll::Ready(Some(_))));
+        hub.shared.coalescing.set_window(Duration::from_millis(60));
+
+        publish(&hub, 1);
+        let Poll::Ready(Some(Wire::Data(first))) = stream.poll_wire(&mut cx) else {
+            panic!("the first update after a quiet spell goes out at once, by the task")
+        };
+        assert_eq!(events(&first), 1);
+        assert!(stream.poll_wire(&mut cx).is_pending());
+
+        let woken = count.0.load(Relaxed);
+        publish(&hub, 3);
+        assert_eq!(count.0.load(Relaxed), woken, "held: the task is not woken");
+        assert_eq!(events(&socket.wire.lock()), 0, "nothing written yet");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            events(&socket.wire.lock()),
+            3,
+            "written when the window opened"
+        );
+        assert_eq!(flushed(&hub), 1, "as one write");
+        assert_eq!(
+            count.0.load(Relaxed),
+            woken,
+            "still without waking the task"
+        );
+        assert!(
+            stream.poll_wire(&mut cx).is_pending(),
+            "nothing left to write"
+        );
+        assert_eq!(hub.metrics().direct_writes.load(Relaxed), 0);
+
+        // A queue half full wakes the task, which writes at once, window or not.
+        hub.shared.coalescing.set_window(Duration::from_secs(10));
+        publish(&hub, 1);
+        assert_eq!(count.0.load(Relaxed), woken, "held again");
+        publish(&hub, 499);
+        assert_eq!(count.0.load(Relaxed), woken + 1, "half full: woken");
+        let Poll::Ready(Some(Wire::Data(all))) = stream.poll_wire(&mut cx) else {
+            panic!("the task writes the whole queue")
+        };
+        assert_eq!(events(&all), 500);
+        assert!(stream.poll_wire(&mut cx).is_pending());
+        assert_eq!(flushed(&hub), 1);
+        assert_eq!(events(&socket.wire.lock()), 3);
     }
 }

@@ -13,6 +13,10 @@
 //! subscriber whose stream is waiting with nothing in flight is written by the publishing
 //! thread itself, straight to the socket, after the hub's lock is released (see
 //! [`DirectSink`]). Only what the socket did not take is left to the stream's task.
+//!
+//! Past the write budget the same sink serves the coalescing flusher (`flusher`): an update for
+//! such a stream inside its window is queued without waking the task, and the flusher writes the
+//! whole queue when the window opens.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -28,6 +32,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalescing;
+use super::flusher::now_ns;
 use super::selector::{any_matches, Selector};
 use super::subscriptions::SubscriberInfo;
 use super::update::SharedUpdate;
@@ -87,8 +92,16 @@ struct State {
     waker: Option<Waker>,
     closed: Option<DropReason>,
     /// The stream is waiting out its coalescing window: a publish wakes it only once the queue
-    /// is half full (so that the wait can never be what makes a subscriber "slow").
+    /// is half full (so that the wait can never be what makes a subscriber "slow"). Held with
+    /// `idle` set, it is the flusher that writes when the window opens (`flush_at`); held
+    /// without, the stream's task waits on its own timer.
     held: bool,
+    /// When the last coalesced write went out ([`now_ns`]; 0: never): the window runs from it.
+    last_sent: u64,
+    /// When the flusher is to write to a stream it holds.
+    flush_at: u64,
+    /// The flusher has an entry for this subscriber (at most one is kept).
+    scheduled: bool,
     /// The stream's task waits with nothing in flight: an update may be written directly.
     idle: bool,
     /// A publishing thread is writing to the socket; the stream's task must not write.
@@ -115,7 +128,29 @@ pub(crate) enum Offer {
     /// The caller writes the update to this sink once the hub's lock is released, then calls
     /// [`Subscriber::direct_done`].
     Direct(Arc<dyn DirectSink>),
+    /// Queued and held: the caller enters the subscriber in the flusher, to be written at this
+    /// time ([`now_ns`]).
+    Held(u64),
 }
+
+/// What the flusher does for a subscriber whose entry fell due.
+pub(crate) enum Flush {
+    /// Nothing (no longer held, or its task has it in hand).
+    Done,
+    /// Writes this chunk to the sink, then calls [`Subscriber::direct_done`].
+    Write(Arc<dyn DirectSink>, Bytes),
+    /// The stream's task writes: wake it.
+    Wake(Waker),
+    /// The window was pushed back: enter it again at this time.
+    Later(u64),
+}
+
+/// When a coalesced write is due, for the hub's current window: `(now, window)` in nanoseconds,
+/// given to [`Subscriber::offer`] while the hub batches and its flusher runs.
+pub(crate) type HoldClock = Option<(u64, u64)>;
+
+/// How early a flusher's timer may fire and still write (timers and clocks round differently).
+const FLUSH_SLACK_NS: u64 = 250_000;
 
 impl Subscriber {
     pub fn new(
@@ -160,6 +195,7 @@ impl Subscriber {
         check_topics: bool,
         coalescing: &Coalescing,
         direct: bool,
+        hold: HoldClock,
     ) -> Offer {
         if self.last_seq.swap(update.seq, Ordering::Relaxed) == update.seq {
             return Offer::Skipped;
@@ -195,16 +231,62 @@ impl Subscriber {
             }
         }
         st.queue.push_back(update.clone());
+        let room = st.queue.len() < early_flush(limit);
         // While a direct write is in flight the task could not write anyway; the writer wakes
         // it when done.
-        let waker = if st.direct_busy || (st.held && st.queue.len() < early_flush(limit)) {
+        let waker = if st.direct_busy || (st.held && room) {
             None
+        } else if let Some(at) = hold
+            .filter(|_| room && st.idle && st.last_sent != 0 && st.direct.is_some())
+            .map(|(_, window)| st.last_sent + window)
+            .filter(|&at| hold.is_some_and(|(now, _)| now < at))
+        {
+            // Inside its window and waiting: the flusher writes it when the window opens.
+            st.held = true;
+            st.flush_at = at;
+            let enter = !std::mem::replace(&mut st.scheduled, true);
+            drop(st);
+            coalescing.touched(&self.seen);
+            return if enter {
+                Offer::Held(at)
+            } else {
+                Offer::Queued(None)
+            };
         } else {
             st.waker.take()
         };
         drop(st);
         coalescing.touched(&self.seen);
         Offer::Queued(waker)
+    }
+
+    /// The flusher's part, when this subscriber's entry falls due at `now`: the whole queue as
+    /// one chunk for the sink, claimed as a direct write is.
+    pub fn flush(&self, now: u64) -> Flush {
+        let mut st = self.state.lock();
+        st.scheduled = false;
+        if !(st.held && st.idle) {
+            return Flush::Done;
+        }
+        if now + FLUSH_SLACK_NS < st.flush_at {
+            st.scheduled = true;
+            return Flush::Later(st.flush_at);
+        }
+        st.held = false;
+        let sink = match &st.direct {
+            Some(d) if d.carry.is_none() && !st.direct_busy && st.closed.is_none() => {
+                d.sink.clone()
+            }
+            _ => return st.waker.take().map_or(Flush::Done, Flush::Wake),
+        };
+        if st.queue.is_empty() {
+            return st.waker.take().map_or(Flush::Done, Flush::Wake);
+        }
+        let chunk = concat(&st.queue);
+        st.queue.clear();
+        st.direct_busy = true;
+        st.last_sent = now;
+        Flush::Write(sink, chunk)
     }
 
     /// Ends a direct write claimed by [`Offer::Direct`]: keeps what the socket did not take and
@@ -273,10 +355,11 @@ pub struct SubscriberStream {
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Reused between drains so that taking the queue does not allocate.
     spare: VecDeque<SharedUpdate>,
-    /// Coalescing: live updates are sent at most once per `window`, from `last_sent`; `hold`
-    /// wakes the stream when the window is over (allocated only once a stream is that busy).
+    /// Coalescing: live updates are sent at most once per `window`, from the subscriber's
+    /// `last_sent`; `hold` wakes the stream when the window is over, at `hold_at` (allocated
+    /// only once a stream is that busy, and only when no flusher holds it).
     window: Duration,
-    last_sent: Option<tokio::time::Instant>,
+    hold_at: u64,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
@@ -297,7 +380,7 @@ impl SubscriberStream {
             expires: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
             spare: VecDeque::new(),
             window,
-            last_sent: None,
+            hold_at: 0,
             hold: None,
             done: false,
         }
@@ -355,44 +438,37 @@ impl SubscriberStream {
             let window = self.window();
             let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
             if !window.is_zero() && !filling && st.closed.is_none() {
-                let now = tokio::time::Instant::now();
-                if let Some(open_at) = self.last_sent.map(|t| t + window) {
-                    if now < open_at {
-                        // Too soon after the last write: let more updates join this one.
-                        // Publishes do not wake the stream meanwhile (unless its queue fills
-                        // up, or it is closed); the timer does, once.
-                        let hold = match &mut self.hold {
-                            Some(h) => {
-                                if h.deadline() != open_at {
-                                    h.as_mut().reset(open_at);
-                                }
-                                h
+                let now = now_ns();
+                let open_at = st.last_sent + window.as_nanos() as u64;
+                if st.last_sent != 0 && now < open_at {
+                    // Too soon after the last write: let more updates join this one.
+                    // Publishes do not wake the stream meanwhile (unless its queue fills
+                    // up, or it is closed); the timer does, once.
+                    let deadline =
+                        tokio::time::Instant::now() + Duration::from_nanos(open_at - now);
+                    let hold = match &mut self.hold {
+                        Some(h) => {
+                            if self.hold_at != open_at {
+                                h.as_mut().reset(deadline);
                             }
-                            None => self
-                                .hold
-                                .insert(Box::pin(tokio::time::sleep_until(open_at))),
-                        };
-                        if hold.as_mut().poll(cx).is_pending() {
-                            st.held = true;
-                            register(&mut st.waker, cx);
-                            return None;
+                            h
                         }
+                        None => self
+                            .hold
+                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    };
+                    self.hold_at = open_at;
+                    if hold.as_mut().poll(cx).is_pending() {
+                        st.held = true;
+                        register(&mut st.waker, cx);
+                        return None;
                     }
                 }
-                self.last_sent = Some(now);
+                st.last_sent = now;
             }
             std::mem::swap(&mut st.queue, &mut self.spare);
             drop(st);
-            let chunk = if self.spare.len() == 1 {
-                self.spare[0].encoded.clone()
-            } else {
-                let len = self.spare.iter().map(|u| u.encoded.len()).sum();
-                let mut buf = BytesMut::with_capacity(len);
-                for u in &self.spare {
-                    buf.extend_from_slice(&u.encoded);
-                }
-                buf.freeze()
-            };
+            let chunk = concat(&self.spare);
             self.spare.clear();
             return Some(Wire::Data(chunk));
         }
@@ -507,6 +583,19 @@ impl Drop for SubscriberStream {
         drop(direct);
         self.hub.remove(&self.sub, self.sub.closed());
     }
+}
+
+/// The updates of `queue`, in order, as one buffer (shared, not copied, when there is one).
+fn concat(queue: &VecDeque<SharedUpdate>) -> Bytes {
+    if queue.len() == 1 {
+        return queue[0].encoded.clone();
+    }
+    let len = queue.iter().map(|u| u.encoded.len()).sum();
+    let mut buf = BytesMut::with_capacity(len);
+    for u in queue {
+        buf.extend_from_slice(&u.encoded);
+    }
+    buf.freeze()
 }
 
 /// Keeps `cx`'s waker to be woken, unless the same one is kept already.

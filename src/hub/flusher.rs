@@ -1,0 +1,173 @@
+//! The coalescing flusher: writes held updates to their sockets when a subscriber's window
+//! opens, without waking the subscriber's task.
+//!
+//! While the hub batches (see `coalesce`), every receiving subscriber gets at most one write per
+//! window. Left to the subscriber's own task, each such write costs two wake-ups and two polls of
+//! the task (one to find the window still closed and arm a timer, one when the timer fires), a
+//! timer per subscriber and the readiness checks of its socket: measured in S2's shape, about as
+//! much user-space CPU as the hub spends on everything else. So a stream that waits with nothing
+//! in flight and has a direct sink (plain HTTP/1.1) is *held* by the publish itself: the update is
+//! queued, the task is not woken, and the subscriber is entered here under the time its window
+//! opens. One task per core sleeps until the earliest such time and then writes each due
+//! subscriber's whole queue as one chunk, straight to the socket, exactly as a publishing thread's
+//! direct write does (the stream is claimed under its own lock; what the socket does not take is
+//! left to the stream's task, ahead of anything newer).
+//!
+//! No crate offers this: it is a timer wheel of a few lines whose entries are the hub's own
+//! subscribers, and it sits on the delivery path.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::subscriber::{Flush, Subscriber};
+use crate::metrics::Metrics;
+
+/// Deadlines are kept per millisecond (tokio's timers have that resolution too): the
+/// subscribers whose windows open within the same millisecond are written together.
+const TICK_NS: u64 = 1_000_000;
+/// Subscribers written before the flusher lets the other tasks of its worker run.
+const BATCH: usize = 128;
+
+/// Nanoseconds since the process's first call; never 0.
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    epoch.elapsed().as_nanos() as u64 + 1
+}
+
+fn instant_of(ns: u64) -> tokio::time::Instant {
+    let now = now_ns();
+    tokio::time::Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+}
+
+pub(crate) struct Flusher {
+    shards: Box<[Arc<Shard>]>,
+    started: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Shard {
+    due: Mutex<Due>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Due {
+    /// Subscribers by the tick at which their window opens.
+    by_tick: BTreeMap<u64, Vec<Arc<Subscriber>>>,
+    /// The tick the shard's task sleeps until (`u64::MAX`: until notified).
+    armed: u64,
+}
+
+impl Flusher {
+    pub fn new(shards: usize, metrics: Arc<Metrics>) -> Self {
+        Flusher {
+            shards: (0..shards.max(1))
+                .map(|_| {
+                    Arc::new(Shard {
+                        due: Mutex::new(Due {
+                            by_tick: BTreeMap::new(),
+                            armed: u64::MAX,
+                        }),
+                        notify: Notify::new(),
+                    })
+                })
+                .collect(),
+            started: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Starts the shards' tasks on the current runtime, once. False when there is no runtime
+    /// to run them on: the streams' own tasks then wait out their windows, as without a sink.
+    pub fn ready(&self) -> bool {
+        if self.started.load(Relaxed) {
+            return true;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        if self.started.swap(true, Relaxed) {
+            return true;
+        }
+        for shard in self.shards.iter() {
+            rt.spawn(run(shard.clone(), self.metrics.clone()));
+        }
+        true
+    }
+
+    /// Enters held subscribers, each with the time (see [`now_ns`]) at which its window opens.
+    pub fn schedule(&self, held: Vec<(Arc<Subscriber>, u64)>) {
+        if held.is_empty() {
+            return;
+        }
+        let n = self.shards.len();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut due = shard.due.lock();
+            let mut earliest = u64::MAX;
+            for (sub, at) in held.iter().filter(|(s, _)| s.id as usize % n == i) {
+                let tick = at.div_ceil(TICK_NS);
+                earliest = earliest.min(tick);
+                due.by_tick.entry(tick).or_default().push(sub.clone());
+            }
+            if earliest < due.armed {
+                due.armed = earliest;
+                drop(due);
+                shard.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// One shard's task: sleeps until the earliest window opens, then writes every subscriber due.
+async fn run(shard: Arc<Shard>, metrics: Arc<Metrics>) {
+    let mut later = Vec::new();
+    loop {
+        let now = now_ns();
+        let (batch, next) = {
+            let mut due = shard.due.lock();
+            let rest = due.by_tick.split_off(&(now / TICK_NS + 1));
+            let batch = std::mem::replace(&mut due.by_tick, rest);
+            due.armed = due.by_tick.keys().next().copied().unwrap_or(u64::MAX);
+            (batch, due.armed)
+        };
+        let mut written = 0u64;
+        for (i, sub) in batch.into_values().flatten().enumerate() {
+            if i > 0 && i % BATCH == 0 {
+                tokio::task::yield_now().await;
+            }
+            match sub.flush(now_ns()) {
+                Flush::Done => {}
+                Flush::Write(sink, chunk) => {
+                    sub.direct_done(sink.try_send(&chunk));
+                    written += 1;
+                }
+                Flush::Wake(waker) => waker.wake(),
+                Flush::Later(at) => later.push((sub, at)),
+            }
+        }
+        metrics.coalesced_writes.fetch_add(written, Relaxed);
+        if !later.is_empty() {
+            // Entered again under their new time; `schedule` re-arms this task if need be.
+            let mut due = shard.due.lock();
+            for (sub, at) in later.drain(..) {
+                let tick = at.div_ceil(TICK_NS);
+                due.armed = due.armed.min(tick);
+                due.by_tick.entry(tick).or_default().push(sub);
+            }
+            continue;
+        }
+        if next == u64::MAX {
+            shard.notify.notified().await;
+        } else {
+            let _ =
+                tokio::time::timeout_at(instant_of(next * TICK_NS), shard.notify.notified()).await;
+        }
+    }
+}
