@@ -8,7 +8,8 @@
 //! much user-space CPU as the hub spends on everything else. So a stream that waits with nothing
 //! in flight and has a direct sink (plain HTTP/1.1) is *held* by the publish itself: the update is
 //! queued, the task is not woken, and the subscriber is entered here under the time its window
-//! opens. One task per core sleeps until the earliest such time and then writes each due
+//! opens. Subscribers are shared out over one task per core (not pinned: the runtime's workers
+//! run them); each sleeps until the earliest time among its own and then writes each due
 //! subscriber's whole queue as one chunk, straight to the socket, exactly as a publishing thread's
 //! direct write does (the stream is claimed under its own lock; what the socket does not take is
 //! left to the stream's task, ahead of anything newer).
@@ -17,7 +18,8 @@
 //! subscribers, and it sits on the delivery path.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,17 +49,19 @@ fn instant_of(ns: u64) -> tokio::time::Instant {
 
 pub(crate) struct Flusher {
     shards: Box<[Arc<Shard>]>,
-    started: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
-#[derive(Default)]
 struct Shard {
     due: Mutex<Due>,
     notify: Notify,
+    /// The shard's task runs (cleared when it ends, whether by a panic or with its runtime, so
+    /// that the next publish starts another).
+    alive: AtomicBool,
+    /// The hub is gone: the task ends.
+    closed: AtomicBool,
 }
 
-#[derive(Default)]
 struct Due {
     /// Subscribers by the tick at which their window opens.
     by_tick: BTreeMap<u64, Vec<Arc<Subscriber>>>,
@@ -65,7 +69,19 @@ struct Due {
     armed: u64,
 }
 
+impl Due {
+    fn enter(&mut self, sub: Arc<Subscriber>, at: u64) -> bool {
+        let tick = at.div_ceil(TICK_NS);
+        self.by_tick.entry(tick).or_default().push(sub);
+        let sooner = tick < self.armed;
+        self.armed = self.armed.min(tick);
+        sooner
+    }
+}
+
 impl Flusher {
+    /// A flusher of `shards` tasks (one per core: the writes of a wide fan-out spread over
+    /// the runtime's workers as the streams' own tasks would).
     pub fn new(shards: usize, metrics: Arc<Metrics>) -> Self {
         Flusher {
             shards: (0..shards.max(1))
@@ -76,28 +92,29 @@ impl Flusher {
                             armed: u64::MAX,
                         }),
                         notify: Notify::new(),
+                        alive: AtomicBool::new(false),
+                        closed: AtomicBool::new(false),
                     })
                 })
                 .collect(),
-            started: AtomicBool::new(false),
             metrics,
         }
     }
 
-    /// Starts the shards' tasks on the current runtime, once. False when there is no runtime
-    /// to run them on: the streams' own tasks then wait out their windows, as without a sink.
+    /// Makes sure every shard's task runs, starting those that do not on the current runtime.
+    /// False when one does not and there is no runtime to start it on: the streams' own tasks
+    /// then wait out their windows, as they do without a sink.
     pub fn ready(&self) -> bool {
-        if self.started.load(Relaxed) {
+        if self.shards.iter().all(|s| s.alive.load(Acquire)) {
             return true;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        if self.started.swap(true, Relaxed) {
-            return true;
-        }
         for shard in self.shards.iter() {
-            rt.spawn(run(shard.clone(), self.metrics.clone()));
+            if !shard.alive.swap(true, AcqRel) {
+                rt.spawn(run(Alive(shard.clone()), self.metrics.clone()));
+            }
         }
         true
     }
@@ -108,27 +125,50 @@ impl Flusher {
             return;
         }
         let n = self.shards.len();
-        for (i, shard) in self.shards.iter().enumerate() {
-            let mut due = shard.due.lock();
-            let mut earliest = u64::MAX;
-            for (sub, at) in held.iter().filter(|(s, _)| s.id as usize % n == i) {
-                let tick = at.div_ceil(TICK_NS);
-                earliest = earliest.min(tick);
-                due.by_tick.entry(tick).or_default().push(sub.clone());
+        let mut by_shard: Vec<Vec<(Arc<Subscriber>, u64)>> = (0..n).map(|_| Vec::new()).collect();
+        for (sub, at) in held {
+            by_shard[sub.id as usize % n].push((sub, at));
+        }
+        for (shard, held) in self.shards.iter().zip(by_shard) {
+            if held.is_empty() {
+                continue;
             }
-            if earliest < due.armed {
-                due.armed = earliest;
-                drop(due);
+            let mut due = shard.due.lock();
+            let mut sooner = false;
+            for (sub, at) in held {
+                sooner |= due.enter(sub, at);
+            }
+            drop(due);
+            if sooner {
                 shard.notify.notify_one();
             }
         }
     }
 }
 
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        for shard in self.shards.iter() {
+            shard.closed.store(true, Release);
+            shard.notify.notify_one();
+        }
+    }
+}
+
+/// A shard held by its running task; marks the shard as without one when the task ends.
+struct Alive(Arc<Shard>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Release);
+    }
+}
+
 /// One shard's task: sleeps until the earliest window opens, then writes every subscriber due.
-async fn run(shard: Arc<Shard>, metrics: Arc<Metrics>) {
+async fn run(alive: Alive, metrics: Arc<Metrics>) {
+    let shard = &alive.0;
     let mut later = Vec::new();
-    loop {
+    while !shard.closed.load(Acquire) {
         let now = now_ns();
         let (batch, next) = {
             let mut due = shard.due.lock();
@@ -154,12 +194,10 @@ async fn run(shard: Arc<Shard>, metrics: Arc<Metrics>) {
         }
         metrics.coalesced_writes.fetch_add(written, Relaxed);
         if !later.is_empty() {
-            // Entered again under their new time; `schedule` re-arms this task if need be.
+            // Entered again under their new time; the next turn sleeps until the earliest entry.
             let mut due = shard.due.lock();
             for (sub, at) in later.drain(..) {
-                let tick = at.div_ceil(TICK_NS);
-                due.armed = due.armed.min(tick);
-                due.by_tick.entry(tick).or_default().push(sub);
+                due.enter(sub, at);
             }
             continue;
         }

@@ -760,7 +760,8 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let flushed = |hub: &Hub| hub.metrics().coalesced_writes.load(Relaxed);
         assert!(matches!(stream.poll_wire(&mut cx), Poll::Ready(Some(_))));
-        hub.shared.coalescing.set_window(Duration::from_millis(60));
+        // Long enough that a loaded machine does not see the window pass between two lines.
+        hub.shared.coalescing.set_window(Duration::from_millis(500));
 
         publish(&hub, 1);
         let Poll::Ready(Some(Wire::Data(first))) = stream.poll_wire(&mut cx) else {
@@ -773,7 +774,11 @@ mod tests {
         publish(&hub, 3);
         assert_eq!(count.0.load(Relaxed), woken, "held: the task is not woken");
         assert_eq!(events(&socket.wire.lock()), 0, "nothing written yet");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while events(&socket.wire.lock()) < 3 {
+            assert!(Instant::now() < deadline, "the flusher wrote nothing");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             events(&socket.wire.lock()),
             3,

@@ -100,8 +100,9 @@ struct State {
     last_sent: u64,
     /// When the flusher is to write to a stream it holds.
     flush_at: u64,
-    /// The flusher has an entry for this subscriber (at most one is kept).
-    scheduled: bool,
+    /// When the flusher's entry for this subscriber falls due (0: it has none). A hold due
+    /// sooner enters it again; the flusher takes an entry that finds nothing to do as done.
+    entry_at: u64,
     /// The stream's task waits with nothing in flight: an update may be written directly.
     idle: bool,
     /// A publishing thread is writing to the socket; the stream's task must not write.
@@ -149,8 +150,12 @@ pub(crate) enum Flush {
 /// given to [`Subscriber::offer`] while the hub batches and its flusher runs.
 pub(crate) type HoldClock = Option<(u64, u64)>;
 
-/// How early a flusher's timer may fire and still write (timers and clocks round differently).
+/// How early before `flush_at` a flusher's entry may still write rather than be entered again
+/// (an entry whose hold was pushed back by less than this is not worth another wake-up).
 const FLUSH_SLACK_NS: u64 = 250_000;
+/// A hold due this much sooner than the subscriber's entry in the flusher gets an entry of its
+/// own (the flusher's resolution).
+const ENTRY_RESOLUTION_NS: u64 = 1_000_000;
 
 impl Subscriber {
     pub fn new(
@@ -236,15 +241,14 @@ impl Subscriber {
         // it when done.
         let waker = if st.direct_busy || (st.held && room) {
             None
-        } else if let Some(at) = hold
-            .filter(|_| room && st.idle && st.last_sent != 0 && st.direct.is_some())
-            .map(|(_, window)| st.last_sent + window)
-            .filter(|&at| hold.is_some_and(|(now, _)| now < at))
-        {
+        } else if let Some(at) = self.hold_until(&st, hold).filter(|_| room) {
             // Inside its window and waiting: the flusher writes it when the window opens.
             st.held = true;
             st.flush_at = at;
-            let enter = !std::mem::replace(&mut st.scheduled, true);
+            let enter = st.entry_at == 0 || at + ENTRY_RESOLUTION_NS < st.entry_at;
+            if enter {
+                st.entry_at = at;
+            }
             drop(st);
             coalescing.touched(&self.seen);
             return if enter {
@@ -260,16 +264,27 @@ impl Subscriber {
         Offer::Queued(waker)
     }
 
+    /// When the flusher should write an update queued now, if this stream can be held for it:
+    /// its task waits with nothing in flight, it has a sink, and its window is still open.
+    fn hold_until(&self, st: &State, hold: HoldClock) -> Option<u64> {
+        let (now, window) = hold?;
+        if !st.idle || st.last_sent == 0 || st.direct.is_none() {
+            return None;
+        }
+        let at = st.last_sent + window;
+        (now < at).then_some(at)
+    }
+
     /// The flusher's part, when this subscriber's entry falls due at `now`: the whole queue as
     /// one chunk for the sink, claimed as a direct write is.
     pub fn flush(&self, now: u64) -> Flush {
         let mut st = self.state.lock();
-        st.scheduled = false;
+        st.entry_at = 0;
         if !(st.held && st.idle) {
             return Flush::Done;
         }
         if now + FLUSH_SLACK_NS < st.flush_at {
-            st.scheduled = true;
+            st.entry_at = st.flush_at;
             return Flush::Later(st.flush_at);
         }
         st.held = false;
@@ -465,6 +480,14 @@ impl SubscriberStream {
                     }
                 }
                 st.last_sent = now;
+            }
+            if self.hold_at != 0 {
+                if self.hold_at > now_ns() {
+                    // Written before its window opened (a queue half full, a close): the armed
+                    // timer would only wake the task for nothing.
+                    self.hold = None;
+                }
+                self.hold_at = 0;
             }
             std::mem::swap(&mut st.queue, &mut self.spare);
             drop(st);
