@@ -668,20 +668,26 @@ mod tests {
         }
     }
 
+    /// A hub that may batch (bound 10 s), a subscriber to `t` whose stream writes to an
+    /// in-memory socket that takes everything, and a count of its task's wake-ups.
+    fn hub_with_sink() -> (Hub, SubscriberStream, Arc<Socket>, Arc<Count>) {
+        let hub = Hub::new(HubConfig {
+            coalesce: Duration::from_secs(10),
+            ..HubConfig::default()
+        });
+        let stream = subscribe(&hub);
+        let socket = Arc::new(Socket::default());
+        socket.room.store(usize::MAX, Relaxed);
+        stream.attach_sink(socket.clone());
+        (hub, stream, socket, Arc::new(Count(AtomicUsize::new(0))))
+    }
+
     /// An idle stream with a sink is written by the publisher; a short write leaves the rest
     /// to the stream's task, ahead of what was queued meanwhile; nothing is written directly
     /// while the hub batches, nor to a stream that is busy; the sink goes with the stream.
     #[tokio::test]
     async fn direct_writes_keep_the_order_and_leave_the_rest_to_the_task() {
-        let hub = Hub::new(HubConfig {
-            coalesce: Duration::from_secs(10),
-            ..HubConfig::default()
-        });
-        let mut stream = subscribe(&hub);
-        let socket = Arc::new(Socket::default());
-        socket.room.store(usize::MAX, Relaxed);
-        stream.attach_sink(socket.clone());
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let (hub, mut stream, socket, count) = hub_with_sink();
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         let direct = |hub: &Hub| hub.metrics().direct_writes.load(Relaxed);
@@ -747,15 +753,7 @@ mod tests {
     /// the window opens.
     #[tokio::test]
     async fn held_updates_are_written_by_the_flusher_when_the_window_opens() {
-        let hub = Hub::new(HubConfig {
-            coalesce: Duration::from_secs(10),
-            ..HubConfig::default()
-        });
-        let mut stream = subscribe(&hub);
-        let socket = Arc::new(Socket::default());
-        socket.room.store(usize::MAX, Relaxed);
-        stream.attach_sink(socket.clone());
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let (hub, mut stream, socket, count) = hub_with_sink();
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         let flushed = |hub: &Hub| hub.metrics().coalesced_writes.load(Relaxed);
