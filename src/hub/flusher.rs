@@ -17,7 +17,7 @@
 //! No crate offers this: it is a timer wheel of a few lines whose entries are the hub's own
 //! subscribers, and it sits on the delivery path.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map, BTreeMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Arc, OnceLock};
@@ -166,22 +166,25 @@ impl Drop for Alive {
 
 /// One shard's task: sleeps until the earliest window opens, then writes every subscriber due.
 async fn run(alive: Alive, metrics: Arc<Metrics>) {
-    let shard = &alive.0;
-    let mut later = Vec::new();
+    let shard = &*alive.0;
     while !shard.closed.load(Acquire) {
         let now = now_ns();
-        let (batch, next) = {
+        let (due_now, next) = {
             let mut due = shard.due.lock();
             let rest = due.by_tick.split_off(&(now / TICK_NS + 1));
             let batch = std::mem::replace(&mut due.by_tick, rest);
             due.armed = due.by_tick.keys().next().copied().unwrap_or(u64::MAX);
             (batch, due.armed)
         };
+        let mut batch = Batch {
+            shard,
+            subs: due_now.into_values().flatten(),
+            later: Vec::new(),
+        };
         let mut written = 0u64;
-        for (i, sub) in batch.into_values().flatten().enumerate() {
-            if i > 0 && i % BATCH == 0 {
-                tokio::task::yield_now().await;
-            }
+        let mut i = 0usize;
+        for sub in batch.subs.by_ref() {
+            i += 1;
             match sub.flush(now_ns()) {
                 Flush::Done => {}
                 Flush::Write(sink, chunk) => {
@@ -189,16 +192,17 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
                     written += 1;
                 }
                 Flush::Wake(waker) => waker.wake(),
-                Flush::Later(at) => later.push((sub, at)),
+                Flush::Later(at) => batch.later.push((sub, at)),
+            }
+            if i % BATCH == 0 {
+                tokio::task::yield_now().await;
             }
         }
         metrics.coalesced_writes.fetch_add(written, Relaxed);
-        if !later.is_empty() {
-            // Entered again under their new time; the next turn sleeps until the earliest entry.
-            let mut due = shard.due.lock();
-            for (sub, at) in later.drain(..) {
-                due.enter(sub, at);
-            }
+        let again = !batch.later.is_empty();
+        // Entered again under their new time; the next turn sleeps until the earliest entry.
+        drop(batch);
+        if again {
             continue;
         }
         if next == u64::MAX {
@@ -207,5 +211,85 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
             let _ =
                 tokio::time::timeout_at(instant_of(next * TICK_NS), shard.notify.notified()).await;
         }
+    }
+}
+
+/// The entries a shard's task has taken out. Whatever it has not dealt with when this is dropped
+/// goes back to the shard: those entered again under a later time, and, should the task end
+/// midway (a panic, its runtime shutting down at a yield), the rest, due at once for the task
+/// that `Flusher::ready` starts next. A subscriber whose entry was lost would stay held until
+/// its queue filled.
+type Entries = std::iter::Flatten<btree_map::IntoValues<u64, Vec<Arc<Subscriber>>>>;
+
+struct Batch<'a> {
+    shard: &'a Shard,
+    subs: Entries,
+    later: Vec<(Arc<Subscriber>, u64)>,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        let rest: Vec<_> = self.subs.by_ref().collect();
+        if rest.is_empty() && self.later.is_empty() {
+            return;
+        }
+        let now = now_ns();
+        let mut due = self.shard.due.lock();
+        for sub in rest {
+            due.enter(sub, now);
+        }
+        for (sub, at) in self.later.drain(..) {
+            due.enter(sub, at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard() -> Shard {
+        Shard {
+            due: Mutex::new(Due {
+                by_tick: BTreeMap::new(),
+                armed: u64::MAX,
+            }),
+            notify: Notify::new(),
+            alive: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn sub(id: u64) -> Arc<Subscriber> {
+        Arc::new(Subscriber::new(id, Vec::new(), None, None, None))
+    }
+
+    /// Entries a task took out but did not deal with go back to the shard when it lets go of
+    /// them, however it ends: none is lost.
+    #[test]
+    fn a_batch_dropped_midway_puts_back_what_it_did_not_deal_with() {
+        let shard = shard();
+        let mut taken = BTreeMap::new();
+        taken.insert(1, vec![sub(1), sub(2)]);
+        taken.insert(2, vec![sub(3)]);
+        let mut batch = Batch {
+            shard: &shard,
+            subs: taken.into_values().flatten(),
+            later: Vec::new(),
+        };
+        let first = batch.subs.next().unwrap();
+        assert_eq!(first.id, 1);
+        batch.later.push((first, now_ns() + 10 * TICK_NS));
+        drop(batch);
+        let due = shard.due.lock();
+        let mut ids: Vec<u64> = due.by_tick.values().flatten().map(|s| s.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(
+            due.by_tick.len(),
+            2,
+            "the rest due now, the later one at its time"
+        );
+        assert_eq!(due.armed, *due.by_tick.keys().next().unwrap());
     }
 }
