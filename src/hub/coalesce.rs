@@ -106,7 +106,7 @@ pub(crate) fn window_for(
     Duration::from_secs_f64(active as f64 / budget as f64).min(bound)
 }
 
-fn cores() -> u32 {
+pub(crate) fn cores() -> u32 {
     static CORES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| {
         std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))

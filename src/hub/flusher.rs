@@ -69,6 +69,21 @@ struct Due {
     armed: u64,
 }
 
+impl Shard {
+    /// A shard without entries and without a task yet.
+    fn new() -> Self {
+        Shard {
+            due: Mutex::new(Due {
+                by_tick: BTreeMap::new(),
+                armed: u64::MAX,
+            }),
+            notify: Notify::new(),
+            alive: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
 impl Due {
     fn enter(&mut self, sub: Arc<Subscriber>, at: u64) -> bool {
         let tick = at.div_ceil(TICK_NS);
@@ -84,19 +99,7 @@ impl Flusher {
     /// the runtime's workers as the streams' own tasks would).
     pub fn new(shards: usize, metrics: Arc<Metrics>) -> Self {
         Flusher {
-            shards: (0..shards.max(1))
-                .map(|_| {
-                    Arc::new(Shard {
-                        due: Mutex::new(Due {
-                            by_tick: BTreeMap::new(),
-                            armed: u64::MAX,
-                        }),
-                        notify: Notify::new(),
-                        alive: AtomicBool::new(false),
-                        closed: AtomicBool::new(false),
-                    })
-                })
-                .collect(),
+            shards: (0..shards.max(1)).map(|_| Arc::new(Shard::new())).collect(),
             metrics,
         }
     }
@@ -248,18 +251,6 @@ impl Drop for Batch<'_> {
 mod tests {
     use super::*;
 
-    fn shard() -> Shard {
-        Shard {
-            due: Mutex::new(Due {
-                by_tick: BTreeMap::new(),
-                armed: u64::MAX,
-            }),
-            notify: Notify::new(),
-            alive: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-        }
-    }
-
     fn sub(id: u64) -> Arc<Subscriber> {
         Arc::new(Subscriber::new(id, Vec::new(), None, None, None))
     }
@@ -268,7 +259,7 @@ mod tests {
     /// them, however it ends: none is lost.
     #[test]
     fn a_batch_dropped_midway_puts_back_what_it_did_not_deal_with() {
-        let shard = shard();
+        let shard = Shard::new();
         let mut taken = BTreeMap::new();
         taken.insert(1, vec![sub(1), sub(2)]);
         taken.insert(2, vec![sub(3)]);

@@ -161,7 +161,6 @@ impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
@@ -173,7 +172,7 @@ impl Hub {
                     all: HashMap::new(),
                 }),
                 config,
-                flusher: flusher::Flusher::new(cores, metrics.clone()),
+                flusher: flusher::Flusher::new(coalesce::cores() as usize, metrics.clone()),
                 metrics,
                 selectors: SelectorCache::default(),
                 closing: AtomicBool::new(false),
