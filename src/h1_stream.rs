@@ -10,8 +10,9 @@
 //! headers, CORS included), the handler leaves the subscriber's stream in the connection's
 //! [`StreamSlot`], and a small task writes the response head and the chunks straight to the
 //! socket: one vectored write per wake-up, nothing buffered but what the hub already shares.
-//! Any other request, or anything unusual about this one, goes to hyper with the bytes already
-//! read put back in front of the connection, so hyper answers it as it always did.
+//! A plain publish is answered by [`crate::h1_publish`]'s path. Any other request, or anything
+//! unusual about these, goes to hyper with the bytes already read put back in front of the
+//! connection, so hyper answers it as it always did.
 //!
 //! Over plain TCP the socket is shared with the hub ([`DirectTcp`]): while the stream's task
 //! waits with nothing in flight, a publishing thread may write an update to it directly, and
@@ -46,14 +47,24 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     deadline: Instant,
     limit: usize,
 ) -> Option<BytesMut> {
+    read_more_head(io, BytesMut::with_capacity(1024), deadline, limit).await
+}
+
+/// [`read_head`] continuing from `buf`, which may already hold the start of the head (what a
+/// client sent right after its previous request).
+pub async fn read_more_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    mut buf: BytesMut,
+    deadline: Instant,
+    limit: usize,
+) -> Option<BytesMut> {
     use tokio::io::AsyncReadExt as _;
-    let mut buf = BytesMut::with_capacity(1024);
     loop {
         if buf.len() >= limit || head_complete(&buf) {
             return Some(buf);
         }
         if buf.capacity() - buf.len() < 512 {
-            buf.reserve(buf.capacity().min(limit));
+            buf.reserve(buf.capacity().max(1024).min(limit));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Ok(Ok(0)) => return (!buf.is_empty()).then_some(buf),
@@ -79,37 +90,82 @@ fn head_complete(buf: &[u8]) -> bool {
 /// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
 /// request to route, or `None` to leave the connection to hyper.
 pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body::Body>> {
+    let head = plain_head(buf, max_head, Method::GET, |path| {
+        matches!(path, MERCURE_PATH | "/events" | "/events/")
+    })?;
+    // A body is unusual for an event stream; hyper knows what to do with one.
+    if head.content_length.is_some_and(|n| n > 0) {
+        return None;
+    }
+    head.request.body(axum::body::Body::empty()).ok()
+}
+
+/// A request head this module's paths may serve, parsed.
+pub struct PlainHead {
+    /// The request, headers included, without its body.
+    pub request: http::request::Builder,
+    /// The head's length in bytes, blank line included.
+    pub len: usize,
+    /// Its `Content-Length`, if it has one.
+    pub content_length: Option<usize>,
+    /// Whether the client asked for the connection to be closed after the answer.
+    pub close: bool,
+}
+
+/// Parses an HTTP/1.1 head for `method` on a path `path_ok` accepts, or returns `None` for
+/// anything hyper should answer instead: another method, path or version, a partial or
+/// malformed head, a chunked body, an upgrade, an expectation, a doubtful `Content-Length`.
+pub fn plain_head(
+    buf: &[u8],
+    max_head: usize,
+    method: Method,
+    path_ok: impl Fn(&str) -> bool,
+) -> Option<PlainHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf).ok()? {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return None,
     };
-    if len > max_head || parsed.method != Some("GET") || parsed.version != Some(1) {
+    if len > max_head || parsed.method != Some(method.as_str()) || parsed.version != Some(1) {
         return None;
     }
     let target = parsed.path?;
-    let path = target.split('?').next().unwrap_or("");
-    if !matches!(path, MERCURE_PATH | "/events" | "/events/") {
+    if !path_ok(target.split('?').next().unwrap_or("")) {
         return None;
     }
-    let mut req = Request::builder()
-        .method(Method::GET)
+    let mut request = Request::builder()
+        .method(method)
         .uri(target)
         .version(Version::HTTP_11);
+    let (mut content_length, mut close) = (None, false);
     for h in parsed.headers.iter() {
         let name = http::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        // A body, an upgrade or an expectation: unusual for an event stream; hyper knows them.
-        let unusual = name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-            || (name == header::CONTENT_LENGTH && h.value != b"0");
-        if unusual {
+        if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
             return None;
         }
-        req = req.header(name, http::HeaderValue::from_bytes(h.value).ok()?);
+        if name == header::CONTENT_LENGTH {
+            // Only plain digits, given once: anything else is hyper's to refuse.
+            let digits = h.value.len() <= 18 && h.value.iter().all(u8::is_ascii_digit);
+            if content_length.is_some() || h.value.is_empty() || !digits {
+                return None;
+            }
+            content_length = std::str::from_utf8(h.value).ok()?.parse().ok();
+        }
+        if name == header::CONNECTION {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        request = request.header(name, http::HeaderValue::from_bytes(h.value).ok()?);
     }
-    req.body(axum::body::Body::empty()).ok()
+    Some(PlainHead {
+        request,
+        len,
+        content_length,
+        close,
+    })
 }
 
 /// A connection an event stream can be written to by this module.
@@ -249,15 +305,7 @@ pub async fn respond<S: StreamIo>(
 ) {
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
-        let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(body, 1 << 20)
-            .await
-            .unwrap_or_default();
-        let mut head = response_head(parts.status, &parts.headers);
-        head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
-        head.extend_from_slice(b"connection: close\r\n\r\n");
-        let _ = write_all(&mut io, &[&head[..], &body[..]], None).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        answer(&mut io, response, true).await;
         return;
     };
     let (parts, _) = response.into_parts();
@@ -270,6 +318,33 @@ pub async fn respond<S: StreamIo>(
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
     streams.spawn(pump(io, head, stream, path, peer));
+}
+
+/// Writes a whole (not streamed) response with its `content-length`. With `close`, says so in
+/// the head and then shuts the connection's sending side. Returns whether everything was
+/// written and the connection may carry another request.
+pub async fn answer<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    response: Response<axum::body::Body>,
+    close: bool,
+) -> bool {
+    let (parts, body) = response.into_parts();
+    // The router's answers other than streams are short texts and JSON documents.
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let mut head = response_head(parts.status, &parts.headers);
+    head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    head.extend_from_slice(if close {
+        b"connection: close\r\n\r\n"
+    } else {
+        b"\r\n"
+    });
+    let written = write_all(io, &[&head[..], &body[..]], None).await.is_ok();
+    if close {
+        let _ = tokio::io::AsyncWriteExt::shutdown(io).await;
+    }
+    written && !close
 }
 
 /// The status line and the headers of a response, with a `date`, without the blank line.

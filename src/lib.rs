@@ -11,6 +11,7 @@ pub mod clock;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod h1_publish;
 pub mod h1_stream;
 pub mod http;
 pub mod hub;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::BytesMut;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -20,9 +21,9 @@ use tower::ServiceExt as _;
 
 use crate::auth::Key;
 use crate::config::ServeConfig;
-use crate::h1_stream;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
+use crate::{h1_publish, h1_stream};
 
 /// A request head must arrive within this time (slow-loris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -211,6 +212,8 @@ pub async fn run(
             kill: kill.clone(),
             peer,
             streams: streams.clone(),
+            max_body: config.max_body,
+            stop: stop.clone(),
         };
         let Some(tls) = &tls else {
             let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -348,6 +351,10 @@ struct Http1 {
     kill: CancellationToken,
     peer: SocketAddr,
     streams: TaskTracker,
+    /// The largest publish body (`--max-body`).
+    max_body: usize,
+    /// Cancelled when the server shuts down.
+    stop: CancellationToken,
 }
 
 impl Http1 {
@@ -369,19 +376,32 @@ impl Http1 {
             + 'static,
         Svc::Future: Send + 'static,
     {
-        let Some(head) = h1_stream::read_head(&mut io, deadline, MAX_HEAD + 1).await else {
+        let Some(mut head) = h1_stream::read_head(&mut io, deadline, MAX_HEAD + 1).await else {
             return tracing::debug!(peer = %self.peer, "no request within the head deadline");
         };
-        if let Some(mut req) = h1_stream::stream_request(&head, MAX_HEAD) {
-            drop(head);
-            let slot = h1_stream::new_slot();
-            req.extensions_mut().insert(Connection {
-                kill: self.kill.clone(),
-                stream_slot: Some(slot.clone()),
-            });
-            let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-            h1_stream::respond(io, response, &slot, self.peer, &self.streams).await;
-            return;
+        loop {
+            if let Some(mut req) = h1_stream::stream_request(&head, MAX_HEAD) {
+                drop(head);
+                let slot = h1_stream::new_slot();
+                req.extensions_mut().insert(Connection {
+                    kill: self.kill.clone(),
+                    stream_slot: Some(slot.clone()),
+                });
+                let Ok(response) = Box::pin(self.app.oneshot(req)).await;
+                h1_stream::respond(io, response, &slot, self.peer, &self.streams).await;
+                return;
+            }
+            let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {
+                break;
+            };
+            let next = tokio::select! {
+                next = self.publish(&mut io, head, publish) => next,
+                _ = self.kill.cancelled() => None,
+            };
+            match next {
+                Some(h) => head = h,
+                None => return,
+            }
         }
         let io = h1_stream::Prefixed::new(head.freeze(), io);
         let conn = self
@@ -389,6 +409,53 @@ impl Http1 {
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
         serve_until_killed(watcher.watch(conn), self.kill, self.peer).await;
+    }
+
+    /// Answers the publish whose head `publish` describes, at the start of `buf`; then reads
+    /// the connection's next head. Returns it, or `None` when the connection is done.
+    async fn publish<S: h1_stream::StreamIo>(
+        &self,
+        io: &mut S,
+        mut buf: BytesMut,
+        publish: h1_stream::PlainHead,
+    ) -> Option<BytesMut> {
+        // Shutdown waits for a publish under way (as for hyper's connections), not for an
+        // idle connection.
+        let busy = self.streams.token();
+        let len = publish.len + publish.content_length.unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + crate::http::BODY_TIMEOUT;
+        if let Err(e) = h1_publish::read_to(io, &mut buf, len, deadline).await {
+            // The handler's own words for a body that is late or cut short.
+            let (status, reason) = match e {
+                h1_publish::BodyError::Late => (
+                    http::StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                ),
+                h1_publish::BodyError::Cut => (
+                    http::StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                ),
+            };
+            h1_stream::answer(io, crate::http::reject(status, reason), true).await;
+            return None;
+        }
+        let mut message = buf.split_to(len).freeze();
+        let body = message.split_off(publish.len);
+        let mut req = publish.request.body(axum::body::Body::from(body)).ok()?;
+        req.extensions_mut().insert(Connection {
+            kill: self.kill.clone(),
+            stream_slot: None,
+        });
+        let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
+        if !h1_stream::answer(io, response, publish.close).await {
+            return None;
+        }
+        drop(busy);
+        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        tokio::select! {
+            head = h1_stream::read_more_head(io, buf, deadline, MAX_HEAD + 1) => head,
+            _ = self.stop.cancelled() => None,
+        }
     }
 }
 

@@ -5,34 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestHub;
+use common::{read_until, TestHub};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Reads until `needle` has arrived (in the raw bytes), returning everything read.
-async fn read_until(conn: &mut TcpStream, raw: &mut Vec<u8>, needle: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut buf = [0u8; 8192];
-    while !String::from_utf8_lossy(raw).contains(needle) {
-        let n = tokio::time::timeout_at(deadline, conn.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "timed out waiting for {needle:?}; got {:?}",
-                    String::from_utf8_lossy(raw)
-                )
-            })
-            .unwrap();
-        assert!(
-            n > 0,
-            "connection closed before {needle:?}; got {:?}",
-            String::from_utf8_lossy(raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-    }
-}
 
 /// Splits a response into its head and its chunked body decoded (the body must be complete
 /// chunks).

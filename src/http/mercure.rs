@@ -13,7 +13,7 @@ use crate::cluster::PublishError;
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
 /// How long a publisher may take to send its body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Parameters beyond the topics that a request may carry.
 const MAX_OTHER_PARAMS: usize = 32;

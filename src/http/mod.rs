@@ -4,6 +4,7 @@
 mod demo;
 pub mod form;
 mod mercure;
+pub use mercure::BODY_TIMEOUT;
 mod ops;
 mod subscriptions;
 mod ui;

@@ -279,3 +279,26 @@ pub async fn assert_quiet(stream: &mut EventStream, wait: Duration) {
         panic!("expected no event, got {r:?}");
     }
 }
+
+/// Reads until `needle` has arrived (in the raw bytes), returning everything read.
+pub async fn read_until(conn: &mut tokio::net::TcpStream, raw: &mut Vec<u8>, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 8192];
+    while !String::from_utf8_lossy(raw).contains(needle) {
+        let n = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(conn, &mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {needle:?}; got {:?}",
+                    String::from_utf8_lossy(raw)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before {needle:?}; got {:?}",
+            String::from_utf8_lossy(raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+}

@@ -1,0 +1,192 @@
+//! The hub's own HTTP/1.1 path for publishes (`src/h1_publish.rs`), over raw TCP: keep-alive
+//! and pipelined publishes answered in order, bodies arriving in pieces or not at all, and
+//! the hand-over to hyper for the requests it does not take.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{read_until, take, TestHub};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A publish of `data` to `topic`, with `extra` header lines (each ending in CRLF).
+fn publish(hub: &TestHub, topic: &str, data: &str, extra: &str) -> String {
+    let body = format!("topic={topic}&data={data}");
+    format!(
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        hub.publisher_token(),
+        body.len()
+    )
+}
+
+/// The responses in `raw`, each as (head in lower case, body), read by their content-length.
+fn responses(raw: &[u8]) -> Vec<(String, String)> {
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    let mut out = Vec::new();
+    while let Some((head, rest)) = text.split_once("\r\n\r\n") {
+        let head = head.to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap_or_else(|| panic!("no content-length in {head}"))
+            .parse()
+            .unwrap();
+        assert!(rest.len() >= len, "a whole body after {head}");
+        out.push((head, rest[..len].to_owned()));
+        text = rest[len..].to_owned();
+    }
+    out
+}
+
+/// Reads until the hub closes the connection, expecting exactly one answer before that.
+async fn last_answer(c: &mut TcpStream) -> Vec<(String, String)> {
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut raw))
+        .await
+        .expect("the hub answers and closes the connection")
+        .unwrap();
+    let answers = responses(&raw);
+    assert_eq!(answers.len(), 1, "{:?}", String::from_utf8_lossy(&raw));
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_publishes_are_answered_in_order_on_one_connection() {
+    let hub = TestHub::start(&[]);
+    let mut sub = hub.subscribe("topic=p", &[]).await;
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+
+    // Two whole publishes and the head and half the body of a third in one write; the rest
+    // of the third a moment later.
+    let third = publish(&hub, "p", "three", "");
+    let (early, late) = third.split_at(third.len() - 3);
+    let first = format!(
+        "{}{}{early}",
+        publish(&hub, "p", "one", ""),
+        publish(&hub, "p", "two", "")
+    );
+    c.write_all(first.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, "urn:uuid:").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(late.as_bytes()).await.unwrap();
+    while responses(&raw).len() < 3 {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("three answers")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let answers = responses(&raw);
+    assert_eq!(answers.len(), 3);
+    for (head, body) in &answers {
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert!(body.starts_with("urn:uuid:"), "{body:?}");
+    }
+    let events = take(&mut sub, 3, Duration::from_secs(10)).await;
+    let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["one", "two", "three"]);
+    let ids: Vec<_> = events.iter().map(|e| e.id.clone()).collect();
+    let answered: Vec<_> = answers.iter().map(|(_, b)| b.trim().to_owned()).collect();
+    assert_eq!(ids, answered, "each answer is its own update's id");
+
+    // Asked to close: the answer says so, then the hub closes.
+    c.write_all(publish(&hub, "p", "four", "Connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let last = last_answer(&mut c).await;
+    assert!(
+        last[0].0.starts_with("http/1.1 200 ok\r\n"),
+        "{}",
+        last[0].0
+    );
+    assert!(last[0].0.contains("connection: close"), "{}", last[0].0);
+    assert_eq!(
+        take(&mut sub, 1, Duration::from_secs(10)).await[0].data,
+        "four"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_cut_short_is_refused_and_nothing_is_published() {
+    let hub = TestHub::start(&[]);
+    let mut sub = hub.subscribe("topic=q", &[]).await;
+    let whole = publish(&hub, "q", "never-whole", "");
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(&whole.as_bytes()[..whole.len() - 4])
+        .await
+        .unwrap();
+    c.shutdown().await.unwrap();
+    let answers = last_answer(&mut c).await;
+    assert!(answers[0].0.starts_with("http/1.1 400"), "{}", answers[0].0);
+    assert!(
+        answers[0].1.contains("could not be read"),
+        "{:?}",
+        answers[0].1
+    );
+    // The next publish is the first the subscriber sees.
+    hub.publisher()
+        .await
+        .ok(&[("topic", "q"), ("data", "whole")])
+        .await;
+    assert_eq!(
+        take(&mut sub, 1, Duration::from_secs(10)).await[0].data,
+        "whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
+    let hub = TestHub::start(&["--max-body", "1KiB"]);
+    let mut sub = hub.subscribe("topic=r", &[]).await;
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    let mut raw = Vec::new();
+    c.write_all(publish(&hub, "r", "plain", "").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut c, &mut raw, "urn:uuid:").await;
+
+    // A chunked body is hyper's: the connection is handed over and the publish still works.
+    let body = "topic=r&data=chunked";
+    let chunked = format!(
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{body}\r\n0\r\n\r\n",
+        hub.publisher_token(),
+        body.len()
+    );
+    c.write_all(chunked.as_bytes()).await.unwrap();
+    let mut second = Vec::new();
+    read_until(&mut c, &mut second, "urn:uuid:").await;
+    assert!(
+        String::from_utf8_lossy(&second).starts_with("HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&second)
+    );
+    let data: Vec<_> = take(&mut sub, 2, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(data, ["plain", "chunked"]);
+
+    // A body over --max-body is announced in its head: hyper's path refuses it with 413.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    let big = "x".repeat(2000);
+    c.write_all(publish(&hub, "r", &big, "").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, "max-body").await;
+    assert!(
+        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 413"),
+        "{:?}",
+        String::from_utf8_lossy(&raw)
+    );
+}
