@@ -9,16 +9,20 @@
 //! context switches per publish, about a quarter of the hub's CPU when publishes are frequent
 //! and each reaches few subscribers (the many-topics benchmark, S6).
 //!
-//! So when a connection's head is a plain publish with a `Content-Length`, the body is read
-//! here, the request goes through the same axum router as every other one (same checks, same
-//! answers) with the body already whole, and the answer is written straight back; the
-//! connection then waits for its next request. Anything this path does not take goes to hyper
-//! with the bytes already read put back in front of the connection.
+//! So when a connection's head is a plain publish with a `Content-Length` and its whole body has
+//! already arrived (a client sends both at once), the request goes through the same axum router
+//! as every other one (same checks, same answers) with the body whole, and the answer is
+//! written straight back; the connection then waits for its next request. Anything this path
+//! does not take, a body still on its way included (hyper's path then answers a slow or broken
+//! one as it always did), goes to hyper with the bytes already read put back in front of the
+//! connection, for the rest of the connection's life.
+
+use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::BytesMut;
 use http::Method;
-use tokio::io::{AsyncRead, AsyncReadExt as _};
-use tokio::time::Instant;
+use tokio::io::AsyncRead;
 
 use crate::h1_stream::{plain_head, PlainHead};
 use crate::http::MERCURE_PATH;
@@ -30,33 +34,29 @@ pub fn publish_head(buf: &[u8], max_head: usize, max_body: usize) -> Option<Plai
     (head.content_length? <= max_body).then_some(head)
 }
 
-/// Why a body could not be read whole.
-#[derive(Debug, PartialEq, Eq)]
-pub enum BodyError {
-    /// It did not arrive by the deadline.
-    Late,
-    /// The connection ended or failed before it was complete.
-    Cut,
-}
+/// Largest step by which the buffer grows while a body is read: a head announcing a large
+/// body reserves nothing the client has not sent.
+const READ_STEP: usize = 64 * 1024;
 
-/// Reads from `io` until `buf` holds at least `len` bytes.
-pub async fn read_to<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    len: usize,
-    deadline: Instant,
-) -> Result<(), BodyError> {
-    if buf.len() < len {
-        buf.reserve(len - buf.len());
-    }
-    while buf.len() < len {
-        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(BodyError::Cut),
-            Ok(Ok(_)) => {}
-            Err(_) => return Err(BodyError::Late),
+/// Reads what `io` has ready, without waiting, until `buf` holds `len` bytes. Returns whether
+/// it does: a body still on its way, a connection that ended or failed, is left to hyper with
+/// what was read (hyper then waits for the rest, or answers as it always did).
+pub async fn read_ready<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, len: usize) -> bool {
+    std::future::poll_fn(|cx| {
+        while buf.len() < len {
+            if buf.capacity() == buf.len() {
+                buf.reserve((len - buf.len()).min(READ_STEP));
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                // Nothing more yet (the waker stays registered: a wake-up later is harmless),
+                // the end of input, or an error.
+                _ => return Poll::Ready(false),
+            }
         }
-    }
-    Ok(())
+        Poll::Ready(true)
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -98,6 +98,8 @@ mod tests {
             "PUT /.well-known/mercure HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
             "GET /.well-known/mercure?topic=a HTTP/1.1\r\n\r\n",
             "POST /.well-known/mercure HTTP/1.1\r\nContent-Length: 5\r\n",
+            "POST /.well-known/mercure?x=<y> HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "POST /.well-known/mercure HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
         ] {
             assert!(head(other).is_none(), "{other:?}");
         }
@@ -109,24 +111,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bodies_are_read_whole_or_not_at_all() {
+    async fn bodies_are_taken_only_when_already_here() {
+        use tokio::io::AsyncWriteExt as _;
         let (mut client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::from(&b"abc"[..]);
-        let far = Instant::now() + std::time::Duration::from_secs(5);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"defgh")
-            .await
-            .unwrap();
-        read_to(&mut server, &mut buf, 8, far).await.unwrap();
+        client.write_all(b"defgh").await.unwrap();
+        assert!(read_ready(&mut server, &mut buf, 8).await);
         assert_eq!(&buf[..], b"abcdefgh");
-        let soon = Instant::now() + std::time::Duration::from_millis(20);
-        assert_eq!(
-            read_to(&mut server, &mut buf, 9, soon).await,
-            Err(BodyError::Late)
-        );
+        // Part of the rest: what came is kept, and nothing waits for the remainder.
+        client.write_all(b"ij").await.unwrap();
+        assert!(!read_ready(&mut server, &mut buf, 11).await);
+        assert_eq!(&buf[..], b"abcdefghij");
         drop(client);
-        assert_eq!(
-            read_to(&mut server, &mut buf, 9, far).await,
-            Err(BodyError::Cut)
-        );
+        assert!(!read_ready(&mut server, &mut buf, 11).await);
+        // A long body announced: the buffer grows with what arrives, by bounded steps.
+        let mut buf = BytesMut::new();
+        assert!(!read_ready(&mut server, &mut buf, 1 << 30).await);
+        assert!(buf.capacity() <= READ_STEP, "{}", buf.capacity());
     }
 }

@@ -37,6 +37,8 @@ const MAX_HEADERS: usize = 64;
 /// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
 /// send nothing on an event stream; this bounds the work one that does can cause).
 const MAX_STRAY_INPUT: usize = 64 * 1024;
+/// How long writing a whole answer may take.
+const ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the last writes of a stream the hub has ended may take.
 const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -134,9 +136,11 @@ pub fn plain_head(
     if !path_ok(target.split('?').next().unwrap_or("")) {
         return None;
     }
+    // httparse takes some bytes in a target that `http::Uri` refuses: hyper answers those.
+    let uri: http::Uri = target.parse().ok()?;
     let mut request = Request::builder()
         .method(method)
-        .uri(target)
+        .uri(uri)
         .version(Version::HTTP_11);
     let (mut content_length, mut close) = (None, false);
     for h in parsed.headers.iter() {
@@ -340,7 +344,11 @@ pub async fn answer<S: AsyncWrite + Unpin>(
     } else {
         b"\r\n"
     });
-    let written = write_all(io, &[&head[..], &body[..]], None).await.is_ok();
+    // A client that sends requests but does not read the answers gets this long before its
+    // connection is closed.
+    let parts = [&head[..], &body[..]];
+    let write = write_all(io, &parts, None);
+    let written = matches!(tokio::time::timeout(ANSWER_WRITE, write).await, Ok(Ok(())));
     if close {
         let _ = tokio::io::AsyncWriteExt::shutdown(io).await;
     }

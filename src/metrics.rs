@@ -47,6 +47,8 @@ pub struct Metrics {
     pub direct_writes: AtomicU64,
     /// Socket writes of held updates made by the coalescing flusher.
     pub coalesced_writes: AtomicU64,
+    /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
+    pub plain_publishes: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -121,6 +123,14 @@ impl Metrics {
             "Socket writes made by the hub's flusher when a held subscriber's coalescing window \
              opened (each carries every update queued for it meanwhile, as one chunk).",
             self.coalesced_writes.load(Relaxed),
+        );
+        one(
+            "ssehub_plain_publishes_total",
+            "counter",
+            "Publish requests read and answered by the hub's own HTTP/1.1 path (a Content-Length \
+             body sent with its head); the others (HTTP/2, TLS with h2, chunked bodies, \
+             Expect) go through hyper, which costs more per request.",
+            self.plain_publishes.load(Relaxed),
         );
         one(
             "ssehub_history_length",

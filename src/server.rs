@@ -6,6 +6,7 @@
 //! process exits regardless.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,6 +215,7 @@ pub async fn run(
             streams: streams.clone(),
             max_body: config.max_body,
             stop: stop.clone(),
+            metrics: hub.metrics().clone(),
         };
         let Some(tls) = &tls else {
             let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -355,6 +357,7 @@ struct Http1 {
     max_body: usize,
     /// Cancelled when the server shuts down.
     stop: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Http1 {
@@ -394,13 +397,13 @@ impl Http1 {
             let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {
                 break;
             };
-            let next = tokio::select! {
-                next = self.publish(&mut io, head, publish) => next,
-                _ = self.kill.cancelled() => None,
-            };
-            match next {
-                Some(h) => head = h,
-                None => return,
+            match self.publish(&mut io, head, publish).await {
+                Next::Request(h) => head = h,
+                Next::Hyper(h) => {
+                    head = h;
+                    break;
+                }
+                Next::Closed => return,
             }
         }
         let io = h1_stream::Prefixed::new(head.freeze(), io);
@@ -411,52 +414,57 @@ impl Http1 {
         serve_until_killed(watcher.watch(conn), self.kill, self.peer).await;
     }
 
-    /// Answers the publish whose head `publish` describes, at the start of `buf`; then reads
-    /// the connection's next head. Returns it, or `None` when the connection is done.
+    /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
+    /// has come whole; then reads the connection's next head.
     async fn publish<S: h1_stream::StreamIo>(
         &self,
         io: &mut S,
         mut buf: BytesMut,
         publish: h1_stream::PlainHead,
-    ) -> Option<BytesMut> {
-        // Shutdown waits for a publish under way (as for hyper's connections), not for an
-        // idle connection.
-        let busy = self.streams.token();
+    ) -> Next {
         let len = publish.len + publish.content_length.unwrap_or(0);
-        let deadline = tokio::time::Instant::now() + crate::http::BODY_TIMEOUT;
-        if let Err(e) = h1_publish::read_to(io, &mut buf, len, deadline).await {
-            // The handler's own words for a body that is late or cut short.
-            let (status, reason) = match e {
-                h1_publish::BodyError::Late => (
-                    http::StatusCode::REQUEST_TIMEOUT,
-                    "the request body did not arrive in time",
-                ),
-                h1_publish::BodyError::Cut => (
-                    http::StatusCode::BAD_REQUEST,
-                    "the request body could not be read",
-                ),
-            };
-            h1_stream::answer(io, crate::http::reject(status, reason), true).await;
-            return None;
+        if !h1_publish::read_ready(io, &mut buf, len).await {
+            return Next::Hyper(buf);
         }
-        let mut message = buf.split_to(len).freeze();
-        let body = message.split_off(publish.len);
-        let mut req = publish.request.body(axum::body::Body::from(body)).ok()?;
+        let body = buf.split_to(len).freeze().split_off(publish.len);
+        let mut req = match publish.request.body(axum::body::Body::from(body)) {
+            Ok(r) => r,
+            Err(_) => return Next::Closed,
+        };
         req.extensions_mut().insert(Connection {
             kill: self.kill.clone(),
             stream_slot: None,
         });
+        // Shutdown waits for a publish under way (as for hyper's connections), not for an
+        // idle connection; one that ends meanwhile says the connection closes.
+        let busy = self.streams.token();
         let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
-        if !h1_stream::answer(io, response, publish.close).await {
-            return None;
+        self.metrics.plain_publishes.fetch_add(1, Relaxed);
+        let close = publish.close || self.stop.is_cancelled();
+        if !h1_stream::answer(io, response, close).await {
+            return Next::Closed;
         }
         drop(busy);
         let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         tokio::select! {
-            head = h1_stream::read_more_head(io, buf, deadline, MAX_HEAD + 1) => head,
-            _ = self.stop.cancelled() => None,
+            biased;
+            _ = self.stop.cancelled() => Next::Closed,
+            _ = self.kill.cancelled() => Next::Closed,
+            head = h1_stream::read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
+                head.map_or(Next::Closed, Next::Request)
+            }
         }
     }
+}
+
+/// What follows a publish on a connection.
+enum Next {
+    /// The next request's head, for this module's paths.
+    Request(BytesMut),
+    /// What has been read of a request left to hyper.
+    Hyper(BytesMut),
+    /// Nothing: the connection is done.
+    Closed,
 }
 
 /// Serves one connection until it ends or the hub tears it down.

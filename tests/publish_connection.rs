@@ -52,52 +52,64 @@ async fn last_answer(c: &mut TcpStream) -> Vec<(String, String)> {
     answers
 }
 
+/// Reads from `c` until `raw` holds `n` whole answers.
+async fn answers(c: &mut TcpStream, raw: &mut Vec<u8>, n: usize) -> Vec<(String, String)> {
+    while responses(raw).len() < n {
+        let mut buf = [0u8; 4096];
+        let got = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{n} answers; got {:?}", String::from_utf8_lossy(raw)))
+            .unwrap();
+        assert!(got > 0, "closed after {:?}", String::from_utf8_lossy(raw));
+        raw.extend_from_slice(&buf[..got]);
+    }
+    responses(raw)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_publishes_are_answered_in_order_on_one_connection() {
     let hub = TestHub::start(&[]);
     let mut sub = hub.subscribe("topic=p", &[]).await;
     let mut c = TcpStream::connect(hub.addr).await.unwrap();
 
-    // Two whole publishes and the head and half the body of a third in one write; the rest
-    // of the third a moment later.
-    let third = publish(&hub, "p", "three", "");
-    let (early, late) = third.split_at(third.len() - 3);
-    let first = format!(
-        "{}{}{early}",
-        publish(&hub, "p", "one", ""),
-        publish(&hub, "p", "two", "")
-    );
-    c.write_all(first.as_bytes()).await.unwrap();
+    // Three whole publishes in one write: the hub's own path answers each, in order.
+    let three: String = ["one", "two", "three"]
+        .iter()
+        .map(|d| publish(&hub, "p", d, ""))
+        .collect();
+    c.write_all(three.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    read_until(&mut c, &mut raw, "urn:uuid:").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    c.write_all(late.as_bytes()).await.unwrap();
-    while responses(&raw).len() < 3 {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-            .await
-            .expect("three answers")
-            .unwrap();
-        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let answers = responses(&raw);
-    assert_eq!(answers.len(), 3);
-    for (head, body) in &answers {
+    let answered = answers(&mut c, &mut raw, 3).await;
+    assert_eq!(answered.len(), 3, "{:?}", String::from_utf8_lossy(&raw));
+    for (head, body) in &answered {
         assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
         assert!(head.contains("\r\ndate: "), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
         assert!(body.starts_with("urn:uuid:"), "{body:?}");
     }
+    assert_eq!(hub.metric("ssehub_plain_publishes_total").await, 3.0);
     let events = take(&mut sub, 3, Duration::from_secs(10)).await;
     let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
     assert_eq!(data, ["one", "two", "three"]);
     let ids: Vec<_> = events.iter().map(|e| e.id.clone()).collect();
-    let answered: Vec<_> = answers.iter().map(|(_, b)| b.trim().to_owned()).collect();
-    assert_eq!(ids, answered, "each answer is its own update's id");
+    let bodies: Vec<_> = answered.iter().map(|(_, b)| b.trim().to_owned()).collect();
+    assert_eq!(ids, bodies, "each answer is its own update's id");
 
-    // Asked to close: the answer says so, then the hub closes.
-    c.write_all(publish(&hub, "p", "four", "Connection: close\r\n").as_bytes())
+    // A body that comes after its head (hyper's path takes it over, with what was read), then
+    // a publish asking to close: the answer says so, then the hub closes.
+    let fourth = publish(&hub, "p", "four", "");
+    let (early, late) = fourth.split_at(fourth.len() - 3);
+    c.write_all(early.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(late.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let answered = answers(&mut c, &mut raw, 1).await;
+    assert!(
+        answered[0].0.starts_with("http/1.1 200 ok\r\n"),
+        "{}",
+        answered[0].0
+    );
+    c.write_all(publish(&hub, "p", "five", "Connection: close\r\n").as_bytes())
         .await
         .unwrap();
     let last = last_answer(&mut c).await;
@@ -107,10 +119,35 @@ async fn pipelined_publishes_are_answered_in_order_on_one_connection() {
         last[0].0
     );
     assert!(last[0].0.contains("connection: close"), "{}", last[0].0);
-    assert_eq!(
-        take(&mut sub, 1, Duration::from_secs(10)).await[0].data,
-        "four"
-    );
+    let data: Vec<_> = take(&mut sub, 2, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(data, ["four", "five"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_publisher_connection_does_not_hold_up_shutdown() {
+    let mut hub = TestHub::start(&[]);
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(publish(&hub, "s", "before", "").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    answers(&mut c, &mut raw, 1).await;
+    assert_eq!(hub.metric("ssehub_plain_publishes_total").await, 1.0);
+    hub.terminate();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed at shutdown, before the drain timeout")
+        .unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let status = hub
+        .wait_exit(Duration::from_secs(10))
+        .expect("the hub exits");
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,6 +212,11 @@ async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
         .map(|e| e.data)
         .collect();
     assert_eq!(data, ["plain", "chunked"]);
+    assert_eq!(
+        hub.metric("ssehub_plain_publishes_total").await,
+        1.0,
+        "the chunked one went through hyper"
+    );
 
     // A body over --max-body is announced in its head: hyper's path refuses it with 413.
     let mut c = TcpStream::connect(hub.addr).await.unwrap();
