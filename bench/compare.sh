@@ -156,6 +156,9 @@ s7() {
     hubs+=("http://127.0.0.1:$port/.well-known/mercure")
   done
   for port in 8001 8002 8003; do wait_port $port; done
+  # The nodes count each other through Redis every 2 s and then share the machine's write
+  # budget; measure once they have.
+  sleep 3
   local out="$RESULTS/S7-cluster-ssehub-$run.json"
   local all_pids
   all_pids=$(IFS=,; echo "${pids[*]},$redis")

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub coalesced_writes: AtomicU64,
     /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
     pub plain_publishes: AtomicU64,
+    /// Socket writes a second the hub allows itself before batching (its share of the machine's).
+    pub write_budget: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -131,6 +133,13 @@ impl Metrics {
              body sent with its head); the others (HTTP/2, TLS with h2, chunked bodies, \
              Expect) go through hyper, which costs more per request.",
             self.plain_publishes.load(Relaxed),
+        );
+        one(
+            "ssehub_write_budget",
+            "gauge",
+            "Socket writes a second this hub allows itself before it batches updates: \
+             --write-budget times its cores, divided among the cluster nodes on this machine.",
+            self.write_budget.load(Relaxed),
         );
         one(
             "ssehub_history_length",

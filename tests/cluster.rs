@@ -439,6 +439,47 @@ async fn a_late_node_replays_from_the_stream() {
     );
 }
 
+/// Waits until `hub`'s `ssehub_write_budget` is `want`.
+async fn wait_budget(hub: &TestHub, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = hub.metric("ssehub_write_budget").await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "write budget {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_on_one_machine_share_its_write_budget() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    // 30,000 divides by 2 and 3 exactly, so the shares are exact whatever the core count.
+    let first = node(&redis, &["--write-budget", "30000"]);
+    let whole = first.metric("ssehub_write_budget").await;
+    assert!(whole >= 30_000.0 && whole % 30_000.0 == 0.0, "{whole}");
+    let second = node(&redis, &["--write-budget", "30000"]);
+    let third = node(&redis, &["--write-budget", "30000"]);
+    for hub in [&first, &second, &third] {
+        wait_budget(hub, whole / 3.0, Duration::from_secs(15)).await;
+    }
+    assert!(first.wait_for_log(
+        "3 ssehub node(s) of this cluster run on this machine",
+        Duration::from_secs(5)
+    ));
+    // One leaves at shutdown: the others take their larger share at their next count.
+    third.terminate();
+    for hub in [&first, &second] {
+        wait_budget(hub, whole / 2.0, Duration::from_secs(15)).await;
+    }
+    // One killed says nothing: it is forgotten after a few seconds.
+    kill9(&second);
+    wait_budget(&first, whole, Duration::from_secs(20)).await;
+}
+
 fn message_number(e: &Event) -> u64 {
     e.data
         .strip_prefix("Message: ")

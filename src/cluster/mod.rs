@@ -7,6 +7,7 @@
 //! Redis is the engine: no consensus or gossip of our own.
 
 mod clock;
+mod machine;
 mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -101,6 +102,7 @@ impl Cluster {
             }),
         };
         tokio::spawn(stream::follow(cluster.clone(), last, stop.clone()));
+        tokio::spawn(machine::run(cluster.clone(), stop.clone()));
         cluster.relay_subscription_events(&hub, stop);
         Ok(cluster)
     }

@@ -27,6 +27,9 @@ pub(crate) struct Coalescing {
     /// Writes a second on one core.
     per_core: u64,
     window_ns: AtomicU64,
+    /// Hubs sharing this machine's cores (cluster nodes on one machine), among which the
+    /// machine's budget is divided; at least 1.
+    sharers: AtomicU64,
     /// Counts the subscribers that received something since the last retune: each remembers
     /// the epoch in which it was last counted.
     epoch: AtomicU64,
@@ -40,10 +43,26 @@ impl Coalescing {
             bound,
             per_core,
             window_ns: AtomicU64::new(0),
+            sharers: AtomicU64::new(1),
             epoch: AtomicU64::new(1),
             active: AtomicU64::new(0),
             last: Mutex::new((Instant::now(), 0)),
         }
+    }
+
+    /// Divides the machine's budget among `hubs` hubs running on it (this one included).
+    pub fn share(&self, hubs: u64) {
+        self.sharers.store(hubs.max(1), Relaxed);
+    }
+
+    /// Writes a second per core this hub allows itself: its share of `--write-budget`.
+    fn per_core_share(&self) -> u64 {
+        (self.per_core / self.sharers.load(Relaxed).max(1)).max(1)
+    }
+
+    /// Writes a second this hub allows itself, on all its cores.
+    pub fn budget(&self) -> u64 {
+        self.per_core_share() * u64::from(cores())
     }
 
     /// The current wait after a write.
@@ -83,7 +102,7 @@ impl Coalescing {
         drop(last);
         self.epoch.fetch_add(1, Relaxed);
         let active = self.active.swap(0, Relaxed);
-        let window = window_for(self.bound, self.per_core, rate, active, cores());
+        let window = window_for(self.bound, self.per_core_share(), rate, active, cores());
         self.window_ns.store(window.as_nanos() as u64, Relaxed);
     }
 }

@@ -161,6 +161,7 @@ impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
+        metrics.write_budget.store(coalescing.budget(), Relaxed);
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
@@ -289,6 +290,19 @@ impl Hub {
             ),
             last_event_id: header,
         })
+    }
+
+    /// Shares the machine's write budget among `hubs` hubs known to run on it (this one
+    /// included; cluster mode counts them).
+    pub fn share_machine(&self, hubs: u64) {
+        self.shared.coalescing.share(hubs);
+        let budget = self.shared.coalescing.budget();
+        self.shared.metrics.write_budget.store(budget, Relaxed);
+    }
+
+    /// Socket writes a second this hub allows itself before it batches.
+    pub fn write_budget(&self) -> u64 {
+        self.shared.coalescing.budget()
     }
 
     /// Resets the coalescing window from what was delivered since the previous call; called a
