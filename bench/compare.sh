@@ -157,8 +157,21 @@ s7() {
   done
   for port in 8001 8002 8003; do wait_port $port; done
   # The nodes count each other through Redis every 2 s and then share the machine's write
-  # budget; measure once they have.
-  sleep 3
+  # budget; measure once all three show the same budget, below a lone node's.
+  local lone=$((20000 * $(nproc))) budgets deadline=$((SECONDS + 20))
+  while :; do
+    budgets=$(for port in 8001 8002 8003; do
+      curl -s "http://127.0.0.1:$port/metrics" | awk '/^ssehub_write_budget /{print $2}'
+    done | sort -u)
+    if [ "$(printf '%s\n' "$budgets" | wc -l)" = 1 ] && [ -n "$budgets" ] && [ "$budgets" -lt "$lone" ]; then
+      break
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "S7: the nodes did not share the write budget in time (${budgets//$'\n'/ })"
+      break
+    fi
+    sleep 0.2
+  done
   local out="$RESULTS/S7-cluster-ssehub-$run.json"
   local all_pids
   all_pids=$(IFS=,; echo "${pids[*]},$redis")

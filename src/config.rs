@@ -60,8 +60,8 @@ pub struct ServeArgs {
 
     /// Socket writes a second per core the hub allows itself before it batches (see
     /// --coalesce; no effect with --coalesce 0). Lower spends less CPU per update and waits
-    /// longer; higher the reverse. It is the machine's: cluster nodes on one machine find
-    /// each other through Redis and divide it between them.
+    /// longer; higher the reverse. It is the machine's: cluster nodes on one machine that
+    /// may use more cores than it has find each other through Redis and share it.
     #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value_t = crate::hub::WRITES_PER_CORE,
           value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
     pub write_budget: u64,

@@ -126,6 +126,10 @@ pub async fn run(
     if let Some(tls) = &tls {
         tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
     }
+    if let (Some(c), false) = (&cluster, config.coalesce.is_zero()) {
+        // Tracked, so that a node leaving says so before the process exits.
+        tasks.spawn(crate::cluster::share_machine(c.clone(), stop.clone()));
+    }
     if let Some(every) = config.clock_interval {
         match &cluster {
             Some(c) => tasks.spawn(crate::cluster::run_clock(c.clone(), every, stop.clone())),

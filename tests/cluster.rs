@@ -462,7 +462,7 @@ async fn nodes_on_one_machine_share_its_write_budget() {
     let whole = first.metric("ssehub_write_budget").await;
     assert!(whole >= 30_000.0 && whole % 30_000.0 == 0.0, "{whole}");
     let second = node(&redis, &["--write-budget", "30000"]);
-    let third = node(&redis, &["--write-budget", "30000"]);
+    let mut third = node(&redis, &["--write-budget", "30000"]);
     for hub in [&first, &second, &third] {
         wait_budget(hub, whole / 3.0, Duration::from_secs(15)).await;
     }
@@ -470,8 +470,22 @@ async fn nodes_on_one_machine_share_its_write_budget() {
         "3 ssehub node(s) of this cluster run on this machine",
         Duration::from_secs(5)
     ));
-    // One leaves at shutdown: the others take their larger share at their next count.
+    // One leaves at shutdown, saying so before it exits; the others take their larger share
+    // at their next count.
     third.terminate();
+    assert!(third.wait_exit(Duration::from_secs(10)).is_some());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let left: u64 = redis::cmd("ZCARD")
+        .arg(format!("ssehub:machine:{}", boot.trim()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 2, "the node that stopped removed itself");
     for hub in [&first, &second] {
         wait_budget(hub, whole / 2.0, Duration::from_secs(15)).await;
     }

@@ -1,17 +1,18 @@
 //! Nodes that run on one machine share its write budget.
 //!
 //! A hub budgets its socket writes per core (`--write-budget`, see `hub::coalesce`): past that
-//! many writes a second it batches updates. Several nodes on one machine would each take the
-//! whole budget, together writing several times what the machine's cores were budgeted for,
-//! in windows too short to batch much (three nodes and Redis on two cores gave half the
-//! deliveries per CPU-second of one node in the cluster benchmark; with the budget split by
-//! hand, three quarters). So every node tells Redis, every few seconds, that it runs on its
-//! machine, and counts the nodes that said the same lately; its budget is divided by that
-//! count. A machine is named by its kernel's boot id, which every process and container on one
-//! running kernel shares and no other machine has; the times are the machine's own clock, so
-//! they compare.
+//! many writes a second it batches updates. Several nodes on one machine's cores would each take
+//! the whole budget, together writing several times what those cores were budgeted for, in
+//! windows too short to batch much (three nodes and Redis on two cores gave half the deliveries
+//! per CPU-second of one node in the cluster benchmark). So every node tells Redis, every few
+//! seconds, that it runs on its machine and how many cores it may use, and reads what the
+//! others said: when the nodes there may use more cores than the machine has, each takes the
+//! machine's share of its budget (the machine's cores over the nodes' cores together). Nodes
+//! whose cores are their own (CPU limits or pinning, which the core count already reflects) keep
+//! their whole budget. A machine is named by its kernel's boot id, which every process and
+//! container on one running kernel shares; times are Redis's, so no node's clock matters.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,76 +22,86 @@ use super::Cluster;
 const EVERY: Duration = Duration::from_secs(2);
 /// A node not heard of for this long has gone (three missed rounds).
 const FORGET_MS: u64 = 6_000;
+/// How long the goodbye at shutdown may take.
+const LEAVE: Duration = Duration::from_secs(1);
+
+/// Stamps this node (`ARGV[1]`, as `node/cores`) with Redis's time in the machine's set
+/// (`KEYS[1]`), forgets nodes not heard of for `ARGV[2]` ms, and returns the members left.
+const STAMP: &str = "local t = redis.call('TIME') \
+                     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+                     redis.call('ZADD', KEYS[1], now, ARGV[1]) \
+                     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2]))) \
+                     redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) \
+                     return redis.call('ZRANGE', KEYS[1], 0, -1)";
 
 /// Keeps this node's share of the machine's budget up to date until `stop`.
 pub async fn run(cluster: Cluster, stop: CancellationToken) {
-    let Some(machine) = machine_id() else {
-        tracing::debug!("no kernel boot id here: the write budget is not shared");
+    let (Some(machine), Some(machine_cores)) = (machine_id(), machine_cores()) else {
+        tracing::info!("the kernel's boot id or core count cannot be read here: this node keeps its whole write budget");
         return;
     };
     let key = format!("ssehub:machine:{machine}");
+    let me = format!("{}/{}", cluster.inner.node, crate::hub::cores());
     let mut ticker = tokio::time::interval(EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut known = 1;
+    let mut known = (1, 0);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
+        let members = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
-        }
-        let nodes = match count(&cluster, &key).await {
-            Ok(n) => n.max(1),
-            // The reader reports Redis trouble; the last count stands meanwhile.
+            _ = ticker.tick() => tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                m = stamp(&cluster, &key, &me) => m,
+            },
+        };
+        let members = match members {
+            Ok(m) => m,
+            // The reader reports Redis trouble; the last share stands meanwhile.
             Err(e) => {
                 tracing::debug!("nodes on this machine: {e}");
                 continue;
             }
         };
-        if nodes != known {
-            known = nodes;
-            cluster.inner.hub.share_machine(nodes);
+        let nodes = members.len().max(1);
+        let cores: u64 = members.iter().map(|m| member_cores(m)).sum();
+        if (nodes, cores) != known {
+            known = (nodes, cores);
+            cluster.inner.hub.share_machine(machine_cores, cores);
             tracing::info!(
-                "{nodes} ssehub node(s) of this cluster run on this machine: this one allows \
-                 itself {} socket writes a second before it batches",
+                "{nodes} ssehub node(s) of this cluster run on this machine ({cores} cores \
+                 between them, {machine_cores} on the machine): this one allows itself {} \
+                 socket writes a second before it batches",
                 cluster.inner.hub.write_budget()
             );
         }
     }
     // Leave at once, so the others take their larger share now rather than in FORGET_MS.
     let mut conn = cluster.inner.commands.clone();
-    let _: redis::RedisResult<i64> = redis::cmd("ZREM")
-        .arg(&key)
-        .arg(&cluster.inner.node)
-        .query_async(&mut conn)
-        .await;
+    let mut leave = redis::cmd("ZREM");
+    leave.arg(&key).arg(&me);
+    let _ = tokio::time::timeout(LEAVE, leave.query_async::<i64>(&mut conn)).await;
 }
 
-/// Says this node is on the machine and returns how many nodes are.
-async fn count(cluster: &Cluster, key: &str) -> redis::RedisResult<u64> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+async fn stamp(cluster: &Cluster, key: &str, me: &str) -> redis::RedisResult<Vec<String>> {
     let mut conn = cluster.inner.commands.clone();
-    let (nodes,): (u64,) = redis::pipe()
-        .atomic()
-        .cmd("ZADD")
+    redis::cmd("EVAL")
+        .arg(STAMP)
+        .arg(1)
         .arg(key)
-        .arg(now)
-        .arg(&cluster.inner.node)
-        .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(key)
-        .arg("-inf")
-        .arg(format!("({}", now.saturating_sub(FORGET_MS)))
-        .ignore()
-        .cmd("ZCARD")
-        .arg(key)
-        .cmd("PEXPIRE")
-        .arg(key)
-        .arg(FORGET_MS * 2)
-        .ignore()
+        .arg(me)
+        .arg(FORGET_MS)
         .query_async(&mut conn)
-        .await?;
-    Ok(nodes)
+        .await
+}
+
+/// The cores a member said it may use (1 if it said nothing readable).
+fn member_cores(member: &str) -> u64 {
+    member
+        .rsplit_once('/')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The running kernel's boot id (Linux), or `None` elsewhere.
@@ -98,4 +109,42 @@ fn machine_id() -> Option<String> {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let id = id.trim();
     (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// The machine's online cores, whatever this process may use of them (Linux).
+fn machine_cores() -> Option<u64> {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    count_cpus(online.trim())
+}
+
+/// Counts a kernel CPU list such as `0-3,6,8-9`.
+fn count_cpus(list: &str) -> Option<u64> {
+    let mut n = 0;
+    for part in list.split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().ok()?.checked_sub(a.parse().ok()?)? + 1,
+            None => {
+                part.parse::<u64>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_and_members() {
+        assert_eq!(count_cpus("0-1"), Some(2));
+        assert_eq!(count_cpus("0"), Some(1));
+        assert_eq!(count_cpus("0-3,6,8-9"), Some(7));
+        assert_eq!(count_cpus(""), None);
+        assert_eq!(count_cpus("3-1"), None);
+        assert_eq!(member_cores("1234-abcd/4"), 4);
+        assert_eq!(member_cores("no-cores-said"), 1);
+        assert_eq!(member_cores("x/0"), 1);
+    }
 }

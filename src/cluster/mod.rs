@@ -19,6 +19,7 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 pub use clock::run as run_clock;
+pub use machine::run as share_machine;
 
 use crate::hub::{update, Draft, Hub, Invalid};
 
@@ -102,7 +103,6 @@ impl Cluster {
             }),
         };
         tokio::spawn(stream::follow(cluster.clone(), last, stop.clone()));
-        tokio::spawn(machine::run(cluster.clone(), stop.clone()));
         cluster.relay_subscription_events(&hub, stop);
         Ok(cluster)
     }

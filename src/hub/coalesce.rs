@@ -27,9 +27,9 @@ pub(crate) struct Coalescing {
     /// Writes a second on one core.
     per_core: u64,
     window_ns: AtomicU64,
-    /// Hubs sharing this machine's cores (cluster nodes on one machine), among which the
-    /// machine's budget is divided; at least 1.
-    sharers: AtomicU64,
+    /// This hub's share of the budget per core, when it shares its cores with other hubs
+    /// (cluster nodes on one machine); `per_core` otherwise.
+    share: AtomicU64,
     /// Counts the subscribers that received something since the last retune: each remembers
     /// the epoch in which it was last counted.
     epoch: AtomicU64,
@@ -43,21 +43,24 @@ impl Coalescing {
             bound,
             per_core,
             window_ns: AtomicU64::new(0),
-            sharers: AtomicU64::new(1),
+            share: AtomicU64::new(per_core),
             epoch: AtomicU64::new(1),
             active: AtomicU64::new(0),
             last: Mutex::new((Instant::now(), 0)),
         }
     }
 
-    /// Divides the machine's budget among `hubs` hubs running on it (this one included).
-    pub fn share(&self, hubs: u64) {
-        self.sharers.store(hubs.max(1), Relaxed);
+    /// Shares the machine's cores: hubs that may use `wanted` cores between them run on a
+    /// machine that has `machine` cores. Each keeps its whole budget while they fit, and takes
+    /// the machine's share of it when they do not.
+    pub fn share(&self, machine: u64, wanted: u64) {
+        self.share
+            .store(shared_per_core(self.per_core, machine, wanted), Relaxed);
     }
 
     /// Writes a second per core this hub allows itself: its share of `--write-budget`.
     fn per_core_share(&self) -> u64 {
-        (self.per_core / self.sharers.load(Relaxed).max(1)).max(1)
+        self.share.load(Relaxed)
     }
 
     /// Writes a second this hub allows itself, on all its cores.
@@ -107,6 +110,15 @@ impl Coalescing {
     }
 }
 
+/// `per_core` scaled by the machine's `machine` cores over the `wanted` cores of the hubs on it,
+/// when they want more than it has; never 0.
+pub(crate) fn shared_per_core(per_core: u64, machine: u64, wanted: u64) -> u64 {
+    if wanted <= machine {
+        return per_core;
+    }
+    ((u128::from(per_core) * u128::from(machine.max(1)) / u128::from(wanted)) as u64).max(1)
+}
+
 /// The window for `rate` deliveries per second to `active` subscribers on `cores` cores, each
 /// allowed `per_core` writes a second.
 pub(crate) fn window_for(
@@ -135,6 +147,19 @@ pub(crate) fn cores() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hubs_share_a_machine_only_when_they_want_more_cores_than_it_has() {
+        // Three nodes that may each use both cores of a 2-core machine: a third each.
+        assert_eq!(shared_per_core(30_000, 2, 6), 10_000);
+        // Two nodes each limited to 2 of 8 cores, or pinned to one core each of two: their own.
+        assert_eq!(shared_per_core(20_000, 8, 4), 20_000);
+        assert_eq!(shared_per_core(20_000, 2, 2), 20_000);
+        // Three nodes with one core each on a 2-core machine: two thirds.
+        assert_eq!(shared_per_core(30_000, 2, 3), 20_000);
+        assert_eq!(shared_per_core(1_000, 1, 1_000_000), 1);
+        assert_eq!(shared_per_core(u64::MAX, 4, 8), u64::MAX / 2);
+    }
 
     #[test]
     fn no_wait_while_the_budget_holds_then_enough_to_keep_it() {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use coalesce::cores;
 pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
@@ -292,10 +293,10 @@ impl Hub {
         })
     }
 
-    /// Shares the machine's write budget among `hubs` hubs known to run on it (this one
-    /// included; cluster mode counts them).
-    pub fn share_machine(&self, hubs: u64) {
-        self.shared.coalescing.share(hubs);
+    /// Shares the machine's write budget: the hubs known to run on it (this one included;
+    /// cluster mode finds them) may use `wanted` cores between them, the machine has `machine`.
+    pub fn share_machine(&self, machine: u64, wanted: u64) {
+        self.shared.coalescing.share(machine, wanted);
         let budget = self.shared.coalescing.budget();
         self.shared.metrics.write_budget.store(budget, Relaxed);
     }
