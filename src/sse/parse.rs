@@ -56,9 +56,11 @@ impl Parser {
     /// Parses `chunk`, appending complete events to `out`.
     /// Errors only when a line is longer than the limit set with [`Parser::with_max_line`].
     pub fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<Event>) -> Result<(), LineTooLong> {
-        if self.after_cr {
+        // A CR that ended the previous chunk may be the first half of a CRLF: the next byte
+        // decides, so an empty chunk leaves the question open.
+        if self.after_cr && !chunk.is_empty() {
             self.after_cr = false;
-            if chunk.first() == Some(&b'\n') {
+            if chunk[0] == b'\n' {
                 chunk = &chunk[1..];
             }
         }
@@ -166,6 +168,18 @@ mod tests {
             p.feed(c, &mut out).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn an_empty_read_between_cr_and_lf_keeps_them_one_line_break() {
+        // Found by the property test against the oracle (tests/sse_roundtrip.rs).
+        let mut p = Parser::new();
+        let mut out = Vec::new();
+        for chunk in [&b"data: a\r"[..], b"", b"\ndata: b\n\n"] {
+            p.feed(chunk, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data, "a\nb");
     }
 
     #[test]
