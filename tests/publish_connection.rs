@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{read_until, take, TestHub};
+use common::{read_until, take, take_data, TestHub};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -119,12 +119,7 @@ async fn pipelined_publishes_are_answered_in_order_on_one_connection() {
         last[0].0
     );
     assert!(last[0].0.contains("connection: close"), "{}", last[0].0);
-    let data: Vec<_> = take(&mut sub, 2, Duration::from_secs(10))
-        .await
-        .into_iter()
-        .map(|e| e.data)
-        .collect();
-    assert_eq!(data, ["four", "five"]);
+    assert_eq!(take_data(&mut sub, 2).await, ["four", "five"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,12 +201,7 @@ async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
         "{:?}",
         String::from_utf8_lossy(&second)
     );
-    let data: Vec<_> = take(&mut sub, 2, Duration::from_secs(10))
-        .await
-        .into_iter()
-        .map(|e| e.data)
-        .collect();
-    assert_eq!(data, ["plain", "chunked"]);
+    assert_eq!(take_data(&mut sub, 2).await, ["plain", "chunked"]);
     assert_eq!(
         hub.metric("ssehub_plain_publishes_total").await,
         1.0,

@@ -258,6 +258,15 @@ pub async fn request(
     )
 }
 
+/// The data of the next `n` events, failing if they do not come within 10 s.
+pub async fn take_data(stream: &mut EventStream, n: usize) -> Vec<String> {
+    take(stream, n, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect()
+}
+
 /// Reads `n` events, failing if they do not come within `within`.
 pub async fn take(stream: &mut EventStream, n: usize, within: Duration) -> Vec<Event> {
     let mut out = Vec::with_capacity(n);
