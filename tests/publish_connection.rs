@@ -40,6 +40,14 @@ fn responses(raw: &[u8]) -> Vec<(String, String)> {
     out
 }
 
+/// Reads an answer until `needle` has come, and checks that it begins with `status`.
+async fn expect_answer(c: &mut TcpStream, needle: &str, status: &str) {
+    let mut raw = Vec::new();
+    read_until(c, &mut raw, needle).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with(status), "{text:?}");
+}
+
 /// Reads until the hub closes the connection, expecting exactly one answer before that.
 async fn last_answer(c: &mut TcpStream) -> Vec<(String, String)> {
     let mut raw = Vec::new();
@@ -194,13 +202,7 @@ async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
         body.len()
     );
     c.write_all(chunked.as_bytes()).await.unwrap();
-    let mut second = Vec::new();
-    read_until(&mut c, &mut second, "urn:uuid:").await;
-    assert!(
-        String::from_utf8_lossy(&second).starts_with("HTTP/1.1 200"),
-        "{:?}",
-        String::from_utf8_lossy(&second)
-    );
+    expect_answer(&mut c, "urn:uuid:", "HTTP/1.1 200").await;
     assert_eq!(take_data(&mut sub, 2).await, ["plain", "chunked"]);
     assert_eq!(
         hub.metric("ssehub_plain_publishes_total").await,
@@ -214,11 +216,5 @@ async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
     c.write_all(publish(&hub, "r", &big, "").as_bytes())
         .await
         .unwrap();
-    let mut raw = Vec::new();
-    read_until(&mut c, &mut raw, "max-body").await;
-    assert!(
-        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 413"),
-        "{:?}",
-        String::from_utf8_lossy(&raw)
-    );
+    expect_answer(&mut c, "max-body", "HTTP/1.1 413").await;
 }
