@@ -150,9 +150,10 @@ pub(crate) enum Flush {
 /// given to [`Subscriber::offer`] while the hub batches and its flusher runs.
 pub(crate) type HoldClock = Option<(u64, u64)>;
 
-/// How early before `flush_at` a flusher's entry may still write rather than be entered again
-/// (an entry whose hold was pushed back by less than this is not worth another wake-up).
-const FLUSH_SLACK_NS: u64 = 250_000;
+/// How early before `flush_at` a flusher's entry may still write rather than be entered again:
+/// the flusher's tick, since it writes a tick's entries when the tick begins (and an entry whose
+/// hold was pushed back by less than that is not worth another wake-up).
+const FLUSH_SLACK_NS: u64 = super::flusher::TICK_NS;
 /// A hold due this much sooner than the subscriber's entry in the flusher gets an entry of its
 /// own (the flusher's resolution).
 const ENTRY_RESOLUTION_NS: u64 = 1_000_000;
