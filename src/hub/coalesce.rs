@@ -5,8 +5,9 @@
 //! most of it the kernel's, whether it carries 100 bytes or 1,000). The hub budgets its writes:
 //! `--write-budget` per second per core ([`WRITES_PER_CORE`] unless told otherwise). While the
 //! updates it delivers fit in that budget, each goes out at once. Past it, every subscriber
-//! that receives updates gets at most one write per window, the window being long enough for
-//! those subscribers together to stay within the budget (and never longer than `--coalesce`).
+//! that receives updates gets one write per window (to within the flusher's millisecond), the
+//! window being long enough for those subscribers together to stay within the budget (and never
+//! longer than `--coalesce`).
 //! The window is retuned a few times a second from what the hub actually delivered; the first
 //! update after a quiet spell is never delayed either way.
 

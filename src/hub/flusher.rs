@@ -1,18 +1,18 @@
 //! The coalescing flusher: writes held updates to their sockets when a subscriber's window
 //! opens, without waking the subscriber's task.
 //!
-//! While the hub batches (see `coalesce`), every receiving subscriber gets at most one write per
-//! window. Left to the subscriber's own task, each such write costs two wake-ups and two polls of
-//! the task (one to find the window still closed and arm a timer, one when the timer fires), a
-//! timer per subscriber and the readiness checks of its socket: measured in S2's shape, about as
-//! much user-space CPU as the hub spends on everything else. So a stream that waits with nothing
-//! in flight and has a direct sink (plain HTTP/1.1) is *held* by the publish itself: the update is
-//! queued, the task is not woken, and the subscriber is entered here under the time its window
-//! opens. Subscribers are shared out over one task per core (not pinned: the runtime's workers
-//! run them); each sleeps until the earliest time among its own and then writes each due
-//! subscriber's whole queue as one chunk, straight to the socket, exactly as a publishing thread's
-//! direct write does (the stream is claimed under its own lock; what the socket does not take is
-//! left to the stream's task, ahead of anything newer).
+//! While the hub batches (see `coalesce`), every receiving subscriber gets one write per window (to
+//! within a millisecond: see [`TICK_NS`]). Left to the subscriber's own task, each such write costs
+//! two wake-ups and two polls of the task (one to find the window still closed and arm a timer, one
+//! when the timer fires), a timer per subscriber and the readiness checks of its socket: measured
+//! in S2's shape, about as much user-space CPU as the hub spends on everything else. So a stream
+//! that waits with nothing in flight and has a direct sink (plain HTTP/1.1) is *held* by the
+//! publish itself: the update is queued, the task is not woken, and the subscriber is entered here
+//! under the time its window opens. Subscribers are shared out over one task per core (not pinned:
+//! the runtime's workers run them); each sleeps until the earliest time among its own and then
+//! writes each due subscriber's whole queue as one chunk, straight to the socket, exactly as a
+//! publishing thread's direct write does (the stream is claimed under its own lock; what the socket
+//! does not take is left to the stream's task, ahead of anything newer).
 //!
 //! No crate offers this: it is a timer wheel of a few lines whose entries are the hub's own
 //! subscribers, and it sits on the delivery path.
@@ -30,11 +30,13 @@ use super::subscriber::{Flush, Subscriber};
 use crate::metrics::Metrics;
 
 /// Deadlines are kept per millisecond (tokio's timers have that resolution too): the
-/// subscribers whose windows open within the same millisecond are written together, when that
-/// millisecond begins by the hub's clock. tokio wakes the task up to a millisecond later (its
-/// ticks are not ours, and it rounds up), so a write goes out within a millisecond either side of
-/// its time, half a millisecond late on average; rounding up here as well would add a whole one
-/// more to every held write (measured in S3, where the windows are 2-3 ms).
+/// subscribers whose windows open within the same millisecond are written together. An entry
+/// due in a later millisecond is filed under that millisecond's start, and tokio wakes the task
+/// up to a millisecond after it (its ticks are not ours, and it rounds up): so such a write goes
+/// out within a millisecond either side of its time rather than up to two after it, which
+/// rounding up here as well would give (measured in S3, where the windows are 2-3 ms). An entry
+/// due within the current millisecond is filed under the next one, so that a window shorter
+/// than a tick still holds its updates until then instead of writing each at once.
 pub(crate) const TICK_NS: u64 = 1_000_000;
 /// Subscribers written before the flusher lets the other tasks of its worker run.
 const BATCH: usize = 128;
@@ -89,8 +91,14 @@ impl Shard {
 }
 
 impl Due {
-    fn enter(&mut self, sub: Arc<Subscriber>, at: u64) -> bool {
-        let tick = at / TICK_NS;
+    /// Files `sub` for `at`, as of `now` (both [`now_ns`]); true if it is due sooner than the
+    /// shard's task sleeps.
+    fn enter(&mut self, sub: Arc<Subscriber>, at: u64, now: u64) -> bool {
+        let tick = if at / TICK_NS > now / TICK_NS {
+            at / TICK_NS
+        } else {
+            at.div_ceil(TICK_NS).max(now / TICK_NS + 1)
+        };
         self.by_tick.entry(tick).or_default().push(sub);
         let sooner = tick < self.armed;
         self.armed = self.armed.min(tick);
@@ -140,10 +148,11 @@ impl Flusher {
             if held.is_empty() {
                 continue;
             }
+            let now = now_ns();
             let mut due = shard.due.lock();
             let mut sooner = false;
             for (sub, at) in held {
-                sooner |= due.enter(sub, at);
+                sooner |= due.enter(sub, at, now);
             }
             drop(due);
             if sooner {
@@ -214,6 +223,9 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
         }
         if next == u64::MAX {
             shard.notify.notified().await;
+        } else if next <= now_ns() / TICK_NS {
+            // The batch took us past the next tick: no sleep until tokio's next one.
+            continue;
         } else {
             let _ =
                 tokio::time::timeout_at(instant_of(next * TICK_NS), shard.notify.notified()).await;
@@ -243,10 +255,10 @@ impl Drop for Batch<'_> {
         let now = now_ns();
         let mut due = self.shard.due.lock();
         for sub in rest {
-            due.enter(sub, now);
+            due.enter(sub, now, now);
         }
         for (sub, at) in self.later.drain(..) {
-            due.enter(sub, at);
+            due.enter(sub, at, now);
         }
     }
 }
@@ -259,21 +271,27 @@ mod tests {
         Arc::new(Subscriber::new(id, Vec::new(), None, None, None))
     }
 
-    /// An entry is due when the millisecond its time falls in begins: tokio's wake-up, which
-    /// may come up to a millisecond late, then puts the write on either side of its time
-    /// rather than always after it.
+    /// An entry due in a later millisecond is filed under that millisecond's start (tokio's
+    /// wake-up, up to a millisecond late, then puts the write on either side of its time rather
+    /// than always after it); one due within the current millisecond under the next, so that
+    /// a window shorter than a tick still holds its updates until then.
     #[test]
-    fn an_entry_is_due_from_the_start_of_its_millisecond() {
+    fn an_entry_is_filed_under_the_start_of_its_millisecond_unless_that_has_begun() {
         let shard = Shard::new();
         let mut due = shard.due.lock();
-        assert!(due.enter(sub(1), 5 * TICK_NS + TICK_NS * 7 / 10));
-        assert!(!due.enter(sub(2), 5 * TICK_NS));
-        assert!(!due.enter(sub(3), 6 * TICK_NS - 1));
-        assert!(!due.enter(sub(4), 6 * TICK_NS));
+        let now = 4 * TICK_NS + TICK_NS / 2;
+        assert!(due.enter(sub(1), 5 * TICK_NS + TICK_NS * 7 / 10, now));
+        assert!(!due.enter(sub(2), 5 * TICK_NS, now));
+        assert!(!due.enter(sub(3), 6 * TICK_NS - 1, now));
+        assert!(!due.enter(sub(4), 6 * TICK_NS, now));
+        // Due within the current millisecond, or already past: the next one.
+        assert!(!due.enter(sub(5), now + TICK_NS / 4, now));
+        assert!(!due.enter(sub(6), now - 3 * TICK_NS, now));
         assert_eq!(due.armed, 5);
-        let at_5: Vec<u64> = due.by_tick[&5].iter().map(|s| s.id).collect();
-        assert_eq!(at_5, [1, 2, 3]);
-        assert_eq!(due.by_tick[&6].len(), 1);
+        let ids = |t: u64| -> Vec<u64> { due.by_tick[&t].iter().map(|s| s.id).collect() };
+        assert_eq!(ids(5), [1, 2, 3, 5, 6]);
+        assert_eq!(ids(6), [4]);
+        assert_eq!(due.by_tick.len(), 2);
     }
 
     /// Entries a task took out but did not deal with go back to the shard when it lets go of

@@ -151,12 +151,12 @@ pub(crate) enum Flush {
 pub(crate) type HoldClock = Option<(u64, u64)>;
 
 /// How early before `flush_at` a flusher's entry may still write rather than be entered again:
-/// the flusher's tick, since it writes a tick's entries when the tick begins (and an entry whose
-/// hold was pushed back by less than that is not worth another wake-up).
+/// the flusher's tick, since it may write a tick's entries when the tick begins (and an entry
+/// whose hold was pushed back by less than that is not worth another wake-up).
 const FLUSH_SLACK_NS: u64 = super::flusher::TICK_NS;
 /// A hold due this much sooner than the subscriber's entry in the flusher gets an entry of its
 /// own (the flusher's resolution).
-const ENTRY_RESOLUTION_NS: u64 = 1_000_000;
+const ENTRY_RESOLUTION_NS: u64 = super::flusher::TICK_NS;
 
 impl Subscriber {
     pub fn new(
@@ -459,7 +459,9 @@ impl SubscriberStream {
                 if st.last_sent != 0 && now < open_at {
                     // Too soon after the last write: let more updates join this one.
                     // Publishes do not wake the stream meanwhile (unless its queue fills
-                    // up, or it is closed); the timer does, once.
+                    // up, or it is closed); the timer does, once. (tokio rounds it up to its
+                    // next millisecond: streams without a direct sink wait up to that much
+                    // longer than the flusher's, which may write a millisecond early.)
                     let deadline =
                         tokio::time::Instant::now() + Duration::from_nanos(open_at - now);
                     let hold = match &mut self.hold {
