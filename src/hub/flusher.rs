@@ -97,7 +97,7 @@ impl Due {
         let tick = if at / TICK_NS > now / TICK_NS {
             at / TICK_NS
         } else {
-            at.div_ceil(TICK_NS).max(now / TICK_NS + 1)
+            now / TICK_NS + 1
         };
         self.by_tick.entry(tick).or_default().push(sub);
         let sooner = tick < self.armed;
@@ -224,8 +224,10 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
         if next == u64::MAX {
             shard.notify.notified().await;
         } else if next <= now_ns() / TICK_NS {
-            // The batch took us past the next tick: no sleep until tokio's next one.
-            continue;
+            // The batch took us past the next tick: no sleep until tokio's next one, but let
+            // the worker's other tasks run first (a flusher that keeps overrunning its ticks
+            // would otherwise never give them the thread).
+            tokio::task::yield_now().await;
         } else {
             let _ =
                 tokio::time::timeout_at(instant_of(next * TICK_NS), shard.notify.notified()).await;
@@ -235,9 +237,9 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
 
 /// The entries a shard's task has taken out. Whatever it has not dealt with when this is dropped
 /// goes back to the shard: those entered again under a later time, and, should the task end
-/// midway (a panic, its runtime shutting down at a yield), the rest, due at once for the task
-/// that `Flusher::ready` starts next. A subscriber whose entry was lost would stay held until
-/// its queue filled.
+/// midway (a panic, its runtime shutting down at a yield), the rest, due at the next tick for
+/// the task that `Flusher::ready` starts next. A subscriber whose entry was lost would stay held
+/// until its queue filled.
 type Entries = std::iter::Flatten<btree_map::IntoValues<u64, Vec<Arc<Subscriber>>>>;
 
 struct Batch<'a> {
