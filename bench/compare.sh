@@ -194,8 +194,25 @@ for p in $PEERS; do
   peers+=("$p")
 done
 
+# Results of an earlier batch must not mix into this one's medians: a scenario's files for the
+# peers about to run it go first (S3 stops at the first failing rate, a failed run writes
+# nothing, and RUNS may be smaller than last time).
+clear_old() {
+  local s=$1 p=$2
+  case $s in
+    S3) rm -f "$RESULTS"/S3-*-"$p"-*.json ;;
+    S4) rm -f "$RESULTS"/S4-"$p"-*.json "$RESULTS"/S4-noslow-"$p"-*.json ;;
+    S7) rm -f "$RESULTS"/S7-single-"$p"-*.json "$RESULTS"/S7-cluster-"$p"-*.json ;;
+    SCALE) rm -f "$RESULTS"/scale-*-"$p"-*.json ;;
+    *) rm -f "$RESULTS/$s-$p"-*.json ;;
+  esac
+}
+
 mkdir -p "$RESULTS"
 for s in $SCENARIOS; do
+  for p in "${peers[@]}"; do
+    clear_old "$s" "$p"
+  done
   for run in $(seq 1 "$RUNS"); do
     for p in "${peers[@]}"; do
       case $s in
