@@ -49,8 +49,6 @@ pub struct Metrics {
     pub coalesced_writes: AtomicU64,
     /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
     pub plain_publishes: AtomicU64,
-    /// Socket writes a second the hub allows itself before batching (its share of the machine's).
-    pub write_budget: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -79,8 +77,9 @@ impl Metrics {
             .fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    /// The Prometheus text exposition format, version 0.0.4.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition format, version 0.0.4. `write_budget` is the hub's
+    /// current one, which its coalescing keeps (it changes when cluster nodes share a machine).
+    pub fn render(&self, write_budget: u64) -> String {
         let mut out = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(
@@ -139,7 +138,7 @@ impl Metrics {
             "gauge",
             "Socket writes a second this hub allows itself before it batches updates: \
              --write-budget times its cores, divided among the cluster nodes on this machine.",
-            self.write_budget.load(Relaxed),
+            write_budget,
         );
         one(
             "ssehub_history_length",

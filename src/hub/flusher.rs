@@ -140,6 +140,7 @@ impl Flusher {
             return;
         }
         let n = self.shards.len();
+        let now = now_ns();
         let mut by_shard: Vec<Vec<(Arc<Subscriber>, u64)>> = (0..n).map(|_| Vec::new()).collect();
         for (sub, at) in held {
             by_shard[sub.id as usize % n].push((sub, at));
@@ -148,7 +149,6 @@ impl Flusher {
             if held.is_empty() {
                 continue;
             }
-            let now = now_ns();
             let mut due = shard.due.lock();
             let mut sooner = false;
             for (sub, at) in held {

@@ -162,7 +162,6 @@ impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
-        metrics.write_budget.store(coalescing.budget(), Relaxed);
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
@@ -297,8 +296,6 @@ impl Hub {
     /// cluster mode finds them) may use `wanted` cores between them, the machine has `machine`.
     pub fn share_machine(&self, machine: u64, wanted: u64) {
         self.shared.coalescing.share(machine, wanted);
-        let budget = self.shared.coalescing.budget();
-        self.shared.metrics.write_budget.store(budget, Relaxed);
     }
 
     /// Socket writes a second this hub allows itself before it batches.
