@@ -152,7 +152,8 @@ pub async fn run(
     if let Some(every) = config.heartbeat {
         let (hub, stop) = (hub.clone(), stop.clone());
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let period = every / u32::from(crate::hub::HEARTBEAT_TICKS);
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
             tick.tick().await;
             loop {
                 tokio::select! {

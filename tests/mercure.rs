@@ -254,6 +254,43 @@ async fn heartbeats_on_idle_streams() {
     );
 }
 
+/// Reads `s` until its count of comment lines passes `seen`; fails on an event or after `within`.
+async fn next_comment(s: &mut ssehub::client::EventStream, seen: u64, within: Duration) {
+    // `next` returns only events, so read in short turns and look at the count in between
+    // (it is cancel-safe: a frame is parsed as soon as it arrives).
+    let deadline = tokio::time::Instant::now() + within;
+    while s.comments() <= seen {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no heartbeat within {within:?}"
+        );
+        if let Ok(e) = tokio::time::timeout(Duration::from_millis(20), s.next()).await {
+            panic!("expected only heartbeats, got {e:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heartbeat_comes_within_an_interval_of_the_last_update() {
+    // An update right after a heartbeat restarts the wait: the next heartbeat comes about one
+    // interval after the update, not two (one tick per interval plus a flag would make it two).
+    let hub = TestHub::start(&["--heartbeat", "1s"]);
+    let mut s = hub.subscribe("topic=a", &[]).await;
+    let mut p = hub.publisher().await;
+    let seen = s.comments();
+    next_comment(&mut s, seen, Duration::from_secs(5)).await;
+    p.ok(&[("topic", "a"), ("data", "x")]).await;
+    take(&mut s, 1, Duration::from_secs(5)).await;
+    let after_update = std::time::Instant::now();
+    let seen = s.comments();
+    next_comment(&mut s, seen, Duration::from_secs(5)).await;
+    let gap = after_update.elapsed();
+    assert!(
+        gap >= Duration::from_millis(500) && gap < Duration::from_millis(1600),
+        "heartbeat {gap:?} after the update"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cors_with_an_origin_list_and_with_a_wildcard() {
     let hub = TestHub::start(&["--cors-origins", "https://app.example.com"]);

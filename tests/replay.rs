@@ -139,3 +139,66 @@ async fn the_demo_stream_replays_too() {
     let expected: Vec<u64> = (from..from + 5).collect();
     assert_eq!(got, expected, "no tick lost across the reconnect");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_may_be_any_utf8_and_an_empty_id_is_none() {
+    let hub = TestHub::start(&[]);
+    let mut p = hub.publisher().await;
+    let first = "https://example.com/café/1";
+    p.ok(&[("topic", "t"), ("data", "one"), ("id", first)])
+        .await;
+    p.ok(&[
+        ("topic", "t"),
+        ("data", "two"),
+        ("id", "https://example.com/café/2"),
+    ])
+    .await;
+
+    // A browser sends the id it last saw back as UTF-8.
+    let mut s = hub.subscribe("topic=t", &[("Last-Event-ID", first)]).await;
+    assert_eq!(s.headers["last-event-id"].as_bytes(), first.as_bytes());
+    assert_eq!(take(&mut s, 1, Duration::from_secs(5)).await[0].data, "two");
+    common::assert_quiet(&mut s, Duration::from_millis(200)).await;
+
+    // An empty header is no id: the query's stands.
+    let mut s = hub
+        .subscribe("topic=t&lastEventID=earliest", &[("Last-Event-ID", "")])
+        .await;
+    assert_eq!(s.headers["last-event-id"], "earliest");
+    let got: Vec<_> = take(&mut s, 2, Duration::from_secs(5))
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(got, ["one", "two"]);
+
+    // An empty query value is no id either: no replay, no header.
+    let mut s = hub.subscribe("topic=t&lastEventID=", &[]).await;
+    assert!(!s.headers.contains_key("last-event-id"));
+    common::assert_quiet(&mut s, Duration::from_millis(200)).await;
+
+    // HEAD answers with the header GET would send.
+    for (query, header, expected) in [
+        ("topic=t", first, Some(first)),
+        (
+            "topic=t&lastEventID=nobody-knows-this",
+            "",
+            Some("earliest"),
+        ),
+        ("topic=t", "", None),
+    ] {
+        let headers: Vec<(&str, &str)> = if header.is_empty() {
+            vec![]
+        } else {
+            vec![("Last-Event-ID", header)]
+        };
+        let path = format!("/.well-known/mercure?{query}");
+        let ((status, _), h) = common::request(&hub, http::Method::HEAD, &path, &headers, "").await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(
+            h.get("last-event-id").map(|v| v.as_bytes()),
+            expected.map(str::as_bytes),
+            "HEAD {query} with {header:?}"
+        );
+    }
+}

@@ -38,7 +38,8 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
         match name.as_str() {
             "topic" => q.topics.push(value),
             // `Last-Event-ID` is the 0.x compatibility spelling.
-            "lastEventID" | "Last-Event-ID" => {
+            // An empty value is no id, as an empty header is.
+            "lastEventID" | "Last-Event-ID" if !value.is_empty() => {
                 q.last_event_id.get_or_insert(value);
             }
             "authorization" => {
@@ -50,18 +51,30 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
     Ok(q)
 }
 
-/// The id a reconnecting client last saw: the `Last-Event-ID` header wins over the
-/// `lastEventID` query parameter.
-pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
-    if let Some(v) = req.headers().get("last-event-id") {
-        return v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
-            reject(
-                StatusCode::BAD_REQUEST,
-                "the Last-Event-ID header is not valid text",
-            )
-        });
+/// The id a reconnecting client last saw, from the `Last-Event-ID` header if it has one: that
+/// wins over the `lastEventID` query parameter. Browsers send the id as UTF-8 (ids are IRIs),
+/// so any UTF-8 is accepted, not only the visible ASCII of `HeaderValue::to_str`. An empty
+/// header is no id (a browser sends none while its last id is empty), so the query's stands.
+fn header_last_event_id(req: &Request) -> Result<Option<String>, Response> {
+    let Some(v) = req.headers().get("last-event-id") else {
+        return Ok(None);
+    };
+    match std::str::from_utf8(v.as_bytes()) {
+        Ok("") => Ok(None),
+        Ok(s) => Ok(Some(s.to_owned())),
+        Err(_) => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "the Last-Event-ID header is not UTF-8",
+        )),
     }
-    Ok(parse_subscribe_query(req)?.last_event_id)
+}
+
+/// The id a reconnecting client last saw, from the header or else the query.
+pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
+    match header_last_event_id(req)? {
+        Some(id) => Ok(Some(id)),
+        None => Ok(parse_subscribe_query(req)?.last_event_id),
+    }
 }
 
 pub(super) fn auth_error(e: AuthError) -> Response {
@@ -111,7 +124,7 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let header_id = match last_event_id(&req) {
+    let header_id = match header_last_event_id(&req) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -141,12 +154,18 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
     }
 }
 
-/// `HEAD /.well-known/mercure?topic=…`: the same checks and headers, no stream.
+/// `HEAD /.well-known/mercure?topic=…`: the same checks and headers as `GET`, no stream.
 pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Response {
-    match check_subscriber(&app, &req) {
-        Ok(_) => stream_response(axum::body::Body::empty(), None),
-        Err(r) => r,
-    }
+    let (q, _) = match check_subscriber(&app, &req) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let resume = match header_last_event_id(&req) {
+        Ok(v) => v.or(q.last_event_id),
+        Err(r) => return r,
+    };
+    let answer = resume.map(|id| app.hub.resume_answer(&id));
+    stream_response(axum::body::Body::empty(), answer.as_deref())
 }
 
 /// Why a publish was refused, for the debug log and the response.

@@ -90,8 +90,11 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
         .route("/ui/", get(ui::page))
         .route("/ui/stats", get(ui::stats))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(explain_405))
         .with_state(state);
+    // Outside the routes: a layer on them runs before the router adds `Allow` to its 405s.
+    let router = Router::new()
+        .fallback_service(router)
+        .layer(axum::middleware::map_response(explain_405));
     match cors {
         Some(origins) => router.layer(cors_layer(origins)),
         None => router,
@@ -170,7 +173,9 @@ fn stream_response(body: Body, last_event_id: Option<&str>) -> Response {
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     h.insert("expire", HeaderValue::from_static("0"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
+    // `from_bytes`, not `from_str`: an id may be any UTF-8 (an IRI), which HTTP carries as
+    // opaque bytes; only control characters are refused.
+    if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
         h.insert("last-event-id", id);
     }
     r

@@ -25,6 +25,17 @@ pub enum ReplayFrom {
     Nothing,
 }
 
+impl ReplayFrom {
+    /// What a subscriber that resumed from `last_event_id` is told in its `Last-Event-ID`
+    /// response header: the id itself when the hub holds it, else `earliest`.
+    pub fn answer(&self, last_event_id: &str) -> String {
+        match self {
+            ReplayFrom::After(_) => last_event_id.to_owned(),
+            _ => "earliest".to_owned(),
+        }
+    }
+}
+
 impl History {
     pub fn new(capacity: usize) -> Self {
         History {

@@ -34,7 +34,7 @@ pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
 pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
-pub use subscriber::{DirectSink, SubscriberStream, Wire};
+pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
@@ -265,11 +265,7 @@ impl Hub {
                     .filter(|u| sub.wants(u))
                     .cloned()
                     .collect();
-                let header = match from {
-                    ReplayFrom::After(_) => last.clone(),
-                    _ => "earliest".to_owned(),
-                };
-                (replay, Some(header))
+                (replay, Some(from.answer(last)))
             }
         };
         core.register(&sub);
@@ -350,6 +346,13 @@ impl Hub {
 
     pub fn subscriber_count(&self) -> usize {
         self.shared.core.lock().all.len()
+    }
+
+    /// What a subscriber resuming from `last_event_id` would be told in its `Last-Event-ID`
+    /// response header (for `HEAD`, which subscribes to nothing).
+    pub fn resume_answer(&self, last_event_id: &str) -> String {
+        let core = self.shared.core.lock();
+        core.history.locate(last_event_id).answer(last_event_id)
     }
 
     pub fn history_len(&self) -> usize {

@@ -83,12 +83,19 @@ pub(crate) struct Subscriber {
     pub info: Option<Box<SubscriberInfo>>,
 }
 
+/// The hub-wide heartbeat ticks this many times per `--heartbeat`, and a stream gets a comment
+/// line after this many ticks with nothing queued: so an idle stream hears from the hub between
+/// ¾ and 1 heartbeat interval after its last update (with one tick per interval and a flag it
+/// would be up to two intervals), while the tick still visits each stream only a few times per
+/// interval instead of keeping a timer per stream.
+pub const HEARTBEAT_TICKS: u8 = 4;
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<SharedUpdate>,
     heartbeat: bool,
-    /// Something was queued since the last heartbeat tick.
-    active: bool,
+    /// Heartbeat ticks since something was last queued (see [`HEARTBEAT_TICKS`]).
+    quiet: u8,
     waker: Option<Waker>,
     closed: Option<DropReason>,
     /// The stream is waiting out its coalescing window: a publish wakes it only once the queue
@@ -225,7 +232,7 @@ impl Subscriber {
             }
             return Offer::Dropped(waker);
         }
-        st.active = true;
+        st.quiet = 0;
         if direct && st.idle && !st.held && !st.direct_busy && st.queue.is_empty() {
             if let Some(d) = &st.direct {
                 debug_assert!(d.carry.is_none(), "a stream with a carry is not idle");
@@ -329,12 +336,18 @@ impl Subscriber {
         }
     }
 
-    /// Called by the hub-wide heartbeat tick: an idle stream gets a comment line.
+    /// Called by the hub-wide heartbeat tick, [`HEARTBEAT_TICKS`] times per `--heartbeat`: a
+    /// stream that had nothing queued for that many ticks gets a comment line.
     pub fn tick(&self) {
         let mut st = self.state.lock();
-        if std::mem::take(&mut st.active) || st.closed.is_some() {
+        if st.closed.is_some() {
             return;
         }
+        st.quiet += 1;
+        if st.quiet < HEARTBEAT_TICKS {
+            return;
+        }
+        st.quiet = 0;
         st.heartbeat = true;
         if let Some(w) = st.waker.take() {
             drop(st);

@@ -9,7 +9,8 @@ pub const OPENING: &[u8] = b":\n";
 pub const HEARTBEAT: &[u8] = b":\n";
 
 /// Encodes one event in the field order the Mercure reference hub uses:
-/// `event:`, `retry:`, `id:`, then one `data:` line per line of `data`.
+/// `event:`, `retry:`, `id:`, then one `data:` line per line of `data`. A retry of 0 is no
+/// retry field (the protocol sends one only when it is not 0).
 ///
 /// `id` and `event_type` must already be free of CR, LF and NUL (the publish path rejects them);
 /// `data` may contain any line breaks: CRLF, CR and LF each start a new `data:` line, which is
@@ -22,7 +23,7 @@ pub fn encode_event(id: &str, event_type: Option<&str>, retry: Option<u64>, data
         out.put_slice(t.as_bytes());
         out.put_u8(b'\n');
     }
-    if let Some(ms) = retry {
+    if let Some(ms) = retry.filter(|&ms| ms != 0) {
         out.put_slice(b"retry: ");
         out.put_slice(ms.to_string().as_bytes());
         out.put_u8(b'\n');
@@ -73,6 +74,14 @@ mod tests {
         assert_eq!(
             &b[..],
             b"event: ping\nretry: 3000\nid: urn:x\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+    }
+
+    #[test]
+    fn a_retry_of_zero_is_not_sent() {
+        assert_eq!(
+            &encode_event("u", None, Some(0), "x")[..],
+            b"id: u\ndata: x\n\n"
         );
     }
 

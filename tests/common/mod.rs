@@ -130,7 +130,8 @@ impl TestHub {
         for (k, v) in headers {
             h.insert(
                 http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
+                // Bytes, not `from_str`: tests send UTF-8 values as browsers do.
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
             );
         }
         EventStream::open(&self.target(&format!("/.well-known/mercure?{query}")), &h).await
@@ -242,7 +243,8 @@ pub async fn request(
     for (k, v) in headers {
         h.append(
             http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            HeaderValue::from_str(v).unwrap(),
+            // Bytes, not `from_str`: tests send UTF-8 values as browsers do.
+            HeaderValue::from_bytes(v.as_bytes()).unwrap(),
         );
     }
     let resp = conn
