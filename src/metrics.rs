@@ -49,6 +49,8 @@ pub struct Metrics {
     pub coalesced_writes: AtomicU64,
     /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
     pub plain_publishes: AtomicU64,
+    /// Times a cluster node found stream entries removed before it had read them.
+    pub cluster_gaps: AtomicU64,
     dropped: [AtomicU64; 3],
     pub history_len: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -132,6 +134,14 @@ impl Metrics {
              body sent with its head); the others (HTTP/2, TLS with h2, chunked bodies, \
              Expect) go through hyper, which costs more per request.",
             self.plain_publishes.load(Relaxed),
+        );
+        one(
+            "ssehub_cluster_gaps_total",
+            "counter",
+            "Times this cluster node found that entries of the update stream were trimmed or \
+             deleted in Redis before it read them: updates it never delivered (its reader was \
+             cut off or behind for longer than the stream's length lasts).",
+            self.cluster_gaps.load(Relaxed),
         );
         one(
             "ssehub_write_budget",

@@ -603,3 +603,125 @@ async fn bench_spreads_over_the_nodes_and_loses_nothing() {
         assert_eq!(hub.metric("ssehub_subscribers_total").await, 10.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_entries_get_the_checks_of_a_publish() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let hub = node(&redis, &[]);
+    let mut s = subscribe_from(&hub, "/.well-known/mercure?topic=a", None).await;
+    // Anything with access to Redis can append to the stream: an id or a type with a line
+    // break would write fields of its own into every subscriber's stream.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let add = |c: &mut redis::Connection, fields: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg("ssehub:updates").arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query::<String>(c).unwrap();
+    };
+    let topics = r#"["a"]"#;
+    add(
+        &mut c,
+        &[
+            ("id", "x\ndata: injected"),
+            ("topics", topics),
+            ("data", "1"),
+        ],
+    );
+    add(
+        &mut c,
+        &[
+            ("id", "y"),
+            ("topics", topics),
+            ("data", "2"),
+            ("type", "t\n\nid: 9"),
+        ],
+    );
+    add(&mut c, &[("id", "z"), ("topics", "[]"), ("data", "3")]);
+    add(
+        &mut c,
+        &[("id", "good"), ("topics", topics), ("data", "ok")],
+    );
+    let e = &take(&mut s, 1, Duration::from_secs(10)).await[0];
+    assert_eq!((e.id.as_str(), e.data.as_str()), ("good", "ok"));
+    common::assert_quiet(&mut s, Duration::from_millis(200)).await;
+    assert!(hub.wait_for_log("skipped a stream entry", Duration::from_secs(5)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_trimmed_before_a_node_read_them_are_reported() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let hub = node(&redis, &[]);
+    let mut s = subscribe_from(&hub, "/.well-known/mercure?topic=a", None).await;
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // The node has read up to an entry (a node that has read nothing reads from the start, and
+    // cannot tell what it missed).
+    hub.publisher()
+        .await
+        .ok(&[("topic", "a"), ("data", "first")])
+        .await;
+    assert_eq!(
+        take(&mut s, 1, Duration::from_secs(10)).await[0].data,
+        "first"
+    );
+    // Wait for the node's reader to block in XREAD, then cut it off.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reader = loop {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        let id = list
+            .lines()
+            .find(|l| l.contains("cmd=xread"))
+            .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+            .map(str::to_owned);
+        if let Some(id) = id {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node's reader never blocked in XREAD"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&reader)
+        .query::<i64>(&mut c)
+        .unwrap();
+    // While it waits to reconnect (100 ms), more entries come than the stream keeps.
+    let mut pipe = redis::pipe();
+    for i in 0..1500 {
+        pipe.cmd("XADD")
+            .arg("ssehub:updates")
+            .arg("MAXLEN")
+            .arg(1000)
+            .arg("*")
+            .arg("id")
+            .arg(format!("n{i}"))
+            .arg("topics")
+            .arg(r#"["a"]"#)
+            .arg("data")
+            .arg(i.to_string())
+            .ignore();
+    }
+    pipe.query::<()>(&mut c).unwrap();
+    // The node says so, counts it, and goes on with what is left.
+    let got = take(&mut s, 1000, Duration::from_secs(20)).await;
+    assert_eq!(got[0].data, "500", "the oldest entry left");
+    assert!(hub.wait_for_log(
+        "were removed from Redis before this node read",
+        Duration::from_secs(5)
+    ));
+    assert_eq!(hub.metric("ssehub_cluster_gaps_total").await, 1.0);
+}

@@ -4,6 +4,7 @@
 //! The reader is the only way updates enter a node's hub in cluster mode, and it applies
 //! entries one at a time in stream order: that is what gives every node the same order.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, MultiplexedConnection};
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, STREAM};
 use crate::hub::{Draft, Hub};
+use crate::metrics::Metrics;
 
 /// How long one `XREAD` waits for new entries before asking again.
 const BLOCK: Duration = Duration::from_secs(5);
@@ -66,11 +68,18 @@ fn position(id: &str) -> (u64, u64) {
 
 /// Applies one entry to the local hub. Redis's time of the entry stands for when the update
 /// was accepted, the same on every node.
+///
+/// Entries get the same checks as a publish (the stream is writable by anything with access to
+/// Redis, and an id or type with a line break would inject fields into every stream); what
+/// fails them is skipped, on every node alike.
 fn apply(hub: &Hub, entry: &StreamId) {
     match parse(entry) {
-        Some((draft, id)) => {
-            hub.apply(draft, id, position(&entry.id).0);
-        }
+        Some((draft, id)) => match draft.validate() {
+            Ok(()) => {
+                hub.apply(draft, id, position(&entry.id).0);
+            }
+            Err(e) => tracing::warn!(entry = %entry.id, "skipped a stream entry: {e}"),
+        },
         None => tracing::warn!(entry = %entry.id, "skipped a stream entry ssehub did not write"),
     }
 }
@@ -110,7 +119,12 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     let mut backoff = MIN_BACKOFF;
     let mut lost = false;
     loop {
-        let read = read_batch(&cluster.inner.client, &mut conn, &mut last);
+        let read = read_batch(
+            &cluster.inner.client,
+            cluster.inner.hub.metrics(),
+            &mut conn,
+            &mut last,
+        );
         let result = tokio::select! {
             r = read => r,
             _ = stop.cancelled() => return,
@@ -148,9 +162,11 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
 /// One blocking read after `last`, connecting first if needed.
 async fn read_batch(
     client: &redis::Client,
+    metrics: &Metrics,
     conn: &mut Option<MultiplexedConnection>,
     last: &mut String,
 ) -> redis::RedisResult<Vec<StreamId>> {
+    let fresh = conn.is_none();
     let c = match conn {
         Some(c) => c,
         None => {
@@ -174,11 +190,56 @@ async fn read_batch(
         .arg(last.as_str())
         .query_async(c)
         .await?;
-    Ok(reply
+    let entries: Vec<StreamId> = reply
         .into_iter()
         .flat_map(|r| r.keys)
         .flat_map(|k| k.ids)
-        .collect())
+        .collect();
+    // Entries after `last` can only have been trimmed away unread if this node was cut off
+    // (a fresh connection) or is far behind (a full batch: the stream keeps at least BATCH
+    // entries, so a trim past `last` leaves a full batch after it). Asking only then keeps the
+    // check off the path of a reader that keeps up.
+    if fresh || entries.len() >= BATCH {
+        match trimmed_past(c, last).await {
+            Ok(false) => {}
+            Ok(true) => {
+                metrics.cluster_gaps.fetch_add(1, Relaxed);
+                tracing::error!(
+                    after = %last,
+                    "entries of the update stream were removed from Redis before this node read \
+                     them: its subscribers missed those updates (the node was cut off from Redis, \
+                     or fell behind, for longer than the stream's length lasts; raise \
+                     --history-size to keep more)"
+                );
+            }
+            Err(e) => tracing::debug!("could not check the stream for a gap: {e}"),
+        }
+    }
+    Ok(entries)
+}
+
+/// Whether entries after `last` were trimmed from the stream before this node read them.
+///
+/// The stream is trimmed from its oldest end, so entries after `last` can only have gone if
+/// `last` went first: the stream now starting after `last` is the sign. (Redis's own
+/// `max-deleted-entry-id` counts `XDEL` only, not trimming.) It can be one entry early: `last`
+/// trimmed with its successor still there, a gap only once the next trim comes.
+async fn trimmed_past(conn: &mut MultiplexedConnection, last: &str) -> redis::RedisResult<bool> {
+    if position(last) == (0, 0) {
+        return Ok(false);
+    }
+    let oldest: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(STREAM)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(oldest
+        .ids
+        .first()
+        .is_some_and(|e| position(&e.id) > position(last)))
 }
 
 /// A Redis that restarted without its data holds a new stream, whose ids may be below where
