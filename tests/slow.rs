@@ -123,3 +123,52 @@ async fn a_reader_that_stops_is_noticed_soon_even_with_small_updates() {
     }
     drop(idle);
 }
+
+/// A subscriber that catches up on a backlog is sent it a chunk at a time: the hub does not
+/// make it a copy of its whole queue (which could be `--subscriber-queue` × `--max-body`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_is_sent_without_a_copy_of_it() {
+    let hub = TestHub::start(&[]);
+    // Not read until the backlog is there: the socket fills and updates queue up.
+    let mut s = hub.subscribe("topic=big", &[]).await;
+    let mut p = hub.publisher().await;
+    let payload = "x".repeat(100_000);
+    for i in 0..900 {
+        p.ok(&[("topic", "big"), ("data", &format!("{i} {payload}"))])
+            .await;
+    }
+    let rss_before = hub.rss_kib();
+    let pid = hub.pid();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                let rss: u64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap();
+                peak = peak.max(rss);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let events = take(&mut s, 900, Duration::from_secs(60)).await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    for (i, e) in events.iter().enumerate() {
+        assert!(e.data.starts_with(&format!("{i} ")), "update {i} in order");
+        assert_eq!(e.data.len(), format!("{i} ").len() + payload.len());
+    }
+    // The 90 MB of updates are held once (history); a copy for the subscriber would add as
+    // much again.
+    let growth_mib = peak.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 30,
+        "RSS grew by {growth_mib} MiB while the backlog was sent"
+    );
+}

@@ -63,8 +63,11 @@ pub enum Wire {
     Framed(Bytes),
 }
 
-/// The most bytes of replayed history sent in one chunk.
-const REPLAY_CHUNK: usize = 64 * 1024;
+/// The most bytes one chunk gathers from several updates (replayed history, or a queue that
+/// built up): a subscriber catching up on a backlog gets it a chunk at a time, not as one copy
+/// of its whole queue (up to `--subscriber-queue` × `--max-body` bytes of its own, while the
+/// updates themselves are shared). An update bigger than this goes alone, uncopied.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 pub(crate) struct Subscriber {
     pub id: u64,
@@ -305,10 +308,15 @@ impl Subscriber {
         if st.queue.is_empty() {
             return st.waker.take().map_or(Flush::Done, Flush::Wake);
         }
-        let chunk = concat(&st.queue);
-        st.queue.clear();
+        let n = chunk_len(&st.queue);
+        let chunk = concat(st.queue.range(..n));
+        st.queue.drain(..n);
         st.direct_busy = true;
-        st.last_sent = now;
+        if st.queue.is_empty() {
+            st.last_sent = now;
+        }
+        // Else the window is not restarted: the stream's task, woken when this write is done,
+        // writes the rest at once.
         Flush::Write(sink, chunk)
     }
 
@@ -464,6 +472,7 @@ impl SubscriberStream {
             return Some(Wire::Framed(carry));
         }
         if !st.queue.is_empty() {
+            let sent_before = st.last_sent;
             let window = self.window();
             let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
             if !window.is_zero() && !filling && st.closed.is_none() {
@@ -505,9 +514,16 @@ impl SubscriberStream {
                 }
                 self.hold_at = 0;
             }
-            std::mem::swap(&mut st.queue, &mut self.spare);
+            let n = chunk_len(&st.queue);
+            if n == st.queue.len() {
+                std::mem::swap(&mut st.queue, &mut self.spare);
+            } else {
+                // A backlog: this chunk does not restart the window, so the rest follows at once.
+                self.spare.extend(st.queue.drain(..n));
+                st.last_sent = sent_before;
+            }
             drop(st);
-            let chunk = concat(&self.spare);
+            let chunk = concat(self.spare.iter());
             self.spare.clear();
             return Some(Wire::Data(chunk));
         }
@@ -532,7 +548,7 @@ impl SubscriberStream {
     }
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
-        while buf.len() < REPLAY_CHUNK {
+        while buf.len() < CHUNK_BYTES {
             match self.replay.next() {
                 Some(u) => buf.extend_from_slice(&u.encoded),
                 None => break,
@@ -625,13 +641,28 @@ impl Drop for SubscriberStream {
 }
 
 /// The updates of `queue`, in order, as one buffer (shared, not copied, when there is one).
-fn concat(queue: &VecDeque<SharedUpdate>) -> Bytes {
-    if queue.len() == 1 {
-        return queue[0].encoded.clone();
+/// How many updates from the front of `queue` make the next chunk: as many as fit in
+/// [`CHUNK_BYTES`], and at least one.
+fn chunk_len(queue: &VecDeque<SharedUpdate>) -> usize {
+    let mut bytes = 0;
+    for (i, u) in queue.iter().enumerate() {
+        bytes += u.encoded.len();
+        if bytes > CHUNK_BYTES {
+            return i.max(1);
+        }
     }
-    let len = queue.iter().map(|u| u.encoded.len()).sum();
+    queue.len()
+}
+
+/// The updates' bytes as one chunk; a lone update's are shared, not copied.
+fn concat<'a>(updates: impl ExactSizeIterator<Item = &'a SharedUpdate> + Clone) -> Bytes {
+    let mut it = updates.clone();
+    if it.len() == 1 {
+        return it.next().map(|u| u.encoded.clone()).unwrap_or_default();
+    }
+    let len = updates.clone().map(|u| u.encoded.len()).sum();
     let mut buf = BytesMut::with_capacity(len);
-    for u in queue {
+    for u in updates {
         buf.extend_from_slice(&u.encoded);
     }
     buf.freeze()
