@@ -235,11 +235,16 @@ async fn subscribe_refusals() {
         .collect::<Vec<_>>()
         .join("&");
     let long = format!("topic={}", "a".repeat(5000));
+    let templates = (0..65)
+        .map(|i| format!("topic=t{i}%7Bx%7D"))
+        .collect::<Vec<_>>()
+        .join("&");
     for (query, headers, status) in [
         ("", vec![], StatusCode::BAD_REQUEST),
         ("topic=%zz", vec![], StatusCode::BAD_REQUEST),
         (many.as_str(), vec![], StatusCode::BAD_REQUEST),
         (long.as_str(), vec![], StatusCode::BAD_REQUEST),
+        (templates.as_str(), vec![], StatusCode::BAD_REQUEST),
         (
             "topic=a",
             vec![("authorization", "Bearer nope")],

@@ -257,13 +257,23 @@ async fn oversized_lists_selectors_and_bad_bytes() {
     assert_eq!(status, 400);
     w.check(&hub, "after a 1 MB selector").await;
 
-    // A pathological URI template, just under the length limit, matched on every publish.
-    let template = "{a}{+b}{/c*}{?d,e}{&f}{#g}".repeat(150);
-    let q = format!(
-        "topic={}",
-        ssehub::client::encode_form(&[("", &template)]).trim_start_matches('=')
-    );
-    let mut patho = hub.subscribe(&q, &[]).await;
+    // Templates cost memory and a test on every publish: a subscription holds at most 64
+    // expressions. A pathological one at the limit, matched on every publish.
+    let query = |repeat: usize| {
+        let template = "{a}{+b}{/c*}{?d,e}{&f}{#g}".repeat(repeat);
+        format!(
+            "topic={}",
+            ssehub::client::encode_form(&[("", &template)]).trim_start_matches('=')
+        )
+    };
+    match hub.try_subscribe(&query(11), &[]).await {
+        Err(ssehub::client::ClientError::Refused { status, reason }) => {
+            assert_eq!(status, 400);
+            assert!(reason.contains("URI template"), "{reason}");
+        }
+        _ => panic!("66 template expressions accepted"),
+    }
+    let mut patho = hub.subscribe(&query(10), &[]).await;
     for _ in 0..20 {
         hub.publisher()
             .await

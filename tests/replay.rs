@@ -202,3 +202,33 @@ async fn ids_may_be_any_utf8_and_an_empty_id_is_none() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_through_uri_templates() {
+    let hub = TestHub::start(&[]);
+    let mut p = hub.publisher().await;
+    for (topic, data) in [
+        ("https://example.com/books/1", "b1"),
+        ("https://example.com/films/1", "f1"),
+        ("https://example.com/books/2", "b2"),
+        ("https://example.com/books/2/reviews", "r2"),
+    ] {
+        p.ok(&[("topic", topic), ("data", data)]).await;
+    }
+    let mut s = hub
+        .subscribe(
+            "topic=https%3A%2F%2Fexample.com%2Fbooks%2F%7Bid%7D&topic=x&lastEventID=earliest",
+            &[],
+        )
+        .await;
+    let got: Vec<_> = take(&mut s, 2, Duration::from_secs(5))
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(got, ["b1", "b2"]);
+    common::assert_quiet(&mut s, Duration::from_millis(200)).await;
+    p.ok(&[("topic", "https://example.com/books/3"), ("data", "b3")])
+        .await;
+    assert_eq!(take(&mut s, 1, Duration::from_secs(5)).await[0].data, "b3");
+}

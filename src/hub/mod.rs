@@ -33,7 +33,7 @@ pub(crate) use coalesce::cores;
 pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
-pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN};
+pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRESSIONS};
 pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
@@ -143,6 +143,8 @@ pub enum SubscribeError {
     TooManyTopics,
     #[error("a topic selector is longer than {MAX_SELECTOR_LEN} bytes")]
     SelectorTooLong,
+    #[error("too many URI template expressions ({{…}}) in one subscription (at most {MAX_TEMPLATE_EXPRESSIONS})")]
+    TooManyTemplates,
     #[error("too many subscribers connected; try again later")]
     Full,
     #[error("the hub is shutting down")]
@@ -225,6 +227,19 @@ impl Hub {
         if too_long(&req.topics) {
             return Err(SubscribeError::SelectorTooLong);
         }
+        if selector::template_expressions(&req.topics) > MAX_TEMPLATE_EXPRESSIONS {
+            return Err(SubscribeError::TooManyTemplates);
+        }
+        // Before compiling anything: a full hub refuses at once (checked again under the lock).
+        if self.shared.metrics.subscribers_connected.load(Relaxed)
+            >= self.shared.config.max_subscribers as u64
+        {
+            self.shared
+                .metrics
+                .subscribers_refused
+                .fetch_add(1, Relaxed);
+            return Err(SubscribeError::Full);
+        }
         let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
         let selectors = compile(&req.topics);
         let rights = req.rights.as_deref().map(compile);
@@ -255,21 +270,31 @@ impl Hub {
             })
         });
         let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill, info));
-        let (replay, header) = match &req.last_event_id {
+        let templated = sub.selectors.iter().any(|s| s.is_template());
+        let (mut replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
                 let from = core.history.locate(last);
-                let replay: Vec<_> = core
-                    .history
-                    .since(&from)
-                    .filter(|u| sub.wants(u))
-                    .cloned()
-                    .collect();
+                // Templates are matched one by one: with them, take the candidates under the
+                // lock and sort them out after it (a long history times many templates must
+                // not hold up every publish).
+                let replay: Vec<_> = if templated {
+                    core.history.since(&from).cloned().collect()
+                } else {
+                    core.history
+                        .since(&from)
+                        .filter(|u| sub.wants(u))
+                        .cloned()
+                        .collect()
+                };
                 (replay, Some(from.answer(last)))
             }
         };
         core.register(&sub);
         drop(core);
+        if templated {
+            replay.retain(|u| sub.wants(u));
+        }
 
         let m = &self.shared.metrics;
         m.subscribers_connected.fetch_add(1, Relaxed);

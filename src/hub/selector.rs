@@ -13,6 +13,20 @@ use regex::Regex;
 /// The longest selector or topic the hub accepts, in bytes.
 pub const MAX_SELECTOR_LEN: usize = 4096;
 
+/// The most URI template expressions (`{…}`) one subscription may hold across its topics.
+/// Compiled templates cost memory (≈ 1 KiB an expression) and every publish tests them one by
+/// one, so an anonymous request must not bring thousands; real subscriptions use a few.
+pub const MAX_TEMPLATE_EXPRESSIONS: usize = 64;
+
+/// The template expressions `selectors` would compile, counted before compiling anything
+/// (every `{` counts: a string with braces that is no valid template counts too).
+pub fn template_expressions<S: AsRef<str>>(selectors: &[S]) -> usize {
+    selectors
+        .iter()
+        .map(|s| s.as_ref().bytes().filter(|&b| b == b'{').count())
+        .sum()
+}
+
 /// One compiled topic selector.
 #[derive(Debug, Clone)]
 pub enum Selector {
@@ -49,6 +63,10 @@ impl Selector {
             Selector::Exact(s) => s,
             Selector::Template { source, .. } => source,
         }
+    }
+
+    pub fn is_template(&self) -> bool {
+        matches!(self, Selector::Template { .. })
     }
 
     pub fn matches(&self, topic: &str) -> bool {
