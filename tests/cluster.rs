@@ -297,12 +297,13 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
         followers.push(tokio::spawn(follow_across(addrs.clone(), i % 3, N)));
     }
     // Let every follower connect before the first update.
-    let deadline = Instant::now() + Duration::from_secs(10);
     for n in &nodes {
-        while n.metric("ssehub_subscribers_connected").await < 2.0 {
-            assert!(Instant::now() < deadline, "followers did not connect");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        n.wait_metric(
+            "ssehub_subscribers_connected",
+            |v| v >= 2.0,
+            Duration::from_secs(10),
+        )
+        .await;
     }
     // One publisher, through the two nodes that stay up, in turn.
     let mut a = nodes[0].publisher().await;
@@ -441,15 +442,8 @@ async fn a_late_node_replays_from_the_stream() {
 
 /// Waits until `hub`'s `ssehub_write_budget` is `want`.
 async fn wait_budget(hub: &TestHub, want: f64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let got = hub.metric("ssehub_write_budget").await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "write budget {got}, not {want}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hub.wait_metric("ssehub_write_budget", |v| v == want, within)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

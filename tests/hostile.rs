@@ -107,12 +107,12 @@ async fn slow_loris_silent_and_half_closed_connections() {
         closed_within(&mut half, Duration::from_secs(10)).await,
         "half-closed client let go"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while hub.metric("ssehub_subscribers_connected").await > 1.0
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v <= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 1.0);
     w.check(&hub, "after the half-closed client").await;
     assert!(hub.rss_kib() < rss_before + 32 * 1024);
@@ -370,12 +370,12 @@ async fn http2_rapid_reset() {
     drop(sender);
     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
     w.check(&hub, "after rapid reset").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while hub.metric("ssehub_subscribers_connected").await > 1.0
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v <= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(
         hub.metric("ssehub_subscribers_connected").await,
         1.0,

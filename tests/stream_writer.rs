@@ -46,11 +46,8 @@ async fn publish(hub: &TestHub, topic: &str, data: &str) {
 
 /// Waits until the hub counts `n` subscribers.
 async fn subscribers(hub: &TestHub, n: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while hub.metric("ssehub_subscribers_connected").await != n {
-        assert!(tokio::time::Instant::now() < deadline, "{n} subscribers");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hub.wait_metric("ssehub_subscribers_connected", |v| v == n, WAIT)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -197,6 +197,27 @@ impl TestHub {
             .parse()
             .unwrap()
     }
+
+    /// Polls a metric until `want` holds for it, failing after `within`; its last value.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        want: impl Fn(f64) -> bool,
+        within: Duration,
+    ) -> f64 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let v = self.metric(name).await;
+            if want(v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} still {v} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for TestHub {
