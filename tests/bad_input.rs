@@ -270,6 +270,16 @@ async fn subscribe_refusals() {
             Ok(_) => panic!("{query:.40}: accepted"),
         }
     }
+    // HEAD is refused as GET is.
+    for query in [templates.as_str(), long.as_str(), many.as_str()] {
+        let path = format!("/.well-known/mercure?{query}");
+        let ((status, reason), _) = request(&hub, Method::HEAD, &path, &[], "").await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "HEAD {query:.40}: {reason}"
+        );
+    }
     let closed = TestHub::start(&["--anonymous", "false"]);
     match closed.try_subscribe("topic=a", &[]).await {
         Err(ssehub::client::ClientError::Refused { status, reason }) => {
@@ -301,6 +311,10 @@ async fn oversized_heads_and_too_many_subscribers() {
         request(&hub, Method::GET, "/.well-known/mercure?topic=a", &[], "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
     assert!(headers.contains_key("retry-after"));
+    // HEAD answers as GET would.
+    let ((status, _), _) =
+        request(&hub, Method::HEAD, "/.well-known/mercure?topic=a", &[], "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     drop(_a);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _c = hub.subscribe("topic=a", &[]).await;

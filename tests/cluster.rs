@@ -389,11 +389,58 @@ async fn survive_redis_restart(mut redis: Redis) {
         );
         common::assert_quiet(s, Duration::from_millis(300)).await;
     }
-    // A logged transition, not one line per retry.
+    // A logged transition, not one line per retry; and no gap, as none was.
     for n in &nodes {
         let lost = n.logs().iter().filter(|l| l.contains("lost Redis")).count();
         assert_eq!(lost, 1, "{:#?}", n.logs());
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_restarted_empty_and_written_before_a_node_reconnects_is_no_gap() {
+    let Some(mut redis) = Redis::start(None) else {
+        return;
+    };
+    let hub = node(&redis, &[]);
+    let mut s = subscribe_from(&hub, "/.well-known/mercure?topic=a", None).await;
+    let mut p = hub.publisher().await;
+    p.ok(&[("topic", "a"), ("data", "before")]).await;
+    assert_eq!(
+        take(&mut s, 1, Duration::from_secs(10)).await[0].data,
+        "before"
+    );
+    redis.stop();
+    assert!(hub.wait_for_log("lost Redis", Duration::from_secs(10)));
+    // Long enough for the reader's backoff to grow past the time the test needs below.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    // Written into the new, empty stream before the node reads it again: its ids are above
+    // everything the node read, and nothing was trimmed.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("ssehub:updates")
+        .arg("*")
+        .arg("id")
+        .arg("after")
+        .arg("topics")
+        .arg(r#"["a"]"#)
+        .arg("data")
+        .arg("after")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        take(&mut s, 1, Duration::from_secs(20)).await[0].data,
+        "after"
+    );
+    assert_eq!(hub.metric("ssehub_cluster_gaps_total").await, 0.0);
+    assert!(!hub
+        .logs()
+        .iter()
+        .any(|l| l.contains("were removed from Redis")));
 }
 
 #[tokio::test(flavor = "multi_thread")]

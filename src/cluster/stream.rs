@@ -4,6 +4,7 @@
 //! The reader is the only way updates enter a node's hub in cluster mode, and it applies
 //! entries one at a time in stream order: that is what gives every node the same order.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -118,12 +119,14 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     let mut conn = None;
     let mut backoff = MIN_BACKOFF;
     let mut lost = false;
+    let mut check = true;
     loop {
         let read = read_batch(
             &cluster.inner.client,
             cluster.inner.hub.metrics(),
             &mut conn,
             &mut last,
+            &mut check,
         );
         let result = tokio::select! {
             r = read => r,
@@ -159,14 +162,15 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     }
 }
 
-/// One blocking read after `last`, connecting first if needed.
+/// One blocking read after `last`, connecting first if needed. With `check` (set after a
+/// fresh connection or a full batch), it first looks for a gap.
 async fn read_batch(
     client: &redis::Client,
     metrics: &Metrics,
     conn: &mut Option<MultiplexedConnection>,
     last: &mut String,
+    check: &mut bool,
 ) -> redis::RedisResult<Vec<StreamId>> {
-    let fresh = conn.is_none();
     let c = match conn {
         Some(c) => c,
         None => {
@@ -177,29 +181,16 @@ async fn read_batch(
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             check_restart(&mut fresh, last).await?;
+            *check = true;
             conn.insert(fresh)
         }
     };
-    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(BATCH)
-        .arg("BLOCK")
-        .arg(BLOCK.as_millis() as u64)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(last.as_str())
-        .query_async(c)
-        .await?;
-    let entries: Vec<StreamId> = reply
-        .into_iter()
-        .flat_map(|r| r.keys)
-        .flat_map(|k| k.ids)
-        .collect();
     // Entries after `last` can only have been trimmed away unread if this node was cut off
-    // (a fresh connection) or is far behind (a full batch: the stream keeps at least BATCH
-    // entries, so a trim past `last` leaves a full batch after it). Asking only then keeps the
-    // check off the path of a reader that keeps up.
-    if fresh || entries.len() >= BATCH {
+    // (a fresh connection) or is far behind (its last batch was full: the stream keeps at
+    // least BATCH entries, so a trim past `last` leaves a full batch after it). Asking only
+    // then keeps the check off the path of a reader that keeps up; asking before the read,
+    // not after, keeps a trim that comes after the read from counting.
+    if std::mem::take(check) {
         match trimmed_past(c, last).await {
             Ok(false) => {}
             Ok(true) => {
@@ -215,31 +206,63 @@ async fn read_batch(
             Err(e) => tracing::debug!("could not check the stream for a gap: {e}"),
         }
     }
+    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(BATCH)
+        .arg("BLOCK")
+        .arg(BLOCK.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(last.as_str())
+        .query_async(c)
+        .await?;
+    let entries: Vec<StreamId> = reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .collect();
+    *check = entries.len() >= BATCH;
     Ok(entries)
 }
 
-/// Whether entries after `last` were trimmed from the stream before this node read them.
+/// Whether entries after `last` were removed from the stream before this node read them.
 ///
 /// The stream is trimmed from its oldest end, so entries after `last` can only have gone if
-/// `last` went first: the stream now starting after `last` is the sign. (Redis's own
-/// `max-deleted-entry-id` counts `XDEL` only, not trimming.) It can be one entry early: `last`
-/// trimmed with its successor still there, a gap only once the next trim comes.
+/// the stream now starts after `last` *and* it ever lost entries: Redis 7 counts the entries
+/// ever added, and a stream holding all it was given (one Redis made anew after restarting
+/// without its data, say, whose ids are all above `last`) lost nothing. (Its
+/// `max-deleted-entry-id` counts `XDEL` only, not trimming.) It can be one entry early:
+/// `last` trimmed with its successor still there. A node that has read nothing yet (`0-0`)
+/// cannot tell, and says no; so does a missing stream.
 async fn trimmed_past(conn: &mut MultiplexedConnection, last: &str) -> redis::RedisResult<bool> {
     if position(last) == (0, 0) {
         return Ok(false);
     }
-    let oldest: StreamRangeReply = redis::cmd("XRANGE")
+    let exists: bool = redis::cmd("EXISTS").arg(STREAM).query_async(conn).await?;
+    if !exists {
+        return Ok(false);
+    }
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
         .arg(STREAM)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
         .query_async(conn)
         .await?;
-    Ok(oldest
-        .ids
-        .first()
-        .is_some_and(|e| position(&e.id) > position(last)))
+    let number = |key: &str| {
+        info.get(key)
+            .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+    };
+    let first = match info.get("first-entry") {
+        Some(redis::Value::Array(entry)) => entry
+            .first()
+            .and_then(|id| redis::from_redis_value_ref::<String>(id).ok()),
+        _ => None,
+    };
+    let lost_some = match (number("entries-added"), number("length")) {
+        (Some(added), Some(length)) => added > length,
+        // Before Redis 7: only the position tells.
+        _ => true,
+    };
+    Ok(lost_some && first.is_some_and(|f| position(&f) > position(last)))
 }
 
 /// A Redis that restarted without its data holds a new stream, whose ids may be below where

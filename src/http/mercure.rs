@@ -160,6 +160,9 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         Ok(v) => v,
         Err(r) => return r,
     };
+    if let Err(e) = app.hub.admit(&q.topics) {
+        return subscribe_error(e);
+    }
     let resume = match header_last_event_id(&req) {
         Ok(v) => v.or(q.last_event_id),
         Err(r) => return r,

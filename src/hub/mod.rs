@@ -215,30 +215,40 @@ impl Hub {
         let _ = self.shared.relay.set(relay);
     }
 
-    /// Registers a subscriber and returns its stream, starting with the replay it asked for.
-    pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
-        if req.topics.is_empty() {
+    /// The checks a subscription to `topics` passes before anything is compiled or registered
+    /// (`HEAD` asks them too): its topics, and room for one more subscriber (asked again, under
+    /// the lock, when it registers).
+    pub fn admit(&self, topics: &[String]) -> Result<(), SubscribeError> {
+        if topics.is_empty() {
             return Err(SubscribeError::NoTopic);
         }
-        if req.topics.len() > MAX_TOPICS {
+        if topics.len() > MAX_TOPICS {
             return Err(SubscribeError::TooManyTopics);
         }
-        let too_long = |v: &[String]| v.iter().any(|t| t.len() > MAX_SELECTOR_LEN);
-        if too_long(&req.topics) {
+        if topics.iter().any(|t| t.len() > MAX_SELECTOR_LEN) {
             return Err(SubscribeError::SelectorTooLong);
         }
-        if selector::template_expressions(&req.topics) > MAX_TEMPLATE_EXPRESSIONS {
+        if selector::template_expressions(topics) > MAX_TEMPLATE_EXPRESSIONS {
             return Err(SubscribeError::TooManyTemplates);
         }
-        // Before compiling anything: a full hub refuses at once (checked again under the lock).
         if self.shared.metrics.subscribers_connected.load(Relaxed)
             >= self.shared.config.max_subscribers as u64
         {
-            self.shared
-                .metrics
-                .subscribers_refused
-                .fetch_add(1, Relaxed);
             return Err(SubscribeError::Full);
+        }
+        Ok(())
+    }
+
+    /// Registers a subscriber and returns its stream, starting with the replay it asked for.
+    pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
+        if let Err(e) = self.admit(&req.topics) {
+            if matches!(e, SubscribeError::Full) {
+                self.shared
+                    .metrics
+                    .subscribers_refused
+                    .fetch_add(1, Relaxed);
+            }
+            return Err(e);
         }
         let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
         let selectors = compile(&req.topics);

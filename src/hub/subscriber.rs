@@ -640,7 +640,6 @@ impl Drop for SubscriberStream {
     }
 }
 
-/// The updates of `queue`, in order, as one buffer (shared, not copied, when there is one).
 /// How many updates from the front of `queue` make the next chunk: as many as fit in
 /// [`CHUNK_BYTES`], and at least one.
 fn chunk_len(queue: &VecDeque<SharedUpdate>) -> usize {
