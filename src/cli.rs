@@ -44,8 +44,8 @@ pub struct PublishArgs {
     /// Topic (repeatable): the first is canonical, the others alternates.
     #[arg(long, required = true)]
     pub topic: Vec<String>,
-    /// The data; `-` reads it from standard input.
-    #[arg(long, default_value = "")]
+    /// The data (`--data ''` for none); `-` reads it from standard input.
+    #[arg(long)]
     pub data: String,
     /// The update's id (by default the hub makes one).
     #[arg(long)]

@@ -26,16 +26,12 @@ pub enum ClientError {
         "{0:?} is not a usable hub URL: give one like http://127.0.0.1:8000/.well-known/mercure"
     )]
     BadUrl(String),
-    #[error("cannot connect to {addr}: {source}. Is the hub running there?")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("TLS with {addr} failed: {source}")]
-    Tls {
-        addr: String,
-        source: std::io::Error,
-    },
+    // `cause`, not `source`: the message already says it, and a source would be said again
+    // by every `{:#}` that prints the chain.
+    #[error("cannot connect to {addr}: {cause}{}", connect_hint(cause))]
+    Connect { addr: String, cause: std::io::Error },
+    #[error("TLS with {addr} failed: {cause}")]
+    Tls { addr: String, cause: std::io::Error },
     #[error("connecting to {0} timed out")]
     Timeout(String),
     #[error("HTTP error talking to the hub: {0}")]
@@ -44,6 +40,13 @@ pub enum ClientError {
     Refused { status: StatusCode, reason: String },
     #[error("the stream sent an event-stream line longer than the limit")]
     LineTooLong,
+}
+
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ". Is the hub running there?",
+        _ => "",
+    }
 }
 
 /// Where to reach a hub: host:port, the request target, and TLS settings for `https`.
@@ -111,14 +114,26 @@ impl Target {
 fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let files = ["/etc/ssl/certs/ca-certificates.crt".to_owned()]
-        .into_iter()
-        .chain(std::env::var("SSL_CERT_FILE").ok());
-    for file in files {
-        if let Ok(certs) = CertificateDer::pem_file_iter(&file) {
-            for c in certs.flatten() {
-                let _ = roots.add(c);
+    if let Ok(certs) = CertificateDer::pem_file_iter("/etc/ssl/certs/ca-certificates.crt") {
+        for c in certs.flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    // Named on purpose, so say when it gives nothing (the system store alone would then
+    // refuse the hub's certificate with a less helpful message).
+    if let Ok(file) = std::env::var("SSL_CERT_FILE") {
+        let added = match CertificateDer::pem_file_iter(&file) {
+            Ok(certs) => certs
+                .flatten()
+                .filter(|c| roots.add(c.clone()).is_ok())
+                .count(),
+            Err(e) => {
+                tracing::warn!("SSL_CERT_FILE={file}: cannot read it: {e}");
+                0
             }
+        };
+        if added == 0 {
+            tracing::warn!("SSL_CERT_FILE={file}: no certificate taken from it");
         }
     }
     for c in extra {
@@ -160,9 +175,9 @@ impl Connection {
         )
         .await
         .map_err(|_| ClientError::Timeout(target.authority.clone()))?
-        .map_err(|source| ClientError::Connect {
+        .map_err(|cause| ClientError::Connect {
             addr: target.authority.clone(),
-            source,
+            cause,
         })?;
         let _ = tcp.set_nodelay(true);
         let sender = match &target.tls {
@@ -176,9 +191,9 @@ impl Connection {
                 )
                 .await
                 .map_err(|_| ClientError::Timeout(target.authority.clone()))?
-                .map_err(|source| ClientError::Tls {
+                .map_err(|cause| ClientError::Tls {
                     addr: target.authority.clone(),
-                    source,
+                    cause,
                 })?;
                 http1(tls).await?
             }

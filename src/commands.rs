@@ -130,10 +130,15 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             Err(ClientError::Refused { status, reason }) if !status.is_server_error() => {
                 anyhow::bail!("the hub refused the subscription ({status}): {reason}");
             }
-            Err(e) if !connected_once => return Err(e.into()),
+            // The hub not there yet (or any more) is waited for, as a browser would.
             Err(e) => {
-                eprintln!("ssehub: cannot reconnect yet: {e}");
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                let what = if connected_once {
+                    "reconnect"
+                } else {
+                    "connect"
+                };
+                eprintln!("ssehub: cannot {what} yet ({e}); trying again in {backoff:?}");
             }
         }
         tokio::time::sleep(backoff).await;

@@ -37,7 +37,8 @@ pub struct ServeArgs {
     pub jwt_algorithm: String,
 
     /// Let subscribers without a token receive public updates.
-    #[arg(long, env = "SSEHUB_ANONYMOUS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SSEHUB_ANONYMOUS", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub anonymous: bool,
 
     /// Updates kept for Last-Event-ID replay (whole hub, all topics); 0 keeps none.
@@ -90,7 +91,8 @@ pub struct ServeArgs {
     pub publish_origins: Option<String>,
 
     /// Publish Mercure subscription events and serve the subscription API.
-    #[arg(long, env = "SSEHUB_SUBSCRIPTIONS")]
+    #[arg(long, env = "SSEHUB_SUBSCRIPTIONS",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub subscriptions: bool,
 
     /// PEM certificate chain: serve HTTPS, with HTTP/2 and HTTP/1.1 chosen by ALPN.
@@ -135,6 +137,8 @@ pub struct ServeConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Redis URL for cluster mode.
     pub redis: Option<String>,
+    /// Logs are JSON lines: messages for people go through the log too.
+    pub log_json: bool,
 }
 
 /// A list of origins, or any.
@@ -152,7 +156,17 @@ impl Origins {
             .map(str::trim)
             .filter(|o| !o.is_empty())
             .collect();
+        if items.is_empty() {
+            return Err(format!(
+                "{flag}: no origin given; write scheme://host[:port] (comma-separated), or *"
+            ));
+        }
         if items.contains(&"*") {
+            if items.len() > 1 {
+                return Err(format!(
+                    "{flag}: * allows every origin; give it alone, or list the origins"
+                ));
+            }
             return Ok(Origins::Any);
         }
         for o in &items {
@@ -198,14 +212,32 @@ impl ServeArgs {
         if self.max_body == 0 {
             return Err("--max-body must be at least 1 byte".into());
         }
+        if self.max_connections == Some(0) {
+            return Err(
+                "--max-connections must be at least 1 (0 would refuse every subscriber)".into(),
+            );
+        }
+        // Given but empty is a mistake (a variable set to nothing, say), not a wish for a
+        // random key: a hub no publisher could reach would start.
+        for (flag, key) in [
+            ("--publisher-jwt-key", &self.publisher_jwt_key),
+            ("--subscriber-jwt-key", &self.subscriber_jwt_key),
+        ] {
+            if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                return Err(format!(
+                    "{flag} is empty (is its SSEHUB_ variable set to nothing?): give the secret \
+                     or key file, or leave the flag out"
+                ));
+            }
+        }
         let jwt_algorithm = crate::auth::parse_algorithm(&self.jwt_algorithm)
             .map_err(|e| format!("--jwt-algorithm: {e}"))?;
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(ServeConfig {
             listen,
             clock_interval: nonzero(self.clock_interval),
-            publisher_jwt_key: self.publisher_jwt_key.clone().filter(|k| !k.is_empty()),
-            subscriber_jwt_key: self.subscriber_jwt_key.clone().filter(|k| !k.is_empty()),
+            publisher_jwt_key: self.publisher_jwt_key.clone(),
+            subscriber_jwt_key: self.subscriber_jwt_key.clone(),
             jwt_algorithm,
             anonymous: self.anonymous,
             history_size: self.history_size,
@@ -228,6 +260,7 @@ impl ServeArgs {
                 .filter(|u| !u.is_empty())
                 .map(check_redis_url)
                 .transpose()?,
+            log_json: self.log_format == LogFormat::Json,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),
@@ -254,8 +287,8 @@ fn check_redis_url(url: &str) -> Result<String, String> {
         .map_err(|e| format!("--redis: {e}; write redis://HOST:PORT[/DB]"))
 }
 
-/// A margin under the open-file limit: every subscriber holds one descriptor, and the hub
-/// needs a few for its listener, publishers and logs.
+/// A margin under the open-file limit (5 %, and 32 more): every subscriber holds one
+/// descriptor, and the hub needs a few for its listener, publishers and logs.
 pub fn default_max_connections() -> usize {
     let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
         .map(|(soft, _)| soft)

@@ -43,6 +43,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Every subscriber holds a file descriptor: take the whole hard limit, as Go's runtime
+    // does for the seed (systemd, for one, starts services with a soft limit of 1,024).
+    // Before the settings are checked: the default --max-connections follows the limit.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     let config = args.validate().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

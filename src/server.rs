@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::BytesMut;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -39,11 +38,20 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Binds the listening socket, with an error that says what to do when the port is taken.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!(
-            "cannot listen on {addr}: is another server using this port? \
-             Stop it, or choose another address with --listen (or SSEHUB_LISTEN)"
-        )
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "is another server using this port? Stop it, or choose another address"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "that address is not one of this machine's; listen on one of its own (or 0.0.0.0)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "ports below 1024 need privileges (CAP_NET_BIND_SERVICE); use a higher port"
+            }
+            _ => "choose another address",
+        };
+        anyhow::anyhow!("cannot listen on {addr}: {e}; {hint} with --listen (or SSEHUB_LISTEN)")
     })
 }
 
@@ -114,18 +122,36 @@ pub async fn run(
 
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("ssehub listening on {scheme}://{addr}");
+    tracing::info!(
+        "up to {} subscribers at once (--max-connections; open-file limit {})",
+        config.max_connections,
+        rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+    );
     if let Some(token) = generated_token {
-        eprintln!(
-            "No --publisher-jwt-key given: using a random key for this run. Publish with:\n  \
-             ssehub publish --hub {scheme}://{addr}/.well-known/mercure --topic time --data hello --token {token}\n  \
-             curl -d topic=time -d data=hello -H 'Authorization: Bearer {token}' {scheme}://{addr}/.well-known/mercure"
+        let publish = format!(
+            "ssehub publish --hub {scheme}://{addr}/.well-known/mercure --topic time --data hello --token {token}"
         );
+        let curl = format!(
+            "curl -d topic=time -d data=hello -H 'Authorization: Bearer {token}' {scheme}://{addr}/.well-known/mercure"
+        );
+        if config.log_json {
+            // One JSON line like every other, for log shippers.
+            tracing::warn!(
+                publish_command = %publish,
+                curl_command = %curl,
+                "no --publisher-jwt-key given: using a random key for this run"
+            );
+        } else {
+            eprintln!(
+                "No --publisher-jwt-key given: using a random key for this run. Publish with:\n  {publish}\n  {curl}"
+            );
+        }
     }
 
     let tasks = TaskTracker::new();
-    if let Some(tls) = &tls {
-        tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
-    }
+    // Always: SIGHUP's default action would end the process, streams cut, for an operator
+    // who meant to reload (or a `kill -HUP $(pidof ssehub)` meant for a TLS hub).
+    tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
     if let (Some(c), false) = (&cluster, config.coalesce.is_zero()) {
         // Tracked, so that a node leaving says so before the process exits.
         tasks.spawn(crate::cluster::share_machine(c.clone(), stop.clone()));
@@ -488,8 +514,9 @@ where
     }
 }
 
-/// Re-reads the certificate and key on each SIGHUP.
-async fn reload_on_sighup(tls: Arc<crate::tls::Tls>, stop: CancellationToken) {
+/// Re-reads the certificate and key on each SIGHUP; without TLS, says there is nothing to
+/// reload.
+async fn reload_on_sighup(tls: Option<Arc<crate::tls::Tls>>, stop: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -498,9 +525,10 @@ async fn reload_on_sighup(tls: Arc<crate::tls::Tls>, stop: CancellationToken) {
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: keeping the old certificate: {e}"),
+                _ = hup.recv() => match tls.as_deref().map(crate::tls::Tls::reload) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: certificate reloaded"),
+                    Some(Err(e)) => tracing::error!("SIGHUP: keeping the old certificate: {e}"),
+                    None => tracing::info!("SIGHUP: nothing to reload (no --tls-cert); still serving"),
                 },
                 _ = stop.cancelled() => return,
             }

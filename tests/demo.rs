@@ -159,6 +159,18 @@ fn bad_flags_are_clear_errors() {
         (vec!["--heartbeat", "soon"], "not a duration"),
         (vec!["--jwt-algorithm", "none"], "never accepted"),
         (vec!["--write-budget", "10"], "not in 1000..=10000000"),
+        (vec!["--publisher-jwt-key", ""], "is empty"),
+        (vec!["--subscriber-jwt-key", " "], "is empty"),
+        (vec!["--max-connections", "0"], "at least 1"),
+        (vec!["--cors-origins", ","], "no origin"),
+        (
+            vec!["--cors-origins", "*,https://a.example"],
+            "give it alone",
+        ),
+        (
+            vec!["--subscriptions", "--anonymous", "maybe"],
+            "invalid value",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"))
             .args(&args)
@@ -190,4 +202,39 @@ fn a_generated_key_comes_with_a_ready_publish_command() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(saw, "no publish command printed");
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().1;
+    if hard <= 256 {
+        return;
+    }
+    // Started with a low soft limit, as systemd starts services (1,024 there).
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:0 --clock-interval 0 --publisher-jwt-key k",
+            env!("CARGO_BIN_EXE_ssehub")
+        ))
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find(|l| l.contains("subscribers at once"))
+        .expect("the hub says how many subscribers it takes");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(soft, hard, "{limits}");
+    assert!(line.contains(&format!("open-file limit {hard}")), "{line}");
 }

@@ -55,3 +55,25 @@ async fn sigterm_with_a_stalled_client_still_exits() {
     assert_eq!(status.code(), Some(0));
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_without_tls_reloads_nothing_and_serves_on() {
+    let hub = TestHub::start(&[]);
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(hub.wait_for_log("nothing to reload", Duration::from_secs(5)));
+    // The same process, the same stream.
+    hub.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "still here")])
+        .await;
+    assert_eq!(
+        take(&mut s, 1, Duration::from_secs(5)).await[0].data,
+        "still here"
+    );
+}
