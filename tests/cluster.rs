@@ -69,6 +69,14 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A plain connection, to write to the stream behind the nodes' backs.
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = redis::Client::open(self.url()).unwrap();
@@ -138,13 +146,18 @@ fn node(redis: &Redis, extra: &[&str]) -> TestHub {
     TestHub::start(&args)
 }
 
+/// Appends an entry with `fields` to the update stream, as something other than a node would.
+fn xadd(c: &mut redis::Connection, fields: &[(&str, &str)]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg("ssehub:updates").arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query(c).unwrap()
+}
+
 fn kill9(hub: &TestHub) {
-    let ok = Command::new("kill")
-        .args(["-KILL", &hub.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    hub.signal("KILL");
 }
 
 async fn subscribe_from(hub: &TestHub, path: &str, last: Option<&str>) -> EventStream {
@@ -417,21 +430,11 @@ async fn a_redis_restarted_empty_and_written_before_a_node_reconnects_is_no_gap(
     redis.restart();
     // Written into the new, empty stream before the node reads it again: its ids are above
     // everything the node read, and nothing was trimmed.
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let _: String = redis::cmd("XADD")
-        .arg("ssehub:updates")
-        .arg("*")
-        .arg("id")
-        .arg("after")
-        .arg("topics")
-        .arg(r#"["a"]"#)
-        .arg("data")
-        .arg("after")
-        .query(&mut c)
-        .unwrap();
+    let mut c = redis.connection();
+    xadd(
+        &mut c,
+        &[("id", "after"), ("topics", r#"["a"]"#), ("data", "after")],
+    );
     assert_eq!(
         take(&mut s, 1, Duration::from_secs(20)).await[0].data,
         "after"
@@ -654,20 +657,9 @@ async fn stream_entries_get_the_checks_of_a_publish() {
     let mut s = subscribe_from(&hub, "/.well-known/mercure?topic=a", None).await;
     // Anything with access to Redis can append to the stream: an id or a type with a line
     // break would write fields of its own into every subscriber's stream.
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let add = |c: &mut redis::Connection, fields: &[(&str, &str)]| {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg("ssehub:updates").arg("*");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(*v);
-        }
-        cmd.query::<String>(c).unwrap();
-    };
+    let mut c = redis.connection();
     let topics = r#"["a"]"#;
-    add(
+    xadd(
         &mut c,
         &[
             ("id", "x\ndata: injected"),
@@ -675,7 +667,7 @@ async fn stream_entries_get_the_checks_of_a_publish() {
             ("data", "1"),
         ],
     );
-    add(
+    xadd(
         &mut c,
         &[
             ("id", "y"),
@@ -684,8 +676,8 @@ async fn stream_entries_get_the_checks_of_a_publish() {
             ("type", "t\n\nid: 9"),
         ],
     );
-    add(&mut c, &[("id", "z"), ("topics", "[]"), ("data", "3")]);
-    add(
+    xadd(&mut c, &[("id", "z"), ("topics", "[]"), ("data", "3")]);
+    xadd(
         &mut c,
         &[("id", "good"), ("topics", topics), ("data", "ok")],
     );
@@ -702,10 +694,7 @@ async fn entries_trimmed_before_a_node_read_them_are_reported() {
     };
     let hub = node(&redis, &[]);
     let mut s = subscribe_from(&hub, "/.well-known/mercure?topic=a", None).await;
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut c = redis.connection();
     // The node has read up to an entry (a node that has read nothing reads from the start, and
     // cannot tell what it missed).
     hub.publisher()

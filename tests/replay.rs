@@ -165,12 +165,7 @@ async fn ids_may_be_any_utf8_and_an_empty_id_is_none() {
         .subscribe("topic=t&lastEventID=earliest", &[("Last-Event-ID", "")])
         .await;
     assert_eq!(s.headers["last-event-id"], "earliest");
-    let got: Vec<_> = take(&mut s, 2, Duration::from_secs(5))
-        .await
-        .into_iter()
-        .map(|e| e.data)
-        .collect();
-    assert_eq!(got, ["one", "two"]);
+    assert_eq!(common::take_data(&mut s, 2).await, ["one", "two"]);
 
     // An empty query value is no id either: no replay, no header.
     let mut s = hub.subscribe("topic=t&lastEventID=", &[]).await;
@@ -221,12 +216,7 @@ async fn replay_through_uri_templates() {
             &[],
         )
         .await;
-    let got: Vec<_> = take(&mut s, 2, Duration::from_secs(5))
-        .await
-        .into_iter()
-        .map(|e| e.data)
-        .collect();
-    assert_eq!(got, ["b1", "b2"]);
+    assert_eq!(common::take_data(&mut s, 2).await, ["b1", "b2"]);
     common::assert_quiet(&mut s, Duration::from_millis(200)).await;
     p.ok(&[("topic", "https://example.com/books/3"), ("data", "b3")])
         .await;

@@ -205,12 +205,7 @@ async fn sighup_reloads_the_certificate_without_dropping_streams() {
     let second = make_cert(&dir);
     assert_ne!(first.der, second.der);
     hub.trust = Some(second.der.clone());
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &hub.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    hub.signal("HUP");
     assert!(hub.wait_for_log("certificate reloaded", Duration::from_secs(5)));
     // A new connection is served the new certificate (trusting only it succeeds)...
     let tls2 = tls_connect(&hub, &second.der, &[b"h2"]).await;
@@ -225,10 +220,7 @@ async fn sighup_reloads_the_certificate_without_dropping_streams() {
 
     // A broken file on reload keeps the working certificate.
     std::fs::write(dir.join("cert.pem"), "garbage").unwrap();
-    std::process::Command::new("kill")
-        .args(["-HUP", &hub.pid().to_string()])
-        .status()
-        .unwrap();
+    hub.signal("HUP");
     assert!(hub.wait_for_log("keeping the old certificate", Duration::from_secs(5)));
     let _ = tls_connect(&hub, &second.der, &[b"h2"]).await;
 }
