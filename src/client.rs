@@ -122,18 +122,18 @@ fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     // Named on purpose, so say when it gives nothing (the system store alone would then
     // refuse the hub's certificate with a less helpful message).
     if let Ok(file) = std::env::var("SSL_CERT_FILE") {
-        let added = match CertificateDer::pem_file_iter(&file) {
-            Ok(certs) => certs
-                .flatten()
-                .filter(|c| roots.add(c.clone()).is_ok())
-                .count(),
-            Err(e) => {
-                tracing::warn!("SSL_CERT_FILE={file}: cannot read it: {e}");
-                0
+        match CertificateDer::pem_file_iter(&file) {
+            Ok(certs) => {
+                if certs
+                    .flatten()
+                    .filter(|c| roots.add(c.clone()).is_ok())
+                    .count()
+                    == 0
+                {
+                    tracing::warn!("SSL_CERT_FILE={file}: no certificate taken from it");
+                }
             }
-        };
-        if added == 0 {
-            tracing::warn!("SSL_CERT_FILE={file}: no certificate taken from it");
+            Err(e) => tracing::warn!("SSL_CERT_FILE={file}: cannot read it: {e}"),
         }
     }
     for c in extra {

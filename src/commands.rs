@@ -130,17 +130,37 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             Err(ClientError::Refused { status, reason }) if !status.is_server_error() => {
                 anyhow::bail!("the hub refused the subscription ({status}): {reason}");
             }
-            // The hub not there yet (or any more) is waited for, as a browser would.
+            // Before the first connection only a hub not up yet is waited for (as a browser
+            // would); a wrong certificate, scheme or host name would never mend itself.
+            Err(e) if !connected_once && !hub_not_up_yet(&e) => return Err(e.into()),
+            // Afterwards anything short of a refusal is: the hub may come back.
             Err(e) => {
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 let what = if connected_once {
                     "reconnect"
                 } else {
                     "connect"
                 };
                 eprintln!("ssehub: cannot {what} yet ({e}); trying again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
             }
         }
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Errors a hub that is starting (or restarting) gives: nothing listening yet, no answer yet,
+/// or a 5xx.
+fn hub_not_up_yet(e: &ClientError) -> bool {
+    use std::io::ErrorKind::*;
+    match e {
+        ClientError::Connect { cause, .. } => matches!(
+            cause.kind(),
+            ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
+        ),
+        ClientError::Timeout(_) => true,
+        ClientError::Refused { status, .. } => status.is_server_error(),
+        _ => false,
     }
 }

@@ -121,6 +121,7 @@ pub async fn run(
     let app = router(state, config.cors_origins.as_ref());
 
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let hangup = take_hangup();
     tracing::info!("ssehub listening on {scheme}://{addr}");
     tracing::info!(
         "up to {} subscribers at once (--max-connections; open-file limit {})",
@@ -151,7 +152,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     // Always: SIGHUP's default action would end the process, streams cut, for an operator
     // who meant to reload (or a `kill -HUP $(pidof ssehub)` meant for a TLS hub).
-    tasks.spawn(reload_on_sighup(tls.clone(), stop.clone()));
+    tasks.spawn(reload_on_sighup(tls.clone(), hangup, stop.clone()));
     if let (Some(c), false) = (&cluster, config.coalesce.is_zero()) {
         // Tracked, so that a node leaving says so before the process exits.
         tasks.spawn(crate::cluster::share_machine(c.clone(), stop.clone()));
@@ -516,11 +517,14 @@ where
 
 /// Re-reads the certificate and key on each SIGHUP; without TLS, says there is nothing to
 /// reload.
-async fn reload_on_sighup(tls: Option<Arc<crate::tls::Tls>>, stop: CancellationToken) {
+async fn reload_on_sighup(
+    tls: Option<Arc<crate::tls::Tls>>,
+    hup: Option<Hangup>,
+    stop: CancellationToken,
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        let Some(mut hup) = hup else {
             return;
         };
         loop {
@@ -535,7 +539,30 @@ async fn reload_on_sighup(tls: Option<Arc<crate::tls::Tls>>, stop: CancellationT
         }
     }
     #[cfg(not(unix))]
-    let _ = (tls, stop);
+    let _ = (tls, hup, stop);
+}
+
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// Takes SIGHUP over from its default action (ending the process); done before the hub says
+/// it is listening, so that a reload sent as soon as it is ready finds the handler.
+fn take_hangup() -> Option<Hangup> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("cannot handle SIGHUP: {e}");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -191,6 +191,11 @@ fn clear_errors_and_exit_code_1() {
     let out = ssehub(&["subscribe", "--hub", &url, "--topic", "a", "--token", "bad"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // What waiting would never mend ends `subscribe` at once: here TLS to a plain port.
+    let tls = url.replacen("http://", "https://", 1);
+    let out = ssehub(&["subscribe", "--hub", &tls, "--topic", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"));
     // The data is required (`--data ''` for none), as the contract writes the command.
     let out = ssehub(&["publish", "--hub", &url, "--topic", "a", "--token", "x"]);
     assert_eq!(out.status.code(), Some(2));

@@ -58,10 +58,12 @@ async fn sigterm_with_a_stalled_client_still_exits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_without_tls_reloads_nothing_and_serves_on() {
+    // Sent as soon as the hub says it listens: the handler is there by then.
     let hub = TestHub::start(&[]);
-    let mut s = hub.subscribe("topic=t", &[]).await;
     hub.signal("HUP");
     assert!(hub.wait_for_log("nothing to reload", Duration::from_secs(5)));
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    hub.signal("HUP");
     // The same process, the same stream.
     hub.publisher()
         .await

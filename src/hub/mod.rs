@@ -219,6 +219,9 @@ impl Hub {
     /// (`HEAD` asks them too): its topics, and room for one more subscriber (asked again, under
     /// the lock, when it registers).
     pub fn admit(&self, topics: &[String]) -> Result<(), SubscribeError> {
+        if self.shared.closing.load(Relaxed) {
+            return Err(SubscribeError::ShuttingDown);
+        }
         if topics.is_empty() {
             return Err(SubscribeError::NoTopic);
         }
