@@ -283,7 +283,12 @@ impl Hub {
             })
         });
         let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill, info));
-        let templated = sub.selectors.iter().any(|s| s.is_template());
+        // The token's selectors too: they decide private updates.
+        let templated = sub
+            .selectors
+            .iter()
+            .chain(sub.rights.iter().flatten())
+            .any(|s| s.is_template());
         let (mut replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
