@@ -560,9 +560,9 @@ impl Core {
     ) -> FanOut {
         let mut out = FanOut::default();
         let within_budget = window.is_zero();
-        let mut offer = |sub: &Arc<Subscriber>, check: bool| {
+        let mut offer = |sub: &Arc<Subscriber>| {
             let direct = within_budget && out.direct.len() < DIRECT_MAX;
-            match sub.offer(update, limit, check, coalescing, direct, hold) {
+            match sub.offer(update, limit, coalescing, direct, hold) {
                 Offer::Queued(waker) => {
                     out.queued += 1;
                     out.wakes.extend(waker);
@@ -582,12 +582,24 @@ impl Core {
         for topic in &update.topics {
             if let Some(set) = self.exact.get(topic) {
                 for sub in set.values() {
-                    offer(sub, false);
+                    offer(sub);
                 }
             }
         }
+        // A template many subscribers share (the selector cache makes it one) is tested once
+        // per update, not once per subscriber. Exact selectors were served by the index above.
+        let mut tested: HashMap<usize, bool> = HashMap::new();
         for sub in self.wide.values() {
-            offer(sub, true);
+            let wanted = sub.selectors.iter().any(|s| match &**s {
+                Selector::Any => true,
+                Selector::Exact(_) => false,
+                Selector::Template { .. } => *tested
+                    .entry(Arc::as_ptr(s) as usize)
+                    .or_insert_with(|| s.matches_any(&update.topics)),
+            });
+            if wanted {
+                offer(sub);
+            }
         }
         out
     }

@@ -201,14 +201,14 @@ impl Subscriber {
                 .is_some_and(|r| any_matches(r, &update.topics))
     }
 
-    /// Queues `update` unless already offered or not authorized. `check_topics` is false when
-    /// the caller found this subscriber through the exact-topic index. With `direct`, an idle
+    /// Queues `update` unless already offered or not authorized; the caller has found that the
+    /// subscriber's topics match (through the exact-topic index, or by testing its templates
+    /// once per update for all who share them). With `direct`, an idle
     /// stream with a sink is claimed for a direct write instead ([`Offer::Direct`]).
     pub fn offer(
         &self,
         update: &SharedUpdate,
         limit: usize,
-        check_topics: bool,
         coalescing: &Coalescing,
         direct: bool,
         hold: HoldClock,
@@ -216,9 +216,7 @@ impl Subscriber {
         if self.last_seq.swap(update.seq, Ordering::Relaxed) == update.seq {
             return Offer::Skipped;
         }
-        if !self.authorized_for(update)
-            || (check_topics && !any_matches(&self.selectors, &update.topics))
-        {
+        if !self.authorized_for(update) {
             return Offer::Skipped;
         }
         let mut st = self.state.lock();
