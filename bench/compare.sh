@@ -35,9 +35,20 @@ cargo build --release --quiet
 have_nchan=0
 if [[ " $PEERS " == *" nchan "* ]]; then
   if ! [ -e /usr/share/nginx/modules/ngx_nchan_module.so ] && ! [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
-    if apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-      log "installing nginx and libnginx-mod-nchan"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan >/dev/null || true
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      # A fresh image has no package lists yet.
+      if ! apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        apt-get update -qq >/dev/null 2>&1 || log "apt-get update failed"
+      fi
+      if apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        log "installing nginx and libnginx-mod-nchan"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan \
+          >"$WORK/apt.log" 2>&1 || log "installing nginx + nchan failed: $(tail -1 "$WORK/apt.log")"
+        # The package starts the system's nginx on port 80; the bench runs its own.
+        if command -v systemctl >/dev/null; then systemctl stop nginx >/dev/null 2>&1 || true; fi
+      fi
+    else
+      log "not root (or no apt-get): cannot install nginx + nchan"
     fi
   fi
   NCHAN_SO=$(ls /usr/share/nginx/modules/ngx_nchan_module.so /usr/lib/nginx/modules/ngx_nchan_module.so 2>/dev/null | head -1 || true)
@@ -83,6 +94,22 @@ http {
 CONF
 }
 
+# Servers this script started, stopped whatever happens (an error, Ctrl-C).
+cleanup() {
+  # shellcheck disable=SC2046
+  kill $(jobs -p) 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Fails when something already listens on 127.0.0.1:$1: the bench would measure that instead.
+port_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    log "127.0.0.1:$1 is in use by another process: stop it first"
+    return 1
+  fi
+}
+
 wait_port() {
   for _ in $(seq 1 200); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
@@ -92,36 +119,48 @@ wait_port() {
   return 1
 }
 
-# Starts a peer; sets SERVER_PID (to stop) and PIDS (to measure, comma-separated).
+SERVER_PID=""
+# Starts a peer; sets SERVER_PID (to stop) and PIDS (to measure, comma-separated). Fails
+# (without ending the script) when its port is taken or it does not come up.
 start_peer() {
+  local port
+  case $1 in ssehub) port=8000 ;; baseline) port=3000 ;; nchan) port=8090 ;; esac
+  port_free "$port" || return 1
   case $1 in
     ssehub)
       # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
       RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
         --clock-interval 0 --max-connections 19800 ${SSEHUB_FLAGS:-} >"$WORK/ssehub.log" 2>&1 &
-      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 ;;
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 || return 1 ;;
     baseline)
       "$BASELINE" 127.0.0.1:3000 >"$WORK/baseline.log" 2>&1 &
-      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 3000 ;;
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 3000 || return 1 ;;
     nchan)
       write_nginx_conf
       nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
-      SERVER_PID=$!; wait_port 8090; sleep 0.3
+      SERVER_PID=$!; wait_port 8090 || return 1; sleep 0.3
       PIDS=$(pgrep -P "$SERVER_PID" | paste -sd, -); PIDS="$SERVER_PID${PIDS:+,$PIDS}" ;;
   esac
 }
 
 stop_peer() {
-  kill "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-  sleep 0.5
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+    sleep 0.5
+  fi
 }
 
 # bench PEER SCENARIO RUN [bench flags...]: one fresh server, one bench run, its JSON kept.
 bench() {
   local peer=$1 scenario=$2 run=$3; shift 3
   local out="$RESULTS/$scenario-$peer-$run.json"
-  start_peer "$peer"
+  if ! start_peer "$peer"; then
+    log "$scenario $peer run $run: $peer did not start (log: $(tail -1 "$WORK/$peer.log" 2>/dev/null)); skipped"
+    stop_peer
+    return 0
+  fi
   log "$scenario $peer run $run: $*"
   if ! "$SSEHUB" bench --target "$peer" --jwt-key "$SECRET" --pid "$PIDS" --label "$scenario" \
       --json "$@" >"$out.tmp" 2>"$WORK/bench.err"; then
@@ -207,7 +246,9 @@ clear_old() {
 
 mkdir -p "$RESULTS"
 for s in $SCENARIOS; do
-  for p in "${peers[@]}"; do
+  # Every peer's, not only those about to run: a table must not set this batch's figures
+  # beside an earlier batch's (or another machine's).
+  for p in ssehub baseline nchan; do
     clear_old "$s" "$p"
   done
   for run in $(seq 1 "$RUNS"); do
@@ -255,5 +296,4 @@ done
 log "writing docs/BENCHMARKS.md"
 python3 bench/summarize.py "$RESULTS" > docs/BENCHMARKS.md.new
 mv docs/BENCHMARKS.md.new docs/BENCHMARKS.md
-rm -rf "$WORK"
 log "done: docs/BENCHMARKS.md, raw JSON in $RESULTS/"

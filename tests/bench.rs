@@ -131,3 +131,36 @@ fn a_short_soak_samples_churns_and_loses_nothing() {
     assert_eq!(m["bad_unexpected"], 0, "{m:#}");
     assert_eq!(m["errors"], 0, "{m:#}");
 }
+
+/// A server that stops answering ends the run with what it has (it must not hang), and one
+/// that dies gets no figures at all (its CPU and memory would drop out of the sums).
+#[test]
+fn a_server_that_stops_or_dies_ends_the_run_with_a_reason() {
+    for (signal, needle) in [("STOP", "no answer"), ("KILL", "exited during the run")] {
+        let hub = TestHub::start(&[]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+            .args(["bench", "--target", "ssehub", "--json", "--settle", "0"])
+            .args(["--hub", &hub.url("/.well-known/mercure")])
+            .args(["--jwt-key", SECRET])
+            .args(["--pid", &hub.pid().to_string()])
+            .args(["--subscribers", "10", "--updates", "400", "--rate", "100"])
+            .args(["--timeout", "2s"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        hub.signal(signal);
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(needle), "kill -{signal}: {text}");
+        if signal == "STOP" {
+            hub.signal("CONT");
+        }
+    }
+}

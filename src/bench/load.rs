@@ -89,6 +89,8 @@ pub struct Counts {
     /// Reading subscribers connected per topic.
     pub readers_per_topic: Vec<AtomicU64>,
     pub latency_us: Mutex<Histogram<u64>>,
+    /// How far behind its schedule a publish went out, at most (µs).
+    pub publish_lag_max_us: AtomicU64,
     pub first_error: Mutex<Option<String>>,
 }
 
@@ -108,6 +110,7 @@ impl Counts {
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
             ),
+            publish_lag_max_us: AtomicU64::new(0),
             first_error: Mutex::new(None),
         }
     }
@@ -185,8 +188,14 @@ pub async fn subscriber(
             anyhow::bail!("a subscriber got HTTP status {}", head.status);
         }
         anyhow::Ok((stream, buf, head))
-    }
-    .await;
+    };
+    // A server that never answers must not hang the run: the stop and a bound both end it.
+    let opened = tokio::select! {
+        r = tokio::time::timeout(ANSWER_TIMEOUT, opened) => {
+            r.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ANSWER_TIMEOUT:?}")))
+        }
+        _ = stop.cancelled() => Err(anyhow::anyhow!("the run ended before the stream opened")),
+    };
     drop(permit);
     let (mut stream, buf, head) = match opened {
         Ok(v) => v,
@@ -316,8 +325,8 @@ impl Bitset {
     }
 }
 
-/// Told of each update the server accepted: its sequence number, its topic and the send time
-/// its payload carries. The soak keeps these to know what each subscriber is owed.
+/// Told of each update the server accepted: its sequence number, its topic and when it was
+/// sent. The soak keeps these to know what each subscriber is owed.
 pub type OnAccepted = Arc<dyn Fn(u64, usize, u64) + Send + Sync>;
 
 /// One publisher connection: takes the next sequence number, waits for its slot in the
@@ -346,7 +355,16 @@ pub async fn publisher(
         let topic = plan.topic_of(seq);
         request.clear();
         let sent_ns = now_ns();
-        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, sent_ns, plan.size));
+        // The payload carries the time the update was *due*, not the time it went out: a
+        // publisher held up by a slow server (waiting for an answer, or for a core) would
+        // otherwise send the updates due meanwhile late with fresh times, and the wait would
+        // vanish from the latencies (coordinated omission). The lag itself is reported too.
+        let lag = Instant::now().saturating_duration_since(due);
+        counts
+            .publish_lag_max_us
+            .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+        let due_ns = sent_ns.saturating_sub(lag.as_nanos() as u64);
+        let body = plan.pub_bodies[topic].replace("{data}", &payload(seq, due_ns, plan.size));
         request.extend_from_slice(
             format!(
                 "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{}\r\n",
@@ -374,14 +392,36 @@ pub async fn publisher(
                 conn = None;
                 counts.publish_failed.fetch_add(1, Ordering::Relaxed);
                 counts.error(format!("publish: {e:#}"));
+                if e.is::<tokio::time::error::Elapsed>() {
+                    // The server stopped answering: end the run with what it has, rather
+                    // than wait out every remaining publish.
+                    stop.cancel();
+                }
             }
         }
     }
 }
 
+/// How long a subscriber's stream may take to open, or a publish to be answered, before the
+/// server counts as not answering (and the run goes on rather than hanging).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends one request on the kept-alive connection (opening it if needed) and reads the whole
-/// answer; returns its status.
+/// answer; returns its status. Bounded by [`ANSWER_TIMEOUT`].
 async fn send_one(
+    addr: SocketAddr,
+    conn: &mut Option<(TcpStream, Vec<u8>)>,
+    request: &[u8],
+) -> anyhow::Result<u16> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, exchange(addr, conn, request)).await {
+        Ok(r) => r,
+        Err(elapsed) => Err(anyhow::Error::new(elapsed).context(format!(
+            "the server gave no answer within {ANSWER_TIMEOUT:?}"
+        ))),
+    }
+}
+
+async fn exchange(
     addr: SocketAddr,
     conn: &mut Option<(TcpStream, Vec<u8>)>,
     request: &[u8],

@@ -476,6 +476,15 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     }
     let run_secs = start.elapsed().as_secs_f64();
     let cpu_end = server.cpu_secs();
+    // A server process that died would drop out of the sums and make the figures look cheap.
+    let gone = server.gone();
+    if !gone.is_empty() {
+        stop.cancel();
+        anyhow::bail!(
+            "server process {gone:?} exited during the run, so its CPU and memory cannot be \
+             counted: no figures for this run"
+        );
+    }
     let own_cpu = Proc::SelfProc.cpu_secs().unwrap_or(0.0) - own_cpu_before;
     let rss_end = server.rss_kib();
     stop.cancel();
@@ -536,6 +545,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         publish_failed: counts.publish_failed.load(Ordering::Relaxed),
         rate_requested: args.rate,
         rate_achieved: published as f64 / publish_secs.max(1e-9),
+        publish_lag_max_ms: counts.publish_lag_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
         expected,
         delivered,
         lost: expected.saturating_sub(delivered),

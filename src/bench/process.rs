@@ -34,6 +34,15 @@ impl Proc {
         Ok((field(14) + field(15)) as f64 / TICKS_PER_SEC)
     }
 
+    /// Whether the process still runs: its stat readable, and not a zombie waiting for its
+    /// parent (state `Z` or `X`).
+    pub fn alive(self) -> bool {
+        std::fs::read_to_string(format!("{}/stat", self.dir())).is_ok_and(|stat| {
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+            !matches!(state, Some("Z" | "X") | None)
+        })
+    }
+
     /// Resident set size in KiB.
     pub fn rss_kib(self) -> std::io::Result<u64> {
         let status = std::fs::read_to_string(format!("{}/status", self.dir()))?;
@@ -60,6 +69,15 @@ impl Server {
             .iter()
             .filter_map(|&p| Proc::Pid(p).cpu_secs().ok())
             .sum()
+    }
+
+    /// The pids that cannot be read any more (the process exited).
+    pub fn gone(&self) -> Vec<u32> {
+        self.0
+            .iter()
+            .copied()
+            .filter(|&p| !Proc::Pid(p).alive())
+            .collect()
     }
 
     pub fn rss_kib(&self) -> u64 {

@@ -18,6 +18,9 @@ pub struct Report {
     pub publish_failed: u64,
     pub rate_requested: f64,
     pub rate_achieved: f64,
+    /// How far behind its schedule the latest publish went out (latencies count from the
+    /// schedule, so this delay is in them).
+    pub publish_lag_max_ms: f64,
     /// Deliveries owed to the reading subscribers that connected, for the updates that were
     /// accepted.
     pub expected: u64,
@@ -100,13 +103,14 @@ impl Report {
             (
                 "published",
                 format!(
-                    "{} of {} ({} failed), {:.0}/s of {:.0}/s asked, {} bytes",
+                    "{} of {} ({} failed), {:.0}/s of {:.0}/s asked, {} bytes, at most {:.1} ms behind schedule",
                     self.published,
                     self.updates,
                     self.publish_failed,
                     self.rate_achieved,
                     self.rate_requested,
-                    self.size
+                    self.size,
+                    self.publish_lag_max_ms
                 ),
             ),
             (
