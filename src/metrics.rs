@@ -158,7 +158,7 @@ impl Metrics {
         );
         let _ = write!(
             out,
-            "# HELP ssehub_updates_published_total Publish requests by outcome.\n\
+            "# HELP ssehub_updates_published_total Updates by outcome: accepted (publish requests, and with --subscriptions the hub's own subscription events) or rejected (publish requests).\n\
              # TYPE ssehub_updates_published_total counter\n\
              ssehub_updates_published_total{{outcome=\"accepted\"}} {}\n\
              ssehub_updates_published_total{{outcome=\"rejected\"}} {}\n",
@@ -183,14 +183,18 @@ impl Metrics {
             "# HELP ssehub_publish_duration_seconds Time to accept, store and fan out one update.\n\
              # TYPE ssehub_publish_duration_seconds histogram"
         );
+        // Read while publishes go on, the counters may each include an observation the next
+        // does not yet: keep the exposition valid (buckets never decreasing, none above the
+        // count) rather than exact to the last publish.
+        let mut seen = 0;
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            seen = bucket.load(Relaxed).max(seen);
             let _ = writeln!(
                 out,
-                "ssehub_publish_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Relaxed)
+                "ssehub_publish_duration_seconds_bucket{{le=\"{bound}\"}} {seen}"
             );
         }
-        let count = self.latency_count.load(Relaxed);
+        let count = self.latency_count.load(Relaxed).max(seen);
         let _ = write!(
             out,
             "ssehub_publish_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\

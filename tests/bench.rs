@@ -138,7 +138,7 @@ fn a_short_soak_samples_churns_and_loses_nothing() {
 fn a_server_that_stops_or_dies_ends_the_run_with_a_reason() {
     for (signal, needle) in [("STOP", "no answer"), ("KILL", "exited during the run")] {
         let hub = TestHub::start(&[]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
             .args(["bench", "--target", "ssehub", "--json", "--settle", "0"])
             .args(["--hub", &hub.url("/.well-known/mercure")])
             .args(["--jwt-key", SECRET])

@@ -12,6 +12,9 @@ pub struct History {
     /// id -> seq of the newest retained update with that id (publishers may reuse ids).
     by_id: HashMap<String, u64>,
     capacity: usize,
+    /// The newest update when none are kept (`capacity` 0): the subscription API still names
+    /// the last event id.
+    newest: Option<SharedUpdate>,
 }
 
 /// Where a replay starts, as decided from the client's `Last-Event-ID`.
@@ -42,6 +45,7 @@ impl History {
             entries: VecDeque::with_capacity(capacity.min(4096)),
             by_id: HashMap::with_capacity(capacity.min(4096)),
             capacity,
+            newest: None,
         }
     }
 
@@ -51,11 +55,15 @@ impl History {
 
     /// The id of the newest retained update.
     pub fn newest_id(&self) -> Option<&str> {
-        self.entries.back().map(|u| u.id.as_str())
+        self.entries
+            .back()
+            .or(self.newest.as_ref())
+            .map(|u| u.id.as_str())
     }
 
     pub fn push(&mut self, update: SharedUpdate) {
         if self.capacity == 0 {
+            self.newest = Some(update);
             return;
         }
         if self.entries.len() == self.capacity {
@@ -129,6 +137,16 @@ mod tests {
         assert_eq!(h.since(&ReplayFrom::Earliest).count(), 3);
         assert_eq!(h.since(&ReplayFrom::Nothing).count(), 0);
         assert_eq!(h.since(&h.locate("id4")).count(), 0);
+    }
+
+    #[test]
+    fn keeping_nothing_still_names_the_newest() {
+        let mut h = History::new(0);
+        assert_eq!(h.newest_id(), None);
+        h.push(upd(1, "a", 1));
+        h.push(upd(2, "b", 2));
+        assert_eq!((h.len(), h.newest_id()), (0, Some("b")));
+        assert_eq!(h.since(&ReplayFrom::Earliest).count(), 0);
     }
 
     #[test]
