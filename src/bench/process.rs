@@ -38,7 +38,9 @@ impl Proc {
     /// parent (state `Z` or `X`).
     pub fn alive(self) -> bool {
         std::fs::read_to_string(format!("{}/stat", self.dir())).is_ok_and(|stat| {
-            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next());
             !matches!(state, Some("Z" | "X") | None)
         })
     }
