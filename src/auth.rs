@@ -45,6 +45,16 @@ pub enum AuthError {
     Forbidden(String),
 }
 
+/// Why a token signed with another key is refused.
+const WRONG_KEY: &str = "the signature does not match the hub's key";
+
+impl AuthError {
+    /// The token was signed with another key (so another of the hub's keys may take it).
+    pub fn is_wrong_key(&self) -> bool {
+        matches!(self, AuthError::Invalid(m) if m == WRONG_KEY)
+    }
+}
+
 /// A key that verifies tokens (and, for secrets and private keys, signs them).
 #[derive(Clone)]
 pub struct Key {
@@ -286,7 +296,7 @@ impl Key {
                     match e.kind() {
                         K::ExpiredSignature => "the token has expired",
                         K::ImmatureSignature => "the token is not valid yet (nbf)",
-                        K::InvalidSignature => "the signature does not match the hub's key",
+                        K::InvalidSignature => WRONG_KEY,
                         K::InvalidAlgorithm => {
                             "the token's algorithm is not the one the hub accepts"
                         }

@@ -33,6 +33,18 @@ async fn figures_need_a_valid_token() {
     let (status, body) = get(&hub, &format!("/ui/stats?authorization={foreign}"), &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.starts_with("invalid token"), "{body}");
+
+    // With two keys, the reason is the signing key's: here, expired.
+    let two = TestHub::start(&["--subscriber-jwt-key", "the subscribers' own key"]);
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"exp": 1_000_000, "mercure": {"publish": ["*"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = get(&two, &format!("/ui/stats?authorization={expired}"), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("expired"), "{body}");
 }
 
 #[tokio::test]

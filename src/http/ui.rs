@@ -61,7 +61,11 @@ pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
         Ok(r) => r,
         Err(first) => match app.publisher_key.verify(token) {
             Ok(r) => r,
-            Err(_) => return reject(StatusCode::UNAUTHORIZED, first),
+            // Say why the key that did sign it refuses it (expired, say), if one did.
+            Err(second) => {
+                let why = if first.is_wrong_key() { second } else { first };
+                return reject(StatusCode::UNAUTHORIZED, why);
+            }
         },
     };
 
