@@ -119,14 +119,16 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     let mut conn = None;
     let mut backoff = MIN_BACKOFF;
     let mut lost = false;
-    let mut check = true;
+    // Was the last batch full? (Then this node may be far behind: see `read_batch`.)
+    let mut full = false;
     loop {
+        let check = conn.is_none() || full;
         let read = read_batch(
             &cluster.inner.client,
             cluster.inner.hub.metrics(),
             &mut conn,
             &mut last,
-            &mut check,
+            check,
         );
         let result = tokio::select! {
             r = read => r,
@@ -140,6 +142,7 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
                     cluster.set_ready(true);
                 }
                 backoff = MIN_BACKOFF;
+                full = entries.len() >= BATCH;
                 for entry in &entries {
                     apply(&cluster.inner.hub, entry);
                     last.clone_from(&entry.id);
@@ -162,14 +165,14 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     }
 }
 
-/// One blocking read after `last`, connecting first if needed. With `check` (set after a
-/// fresh connection or a full batch), it first looks for a gap.
+/// One blocking read after `last`, connecting first if needed. With `check` (for a fresh
+/// connection or after a full batch), it first looks for a gap.
 async fn read_batch(
     client: &redis::Client,
     metrics: &Metrics,
     conn: &mut Option<MultiplexedConnection>,
     last: &mut String,
-    check: &mut bool,
+    check: bool,
 ) -> redis::RedisResult<Vec<StreamId>> {
     let c = match conn {
         Some(c) => c,
@@ -181,7 +184,6 @@ async fn read_batch(
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             check_restart(&mut fresh, last).await?;
-            *check = true;
             conn.insert(fresh)
         }
     };
@@ -190,7 +192,7 @@ async fn read_batch(
     // least BATCH entries, so a trim past `last` leaves a full batch after it). Asking only
     // then keeps the check off the path of a reader that keeps up; asking before the read,
     // not after, keeps a trim that comes after the read from counting.
-    if std::mem::take(check) {
+    if check {
         match trimmed_past(c, last).await {
             Ok(false) => {}
             Ok(true) => {
@@ -221,7 +223,6 @@ async fn read_batch(
         .flat_map(|r| r.keys)
         .flat_map(|k| k.ids)
         .collect();
-    *check = entries.len() >= BATCH;
     Ok(entries)
 }
 

@@ -244,15 +244,18 @@ impl Hub {
 
     /// Registers a subscriber and returns its stream, starting with the replay it asked for.
     pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
-        if let Err(e) = self.admit(&req.topics) {
-            if matches!(e, SubscribeError::Full) {
-                self.shared
-                    .metrics
-                    .subscribers_refused
-                    .fetch_add(1, Relaxed);
-            }
-            return Err(e);
+        let res = self.enter(req);
+        if matches!(res, Err(SubscribeError::Full)) {
+            self.shared
+                .metrics
+                .subscribers_refused
+                .fetch_add(1, Relaxed);
         }
+        res
+    }
+
+    fn enter(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
+        self.admit(&req.topics)?;
         let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
         let selectors = compile(&req.topics);
         let rights = req.rights.as_deref().map(compile);
@@ -266,11 +269,6 @@ impl Hub {
             return Err(SubscribeError::ShuttingDown);
         }
         if core.all.len() >= self.shared.config.max_subscribers {
-            drop(core);
-            self.shared
-                .metrics
-                .subscribers_refused
-                .fetch_add(1, Relaxed);
             return Err(SubscribeError::Full);
         }
         let id = core.next_subscriber;

@@ -306,8 +306,8 @@ impl Subscriber {
         if st.queue.is_empty() {
             return st.waker.take().map_or(Flush::Done, Flush::Wake);
         }
-        let n = chunk_len(&st.queue);
-        let chunk = concat(st.queue.range(..n));
+        let (n, bytes) = chunk_len(&st.queue);
+        let chunk = concat(st.queue.range(..n), bytes);
         st.queue.drain(..n);
         st.direct_busy = true;
         if st.queue.is_empty() {
@@ -470,7 +470,8 @@ impl SubscriberStream {
             return Some(Wire::Framed(carry));
         }
         if !st.queue.is_empty() {
-            let sent_before = st.last_sent;
+            // When this write starts a new window (set only if it takes the whole queue).
+            let mut window_from = None;
             let window = self.window();
             let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
             if !window.is_zero() && !filling && st.closed.is_none() {
@@ -502,7 +503,7 @@ impl SubscriberStream {
                         return None;
                     }
                 }
-                st.last_sent = now;
+                window_from = Some(now);
             }
             if self.hold_at != 0 {
                 if self.hold_at > now_ns() {
@@ -512,16 +513,18 @@ impl SubscriberStream {
                 }
                 self.hold_at = 0;
             }
-            let n = chunk_len(&st.queue);
+            let (n, bytes) = chunk_len(&st.queue);
             if n == st.queue.len() {
                 std::mem::swap(&mut st.queue, &mut self.spare);
+                if let Some(now) = window_from {
+                    st.last_sent = now;
+                }
             } else {
                 // A backlog: this chunk does not restart the window, so the rest follows at once.
                 self.spare.extend(st.queue.drain(..n));
-                st.last_sent = sent_before;
             }
             drop(st);
-            let chunk = concat(self.spare.iter());
+            let chunk = concat(self.spare.iter(), bytes);
             self.spare.clear();
             return Some(Wire::Data(chunk));
         }
@@ -638,27 +641,29 @@ impl Drop for SubscriberStream {
     }
 }
 
-/// How many updates from the front of `queue` make the next chunk: as many as fit in
-/// [`CHUNK_BYTES`], and at least one.
-fn chunk_len(queue: &VecDeque<SharedUpdate>) -> usize {
+/// How many updates from the front of `queue` make the next chunk, and their bytes: as many as
+/// fit in [`CHUNK_BYTES`], and at least one.
+fn chunk_len(queue: &VecDeque<SharedUpdate>) -> (usize, usize) {
     let mut bytes = 0;
     for (i, u) in queue.iter().enumerate() {
-        bytes += u.encoded.len();
-        if bytes > CHUNK_BYTES {
-            return i.max(1);
+        let len = u.encoded.len();
+        if i > 0 && bytes + len > CHUNK_BYTES {
+            return (i, bytes);
         }
+        bytes += len;
     }
-    queue.len()
+    (queue.len(), bytes)
 }
 
-/// The updates' bytes as one chunk; a lone update's are shared, not copied.
-fn concat<'a>(updates: impl ExactSizeIterator<Item = &'a SharedUpdate> + Clone) -> Bytes {
-    let mut it = updates.clone();
-    if it.len() == 1 {
-        return it.next().map(|u| u.encoded.clone()).unwrap_or_default();
+/// The updates' `bytes` bytes as one chunk; a lone update's are shared, not copied.
+fn concat<'a>(mut updates: impl ExactSizeIterator<Item = &'a SharedUpdate>, bytes: usize) -> Bytes {
+    if updates.len() == 1 {
+        return updates
+            .next()
+            .map(|u| u.encoded.clone())
+            .unwrap_or_default();
     }
-    let len = updates.clone().map(|u| u.encoded.len()).sum();
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = BytesMut::with_capacity(bytes);
     for u in updates {
         buf.extend_from_slice(&u.encoded);
     }
