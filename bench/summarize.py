@@ -65,6 +65,7 @@ METRICS = [
     ("duplicates", "duplicates", 0),
     ("disconnected (readers)", "disconnected", 0),
     ("publish rate achieved /s", "rate_achieved", 0),
+    ("publish answered p99 ms", "publish_answer_ms.p99", 2),
     ("latency p50 ms", "latency_ms.p50", 2),
     ("latency p99 ms", "latency_ms.p99", 2),
     ("latency max ms", "latency_ms.max", 1),
@@ -122,7 +123,8 @@ def s3_table():
     if not labels:
         return None
     out = ["| offered rate /s | " + " | ".join(
-        f"{PEER_NAMES[p]}: achieved /s · lost · p99 ms · deliveries/CPU-s" for p in peers) + " |",
+        f"{PEER_NAMES[p]}: achieved /s · lost · p99 ms · deliveries/CPU-s · publish answered p99 ms"
+        for p in peers) + " |",
         "|---|" + "---|" * len(peers)]
     for label in labels:
         row = []
@@ -136,6 +138,7 @@ def s3_table():
                 fmt(med([r["lost"] for r in rs])),
                 fmt(med([r["latency_ms"]["p99"] for r in rs]), 2),
                 fmt(med([get(r, "server.deliveries_per_cpu_sec") for r in rs])),
+                fmt(med([get(r, "publish_answer_ms.p99") for r in rs]), 2),
             ]))
         out.append(f"| {label[3:]} | " + " | ".join(row) + " |")
     out.append("")

@@ -47,6 +47,13 @@ fn every_update_reaches_every_subscriber_once() {
     assert_eq!(r["lost"], 0, "{r:#}");
     assert_eq!(r["duplicates"], 0, "{r:#}");
     assert!(r["server"]["rss_connected_kib"].as_u64().unwrap() > 0);
+    // Every publish was answered, so its answer time is counted (at least a microsecond).
+    let answered = &r["publish_answer_ms"];
+    assert!(answered["p50"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(
+        answered["max"].as_f64().unwrap() >= answered["p50"].as_f64().unwrap(),
+        "{r:#}"
+    );
 }
 
 #[test]

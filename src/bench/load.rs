@@ -91,6 +91,9 @@ pub struct Counts {
     pub latency_us: Mutex<Histogram<u64>>,
     /// How far behind its schedule a publish went out, at most (µs).
     pub publish_lag_max_us: AtomicU64,
+    /// From sending a publish to reading its whole answer (µs), merged from every publisher
+    /// when it ends.
+    pub answer_us: Mutex<Histogram<u64>>,
     pub first_error: Mutex<Option<String>>,
 }
 
@@ -107,10 +110,9 @@ impl Counts {
             publish_failed: AtomicU64::new(0),
             per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
             readers_per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
-            latency_us: Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
-            ),
+            latency_us: Mutex::new(micros_histogram()),
             publish_lag_max_us: AtomicU64::new(0),
+            answer_us: Mutex::new(micros_histogram()),
             first_error: Mutex::new(None),
         }
     }
@@ -121,6 +123,11 @@ impl Counts {
             *slot = Some(e.to_string());
         }
     }
+}
+
+/// Microseconds from 1 µs to an hour, to three significant digits.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
 /// Wall-clock nanoseconds, the clock payloads carry.
@@ -342,6 +349,8 @@ pub async fn publisher(
 ) {
     let mut conn: Option<(TcpStream, Vec<u8>)> = None;
     let mut request = Vec::with_capacity(plan.size + 512);
+    // Kept here and merged once at the end: no lock shared by the publishers per publish.
+    let mut answers = micros_histogram();
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= plan.updates || stop.is_cancelled() {
@@ -376,7 +385,12 @@ pub async fn publisher(
             .as_bytes(),
         );
         request.extend_from_slice(body.as_bytes());
-        match send_one(plan.node(index, plan.pub_addr), &mut conn, &request).await {
+        let sent = Instant::now();
+        let answer = send_one(plan.node(index, plan.pub_addr), &mut conn, &request).await;
+        if answer.is_ok() {
+            answers.saturating_record(sent.elapsed().as_micros() as u64);
+        }
+        match answer {
             Ok(status) if (200..300).contains(&status) => {
                 if let Some(f) = &on_accepted {
                     f(seq, topic, sent_ns);
@@ -399,6 +413,9 @@ pub async fn publisher(
                 }
             }
         }
+    }
+    if let Err(e) = counts.answer_us.lock().add(&answers) {
+        counts.error(format!("publish answer times: {e}"));
     }
 }
 

@@ -529,6 +529,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
             },
         }
     });
+    let publish_answer_ms = Latency::from_micros(&counts.answer_us.lock());
     let first_error = counts.first_error.lock().clone();
     Ok(Report {
         label: args.label.clone(),
@@ -546,6 +547,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         rate_requested: args.rate,
         rate_achieved: published as f64 / publish_secs.max(1e-9),
         publish_lag_max_ms: counts.publish_lag_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        publish_answer_ms,
         expected,
         delivered,
         lost: expected.saturating_sub(delivered),

@@ -21,6 +21,10 @@ pub struct Report {
     /// How far behind its schedule the latest publish went out (latencies count from the
     /// schedule, so this delay is in them).
     pub publish_lag_max_ms: f64,
+    /// From sending a publish to reading its answer, over the publishes answered: how fast
+    /// the server takes publishes, apart from delivering them. (Each publisher connection
+    /// waits for its answer before its next publish, so slow answers make the lag above.)
+    pub publish_answer_ms: Latency,
     /// Deliveries owed to the reading subscribers that connected, for the updates that were
     /// accepted.
     pub expected: u64,
@@ -111,6 +115,17 @@ impl Report {
                     self.rate_requested,
                     self.size,
                     self.publish_lag_max_ms
+                ),
+            ),
+            (
+                "publish answered ms",
+                format!(
+                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                    self.publish_answer_ms.p50,
+                    self.publish_answer_ms.p90,
+                    self.publish_answer_ms.p99,
+                    self.publish_answer_ms.p999,
+                    self.publish_answer_ms.max
                 ),
             ),
             (
