@@ -81,6 +81,34 @@ fn topics_split_the_expected_deliveries() {
 }
 
 #[test]
+fn subscribers_by_template_get_their_topic_and_nothing_else() {
+    // Half the subscribers subscribe through `bench-N{?sub}`: a template that did not match
+    // its topic would lose their share, one that matched others would deliver more than
+    // expected.
+    let hub = TestHub::start(&[]);
+    let r = run_bench(
+        &hub,
+        &[
+            "--subscribers",
+            "40",
+            "--topics",
+            "5",
+            "--updates",
+            "60",
+            "--rate",
+            "500",
+            "--template-share",
+            "50",
+        ],
+    );
+    assert!(r["expected"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["delivered"], r["expected"], "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+    assert_eq!(r["foreign_events"], 0, "{r:#}");
+}
+
+#[test]
 fn a_short_soak_samples_churns_and_loses_nothing() {
     let hub = TestHub::start(&[]);
     let r = bench(

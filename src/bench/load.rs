@@ -30,6 +30,10 @@ pub struct Plan {
     pub sub_requests: Vec<Vec<u8>>,
     /// A GET for every topic at once (`topic=*`), where the target speaks Mercure.
     pub sub_every_topic: Option<Vec<u8>>,
+    /// With `--template-share`, one prepared GET per topic through a URI template.
+    pub template_requests: Vec<Vec<u8>>,
+    /// Percent of subscribers that use `template_requests`.
+    pub template_share: u8,
     pub pub_addr: SocketAddr,
     pub pub_authority: String,
     /// Path per topic.
@@ -50,6 +54,18 @@ impl Plan {
         match self.nodes.len() {
             0 | 1 => single,
             n => self.nodes[i % n],
+        }
+    }
+
+    /// The subscribe request of reading subscriber `index`, on `topic`: through a template for
+    /// `--template-share` percent of them, spread over the topics (a multiplicative hash of
+    /// the index, so that not only whole topics go by template).
+    pub fn sub_request(&self, index: usize, topic: usize) -> &[u8] {
+        let pick = (index as u64).wrapping_mul(0x9E37_79B9) % 100;
+        if pick < u64::from(self.template_share) && !self.template_requests.is_empty() {
+            &self.template_requests[topic]
+        } else {
+            &self.sub_requests[topic]
         }
     }
 
@@ -188,7 +204,7 @@ pub async fn subscriber(
         let recv_buffer = slow.then_some(4096);
         let addr = plan.node(index, plan.sub_addr);
         let mut stream = connect(addr, index, plan.source_ips, recv_buffer).await?;
-        stream.write_all(&plan.sub_requests[topic]).await?;
+        stream.write_all(plan.sub_request(index, topic)).await?;
         let mut buf = Vec::with_capacity(4096);
         let head = wire::read_head(&mut stream, &mut buf).await?;
         if head.status != 200 {

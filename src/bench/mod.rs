@@ -108,6 +108,11 @@ pub struct BenchArgs {
     /// 1; with --soak, 10].
     #[arg(long)]
     pub topics: Option<usize>,
+    /// Percent of the reading subscribers that subscribe through a URI template matching
+    /// only their topic (`bench-N{?sub}`, one template per topic) instead of the topic itself;
+    /// they are owed the same updates. ssehub only: the other peers have no templates.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub template_share: u8,
     /// Server process ids to watch (comma-separated; summed, e.g. nginx's workers).
     #[arg(long, value_delimiter = ',')]
     pub pid: Vec<u32>,
@@ -314,6 +319,14 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         Peer::Ssehub => Some(sub_request("*")?),
         _ => None,
     };
+    let template_requests = match (args.template_share, args.target) {
+        (0, _) => Vec::new(),
+        (_, Peer::Ssehub) => topic_names
+            .iter()
+            .map(|t| sub_request(&format!("{t}%7B%3Fsub%7D")))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        _ => bail!("--template-share needs --target ssehub: the other peers have no URI templates"),
+    };
     // A soak publishes until its time is up; the count only bounds the sequence numbers.
     let updates = match args.soak.soak {
         Some(d) => (args.rate * d.as_secs_f64()).ceil() as u64 + 1,
@@ -337,6 +350,8 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         nodes,
         sub_requests,
         sub_every_topic,
+        template_requests,
+        template_share: args.template_share,
         pub_addr,
         pub_authority,
         pub_paths,
@@ -562,4 +577,46 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         bench_cpu_secs: own_cpu,
         first_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let base = ["bench", "--jwt-key", "a-secret-for-the-test"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    fn by_template(request: &[u8]) -> bool {
+        String::from_utf8_lossy(request).contains("?topic=bench-3%7B%3Fsub%7D ")
+    }
+
+    #[test]
+    fn template_share_sends_that_share_through_templates_on_every_topic() {
+        let p = plan(&args(&["--topics", "4", "--template-share", "30"])).unwrap();
+        let picked: Vec<usize> = (0..4000)
+            .filter(|&i| i % 4 == 3 && by_template(p.sub_request(i, 3)))
+            .collect();
+        // About 30 % of topic 3's 1,000 subscribers, the rest by the topic itself.
+        assert!((250..350).contains(&picked.len()), "{}", picked.len());
+        assert!(String::from_utf8_lossy(p.sub_request(1, 1)).contains("?topic=bench-1"));
+        let none = plan(&args(&["--topics", "4"])).unwrap();
+        assert!((0..4000).all(|i| !by_template(none.sub_request(i, 3))));
+    }
+
+    #[test]
+    fn template_share_is_for_ssehub_only() {
+        let Err(e) = plan(&args(&["--target", "nchan", "--template-share", "10"])) else {
+            panic!("nchan has no templates")
+        };
+        assert!(e.to_string().contains("--target ssehub"), "{e}");
+    }
 }
