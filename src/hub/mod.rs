@@ -19,9 +19,10 @@ mod history;
 pub mod selector;
 mod subscriber;
 pub mod subscriptions;
+mod templates;
 pub mod update;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,6 +38,7 @@ pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRE
 pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
+use templates::TemplateGroup;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
 use crate::metrics::{DropReason, Metrics};
@@ -106,8 +108,10 @@ struct Core {
     next_subscriber: u64,
     /// Subscribers with at least one exact selector, by topic.
     exact: HashMap<String, SubscriberSet>,
-    /// Subscribers with a `*` or template selector: tested one by one.
-    wide: SubscriberSet,
+    /// Subscribers with a `*` selector: offered every update.
+    any: SubscriberSet,
+    /// Subscribers' template selectors, by template, found through their literal prefix.
+    templates: templates::TemplateIndex,
     all: SubscriberSet,
 }
 
@@ -171,7 +175,8 @@ impl Hub {
                     next_seq: 0,
                     next_subscriber: 0,
                     exact: HashMap::new(),
-                    wide: HashMap::new(),
+                    any: HashMap::new(),
+                    templates: templates::TemplateIndex::default(),
                     all: HashMap::new(),
                 }),
                 config,
@@ -513,9 +518,10 @@ impl Core {
                         .or_default()
                         .insert(sub.id, sub.clone());
                 }
-                _ => {
-                    self.wide.insert(sub.id, sub.clone());
+                Selector::Any => {
+                    self.any.insert(sub.id, sub.clone());
                 }
+                Selector::Template { .. } => self.templates.insert(sel, sub),
             }
         }
         self.all.insert(sub.id, sub.clone());
@@ -535,9 +541,10 @@ impl Core {
                         }
                     }
                 }
-                _ => {
-                    self.wide.remove(&sub.id);
+                Selector::Any => {
+                    self.any.remove(&sub.id);
                 }
+                Selector::Template { .. } => self.templates.remove(sel, sub.id),
             }
         }
         true
@@ -584,19 +591,29 @@ impl Core {
                 }
             }
         }
-        // A template many subscribers share (the selector cache makes it one) is tested once
-        // per update, not once per subscriber. Exact selectors were served by the index above.
-        let mut tested: HashMap<usize, bool> = HashMap::new();
-        for sub in self.wide.values() {
-            let wanted = sub.selectors.iter().any(|s| match &**s {
-                Selector::Any => true,
-                Selector::Exact(_) => false,
-                Selector::Template { .. } => *tested
-                    .entry(Arc::as_ptr(s) as usize)
-                    .or_insert_with(|| s.matches_any(&update.topics)),
-            });
-            if wanted {
-                offer(sub);
+        for sub in self.any.values() {
+            offer(sub);
+        }
+        // Each template is tested once per topic it could match (its literal prefix starts the
+        // topic), however many subscribers share it; with several topics, a template that
+        // matched one is not tested again.
+        if !self.templates.is_empty() {
+            let several = update.topics.len() > 1;
+            let mut matched: HashSet<*const TemplateGroup> = HashSet::new();
+            for topic in &update.topics {
+                self.templates.candidates(topic, |group| {
+                    if several && matched.contains(&(group as *const TemplateGroup)) {
+                        return;
+                    }
+                    if group.selector.matches(topic) {
+                        if several {
+                            matched.insert(group);
+                        }
+                        for sub in group.subs.values() {
+                            offer(sub);
+                        }
+                    }
+                });
             }
         }
         out

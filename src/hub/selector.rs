@@ -65,6 +65,14 @@ impl Selector {
         }
     }
 
+    /// For a template, its text before the first `{`: every topic it matches starts with it.
+    pub fn literal_prefix(&self) -> Option<&str> {
+        match self {
+            Selector::Template { source, .. } => source.split('{').next(),
+            _ => None,
+        }
+    }
+
     pub fn is_template(&self) -> bool {
         matches!(self, Selector::Template { .. })
     }
