@@ -15,6 +15,11 @@ pub struct History {
     /// The newest update when none are kept (`capacity` 0): the subscription API still names
     /// the last event id.
     newest: Option<SharedUpdate>,
+    /// The latest time (Unix ms) in any time-ordered id evicted so far. Ids are made before
+    /// publishes take their place in the order (and a clock stepped back does not move uuid v7
+    /// ids back), so an evicted id can be newer than the oldest update kept: comparing with
+    /// that update alone would take it for a foreign id and replay nothing.
+    evicted_ms: u64,
 }
 
 /// Where a replay starts, as decided from the client's `Last-Event-ID`.
@@ -46,6 +51,7 @@ impl History {
             by_id: HashMap::with_capacity(capacity.min(4096)),
             capacity,
             newest: None,
+            evicted_ms: 0,
         }
     }
 
@@ -71,6 +77,9 @@ impl History {
                 if self.by_id.get(&old.id) == Some(&old.seq) {
                     self.by_id.remove(&old.id);
                 }
+                if let Some(t) = v7_millis(&old.id) {
+                    self.evicted_ms = self.evicted_ms.max(t);
+                }
             }
         }
         self.by_id.insert(update.id.clone(), update.seq);
@@ -79,9 +88,10 @@ impl History {
 
     /// Decides where a client that last saw `last_event_id` resumes.
     ///
-    /// An id the hub does not hold any more but that is one of its own time-ordered ids, older
-    /// than everything retained, means the client missed at least all of it: replay it all.
-    /// Any other unknown id is foreign: replay nothing rather than guess.
+    /// An id the hub does not hold any more but that is one of its own time-ordered ids, no
+    /// newer than everything retained or than an id already evicted, means the client missed
+    /// at least all of it: replay it all. Any other unknown id is foreign: replay nothing
+    /// rather than guess.
     pub fn locate(&self, last_event_id: &str) -> ReplayFrom {
         if last_event_id == "earliest" {
             return ReplayFrom::Earliest;
@@ -90,7 +100,9 @@ impl History {
             return ReplayFrom::After(seq);
         }
         match (v7_millis(last_event_id), self.entries.front()) {
-            (Some(t), Some(oldest)) if t <= oldest.time_ms => ReplayFrom::Earliest,
+            (Some(t), Some(oldest)) if t <= oldest.time_ms.max(self.evicted_ms) => {
+                ReplayFrom::Earliest
+            }
             _ => ReplayFrom::Nothing,
         }
     }
@@ -163,5 +175,28 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(3));
         let newer = crate::hub::update::new_id();
         assert_eq!(h.locate(&newer), ReplayFrom::Nothing);
+    }
+
+    /// A v7 id made at `ms`.
+    fn id_at(ms: u64) -> String {
+        let ts =
+            uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
+        uuid::Uuid::new_v7(ts).urn().to_string()
+    }
+
+    #[test]
+    fn an_evicted_id_newer_than_the_oldest_kept_still_replays_everything() {
+        // Two publishers made their ids at 1,005 and 1,003 ms and took their places in the
+        // order the other way round (or the clock stepped back between them).
+        let mut h = History::new(2);
+        let (late, early) = (id_at(1_005), id_at(1_003));
+        h.push(upd(1, &late, 1_004));
+        h.push(upd(2, &early, 1_003));
+        h.push(upd(3, &id_at(1_006), 1_006));
+        // `late` is gone; the oldest kept says 1,003 ms, older than `late`'s own time.
+        assert_eq!(h.locate(&late), ReplayFrom::Earliest);
+        assert_eq!(h.since(&h.locate(&late)).count(), 2);
+        // An id newer than anything evicted or kept is still foreign.
+        assert_eq!(h.locate(&id_at(1_007)), ReplayFrom::Nothing);
     }
 }
