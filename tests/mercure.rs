@@ -242,6 +242,79 @@ async fn a_subscriber_is_disconnected_when_its_token_expires() {
     );
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_past_its_exp_opens_no_stream_even_within_the_leeway() {
+    // The 5 s leeway for clock skew lets this token through verification; it must still not
+    // open a stream (which would send its replay before closing).
+    let hub = TestHub::start(&[]);
+    let mut p = hub.publisher().await;
+    p.ok(&[("topic", "a"), ("data", "before"), ("private", "on")])
+        .await;
+    let token = sign(json!({"exp": unix_now() - 2, "mercure": {"subscribe": ["*"]}}));
+    let bearer = format!("Bearer {token}");
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("last-event-id", "earliest"),
+    ];
+    let ((status, body), _) = request(
+        &hub,
+        Method::GET,
+        "/.well-known/mercure?topic=a",
+        &headers,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    assert!(!body.contains("before"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_expiring_during_a_long_replay_stops_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start(&["--history-size", "400"]);
+    let mut p = hub.publisher().await;
+    let big = "x".repeat(40_000);
+    for _ in 0..300 {
+        p.ok(&[("topic", "a"), ("data", &big)]).await;
+    }
+    // 12 MB of replay, far more than the sockets hold: the client reads nothing until its
+    // token has expired, then everything until the hub closes.
+    let token = sign(json!({"exp": unix_now() + 2, "mercure": {"subscribe": ["*"]}}));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(hub.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {token}\r\nLast-Event-ID: earliest\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut raw))
+        .await
+        .expect("the hub closes the stream")
+        .unwrap();
+    let events = String::from_utf8_lossy(&raw).matches("data: x").count();
+    assert!(events > 0, "the replay started");
+    assert!(
+        events < 300,
+        "the replay went on past exp: {events} of 300 events"
+    );
+    assert!(hub.wait_for_log("token expired", Duration::from_secs(5)));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_on_idle_streams() {
     let hub = TestHub::start(&["--heartbeat", "100ms"]);

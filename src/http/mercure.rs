@@ -1,6 +1,6 @@
 //! The Mercure hub endpoint: `GET` subscribes, `POST` publishes.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -115,6 +115,16 @@ fn check_subscriber(
         None if app.anonymous => None,
         None => return Err(auth_error(AuthError::Missing)),
     };
+    // The clock leeway lets a token a few seconds past its `exp` through verification (for
+    // skew between clocks); a stream must still not open after `exp`, where it would receive
+    // its replay before being closed.
+    if let Some(exp) = rights.as_ref().and_then(|r| r.expires_at) {
+        if exp <= SystemTime::now() {
+            return Err(auth_error(AuthError::Invalid(
+                "the token has expired".into(),
+            )));
+        }
+    }
     Ok((q, rights))
 }
 

@@ -433,6 +433,17 @@ impl SubscriberStream {
     }
 
     fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
+        // First, so that a token expiring during a long replay stops it there.
+        if let Some(exp) = self.expires.as_mut() {
+            if exp.as_mut().poll(cx).is_ready() {
+                self.expires = None;
+                self.replay = Vec::new().into_iter();
+                if self.sub.close(DropReason::Expired) {
+                    self.hub.metrics.dropped(DropReason::Expired);
+                    tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
+                }
+            }
+        }
         if let Some(mut first) = self.opening.take() {
             if self.replay.len() > 0 {
                 let mut buf = BytesMut::from(&first[..]);
@@ -445,15 +456,6 @@ impl SubscriberStream {
             let mut buf = BytesMut::new();
             self.fill_replay(&mut buf);
             return Some(Wire::Data(buf.freeze()));
-        }
-        if let Some(exp) = self.expires.as_mut() {
-            if exp.as_mut().poll(cx).is_ready() {
-                self.expires = None;
-                if self.sub.close(DropReason::Expired) {
-                    self.hub.metrics.dropped(DropReason::Expired);
-                    tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
-                }
-            }
         }
         let mut st = self.sub.state.lock();
         st.held = false;
