@@ -171,7 +171,7 @@ pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
     Ok(alg)
 }
 
-fn is_hmac(alg: Algorithm) -> bool {
+pub fn is_hmac(alg: Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
 
@@ -214,10 +214,26 @@ impl Key {
             if key.is_empty() {
                 return Err("the JWT secret is empty".into());
             }
+            // A key file given without --jwt-algorithm would otherwise become the secret
+            // itself: its path, or its public text, which anyone could sign with.
+            if key.trim_start().starts_with("-----BEGIN") {
+                return Err(format!(
+                    "this is a PEM key, not an {algorithm:?} secret: for RSA, EC or Ed25519 keys \
+                     give --jwt-algorithm (RS256, ES256, EdDSA, …) and the key's file"
+                ));
+            }
+            if Path::new(key).is_file() {
+                return Err(format!(
+                    "{key:?} names a file, but {algorithm:?} takes the secret itself: for a key \
+                     file give --jwt-algorithm (RS256, ES256, EdDSA, …)"
+                ));
+            }
             return Ok(Key::secret(algorithm, key.as_bytes()));
         }
+        // The value is not repeated in errors: it may be a secret given with the wrong
+        // algorithm.
         let pem = std::fs::read(Path::new(key))
-            .map_err(|e| format!("cannot read the PEM key file {key:?} for {algorithm:?}: {e}"))?;
+            .map_err(|e| format!("cannot read the key file for {algorithm:?}: {e}"))?;
         let (decoding, encoding) = match algorithm {
             Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => (
                 DecodingKey::from_rsa_pem(&pem).ok(),
@@ -234,7 +250,7 @@ impl Key {
         };
         if decoding.is_none() && encoding.is_none() {
             return Err(format!(
-                "{key:?} is not a PEM key usable with {algorithm:?}"
+                "the key file holds no PEM key usable with {algorithm:?}"
             ));
         }
         Ok(Key::build(algorithm, decoding, encoding))

@@ -269,17 +269,32 @@ impl ServeArgs {
     }
 }
 
-/// Accepts `redis://HOST[:PORT][/DB]`, with an optional user and password.
+/// `url` fit for messages and logs: a user and password in it become `***`.
+pub fn redact_url(url: &str) -> String {
+    match url.rsplit_once('@') {
+        None => url.to_owned(),
+        Some((before, host)) => match before.split_once("://") {
+            Some((scheme, _)) if !scheme.contains(['/', '@', ':']) => {
+                format!("{scheme}://***@{host}")
+            }
+            _ => format!("***@{host}"),
+        },
+    }
+}
+
+/// Accepts `redis://HOST[:PORT][/DB]`, with an optional user and password. Errors show the
+/// URL without its password.
 fn check_redis_url(url: &str) -> Result<String, String> {
+    let shown = redact_url(url);
     if url.starts_with("rediss://") {
         return Err(format!(
-            "--redis {url:?}: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
+            "--redis {shown:?}: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
              private network, or a TLS tunnel (stunnel, spiped) to the Redis host"
         ));
     }
     if !url.starts_with("redis://") {
         return Err(format!(
-            "--redis {url:?} is not a Redis URL: write redis://HOST:PORT[/DB], e.g. redis://127.0.0.1:6379"
+            "--redis {shown:?} is not a Redis URL: write redis://HOST:PORT[/DB], e.g. redis://127.0.0.1:6379"
         ));
     }
     redis::Client::open(url)
@@ -356,5 +371,17 @@ mod tests {
             .unwrap_err()
             .contains("not supported yet"));
         assert!(check_redis_url("http://localhost").is_err());
+        for bad in [
+            "rediss://:RedisPassw0rd@10.0.0.1:6379",
+            "redis//:RedisPassw0rd@10.0.0.1",
+        ] {
+            let e = check_redis_url(bad).unwrap_err();
+            assert!(
+                !e.contains("RedisPassw0rd") && e.contains("10.0.0.1"),
+                "{e}"
+            );
+        }
+        assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
     }
 }

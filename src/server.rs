@@ -59,8 +59,18 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// returned so that the start-up message can show a working publish command.
 pub fn keys(config: &ServeConfig) -> anyhow::Result<(Arc<Key>, Arc<Key>, Option<String>)> {
     let alg = config.jwt_algorithm;
+    let load = |flag: &str, k: &str| {
+        if crate::auth::is_hmac(alg) && k.len() < 32 {
+            tracing::warn!(
+                "{flag} is {} bytes: an HMAC secret should be at least 32 random bytes (e.g. \
+                 `openssl rand -hex 32`), or tokens can be forged by guessing it",
+                k.len()
+            );
+        }
+        Key::load(alg, k).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
     let (publisher, generated) = match &config.publisher_jwt_key {
-        Some(k) => (Key::load(alg, k).map_err(anyhow::Error::msg)?, None),
+        Some(k) => (load("--publisher-jwt-key", k)?, None),
         None => {
             let secret: [u8; 32] = rand::random();
             let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
@@ -72,7 +82,7 @@ pub fn keys(config: &ServeConfig) -> anyhow::Result<(Arc<Key>, Arc<Key>, Option<
         }
     };
     let subscriber = match &config.subscriber_jwt_key {
-        Some(k) => Key::load(alg, k).map_err(anyhow::Error::msg)?,
+        Some(k) => load("--subscriber-jwt-key", k)?,
         None => publisher.clone(),
     };
     Ok((Arc::new(publisher), Arc::new(subscriber), generated))

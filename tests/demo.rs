@@ -153,6 +153,7 @@ fn busy_port_is_a_clear_error_with_exit_code_1() {
 
 #[test]
 fn bad_flags_are_clear_errors() {
+    let file = env!("CARGO_MANIFEST_PATH");
     for (args, needle) in [
         (vec!["--listen", "nowhere"], "not an address"),
         (vec!["--max-body", "lots"], "not a size"),
@@ -171,6 +172,32 @@ fn bad_flags_are_clear_errors() {
             vec!["--subscriptions", "--anonymous", "maybe"],
             "invalid value",
         ),
+        // A key file without --jwt-algorithm must not become the HMAC secret (its path or
+        // its public text, which anyone could sign with).
+        (
+            vec!["--listen", "127.0.0.1:0", "--publisher-jwt-key", file],
+            "names a file",
+        ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--subscriber-jwt-key=-----BEGIN PUBLIC KEY-----\nMFkw",
+            ],
+            "--subscriber-jwt-key: this is a PEM key",
+        ),
+        // A secret given with an RSA algorithm is not repeated in the error.
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--jwt-algorithm",
+                "RS256",
+                "--publisher-jwt-key",
+                "Sup3rS3cretHMAC",
+            ],
+            "--publisher-jwt-key: cannot read the key file",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"))
             .args(&args)
@@ -179,6 +206,7 @@ fn bad_flags_are_clear_errors() {
         assert_ne!(out.status.code(), Some(0), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("Sup3rS3cret"), "{args:?}: {err}");
     }
 }
 

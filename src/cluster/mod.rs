@@ -74,7 +74,8 @@ impl Cluster {
         history_size: usize,
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
-        let client = redis::Client::open(url).with_context(|| format!("--redis {url:?}"))?;
+        let shown = crate::config::redact_url(url);
+        let client = redis::Client::open(url).with_context(|| format!("--redis {shown:?}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -83,14 +84,14 @@ impl Cluster {
         let mut commands = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .with_context(|| {
-                format!("cannot reach Redis at {url}: start it, or check --redis (SSEHUB_REDIS)")
+                format!("cannot reach Redis at {shown}: start it, or check --redis (SSEHUB_REDIS)")
             })?;
         let last = stream::load_history(&mut commands, &hub, history_size)
             .await
             .context("cannot read the update stream from Redis")?;
         tracing::info!(
             history = hub.history_len(),
-            "cluster mode: joined through Redis at {url}"
+            "cluster mode: joined through Redis at {shown}"
         );
         let cluster = Cluster {
             inner: Arc::new(Inner {
