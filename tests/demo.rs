@@ -151,6 +151,30 @@ fn busy_port_is_a_clear_error_with_exit_code_1() {
     assert!(err.contains("--listen"), "says what to do: {err}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn events_take_a_token_when_the_hub_requires_them() {
+    // `--anonymous false` leaves no anonymous way in: the topic `time` may carry an
+    // application's updates too.
+    let hub = TestHub::start(&["--anonymous", "false"]);
+    for method in [Method::GET, Method::HEAD] {
+        for path in ["/events/", "/events"] {
+            let ((status, body), _) = request(&hub, method.clone(), path, &[], "").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+        }
+    }
+    let token = hub.publisher_token();
+    let cookie = format!("mercureAuthorization={token}");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("cookie", cookie.parse().unwrap());
+    let mut s = EventStream::open(&hub.target("/events/"), &headers)
+        .await
+        .unwrap();
+    let mut p = hub.publisher().await;
+    p.ok(&[("topic", "time"), ("data", "app update")]).await;
+    let e = &take(&mut s, 1, Duration::from_secs(5)).await[0];
+    assert_eq!(e.data, "app update");
+}
+
 #[test]
 fn bad_flags_are_clear_errors() {
     let file = env!("CARGO_MANIFEST_PATH");

@@ -3,7 +3,9 @@
 use axum::extract::{Request, State};
 use axum::response::{Html, IntoResponse, Response};
 
+use super::mercure::auth_error;
 use super::{stream_reply, stream_response, AppState, Connection};
+use crate::auth::{find_token, AuthError, Rights};
 use crate::clock::TOPIC;
 use crate::hub::SubscribeRequest;
 
@@ -14,21 +16,41 @@ pub async fn page() -> Response {
     Html(PAGE).into_response()
 }
 
-/// `GET /events/`: the clock topic, anonymously, with `Last-Event-ID` replay.
+/// With `--anonymous false`, the demo stream is no exception: it takes a token (header or
+/// cookie) as the Mercure endpoint does, or the topic `time` would be readable by anyone.
+fn rights(app: &AppState, req: &Request) -> Result<Option<Rights>, Response> {
+    if app.anonymous {
+        return Ok(None);
+    }
+    match find_token(req.headers(), None).map_err(auth_error)? {
+        Some((token, _)) => super::mercure::verify_subscriber(app, token).map(Some),
+        None => Err(auth_error(AuthError::Missing)),
+    }
+}
+
+/// `GET /events/`: the clock topic, anonymously (unless `--anonymous false`), with
+/// `Last-Event-ID` replay.
 pub async fn events(State(app): State<AppState>, req: Request) -> Response {
+    let rights = match rights(&app, &req) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
     let last_event_id = match super::mercure::last_event_id(&req) {
         Ok(v) => v,
         Err(r) => return r,
     };
     let conn = req.extensions().get::<Connection>();
     let kill = conn.map(|c| c.kill.clone());
+    let (expires_at, payload) = rights
+        .as_ref()
+        .map_or((None, None), |r| (r.expires_at, r.payload.clone()));
     let sub = app.hub.subscribe(SubscribeRequest {
         topics: vec![TOPIC.to_owned()],
-        rights: None,
+        rights: rights.map(|r| r.subscribe.unwrap_or_default()),
         last_event_id,
-        expires_at: None,
+        expires_at,
         kill,
-        payload: None,
+        payload,
     });
     match sub {
         Ok(s) => {
@@ -43,6 +65,9 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
     }
 }
 
-pub async fn events_head() -> Response {
-    stream_response(axum::body::Body::empty(), None)
+pub async fn events_head(State(app): State<AppState>, req: Request) -> Response {
+    match rights(&app, &req) {
+        Ok(_) => stream_response(axum::body::Body::empty(), None),
+        Err(r) => r,
+    }
 }

@@ -111,21 +111,27 @@ fn check_subscriber(
     }
     let token = find_token(req.headers(), q.authorization.as_deref()).map_err(auth_error)?;
     let rights = match token {
-        Some((t, _)) => Some(app.subscriber_key.verify(t).map_err(auth_error)?),
+        Some((t, _)) => Some(verify_subscriber(app, t)?),
         None if app.anonymous => None,
         None => return Err(auth_error(AuthError::Missing)),
     };
-    // The clock leeway lets a token a few seconds past its `exp` through verification (for
-    // skew between clocks); a stream must still not open after `exp`, where it would receive
-    // its replay before being closed.
-    if let Some(exp) = rights.as_ref().and_then(|r| r.expires_at) {
-        if exp <= SystemTime::now() {
-            return Err(auth_error(AuthError::Invalid(
-                "the token has expired".into(),
-            )));
-        }
-    }
     Ok((q, rights))
+}
+
+/// A subscriber's token checked. The clock leeway lets a token a few seconds past its `exp`
+/// through verification (for skew between clocks); a stream must still not open after `exp`,
+/// where it would receive its replay before being closed.
+pub(super) fn verify_subscriber(app: &AppState, token: &str) -> Result<Rights, Response> {
+    let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
+    if rights
+        .expires_at
+        .is_some_and(|exp| exp <= SystemTime::now())
+    {
+        return Err(auth_error(AuthError::Invalid(
+            "the token has expired".into(),
+        )));
+    }
+    Ok(rights)
 }
 
 /// `GET /.well-known/mercure?topic=…`
