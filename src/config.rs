@@ -151,7 +151,9 @@ pub enum Origins {
 impl Origins {
     /// Parses `a,b,c` or `*`. Each origin must look like scheme://host[:port].
     pub fn parse(flag: &str, s: &str) -> Result<Origins, String> {
-        let items: Vec<&str> = s
+        // Browsers send origins in lower case (scheme and host are case-insensitive).
+        let lower = s.to_ascii_lowercase();
+        let items: Vec<&str> = lower
             .split(',')
             .map(str::trim)
             .filter(|o| !o.is_empty())
@@ -351,6 +353,18 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_match_whatever_case_they_were_written_in() {
+        let o = Origins::parse(
+            "--cors-origins",
+            "HTTPS://App.Example.com/, http://b.example",
+        )
+        .unwrap();
+        assert!(o.allows("https://app.example.com"));
+        assert!(o.allows("http://b.example"));
+        assert!(!o.allows("https://other.example"));
+    }
 
     #[test]
     fn sizes_and_durations() {

@@ -633,6 +633,20 @@ async fn subscription_events_and_api() {
          .0,
         StatusCode::FORBIDDEN
     );
+    // A query that cannot be read is refused, not skipped: skipping it would drop its bad
+    // `authorization` and answer with the cookie's rights.
+    let cookie = format!("mercureAuthorization={watcher_token}");
+    for query in ["authorization=x.y.z&x=%zz", "authorization=x.y.z"] {
+        let ((status, body), _) = request(
+            &hub,
+            Method::GET,
+            &format!("/.well-known/mercure/subscriptions?{query}"),
+            &[("cookie", &cookie)],
+            "",
+        )
+        .await;
+        assert!(status.is_client_error(), "{query}: {status} {body}");
+    }
 
     // The subscription ends: an inactive event.
     drop(s);

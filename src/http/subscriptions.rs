@@ -25,15 +25,16 @@ fn caller(app: &AppState, req: &Request) -> Result<Vec<std::sync::Arc<Selector>>
             "the subscription API is off: start the hub with --subscriptions",
         ));
     }
-    let query_token = req
-        .uri()
-        .query()
-        .and_then(|q| form::parse(q.as_bytes(), 32).ok())
-        .and_then(|p| {
-            p.into_iter()
-                .find(|(n, _)| n == "authorization")
-                .map(|(_, v)| v)
-        });
+    // A query that cannot be read is refused, not skipped: skipping it would drop its
+    // `authorization` and fall back to the cookie's token.
+    let query_token = match req.uri().query() {
+        Some(q) => form::parse(q.as_bytes(), 32)
+            .map_err(|e| reject(StatusCode::BAD_REQUEST, e))?
+            .into_iter()
+            .find(|(n, _)| n == "authorization")
+            .map(|(_, v)| v),
+        None => None,
+    };
     let token = find_token(req.headers(), query_token.as_deref()).map_err(auth_error)?;
     let Some((token, _)) = token else {
         return Err(auth_error(AuthError::Missing));
