@@ -20,6 +20,10 @@ async fn page_has_the_seed_text_and_appends_text_nodes() {
         .starts_with("text/html"));
     assert!(body.contains("Yo friend, here are some fascinating messages about the current time:"));
     assert!(body.contains("new EventSource(\"/events/\")"));
+    // Never framed by another site, never sniffed.
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["content-security-policy"], "frame-ancestors 'none'");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
     assert!(body.contains("textContent"), "updates are appended as text");
     assert!(!body.contains("innerHTML"), "never parsed as HTML");
     assert!(hub.wait_for_log("Finished HTTP request at /", Duration::from_secs(5)));
@@ -158,8 +162,9 @@ async fn events_take_a_token_when_the_hub_requires_them() {
     let hub = TestHub::start(&["--anonymous", "false"]);
     for method in [Method::GET, Method::HEAD] {
         for path in ["/events/", "/events"] {
-            let ((status, body), _) = request(&hub, method.clone(), path, &[], "").await;
+            let ((status, body), h) = request(&hub, method.clone(), path, &[], "").await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+            assert_eq!(h["www-authenticate"], "Bearer");
         }
     }
     let token = hub.publisher_token();

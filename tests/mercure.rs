@@ -545,6 +545,7 @@ async fn subscription_events_and_api() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(h["content-type"], "application/ld+json");
+    assert_eq!(h["cache-control"], "private, no-store");
     let all: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(all["type"], "Subscriptions");
     let last = all["lastEventID"].as_str().unwrap().to_owned();

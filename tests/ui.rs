@@ -11,9 +11,12 @@ use http::StatusCode;
 #[tokio::test]
 async fn the_page_is_built_in() {
     let hub = TestHub::start(&[]);
-    let (status, body) = get(&hub, "/ui/", &[]).await;
+    let ((status, body), headers) = common::request(&hub, http::Method::GET, "/ui/", &[], "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("<title>ssehub dashboard</title>"), "{body}");
+    // The dashboard holds a token: no other site may frame it.
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
     for outside in ["src=\"http", "href=\"http", "url(http"] {
         assert!(!body.contains(outside), "no outside resource: {outside}");
     }

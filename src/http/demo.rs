@@ -1,7 +1,7 @@
 //! The seed's demo: the page at `/` and its stream of the clock topic at `/events/`.
 
 use axum::extract::{Request, State};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::Response;
 
 use super::mercure::auth_error;
 use super::{stream_reply, stream_response, AppState, Connection};
@@ -13,7 +13,7 @@ const PAGE: &str = include_str!("demo.html");
 
 pub async fn page() -> Response {
     tracing::info!("Finished HTTP request at /");
-    Html(PAGE).into_response()
+    super::html_page(PAGE)
 }
 
 /// With `--anonymous false`, the demo stream is no exception: it takes a token (header or

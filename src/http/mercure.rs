@@ -78,11 +78,13 @@ pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
 }
 
 pub(super) fn auth_error(e: AuthError) -> Response {
-    let status = match e {
-        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
-        _ => StatusCode::UNAUTHORIZED,
-    };
-    reject(status, e)
+    if let AuthError::Forbidden(_) = e {
+        return reject(StatusCode::FORBIDDEN, e);
+    }
+    let mut r = reject(StatusCode::UNAUTHORIZED, e);
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 pub(super) fn subscribe_error(e: SubscribeError) -> Response {

@@ -149,6 +149,23 @@ async fn not_found() -> Response {
 }
 
 /// A refusal: the status and a one-line reason as plain text.
+/// An HTML page of the hub's own (the demo, the dashboard): never framed by another site
+/// (clickjacking), never sniffed as another type.
+pub fn html_page(html: &'static str) -> Response {
+    let mut r = axum::response::Html(html).into_response();
+    let h = r.headers_mut();
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
 pub fn reject(status: StatusCode, reason: impl std::fmt::Display) -> Response {
     let mut r = (status, format!("{reason}\n")).into_response();
     r.headers_mut().insert(

@@ -91,6 +91,15 @@ fn ld_json(doc: Value, last_event_id: &str, req: &Request) -> Response {
                 HeaderValue::from_static("application/ld+json"),
             ),
             (header::ETAG, etag),
+            // Documents carry subscribers' token payloads: for this caller only.
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
         ],
         doc.to_string(),
     )

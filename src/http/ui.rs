@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::StatusCode;
@@ -25,7 +25,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// `GET /ui/`
 pub async fn page() -> Response {
-    Html(PAGE).into_response()
+    super::html_page(PAGE)
 }
 
 /// `GET /ui` sends the browser to `/ui/`, so that the page's relative URLs stay right.
