@@ -333,3 +333,41 @@ async fn a_stalled_https_subscriber_is_dropped_and_forgotten() {
     .await;
     assert!(ended.is_ok(), "the connection was closed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_http2_stream_is_dropped_alone_not_with_its_connection() {
+    let hub = TestHub::start(&["--subscriber-queue", "5"]);
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    // A small window, so that the stream that is never read stalls after 64 KiB.
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = |topic: &str| {
+        let mut sender = sender.clone();
+        let req = Request::get(format!(
+            "http://{}/.well-known/mercure?topic={topic}",
+            hub.addr
+        ))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+        async move { sender.send_request(req).await.unwrap() }
+    };
+    let slow = get("slow").await;
+    let mut fast = get("fast").await.into_body();
+    let mut p = hub.publisher().await;
+    let big = "x".repeat(20_000);
+    for _ in 0..40 {
+        p.ok(&[("topic", "slow"), ("data", &big)]).await;
+    }
+    let dropped = "ssehub_subscribers_dropped_total{reason=\"slow\"}";
+    hub.wait_metric(dropped, |v| v >= 1.0, Duration::from_secs(10))
+        .await;
+    // The other stream on the same connection goes on.
+    p.ok(&[("topic", "fast"), ("data", "still here")]).await;
+    assert_eq!(read_events(&mut fast, 1).await[0].data, "still here");
+    drop(slow);
+}

@@ -40,7 +40,7 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
         Err(r) => return r,
     };
     let conn = req.extensions().get::<Connection>();
-    let kill = conn.map(|c| c.kill.clone());
+    let kill = super::stream_kill(conn, &req);
     let (expires_at, payload) = rights
         .as_ref()
         .map_or((None, None), |r| (r.expires_at, r.payload.clone()));

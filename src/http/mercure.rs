@@ -147,7 +147,7 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
         Err(r) => return r,
     };
     let conn = req.extensions().get::<Connection>();
-    let kill = conn.map(|c| c.kill.clone());
+    let kill = super::stream_kill(conn, &req);
     let (subscribe_rights, expires_at, payload) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
         // public updates and no private ones.

@@ -149,6 +149,22 @@ async fn not_found() -> Response {
 }
 
 /// A refusal: the status and a one-line reason as plain text.
+/// How the hub drops a subscriber that stopped reading: over HTTP/1.1 by closing its
+/// connection (its stream's task waits on a full socket and cannot end the response itself).
+/// Over HTTP/2 the connection carries other streams, which must not go with it: the
+/// subscriber is closed and its queue freed, and its stream ends when the client reads again
+/// or the connection goes (what a stalled stream holds meanwhile is bounded by its flow-control
+/// window).
+pub fn stream_kill(
+    conn: Option<&Connection>,
+    req: &axum::extract::Request,
+) -> Option<CancellationToken> {
+    if req.version() == http::Version::HTTP_2 {
+        return None;
+    }
+    conn.map(|c| c.kill.clone())
+}
+
 /// An HTML page of the hub's own (the demo, the dashboard): never framed by another site
 /// (clickjacking), never sniffed as another type.
 pub fn html_page(html: &'static str) -> Response {
