@@ -139,6 +139,24 @@ pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body:
     head.request.body(axum::body::Body::empty()).ok()
 }
 
+/// A request head's size as the hub limits it, whichever path reads it: the target's length,
+/// plus each header's name and value and 4 bytes (`": "` and CRLF). Counted on the parsed
+/// head, so that it does not depend on the line endings or spaces a client chose, nor on
+/// whether the head came with its body.
+pub fn head_size<'a>(uri: &http::Uri, headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> usize {
+    /// Counts what `Display` writes, without keeping it.
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut uri_len = Count(0);
+    let _ = std::fmt::Write::write_fmt(&mut uri_len, format_args!("{uri}"));
+    uri_len.0 + headers.map(|(k, v)| k.len() + v.len() + 4).sum::<usize>()
+}
+
 /// A request head this module's paths may serve, parsed.
 pub struct PlainHead {
     /// The request, headers included, without its body.
@@ -153,7 +171,9 @@ pub struct PlainHead {
 
 /// Parses an HTTP/1.1 head for `method` on a path `path_ok` accepts, or returns `None` for
 /// anything hyper should answer instead: another method, path or version, a partial or
-/// malformed head, a chunked body, an upgrade, an expectation, a doubtful `Content-Length`.
+/// malformed head, a chunked body, an upgrade, an expectation, a doubtful `Content-Length`, a
+/// head over `max_head` by [`head_size`] (refused by the server's `oversized_head`, as it would
+/// be had it come in pieces) or by its length in bytes.
 pub fn plain_head(
     buf: &[u8],
     max_head: usize,
@@ -175,6 +195,10 @@ pub fn plain_head(
     }
     // httparse takes some bytes in a target that `http::Uri` refuses: hyper answers those.
     let uri: http::Uri = target.parse().ok()?;
+    let headers = parsed.headers.iter().map(|h| (h.name, h.value));
+    if head_size(&uri, headers) > max_head {
+        return None;
+    }
     let mut request = Request::builder()
         .method(method)
         .uri(uri)
@@ -782,5 +806,20 @@ mod tests {
             );
         }
         assert!(stream_request(ok, 10).is_none(), "head over the limit");
+    }
+
+    #[test]
+    fn the_head_size_limit_counts_the_parsed_head() {
+        // Bare LF and no space after the colons: 60 lines of 1,000 bytes, 2 more each as
+        // counted, and the request line's target only.
+        let mut head = b"GET /events/ HTTP/1.1\n".to_vec();
+        for i in 0..60 {
+            head.extend_from_slice(format!("X-{i:02}:{}\n", "v".repeat(994)).as_bytes());
+        }
+        head.push(b'\n');
+        let counted = "/events/".len() + 60 * 1002;
+        assert_eq!(head.len(), 22 + 60 * 1000 + 1);
+        assert!(stream_request(&head, counted).is_some());
+        assert!(stream_request(&head, counted - 1).is_none());
     }
 }
