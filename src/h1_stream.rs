@@ -127,8 +127,9 @@ impl HeadScan {
 }
 
 /// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
-/// request to route, or `None` to leave the connection to hyper.
-pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body::Body>> {
+/// request to route and whether the client asked for the connection to be closed after it, or
+/// `None` to leave the connection to hyper.
+pub fn stream_request(buf: &[u8], max_head: usize) -> Option<(Request<axum::body::Body>, bool)> {
     let head = plain_head(buf, max_head, Method::GET, |path| {
         matches!(path, MERCURE_PATH | "/events" | "/events/")
     })?;
@@ -136,7 +137,8 @@ pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body:
     if head.content_length.is_some_and(|n| n > 0) {
         return None;
     }
-    head.request.body(axum::body::Body::empty()).ok()
+    let request = head.request.body(axum::body::Body::empty()).ok()?;
+    Some((request, head.close))
 }
 
 /// A request head's size as the hub limits it, whichever path reads it: the target's length,
@@ -361,9 +363,13 @@ impl DirectSink for DirectTcp {
 
 /// Writes the router's answer to a stream request: the stream itself when the handler accepted
 /// the subscriber, or the refusal, after which the connection is closed.
+///
+/// The connection is not used for another request after a stream, which ends by closing it;
+/// with `close` (the client's `Connection: close`) the stream's head says so, as hyper's would.
 pub async fn respond<S: StreamIo>(
     mut io: S,
     response: Response<axum::body::Body>,
+    close: bool,
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
@@ -375,6 +381,9 @@ pub async fn respond<S: StreamIo>(
     };
     let (parts, _) = response.into_parts();
     let mut head = response_head(parts.status, &parts.headers);
+    if close {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
     head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
     let (io, sink) = io.into_pumped();
     if let Some(sink) = sink {
@@ -806,6 +815,9 @@ mod tests {
             );
         }
         assert!(stream_request(ok, 10).is_none(), "head over the limit");
+        let close = b"GET /events/ HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n";
+        assert!(stream_request(close, 65536).unwrap().1);
+        assert!(!stream_request(ok, 65536).unwrap().1);
     }
 
     #[test]

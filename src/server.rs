@@ -434,7 +434,7 @@ impl Http1 {
             return tracing::debug!(peer = %self.peer, "no request within the head deadline");
         };
         loop {
-            if let Some(mut req) = h1_stream::stream_request(&head, MAX_HEAD) {
+            if let Some((mut req, close)) = h1_stream::stream_request(&head, MAX_HEAD) {
                 drop(head);
                 let slot = h1_stream::new_slot();
                 req.extensions_mut().insert(Connection {
@@ -442,7 +442,7 @@ impl Http1 {
                     stream_slot: Some(slot.clone()),
                 });
                 let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-                h1_stream::respond(io, response, &slot, self.peer, &self.streams).await;
+                h1_stream::respond(io, response, close, &slot, self.peer, &self.streams).await;
                 return;
             }
             let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {

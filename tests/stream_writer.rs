@@ -496,3 +496,38 @@ async fn a_head_trickled_in_small_pieces_ends_at_its_blank_line() {
         assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_asked_to_close_says_so_and_closes_when_it_ends() {
+    let hub = TestHub::start(&[]);
+    let token = hub
+        .key
+        .mint(None, Some(&["*".to_owned()]), Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "GET /.well-known/mercure?topic=c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    let (head, _) = split_chunked(&raw);
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+    // The token expires: the stream ends with its last chunk, and the hub closes the
+    // connection (while it runs on).
+    tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut raw))
+        .await
+        .expect("the connection is closed when the stream ends")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
+    assert_eq!(common::get(&hub, "/healthz", &[]).await.0, 200);
+}
