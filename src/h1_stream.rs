@@ -42,18 +42,14 @@ const ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the last writes of a stream the hub has ended may take.
 const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads the first request head of a connection, until its blank line, `limit` bytes, the end
-/// of input or `deadline`. Returns what was read, or `None` when nothing usable came in time.
-pub async fn read_head<S: AsyncRead + Unpin>(
-    io: &mut S,
-    deadline: Instant,
-    limit: usize,
-) -> Option<BytesMut> {
-    read_more_head(io, BytesMut::with_capacity(1024), deadline, limit).await
-}
-
-/// [`read_head`] continuing from `buf`, which may already hold the start of the head (what a
-/// client sent right after its previous request).
+/// Reads a request head, until its blank line, `limit` bytes, the end of input or `deadline`,
+/// continuing from `buf`, which may already hold its start (the first bytes of a connection,
+/// read to tell its protocol, or what a client sent right after its previous request). Returns
+/// what was read, or `None` when nothing usable came in time.
+///
+/// Only the bytes new since the last read are searched for the blank line that ends the head
+/// (as hyper does): a client trickling a long head a byte at a time costs work in proportion
+/// to the head, not to its square.
 pub async fn read_more_head<S: AsyncRead + Unpin>(
     io: &mut S,
     mut buf: BytesMut,
@@ -61,8 +57,9 @@ pub async fn read_more_head<S: AsyncRead + Unpin>(
     limit: usize,
 ) -> Option<BytesMut> {
     use tokio::io::AsyncReadExt as _;
+    let mut scan = HeadScan::default();
     loop {
-        if buf.len() >= limit || head_complete(&buf) {
+        if buf.len() >= limit || scan.complete(&buf) {
             return Some(buf);
         }
         if buf.capacity() - buf.len() < 512 {
@@ -76,22 +73,63 @@ pub async fn read_more_head<S: AsyncRead + Unpin>(
     }
 }
 
-/// Has the head ended (or gone wrong, which hyper then answers)? httparse decides, as it
-/// would for hyper: it also takes bare LF line endings.
-fn head_complete(buf: &[u8]) -> bool {
-    if buf.is_empty() {
-        return false;
+/// How far a request head being read has been looked at.
+#[derive(Default)]
+struct HeadScan {
+    /// Whether httparse has had its one look at the start of the head.
+    parsed: bool,
+    /// Bytes already searched for the head's end.
+    scanned: usize,
+    /// Where the request line starts, once a byte other than the empty lines httparse skips
+    /// before it has come.
+    start: Option<usize>,
+}
+
+impl HeadScan {
+    /// Has the head ended (or gone wrong, which hyper then answers)? httparse decides on the
+    /// first bytes, so that garbage is answered at once; after that only the new bytes are
+    /// searched for a blank line, a bare LF one included (httparse takes both, as for hyper).
+    /// More header lines than this writer takes do not end the head: hyper reads the rest
+    /// within the same deadline, not a fresh one of its own.
+    fn complete(&mut self, buf: &[u8]) -> bool {
+        if buf.is_empty() {
+            return false;
+        }
+        let ended = self.blank_line(buf);
+        if std::mem::replace(&mut self.parsed, true) {
+            return ended;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        ended
+            || !matches!(
+                httparse::Request::new(&mut headers).parse(buf),
+                Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders)
+            )
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    !matches!(
-        httparse::Request::new(&mut headers).parse(buf),
-        Ok(httparse::Status::Partial)
-    )
+
+    /// Is there a blank line (`\n\n` or `\n\r\n`) after the request line's start, among
+    /// the bytes since the last call and the two before them?
+    fn blank_line(&mut self, buf: &[u8]) -> bool {
+        let from = self.scanned;
+        self.scanned = buf.len();
+        let start = match self.start {
+            Some(s) => s,
+            None => match buf[from..].iter().position(|b| !matches!(b, b'\r' | b'\n')) {
+                Some(i) => *self.start.insert(from + i),
+                None => return false,
+            },
+        };
+        let bytes = &buf[from.saturating_sub(2).max(start)..];
+        bytes.iter().enumerate().any(|(i, &b)| {
+            b == b'\n' && matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..])
+        })
+    }
 }
 
 /// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
-/// request to route, or `None` to leave the connection to hyper.
-pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body::Body>> {
+/// request to route and whether the client asked for the connection to be closed after it, or
+/// `None` to leave the connection to hyper.
+pub fn stream_request(buf: &[u8], max_head: usize) -> Option<(Request<axum::body::Body>, bool)> {
     let head = plain_head(buf, max_head, Method::GET, |path| {
         matches!(path, MERCURE_PATH | "/events" | "/events/")
     })?;
@@ -99,7 +137,26 @@ pub fn stream_request(buf: &[u8], max_head: usize) -> Option<Request<axum::body:
     if head.content_length.is_some_and(|n| n > 0) {
         return None;
     }
-    head.request.body(axum::body::Body::empty()).ok()
+    let request = head.request.body(axum::body::Body::empty()).ok()?;
+    Some((request, head.close))
+}
+
+/// A request head's size as the hub limits it, whichever path reads it: the target's length,
+/// plus each header's name and value and 4 bytes (`": "` and CRLF). Counted on the parsed
+/// head, so that it does not depend on the line endings or spaces a client chose, nor on
+/// whether the head came with its body.
+pub fn head_size<'a>(uri: &http::Uri, headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> usize {
+    /// Counts what `Display` writes, without keeping it.
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut uri_len = Count(0);
+    let _ = std::fmt::Write::write_fmt(&mut uri_len, format_args!("{uri}"));
+    uri_len.0 + headers.map(|(k, v)| k.len() + v.len() + 4).sum::<usize>()
 }
 
 /// A request head this module's paths may serve, parsed.
@@ -116,7 +173,9 @@ pub struct PlainHead {
 
 /// Parses an HTTP/1.1 head for `method` on a path `path_ok` accepts, or returns `None` for
 /// anything hyper should answer instead: another method, path or version, a partial or
-/// malformed head, a chunked body, an upgrade, an expectation, a doubtful `Content-Length`.
+/// malformed head, a chunked body, an upgrade, an expectation, a doubtful `Content-Length`, a
+/// head over `max_head` by [`head_size`] (refused by the server's `oversized_head`, as it would
+/// be had it come in pieces) or by its length in bytes.
 pub fn plain_head(
     buf: &[u8],
     max_head: usize,
@@ -138,6 +197,10 @@ pub fn plain_head(
     }
     // httparse takes some bytes in a target that `http::Uri` refuses: hyper answers those.
     let uri: http::Uri = target.parse().ok()?;
+    let headers = parsed.headers.iter().map(|h| (h.name, h.value));
+    if head_size(&uri, headers) > max_head {
+        return None;
+    }
     let mut request = Request::builder()
         .method(method)
         .uri(uri)
@@ -300,9 +363,13 @@ impl DirectSink for DirectTcp {
 
 /// Writes the router's answer to a stream request: the stream itself when the handler accepted
 /// the subscriber, or the refusal, after which the connection is closed.
+///
+/// The connection is not used for another request after a stream, which ends by closing it;
+/// with `close` (the client's `Connection: close`) the stream's head says so, as hyper's would.
 pub async fn respond<S: StreamIo>(
     mut io: S,
     response: Response<axum::body::Body>,
+    close: bool,
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
@@ -314,6 +381,9 @@ pub async fn respond<S: StreamIo>(
     };
     let (parts, _) = response.into_parts();
     let mut head = response_head(parts.status, &parts.headers);
+    if close {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
     head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
     let (io, sink) = io.into_pumped();
     if let Some(sink) = sink {
@@ -669,6 +739,58 @@ mod tests {
         assert_eq!(remaining(&parts, 7, &mut out), 0);
     }
 
+    /// Feeds `head` to a scan in pieces of `step` bytes; the piece count at which it ended.
+    fn ends_after(head: &[u8], step: usize) -> Option<usize> {
+        let mut scan = HeadScan::default();
+        let mut pieces = 0;
+        for end in (step..head.len() + step).step_by(step) {
+            pieces += 1;
+            if scan.complete(&head[..end.min(head.len())]) {
+                return Some(pieces);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_however_it_is_cut() {
+        for head in [
+            &b"GET /events/ HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /events/ HTTP/1.1\nHost: x\n\n",
+            b"GET /events/ HTTP/1.1\nHost: x\n\r\n",
+            b"\r\n\nGET /events/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /events/ HTTP/1.1\r\n\r\n",
+        ] {
+            let text = String::from_utf8_lossy(head);
+            // In two pieces, cut anywhere (the blank line included): ends with the second.
+            for cut in 1..head.len() {
+                let mut scan = HeadScan::default();
+                assert!(!scan.complete(&head[..cut]), "{text:?} cut at {cut}");
+                assert!(scan.complete(head), "{text:?} cut at {cut}");
+            }
+            for step in [1, 2, 3, 5] {
+                let pieces = head.len().div_ceil(step);
+                assert_eq!(ends_after(head, step), Some(pieces), "{text:?} by {step}");
+            }
+        }
+        // Only empty lines so far: not a head yet.
+        assert_eq!(ends_after(b"\r\n\r\n\n\n\r\n", 1), None);
+    }
+
+    #[test]
+    fn garbage_first_ends_the_head_and_extra_header_lines_do_not() {
+        assert_eq!(ends_after(b"\x00\x01garbage", 20), Some(1));
+        // 70 header lines, more than httparse is given room for: the head goes on to its end.
+        let mut head = b"GET /healthz HTTP/1.1\r\n".to_vec();
+        for i in 0..70 {
+            head.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        let lines = head.len();
+        head.extend_from_slice(b"\r\n");
+        assert!(!HeadScan::default().complete(&head[..lines]));
+        assert_eq!(ends_after(&head, lines), Some(2));
+    }
+
     #[test]
     fn only_plain_stream_gets_are_taken() {
         let ok = b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -693,5 +815,23 @@ mod tests {
             );
         }
         assert!(stream_request(ok, 10).is_none(), "head over the limit");
+        let close = b"GET /events/ HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n";
+        assert!(stream_request(close, 65536).unwrap().1);
+        assert!(!stream_request(ok, 65536).unwrap().1);
+    }
+
+    #[test]
+    fn the_head_size_limit_counts_the_parsed_head() {
+        // Bare LF and no space after the colons: 60 lines of 1,000 bytes, 2 more each as
+        // counted, and the request line's target only.
+        let mut head = b"GET /events/ HTTP/1.1\n".to_vec();
+        for i in 0..60 {
+            head.extend_from_slice(format!("X-{i:02}:{}\n", "v".repeat(994)).as_bytes());
+        }
+        head.push(b'\n');
+        let counted = "/events/".len() + 60 * 1002;
+        assert_eq!(head.len(), 22 + 60 * 1000 + 1);
+        assert!(stream_request(&head, counted).is_some());
+        assert!(stream_request(&head, counted - 1).is_none());
     }
 }

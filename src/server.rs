@@ -261,25 +261,33 @@ pub async fn run(
         };
         let Some(tls) = &tls else {
             let (builder, watcher) = (builder.clone(), graceful.watcher());
+            let stop = stop.clone();
             tokio::spawn(async move {
+                let mut stream = stream;
                 let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-                match sniff_protocol(&stream, deadline).await {
+                let sniffed = tokio::select! {
+                    // Shutdown does not wait for a client that has not sent a request yet.
+                    _ = stop.cancelled() => return,
+                    p = sniff_protocol(&mut stream, deadline) => p,
+                };
+                match sniffed {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
-                    Some(Protocol::Http2) => {
+                    Some((Protocol::Http2, read)) => {
+                        let io = h1_stream::Prefixed::new(read.freeze(), stream);
                         let conn = builder
                             .http2_only()
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection(TokioIo::new(io), service)
                             .into_owned();
                         serve_until_killed(watcher.watch(conn), kill, peer).await;
                     }
-                    Some(Protocol::Http1) => {
+                    Some((Protocol::Http1, read)) => {
                         // Without a bound, the kernel grows a socket's send buffer to megabytes
                         // for a client that stopped reading, so it would be noticed (and
                         // dropped) only after thousands of updates, holding that memory
                         // meanwhile. HTTP/1.1 connections carry one stream each; HTTP/2 and TLS
                         // ones keep the kernel's own sizing.
                         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
-                        h1.serve(stream, deadline, service, watcher).await
+                        h1.serve(stream, read, deadline, service, watcher).await
                     }
                 }
             });
@@ -289,13 +297,18 @@ pub async fn run(
         // request head, so a client that stalls in it holds nothing else up.
         let acceptor = tls.acceptor();
         let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
+            let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+            let handshake = tokio::select! {
+                _ = stop.cancelled() => return,
+                h = handshake => h,
+            };
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
             // ALPN has chosen the protocol: no need to sniff the first bytes.
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 let conn = builder
@@ -305,7 +318,8 @@ pub async fn run(
                 serve_until_killed(watcher.watch(conn), kill, peer).await;
             } else {
                 let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-                h1.serve(stream, deadline, service, watcher).await;
+                h1.serve(stream, BytesMut::new(), deadline, service, watcher)
+                    .await;
             }
         });
     }
@@ -328,18 +342,17 @@ pub async fn run(
 }
 
 /// hyper bounds its read buffer, but a head that arrives whole in one read can still exceed
-/// it; the limit on the head's size is enforced here, before any routing.
+/// it; the limit on the head's size is enforced here, before any routing, by the rule
+/// `h1_stream`'s paths also apply (they leave a head over it to hyper, to be refused here).
 fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response> {
-    let uri = req.uri().to_string().len();
-    let headers: usize = req
+    let headers = req
         .headers()
         .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    if uri + headers <= MAX_HEAD {
+        .map(|(k, v)| (k.as_str(), v.as_bytes()));
+    if h1_stream::head_size(req.uri(), headers) <= MAX_HEAD {
         return None;
     }
-    let status = if uri > MAX_HEAD / 2 {
+    let status = if h1_stream::head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
         http::StatusCode::URI_TOO_LONG
     } else {
         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -360,30 +373,30 @@ enum Protocol {
 
 /// Waits (until `deadline`) for the first bytes of a plain connection and tells HTTP/1.1 from
 /// HTTP/2 by them. hyper's own detection waits for them without a deadline, so a client that
-/// connects and says nothing would hold its descriptor forever.
+/// connects and says nothing would hold its descriptor forever. Returns what was read, to be
+/// put back in front of the connection: reading (not peeking) means a client that sends part
+/// of the preface and goes quiet wakes its task only when more comes.
 async fn sniff_protocol(
-    stream: &tokio::net::TcpStream,
+    stream: &mut tokio::net::TcpStream,
     deadline: tokio::time::Instant,
-) -> Option<Protocol> {
-    let mut buf = [0u8; H2_PREFACE.len()];
+) -> Option<(Protocol, BytesMut)> {
+    use tokio::io::AsyncReadExt as _;
+    // What `h1_stream::read_more_head` goes on with for HTTP/1.1.
+    let mut buf = BytesMut::with_capacity(1024);
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
             .await
             .ok()?
             .ok()?;
         if n == 0 {
             return None;
         }
-        if !H2_PREFACE.starts_with(&buf[..n]) {
-            return Some(Protocol::Http1);
+        let seen = buf.len().min(H2_PREFACE.len());
+        if buf[..seen] != H2_PREFACE[..seen] {
+            return Some((Protocol::Http1, buf));
         }
-        if n == H2_PREFACE.len() {
-            return Some(Protocol::Http2);
-        }
-        // A partial preface: peek returns at once while no more has come, so pause.
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        if tokio::time::Instant::now() >= deadline {
-            return None;
+        if seen == H2_PREFACE.len() {
+            return Some((Protocol::Http2, buf));
         }
     }
 }
@@ -403,11 +416,13 @@ struct Http1 {
 }
 
 impl Http1 {
-    /// Reads the first request head; an event stream request is answered by `h1_stream`, any
-    /// other by hyper, with the head put back in front of the connection.
+    /// Reads the first request head, after the bytes already `read` from the connection; an
+    /// event stream request is answered by `h1_stream`, any other by hyper, with the head put
+    /// back in front of the connection. A head not whole when shutdown starts is given up.
     async fn serve<S, Svc>(
         self,
         mut io: S,
+        read: BytesMut,
         deadline: tokio::time::Instant,
         service: Svc,
         watcher: hyper_util::server::graceful::Watcher,
@@ -421,11 +436,15 @@ impl Http1 {
             + 'static,
         Svc::Future: Send + 'static,
     {
-        let Some(mut head) = h1_stream::read_head(&mut io, deadline, MAX_HEAD + 1).await else {
+        let head = tokio::select! {
+            _ = self.stop.cancelled() => return,
+            h = h1_stream::read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,
+        };
+        let Some(mut head) = head else {
             return tracing::debug!(peer = %self.peer, "no request within the head deadline");
         };
         loop {
-            if let Some(mut req) = h1_stream::stream_request(&head, MAX_HEAD) {
+            if let Some((mut req, close)) = h1_stream::stream_request(&head, MAX_HEAD) {
                 drop(head);
                 let slot = h1_stream::new_slot();
                 req.extensions_mut().insert(Connection {
@@ -433,7 +452,7 @@ impl Http1 {
                     stream_slot: Some(slot.clone()),
                 });
                 let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-                h1_stream::respond(io, response, &slot, self.peer, &self.streams).await;
+                h1_stream::respond(io, response, close, &slot, self.peer, &self.streams).await;
                 return;
             }
             let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {

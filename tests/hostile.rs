@@ -385,3 +385,125 @@ async fn http2_rapid_reset() {
     assert_eq!(status, StatusCode::OK);
     assert!(hub.rss_kib() < rss_before + 64 * 1024);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_header_lines_get_no_second_head_deadline() {
+    let hub = TestHub::start(&[]);
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // More header lines than the hub's own path parses, and the head never ends.
+    let lines: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
+    c.write_all(lines.as_bytes()).await.unwrap();
+    assert!(
+        closed_within(&mut c, Duration::from_secs(20)).await,
+        "closed at all"
+    );
+    // The head deadline (10 s) runs from the connection's start, not again from the lines.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(13), "closed after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preface_in_pieces_is_still_told_apart() {
+    let hub = TestHub::start(&[]);
+    // An HTTP/1.1 publish whose first byte could begin HTTP/2's preface, sent apart.
+    let token = hub.publisher_token();
+    let body = "topic=p&data=split";
+    let publish = format!(
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    c.write_all(&publish.as_bytes()[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(&publish.as_bytes()[1..]).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(hub.metric("ssehub_plain_publishes_total").await, 1.0);
+
+    // HTTP/2's preface in three pieces, then an empty SETTINGS frame: the hub speaks HTTP/2
+    // and acknowledges it (the bytes read to tell the protocol reach hyper's HTTP/2).
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    for piece in [
+        &b"PRI"[..],
+        b" * HTTP/2.0\r\n\r\nSM",
+        b"\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    ] {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {raw:?}");
+            raw.extend_from_slice(&buf[..n]);
+            // Frames: 3 bytes of length, type, flags, 4 bytes of stream id, payload.
+            let mut at = 0;
+            while at + 9 <= raw.len() {
+                let len = u32::from_be_bytes([0, raw[at], raw[at + 1], raw[at + 2]]) as usize;
+                if raw[at + 3] == 4 && raw[at + 4] & 1 == 1 {
+                    return;
+                }
+                assert_ne!(raw[at + 3], 7, "GOAWAY: {raw:?}");
+                at += 9 + len;
+            }
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "no SETTINGS acknowledgement: {raw:?}");
+}
+
+/// Context switches of all the hub's threads so far (Linux).
+fn context_switches(hub: &TestHub) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", hub.pid())).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| l.split_once("ctxt_switches:"))
+                .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_preface_does_not_wake_the_hub() {
+    let hub = TestHub::start(&[]);
+    let idle = async {
+        let before = context_switches(&hub);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        context_switches(&hub) - before
+    };
+    let alone = idle.await;
+    // 50 clients that send what could begin HTTP/2's preface, then nothing: the hub waits
+    // for their next bytes without looking again and again (1,300 wake-ups a second, when
+    // it peeked every 5 ms).
+    let mut quiet = Vec::new();
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        c.write_all(b"PRI").await.unwrap();
+        quiet.push(c);
+    }
+    assert_eq!(common::get(&hub, "/healthz", &[]).await.0, StatusCode::OK);
+    let before = context_switches(&hub);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let with_quiet = context_switches(&hub) - before;
+    assert!(
+        with_quiet < alone + 100,
+        "{with_quiet} context switches in a second with 50 quiet clients, {alone} without"
+    );
+}

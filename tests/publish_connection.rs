@@ -218,3 +218,59 @@ async fn requests_this_path_does_not_take_go_to_hyper_on_the_same_connection() {
         .unwrap();
     expect_answer(&mut c, "max-body", "HTTP/1.1 413").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_over_the_size_limit_is_refused_however_its_body_comes() {
+    let hub = TestHub::start(&[]);
+    // Bare LF and no space after the colons: under 64 KiB as sent, over it as the hub counts a
+    // head (the target, and each header's name and value with 4 bytes for ": " and CRLF).
+    let body = "topic=big&data=x";
+    let fixed = [
+        ("Host", "x".to_owned()),
+        ("Authorization", format!("Bearer {}", hub.publisher_token())),
+        (
+            "Content-Type",
+            "application/x-www-form-urlencoded".to_owned(),
+        ),
+        ("Content-Length", body.len().to_string()),
+    ];
+    let pad: Vec<_> = (0..58)
+        .map(|i| (format!("X-Pad-{i:02}"), "p".repeat(1115)))
+        .collect();
+    let lines = fixed
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .chain(pad);
+    let mut head = "POST /.well-known/mercure HTTP/1.1\n".to_owned();
+    let mut counted = "/.well-known/mercure".len();
+    for (k, v) in lines {
+        head += &format!("{k}:{v}\n");
+        counted += k.len() + v.len() + 4;
+    }
+    head += "\n";
+    assert!(
+        head.len() < 65_536 && counted > 65_536,
+        "{} {counted}",
+        head.len()
+    );
+
+    let mut statuses = Vec::new();
+    for together in [true, false] {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        if together {
+            c.write_all(format!("{head}{body}").as_bytes())
+                .await
+                .unwrap();
+        } else {
+            c.write_all(head.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(body.as_bytes()).await.unwrap();
+        }
+        let mut raw = Vec::new();
+        read_until(&mut c, &mut raw, "\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&raw);
+        statuses.push(text.split(' ').nth(1).unwrap_or("").to_owned());
+    }
+    assert_eq!(statuses, ["431", "431"]);
+    assert_eq!(hub.metric("ssehub_plain_publishes_total").await, 0.0);
+}

@@ -74,3 +74,34 @@ async fn sighup_without_tls_reloads_nothing_and_serves_on() {
         "still here"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_does_not_wait_for_connections_without_a_whole_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hub = TestHub::start(&[]);
+    let silent = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Could still be HTTP/2's preface.
+    let mut preface = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    preface.write_all(b"PRI").await.unwrap();
+    // Accepted in order: once this is answered, the three are being served.
+    assert_eq!(common::get(&hub, "/healthz", &[]).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = Instant::now();
+    hub.terminate();
+    let status = hub
+        .wait_exit(Duration::from_millis(2500))
+        .expect("exited well before the 4 s drain timeout");
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    for mut c in [silent, partial, preface] {
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+}

@@ -442,3 +442,92 @@ async fn race(hub: &TestHub, pace: Duration) {
         assert_eq!(got, stored, "the order the hub stored them in");
     }
 }
+
+/// Writes `pieces` one after another, pausing between them so that each arrives on its own.
+async fn trickle(c: &mut TcpStream, pieces: &[&[u8]]) {
+    for piece in pieces {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_trickled_in_small_pieces_ends_at_its_blank_line() {
+    let hub = TestHub::start(&[]);
+    // A stream's head three bytes at a time, its blank line cut in two.
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let head = b"GET /.well-known/mercure?topic=t HTTP/1.1\r\nHost: x\r\n\r";
+    let mut pieces: Vec<&[u8]> = head.chunks(3).collect();
+    pieces.push(b"\n");
+    trickle(&mut c, &pieces).await;
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    publish(&hub, "t", "trickled").await;
+    read_until(&mut c, &mut raw, "data: trickled\n\n").await;
+
+    // Bare LF, cut between its two LFs and between the LF and CR of `\n\r\n`: answered at
+    // once (hyper's path here), not when the head deadline passes.
+    for (first, last) in [
+        (
+            &b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n"[..],
+            &b"\n"[..],
+        ),
+        (
+            b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n",
+            b"\r\n",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r",
+            b"\n",
+        ),
+    ] {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        c.set_nodelay(true).unwrap();
+        let pieces: Vec<&[u8]> = first.chunks(2).chain([last]).collect();
+        trickle(&mut c, &pieces).await;
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut raw))
+            .await
+            .expect("answered at once, not after the head deadline")
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_asked_to_close_says_so_and_closes_when_it_ends() {
+    let hub = TestHub::start(&[]);
+    let token = hub
+        .key
+        .mint(None, Some(&["*".to_owned()]), Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut c = TcpStream::connect(hub.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "GET /.well-known/mercure?topic=c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    let (head, _) = split_chunked(&raw);
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+    // The token expires: the stream ends with its last chunk, and the hub closes the
+    // connection (while it runs on).
+    tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut raw))
+        .await
+        .expect("the connection is closed when the stream ends")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
+    assert_eq!(common::get(&hub, "/healthz", &[]).await.0, 200);
+}
