@@ -125,6 +125,28 @@ async fn private_updates_reach_only_authorized_subscribers_live_and_replayed() {
         (got[0].id.as_str(), got[0].data.as_str()),
         (private_id.as_str(), "secret")
     );
+
+    // Resuming from the private update's id: the hub does not tell anyone who may not see it
+    // that the id exists (GET and HEAD alike), and replays nothing after it for them.
+    let path = "/.well-known/mercure?topic=*";
+    let anon = [("last-event-id", private_id.as_str())];
+    let with = [
+        ("last-event-id", private_id.as_str()),
+        ("authorization", allowed_auth.as_str()),
+    ];
+    let ((_, _), h) = request(&hub, Method::HEAD, path, &anon, "").await;
+    assert_eq!(h["last-event-id"], "earliest", "HEAD anonymous");
+    let ((_, _), h) = request(&hub, Method::HEAD, path, &with, "").await;
+    assert_eq!(h["last-event-id"], private_id.as_str(), "HEAD allowed");
+    let mut resumed = hub.subscribe("topic=*", &anon).await;
+    assert_eq!(resumed.headers["last-event-id"], "earliest");
+    assert_quiet(&mut resumed, Duration::from_millis(200)).await;
+    let mut resumed_ok = hub.subscribe("topic=*", &with).await;
+    assert_eq!(resumed_ok.headers["last-event-id"], private_id.as_str());
+    assert_eq!(
+        take(&mut resumed_ok, 1, Duration::from_secs(5)).await[0].data,
+        "public"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -174,7 +174,7 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
 
 /// `HEAD /.well-known/mercure?topic=…`: the same checks and headers as `GET`, no stream.
 pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Response {
-    let (q, _) = match check_subscriber(&app, &req) {
+    let (q, rights) = match check_subscriber(&app, &req) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -185,7 +185,8 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         Ok(v) => v.or(q.last_event_id),
         Err(r) => return r,
     };
-    let answer = resume.map(|id| app.hub.resume_answer(&id));
+    let rights = rights.map(|r| r.subscribe.unwrap_or_default());
+    let answer = resume.map(|id| app.hub.resume_answer(&id, rights.as_deref()));
     stream_response(axum::body::Body::empty(), answer.as_deref())
 }
 

@@ -107,6 +107,27 @@ impl History {
         }
     }
 
+    /// [`History::locate`] for a caller who may see only the updates `visible` accepts: the id
+    /// of a private update it may not see is as unknown to it as any foreign id (else the
+    /// answer would tell anyone which private ids exist).
+    pub fn locate_for(
+        &self,
+        last_event_id: &str,
+        visible: impl Fn(&SharedUpdate) -> bool,
+    ) -> ReplayFrom {
+        match self.locate(last_event_id) {
+            ReplayFrom::After(seq) if !self.at(seq).is_some_and(visible) => ReplayFrom::Nothing,
+            from => from,
+        }
+    }
+
+    /// The retained update with this sequence number.
+    fn at(&self, seq: u64) -> Option<&SharedUpdate> {
+        let first = self.entries.front()?.seq;
+        self.entries
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)
+    }
+
     /// The retained updates after `from`, oldest first.
     pub fn since(&self, from: &ReplayFrom) -> impl Iterator<Item = &SharedUpdate> {
         let skip = match (from, self.entries.front()) {

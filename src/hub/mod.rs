@@ -295,7 +295,7 @@ impl Hub {
         let (mut replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
-                let from = core.history.locate(last);
+                let from = core.history.locate_for(last, |u| sub.authorized_for(u));
                 // Templates are matched one by one: with them, take the candidates under the
                 // lock and sort them out after it (a long history times many templates must
                 // not hold up every publish).
@@ -396,9 +396,20 @@ impl Hub {
 
     /// What a subscriber resuming from `last_event_id` would be told in its `Last-Event-ID`
     /// response header (for `HEAD`, which subscribes to nothing).
-    pub fn resume_answer(&self, last_event_id: &str) -> String {
+    /// The `Last-Event-ID` a subscriber resuming from `last_event_id` would be answered, for
+    /// a caller with the token selectors `rights` (`None`: anonymous).
+    pub fn resume_answer(&self, last_event_id: &str, rights: Option<&[String]>) -> String {
+        let rights: Vec<_> = rights
+            .into_iter()
+            .flatten()
+            .map(|r| self.selector(r))
+            .collect();
         let core = self.shared.core.lock();
-        core.history.locate(last_event_id).answer(last_event_id)
+        core.history
+            .locate_for(last_event_id, |u| {
+                !u.private || selector::any_matches(&rights, &u.topics)
+            })
+            .answer(last_event_id)
     }
 
     pub fn history_len(&self) -> usize {
