@@ -369,5 +369,8 @@ async fn a_slow_http2_stream_is_dropped_alone_not_with_its_connection() {
     // The other stream on the same connection goes on.
     p.ok(&[("topic", "fast"), ("data", "still here")]).await;
     assert_eq!(read_events(&mut fast, 1).await[0].data, "still here");
+    // And the stalled one does not keep its place (a slot under --max-connections) while its
+    // client does not read: it is unregistered when dropped.
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 1.0);
     drop(slow);
 }

@@ -476,14 +476,17 @@ impl HubShared {
         metrics
             .direct_writes
             .fetch_add(fanned.direct.len() as u64, Relaxed);
-        let dropped = fanned.dropped;
-        for sub in dropped {
+        for sub in &fanned.dropped {
             metrics.dropped(DropReason::Slow);
             tracing::info!(
-                subscriber = sub,
+                subscriber = sub.id,
                 queue = limit,
                 "Dropped client: too slow (more than --subscriber-queue updates behind)"
             );
+            // Unregistered now, not when its stream ends: an HTTP/2 stream whose client
+            // stopped reading is not torn down with its connection, and would otherwise hold
+            // its place (and a slot under --max-connections) until the client read again.
+            self.remove(sub, Some(DropReason::Slow));
         }
         Published { id, seq, delivered }
     }
@@ -589,7 +592,7 @@ impl Core {
                 }
                 Offer::Direct(sink) => out.direct.push((sub.clone(), sink)),
                 Offer::Dropped(waker) => {
-                    out.dropped.push(sub.id);
+                    out.dropped.push(sub.clone());
                     out.wakes.extend(waker);
                 }
                 Offer::Skipped => {}
@@ -638,8 +641,8 @@ struct FanOut {
     queued: usize,
     /// Subscribers whose socket the caller writes the update to.
     direct: Vec<(Arc<Subscriber>, Arc<dyn DirectSink>)>,
-    /// Ids of those dropped for being too far behind.
-    dropped: Vec<u64>,
+    /// Those dropped for being too far behind.
+    dropped: Vec<Arc<Subscriber>>,
     /// Stream tasks to wake once the lock is released.
     wakes: Vec<std::task::Waker>,
     /// Held subscribers to enter in the flusher, with the time their windows open.

@@ -438,6 +438,8 @@ impl SubscriberStream {
             if exp.as_mut().poll(cx).is_ready() {
                 self.expires = None;
                 self.replay = Vec::new().into_iter();
+                // Nor does what was queued for it go out after `exp`.
+                self.sub.state.lock().queue.clear();
                 if self.sub.close(DropReason::Expired) {
                     self.hub.metrics.dropped(DropReason::Expired);
                     tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
