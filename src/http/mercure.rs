@@ -111,19 +111,24 @@ fn check_subscriber(
     if q.topics.len() > MAX_TOPICS {
         return Err(subscribe_error(SubscribeError::TooManyTopics));
     }
-    let token = find_token(req.headers(), q.authorization.as_deref()).map_err(auth_error)?;
-    let rights = match token {
-        Some((t, _)) => Some(verify_subscriber(app, t)?),
-        None if app.anonymous => None,
-        None => return Err(auth_error(AuthError::Missing)),
-    };
+    let rights = subscriber_rights(app, req, q.authorization.as_deref())?;
     Ok((q, rights))
 }
 
-/// A subscriber's token checked. The clock leeway lets a token a few seconds past its `exp`
-/// through verification (for skew between clocks); a stream must still not open after `exp`,
-/// where it would receive its replay before being closed.
-pub(super) fn verify_subscriber(app: &AppState, token: &str) -> Result<Rights, Response> {
+/// A subscriber's rights from its token (header, `query_token`, cookie), or `None` for an
+/// anonymous subscriber where the hub takes them. The clock leeway lets a token a few seconds
+/// past its `exp` through verification (for skew between clocks); a stream must still not
+/// open after `exp`, where it would receive its replay before being closed.
+pub(super) fn subscriber_rights(
+    app: &AppState,
+    req: &Request,
+    query_token: Option<&str>,
+) -> Result<Option<Rights>, Response> {
+    let token = match find_token(req.headers(), query_token).map_err(auth_error)? {
+        Some((t, _)) => t,
+        None if app.anonymous => return Ok(None),
+        None => return Err(auth_error(AuthError::Missing)),
+    };
     let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
     if rights
         .expires_at
@@ -133,7 +138,34 @@ pub(super) fn verify_subscriber(app: &AppState, token: &str) -> Result<Rights, R
             "the token has expired".into(),
         )));
     }
-    Ok(rights)
+    Ok(Some(rights))
+}
+
+/// What the hub needs to register a subscriber with these rights.
+pub(super) fn subscribe_request(
+    topics: Vec<String>,
+    rights: Option<Rights>,
+    last_event_id: Option<String>,
+    kill: Option<tokio_util::sync::CancellationToken>,
+) -> SubscribeRequest {
+    let (subscribe, expires_at, payload) = match rights {
+        // A token without `mercure.subscribe` still identifies the subscriber: it receives
+        // public updates and no private ones.
+        Some(r) => (
+            Some(r.subscribe.unwrap_or_default()),
+            r.expires_at,
+            r.payload,
+        ),
+        None => (None, None, None),
+    };
+    SubscribeRequest {
+        topics,
+        rights: subscribe,
+        last_event_id,
+        expires_at,
+        kill,
+        payload,
+    }
 }
 
 /// `GET /.well-known/mercure?topic=…`
@@ -148,24 +180,12 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
     };
     let conn = req.extensions().get::<Connection>();
     let kill = super::stream_kill(conn, &req);
-    let (subscribe_rights, expires_at, payload) = match rights {
-        // A token without `mercure.subscribe` still identifies the subscriber: it receives
-        // public updates and no private ones.
-        Some(r) => (
-            Some(r.subscribe.unwrap_or_default()),
-            r.expires_at,
-            r.payload,
-        ),
-        None => (None, None, None),
-    };
-    let sub = app.hub.subscribe(SubscribeRequest {
-        topics: q.topics,
-        rights: subscribe_rights,
-        last_event_id: header_id.or(q.last_event_id),
-        expires_at,
+    let sub = app.hub.subscribe(subscribe_request(
+        q.topics,
+        rights,
+        header_id.or(q.last_event_id),
         kill,
-        payload,
-    });
+    ));
     match sub {
         Ok(s) => stream_reply(conn, s.stream, MERCURE_PATH, s.last_event_id.as_deref()),
         Err(e) => subscribe_error(e),
