@@ -413,7 +413,15 @@ pub fn find_token<'a>(
     headers: &'a http::HeaderMap,
     query_token: Option<&'a str>,
 ) -> Result<Option<(&'a str, TokenSource)>, AuthError> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+    let mut authorization = headers.get_all(http::header::AUTHORIZATION).iter();
+    if let Some(v) = authorization.next() {
+        // Authorization is a single-value field (RFC 9110 §11.6.2). With two, a proxy and the
+        // hub could each act on a different one: refuse rather than pick.
+        if authorization.next().is_some() {
+            return Err(AuthError::Invalid(
+                "the request has several Authorization headers: send one".into(),
+            ));
+        }
         let v = v
             .to_str()
             .map_err(|_| AuthError::Invalid("the Authorization header is not ASCII".into()))?;

@@ -511,6 +511,74 @@ async fn asymmetric_keys_and_refused_algorithms() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_subscription_api_refuses_a_token_past_its_exp() {
+    // Within the 5 s leeway verification passes; the API must still refuse it, as a stream does.
+    let hub = TestHub::start(&["--subscriptions"]);
+    let rights = json!(["/.well-known/mercure/subscriptions{/topic}{/subscriber}"]);
+    let path = "/.well-known/mercure/subscriptions";
+    let fresh = format!(
+        "Bearer {}",
+        sign(json!({"exp": unix_now() + 60, "mercure": {"subscribe": rights}}))
+    );
+    let ((status, body), _) =
+        request(&hub, Method::GET, path, &[("authorization", &fresh)], "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stale = format!(
+        "Bearer {}",
+        sign(json!({"exp": unix_now() - 2, "mercure": {"subscribe": rights}}))
+    );
+    let ((status, body), _) =
+        request(&hub, Method::GET, path, &[("authorization", &stale)], "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("expired"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_authorization_headers_are_refused() {
+    // A proxy that checks the first and a hub that used the second (or the reverse) would
+    // disagree on who is asking: the hub takes neither.
+    let hub = TestHub::start(&["--anonymous", "false"]);
+    let good = format!("Bearer {}", hub.publisher_token());
+    let other = format!("Bearer {}", sign(json!({"mercure": {"publish": []}})));
+    let body = "topic=a&data=twice";
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let ((status, text), _) = request(
+        &hub,
+        Method::POST,
+        "/.well-known/mercure",
+        &[("authorization", &good), ("authorization", &other), form],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(text.contains("several Authorization headers"), "{text}");
+    let ((status, text), _) = request(
+        &hub,
+        Method::GET,
+        "/.well-known/mercure?topic=a",
+        &[("authorization", &other), ("authorization", &good)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    // One header still works, and nothing was published by the refused request.
+    let ((status, text), _) = request(
+        &hub,
+        Method::POST,
+        "/.well-known/mercure",
+        &[("authorization", &good), form],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(
+        hub.metric("ssehub_updates_published_total{outcome=\"accepted\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn subscription_events_and_api() {
     let hub = TestHub::start(&["--subscriptions"]);
     let watcher_token = sign(
@@ -571,7 +639,9 @@ async fn subscription_events_and_api() {
     let all: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(all["type"], "Subscriptions");
     let last = all["lastEventID"].as_str().unwrap().to_owned();
-    assert_eq!(h["etag"], last.as_str());
+    // An entity tag is a quoted string (RFC 9110 §8.8.3).
+    let tag = format!("\"{last}\"");
+    assert_eq!(h["etag"], tag.as_str());
     let topics: Vec<_> = all["subscriptions"]
         .as_array()
         .unwrap()
@@ -586,11 +656,21 @@ async fn subscription_events_and_api() {
         &hub,
         Method::GET,
         "/.well-known/mercure/subscriptions",
-        &[("authorization", &watch_auth), ("if-none-match", &last)],
+        &[("authorization", &watch_auth), ("if-none-match", &tag)],
         "",
     )
     .await;
     assert_eq!(status, StatusCode::NOT_MODIFIED);
+    // A bare id is not the tag.
+    let ((status, _), _) = request(
+        &hub,
+        Method::GET,
+        "/.well-known/mercure/subscriptions",
+        &[("authorization", &watch_auth), ("if-none-match", &last)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
     let ((status, body), _) = request(
         &hub,
         Method::GET,

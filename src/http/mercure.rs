@@ -124,11 +124,16 @@ pub(super) fn subscriber_rights(
     req: &Request,
     query_token: Option<&str>,
 ) -> Result<Option<Rights>, Response> {
-    let token = match find_token(req.headers(), query_token).map_err(auth_error)? {
-        Some((t, _)) => t,
-        None if app.anonymous => return Ok(None),
-        None => return Err(auth_error(AuthError::Missing)),
-    };
+    match find_token(req.headers(), query_token).map_err(auth_error)? {
+        Some((token, _)) => subscriber_token_rights(app, token).map(Some),
+        None if app.anonymous => Ok(None),
+        None => Err(auth_error(AuthError::Missing)),
+    }
+}
+
+/// The rights a subscriber's token grants, refused once past its `exp` (see
+/// [`subscriber_rights`]).
+pub(super) fn subscriber_token_rights(app: &AppState, token: &str) -> Result<Rights, Response> {
     let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
     if rights
         .expires_at
@@ -138,7 +143,7 @@ pub(super) fn subscriber_rights(
             "the token has expired".into(),
         )));
     }
-    Ok(Some(rights))
+    Ok(rights)
 }
 
 /// What the hub needs to register a subscriber with these rights.

@@ -39,7 +39,7 @@ fn caller(app: &AppState, req: &Request) -> Result<Vec<std::sync::Arc<Selector>>
     let Some((token, _)) = token else {
         return Err(auth_error(AuthError::Missing));
     };
-    let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
+    let rights = super::mercure::subscriber_token_rights(app, token)?;
     Ok(rights
         .subscribe
         .unwrap_or_default()
@@ -71,16 +71,39 @@ fn segments(req: &Request) -> Result<Vec<String>, Response> {
         .collect()
 }
 
+/// The document's entity tag: the id of the newest update, quoted (RFC 9110 §8.8.3). An id
+/// with characters a tag may not hold (publishers choose ids) is tagged by a hash of it.
+fn entity_tag(last_event_id: &str) -> String {
+    let plain = !last_event_id.is_empty()
+        && last_event_id
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"');
+    if plain {
+        format!("\"{last_event_id}\"")
+    } else {
+        use std::hash::{Hash, Hasher};
+        // Not a secret, only a stable name for the id within this process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        last_event_id.hash(&mut h);
+        format!("\"h{:016x}\"", h.finish())
+    }
+}
+
+/// Whether `If-None-Match` names `tag` (weak comparison, as RFC 9110 §13.1.2 asks), or is `*`.
+fn none_match(req: &Request, tag: &str) -> bool {
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+}
+
 fn ld_json(doc: Value, last_event_id: &str, req: &Request) -> Response {
-    let matches = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().trim_matches('"') == last_event_id)
-        });
-    let etag = HeaderValue::from_str(last_event_id).unwrap_or(HeaderValue::from_static("earliest"));
+    let tag = entity_tag(last_event_id);
+    let matches = none_match(req, &tag);
+    let etag = HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"earliest\""));
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
@@ -174,5 +197,40 @@ pub async fn one(State(app): State<AppState>, req: Request) -> Response {
                 escape(&topic)
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_tags_are_quoted_and_valid() {
+        assert_eq!(entity_tag("urn:uuid:1"), "\"urn:uuid:1\"");
+        for odd in ["", "a b", "say \"hi\"", "é", "a\u{7f}"] {
+            let tag = entity_tag(odd);
+            assert!(
+                tag.starts_with("\"h") && tag.ends_with('"'),
+                "{odd:?} -> {tag}"
+            );
+            assert!(HeaderValue::from_str(&tag).is_ok());
+            assert_ne!(tag, entity_tag("other"));
+        }
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_and_takes_star() {
+        let req = |v: &str| {
+            axum::http::Request::builder()
+                .header(header::IF_NONE_MATCH, v)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        assert!(none_match(&req("\"x\""), "\"x\""));
+        assert!(none_match(&req("W/\"x\""), "\"x\""));
+        assert!(none_match(&req("\"a\", \"x\""), "\"x\""));
+        assert!(none_match(&req("*"), "\"x\""));
+        assert!(!none_match(&req("x"), "\"x\""));
+        assert!(!none_match(&req("\"y\""), "\"x\""));
     }
 }
