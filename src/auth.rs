@@ -409,6 +409,22 @@ pub enum TokenSource {
 
 /// Finds the token: the `Authorization` header wins, then the `authorization` query parameter,
 /// then the `mercureAuthorization` cookie.
+/// The `authorization` query parameter among a request's `pairs`, refused when there are
+/// several (for the same reason as several Authorization headers).
+pub fn query_token(
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> Result<Option<String>, AuthError> {
+    let mut found = None;
+    for (name, value) in pairs {
+        if name == "authorization" && found.replace(value).is_some() {
+            return Err(AuthError::Invalid(
+                "the request has several authorization query parameters: send one".into(),
+            ));
+        }
+    }
+    Ok(found)
+}
+
 pub fn find_token<'a>(
     headers: &'a http::HeaderMap,
     query_token: Option<&'a str>,

@@ -552,14 +552,49 @@ async fn several_authorization_headers_are_refused() {
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
     assert!(text.contains("several Authorization headers"), "{text}");
+    // (Bounded: a stream opened by mistake would never end.)
+    let within = Duration::from_secs(10);
+    let ((status, text), _) = tokio::time::timeout(
+        within,
+        request(
+            &hub,
+            Method::GET,
+            "/.well-known/mercure?topic=a",
+            &[("authorization", &other), ("authorization", &good)],
+            "",
+        ),
+    )
+    .await
+    .expect("a stream was opened");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    // The same for several `authorization` query parameters.
+    let both = format!(
+        "authorization={}&authorization={}",
+        hub.publisher_token(),
+        sign(json!({"mercure": {"subscribe": ["*"]}}))
+    );
     let ((status, text), _) = request(
         &hub,
-        Method::GET,
-        "/.well-known/mercure?topic=a",
-        &[("authorization", &other), ("authorization", &good)],
-        "",
+        Method::POST,
+        &format!("/.well-known/mercure?{both}"),
+        &[form],
+        body,
     )
     .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(text.contains("several authorization query"), "{text}");
+    let ((status, text), _) = tokio::time::timeout(
+        within,
+        request(
+            &hub,
+            Method::GET,
+            &format!("/.well-known/mercure?topic=a&{both}"),
+            &[],
+            "",
+        ),
+    )
+    .await
+    .expect("a stream was opened");
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
     // One header still works, and nothing was published by the refused request.
     let ((status, text), _) = request(

@@ -48,6 +48,31 @@ async fn figures_need_a_valid_token() {
     let (status, body) = get(&two, &format!("/ui/stats?authorization={expired}"), &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.contains("expired"), "{body}");
+
+    // Two seconds past exp is within the leeway for clock skew, and still refused (bounded:
+    // without the check a stream would open and end only at once).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let just_expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"exp": now - 2, "mercure": {"publish": ["*"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        get(
+            &hub,
+            &format!("/ui/stats?authorization={just_expired}"),
+            &[],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("expired"), "{body}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{form, reject, stream_reply, stream_response, AppState, Connection, MERCURE_PATH};
-use crate::auth::{find_token, AuthError, Rights, TokenSource};
+use crate::auth::{find_token, query_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
@@ -43,7 +43,11 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
                 q.last_event_id.get_or_insert(value);
             }
             "authorization" => {
-                q.authorization.get_or_insert(value);
+                if q.authorization.replace(value).is_some() {
+                    return Err(auth_error(AuthError::Invalid(
+                        "the request has several authorization query parameters: send one".into(),
+                    )));
+                }
             }
             _ => {}
         }
@@ -229,10 +233,10 @@ fn refuse(status: StatusCode, reason: impl std::fmt::Display, app: &AppState) ->
 pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     let query_token = match req.uri().query() {
         Some(q) => match form::parse(q.as_bytes(), MAX_OTHER_PARAMS) {
-            Ok(pairs) => pairs
-                .into_iter()
-                .find(|(n, _)| n == "authorization")
-                .map(|(_, v)| v),
+            Ok(pairs) => match query_token(pairs) {
+                Ok(t) => t,
+                Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+            },
             Err(e) => return refuse(StatusCode::BAD_REQUEST, e, &app),
         },
         None => None,

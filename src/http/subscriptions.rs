@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::mercure::auth_error;
 use super::{form, reject, AppState};
-use crate::auth::{find_token, AuthError};
+use crate::auth::{find_token, query_token, AuthError};
 use crate::hub::subscriptions::{escape, subscription_id, topic_collection_id, PREFIX};
 use crate::hub::Selector;
 
@@ -28,11 +28,10 @@ fn caller(app: &AppState, req: &Request) -> Result<Vec<std::sync::Arc<Selector>>
     // A query that cannot be read is refused, not skipped: skipping it would drop its
     // `authorization` and fall back to the cookie's token.
     let query_token = match req.uri().query() {
-        Some(q) => form::parse(q.as_bytes(), 32)
-            .map_err(|e| reject(StatusCode::BAD_REQUEST, e))?
-            .into_iter()
-            .find(|(n, _)| n == "authorization")
-            .map(|(_, v)| v),
+        Some(q) => query_token(
+            form::parse(q.as_bytes(), 32).map_err(|e| reject(StatusCode::BAD_REQUEST, e))?,
+        )
+        .map_err(auth_error)?,
         None => None,
     };
     let token = find_token(req.headers(), query_token.as_deref()).map_err(auth_error)?;
@@ -71,21 +70,24 @@ fn segments(req: &Request) -> Result<Vec<String>, Response> {
         .collect()
 }
 
-/// The document's entity tag: the id of the newest update, quoted (RFC 9110 §8.8.3). An id
-/// with characters a tag may not hold (publishers choose ids) is tagged by a hash of it.
+/// The document's entity tag: the id of the newest update, quoted (RFC 9110 §8.8.3). Publishers
+/// choose ids: one with characters a tag may not hold, or a comma (which separates the tags of
+/// `If-None-Match`), is tagged `"~"` and a hash of it instead; so is one starting with `~`, so
+/// that no id's own tag can equal another's hashed one.
 fn entity_tag(last_event_id: &str) -> String {
     let plain = !last_event_id.is_empty()
+        && !last_event_id.starts_with('~')
         && last_event_id
             .bytes()
-            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"');
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b',');
     if plain {
         format!("\"{last_event_id}\"")
     } else {
         use std::hash::{Hash, Hasher};
-        // Not a secret, only a stable name for the id within this process.
+        // Not a secret, only a stable name for the id (SipHash with fixed keys).
         let mut h = std::collections::hash_map::DefaultHasher::new();
         last_event_id.hash(&mut h);
-        format!("\"h{:016x}\"", h.finish())
+        format!("\"~{:016x}\"", h.finish())
     }
 }
 
@@ -105,7 +107,18 @@ fn ld_json(doc: Value, last_event_id: &str, req: &Request) -> Response {
     let matches = none_match(req, &tag);
     let etag = HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"earliest\""));
     if matches {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+        // A 304 carries the caching fields the 200 would (RFC 9110 §15.4.5).
+        return (
+            StatusCode::NOT_MODIFIED,
+            [
+                (header::ETAG, etag),
+                (
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, no-store"),
+                ),
+            ],
+        )
+            .into_response();
     }
     (
         [
@@ -207,15 +220,27 @@ mod tests {
     #[test]
     fn entity_tags_are_quoted_and_valid() {
         assert_eq!(entity_tag("urn:uuid:1"), "\"urn:uuid:1\"");
-        for odd in ["", "a b", "say \"hi\"", "é", "a\u{7f}"] {
+        let odd_ids = [
+            "",
+            "a b",
+            "say \"hi\"",
+            "é",
+            "a\u{7f}",
+            "a,b",
+            "~0123456789abcdef",
+        ];
+        for odd in odd_ids {
             let tag = entity_tag(odd);
             assert!(
-                tag.starts_with("\"h") && tag.ends_with('"'),
+                tag.starts_with("\"~") && tag.ends_with('"'),
                 "{odd:?} -> {tag}"
             );
             assert!(HeaderValue::from_str(&tag).is_ok());
             assert_ne!(tag, entity_tag("other"));
         }
+        // A plain id cannot take the form of a hashed one's tag.
+        let hashed = entity_tag("a b");
+        assert_ne!(entity_tag(&hashed[1..hashed.len() - 1]), hashed);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use futures_util::stream::{self, StreamExt};
 use http::StatusCode;
 
 use super::{form, reject, stream_response, AppState};
-use crate::auth::{find_token, AuthError};
+use crate::auth::{find_token, query_token, AuthError};
 use crate::metrics::{DropReason, Metrics};
 
 const PAGE: &str = include_str!("ui.html");
@@ -43,10 +43,10 @@ pub async fn redirect() -> Response {
 pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
     let query_token = match req.uri().query() {
         Some(q) => match form::parse(q.as_bytes(), 100) {
-            Ok(pairs) => pairs
-                .into_iter()
-                .find(|(n, _)| n == "authorization")
-                .map(|(_, v)| v),
+            Ok(pairs) => match query_token(pairs) {
+                Ok(t) => t,
+                Err(e) => return reject(StatusCode::UNAUTHORIZED, e),
+            },
             Err(e) => return reject(StatusCode::BAD_REQUEST, e),
         },
         None => None,
@@ -68,6 +68,16 @@ pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
             }
         },
     };
+    // Past `exp` but within the leeway for clock skew: refused, as a subscriber's stream is.
+    if rights
+        .expires_at
+        .is_some_and(|exp| exp <= SystemTime::now())
+    {
+        return reject(
+            StatusCode::UNAUTHORIZED,
+            AuthError::Invalid("the token has expired".into()),
+        );
+    }
 
     let shutdown = app.shutdown.clone();
     let expires_in = rights
