@@ -42,13 +42,12 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
             "lastEventID" | "Last-Event-ID" if !value.is_empty() => {
                 q.last_event_id.get_or_insert(value);
             }
-            "authorization" => {
-                if q.authorization.replace(value).is_some() {
-                    return Err(auth_error(AuthError::Invalid(
-                        "the request has several authorization query parameters: send one".into(),
-                    )));
-                }
+            "authorization" if q.authorization.is_some() => {
+                return Err(auth_error(AuthError::Invalid(
+                    "the request has several authorization query parameters: send one".into(),
+                )));
             }
+            "authorization" => q.authorization = Some(value),
             _ => {}
         }
     }
