@@ -361,7 +361,16 @@ async fn ten_tabs_over_http2_all_receive_updates() {
 
 #[tokio::test]
 async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
-    let Some(b) = Browser::start("the_dashboard_shows_figures_and_publishes").await else {
+    // Chromium's own record of every request it makes: the token must be in none of the URLs.
+    let net_log =
+        std::env::temp_dir().join(format!("ssehub-dashboard-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&net_log);
+    let Some(b) = Browser::start_with(
+        "the_dashboard_shows_figures_and_publishes",
+        &[format!("--log-net-log={}", net_log.display())],
+    )
+    .await
+    else {
         return;
     };
     let hub = TestHub::start(&["--clock-interval", "200ms"]);
@@ -478,5 +487,35 @@ async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
         b.screenshot(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ui.png"))
             .await;
     }
+
+    // A token the hub refuses: the figures stop, with the hub's reason.
+    b.js("document.getElementById('token').value = 'not-a-jwt'; \
+          document.querySelector('#token-form button[type=submit]').click();")
+        .await;
+    b.wait_for(
+        "the refusal and its reason",
+        "return document.getElementById('stats-status').dataset.state === 'closed' \
+         && document.getElementById('stats-error').textContent.startsWith('401: ')",
+        WAIT,
+    )
+    .await;
     b.close().await;
+
+    // The figures and the live log were streams with the token in a header, not in the URL
+    // (where proxies' logs would keep it). Chromium writes its net log out as it quits.
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = std::fs::read_to_string(&net_log).unwrap_or_default();
+        if log.contains("/ui/stats") && log.contains("/.well-known/mercure?topic=") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&net_log);
+    assert!(
+        log.contains("/ui/stats") && log.contains("/.well-known/mercure?topic="),
+        "the net log does not show the dashboard's streams ({} bytes)",
+        log.len()
+    );
+    assert!(!log.contains("authorization="), "a URL carries a token");
 }
