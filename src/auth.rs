@@ -35,6 +35,18 @@ pub struct Rights {
     pub expires_at: Option<SystemTime>,
 }
 
+impl Rights {
+    /// These rights, unless the token is past its `exp`. Verification lets a token a few
+    /// seconds past it through (the leeway for clock skew); what opens a stream or answers with
+    /// subscribers' data refuses it all the same.
+    pub fn unexpired(self) -> Result<Self, AuthError> {
+        if self.expires_at.is_some_and(|exp| exp <= SystemTime::now()) {
+            return Err(AuthError::Invalid("the token has expired".into()));
+        }
+        Ok(self)
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("missing token: send it as \"Authorization: Bearer <jwt>\", the \"authorization\" query parameter or the \"mercureAuthorization\" cookie")]
@@ -407,8 +419,6 @@ pub enum TokenSource {
     Cookie,
 }
 
-/// Finds the token: the `Authorization` header wins, then the `authorization` query parameter,
-/// then the `mercureAuthorization` cookie.
 /// The `authorization` query parameter among a request's `pairs`, refused when there are
 /// several (for the same reason as several Authorization headers).
 pub fn query_token(
@@ -416,15 +426,26 @@ pub fn query_token(
 ) -> Result<Option<String>, AuthError> {
     let mut found = None;
     for (name, value) in pairs {
-        if name == "authorization" && found.replace(value).is_some() {
-            return Err(AuthError::Invalid(
-                "the request has several authorization query parameters: send one".into(),
-            ));
+        if name == "authorization" {
+            keep_query_token(&mut found, value)?;
         }
     }
     Ok(found)
 }
 
+/// Keeps `value`, one `authorization` query parameter, in `found`: refused if it already
+/// holds one.
+pub fn keep_query_token(found: &mut Option<String>, value: String) -> Result<(), AuthError> {
+    if found.replace(value).is_some() {
+        return Err(AuthError::Invalid(
+            "the request has several authorization query parameters: send one".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Finds the token: the `Authorization` header wins, then the `authorization` query parameter,
+/// then the `mercureAuthorization` cookie.
 pub fn find_token<'a>(
     headers: &'a http::HeaderMap,
     query_token: Option<&'a str>,

@@ -1,6 +1,6 @@
 //! The Mercure hub endpoint: `GET` subscribes, `POST` publishes.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -8,7 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{form, reject, stream_reply, stream_response, AppState, Connection, MERCURE_PATH};
-use crate::auth::{find_token, query_token, AuthError, Rights, TokenSource};
+use crate::auth::{find_token, keep_query_token, query_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
 use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
@@ -42,12 +42,9 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
             "lastEventID" | "Last-Event-ID" if !value.is_empty() => {
                 q.last_event_id.get_or_insert(value);
             }
-            "authorization" if q.authorization.is_some() => {
-                return Err(auth_error(AuthError::Invalid(
-                    "the request has several authorization query parameters: send one".into(),
-                )));
+            "authorization" => {
+                keep_query_token(&mut q.authorization, value).map_err(auth_error)?;
             }
-            "authorization" => q.authorization = Some(value),
             _ => {}
         }
     }
@@ -135,18 +132,12 @@ pub(super) fn subscriber_rights(
 }
 
 /// The rights a subscriber's token grants, refused once past its `exp` (see
-/// [`subscriber_rights`]).
+/// [`Rights::unexpired`]).
 pub(super) fn subscriber_token_rights(app: &AppState, token: &str) -> Result<Rights, Response> {
-    let rights = app.subscriber_key.verify(token).map_err(auth_error)?;
-    if rights
-        .expires_at
-        .is_some_and(|exp| exp <= SystemTime::now())
-    {
-        return Err(auth_error(AuthError::Invalid(
-            "the token has expired".into(),
-        )));
-    }
-    Ok(rights)
+    app.subscriber_key
+        .verify(token)
+        .and_then(Rights::unexpired)
+        .map_err(auth_error)
 }
 
 /// What the hub needs to register a subscriber with these rights.
