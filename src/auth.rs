@@ -162,6 +162,22 @@ fn still_valid(expires_at: Option<SystemTime>, now: SystemTime) -> bool {
 }
 
 /// Parses `--jwt-algorithm`. `none` is not an algorithm jsonwebtoken knows, so it is refused.
+/// True when the token's JOSE header has a `crit` member. The hub implements no JWS
+/// extension, so any `crit` names one it does not understand and the token must be refused
+/// (jsonwebtoken ignores the member). A header that cannot be read is left to jsonwebtoken,
+/// which refuses it with its own reason.
+fn has_crit_header(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|h| h.get("crit").is_some())
+}
+
 pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
     let alg = match s.to_ascii_uppercase().as_str() {
         "HS256" => Algorithm::HS256,
@@ -318,6 +334,13 @@ impl Key {
                 "the hub has no key to verify tokens".into(),
             ));
         };
+        if has_crit_header(token) {
+            return Err(AuthError::Invalid(
+                "the token's header has \"crit\", naming extensions the hub does not \
+                 understand (RFC 7515 §4.1.11 requires refusing it)"
+                    .into(),
+            ));
+        }
         let data =
             jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(|e| {
                 AuthError::Invalid(

@@ -45,6 +45,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_HISTORY_SIZE", default_value_t = 10_000)]
     pub history_size: usize,
 
+    /// Bytes of updates kept for replay, beside --history-size: whichever bound is reached
+    /// first evicts the oldest (e.g. 256MiB, 64MiB).
+    #[arg(long, env = "SSEHUB_HISTORY_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    pub history_bytes: usize,
+
+    /// Longest life of a stream whose token has no `exp` (anonymous ones included): it then
+    /// ends cleanly and the client resumes with Last-Event-ID. 0 for no bound.
+    #[arg(long, env = "SSEHUB_MAX_STREAM_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub max_stream_lifetime: Duration,
+
     /// Comment line sent on an idle stream this often; 0 turns heartbeats off.
     #[arg(long, env = "SSEHUB_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat: Duration,
@@ -123,6 +133,9 @@ pub struct ServeConfig {
     pub jwt_algorithm: jsonwebtoken::Algorithm,
     pub anonymous: bool,
     pub history_size: usize,
+    pub history_bytes: usize,
+    /// Longest life of a stream without a token `exp`; `None`: no bound.
+    pub max_stream_lifetime: Option<Duration>,
     pub heartbeat: Option<Duration>,
     pub subscriber_queue: usize,
     pub coalesce: Duration,
@@ -243,6 +256,9 @@ impl ServeArgs {
             jwt_algorithm,
             anonymous: self.anonymous,
             history_size: self.history_size,
+            history_bytes: self.history_bytes,
+            max_stream_lifetime: (!self.max_stream_lifetime.is_zero())
+                .then_some(self.max_stream_lifetime),
             heartbeat: nonzero(self.heartbeat),
             subscriber_queue: self.subscriber_queue,
             coalesce: self.coalesce,

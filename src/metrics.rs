@@ -17,16 +17,24 @@ pub enum DropReason {
     Expired,
     /// The hub is shutting down.
     Shutdown,
+    /// The stream reached `--max-stream-lifetime` (the client resumes with `Last-Event-ID`).
+    Lifetime,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [DropReason::Slow, DropReason::Expired, DropReason::Shutdown];
+    pub const ALL: [DropReason; 4] = [
+        DropReason::Slow,
+        DropReason::Expired,
+        DropReason::Shutdown,
+        DropReason::Lifetime,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Slow => "slow",
             DropReason::Expired => "expired",
             DropReason::Shutdown => "shutdown",
+            DropReason::Lifetime => "lifetime",
         }
     }
 }
@@ -51,8 +59,11 @@ pub struct Metrics {
     pub plain_publishes: AtomicU64,
     /// Times a cluster node found stream entries removed before it had read them.
     pub cluster_gaps: AtomicU64,
-    dropped: [AtomicU64; 3],
+    dropped: [AtomicU64; 4],
     pub history_len: AtomicU64,
+    pub history_bytes: AtomicU64,
+    /// `--history-size` and `--history-bytes`, shown beside what is kept.
+    pub history_limits: (AtomicU64, AtomicU64),
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -155,6 +166,24 @@ impl Metrics {
             "gauge",
             "Updates kept for Last-Event-ID replay.",
             self.history_len.load(Relaxed),
+        );
+        one(
+            "ssehub_history_bytes",
+            "gauge",
+            "Bytes of updates kept for Last-Event-ID replay (encoded updates, ids and topics).",
+            self.history_bytes.load(Relaxed),
+        );
+        one(
+            "ssehub_history_size_limit",
+            "gauge",
+            "--history-size: the most updates kept for replay.",
+            self.history_limits.0.load(Relaxed),
+        );
+        one(
+            "ssehub_history_bytes_limit",
+            "gauge",
+            "--history-bytes: the most bytes of updates kept for replay.",
+            self.history_limits.1.load(Relaxed),
         );
         let _ = write!(
             out,

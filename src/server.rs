@@ -104,11 +104,13 @@ pub async fn run(
     let (publisher_key, subscriber_key, generated_token) = keys(&config)?;
     let hub = Hub::new(HubConfig {
         history_size: config.history_size,
+        history_bytes: config.history_bytes,
         subscriber_queue: config.subscriber_queue,
         coalesce: config.coalesce,
         write_budget: config.write_budget,
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
+        max_stream_lifetime: config.max_stream_lifetime,
     });
     let cluster = match &config.redis {
         Some(url) => Some(
@@ -167,6 +169,7 @@ pub async fn run(
         // Tracked, so that a node leaving says so before the process exits.
         tasks.spawn(crate::cluster::share_machine(c.clone(), stop.clone()));
     }
+    tasks.spawn(crate::hub::trim::run(hub.clone(), stop.clone()));
     if let Some(every) = config.clock_interval {
         match &cluster {
             Some(c) => tasks.spawn(crate::cluster::run_clock(c.clone(), every, stop.clone())),

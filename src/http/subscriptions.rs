@@ -151,7 +151,7 @@ fn collection(app: &AppState, req: &Request, topic: Option<&str>) -> Response {
     if !allowed(&selectors, &id) {
         return forbidden(&id);
     }
-    let (docs, last) = app.hub.subscriptions();
+    let (docs, last) = app.hub.subscriptions(&selectors);
     let list: Vec<Value> = docs
         .into_iter()
         .filter(|d| topic.is_none_or(|t| d["topic"] == t))
@@ -196,7 +196,7 @@ pub async fn one(State(app): State<AppState>, req: Request) -> Response {
     if !allowed(&selectors, &id) {
         return forbidden(&id);
     }
-    let (docs, last) = app.hub.subscriptions();
+    let (docs, last) = app.hub.subscriptions(&selectors);
     match docs.into_iter().find(|d| d["id"] == id.as_str()) {
         Some(mut doc) => {
             doc["lastEventID"] = Value::from(last.clone());

@@ -20,6 +20,7 @@ pub mod selector;
 mod subscriber;
 pub mod subscriptions;
 mod templates;
+pub mod trim;
 pub mod update;
 
 use std::collections::{HashMap, HashSet};
@@ -48,11 +49,19 @@ use crate::metrics::{DropReason, Metrics};
 /// written without waking any task, and a wide one never holds its publisher for long.
 const DIRECT_MAX: usize = 32;
 
+/// The most bytes one subscription's topics may add up to. An idle subscriber holds its
+/// topics for as long as it stays (and the hub indexes them): thousands of connections with a
+/// dozen 4 KiB topics each would hold hundreds of megabytes. Real subscriptions name a few
+/// topics of a few hundred bytes.
+pub const MAX_SUBSCRIPTION_BYTES: usize = 16 * 1024;
+
 /// What the hub needs to know, taken from the `serve` flags.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Updates kept for replay (whole hub).
     pub history_size: usize,
+    /// Bytes of updates kept for replay (as [`Update::weight`] counts them).
+    pub history_bytes: usize,
     /// Updates a subscriber may lag behind before it is dropped.
     pub subscriber_queue: usize,
     /// The longest wait for further updates after a write to a subscriber, so that they go
@@ -64,17 +73,22 @@ pub struct HubConfig {
     pub max_subscribers: usize,
     /// Publish Mercure subscription events and keep what the subscription API lists.
     pub subscription_events: bool,
+    /// The longest a stream lives (then it ends cleanly and its client resumes); a token's
+    /// `exp` ends it earlier. `None`: no bound.
+    pub max_stream_lifetime: Option<Duration>,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             history_size: 10_000,
+            history_bytes: 256 << 20,
             subscriber_queue: 1000,
             coalesce: Duration::ZERO,
             write_budget: coalesce::WRITES_PER_CORE,
             max_subscribers: 10_000,
             subscription_events: false,
+            max_stream_lifetime: None,
         }
     }
 }
@@ -147,6 +161,8 @@ pub enum SubscribeError {
     TooManyTopics,
     #[error("a topic selector is longer than {MAX_SELECTOR_LEN} bytes")]
     SelectorTooLong,
+    #[error("the subscription's topics add up to more than {MAX_SUBSCRIPTION_BYTES} bytes")]
+    TopicsTooLarge,
     #[error("too many URI template expressions ({{…}}) in one subscription (at most {MAX_TEMPLATE_EXPRESSIONS})")]
     TooManyTemplates,
     #[error("too many subscribers connected; try again later")]
@@ -168,10 +184,26 @@ impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
+        metrics
+            .history_limits
+            .0
+            .store(config.history_size as u64, Relaxed);
+        metrics
+            .history_limits
+            .1
+            .store(config.history_bytes as u64, Relaxed);
         Hub {
             shared: Arc::new(HubShared {
                 core: Mutex::new(Core {
-                    history: History::new(config.history_size),
+                    history: History::new(history::Bounds {
+                        // No bytes at all keeps no update, like no updates.
+                        updates: if config.history_bytes == 0 {
+                            0
+                        } else {
+                            config.history_size
+                        },
+                        bytes: config.history_bytes,
+                    }),
                     next_seq: 0,
                     next_subscriber: 0,
                     exact: HashMap::new(),
@@ -236,6 +268,9 @@ impl Hub {
         if topics.iter().any(|t| t.len() > MAX_SELECTOR_LEN) {
             return Err(SubscribeError::SelectorTooLong);
         }
+        if topics.iter().map(String::len).sum::<usize>() > MAX_SUBSCRIPTION_BYTES {
+            return Err(SubscribeError::TopicsTooLarge);
+        }
         if selector::template_expressions(topics) > MAX_TEMPLATE_EXPRESSIONS {
             return Err(SubscribeError::TooManyTemplates);
         }
@@ -268,6 +303,11 @@ impl Hub {
             t.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
+        let ends_in = match (expires_in, self.shared.config.max_stream_lifetime) {
+            (Some(exp), Some(life)) if life < exp => Some((life, DropReason::Lifetime)),
+            (Some(exp), _) => Some((exp, DropReason::Expired)),
+            (None, life) => life.map(|life| (life, DropReason::Lifetime)),
+        };
 
         let mut core = self.shared.core.lock();
         if self.shared.closing.load(Relaxed) {
@@ -327,7 +367,7 @@ impl Hub {
                 self.shared.clone(),
                 sub,
                 replay,
-                expires_in,
+                ends_in,
                 self.shared.config.coalesce,
             ),
             last_event_id: header,
@@ -372,9 +412,12 @@ impl Hub {
         }
     }
 
-    /// The active subscriptions (topic and subscriber) and the id of the newest update, read
-    /// together so that the list is exactly the state after that update.
-    pub fn subscriptions(&self) -> (Vec<serde_json::Value>, String) {
+    /// The active subscriptions (topic and subscriber) and the id of the newest update the
+    /// caller may read (its token's `mercure.subscribe` selectors are `rights`; `earliest`
+    /// when there is none), read together so that the list is exactly the state after that
+    /// update. The id of a private update the caller may not read is never named: it would
+    /// tell which private ids exist, which a replay hides too.
+    pub fn subscriptions(&self, rights: &[Arc<Selector>]) -> (Vec<serde_json::Value>, String) {
         let core = self.shared.core.lock();
         let mut docs = Vec::new();
         let mut subs: Vec<_> = core.all.values().collect();
@@ -386,7 +429,11 @@ impl Hub {
                 }
             }
         }
-        let last = core.history.newest_id().unwrap_or("earliest").to_owned();
+        let last = core
+            .history
+            .newest_id_for(|u| !u.private || selector::any_matches(rights, &u.topics))
+            .unwrap_or("earliest")
+            .to_owned();
         (docs, last)
     }
 
@@ -458,6 +505,9 @@ impl HubShared {
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
+        metrics
+            .history_bytes
+            .store(core.history.bytes() as u64, Relaxed);
         drop(core);
 
         // The other streams' tasks start writing (on every core) while this thread writes to

@@ -107,6 +107,11 @@ const CACHE_CAPACITY: usize = 10_000;
 
 impl SelectorCache {
     pub fn get(&self, s: &str) -> Arc<Selector> {
+        // Only templates are worth sharing: an exact selector costs its string either way, and
+        // caching it would keep every topic ever subscribed to after its subscribers left.
+        if !s.contains('{') {
+            return Arc::new(Selector::compile(s));
+        }
         if let Some(sel) = self.map.lock().get(s) {
             return sel.clone();
         }

@@ -387,7 +387,9 @@ pub struct SubscriberStream {
     sub: Arc<Subscriber>,
     opening: Option<Bytes>,
     replay: std::vec::IntoIter<SharedUpdate>,
-    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the stream ends by itself, and why: the token's `exp` (nothing more is sent) or
+    /// `--max-stream-lifetime` (what is queued goes out first, as at shutdown).
+    expires: Option<(Pin<Box<tokio::time::Sleep>>, DropReason)>,
     /// Reused between drains so that taking the queue does not allocate.
     spare: VecDeque<SharedUpdate>,
     /// Coalescing: live updates are sent at most once per `window`, from the subscriber's
@@ -404,7 +406,7 @@ impl SubscriberStream {
         hub: Arc<HubShared>,
         sub: Arc<Subscriber>,
         replay: Vec<SharedUpdate>,
-        expires_in: Option<Duration>,
+        expires_in: Option<(Duration, DropReason)>,
         window: Duration,
     ) -> Self {
         SubscriberStream {
@@ -412,7 +414,7 @@ impl SubscriberStream {
             sub,
             opening: Some(Bytes::from_static(sse::OPENING)),
             replay: replay.into_iter(),
-            expires: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
+            expires: expires_in.map(|(d, why)| (Box::pin(tokio::time::sleep(d)), why)),
             spare: VecDeque::new(),
             window,
             hold_at: 0,
@@ -434,15 +436,25 @@ impl SubscriberStream {
 
     fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
         // First, so that a token expiring during a long replay stops it there.
-        if let Some(exp) = self.expires.as_mut() {
+        if let Some((exp, why)) = self.expires.as_mut() {
+            let why = *why;
             if exp.as_mut().poll(cx).is_ready() {
                 self.expires = None;
-                self.replay = Vec::new().into_iter();
-                // Nor does what was queued for it go out after `exp`.
-                self.sub.state.lock().queue.clear();
-                if self.sub.close(DropReason::Expired) {
-                    self.hub.metrics.dropped(DropReason::Expired);
-                    tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
+                if why == DropReason::Expired {
+                    self.replay = Vec::new().into_iter();
+                    // Nor does what was queued for it go out after `exp`.
+                    self.sub.state.lock().queue.clear();
+                }
+                if self.sub.close(why) {
+                    self.hub.metrics.dropped(why);
+                    if why == DropReason::Expired {
+                        tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
+                    } else {
+                        tracing::info!(
+                            subscriber = self.sub.id,
+                            "Ended stream: --max-stream-lifetime reached (the client resumes)"
+                        );
+                    }
                 }
             }
         }

@@ -110,9 +110,23 @@ pub struct Update {
 pub type SharedUpdate = Arc<Update>;
 
 impl Update {
-    /// The size the update holds in memory, for byte budgets.
+    /// The bytes the update holds in memory, for the history's byte budget: its encoding,
+    /// its id and topics, and the allocations around them.
     pub fn weight(&self) -> usize {
-        self.encoded.len() + 64
+        const OVERHEAD: usize = std::mem::size_of::<Update>() + 32;
+        let topics: usize = self.topics.iter().map(|t| t.len() + 24).sum();
+        OVERHEAD + self.encoded.len() + self.id.len() + topics
+    }
+
+    /// A Mercure subscription event (published by the hub itself on its reserved topics,
+    /// which no publisher may use): kept apart in the history, so that a churn of subscribers
+    /// cannot push real updates out of it.
+    pub fn is_subscription_event(&self) -> bool {
+        self.private
+            && self
+                .topics
+                .first()
+                .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
     }
 }
 

@@ -1,0 +1,54 @@
+//! Hands memory back to the operating system after subscribers leave.
+//!
+//! glibc's allocator keeps what a burst of connections freed inside its arenas (one per
+//! thread that allocated), so a hub that once held thousands of subscribers would keep their
+//! memory for good. After enough subscribers have left, the hub asks it to release free pages
+//! (`malloc_trim`), off the runtime's threads since it walks every arena.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Hub;
+
+/// How often the hub looks at how many subscribers left.
+const EVERY: Duration = Duration::from_secs(2);
+/// Subscribers that must have left since the last trim for another to be worth it.
+const LEFT: u64 = 100;
+
+/// Trims the allocator's free memory whenever at least [`LEFT`] subscribers left since the
+/// previous time, until `stop`.
+pub async fn run(hub: Hub, stop: CancellationToken) {
+    let left = || {
+        let m = hub.metrics();
+        m.subscribers_total
+            .load(Relaxed)
+            .saturating_sub(m.subscribers_connected.load(Relaxed))
+    };
+    let mut trimmed_at = left();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = left();
+        if now.saturating_sub(trimmed_at) >= LEFT {
+            trimmed_at = now;
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
