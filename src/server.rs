@@ -109,6 +109,8 @@ pub async fn run(
         write_budget: config.write_budget,
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
+        template_memory: config.template_memory,
+        anonymous_templates: config.anonymous_templates,
     });
     let cluster = match &config.redis {
         Some(url) => Some(

@@ -89,7 +89,10 @@ pub(super) fn auth_error(e: AuthError) -> Response {
 
 pub(super) fn subscribe_error(e: SubscribeError) -> Response {
     match e {
-        SubscribeError::Full | SubscribeError::ShuttingDown => {
+        SubscribeError::AnonymousTemplates => reject(StatusCode::FORBIDDEN, e),
+        SubscribeError::Full
+        | SubscribeError::ShuttingDown
+        | SubscribeError::TemplateMemoryFull(_) => {
             let mut r = reject(StatusCode::SERVICE_UNAVAILABLE, e);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -197,7 +200,7 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(e) = app.hub.admit(&q.topics) {
+    if let Err(e) = app.hub.admit(&q.topics, rights.is_none()) {
         return subscribe_error(e);
     }
     let resume = match header_last_event_id(&req) {

@@ -41,7 +41,7 @@ use subscriptions::SubscriberInfo;
 use templates::TemplateGroup;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::{DropReason, Metrics, TemplateRefusal};
 
 /// The most subscribers one publish writes to directly, on the publishing thread; the others'
 /// own tasks write, spread over the cores. Small fan-outs (one topic among many, S6) are then
@@ -64,6 +64,10 @@ pub struct HubConfig {
     pub max_subscribers: usize,
     /// Publish Mercure subscription events and keep what the subscription API lists.
     pub subscription_events: bool,
+    /// Bytes the compiled URI templates may take (`--template-memory`).
+    pub template_memory: usize,
+    /// Anonymous subscribers may use URI templates (`--anonymous-templates`).
+    pub anonymous_templates: bool,
 }
 
 impl Default for HubConfig {
@@ -75,6 +79,8 @@ impl Default for HubConfig {
             write_budget: coalesce::WRITES_PER_CORE,
             max_subscribers: 10_000,
             subscription_events: false,
+            template_memory: 64 << 20,
+            anonymous_templates: true,
         }
     }
 }
@@ -151,6 +157,10 @@ pub enum SubscribeError {
     TooManyTemplates,
     #[error("too many subscribers connected; try again later")]
     Full,
+    #[error("the hub's template memory (--template-memory {}) is full; try again later", crate::config::format_size(*.0))]
+    TemplateMemoryFull(usize),
+    #[error("this hub does not let anonymous subscribers use URI templates (--anonymous-templates false); subscribe to exact topics, or with a token")]
+    AnonymousTemplates,
     #[error("the hub is shutting down")]
     ShuttingDown,
 }
@@ -179,10 +189,10 @@ impl Hub {
                     templates: templates::TemplateIndex::default(),
                     all: HashMap::new(),
                 }),
+                selectors: SelectorCache::new(config.template_memory, metrics.clone()),
                 config,
                 flusher: flusher::Flusher::new(coalesce::cores() as usize, metrics.clone()),
                 metrics,
-                selectors: SelectorCache::default(),
                 closing: AtomicBool::new(false),
                 relay: OnceLock::new(),
                 coalescing,
@@ -221,9 +231,9 @@ impl Hub {
     }
 
     /// The checks a subscription to `topics` passes before anything is compiled or registered
-    /// (`HEAD` asks them too): its topics, and room for one more subscriber (asked again, under
-    /// the lock, when it registers).
-    pub fn admit(&self, topics: &[String]) -> Result<(), SubscribeError> {
+    /// (`HEAD` asks them too): its topics, templates only with a token if the hub says so, and
+    /// room for one more subscriber (asked again, under the lock, when it registers).
+    pub fn admit(&self, topics: &[String], anonymous: bool) -> Result<(), SubscribeError> {
         if self.shared.closing.load(Relaxed) {
             return Err(SubscribeError::ShuttingDown);
         }
@@ -239,6 +249,12 @@ impl Hub {
         if selector::template_expressions(topics) > MAX_TEMPLATE_EXPRESSIONS {
             return Err(SubscribeError::TooManyTemplates);
         }
+        if anonymous
+            && !self.shared.config.anonymous_templates
+            && topics.iter().any(|t| selector::is_template(t))
+        {
+            return Err(SubscribeError::AnonymousTemplates);
+        }
         if self.shared.metrics.subscribers_connected.load(Relaxed)
             >= self.shared.config.max_subscribers as u64
         {
@@ -250,20 +266,34 @@ impl Hub {
     /// Registers a subscriber and returns its stream, starting with the replay it asked for.
     pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
         let res = self.enter(req);
-        if matches!(res, Err(SubscribeError::Full)) {
-            self.shared
-                .metrics
-                .subscribers_refused
-                .fetch_add(1, Relaxed);
+        let m = &self.shared.metrics;
+        match res {
+            Err(SubscribeError::Full) => {
+                m.subscribers_refused.fetch_add(1, Relaxed);
+            }
+            Err(SubscribeError::TemplateMemoryFull(_)) => {
+                m.template_refused(TemplateRefusal::Memory)
+            }
+            Err(SubscribeError::AnonymousTemplates) => {
+                m.template_refused(TemplateRefusal::Anonymous)
+            }
+            _ => {}
         }
         res
     }
 
     fn enter(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
-        self.admit(&req.topics)?;
-        let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
-        let selectors = compile(&req.topics);
-        let rights = req.rights.as_deref().map(compile);
+        self.admit(&req.topics, req.rights.is_none())?;
+        // Compiled, and held for as long as the subscriber lives: its templates (the token's
+        // too) count against --template-memory until then.
+        let hold = |v: &[String]| {
+            v.iter()
+                .map(|s| self.shared.selectors.hold(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| SubscribeError::TemplateMemoryFull(self.shared.config.template_memory))
+        };
+        let selectors = hold(&req.topics)?;
+        let rights = req.rights.as_deref().map(hold).transpose()?;
         let expires_in = req.expires_at.map(|t| {
             t.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
@@ -535,7 +565,7 @@ impl Core {
                 Selector::Any => {
                     self.any.insert(sub.id, sub.clone());
                 }
-                Selector::Template { .. } => self.templates.insert(sel, sub),
+                Selector::Template(_) => self.templates.insert(sel, sub),
             }
         }
         self.all.insert(sub.id, sub.clone());
@@ -558,7 +588,7 @@ impl Core {
                 Selector::Any => {
                     self.any.remove(&sub.id);
                 }
-                Selector::Template { .. } => self.templates.remove(sel, sub.id),
+                Selector::Template(_) => self.templates.remove(sel, sub.id),
             }
         }
         true

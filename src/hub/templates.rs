@@ -1,8 +1,8 @@
 //! Template selectors in use, grouped by template and found through their literal prefix.
 //!
 //! Every topic a URI template matches starts with the template's text before its first `{`
-//! (the regex is anchored and copies that text literally; a topic equal to the template itself
-//! starts with it too). So a publish only tests the templates whose prefix its topic starts
+//! (it is compared as a string before the rest is matched; a topic equal to the template
+//! itself starts with it too). So a publish only tests the templates whose prefix its topic starts
 //! with, each once however many subscribers share it, instead of every template of every
 //! subscriber: with one template per user (`/users/42/{resource}`), a publish to one user's
 //! topic tests that user's templates alone.
