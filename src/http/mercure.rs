@@ -314,11 +314,17 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         return refuse(StatusCode::FORBIDDEN, reason, &app);
     }
     let published = match &app.cluster {
-        Some(cluster) => cluster.publish(draft).await,
+        Some(cluster) => match app.hub.check_matching(&draft.topics) {
+            Ok(()) => cluster.publish(draft).await,
+            Err(e) => Err(e.into()),
+        },
         None => app.hub.publish(draft).map(|p| p.id).map_err(Into::into),
     };
     match published {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
+        Err(PublishError::Invalid(e @ Invalid::TooMuchMatching { .. })) => {
+            refuse(StatusCode::PAYLOAD_TOO_LARGE, e, &app)
+        }
         Err(PublishError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, e, &app),
         Err(e @ PublishError::Unavailable(_)) => {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);
