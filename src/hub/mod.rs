@@ -501,6 +501,12 @@ impl HubShared {
         }
         let candidates = self.core.lock().templates.collect(topics, bound);
         match candidates {
+            Ok(c) if c.work > BLOCKING_WORK && on_runtime_worker() => {
+                // Milliseconds of work: let the runtime move this worker's other tasks
+                // elsewhere meanwhile, or they wait on it (a connection's task that keeps
+                // finding requests ready yields to them rarely).
+                Ok(tokio::task::block_in_place(|| c.test(topics)))
+            }
             Ok(c) => Ok(c.test(topics)),
             Err(e) => Err(Invalid::TooMuchMatching {
                 topics: e.topics,
@@ -723,6 +729,17 @@ struct FanOut {
     wakes: Vec<std::task::Waker>,
     /// Held subscribers to enter in the flusher, with the time their windows open.
     held: Vec<(Arc<Subscriber>, u64)>,
+}
+
+/// Template matching past this much work (about a millisecond; see [`MAX_MATCHING_WORK`])
+/// leaves the runtime worker it runs on.
+const BLOCKING_WORK: u64 = 1 << 20;
+
+/// True on a worker thread of a multi-threaded tokio runtime, where
+/// `tokio::task::block_in_place` can hand its tasks over (elsewhere it would panic).
+fn on_runtime_worker() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 fn now_ms() -> u64 {

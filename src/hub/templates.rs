@@ -63,6 +63,8 @@ pub struct TooMuchMatching {
 /// The templates an update's topics could match, taken under the hub's lock, to test after it.
 pub(super) struct Candidates {
     generation: u64,
+    /// The estimated work of testing them (see [`MAX_MATCHING_WORK`]).
+    pub work: u64,
     /// The templates of each literal prefix found, with the topics (by index) starting with it.
     groups: Vec<(Vec<Arc<Selector>>, Vec<usize>)>,
 }
@@ -170,6 +172,7 @@ impl TemplateIndex {
     ) -> Result<Candidates, TooMuchMatching> {
         let mut candidates = Candidates {
             generation: self.generation,
+            work: 0,
             groups: Vec::new(),
         };
         if self.is_empty() {
@@ -179,13 +182,11 @@ impl TemplateIndex {
             topics: topics.len(),
             templates,
         };
-        let mut work = 0;
-        if let Some(bound) = bound {
-            work = self.lookup_work(topics);
-            if work > bound {
-                return Err(too_much(self.templates));
-            }
+        let lookups = bound.map_or(0, |_| self.lookup_work(topics));
+        if bound.is_some_and(|bound| lookups > bound) {
+            return Err(too_much(self.templates));
         }
+        let mut work = 0;
         let mut found: Vec<(&PrefixGroups, Vec<usize>)> = Vec::new();
         let mut seen: HashMap<*const PrefixGroups, usize> = HashMap::new();
         for (i, topic) in topics.iter().enumerate() {
@@ -198,9 +199,10 @@ impl TemplateIndex {
                 found[at].1.push(i);
             });
         }
-        if bound.is_some_and(|bound| work > bound) {
+        if bound.is_some_and(|bound| lookups + work > bound) {
             return Err(too_much(found.iter().map(|(g, _)| g.len()).sum()));
         }
+        candidates.work = work;
         candidates.groups = found
             .into_iter()
             .map(|(groups, at)| (groups.values().map(|g| g.selector.clone()).collect(), at))
