@@ -212,7 +212,9 @@ impl Hub {
         &self.shared.metrics
     }
 
-    /// Compiled selector, shared with every other user of the same string.
+    /// Compiled selector, shared with every other user of the same string, for a use that does
+    /// not outlast a request (a token's selectors checked once): a subscriber's are held
+    /// within `--template-memory` instead (see [`SelectorCache`]).
     pub fn selector(&self, s: &str) -> Arc<Selector> {
         self.shared.selectors.get(s)
     }
