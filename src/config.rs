@@ -90,6 +90,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_MAX_BODY", default_value = "1MiB", value_parser = parse_size)]
     pub max_body: usize,
 
+    /// Memory the compiled URI templates of subscriptions (and of their tokens) may take, all
+    /// together (e.g. 64MiB, 512KiB): a template is compiled once however many subscribers
+    /// use it and kept while one does. A subscription whose templates do not fit gets 503
+    /// with Retry-After.
+    #[arg(long, env = "SSEHUB_TEMPLATE_MEMORY", default_value = "64MiB", value_parser = parse_size)]
+    pub template_memory: usize,
+
+    /// Let subscribers without a token use URI templates (within --template-memory); false
+    /// answers them 403, and only exact topics and * stay open to them.
+    #[arg(long, env = "SSEHUB_ANONYMOUS_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub anonymous_templates: bool,
+
     /// Origins allowed to use the hub from browsers (CORS), comma-separated, e.g.
     /// https://app.example.com; `*` allows any origin but without cookies or credentials.
     #[arg(long, env = "SSEHUB_CORS_ORIGINS")]
@@ -143,6 +156,8 @@ pub struct ServeConfig {
     pub write_budget: u64,
     pub max_connections: usize,
     pub max_body: usize,
+    pub template_memory: usize,
+    pub anonymous_templates: bool,
     pub cors_origins: Option<Origins>,
     pub publish_origins: Origins,
     pub subscriptions: bool,
@@ -265,6 +280,8 @@ impl ServeArgs {
             write_budget: self.write_budget,
             max_connections: self.max_connections.unwrap_or_else(default_max_connections),
             max_body: self.max_body,
+            template_memory: self.template_memory,
+            anonymous_templates: self.anonymous_templates,
             cors_origins: self
                 .cors_origins
                 .as_deref()
@@ -340,6 +357,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like 5s or 250ms: {e}"))
 }
 
+/// A size as `parse_size` reads it: `64MiB`, `512KiB`, or bytes.
+pub fn format_size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}"),
+    }
+}
+
 /// `1MiB`, `64KiB`, `512kB`, `100000`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -388,6 +415,9 @@ mod tests {
         assert_eq!(parse_size("100000"), Ok(100_000));
         assert_eq!(parse_size("64 KiB"), Ok(65536));
         assert!(parse_size("lots").is_err());
+        for s in ["64MiB", "512KiB", "2GiB", "100000", "0"] {
+            assert_eq!(format_size(parse_size(s).unwrap()), s);
+        }
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());

@@ -39,6 +39,26 @@ impl DropReason {
     }
 }
 
+/// Why a subscription with URI templates was refused, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateRefusal {
+    /// `--template-memory` was full.
+    Memory,
+    /// An anonymous subscriber, with `--anonymous-templates false`.
+    Anonymous,
+}
+
+impl TemplateRefusal {
+    pub const ALL: [TemplateRefusal; 2] = [TemplateRefusal::Memory, TemplateRefusal::Anonymous];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateRefusal::Memory => "memory",
+            TemplateRefusal::Anonymous => "anonymous",
+        }
+    }
+}
+
 const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
 ];
@@ -64,6 +84,14 @@ pub struct Metrics {
     pub history_bytes: AtomicU64,
     /// `--history-size` and `--history-bytes`, shown beside what is kept.
     pub history_limits: (AtomicU64, AtomicU64),
+    /// Bytes the compiled URI templates kept are charged, and `--template-memory`.
+    pub template_memory: AtomicU64,
+    pub template_memory_limit: AtomicU64,
+    /// Compiled URI templates kept, and compilations since the start.
+    pub templates: AtomicU64,
+    pub templates_compiled: AtomicU64,
+    /// Subscriptions refused for their URI templates, by [`TemplateRefusal`].
+    templates_refused: [AtomicU64; 2],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -76,6 +104,14 @@ impl Metrics {
 
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].load(Relaxed)
+    }
+
+    pub fn template_refused(&self, why: TemplateRefusal) {
+        self.templates_refused[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn templates_refused(&self, why: TemplateRefusal) -> u64 {
+        self.templates_refused[why as usize].load(Relaxed)
     }
 
     pub fn observe_publish(&self, took: Duration) {
@@ -185,6 +221,44 @@ impl Metrics {
             "--history-bytes: the most bytes of updates kept for replay.",
             self.history_limits.1.load(Relaxed),
         );
+        one(
+            "ssehub_template_memory_bytes",
+            "gauge",
+            "Bytes the compiled URI templates kept by the hub are charged (held by subscribers, \
+             or kept for reuse until room is needed).",
+            self.template_memory.load(Relaxed),
+        );
+        one(
+            "ssehub_template_memory_limit_bytes",
+            "gauge",
+            "--template-memory: the most the compiled URI templates may be charged.",
+            self.template_memory_limit.load(Relaxed),
+        );
+        one(
+            "ssehub_templates",
+            "gauge",
+            "Compiled URI templates kept by the hub.",
+            self.templates.load(Relaxed),
+        );
+        one(
+            "ssehub_templates_compiled_total",
+            "counter",
+            "URI templates compiled since the hub started.",
+            self.templates_compiled.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ssehub_template_subscriptions_refused_total Subscriptions refused for their URI templates, by reason: memory (--template-memory was full, 503) or anonymous (--anonymous-templates false, 403).\n\
+             # TYPE ssehub_template_subscriptions_refused_total counter"
+        );
+        for r in TemplateRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "ssehub_template_subscriptions_refused_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.templates_refused(r)
+            );
+        }
         let _ = write!(
             out,
             "# HELP ssehub_updates_published_total Updates by outcome: accepted (publish requests, and with --subscriptions the hub's own subscription events) or rejected (publish requests).\n\

@@ -111,6 +111,8 @@ pub async fn run(
         max_subscribers: config.max_connections,
         subscription_events: config.subscriptions,
         max_stream_lifetime: config.max_stream_lifetime,
+        template_memory: config.template_memory,
+        anonymous_templates: config.anonymous_templates,
     });
     let cluster = match &config.redis {
         Some(url) => Some(

@@ -89,7 +89,10 @@ pub(super) fn auth_error(e: AuthError) -> Response {
 
 pub(super) fn subscribe_error(e: SubscribeError) -> Response {
     match e {
-        SubscribeError::Full | SubscribeError::ShuttingDown => {
+        SubscribeError::AnonymousTemplates => reject(StatusCode::FORBIDDEN, e),
+        SubscribeError::Full
+        | SubscribeError::ShuttingDown
+        | SubscribeError::TemplateMemoryFull(_) => {
             let mut r = reject(StatusCode::SERVICE_UNAVAILABLE, e);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -197,7 +200,7 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(e) = app.hub.admit(&q.topics) {
+    if let Err(e) = app.hub.admit(&q.topics, rights.is_none()) {
         return subscribe_error(e);
     }
     let resume = match header_last_event_id(&req) {
@@ -311,11 +314,17 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         return refuse(StatusCode::FORBIDDEN, reason, &app);
     }
     let published = match &app.cluster {
-        Some(cluster) => cluster.publish(draft).await,
+        Some(cluster) => match app.hub.check_matching(&draft.topics) {
+            Ok(()) => cluster.publish(draft).await,
+            Err(e) => Err(e.into()),
+        },
         None => app.hub.publish(draft).map(|p| p.id).map_err(Into::into),
     };
     match published {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
+        Err(PublishError::Invalid(e @ Invalid::TooMuchMatching { .. })) => {
+            refuse(StatusCode::PAYLOAD_TOO_LARGE, e, &app)
+        }
         Err(PublishError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, e, &app),
         Err(e @ PublishError::Unavailable(_)) => {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);

@@ -23,7 +23,7 @@ mod templates;
 pub mod trim;
 pub mod update;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,10 +39,10 @@ pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRE
 pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
-use templates::TemplateGroup;
+pub use templates::MAX_MATCHING_WORK;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::{DropReason, Metrics, TemplateRefusal};
 
 /// The most subscribers one publish writes to directly, on the publishing thread; the others'
 /// own tasks write, spread over the cores. Small fan-outs (one topic among many, S6) are then
@@ -76,6 +76,10 @@ pub struct HubConfig {
     /// The longest a stream lives (then it ends cleanly and its client resumes); a token's
     /// `exp` ends it earlier. `None`: no bound.
     pub max_stream_lifetime: Option<Duration>,
+    /// Bytes the compiled URI templates may take (`--template-memory`).
+    pub template_memory: usize,
+    /// Anonymous subscribers may use URI templates (`--anonymous-templates`).
+    pub anonymous_templates: bool,
 }
 
 impl Default for HubConfig {
@@ -89,6 +93,8 @@ impl Default for HubConfig {
             max_subscribers: 10_000,
             subscription_events: false,
             max_stream_lifetime: None,
+            template_memory: 64 << 20,
+            anonymous_templates: true,
         }
     }
 }
@@ -104,6 +110,9 @@ pub(crate) struct HubShared {
     config: HubConfig,
     pub(crate) metrics: Arc<Metrics>,
     selectors: SelectorCache,
+    /// Whether any subscriber holds a URI template (set under `core`): a publish takes the
+    /// lock a first time, to collect the templates to test, only then.
+    has_templates: AtomicBool,
     closing: AtomicBool,
     /// Where subscription events go instead of the local publish path (cluster mode).
     relay: OnceLock<Relay>,
@@ -167,6 +176,10 @@ pub enum SubscribeError {
     TooManyTemplates,
     #[error("too many subscribers connected; try again later")]
     Full,
+    #[error("the hub's template memory (--template-memory {}) is full; try again later", crate::config::format_size(*.0))]
+    TemplateMemoryFull(usize),
+    #[error("this hub does not let anonymous subscribers use URI templates (--anonymous-templates false); subscribe to exact topics, or with a token")]
+    AnonymousTemplates,
     #[error("the hub is shutting down")]
     ShuttingDown,
 }
@@ -211,10 +224,11 @@ impl Hub {
                     templates: templates::TemplateIndex::default(),
                     all: HashMap::new(),
                 }),
+                selectors: SelectorCache::new(config.template_memory, metrics.clone()),
                 config,
                 flusher: flusher::Flusher::new(coalesce::cores() as usize, metrics.clone()),
                 metrics,
-                selectors: SelectorCache::default(),
+                has_templates: AtomicBool::new(false),
                 closing: AtomicBool::new(false),
                 relay: OnceLock::new(),
                 coalescing,
@@ -230,7 +244,9 @@ impl Hub {
         &self.shared.metrics
     }
 
-    /// Compiled selector, shared with every other user of the same string.
+    /// Compiled selector, shared with every other user of the same string, for a use that does
+    /// not outlast a request (a token's selectors checked once): a subscriber's are held
+    /// within `--template-memory` instead (see [`SelectorCache`]).
     pub fn selector(&self, s: &str) -> Arc<Selector> {
         self.shared.selectors.get(s)
     }
@@ -238,6 +254,15 @@ impl Hub {
     /// Checks, stores and fans out one update.
     pub fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
         self.shared.publish(draft)
+    }
+
+    /// Refuses, as [`Hub::publish`] would, topics that would ask too much of the URI templates
+    /// held here: in cluster mode, checked before the update enters the shared stream, after
+    /// which no node can refuse it.
+    pub fn check_matching(&self, topics: &[String]) -> Result<(), Invalid> {
+        self.shared
+            .match_templates(topics, Some(MAX_MATCHING_WORK))
+            .map(drop)
     }
 
     /// Stores and fans out an update that was checked and given its id elsewhere: in cluster
@@ -253,9 +278,9 @@ impl Hub {
     }
 
     /// The checks a subscription to `topics` passes before anything is compiled or registered
-    /// (`HEAD` asks them too): its topics, and room for one more subscriber (asked again, under
-    /// the lock, when it registers).
-    pub fn admit(&self, topics: &[String]) -> Result<(), SubscribeError> {
+    /// (`HEAD` asks them too): its topics, templates only with a token if the hub says so, and
+    /// room for one more subscriber (asked again, under the lock, when it registers).
+    pub fn admit(&self, topics: &[String], anonymous: bool) -> Result<(), SubscribeError> {
         if self.shared.closing.load(Relaxed) {
             return Err(SubscribeError::ShuttingDown);
         }
@@ -274,6 +299,12 @@ impl Hub {
         if selector::template_expressions(topics) > MAX_TEMPLATE_EXPRESSIONS {
             return Err(SubscribeError::TooManyTemplates);
         }
+        if anonymous
+            && !self.shared.config.anonymous_templates
+            && topics.iter().any(|t| selector::is_template(t))
+        {
+            return Err(SubscribeError::AnonymousTemplates);
+        }
         if self.shared.metrics.subscribers_connected.load(Relaxed)
             >= self.shared.config.max_subscribers as u64
         {
@@ -285,20 +316,34 @@ impl Hub {
     /// Registers a subscriber and returns its stream, starting with the replay it asked for.
     pub fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
         let res = self.enter(req);
-        if matches!(res, Err(SubscribeError::Full)) {
-            self.shared
-                .metrics
-                .subscribers_refused
-                .fetch_add(1, Relaxed);
+        let m = &self.shared.metrics;
+        match res {
+            Err(SubscribeError::Full) => {
+                m.subscribers_refused.fetch_add(1, Relaxed);
+            }
+            Err(SubscribeError::TemplateMemoryFull(_)) => {
+                m.template_refused(TemplateRefusal::Memory)
+            }
+            Err(SubscribeError::AnonymousTemplates) => {
+                m.template_refused(TemplateRefusal::Anonymous)
+            }
+            _ => {}
         }
         res
     }
 
     fn enter(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
-        self.admit(&req.topics)?;
-        let compile = |v: &[String]| v.iter().map(|s| self.selector(s)).collect::<Vec<_>>();
-        let selectors = compile(&req.topics);
-        let rights = req.rights.as_deref().map(compile);
+        self.admit(&req.topics, req.rights.is_none())?;
+        // Compiled, and held for as long as the subscriber lives: its templates (the token's
+        // too) count against --template-memory until then.
+        let hold = |v: &[String]| {
+            v.iter()
+                .map(|s| self.shared.selectors.hold(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| SubscribeError::TemplateMemoryFull(self.shared.config.template_memory))
+        };
+        let selectors = hold(&req.topics)?;
+        let rights = req.rights.as_deref().map(hold).transpose()?;
         let expires_in = req.expires_at.map(|t| {
             t.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
@@ -352,6 +397,9 @@ impl Hub {
             }
         };
         core.register(&sub);
+        self.shared
+            .has_templates
+            .store(!core.templates.is_empty(), Relaxed);
         drop(core);
         if templated {
             replay.retain(|u| sub.wants(u));
@@ -472,16 +520,61 @@ impl HubShared {
             self.metrics.updates_rejected.fetch_add(1, Relaxed);
             return Err(e);
         }
+        // Not counted as rejected here: a publish can pass `validate` (its HTTP handler checks
+        // it first, and counts what it refuses) and still be refused for this.
+        let matches = self.match_templates(&draft.topics, Some(MAX_MATCHING_WORK))?;
         let id = draft.id.clone().unwrap_or_else(update::new_id);
-        let published = self.apply(draft, id, now_ms());
+        let published = self.store_and_fan_out(draft, id, now_ms(), matches);
         self.metrics.observe_publish(started.elapsed());
         Ok(published)
     }
 
-    /// Encodes, stores and fans out an update that already has its id and was checked where it
-    /// entered the system. Both a local publish and an update read from the cluster's stream
-    /// end here, so the fan-out is the same code in both modes.
+    /// Stores and fans out an update that was checked and given its id elsewhere (read from
+    /// the cluster's stream): nothing can be refused any more, however many templates it meets.
     pub(crate) fn apply(&self, draft: Draft, id: String, time_ms: u64) -> Published {
+        let matches = self
+            .match_templates(&draft.topics, None)
+            .unwrap_or_default();
+        self.store_and_fan_out(draft, id, time_ms, matches)
+    }
+
+    /// Tests the templates `topics` could match, outside the lock: it is taken only to collect
+    /// them (and to refuse, past `bound`, topics that would ask too much).
+    fn match_templates(
+        &self,
+        topics: &[String],
+        bound: Option<u64>,
+    ) -> Result<templates::Matches, Invalid> {
+        if !self.has_templates.load(Relaxed) {
+            return Ok(templates::Matches::default());
+        }
+        let candidates = self.core.lock().templates.collect(topics, bound);
+        match candidates {
+            Ok(c) if c.work > BLOCKING_WORK && on_runtime_worker() => {
+                // Milliseconds of work: let the runtime move this worker's other tasks
+                // elsewhere meanwhile, or they wait on it (a connection's task that keeps
+                // finding requests ready yields to them rarely).
+                Ok(tokio::task::block_in_place(|| c.test(topics)))
+            }
+            Ok(c) => Ok(c.test(topics)),
+            Err(e) => Err(Invalid::TooMuchMatching {
+                topics: e.topics,
+                templates: e.templates,
+            }),
+        }
+    }
+
+    /// Encodes, stores and fans out an update that already has its id and was checked where it
+    /// entered the system, with its topics' templates tested (`matches`). Both a local publish
+    /// and an update read from the cluster's stream end here, so the fan-out is the same code
+    /// in both modes.
+    fn store_and_fan_out(
+        &self,
+        draft: Draft,
+        id: String,
+        time_ms: u64,
+        matches: templates::Matches,
+    ) -> Published {
         let encoded = update::encode(&draft, &id);
         let limit = self.config.subscriber_queue;
         let metrics = &self.metrics;
@@ -501,7 +594,7 @@ impl HubShared {
             encoded,
         });
         core.history.push(update.clone());
-        let fanned = core.fan_out(&update, limit, &self.coalescing, window, hold);
+        let fanned = core.fan_out(&update, &matches, limit, &self.coalescing, window, hold);
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
@@ -543,7 +636,11 @@ impl HubShared {
 
     /// Called when a subscriber's stream is dropped, whatever the reason.
     pub(crate) fn remove(&self, sub: &Arc<Subscriber>, reason: Option<DropReason>) {
-        let removed = self.core.lock().unregister(sub);
+        let mut core = self.core.lock();
+        let removed = core.unregister(sub);
+        self.has_templates
+            .store(!core.templates.is_empty(), Relaxed);
+        drop(core);
         if removed {
             self.metrics.subscribers_connected.fetch_sub(1, Relaxed);
             let why = reason.map_or("client went away", DropReason::as_str);
@@ -585,7 +682,7 @@ impl Core {
                 Selector::Any => {
                     self.any.insert(sub.id, sub.clone());
                 }
-                Selector::Template { .. } => self.templates.insert(sel, sub),
+                Selector::Template(_) => self.templates.insert(sel, sub),
             }
         }
         self.all.insert(sub.id, sub.clone());
@@ -608,7 +705,7 @@ impl Core {
                 Selector::Any => {
                     self.any.remove(&sub.id);
                 }
-                Selector::Template { .. } => self.templates.remove(sel, sub.id),
+                Selector::Template(_) => self.templates.remove(sel, sub.id),
             }
         }
         true
@@ -617,11 +714,13 @@ impl Core {
     /// Offers `update` to every matching subscriber: queued for most, claimed for a direct
     /// write by the caller for at most [`DIRECT_MAX`] while the hub is within its write budget
     /// (coalescing wants every write it can save otherwise).
-    /// `window` is the hub's coalescing window, `hold` the flusher's clock (see
+    /// `matches` are the templates the update's topics matched, tested before the lock was
+    /// taken; `window` is the hub's coalescing window, `hold` the flusher's clock (see
     /// [`subscriber::HoldClock`]).
     fn fan_out(
         &self,
         update: &SharedUpdate,
+        matches: &templates::Matches,
         limit: usize,
         coalescing: &coalesce::Coalescing,
         window: Duration,
@@ -658,28 +757,13 @@ impl Core {
         for sub in self.any.values() {
             offer(sub);
         }
-        // Each template is tested once per topic it could match (its literal prefix starts the
-        // topic), however many subscribers share it; with several topics, a template that
-        // matched one is not tested again.
-        if !self.templates.is_empty() {
-            let several = update.topics.len() > 1;
-            let mut matched: HashSet<*const TemplateGroup> = HashSet::new();
-            for topic in &update.topics {
-                self.templates.candidates(topic, |group| {
-                    if several && matched.contains(&(group as *const TemplateGroup)) {
-                        return;
-                    }
-                    if group.selector.matches(topic) {
-                        if several {
-                            matched.insert(group);
-                        }
-                        for sub in group.subs.values() {
-                            offer(sub);
-                        }
-                    }
-                });
+        // Tested before the lock was taken (but for templates that came in since), each once
+        // however many subscribers share it.
+        matches.each(&self.templates, &update.topics, |group| {
+            for sub in group.subs.values() {
+                offer(sub);
             }
-        }
+        });
         out
     }
 }
@@ -697,6 +781,17 @@ struct FanOut {
     wakes: Vec<std::task::Waker>,
     /// Held subscribers to enter in the flusher, with the time their windows open.
     held: Vec<(Arc<Subscriber>, u64)>,
+}
+
+/// Template matching past this much work (about a millisecond; see [`MAX_MATCHING_WORK`])
+/// leaves the runtime worker it runs on.
+const BLOCKING_WORK: u64 = 1 << 20;
+
+/// True on a worker thread of a multi-threaded tokio runtime, where
+/// `tokio::task::block_in_place` can hand its tasks over (elsewhere it would panic).
+fn on_runtime_worker() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 fn now_ms() -> u64 {
@@ -798,6 +893,107 @@ mod tests {
         );
         assert_eq!(next(&mut stream), Some(1), "what was queued goes out first");
         assert!(matches!(stream.poll_chunk(&mut cx), Poll::Ready(None)));
+    }
+
+    /// The update data a stream has ready, in order (its opening comment read and dropped).
+    fn ready(stream: &mut SubscriberStream) -> Vec<String> {
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        let mut data = Vec::new();
+        while let Poll::Ready(Some(chunk)) = stream.poll_chunk(&mut cx) {
+            let text = String::from_utf8_lossy(&chunk).into_owned();
+            data.extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .map(str::to_owned),
+            );
+        }
+        data
+    }
+
+    fn subscribe_to(hub: &Hub, topic: &str, last_event_id: Option<&str>) -> SubscriberStream {
+        hub.subscribe(SubscribeRequest {
+            topics: vec![topic.to_owned()],
+            last_event_id: last_event_id.map(str::to_owned),
+            ..SubscribeRequest::default()
+        })
+        .unwrap()
+        .stream
+    }
+
+    /// Templates are tested between two holds of the lock; whoever registers in between gets
+    /// the update exactly once: in its queue (it is not in the history yet for its replay),
+    /// whether its template was tested already or is new (tested in the fan-out).
+    #[tokio::test]
+    async fn subscribers_registered_while_templates_are_tested_get_the_update_once() {
+        let hub = Hub::new(HubConfig::default());
+        let mut early = subscribe_to(&hub, "/a/{x}", None);
+        let first = hub
+            .publish(Draft {
+                topics: vec!["/a/0".to_owned()],
+                data: "first".to_owned(),
+                ..Draft::default()
+            })
+            .unwrap();
+        let draft = |data: &str| Draft {
+            topics: vec!["/a/1".to_owned()],
+            data: data.to_owned(),
+            ..Draft::default()
+        };
+
+        // Between the two holds: only a subscriber to a template tested already.
+        let matches = hub
+            .shared
+            .match_templates(&["/a/1".to_owned()], None)
+            .unwrap();
+        let mut same = subscribe_to(&hub, "/a/{x}", Some(&first.id));
+        hub.shared
+            .store_and_fan_out(draft("second"), update::new_id(), now_ms(), matches);
+        assert_eq!(ready(&mut early), ["first", "second"]);
+        assert_eq!(ready(&mut same), ["second"]);
+
+        // And with new templates, one that matches and one that does not.
+        let matches = hub
+            .shared
+            .match_templates(&["/a/1".to_owned()], None)
+            .unwrap();
+        let mut new = subscribe_to(&hub, "/{+p}", Some(&first.id));
+        let mut other = subscribe_to(&hub, "/b/{x}", Some(&first.id));
+        let mut again = subscribe_to(&hub, "/a/{x}", Some(&first.id));
+        hub.shared
+            .store_and_fan_out(draft("third"), update::new_id(), now_ms(), matches);
+        assert_eq!(ready(&mut early), ["third"]);
+        assert_eq!(ready(&mut same), ["third"]);
+        assert_eq!(ready(&mut new), ["second", "third"], "replay, then queue");
+        assert_eq!(ready(&mut again), ["second", "third"]);
+        assert!(ready(&mut other).is_empty());
+    }
+
+    #[test]
+    fn a_publish_that_asks_too_much_of_the_templates_is_refused() {
+        let hub = Hub::new(HubConfig::default());
+        let _subs: Vec<_> = (0..300)
+            .map(|i| subscribe_to(&hub, &format!("/t/{{x}}{i}"), None))
+            .collect();
+        let draft = |n: usize, len: usize| Draft {
+            topics: (0..n)
+                .map(|i| format!("/t/{}{i}", "x".repeat(len)))
+                .collect(),
+            data: "x".to_owned(),
+            ..Draft::default()
+        };
+        assert_eq!(
+            hub.publish(draft(250, 4000)).unwrap_err(),
+            Invalid::TooMuchMatching {
+                topics: 250,
+                templates: 300
+            }
+        );
+        assert_eq!(hub.history_len(), 0, "nothing stored");
+        assert!(hub.publish(draft(10, 300)).is_ok());
+        // In cluster mode nothing can be refused: matched all the same.
+        hub.apply(draft(250, 4000), update::new_id(), now_ms());
+        assert_eq!(hub.history_len(), 2);
     }
 
     /// An in-memory connection for direct writes: takes at most `room` bytes a call (the

@@ -1,22 +1,42 @@
 //! Topic selectors: `*`, exact strings and URI templates (RFC 6570), as Mercure defines them.
 //!
-//! A template is compiled once into a `regex` (linear time, so no hostile selector can make
-//! matching blow up) and shared through [`SelectorCache`]. Exact selectors are not matched at
-//! all: the hub indexes them by topic.
+//! A template is compiled once into an automaton that runs in linear time (no hostile selector
+//! can make matching blow up) and shared through [`SelectorCache`], which keeps the compiled
+//! templates within a byte budget (`--template-memory`): a compiled template is the hub's
+//! costliest per-subscriber object, and anonymous clients choose them. Exact selectors are not
+//! matched at all: the hub indexes them by topic.
+//!
+//! What a template costs, measured (`tests/template_memory.rs`): its text before the first `{`
+//! is compared as a string, so only the rest is compiled, into a Thompson NFA without captures
+//! (about 1 KiB per `{?x}` expression, a few hundred bytes for `{x}`) and a lazy DFA whose cache
+//! grows as topics are matched, up to a capacity fixed at compile time and charged in full.
+//! The `regex` crate, used before, also built a reverse NFA, a one-pass DFA and a lazy DFA cache
+//! of up to 2 MiB in each direction for every thread that matched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use regex::Regex;
+use regex_automata::hybrid::dfa::{Cache, DFA};
+use regex_automata::nfa::thompson::pikevm::PikeVM;
+use regex_automata::nfa::thompson::{WhichCaptures, NFA};
+use regex_automata::{Anchored, Input};
+
+use crate::metrics::Metrics;
 
 /// The longest selector or topic the hub accepts, in bytes.
 pub const MAX_SELECTOR_LEN: usize = 4096;
 
 /// The most URI template expressions (`{…}`) one subscription may hold across its topics.
-/// Compiled templates cost memory (≈ 1 KiB an expression) and every publish tests them one by
-/// one, so an anonymous request must not bring thousands; real subscriptions use a few.
+/// Compiled templates cost memory (see the module's doc: a template of 64 `{?x}` expressions
+/// is charged about 230 KiB, one `{x}` about 10 KiB) and a publish may test every one of them, so an anonymous request must not bring
+/// thousands; real subscriptions use a few. The token's selectors are not counted here, but
+/// they are compiled within `--template-memory` like the others.
 pub const MAX_TEMPLATE_EXPRESSIONS: usize = 64;
+
+/// The largest NFA a template compiles to; a larger one is taken as an exact selector.
+const NFA_SIZE_LIMIT: usize = 1 << 20;
 
 /// The template expressions `selectors` would compile, counted before compiling anything
 /// (every `{` counts: a string with braces that is no valid template counts too).
@@ -27,15 +47,22 @@ pub fn template_expressions<S: AsRef<str>>(selectors: &[S]) -> usize {
         .sum()
 }
 
+/// True when `s` is a URI template (checked without compiling it): what
+/// `--anonymous-templates false` refuses.
+pub fn is_template(s: &str) -> bool {
+    s.find('{')
+        .is_some_and(|open| template_pattern(&s[open..]).is_some())
+}
+
 /// One compiled topic selector.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Selector {
     /// `*`: every topic.
     Any,
     /// A string that matches only itself.
     Exact(String),
     /// A URI template; it matches itself as a string too.
-    Template { source: String, regex: Regex },
+    Template(Box<Template>),
 }
 
 impl Selector {
@@ -45,15 +72,10 @@ impl Selector {
         if s == "*" {
             return Selector::Any;
         }
-        if s.contains('{') {
-            if let Some(regex) = template_regex(s) {
-                return Selector::Template {
-                    source: s.to_owned(),
-                    regex,
-                };
-            }
+        match Template::compile(s) {
+            Some(t) => Selector::Template(Box::new(t)),
+            None => Selector::Exact(s.to_owned()),
         }
-        Selector::Exact(s.to_owned())
     }
 
     /// The selector as the subscriber wrote it.
@@ -61,27 +83,35 @@ impl Selector {
         match self {
             Selector::Any => "*",
             Selector::Exact(s) => s,
-            Selector::Template { source, .. } => source,
+            Selector::Template(t) => &t.source,
         }
     }
 
     /// For a template, its text before the first `{`: every topic it matches starts with it.
     pub fn literal_prefix(&self) -> Option<&str> {
         match self {
-            Selector::Template { source, .. } => source.split('{').next(),
+            Selector::Template(t) => Some(t.prefix()),
             _ => None,
         }
     }
 
     pub fn is_template(&self) -> bool {
-        matches!(self, Selector::Template { .. })
+        matches!(self, Selector::Template(_))
+    }
+
+    /// The bytes this selector holds against `--template-memory`: nothing but for templates.
+    pub fn cost(&self) -> usize {
+        match self {
+            Selector::Template(t) => t.cost,
+            _ => 0,
+        }
     }
 
     pub fn matches(&self, topic: &str) -> bool {
         match self {
             Selector::Any => true,
             Selector::Exact(s) => s == topic,
-            Selector::Template { source, regex } => source == topic || regex.is_match(topic),
+            Selector::Template(t) => *t.source == *topic || t.is_match(topic),
         }
     }
 
@@ -96,45 +126,289 @@ pub fn any_matches<S: AsRef<str>>(selectors: &[Arc<Selector>], topics: &[S]) -> 
     selectors.iter().any(|s| s.matches_any(topics))
 }
 
-/// Compiled selectors, shared: a template used by ten thousand subscribers is compiled once.
-/// Bounded: when full it starts over, which costs only recompilation.
-#[derive(Default)]
-pub struct SelectorCache {
-    map: Mutex<HashMap<String, Arc<Selector>>>,
+/// A compiled URI template: its literal prefix, compared as a string, then an anchored lazy
+/// DFA for the rest, with a cache of bounded size.
+pub struct Template {
+    source: Box<str>,
+    /// The length of the text before the first `{`.
+    prefix: usize,
+    dfa: DFA,
+    /// The lazy DFA's states, built as topics are matched, up to the capacity it was built
+    /// with. One per template: a thread that finds it taken uses a cache of its own for that
+    /// one search (a moment's memory, not kept), rather than queueing behind another.
+    cache: Mutex<Cache>,
+    /// For the rare search the lazy DFA gives up on (its cache cleared again and again): the
+    /// same NFA simulated directly, slower but in bounded memory and still linear time.
+    pikevm: PikeVM,
+    /// What it is charged against `--template-memory`.
+    cost: usize,
 }
 
-const CACHE_CAPACITY: usize = 10_000;
-
-impl SelectorCache {
-    pub fn get(&self, s: &str) -> Arc<Selector> {
-        // Only templates are worth sharing: an exact selector costs its string either way, and
-        // caching it would keep every topic ever subscribed to after its subscribers left.
-        if !s.contains('{') {
-            return Arc::new(Selector::compile(s));
-        }
-        if let Some(sel) = self.map.lock().get(s) {
-            return sel.clone();
-        }
-        // Compile outside the lock: a large template must not stall other subscribers.
-        let sel = Arc::new(Selector::compile(s));
-        let mut map = self.map.lock();
-        if map.len() >= CACHE_CAPACITY {
-            map.clear();
-        }
-        map.entry(s.to_owned()).or_insert(sel).clone()
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template")
+            .field("source", &self.source)
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
     }
 }
 
-const UNRESERVED: &str = r"(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})";
+/// Room in a template's lazy DFA cache beyond the least it can work with (which holds two
+/// states of the largest size possible besides its scratch space): enough for the few states
+/// ordinary topics go through, so that matching them never clears the cache.
+fn cache_capacity(minimum: usize) -> usize {
+    minimum + minimum / 2 + 1024
+}
+
+/// The heap a lazy DFA cache of a given capacity may take: the capacity counts the length of
+/// its tables and states, not the room their vectors and maps grew into (up to twice), nor the
+/// counts of its reference-counted states. `tests/template_memory.rs` checks that no template
+/// outgrows its charge.
+fn cache_heap(capacity: usize) -> usize {
+    2 * capacity + 2048
+}
+
+impl Template {
+    /// `None` when `source` is no valid template, or too large to compile.
+    fn compile(source: &str) -> Option<Template> {
+        let prefix = source.find('{')?;
+        let pattern = template_pattern(&source[prefix..])?;
+        let nfa = NFA::compiler()
+            .configure(
+                NFA::config()
+                    .which_captures(WhichCaptures::None)
+                    .nfa_size_limit(Some(NFA_SIZE_LIMIT)),
+            )
+            .build(&pattern)
+            .ok()?;
+        let config = DFA::config()
+            .minimum_cache_clear_count(Some(3))
+            .minimum_bytes_per_state(Some(10));
+        let capacity = cache_capacity(config.get_minimum_cache_capacity(&nfa).ok()?);
+        let dfa = DFA::builder()
+            .configure(config.cache_capacity(capacity))
+            .build_from_nfa(nfa.clone())
+            .ok()?;
+        let pikevm = PikeVM::builder().build_from_nfa(nfa.clone()).ok()?;
+        let cache = Mutex::new(dfa.create_cache());
+        let cost = std::mem::size_of::<Selector>()
+            + std::mem::size_of::<Template>()
+            + source.len()
+            + nfa.memory_usage()
+            + dfa.memory_usage()
+            + cache_heap(capacity);
+        Some(Template {
+            source: source.into(),
+            prefix,
+            dfa,
+            cache,
+            pikevm,
+            cost,
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.source[..self.prefix]
+    }
+
+    /// Whether `topic` is an expansion of the template (see [`template_pattern`]).
+    fn is_match(&self, topic: &str) -> bool {
+        let Some(rest) = topic.strip_prefix(self.prefix()) else {
+            return false;
+        };
+        let input = Input::new(rest).anchored(Anchored::Yes).earliest(true);
+        let found = match self.cache.try_lock() {
+            Some(mut cache) => self.dfa.try_search_fwd(&mut cache, &input),
+            None => self
+                .dfa
+                .try_search_fwd(&mut self.dfa.create_cache(), &input),
+        };
+        match found {
+            Ok(m) => m.is_some(),
+            Err(_) => self.pikevm.is_match(&mut self.pikevm.create_cache(), input),
+        }
+    }
+}
+
+/// Compiled selectors, shared: a template used by ten thousand subscribers is compiled once.
+///
+/// Compiled templates are kept within a byte budget (`--template-memory`), each charged its
+/// [`Selector::cost`]. A template is held while anything beyond this cache refers to it (a
+/// subscriber, or a request checking a token): held templates are never evicted; the others
+/// are, least recently used first, when room is needed. So the sum of the charges is all the
+/// memory compiled templates take (a template that did not fit, compiled for one request
+/// alone, aside), and a subscription whose templates would take it past the budget is
+/// refused. Exact selectors and `*` cost nothing and are not kept.
+pub struct SelectorCache {
+    state: Mutex<Cached>,
+    limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Cached {
+    templates: HashMap<Arc<str>, Slot>,
+    /// Every kept template by when it was last asked for: the eviction order.
+    by_use: BTreeMap<u64, Arc<str>>,
+    clock: u64,
+    /// The sum of the kept templates' charges.
+    used: usize,
+}
+
+struct Slot {
+    key: Arc<str>,
+    selector: Arc<Selector>,
+    last_use: u64,
+    charge: usize,
+}
+
+/// What keeping one template costs besides the template: its key (shared by the map and the
+/// eviction order) and the entries that point to it.
+const SLOT_OVERHEAD: usize = 160;
+
+/// A subscription's templates do not fit in `--template-memory`, even with every template no
+/// subscriber holds evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateMemoryFull;
+
+impl SelectorCache {
+    /// A cache that keeps compiled templates within `limit` bytes.
+    pub fn new(limit: usize, metrics: Arc<Metrics>) -> SelectorCache {
+        metrics.template_memory_limit.store(limit as u64, Relaxed);
+        SelectorCache {
+            state: Mutex::new(Cached::default()),
+            limit,
+            metrics,
+        }
+    }
+
+    /// The selector `s`, for a use that does not outlast a request (a token's selectors checked
+    /// once): shared with other users when compiled already; a template that does not fit in
+    /// the budget is compiled for this use alone.
+    pub fn get(&self, s: &str) -> Arc<Selector> {
+        match self.lookup(s) {
+            Ok(sel) => sel,
+            Err(compiled) => self.keep(s, compiled).unwrap_or_else(|c| c),
+        }
+    }
+
+    /// The selector `s` for a subscriber to hold: a template must fit in the budget.
+    pub fn hold(&self, s: &str) -> Result<Arc<Selector>, TemplateMemoryFull> {
+        match self.lookup(s) {
+            Ok(sel) => Ok(sel),
+            Err(compiled) => self.keep(s, compiled).map_err(|_| TemplateMemoryFull),
+        }
+    }
+
+    /// The bytes the kept templates are charged.
+    pub fn used(&self) -> usize {
+        self.state.lock().used
+    }
+
+    /// A kept template, or else `s` compiled (outside the lock: a large template must not
+    /// stall other subscribers).
+    fn lookup(&self, s: &str) -> Result<Arc<Selector>, Arc<Selector>> {
+        if s.contains('{') {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            if let Some(slot) = st.templates.get_mut(s) {
+                st.by_use.remove(&slot.last_use);
+                st.clock += 1;
+                slot.last_use = st.clock;
+                st.by_use.insert(st.clock, slot.key.clone());
+                return Ok(slot.selector.clone());
+            }
+        }
+        let sel = Arc::new(Selector::compile(s));
+        if sel.is_template() {
+            self.metrics.templates_compiled.fetch_add(1, Relaxed);
+        }
+        Err(sel)
+    }
+
+    /// Keeps a freshly compiled selector, evicting unheld templates to make room: the kept
+    /// one (another thread's if it was quicker), or `Err` with the selector when it does not
+    /// fit.
+    fn keep(&self, s: &str, sel: Arc<Selector>) -> Result<Arc<Selector>, Arc<Selector>> {
+        if !sel.is_template() {
+            return Ok(sel);
+        }
+        let charge = sel.cost() + SLOT_OVERHEAD + s.len();
+        let mut st = self.state.lock();
+        if let Some(slot) = st.templates.get(s) {
+            return Ok(slot.selector.clone());
+        }
+        let over = (st.used + charge).saturating_sub(self.limit);
+        if over > 0 {
+            st.evict(over);
+        }
+        let kept = if st.used + charge > self.limit {
+            Err(sel)
+        } else {
+            let key: Arc<str> = s.into();
+            st.clock += 1;
+            let last_use = st.clock;
+            st.by_use.insert(last_use, key.clone());
+            st.templates.insert(
+                key.clone(),
+                Slot {
+                    key,
+                    selector: sel.clone(),
+                    last_use,
+                    charge,
+                },
+            );
+            st.used += charge;
+            Ok(sel)
+        };
+        self.metrics.template_memory.store(st.used as u64, Relaxed);
+        self.metrics
+            .templates
+            .store(st.templates.len() as u64, Relaxed);
+        kept
+    }
+}
+
+impl Cached {
+    /// Frees at least `needed` bytes if it can, evicting unheld templates least recently used
+    /// first. A held template met on the way is marked used now: it is, and the next eviction
+    /// then starts with the templates after it.
+    fn evict(&mut self, needed: usize) {
+        let mut freed = 0;
+        let end = self.clock + 1;
+        while freed < needed {
+            let Some((&stamp, _)) = self.by_use.range(..end).next() else {
+                break;
+            };
+            let key = self.by_use.remove(&stamp).expect("just found");
+            let slot = self.templates.get_mut(&key).expect("kept with its stamp");
+            // Only this cache refers to it, and only through the cache can anyone get it:
+            // no one can take it while the lock is held.
+            if Arc::strong_count(&slot.selector) == 1 {
+                freed += slot.charge;
+                self.used -= slot.charge;
+                self.templates.remove(&key);
+            } else {
+                self.clock += 1;
+                slot.last_use = self.clock;
+                self.by_use.insert(self.clock, key);
+            }
+        }
+    }
+}
+
+/// Text of templates, as regular expressions. A value is unreserved characters, commas (lists)
+/// and percent-encoded bytes, in one class; names are those of variables or of exploded keys.
+const VALUE: &str = r"(?:[A-Za-z0-9\-._~,]|%[0-9A-Fa-f]{2})*";
 const RESERVED: &str = r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})";
 const NAME: &str = r"(?:[A-Za-z0-9_.]|%[0-9A-Fa-f]{2})+";
 
-/// Translates an RFC 6570 template into an anchored regular expression, or `None` when the
+/// Translates an RFC 6570 template, from its first `{` on (the literal text before is compared
+/// as a string), into a regular expression to run anchored at the start, or `None` when the
 /// string is not a valid template. Every expression may expand to nothing (an undefined
 /// variable), and list values are comma-separated, as the expansion rules allow.
-fn template_regex(t: &str) -> Option<Regex> {
+fn template_pattern(t: &str) -> Option<String> {
     let mut re = String::with_capacity(t.len() * 4 + 2);
-    re.push('^');
     let mut rest = t;
     while let Some(open) = rest.find(['{', '}']) {
         if rest.as_bytes()[open] == b'}' {
@@ -148,10 +422,7 @@ fn template_regex(t: &str) -> Option<Regex> {
     }
     re.push_str(&regex::escape(rest));
     re.push('$');
-    regex::RegexBuilder::new(&re)
-        .size_limit(1 << 20)
-        .build()
-        .ok()
+    Some(re)
 }
 
 fn expression_regex(expr: &str) -> Option<String> {
@@ -178,17 +449,16 @@ fn expression_regex(expr: &str) -> Option<String> {
             return None;
         }
     }
-    let u = UNRESERVED;
-    let r = RESERVED;
+    let (v, r) = (VALUE, RESERVED);
     Some(match op {
-        None => format!("(?:{u}|,)*"),
+        None => v.to_owned(),
         Some('+') => format!("{r}*"),
         Some('#') => format!("(?:#{r}*)?"),
-        Some('.') => format!(r"(?:\.(?:{u}|,)*)*"),
-        Some('/') => format!("(?:/(?:{u}|,)*)*"),
-        Some(';') => format!("(?:;{NAME}(?:=(?:{u}|,)*)?)*"),
-        Some('?') => format!(r"(?:\?{NAME}=(?:{u}|,)*(?:&{NAME}=(?:{u}|,)*)*)?"),
-        Some('&') => format!("(?:&{NAME}=(?:{u}|,)*)*"),
+        Some('.') => format!(r"(?:\.{v})*"),
+        Some('/') => format!("(?:/{v})*"),
+        Some(';') => format!("(?:;{NAME}(?:={v})?)*"),
+        Some('?') => format!(r"(?:\?{NAME}={v}(?:&{NAME}={v})*)?"),
+        Some('&') => format!("(?:&{NAME}={v})*"),
         Some(_) => return None,
     })
 }
@@ -220,10 +490,7 @@ mod tests {
         assert!(matches!(Selector::compile("a/b"), Selector::Exact(_)));
         assert!(matches!(Selector::compile("a/{b"), Selector::Exact(_)));
         assert!(matches!(Selector::compile("a/{!b}"), Selector::Exact(_)));
-        assert!(matches!(
-            Selector::compile("a/{b}"),
-            Selector::Template { .. }
-        ));
+        assert!(matches!(Selector::compile("a/{b}"), Selector::Template(_)));
     }
 
     #[test]
@@ -273,6 +540,94 @@ mod tests {
         for (selector, topic, expected) in table {
             let sel = Selector::compile(selector);
             assert_eq!(sel.matches(topic), *expected, "{selector} vs {topic}");
+        }
+    }
+
+    /// What keeping `s` is charged.
+    fn charge(s: &str) -> usize {
+        Selector::compile(s).cost() + SLOT_OVERHEAD + s.len()
+    }
+
+    fn kept(cache: &SelectorCache, s: &str) -> bool {
+        cache.state.lock().templates.contains_key(s)
+    }
+
+    /// Templates of the same size: `/t0/{x}`, `/t1/{x}`…
+    fn same_size(n: usize) -> (Vec<String>, usize) {
+        let names: Vec<String> = (0..n).map(|i| format!("/t{i}/{{x}}")).collect();
+        let one = charge(&names[0]);
+        assert!(names.iter().all(|s| charge(s) == one));
+        (names, one)
+    }
+
+    #[test]
+    fn held_templates_are_never_evicted_and_a_full_budget_refuses() {
+        let (t, one) = same_size(5);
+        let metrics = Arc::new(Metrics::default());
+        let cache = SelectorCache::new(3 * one, metrics.clone());
+        let a = cache.hold(&t[0]).unwrap();
+        let b = cache.hold(&t[1]).unwrap();
+        drop(cache.get(&t[2]));
+        assert_eq!(cache.used(), 3 * one);
+        assert!(Arc::ptr_eq(&a, &cache.hold(&t[0]).unwrap()), "shared");
+
+        // Full: the one no one holds makes room.
+        let c = cache.hold(&t[3]).unwrap();
+        assert!(!kept(&cache, &t[2]));
+        assert_eq!(cache.used(), 3 * one);
+        // Full of held templates: a subscriber is refused, and a passing use gets a template
+        // of its own that is not kept.
+        assert_eq!(cache.hold(&t[4]).unwrap_err(), TemplateMemoryFull);
+        let passing = cache.get(&t[4]);
+        assert!(passing.is_template() && passing.matches("/t4/y"));
+        assert!(!kept(&cache, &t[4]));
+        assert_eq!(cache.used(), 3 * one);
+        assert_eq!(metrics.template_memory.load(Relaxed), 3 * one as u64);
+        assert_eq!(metrics.templates.load(Relaxed), 3);
+
+        // Let go, a template stays kept until room is needed.
+        drop(b);
+        assert!(kept(&cache, &t[1]));
+        let d = cache.hold(&t[4]).unwrap();
+        assert!(!kept(&cache, &t[1]));
+        assert!(cache.used() <= 3 * one);
+        drop((a, c, d));
+    }
+
+    #[test]
+    fn unheld_templates_go_least_recently_used_first() {
+        let (t, one) = same_size(5);
+        let cache = SelectorCache::new(3 * one, Arc::new(Metrics::default()));
+        for s in &t[..3] {
+            drop(cache.get(s));
+        }
+        drop(cache.get(&t[0]));
+        // Used in the order 1, 2, 0: 1 goes first, then 2.
+        let held = cache.hold(&t[3]).unwrap();
+        assert!(!kept(&cache, &t[1]) && kept(&cache, &t[2]) && kept(&cache, &t[0]));
+        drop(cache.get(&t[4]));
+        assert!(!kept(&cache, &t[2]) && kept(&cache, &t[0]) && kept(&cache, &t[4]));
+        assert_eq!(cache.used(), 3 * one);
+        drop(held);
+    }
+
+    #[test]
+    fn exact_selectors_and_any_cost_nothing() {
+        let cache = SelectorCache::new(0, Arc::new(Metrics::default()));
+        for s in ["*", "https://example.com/books/1", "a/{b", "a/{!b}"] {
+            let sel = cache.hold(s).unwrap();
+            assert!(!sel.is_template() && sel.cost() == 0, "{s}");
+        }
+        assert_eq!(cache.used(), 0);
+        assert_eq!(cache.hold("a/{b}").unwrap_err(), TemplateMemoryFull);
+    }
+
+    #[test]
+    fn is_template_agrees_with_compile() {
+        for s in [
+            "*", "a", "a/{b", "a/{!b}", "a/{b}", "{x}", "a}{b}", "{?a,b*}",
+        ] {
+            assert_eq!(is_template(s), Selector::compile(s).is_template(), "{s}");
         }
     }
 

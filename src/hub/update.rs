@@ -37,6 +37,9 @@ pub enum Invalid {
     HashId,
     #[error("\"type\" must not contain CR, LF or NUL")]
     BadType,
+    /// Refused with 413, as a body too large is: the publish asks too much of the hub.
+    #[error("this publish's topics would be tested against too many URI templates ({topics} topics × {templates} templates); publish fewer or shorter topics")]
+    TooMuchMatching { topics: usize, templates: usize },
 }
 
 impl Draft {
