@@ -366,6 +366,7 @@ impl DirectSink for DirectTcp {
 ///
 /// The connection is not used for another request after a stream, which ends by closing it;
 /// with `close` (the client's `Connection: close`) the stream's head says so, as hyper's would.
+/// The connection's `permit` (its place in the connection budget) goes with the stream.
 pub async fn respond<S: StreamIo>(
     mut io: S,
     response: Response<axum::body::Body>,
@@ -373,6 +374,7 @@ pub async fn respond<S: StreamIo>(
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
+    permit: crate::budget::Permit,
 ) {
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
@@ -391,7 +393,10 @@ pub async fn respond<S: StreamIo>(
     }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
-    streams.spawn(pump(io, head, stream, path, peer));
+    streams.spawn(async move {
+        pump(io, head, stream, path, peer).await;
+        drop(permit);
+    });
 }
 
 /// Writes a whole (not streamed) response with its `content-length`. With `close`, says so in

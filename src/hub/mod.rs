@@ -149,7 +149,7 @@ pub enum SubscribeError {
     SelectorTooLong,
     #[error("too many URI template expressions ({{…}}) in one subscription (at most {MAX_TEMPLATE_EXPRESSIONS})")]
     TooManyTemplates,
-    #[error("too many subscribers connected; try again later")]
+    #[error("the hub is full (--max-connections); try again later")]
     Full,
     #[error("the hub is shutting down")]
     ShuttingDown,
