@@ -24,6 +24,7 @@ use tower::ServiceExt as _;
 use crate::auth::Key;
 use crate::budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, RESERVE};
 use crate::config::ServeConfig;
+use crate::h1_publish::Arrived;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
 use crate::{h1_publish, h1_stream};
@@ -538,7 +539,7 @@ impl Http1 {
     }
 
     /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
-    /// has come whole; then reads the connection's next head,
+    /// has come whole (and its client is still there); then reads the connection's next head,
     /// unless the hub needs the connection's place meanwhile.
     async fn publish<S: h1_stream::StreamIo>(
         &self,
@@ -548,8 +549,16 @@ impl Http1 {
         permit: &Permit,
     ) -> Next {
         let len = publish.len + publish.content_length.unwrap_or(0);
-        if !h1_publish::read_ready(io, &mut buf, len).await {
-            return Next::Hyper(buf);
+        match h1_publish::read_ready(io, &mut buf, len).await {
+            Arrived::Whole => {}
+            Arrived::Partial => return Next::Hyper(buf),
+            Arrived::Abandoned => {
+                tracing::debug!(
+                    peer = %self.peer,
+                    "publish not applied: its client closed the connection before the answer"
+                );
+                return Next::Closed;
+            }
         }
         let body = buf.split_to(len).freeze().split_off(publish.len);
         let mut req = match publish.request.body(axum::body::Body::from(body)) {
