@@ -61,11 +61,13 @@ pub enum Arrived {
 /// its way, a connection that ended or failed before its end, is left to hyper with what was
 /// read (hyper then waits for the rest, or answers as it always did). A whole one is
 /// followed by one more look, without waiting, unless the next request has begun to come: an
-/// end of input there is a client that left.
+/// end of input there (read, or seen by `peer_closed`, see `StreamIo::peer_closed`) is a
+/// client that left.
 pub async fn read_ready<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     len: usize,
+    peer_closed: impl Fn(&S) -> bool,
 ) -> Arrived {
     std::future::poll_fn(|cx| {
         while buf.len() < len {
@@ -87,7 +89,9 @@ pub async fn read_ready<S: AsyncRead + Unpin>(
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
             Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Arrived::Abandoned),
-            Poll::Ready(Ok(_)) | Poll::Pending => Poll::Ready(Arrived::Whole),
+            Poll::Ready(Ok(_)) => Poll::Ready(Arrived::Whole),
+            Poll::Pending if peer_closed(io) => Poll::Ready(Arrived::Abandoned),
+            Poll::Pending => Poll::Ready(Arrived::Whole),
         }
     })
     .await
@@ -150,24 +154,27 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::from(&b"abc"[..]);
         client.write_all(b"defgh").await.unwrap();
-        assert_eq!(read_ready(&mut server, &mut buf, 8).await, Arrived::Whole);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 8, |_| false).await,
+            Arrived::Whole
+        );
         assert_eq!(&buf[..], b"abcdefgh");
         // Part of the rest: what came is kept, and nothing waits for the remainder.
         client.write_all(b"ij").await.unwrap();
         assert_eq!(
-            read_ready(&mut server, &mut buf, 11).await,
+            read_ready(&mut server, &mut buf, 11, |_| false).await,
             Arrived::Partial
         );
         assert_eq!(&buf[..], b"abcdefghij");
         drop(client);
         assert_eq!(
-            read_ready(&mut server, &mut buf, 11).await,
+            read_ready(&mut server, &mut buf, 11, |_| false).await,
             Arrived::Partial
         );
         // A long body announced: the buffer grows with what arrives, by bounded steps.
         let mut buf = BytesMut::new();
         assert_eq!(
-            read_ready(&mut server, &mut buf, 1 << 30).await,
+            read_ready(&mut server, &mut buf, 1 << 30, |_| false).await,
             Arrived::Partial
         );
         assert!(buf.capacity() <= READ_STEP, "{}", buf.capacity());
@@ -181,14 +188,23 @@ mod tests {
         drop(client);
         let mut buf = BytesMut::new();
         assert_eq!(
-            read_ready(&mut server, &mut buf, 4).await,
+            read_ready(&mut server, &mut buf, 4, |_| false).await,
             Arrived::Abandoned
         );
+        // Nothing more to read yet, but the kernel knows the client has closed.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"abcd").await.unwrap();
+        let mut buf = BytesMut::new();
+        let closed = read_ready(&mut server, &mut buf, 4, |_| true).await;
+        assert_eq!(closed, Arrived::Abandoned);
         // The next request already begun: the request before it is whole, whatever follows.
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"abcdPOST").await.unwrap();
         drop(client);
         let mut buf = BytesMut::new();
-        assert_eq!(read_ready(&mut server, &mut buf, 4).await, Arrived::Whole);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 4, |_| false).await,
+            Arrived::Whole
+        );
     }
 }

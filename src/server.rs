@@ -549,7 +549,7 @@ impl Http1 {
         permit: &Permit,
     ) -> Next {
         let len = publish.len + publish.content_length.unwrap_or(0);
-        match h1_publish::read_ready(io, &mut buf, len).await {
+        match h1_publish::read_ready(io, &mut buf, len, S::peer_closed).await {
             Arrived::Whole => {}
             Arrived::Partial => return Next::Hyper(buf),
             Arrived::Abandoned => {
