@@ -81,8 +81,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_SUBSCRIBER_QUEUE", default_value_t = 1000)]
     pub subscriber_queue: usize,
 
-    /// Subscribers connected at once; further ones get 503 with Retry-After.
-    /// Defaults to a margin under the process's open-file limit.
+    /// Connections open at once, of every protocol, and subscribers at once. Past it, new
+    /// subscribers get 503 with Retry-After, while publishes and health checks are still
+    /// served on a reserve of 32 more connections; idle connections are closed after 10 s, or
+    /// sooner when the hub needs their place. Defaults to a margin under the process's
+    /// open-file limit.
     #[arg(long, env = "SSEHUB_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -337,14 +340,16 @@ fn check_redis_url(url: &str) -> Result<String, String> {
         .map_err(|e| format!("--redis: {e}; write redis://HOST:PORT[/DB]"))
 }
 
-/// A margin under the open-file limit (5 %, and 32 more): every subscriber holds one
-/// descriptor, and the hub needs a few for its listener, publishers and logs.
+/// A margin under the open-file limit: every connection holds one descriptor, the reserve
+/// beyond `--max-connections` (`budget::RESERVE`, 32) one each, and the hub keeps 5 % and 32
+/// more for its listener, runtime, logs and cluster connections (1,024 gives 909).
 pub fn default_max_connections() -> usize {
     let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(10_000_000);
-    soft.saturating_sub(soft / 20 + 32).max(1)
+    soft.saturating_sub(soft / 20 + 32 + crate::budget::RESERVE)
+        .max(1)
 }
 
 /// `5s`, `250ms`, `1m`, or `0` for off.

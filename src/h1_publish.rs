@@ -16,6 +16,13 @@
 //! does not take, a body still on its way included (hyper's path then answers a slow or broken
 //! one as it always did), goes to hyper with the bytes already read put back in front of the
 //! connection, for the rest of the connection's life.
+//!
+//! A client that has closed the connection by the time its whole request is read (an end of
+//! input right after it) is gone, and its publish is not applied: that is a client that gave
+//! up waiting, its request left in the kernel's queue while the hub could not accept, and that
+//! may well send it again. hyper's path does the same (its default, `half_close(false)`, takes
+//! an end of input in the middle of a request as the client gone), as the event stream path
+//! does: a client may not half-close its sending side and wait for the answer.
 
 use std::pin::Pin;
 use std::task::Poll;
@@ -38,10 +45,30 @@ pub fn publish_head(buf: &[u8], max_head: usize, max_body: usize) -> Option<Plai
 /// body reserves nothing the client has not sent.
 const READ_STEP: usize = 64 * 1024;
 
-/// Reads what `io` has ready, without waiting, until `buf` holds `len` bytes. Returns whether
-/// it does: a body still on its way, a connection that ended or failed, is left to hyper with
-/// what was read (hyper then waits for the rest, or answers as it always did).
-pub async fn read_ready<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, len: usize) -> bool {
+/// What [`read_ready`] found of a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrived {
+    /// All of it, on a connection still open.
+    Whole,
+    /// Part of it (the rest still on its way, or never to come): hyper's to answer.
+    Partial,
+    /// All of it, then the end of the connection (or an error): the client is gone, and the
+    /// request is not to be applied.
+    Abandoned,
+}
+
+/// Reads what `io` has ready, without waiting, until `buf` holds `len` bytes. A body still on
+/// its way, a connection that ended or failed before its end, is left to hyper with what was
+/// read (hyper then waits for the rest, or answers as it always did). A whole one is
+/// followed by one more look, without waiting, unless the next request has begun to come: an
+/// end of input there (read, or seen by `peer_closed`, see `StreamIo::peer_closed`) is a
+/// client that left.
+pub async fn read_ready<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    len: usize,
+    peer_closed: impl Fn(&S) -> bool,
+) -> Arrived {
     std::future::poll_fn(|cx| {
         while buf.len() < len {
             if buf.capacity() == buf.len() {
@@ -51,10 +78,21 @@ pub async fn read_ready<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, le
                 Poll::Ready(Ok(n)) if n > 0 => {}
                 // Nothing more yet (the waker stays registered: a wake-up later is harmless),
                 // the end of input, or an error.
-                _ => return Poll::Ready(false),
+                _ => return Poll::Ready(Arrived::Partial),
             }
         }
-        Poll::Ready(true)
+        if buf.len() > len {
+            return Poll::Ready(Arrived::Whole);
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Arrived::Abandoned),
+            Poll::Ready(Ok(_)) => Poll::Ready(Arrived::Whole),
+            Poll::Pending if peer_closed(io) => Poll::Ready(Arrived::Abandoned),
+            Poll::Pending => Poll::Ready(Arrived::Whole),
+        }
     })
     .await
 }
@@ -116,17 +154,57 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::from(&b"abc"[..]);
         client.write_all(b"defgh").await.unwrap();
-        assert!(read_ready(&mut server, &mut buf, 8).await);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 8, |_| false).await,
+            Arrived::Whole
+        );
         assert_eq!(&buf[..], b"abcdefgh");
         // Part of the rest: what came is kept, and nothing waits for the remainder.
         client.write_all(b"ij").await.unwrap();
-        assert!(!read_ready(&mut server, &mut buf, 11).await);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 11, |_| false).await,
+            Arrived::Partial
+        );
         assert_eq!(&buf[..], b"abcdefghij");
         drop(client);
-        assert!(!read_ready(&mut server, &mut buf, 11).await);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 11, |_| false).await,
+            Arrived::Partial
+        );
         // A long body announced: the buffer grows with what arrives, by bounded steps.
         let mut buf = BytesMut::new();
-        assert!(!read_ready(&mut server, &mut buf, 1 << 30).await);
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 1 << 30, |_| false).await,
+            Arrived::Partial
+        );
         assert!(buf.capacity() <= READ_STEP, "{}", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_whole_request_then_the_end_of_input_is_abandoned() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"abcd").await.unwrap();
+        drop(client);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 4, |_| false).await,
+            Arrived::Abandoned
+        );
+        // Nothing more to read yet, but the kernel knows the client has closed.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"abcd").await.unwrap();
+        let mut buf = BytesMut::new();
+        let closed = read_ready(&mut server, &mut buf, 4, |_| true).await;
+        assert_eq!(closed, Arrived::Abandoned);
+        // The next request already begun: the request before it is whole, whatever follows.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"abcdPOST").await.unwrap();
+        drop(client);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            read_ready(&mut server, &mut buf, 4, |_| false).await,
+            Arrived::Whole
+        );
     }
 }

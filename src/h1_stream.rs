@@ -243,6 +243,13 @@ pub trait StreamIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// The connection for the stream's task, and a sink for direct writes if the connection
     /// allows them.
     fn into_pumped(self) -> (Self::Pumped, Option<Arc<dyn DirectSink>>);
+
+    /// Whether the client has closed the connection (or reset it) with nothing left unread
+    /// on its TCP socket, as the kernel knows now. Reading cannot tell: after a read that
+    /// left the socket empty, tokio answers the next one "nothing yet" without asking the
+    /// kernel until the socket signals again, and an end of input that came before that read
+    /// signals nothing more.
+    fn peer_closed(&self) -> bool;
 }
 
 impl StreamIo for tokio::net::TcpStream {
@@ -252,6 +259,10 @@ impl StreamIo for tokio::net::TcpStream {
         let socket = Arc::new(self);
         (SharedTcp(socket.clone()), Some(Arc::new(DirectTcp(socket))))
     }
+
+    fn peer_closed(&self) -> bool {
+        tcp_peer_closed(self)
+    }
 }
 
 /// TLS keeps its session state on one side: only the stream's task writes.
@@ -260,6 +271,25 @@ impl StreamIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 
     fn into_pumped(self) -> (Self, Option<Arc<dyn DirectSink>>) {
         (self, None)
+    }
+
+    /// A TLS client's `close_notify` before its TCP end is data to TCP: seen only once
+    /// rustls has read it.
+    fn peer_closed(&self) -> bool {
+        tcp_peer_closed(self.get_ref().0)
+    }
+}
+
+/// Peeks at a TCP socket without waiting: an end of input with nothing before it, or an
+/// error (a reset), is a peer that closed.
+fn tcp_peer_closed(tcp: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(tcp).peek(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
     }
 }
 
@@ -366,6 +396,7 @@ impl DirectSink for DirectTcp {
 ///
 /// The connection is not used for another request after a stream, which ends by closing it;
 /// with `close` (the client's `Connection: close`) the stream's head says so, as hyper's would.
+/// The connection's `permit` (its place in the connection budget) goes with the stream.
 pub async fn respond<S: StreamIo>(
     mut io: S,
     response: Response<axum::body::Body>,
@@ -373,6 +404,7 @@ pub async fn respond<S: StreamIo>(
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
+    permit: crate::budget::Permit,
 ) {
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
@@ -391,7 +423,10 @@ pub async fn respond<S: StreamIo>(
     }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
-    streams.spawn(pump(io, head, stream, path, peer));
+    streams.spawn(async move {
+        pump(io, head, stream, path, peer).await;
+        drop(permit);
+    });
 }
 
 /// Writes a whole (not streamed) response with its `content-length`. With `close`, says so in

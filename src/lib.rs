@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -68,6 +68,14 @@ pub struct Metrics {
     pub subscribers_connected: AtomicU64,
     pub subscribers_total: AtomicU64,
     pub subscribers_refused: AtomicU64,
+    /// Connections open now, every protocol.
+    pub connections_open: AtomicU64,
+    /// Event streams refused because the hub held more than `--max-connections` connections.
+    pub connections_refused: AtomicU64,
+    /// Idle connections closed early to make room for new ones.
+    pub connections_evicted: AtomicU64,
+    /// `accept` failures (out of descriptors, most likely).
+    pub accept_errors: AtomicU64,
     pub updates_published: AtomicU64,
     pub updates_rejected: AtomicU64,
     pub deliveries: AtomicU64,
@@ -151,8 +159,35 @@ impl Metrics {
         one(
             "ssehub_subscribers_refused_total",
             "counter",
-            "Subscribers refused because the hub was at --max-connections.",
+            "Subscribers refused because the hub had --max-connections subscribers.",
             self.subscribers_refused.load(Relaxed),
+        );
+        one(
+            "ssehub_connections_open",
+            "gauge",
+            "Connections open now, of every protocol (HTTP/1.1, HTTP/2, TLS), idle ones included.",
+            self.connections_open.load(Relaxed),
+        );
+        one(
+            "ssehub_connections_refused_total",
+            "counter",
+            "Event streams refused (503) because the hub held more than --max-connections \
+             connections; publishes and health checks were still served, on the reserve.",
+            self.connections_refused.load(Relaxed),
+        );
+        one(
+            "ssehub_connections_evicted_total",
+            "counter",
+            "Idle connections closed before their idle timeout to make room for a new one, \
+             when --max-connections and the reserve beyond it were all in use.",
+            self.connections_evicted.load(Relaxed),
+        );
+        one(
+            "ssehub_accept_errors_total",
+            "counter",
+            "Connections the hub failed to accept (out of file descriptors, most likely); \
+             it waits for one to close before it tries again.",
+            self.accept_errors.load(Relaxed),
         );
         one(
             "ssehub_deliveries_total",

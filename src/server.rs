@@ -1,5 +1,6 @@
-//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 (prior knowledge) on each,
-//! enforces the per-connection limits, and shuts down gracefully.
+//! The listener: accepts connections within the connection budget (`crate::budget`), serves
+//! HTTP/1.1 and HTTP/2 (prior knowledge) on each, enforces the per-connection limits, closes
+//! idle connections, and shuts down gracefully.
 //!
 //! Graceful shutdown needs care with event streams, which never end by themselves: the hub
 //! first ends every stream, then the connections are given a few seconds to finish, then the
@@ -13,20 +14,21 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::auth::Key;
+use crate::budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, RESERVE};
 use crate::config::ServeConfig;
+use crate::h1_publish::Arrived;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
 use crate::{h1_publish, h1_stream};
 
-/// A request head must arrive within this time (slow-loris).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The send buffer asked of the kernel for each connection (Linux doubles it for its own
@@ -35,6 +37,11 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const SEND_BUFFER: usize = 128 * 1024;
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long an idle connection being closed may take to go: HTTP/2's GOAWAY waits for the
+/// client to answer a PING, which it may never do.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Failed `accept`s are logged at most this often.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Binds the listening socket, with an error that says what to do when the port is taken.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -121,8 +128,10 @@ pub async fn run(
         ),
         None => None,
     };
+    let budget = Budget::new(config.max_connections, hub.metrics().clone());
     let state = AppState {
         hub: hub.clone(),
+        connections: budget.clone(),
         publisher_key,
         subscriber_key,
         anonymous: config.anonymous,
@@ -137,11 +146,21 @@ pub async fn run(
     let scheme = if tls.is_some() { "https" } else { "http" };
     let hangup = take_hangup();
     tracing::info!("ssehub listening on {scheme}://{addr}");
+    let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
     tracing::info!(
-        "up to {} subscribers at once (--max-connections; open-file limit {})",
+        "up to {} connections at once, subscribers included (--max-connections), and {RESERVE} \
+         more for publishes and health checks when full (open-file limit {open_files})",
         config.max_connections,
-        rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
     );
+    // The listener, the runtime, logs and cluster connections need a few descriptors too.
+    if (config.max_connections as u64).saturating_add(RESERVE as u64 + 16) > open_files {
+        tracing::warn!(
+            "--max-connections {} and the {RESERVE} reserve connections come within 16 of the \
+             open-file limit ({open_files}): the hub will pause accepting when descriptors run \
+             out. Lower --max-connections, or raise the limit (ulimit -n, LimitNOFILE=)",
+            config.max_connections
+        );
+    }
     if let Some(token) = generated_token {
         let publish = format!(
             "ssehub publish --hub {scheme}://{addr}/.well-known/mercure --topic time --data hello --token {token}"
@@ -210,7 +229,7 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(IDLE_TIMEOUT)
         .max_buf_size(MAX_HEAD);
     builder
         .http2()
@@ -218,24 +237,34 @@ pub async fn run(
         .max_concurrent_streams(256)
         .max_header_list_size(MAX_HEAD as u32)
         .keep_alive_interval(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
-    // Event streams written by `h1_stream` run on tasks of their own, outside hyper's watch.
+    // Every connection's task, so that shutdown can wait for them; event streams written by
+    // `h1_stream` run on tasks of their own.
+    let connections = TaskTracker::new();
     let streams = TaskTracker::new();
+    let mut accept_errors = AcceptErrors::default();
 
     loop {
+        // A place first: with none left, nothing more is accepted (the kernel queues new
+        // connections) until a connection closes.
+        let place = tokio::select! {
+            p = budget.place() => p,
+            _ = stop.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // Out of descriptors or a connection reset before accept: not fatal.
-                    // Pause so that a full descriptor table does not spin the loop.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    drop(place);
+                    tokio::select! {
+                        _ = accept_errors.wait_after(e, &budget, hub.metrics()) => continue,
+                        _ = stop.cancelled() => break,
+                    }
                 }
             },
             _ = stop.cancelled() => break,
         };
+        let accepted = Instant::now();
+        let permit = place.occupy();
         let _ = stream.set_nodelay(true);
         let kill = CancellationToken::new();
         let conn_ctx = Connection {
@@ -243,15 +272,24 @@ pub async fn run(
             stream_slot: None,
         };
         let router = app.clone();
+        let requests = permit.requests();
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                // Under way until its response has been sent (an event stream's lasts as
+                // long as the stream): a connection with none is idle.
+                let busy = requests.begin();
                 req.extensions_mut().insert(conn_ctx.clone());
                 let app = router.clone();
                 async move {
-                    if let Some(refusal) = oversized_head(&req) {
-                        return Ok(refusal);
-                    }
-                    app.oneshot(req.map(axum::body::Body::new)).await
+                    let response = match oversized_head(&req) {
+                        Some(refusal) => refusal,
+                        None => {
+                            let Ok(r) = app.oneshot(req.map(axum::body::Body::new)).await;
+                            r
+                        }
+                    };
+                    let counted = |body| axum::body::Body::new(CountedBody::new(body, busy));
+                    Ok::<_, std::convert::Infallible>(response.map(counted))
                 }
             });
         let h1 = Http1 {
@@ -265,14 +303,17 @@ pub async fn run(
             metrics: hub.metrics().clone(),
         };
         let Some(tls) = &tls else {
-            let (builder, watcher) = (builder.clone(), graceful.watcher());
+            let builder = builder.clone();
             let stop = stop.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let mut stream = stream;
-                let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+                let deadline = accepted + IDLE_TIMEOUT;
                 let sniffed = tokio::select! {
                     // Shutdown does not wait for a client that has not sent a request yet.
                     _ = stop.cancelled() => return,
+                    _ = permit.evicted(accepted) => {
+                        return tracing::debug!(%peer, "closed to make room: no request yet");
+                    }
                     p = sniff_protocol(&mut stream, deadline) => p,
                 };
                 match sniffed {
@@ -283,7 +324,7 @@ pub async fn run(
                             .http2_only()
                             .serve_connection(TokioIo::new(io), service)
                             .into_owned();
-                        serve_until_killed(watcher.watch(conn), kill, peer).await;
+                        serve_hyper(conn, &permit, accepted, kill, stop, peer).await;
                     }
                     Some((Protocol::Http1, read)) => {
                         // Without a bound, the kernel grows a socket's send buffer to megabytes
@@ -292,7 +333,7 @@ pub async fn run(
                         // meanwhile. HTTP/1.1 connections carry one stream each; HTTP/2 and TLS
                         // ones keep the kernel's own sizing.
                         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
-                        h1.serve(stream, read, deadline, service, watcher).await
+                        h1.serve(stream, read, deadline, service, permit).await
                     }
                 }
             });
@@ -301,12 +342,16 @@ pub async fn run(
         // The handshake runs on the connection's own task, under the same deadline as a
         // request head, so a client that stalls in it holds nothing else up.
         let acceptor = tls.acceptor();
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let builder = builder.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+        connections.spawn(async move {
+            let handshake =
+                tokio::time::timeout_at(accepted + IDLE_TIMEOUT, acceptor.accept(stream));
             let handshake = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = permit.evicted(accepted) => {
+                    return tracing::debug!(%peer, "closed to make room: TLS handshake unfinished");
+                }
                 h = handshake => h,
             };
             let stream = match handshake {
@@ -320,10 +365,10 @@ pub async fn run(
                     .http2_only()
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
-                serve_until_killed(watcher.watch(conn), kill, peer).await;
+                serve_hyper(conn, &permit, Instant::now(), kill, stop, peer).await;
             } else {
-                let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-                h1.serve(stream, BytesMut::new(), deadline, service, watcher)
+                let deadline = Instant::now() + IDLE_TIMEOUT;
+                h1.serve(stream, BytesMut::new(), deadline, service, permit)
                     .await;
             }
         });
@@ -333,9 +378,10 @@ pub async fn run(
     drop(listener);
     hub.shutdown();
     tasks.close();
+    connections.close();
     streams.close();
     let drained = async {
-        graceful.shutdown().await;
+        connections.wait().await;
         streams.wait().await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
@@ -349,6 +395,7 @@ pub async fn run(
 /// hyper bounds its read buffer, but a head that arrives whole in one read can still exceed
 /// it; the limit on the head's size is enforced here, before any routing, by the rule
 /// `h1_stream`'s paths also apply (they leave a head over it to hyper, to be refused here).
+/// An HTTP/1.1 connection is closed after the refusal.
 fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response> {
     let headers = req
         .headers()
@@ -362,10 +409,19 @@ fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response>
     } else {
         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
     };
-    Some(crate::http::reject(
+    let mut refusal = crate::http::reject(
         status,
         format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
-    ))
+    );
+    // As hyper does with a head too large for its buffer: such a client does not keep its
+    // connection (and its place under --max-connections).
+    if req.version() < http::Version::HTTP_2 {
+        let close = http::HeaderValue::from_static("close");
+        refusal
+            .headers_mut()
+            .insert(http::header::CONNECTION, close);
+    }
+    Some(refusal)
 }
 
 /// The HTTP/2 connection preface, which an h2c client sends first.
@@ -423,14 +479,16 @@ struct Http1 {
 impl Http1 {
     /// Reads the first request head, after the bytes already `read` from the connection; an
     /// event stream request is answered by `h1_stream`, any other by hyper, with the head put
-    /// back in front of the connection. A head not whole when shutdown starts is given up.
+    /// back in front of the connection. A head not whole when shutdown starts, or when the
+    /// hub needs the connection's place, is given up. `permit` is held as long as the
+    /// connection is open.
     async fn serve<S, Svc>(
         self,
         mut io: S,
         read: BytesMut,
-        deadline: tokio::time::Instant,
+        deadline: Instant,
         service: Svc,
-        watcher: hyper_util::server::graceful::Watcher,
+        permit: Permit,
     ) where
         S: h1_stream::StreamIo,
         Svc: hyper::service::Service<
@@ -443,6 +501,9 @@ impl Http1 {
     {
         let head = tokio::select! {
             _ = self.stop.cancelled() => return,
+            _ = permit.evicted(deadline.checked_sub(IDLE_TIMEOUT).unwrap_or(deadline)) => {
+                return tracing::debug!(peer = %self.peer, "closed to make room: no whole head yet");
+            }
             h = h1_stream::read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,
         };
         let Some(mut head) = head else {
@@ -457,13 +518,14 @@ impl Http1 {
                     stream_slot: Some(slot.clone()),
                 });
                 let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-                h1_stream::respond(io, response, close, &slot, self.peer, &self.streams).await;
+                let (peer, streams) = (self.peer, &self.streams);
+                h1_stream::respond(io, response, close, &slot, peer, streams, permit).await;
                 return;
             }
             let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {
                 break;
             };
-            match self.publish(&mut io, head, publish).await {
+            match self.publish(&mut io, head, publish, &permit).await {
                 Next::Request(h) => head = h,
                 Next::Hyper(h) => {
                     head = h;
@@ -477,20 +539,31 @@ impl Http1 {
             .builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        serve_until_killed(watcher.watch(conn), self.kill, self.peer).await;
+        let (kill, stop, peer) = (self.kill, self.stop, self.peer);
+        serve_hyper(conn, &permit, Instant::now(), kill, stop, peer).await;
     }
 
     /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
-    /// has come whole; then reads the connection's next head.
+    /// has come whole (and its client is still there); then reads the connection's next head,
+    /// unless the hub needs the connection's place meanwhile.
     async fn publish<S: h1_stream::StreamIo>(
         &self,
         io: &mut S,
         mut buf: BytesMut,
         publish: h1_stream::PlainHead,
+        permit: &Permit,
     ) -> Next {
         let len = publish.len + publish.content_length.unwrap_or(0);
-        if !h1_publish::read_ready(io, &mut buf, len).await {
-            return Next::Hyper(buf);
+        match h1_publish::read_ready(io, &mut buf, len, S::peer_closed).await {
+            Arrived::Whole => {}
+            Arrived::Partial => return Next::Hyper(buf),
+            Arrived::Abandoned => {
+                tracing::debug!(
+                    peer = %self.peer,
+                    "publish not applied: its client closed the connection before the answer"
+                );
+                return Next::Closed;
+            }
         }
         let body = buf.split_to(len).freeze().split_off(publish.len);
         let mut req = match publish.request.body(axum::body::Body::from(body)) {
@@ -501,21 +574,21 @@ impl Http1 {
             kill: self.kill.clone(),
             stream_slot: None,
         });
-        // Shutdown waits for a publish under way (as for hyper's connections), not for an
-        // idle connection; one that ends meanwhile says the connection closes.
-        let busy = self.streams.token();
+        // Shutdown waits for a publish under way (the connection's task is tracked), not for
+        // an idle connection; one that ends meanwhile says the connection closes.
         let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
         self.metrics.plain_publishes.fetch_add(1, Relaxed);
         let close = publish.close || self.stop.is_cancelled();
         if !h1_stream::answer(io, response, close).await {
             return Next::Closed;
         }
-        drop(busy);
-        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        let answered = Instant::now();
+        let deadline = answered + IDLE_TIMEOUT;
         tokio::select! {
             biased;
             _ = self.stop.cancelled() => Next::Closed,
             _ = self.kill.cancelled() => Next::Closed,
+            _ = permit.evicted(answered) => Next::Closed,
             head = h1_stream::read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
                 head.map_or(Next::Closed, Next::Request)
             }
@@ -533,19 +606,99 @@ enum Next {
     Closed,
 }
 
-/// Serves one connection until it ends or the hub tears it down.
-async fn serve_until_killed<F, E>(conn: F, kill: CancellationToken, peer: SocketAddr)
-where
-    F: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+/// Serves one connection with hyper until it ends, the hub tears it down (`kill`), or it is
+/// closed: for being idle (no request under way) for [`IDLE_TIMEOUT`] since `idle_since` or
+/// since its last request ended, to make room for a new connection (see
+/// [`Permit::evicted`]), or for shutdown. Closing is hyper's graceful shutdown (HTTP/2: GOAWAY,
+/// and the streams open go on to their end); a connection still idle [`CLOSE_GRACE`] after it
+/// is dropped.
+async fn serve_hyper<C>(
+    conn: C,
+    permit: &Permit,
+    mut idle_since: Instant,
+    kill: CancellationToken,
+    stop: CancellationToken,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
 {
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, "connection ended with an error: {e}");
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle = permit.is_idle();
+        let allowed = if closing { CLOSE_GRACE } else { IDLE_TIMEOUT };
+        let why = tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                }
+                return;
             }
+            _ = kill.cancelled() => return tracing::debug!(%peer, "connection closed by the hub"),
+            _ = permit.changed() => {
+                idle_since = Instant::now();
+                continue;
+            }
+            _ = tokio::time::sleep_until(idle_since + allowed), if idle => {
+                if closing {
+                    return tracing::debug!(%peer, "idle connection dropped: it did not close");
+                }
+                "idle"
+            }
+            _ = permit.evicted(idle_since), if idle && !closing => "idle, its place needed",
+            _ = stop.cancelled(), if !closing => "shutting down",
+        };
+        tracing::debug!(%peer, "closing the connection: {why}");
+        conn.as_mut().graceful_shutdown();
+        closing = true;
+        idle_since = Instant::now();
+    }
+}
+
+/// Failed `accept`s, counted and logged at most once every [`ACCEPT_LOG_EVERY`].
+#[derive(Default)]
+struct AcceptErrors {
+    logged: Option<Instant>,
+    since_logged: u64,
+}
+
+impl AcceptErrors {
+    /// Counts a failed `accept`, logs it now and then, and waits before the next: when only
+    /// that connection failed (reset before it was taken), not at all; otherwise (out of
+    /// descriptors, most likely) until a connection closes, an idle one being asked to, or a
+    /// second has passed. The loop never spins on a full descriptor table.
+    async fn wait_after(
+        &mut self,
+        e: std::io::Error,
+        budget: &Budget,
+        metrics: &crate::metrics::Metrics,
+    ) {
+        use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted, WouldBlock};
+        metrics.accept_errors.fetch_add(1, Relaxed);
+        if matches!(
+            e.kind(),
+            ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+        ) {
+            return tracing::debug!("accept failed: {e}");
         }
-        _ = kill.cancelled() => tracing::debug!(%peer, "connection closed by the hub"),
+        let now = Instant::now();
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(
+                "accept failed: {e} ({} more since the last message); waiting for a connection \
+                 to close. Lower --max-connections (with the {RESERVE} reserve connections it \
+                 must fit under the open-file limit), or raise the limit",
+                self.since_logged
+            );
+            self.logged = Some(now);
+            self.since_logged = 0;
+        } else {
+            self.since_logged += 1;
+        }
+        budget.wait_for_a_close().await;
     }
 }
 

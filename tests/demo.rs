@@ -281,8 +281,8 @@ fn the_open_file_limit_is_raised_to_the_hard_limit() {
     let stderr = child.stderr.take().unwrap();
     let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
         .map_while(Result::ok)
-        .find(|l| l.contains("subscribers at once"))
-        .expect("the hub says how many subscribers it takes");
+        .find(|l| l.contains("connections at once"))
+        .expect("the hub says how many connections it takes");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     let _ = child.kill();
     let _ = child.wait();

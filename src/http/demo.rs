@@ -17,6 +17,9 @@ pub async fn page() -> Response {
 /// `GET /events/`: the clock topic, anonymously (unless `--anonymous false`), with
 /// `Last-Event-ID` replay.
 pub async fn events(State(app): State<AppState>, req: Request) -> Response {
+    if let Err(r) = super::room_for_stream(&app) {
+        return r;
+    }
     // With `--anonymous false` the demo stream is no exception: it takes a token (header or
     // cookie) as the Mercure endpoint does, or the topic `time` would be readable by anyone.
     let rights = match subscriber_rights(&app, &req, None) {
@@ -49,6 +52,9 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
 }
 
 pub async fn events_head(State(app): State<AppState>, req: Request) -> Response {
+    if let Err(r) = super::room_for_stream(&app) {
+        return r;
+    }
     match subscriber_rights(&app, &req, None) {
         Ok(_) => stream_response(axum::body::Body::empty(), None),
         Err(r) => r,

@@ -172,6 +172,9 @@ pub(super) fn subscribe_request(
 
 /// `GET /.well-known/mercure?topic=…`
 pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
+    if let Err(r) = super::room_for_stream(&app) {
+        return r;
+    }
     let (q, rights) = match check_subscriber(&app, &req) {
         Ok(v) => v,
         Err(r) => return r,
@@ -196,6 +199,9 @@ pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
 
 /// `HEAD /.well-known/mercure?topic=…`: the same checks and headers as `GET`, no stream.
 pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Response {
+    if let Err(r) = super::room_for_stream(&app) {
+        return r;
+    }
     let (q, rights) = match check_subscriber(&app, &req) {
         Ok(v) => v,
         Err(r) => return r,

@@ -27,6 +27,8 @@ use crate::hub::{Hub, SubscriberStream};
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Hub,
+    /// The hub's connections: over `--max-connections`, new event streams are refused.
+    pub connections: crate::budget::Budget,
     pub publisher_key: Arc<Key>,
     pub subscriber_key: Arc<Key>,
     /// Subscribers without a token may receive public updates.
@@ -148,7 +150,20 @@ async fn not_found() -> Response {
     reject(StatusCode::NOT_FOUND, "not found")
 }
 
-/// A refusal: the status and a one-line reason as plain text.
+/// Room for a new event stream: none while the hub holds more connections than
+/// `--max-connections` (this request came on one of the reserve's), and the refusal is the one a
+/// subscriber over the subscriber limit gets (503 with `Retry-After`).
+fn room_for_stream(app: &AppState) -> Result<(), Response> {
+    if !app.connections.full() {
+        return Ok(());
+    }
+    app.hub
+        .metrics()
+        .connections_refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Err(mercure::subscribe_error(crate::hub::SubscribeError::Full))
+}
+
 /// How the hub drops a subscriber that stopped reading: over HTTP/1.1 by closing its
 /// connection (its stream's task waits on a full socket and cannot end the response itself).
 /// Over HTTP/2 the connection carries other streams, which must not go with it: the
@@ -182,6 +197,7 @@ pub fn html_page(html: &'static str) -> Response {
     r
 }
 
+/// A refusal: the status and a one-line reason as plain text.
 pub fn reject(status: StatusCode, reason: impl std::fmt::Display) -> Response {
     let mut r = (status, format!("{reason}\n")).into_response();
     r.headers_mut().insert(

@@ -174,7 +174,7 @@ pub enum SubscribeError {
     TopicsTooLarge,
     #[error("too many URI template expressions ({{…}}) in one subscription (at most {MAX_TEMPLATE_EXPRESSIONS})")]
     TooManyTemplates,
-    #[error("too many subscribers connected; try again later")]
+    #[error("the hub is full (--max-connections); try again later")]
     Full,
     #[error("the hub's template memory (--template-memory {}) is full; try again later", crate::config::format_size(*.0))]
     TemplateMemoryFull(usize),

@@ -28,7 +28,24 @@ pub struct TestHub {
 impl TestHub {
     /// Starts the hub with `args`, adding a free port, a known key and no clock unless given.
     pub fn start(args: &[&str]) -> TestHub {
+        TestHub::spawn(args, None)
+    }
+
+    /// Starts the hub as [`TestHub::start`] does, with its open-file limit (soft and hard:
+    /// the hub raises its soft limit to the hard one) at `open_files`.
+    pub fn start_with_open_files(args: &[&str], open_files: u64) -> TestHub {
+        TestHub::spawn(args, Some(open_files))
+    }
+
+    fn spawn(args: &[&str], open_files: Option<u64>) -> TestHub {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssehub"));
+        if let Some(n) = open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe and the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+            }
+        }
         let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
         cmd.arg("serve");
         if !has("--listen") {
