@@ -208,6 +208,7 @@ impl Drop for Permit {
         let s = &self.budget.shared;
         s.open.fetch_sub(1, Relaxed);
         s.metrics.connections_open.fetch_sub(1, Relaxed);
+        s.metrics.connections_closed.fetch_add(1, Relaxed);
         // The place itself is given back right after this, when `_place` is dropped.
         s.closed.notify_waiters();
     }

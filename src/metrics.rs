@@ -70,6 +70,8 @@ pub struct Metrics {
     pub subscribers_refused: AtomicU64,
     /// Connections open now, every protocol.
     pub connections_open: AtomicU64,
+    /// Connections closed since the start (for handing memory back, see `hub::trim`).
+    pub connections_closed: AtomicU64,
     /// Event streams refused because the hub held more than `--max-connections` connections.
     pub connections_refused: AtomicU64,
     /// Idle connections closed early to make room for new ones.

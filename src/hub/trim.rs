@@ -1,9 +1,10 @@
 //! Hands memory back to the operating system after subscribers leave.
 //!
 //! glibc's allocator keeps what a burst of connections freed inside its arenas (one per
-//! thread that allocated), so a hub that once held thousands of subscribers would keep their
-//! memory for good. After enough subscribers have left, the hub asks it to release free pages
-//! (`malloc_trim`), off the runtime's threads since it walks every arena.
+//! thread that allocated), so a hub that once held thousands of subscribers (or idle HTTP/2
+//! connections, ≈ 20 KiB each) would keep their memory for good. After enough subscribers or
+//! connections have gone, the hub asks it to release free pages (`malloc_trim`), off the
+//! runtime's threads since it walks every arena.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -14,17 +15,20 @@ use super::Hub;
 
 /// How often the hub looks at how many subscribers left.
 const EVERY: Duration = Duration::from_secs(2);
-/// Subscribers that must have left since the last trim for another to be worth it.
+/// Subscribers and connections that must have gone since the last trim for another to be
+/// worth it.
 const LEFT: u64 = 100;
 
-/// Trims the allocator's free memory whenever at least [`LEFT`] subscribers left since the
-/// previous time, until `stop`.
+/// Trims the allocator's free memory whenever at least [`LEFT`] subscribers or connections
+/// went since the previous time, until `stop`.
 pub async fn run(hub: Hub, stop: CancellationToken) {
     let left = || {
         let m = hub.metrics();
-        m.subscribers_total
+        let subscribers = m
+            .subscribers_total
             .load(Relaxed)
-            .saturating_sub(m.subscribers_connected.load(Relaxed))
+            .saturating_sub(m.subscribers_connected.load(Relaxed));
+        subscribers + m.connections_closed.load(Relaxed)
     };
     let mut trimmed_at = left();
     let mut tick = tokio::time::interval(EVERY);
