@@ -50,6 +50,8 @@ struct Shared {
     /// Connections waiting for a place (or a descriptor): a connection woken by `make_room`
     /// when there are none (a wake-up kept from earlier) stays.
     wanted: AtomicUsize,
+    /// Connections with a request under way (an event stream among them).
+    busy: AtomicUsize,
     /// Connections open (a place is taken before `accept`, and so one more than this, while
     /// the listener waits for the next connection).
     open: AtomicUsize,
@@ -66,6 +68,7 @@ impl Budget {
                 max: max_connections,
                 make_room: Notify::new(),
                 wanted: AtomicUsize::new(0),
+                busy: AtomicUsize::new(0),
                 open: AtomicUsize::new(0),
                 closed: Notify::new(),
                 metrics,
@@ -101,10 +104,12 @@ impl Budget {
         self.shared.open.load(Relaxed)
     }
 
-    /// Whether the hub holds more than `--max-connections` connections (the caller's own
-    /// among them): then it takes no new event stream.
+    /// Whether more than `--max-connections` connections have a request under way (the
+    /// caller's own among them): then the hub takes no new event stream. Idle connections do
+    /// not count: they give way (closed when a new connection needs their place), so that
+    /// connections kept open doing nothing cannot keep subscribers out.
     pub fn full(&self) -> bool {
-        self.open() > self.shared.max
+        self.shared.busy.load(Relaxed) > self.shared.max
     }
 
     /// After `accept` failed for want of descriptors: asks the idle connection waiting longest
@@ -150,7 +155,11 @@ impl Place {
         s.metrics.connections_open.fetch_add(1, Relaxed);
         Permit {
             _place: self.place,
-            activity: Arc::new(Activity::default()),
+            activity: Arc::new(Activity {
+                requests: AtomicUsize::new(0),
+                changed: Notify::new(),
+                budget: self.budget.shared.clone(),
+            }),
             budget: self.budget,
         }
     }
@@ -165,11 +174,12 @@ pub struct Permit {
 }
 
 /// A connection's requests under way.
-#[derive(Default)]
 struct Activity {
     requests: AtomicUsize,
     /// Woken when the connection goes from idle to busy or back.
     changed: Notify,
+    /// Where busy connections are counted.
+    budget: Arc<Shared>,
 }
 
 impl Permit {
@@ -223,6 +233,7 @@ impl Requests {
     /// when its body has been sent or given up).
     pub fn begin(&self) -> Busy {
         if self.0.requests.fetch_add(1, Relaxed) == 0 {
+            self.0.budget.busy.fetch_add(1, Relaxed);
             self.0.changed.notify_one();
         }
         Busy(self.0.clone())
@@ -235,6 +246,7 @@ pub struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         if self.0.requests.fetch_sub(1, Relaxed) == 1 {
+            self.0.budget.busy.fetch_sub(1, Relaxed);
             self.0.changed.notify_one();
         }
     }
@@ -286,8 +298,17 @@ mod tests {
             permits.push(budget.place().await.occupy());
         }
         assert_eq!(budget.open(), RESERVE + 1);
-        assert!(budget.full());
         assert_eq!(metrics.connections_open.load(Relaxed), (RESERVE + 1) as u64);
+        // Idle connections do not make the hub full; busy ones do.
+        assert!(!budget.full());
+        let first = permits[0].requests().begin();
+        assert!(!budget.full(), "one busy of --max-connections 1");
+        let second = permits[2].requests().begin();
+        let again = permits[2].requests().begin();
+        assert!(budget.full(), "two busy");
+        drop((second, again));
+        assert!(!budget.full());
+        drop(first);
 
         // Every place taken: the next waits. The first connection is busy, the second idle;
         // only the idle one is asked to close.

@@ -245,6 +245,13 @@ impl ServeArgs {
         if self.max_body == 0 {
             return Err("--max-body must be at least 1 byte".into());
         }
+        if self.template_memory < 64 * 1024 {
+            return Err(format!(
+                "--template-memory {} is too small to hold any URI template (at least 64KiB; to \
+                 refuse anonymous templates, use --anonymous-templates false)",
+                self.template_memory
+            ));
+        }
         if self.max_connections == Some(0) {
             return Err(
                 "--max-connections must be at least 1 (0 would refuse every subscriber)".into(),

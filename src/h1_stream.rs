@@ -406,6 +406,9 @@ pub async fn respond<S: StreamIo>(
     streams: &tokio_util::task::TaskTracker,
     permit: crate::budget::Permit,
 ) {
+    // The response's body counts the request as under way until it is dropped here; the
+    // stream counts the connection as busy for as long as it lasts.
+    let busy = permit.requests().begin();
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
         answer(&mut io, response, true).await;
@@ -425,6 +428,7 @@ pub async fn respond<S: StreamIo>(
     // on a much larger future that can now be freed.
     streams.spawn(async move {
         pump(io, head, stream, path, peer).await;
+        drop(busy);
         drop(permit);
     });
 }

@@ -646,7 +646,11 @@ async fn serve_hyper<C>(
                 }
                 "idle"
             }
-            _ = permit.evicted(idle_since), if idle && !closing => "idle, its place needed",
+            // At once, not gracefully: it has nothing under way, and the place is wanted now
+            // (a client that would not answer a GOAWAY would keep it for the grace period).
+            _ = permit.evicted(idle_since), if idle && !closing => {
+                return tracing::debug!(%peer, "idle connection closed: its place was needed");
+            }
             _ = stop.cancelled(), if !closing => "shutting down",
         };
         tracing::debug!(%peer, "closing the connection: {why}");

@@ -401,3 +401,118 @@ async fn a_token_with_crit_is_refused() {
         assert!(body.contains("crit"), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_cannot_keep_subscribers_out() {
+    // Five connections that ask for /healthz now and then, never idle long enough to be
+    // closed for it, against --max-connections 4: the hub is "full" of connections that do
+    // nothing. A subscriber refused for it asks one of them to close; its retry gets in.
+    let hub = TestHub::start(&["--max-connections", "4"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut idlers = Vec::new();
+    for _ in 0..5 {
+        let (addr, stop) = (hub.addr, stop.clone());
+        idlers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = TcpStream::connect(addr).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                loop {
+                    let req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+                    if s.write_all(req).await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => break,
+                    }
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+            }
+        }));
+    }
+    hub.wait_metric(
+        "ssehub_connections_open",
+        |v| v >= 5.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut tries = 0;
+    let mut stream = loop {
+        tries += 1;
+        match hub.try_subscribe("topic=in", &[]).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(e.to_string().contains("503"), "{e}");
+                assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+        }
+    };
+    hub.publisher()
+        .await
+        .ok(&[("topic", "in"), ("data", "got in")])
+        .await;
+    assert_eq!(take_data(&mut stream, 1).await, ["got in"]);
+    eprintln!("subscribed after {tries} tries");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in idlers {
+        i.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_templates_cannot_lock_out_a_tokens_templates() {
+    // Anonymous subscribers fill --template-memory; a subscriber whose token names a template
+    // (for private updates) still gets its stream and its private updates.
+    let hub = TestHub::start(&["--template-memory", "1MiB"]);
+    let mut held = Vec::new();
+    let mut refused = false;
+    for i in 0..400 {
+        let query: Vec<_> = (0..8)
+            .map(|j| {
+                format!(
+                    "topic={}",
+                    enc(&format!("https://ex.com/a{i}/{j}/{{x}}{{?y}}"))
+                )
+            })
+            .collect();
+        let mut s = TcpStream::connect(hub.addr).await.unwrap();
+        let req = format!(
+            "GET /.well-known/mercure?{} HTTP/1.1\r\nHost: hub\r\n\r\n",
+            query.join("&")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        if String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 503") {
+            refused = true;
+            break;
+        }
+        held.push(s);
+    }
+    assert!(refused, "the template budget never filled");
+    let token = sign(json!({"mercure": {"subscribe": ["https://ex.com/users/{id}/inbox"]}}));
+    let mut stream = hub
+        .try_subscribe(
+            &format!("topic={}", enc("https://ex.com/users/1/inbox")),
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await
+        .expect("a token's templates are not refused for anonymous ones");
+    hub.publisher()
+        .await
+        .ok(&[
+            ("topic", "https://ex.com/users/1/inbox"),
+            ("data", "for user 1"),
+            ("private", "on"),
+        ])
+        .await;
+    assert_eq!(take_data(&mut stream, 1).await, ["for user 1"]);
+    drop(held);
+}

@@ -311,11 +311,24 @@ async fn after_attack(hub: &TestHub, mut witness: EventStream, stop: Arc<AtomicB
 async fn a_hub_out_of_connections_still_publishes_and_refuses_subscribers_with_503() {
     // The default --max-connections under 256 descriptors: 180, and a reserve of 32.
     let hub = TestHub::start_with_open_files(&[], 256);
-    let (witness, stop, subscribers) = under_attack(&hub).await;
+    let (witness, stop, mut subscribers) = under_attack(&hub).await;
     let open = hub.metric("ssehub_connections_open").await;
     assert!(open <= 212.0, "{open} connections open");
 
-    // A new subscriber is refused, as one over the subscriber limit is.
+    // Idle connections give way: a subscriber gets in while the busy ones are under the limit.
+    let mut welcome = patiently("a subscriber", hub.subscribe("topic=late", &[])).await;
+    // Streams up to --max-connections (the idle HTTP/2 attackers make room for them)...
+    subscribers.extend(never_reading_subscribers(&hub, 40).await);
+    patiently(
+        "the streams",
+        hub.wait_metric(
+            "ssehub_subscribers_connected",
+            |v| v >= 180.0,
+            Duration::from_secs(20),
+        ),
+    )
+    .await;
+    // ... and past it a new subscriber is refused, as one over the subscriber limit is.
     let ((status, reason), headers) = patiently(
         "a subscriber",
         common::request(
@@ -344,8 +357,20 @@ async fn a_hub_out_of_connections_still_publishes_and_refuses_subscribers_with_5
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.contains_key("retry-after"));
-    assert!(hub.metric("ssehub_connections_refused_total").await >= 2.0);
+    // (Refused at the connection limit or the subscriber limit, both --max-connections.)
+    let refused = hub.metric("ssehub_connections_refused_total").await
+        + hub.metric("ssehub_subscribers_refused_total").await;
+    assert!(refused >= 2.0, "{refused}");
     assert!(hub.metric("ssehub_connections_evicted_total").await >= 1.0);
+    // The one that got in was never closed to make room.
+    hub.publisher()
+        .await
+        .ok(&[("topic", "late"), ("data", "still here")])
+        .await;
+    assert_eq!(
+        take(&mut welcome, 1, Duration::from_secs(10)).await[0].data,
+        "still here"
+    );
 
     drop(subscribers);
     after_attack(&hub, witness, stop).await;

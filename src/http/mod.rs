@@ -150,8 +150,8 @@ async fn not_found() -> Response {
     reject(StatusCode::NOT_FOUND, "not found")
 }
 
-/// Room for a new event stream: none while the hub holds more connections than
-/// `--max-connections` (this request came on one of the reserve's), and the refusal is the one a
+/// Room for a new event stream: none while more connections than `--max-connections` have a
+/// request under way (this request came on one of the reserve's), and the refusal is the one a
 /// subscriber over the subscriber limit gets (503 with `Retry-After`).
 fn room_for_stream(app: &AppState) -> Result<(), Response> {
     if !app.connections.full() {

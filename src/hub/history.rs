@@ -85,11 +85,16 @@ pub struct History {
     /// rather than being taken for a stranger. Bounded by [`EVICTED_EVENTS`].
     evicted_events: HashMap<String, SharedUpdate>,
     evicted_order: VecDeque<String>,
+    /// What the remembered evicted events weigh (ids and topics), within
+    /// [`EVICTED_EVENTS_BYTES`].
+    evicted_bytes: usize,
     evicted_scratch: Vec<SharedUpdate>,
 }
 
-/// How many evicted subscription events are remembered (by id and topic, without data).
+/// How many evicted subscription events are remembered (by id and topic, without data), and
+/// the most bytes they may take.
 const EVICTED_EVENTS: usize = 4 * EVENTS_CAPACITY;
+const EVICTED_EVENTS_BYTES: usize = EVENTS_BYTES / 4;
 
 /// Where a replay starts, as decided from the client's `Last-Event-ID`.
 #[derive(Debug, PartialEq, Eq)]
@@ -129,6 +134,7 @@ impl History {
             evicted_ms: 0,
             evicted_events: HashMap::new(),
             evicted_order: VecDeque::new(),
+            evicted_bytes: 0,
             evicted_scratch: Vec::new(),
         }
     }
@@ -199,12 +205,24 @@ impl History {
             time_ms: old.time_ms,
             encoded: bytes::Bytes::new(),
         });
-        if self.evicted_events.insert(old.id.clone(), stub).is_none() {
+        self.evicted_bytes += stub.weight();
+        if let Some(replaced) = self.evicted_events.insert(old.id.clone(), stub) {
+            self.evicted_bytes -= replaced.weight();
+        } else {
             self.evicted_order.push_back(old.id.clone());
         }
-        while self.evicted_order.len() > EVICTED_EVENTS {
-            if let Some(id) = self.evicted_order.pop_front() {
-                self.evicted_events.remove(&id);
+        while self.evicted_order.len() > EVICTED_EVENTS || self.evicted_bytes > EVICTED_EVENTS_BYTES
+        {
+            let Some(id) = self.evicted_order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.evicted_events.remove(&id) {
+                self.evicted_bytes -= gone.weight();
+                // Forgotten for good: from now on it is known only by its time, like an
+                // evicted update.
+                if let Some(t) = v7_millis(&gone.id) {
+                    self.evicted_ms = self.evicted_ms.max(t);
+                }
             }
         }
     }
@@ -408,6 +426,9 @@ mod tests {
         // Remembered evicted events are bounded too.
         assert_eq!(h.locate("e2"), ReplayFrom::Nothing);
         assert!(h.evicted_events.len() <= EVICTED_EVENTS);
+        assert!(h.evicted_bytes <= EVICTED_EVENTS_BYTES);
+        let weights: usize = h.evicted_events.values().map(|u| u.weight()).sum();
+        assert_eq!(weights, h.evicted_bytes);
         assert_eq!(h.evicted_order.len(), h.evicted_events.len());
     }
 

@@ -334,8 +334,8 @@ impl Hub {
 
     fn enter(&self, req: SubscribeRequest) -> Result<Subscription, SubscribeError> {
         self.admit(&req.topics, req.rights.is_none())?;
-        // Compiled, and held for as long as the subscriber lives: its templates (the token's
-        // too) count against --template-memory until then.
+        // Compiled, and held for as long as the subscriber lives: its templates count against
+        // --template-memory until then.
         let hold = |v: &[String]| {
             v.iter()
                 .map(|s| self.shared.selectors.hold(s))
@@ -343,12 +343,27 @@ impl Hub {
                 .map_err(|_| SubscribeError::TemplateMemoryFull(self.shared.config.template_memory))
         };
         let selectors = hold(&req.topics)?;
-        let rights = req.rights.as_deref().map(hold).transpose()?;
+        // The token's selectors come from whoever issued it, not from the client: they are
+        // shared when compiled already and never refused (a hub whose budget anonymous
+        // subscribers filled would otherwise turn away every subscriber whose token names a
+        // template); one that does not fit is compiled for this subscriber alone.
+        let rights = req.rights.as_deref().map(|v| {
+            v.iter()
+                .map(|s| self.shared.selectors.get(s))
+                .collect::<Vec<_>>()
+        });
         let expires_in = req.expires_at.map(|t| {
             t.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
-        let ends_in = match (expires_in, self.shared.config.max_stream_lifetime) {
+        // Up to a tenth shorter, at random: streams opened together (after a restart) do not
+        // all end, and come back, at the same moment.
+        let lifetime = self
+            .shared
+            .config
+            .max_stream_lifetime
+            .map(|l| l.mul_f64(1.0 - rand::random::<f64>() / 10.0));
+        let ends_in = match (expires_in, lifetime) {
             (Some(exp), Some(life)) if life < exp => Some((life, DropReason::Lifetime)),
             (Some(exp), _) => Some((exp, DropReason::Expired)),
             (None, life) => life.map(|life| (life, DropReason::Lifetime)),
@@ -662,8 +677,10 @@ impl HubShared {
             };
             if let Some(relay) = self.relay.get() {
                 relay(draft);
-            } else if let Err(e) = self.publish(draft) {
-                tracing::warn!("cannot publish a subscription event: {e}");
+            } else {
+                // The hub's own update: no publisher's checks (its topic, an escaped selector,
+                // may be longer than a publisher's may be), and no refusal for template work.
+                self.apply(draft, update::new_id(), now_ms());
             }
         }
     }
