@@ -130,6 +130,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             Err(ClientError::Refused { status, reason }) if !status.is_server_error() => {
                 anyhow::bail!("the hub refused the subscription ({status}): {reason}");
             }
+            // Not a hub at all (the URL names its demo page, say): waiting would not mend it.
+            Err(e @ ClientError::NotAHub { .. }) => return Err(e.into()),
             // Before the first connection only a hub not up yet is waited for (as a browser
             // would); a wrong certificate, scheme or host name would never mend itself.
             Err(e) if !connected_once && !hub_not_up_yet(&e) => return Err(e.into()),

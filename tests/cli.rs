@@ -15,6 +15,24 @@ fn ssehub(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `ssehub args`, killing it if it is still running after `within` (its status then
+/// has no code).
+fn ssehub_within(args: &[&str], within: Duration) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_then_subscribe_with_last_event_id() {
     let hub = TestHub::start(&[]);
@@ -249,4 +267,59 @@ async fn subscribe_waits_for_a_hub_that_is_not_up_yet() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect yet"), "{err}");
+}
+
+/// The commonest mistake: the hub's address without `/.well-known/mercure`. Its root is the
+/// demo page (HTML), other paths are 404 or 405: each is named as the mistake it is, at once,
+/// rather than read as an event stream that ends (and retried every second, forever).
+#[test]
+fn a_hub_url_without_the_mercure_path_is_named_as_the_mistake() {
+    let hub = TestHub::start(&[]);
+    let (root, healthz, nothing) = (hub.url(""), hub.url("/healthz"), hub.url("/nothing-here"));
+    for (hub_url, answer) in [
+        (&root, "answered text/html, not an event stream"),
+        (&healthz, "answered text/plain, not an event stream"),
+        (&nothing, "answered 404 Not Found"),
+    ] {
+        let out = ssehub_within(
+            &["subscribe", "--hub", hub_url, "--topic", "x"],
+            Duration::from_secs(10),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "subscribe {hub_url}: {err}");
+        assert!(err.contains(answer), "subscribe {hub_url}: {err}");
+        assert!(
+            err.contains("is the hub URL missing /.well-known/mercure?"),
+            "subscribe {hub_url}: {err}"
+        );
+        assert!(!err.contains("reconnecting"), "subscribe {hub_url}: {err}");
+    }
+    for (hub_url, answer) in [
+        (&root, "answered 405 Method Not Allowed"),
+        (&nothing, "answered 404 Not Found"),
+    ] {
+        let out = ssehub_within(
+            &[
+                "publish",
+                "--hub",
+                hub_url,
+                "--topic",
+                "x",
+                "--data",
+                "y",
+                "--jwt-key",
+                SECRET,
+            ],
+            Duration::from_secs(10),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "publish {hub_url}: {err}");
+        assert!(err.contains(answer), "publish {hub_url}: {err}");
+        assert!(
+            err.contains("is the hub URL missing /.well-known/mercure?"),
+            "publish {hub_url}: {err}"
+        );
+        // The hub's own answer to a wrong method would send the user to GET instead.
+        assert!(!err.contains("use GET"), "publish {hub_url}: {err}");
+    }
 }
