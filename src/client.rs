@@ -30,7 +30,7 @@ pub enum ClientError {
     // by every `{:#}` that prints the chain.
     #[error("cannot connect to {addr}: {cause}{}", connect_hint(cause))]
     Connect { addr: String, cause: std::io::Error },
-    #[error("TLS with {addr} failed: {cause}")]
+    #[error("TLS with {addr} failed: {cause}{}", tls_hint(cause))]
     Tls { addr: String, cause: std::io::Error },
     #[error("connecting to {0} timed out")]
     Timeout(String),
@@ -56,6 +56,29 @@ fn connect_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => ". Is the hub running there?",
         _ => "",
+    }
+}
+
+/// What to do about the certificate errors rustls reports by name only.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    let said = e.to_string();
+    if said.contains("UnknownIssuer") {
+        ". The hub's certificate is not signed by an authority this machine trusts: to trust \
+         it, name its CA's certificate (or the hub's self-signed one) in SSL_CERT_FILE, e.g. \
+         SSL_CERT_FILE=ca.pem ssehub subscribe …"
+    } else if said.contains("CaUsedAsEndEntity") {
+        ". The hub's certificate is a CA certificate (basicConstraints CA:TRUE), which a \
+         server cannot use: make the hub a certificate with CA:FALSE (a self-signed one with \
+         openssl req -x509 … -addext basicConstraints=critical,CA:FALSE)"
+    } else if said.contains("NotValidForName") {
+        ". The certificate does not name this host: use a host name it was issued for in the \
+         hub URL"
+    } else if said.contains("Expired") {
+        ". The hub's certificate has expired (or this machine's clock is wrong)"
+    } else if said.contains("InvalidContentType") || said.contains("corrupt message") {
+        ". Is the hub serving HTTPS there? Use http:// for a plain port"
+    } else {
+        ""
     }
 }
 
