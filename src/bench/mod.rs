@@ -181,7 +181,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             print!("{}", report.table());
         }
-        return Ok(());
+        let m = &report.summary;
+        return failed_publishes(
+            m.publish_failed,
+            m.published + m.publish_failed,
+            &m.first_publish_error,
+        );
     }
     let report = runtime.block_on(execute(&args, plan))?;
     if args.json {
@@ -189,7 +194,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", report.table());
     }
-    Ok(())
+    failed_publishes(
+        report.publish_failed,
+        report.published + report.publish_failed,
+        &report.first_publish_error,
+    )
+}
+
+/// A run whose publishes were refused measured nothing worth reading ("lost 0" of nothing
+/// delivered): after the report, it is an error that gives the server's reason.
+fn failed_publishes(failed: u64, of: u64, first_error: &Option<String>) -> anyhow::Result<()> {
+    if failed == 0 {
+        return Ok(());
+    }
+    let why = first_error.as_deref().unwrap_or("no reason recorded");
+    bail!("{failed} of {of} publishes failed; the first: {why}")
 }
 
 /// `http://host:port/path` → (authority, address, path and query).
@@ -546,6 +565,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     });
     let publish_answer_ms = Latency::from_micros(&counts.answer_us.lock());
     let first_error = counts.first_error.lock().clone();
+    let first_publish_error = counts.first_publish_error.lock().clone();
     Ok(Report {
         label: args.label.clone(),
         target: format!("{:?}", args.target).to_ascii_lowercase(),
@@ -576,6 +596,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         server: server_figures,
         bench_cpu_secs: own_cpu,
         first_error,
+        first_publish_error,
     })
 }
 
