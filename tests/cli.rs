@@ -323,3 +323,112 @@ fn a_hub_url_without_the_mercure_path_is_named_as_the_mistake() {
         assert!(!err.contains("use GET"), "publish {hub_url}: {err}");
     }
 }
+
+/// Starts `ssehub subscribe --topic t` on `hub` and waits until the hub counts it.
+async fn subscriber_process(hub: &TestHub) -> std::process::Child {
+    let url = hub.url("/.well-known/mercure");
+    let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["subscribe", "--hub", &url, "--topic", "t"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    child
+}
+
+/// Waits for `child` to exit (killing it after `within`) and returns its output.
+async fn wait_output(mut child: std::process::Child, within: Duration) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + within;
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The README says a HUP sent to every ssehub process is harmless (it reloads a TLS hub's
+/// certificate): `ssehub subscribe` carries on through one.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_carries_on_through_a_sighup() {
+    let hub = TestHub::start(&[]);
+    let mut child = subscriber_process(&hub).await;
+    let ok = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "ssehub subscribe died of SIGHUP"
+    );
+    hub.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "after the HUP")])
+        .await;
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(line, "after the HUP\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `ssehub subscribe … | head -1`, `ssehub publish … | true`: a reader that goes is the end
+/// of the command, and success, silently (as ripgrep does).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_standard_output_is_success() {
+    let hub = TestHub::start(&[]);
+    let mut child = subscriber_process(&hub).await;
+    let mut publisher = hub.publisher().await;
+    publisher.ok(&[("topic", "t"), ("data", "one")]).await;
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+        // The reader (and the pipe's read end) goes here, as `head -1` exits.
+    })
+    .await
+    .unwrap();
+    assert_eq!(line, "one\n");
+    publisher.ok(&[("topic", "t"), ("data", "two")]).await;
+    publisher.ok(&[("topic", "t"), ("data", "three")]).await;
+    let out = wait_output(child, Duration::from_secs(10)).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err, "", "nothing to say about it");
+
+    // publish: the update is published; printing its id to a reader that has gone is fine.
+    let url = hub.url("/.well-known/mercure");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["publish", "--hub", &url, "--topic", "t", "--data", "four"])
+        .args(["--jwt-key", SECRET])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = wait_output(child, Duration::from_secs(10)).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err, "");
+}

@@ -176,11 +176,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .build()?;
     if let Some(duration) = args.soak.soak {
         let report = runtime.block_on(soak::execute(&args, plan, duration))?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        let text = if args.json {
+            serde_json::to_string_pretty(&report)? + "\n"
         } else {
-            print!("{}", report.table());
-        }
+            report.table()
+        };
+        crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
         let m = &report.summary;
         return failed_publishes(
             m.publish_failed,
@@ -189,11 +190,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let report = runtime.block_on(execute(&args, plan))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&report)? + "\n"
     } else {
-        print!("{}", report.table());
-    }
+        report.table()
+    };
+    crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
     failed_publishes(
         report.publish_failed,
         report.published + report.publish_failed,
