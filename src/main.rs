@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use ssehub::cli::{Cli, Command, TokenArgs};
 use ssehub::commands::{print_out, StdoutClosed};
 use ssehub::config::{LogFormat, ServeArgs};
@@ -10,7 +9,7 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     init_logging(cli.log_format());
     if !matches!(cli.command, None | Some(Command::Serve(_))) {
         ignore_hangup();
@@ -96,6 +95,13 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let alg = ssehub::auth::parse_algorithm(&args.jwt_algorithm).map_err(anyhow::Error::msg)?;
     let key = ssehub::auth::Key::load_signing(alg, &args.jwt_key).map_err(anyhow::Error::msg)?;
+    if args.publish.is_empty() && args.subscribe.is_empty() {
+        anyhow::bail!(
+            "a token without --publish or --subscribe would grant nothing: give the topic \
+             selectors it may publish to (--publish SEL, e.g. --publish '*') and/or receive \
+             private updates of (--subscribe SEL)"
+        );
+    }
     let ttl = (!args.ttl.is_zero()).then_some(args.ttl);
     let publish = (!args.publish.is_empty()).then_some(args.publish.as_slice());
     let subscribe = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());

@@ -432,3 +432,44 @@ async fn a_closed_standard_output_is_success() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert_eq!(err, "");
 }
+
+/// `ssehub token` with neither `--publish` nor `--subscribe` would grant nothing: refused.
+#[test]
+fn a_token_without_rights_is_refused() {
+    let out = ssehub(&["token", "--jwt-key", SECRET]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no token printed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--publish") && err.contains("--subscribe"),
+        "{err}"
+    );
+    let out = ssehub(&["token", "--jwt-key", SECRET, "--subscribe", "*"]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// `publish` and `subscribe` reach the hub where `ssehub serve` listens by default, as
+/// `bench` does, without `--hub`.
+#[test]
+fn the_client_commands_default_to_the_hubs_default_address() {
+    for command in ["publish", "subscribe"] {
+        let out = ssehub(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("[default: http://127.0.0.1:8000/.well-known/mercure]"),
+            "{command}: {help}"
+        );
+    }
+    // Without --hub: not a usage error (exit code 2) but an attempt on that address (exit
+    // code 1 whatever is there: nothing, or a hub that refuses an update without a token).
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["publish", "--topic", "a", "--data", "x"])
+        .env_remove("SSEHUB_HUB")
+        .env_remove("SSEHUB_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("required"), "{err}");
+}

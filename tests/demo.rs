@@ -196,6 +196,9 @@ fn bad_flags_are_clear_errors() {
         (vec!["--publisher-jwt-key", ""], "is empty"),
         (vec!["--subscriber-jwt-key", " "], "is empty"),
         (vec!["--max-connections", "0"], "at least 1"),
+        // Flags other servers have: pointed to the one ssehub has.
+        (vec!["--port", "8000"], "use --listen 127.0.0.1:PORT"),
+        (vec!["serve", "--port=8000"], "use --listen 127.0.0.1:PORT"),
         (vec!["--cors-origins", ","], "no origin"),
         (
             vec!["--cors-origins", "*,https://a.example"],

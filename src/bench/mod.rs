@@ -254,7 +254,7 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
     }
     let (hub, sub, publ, body) = match args.target {
         Peer::Ssehub => (
-            "http://127.0.0.1:8000/.well-known/mercure",
+            crate::cli::DEFAULT_HUB,
             "{hub}?topic={topic}",
             "{hub}",
             "topic={topic}&data={data}",
