@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
 
 use crate::config::{parse_duration, LogFormat, ServeArgs};
@@ -36,10 +37,13 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
+/// Where `ssehub serve` listens by default, as the client commands and the bench reach it.
+pub const DEFAULT_HUB: &str = "http://127.0.0.1:8000/.well-known/mercure";
+
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// The hub URL, e.g. http://127.0.0.1:8000/.well-known/mercure
-    #[arg(long, env = "SSEHUB_HUB")]
+    /// The hub URL.
+    #[arg(long, env = "SSEHUB_HUB", default_value = DEFAULT_HUB)]
     pub hub: String,
     /// Topic (repeatable): the first is canonical, the others alternates.
     #[arg(long, required = true)]
@@ -74,8 +78,8 @@ pub struct PublishArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SubscribeArgs {
-    /// The hub URL, e.g. http://127.0.0.1:8000/.well-known/mercure
-    #[arg(long, env = "SSEHUB_HUB")]
+    /// The hub URL.
+    #[arg(long, env = "SSEHUB_HUB", default_value = DEFAULT_HUB)]
     pub hub: String,
     /// Topic selector (repeatable): a topic, a URI template, or `*`.
     #[arg(long, required = true)]
@@ -114,10 +118,50 @@ pub struct TokenArgs {
 }
 
 impl Cli {
+    /// Parses the process's arguments, or exits with clap's message; flags people bring from
+    /// other servers (`--port`, `--host`…) are answered with the one ssehub has.
+    pub fn parse_args() -> Cli {
+        let command = std::env::args().nth(1).unwrap_or_default();
+        Cli::try_parse().unwrap_or_else(|e| with_hint(e, &command).exit())
+    }
+
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             Some(Command::Serve(a)) => a.log_format,
             _ => self.serve.log_format,
         }
     }
+}
+
+/// Flags other servers have for what `--listen` does.
+const LISTEN_LIKE: &[&str] = &["--port", "--host", "--bind", "--addr", "--address", "-p"];
+
+/// Adds a tip to an unknown-argument error for a flag `--listen` (or, for the client
+/// commands, `--hub`) stands for. `command` is the first argument.
+fn with_hint(mut e: clap::Error, command: &str) -> clap::Error {
+    if e.kind() != ErrorKind::UnknownArgument {
+        return e;
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => a.split('=').next().unwrap_or_default().to_owned(),
+        _ => return e,
+    };
+    if !LISTEN_LIKE.contains(&flag.as_str()) {
+        return e;
+    }
+    let tip = match command {
+        "publish" | "subscribe" | "bench" => format!(
+            "ssehub {command} has no {flag}: name the hub with --hub \
+             http://HOST:PORT/.well-known/mercure"
+        ),
+        _ => format!(
+            "ssehub has no {flag}: use --listen 127.0.0.1:PORT (or 0.0.0.0:PORT for every \
+             interface; also SSEHUB_LISTEN)"
+        ),
+    };
+    e.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![tip.into()]),
+    );
+    e
 }

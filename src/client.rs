@@ -30,7 +30,7 @@ pub enum ClientError {
     // by every `{:#}` that prints the chain.
     #[error("cannot connect to {addr}: {cause}{}", connect_hint(cause))]
     Connect { addr: String, cause: std::io::Error },
-    #[error("TLS with {addr} failed: {cause}")]
+    #[error("TLS with {addr} failed: {cause}{}", tls_hint(cause))]
     Tls { addr: String, cause: std::io::Error },
     #[error("connecting to {0} timed out")]
     Timeout(String),
@@ -38,6 +38,16 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("the hub answered {status}: {reason}")]
     Refused { status: StatusCode, reason: String },
+    /// An answer no Mercure hub gives at its endpoint: the URL names something else (most
+    /// often the hub's root, with `/.well-known/mercure` forgotten).
+    #[error("{url} answered {answer}, not {expected}: {}", url_hint(url))]
+    NotAHub {
+        url: String,
+        /// The status, or the content type of a 200.
+        answer: String,
+        /// What a hub would have answered.
+        expected: &'static str,
+    },
     #[error("the stream sent an event-stream line longer than the limit")]
     LineTooLong,
 }
@@ -46,6 +56,39 @@ fn connect_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => ". Is the hub running there?",
         _ => "",
+    }
+}
+
+/// What to do about the certificate errors rustls reports by name only.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    let said = e.to_string();
+    if said.contains("UnknownIssuer") {
+        ". The hub's certificate is not signed by an authority this machine trusts: to trust \
+         it, name its CA's certificate (or the hub's self-signed one) in SSL_CERT_FILE, e.g. \
+         SSL_CERT_FILE=ca.pem ssehub subscribe …"
+    } else if said.contains("CaUsedAsEndEntity") {
+        ". The hub's certificate is a CA certificate (basicConstraints CA:TRUE), which a \
+         server cannot use: make the hub a certificate with CA:FALSE (a self-signed one with \
+         openssl req -x509 … -addext basicConstraints=critical,CA:FALSE)"
+    } else if said.contains("NotValidForName") {
+        ". The certificate does not name this host: use a host name it was issued for in the \
+         hub URL"
+    } else if said.contains("Expired") {
+        ". The hub's certificate has expired (or this machine's clock is wrong)"
+    } else if said.contains("InvalidContentType") || said.contains("corrupt message") {
+        ". Is the hub serving HTTPS there? Use http:// for a plain port"
+    } else {
+        ""
+    }
+}
+
+/// Where a hub's endpoint is, for a URL that turned out to name something else.
+fn url_hint(url: &str) -> &'static str {
+    if url.contains(crate::http::MERCURE_PATH) {
+        "is this a Mercure hub's URL?"
+    } else {
+        "is the hub URL missing /.well-known/mercure? (e.g. \
+         http://127.0.0.1:8000/.well-known/mercure)"
     }
 }
 
@@ -99,6 +142,13 @@ impl Target {
                 .map_or("/".to_owned(), |p| p.as_str().to_owned()),
             tls,
         })
+    }
+
+    /// The URL without its query, for messages (the query is the caller's topics).
+    pub fn url_without_query(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let path = self.path_and_query.split('?').next().unwrap_or("/");
+        format!("{scheme}://{}{path}", self.authority)
     }
 
     /// The same hub, another path and query.
@@ -231,6 +281,16 @@ impl Connection {
         token: Option<&str>,
         fields: &[(&str, &str)],
     ) -> Result<(StatusCode, String), ClientError> {
+        let (status, _, body) = self.post_form(token, fields).await?;
+        Ok((status, body))
+    }
+
+    /// Posts the form to the hub URL: the status, the answer's media type and its text.
+    async fn post_form(
+        &mut self,
+        token: Option<&str>,
+        fields: &[(&str, &str)],
+    ) -> Result<(StatusCode, String, String), ClientError> {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -248,9 +308,13 @@ impl Connection {
                 Bytes::from(encode_form(fields)),
             )
             .await?;
-        let status = resp.status();
+        let (status, content_type) = (resp.status(), media_type(resp.headers()));
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((
+            status,
+            content_type,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
     }
 }
 
@@ -280,7 +344,14 @@ pub async fn publish(
     fields: &[(&str, &str)],
 ) -> Result<String, ClientError> {
     let mut conn = Connection::open(hub).await?;
-    let (status, body) = conn.publish(token, fields).await?;
+    let (status, content_type, body) = conn.post_form(token, fields).await?;
+    if let Some(answer) = not_a_hub(status, &content_type, "text/plain") {
+        return Err(ClientError::NotAHub {
+            url: hub.url_without_query(),
+            answer,
+            expected: "a hub's answer to a publish",
+        });
+    }
     if status != StatusCode::OK {
         return Err(ClientError::Refused {
             status,
@@ -288,6 +359,37 @@ pub async fn publish(
         });
     }
     Ok(body)
+}
+
+/// The media type of an answer (`text/html` of `text/html; charset=utf-8`), lower case.
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// What is wrong with an answer no hub gives at its endpoint, or `None` for one it may give.
+/// A hub answers its endpoint's GET and POST, so `404` and `405` mean another URL; every
+/// refusal of a hub is a line of text, so an HTML page means another server or page; and a
+/// `200` must be of the content type asked for (`success_type`).
+fn not_a_hub(status: StatusCode, content_type: &str, success_type: &str) -> Option<String> {
+    let shown = if content_type.is_empty() {
+        "no content type"
+    } else {
+        content_type
+    };
+    if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+        Some(status.to_string())
+    } else if content_type == "text/html" && status != StatusCode::OK {
+        Some(format!("{status} with an HTML page"))
+    } else if status == StatusCode::OK && content_type != success_type {
+        Some(shown.to_owned())
+    } else {
+        None
+    }
 }
 
 /// An open event stream.
@@ -314,6 +416,13 @@ impl EventStream {
             .send(Method::GET, &target.path_and_query, &h, Bytes::new())
             .await?;
         let status = resp.status();
+        if let Some(answer) = not_a_hub(status, &media_type(resp.headers()), "text/event-stream") {
+            return Err(ClientError::NotAHub {
+                url: target.url_without_query(),
+                answer,
+                expected: "an event stream",
+            });
+        }
         if status != StatusCode::OK {
             let body = resp.into_body().collect().await?.to_bytes();
             return Err(ClientError::Refused {

@@ -8,6 +8,21 @@ use http::{HeaderMap, HeaderValue};
 use crate::cli::{PublishArgs, SubscribeArgs};
 use crate::client::{self, ClientError, EventStream, Target};
 
+/// Standard output's reader has gone (`ssehub subscribe … | head -1`): the command is done,
+/// and that is success, as for any Unix filter (ripgrep's rule).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to standard output at once; a reader that has gone is [`StdoutClosed`].
+pub fn print_out(out: &mut impl Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::anyhow!("cannot write to standard output: {e}")),
+    }
+}
+
 /// Publishes one update and prints its id.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let target = Target::parse(&args.hub)?;
@@ -45,8 +60,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         fields.push(("private", "on"));
     }
     let id = client::publish(&target, token.as_deref(), &fields).await?;
-    println!("{id}");
-    Ok(())
+    print_out(&mut std::io::stdout().lock(), &format!("{id}\n"))
 }
 
 /// The longest wait between reconnection attempts.
@@ -99,18 +113,18 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                                 backoff = retry;
                             }
                             last_id = Some(ev.id.clone());
-                            if args.json {
-                                let v = serde_json::json!({
+                            let line = if args.json {
+                                serde_json::json!({
                                     "id": ev.id,
                                     "type": if ev.event_type.is_empty() { "message" } else { &ev.event_type },
                                     "data": ev.data,
                                     "retry": ev.retry,
-                                });
-                                writeln!(out, "{v}")?;
+                                })
+                                .to_string()
                             } else {
-                                writeln!(out, "{}", ev.data)?;
-                            }
-                            out.flush()?;
+                                ev.data
+                            };
+                            print_out(&mut out, &format!("{line}\n"))?;
                             received += 1;
                             if args.count.is_some_and(|c| received >= c) {
                                 return Ok(());
@@ -130,6 +144,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             Err(ClientError::Refused { status, reason }) if !status.is_server_error() => {
                 anyhow::bail!("the hub refused the subscription ({status}): {reason}");
             }
+            // Not a hub at all (the URL names its demo page, say): waiting would not mend it.
+            Err(e @ ClientError::NotAHub { .. }) => return Err(e.into()),
             // Before the first connection only a hub not up yet is waited for (as a browser
             // would); a wrong certificate, scheme or host name would never mend itself.
             Err(e) if !connected_once && !hub_not_up_yet(&e) => return Err(e.into()),

@@ -272,6 +272,23 @@ impl ServeArgs {
         }
         let jwt_algorithm = crate::auth::parse_algorithm(&self.jwt_algorithm)
             .map_err(|e| format!("--jwt-algorithm: {e}"))?;
+        let redis = self
+            .redis
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .map(check_redis_url)
+            .transpose()?;
+        // A node with a random key of its own would print a token only it accepts, and refuse
+        // every token the other nodes accept.
+        if redis.is_some() && self.publisher_jwt_key.is_none() {
+            return Err(
+                "--redis: every node of a cluster needs the same keys: give each node \
+                 the same --publisher-jwt-key (SSEHUB_PUBLISHER_JWT_KEY), and the same \
+                 --subscriber-jwt-key if you use one; without it this node would make a \
+                 random key of its own"
+                    .into(),
+            );
+        }
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(ServeConfig {
             listen,
@@ -299,12 +316,7 @@ impl ServeArgs {
                 .transpose()?,
             subscriptions: self.subscriptions,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
-            redis: self
-                .redis
-                .as_deref()
-                .filter(|u| !u.is_empty())
-                .map(check_redis_url)
-                .transpose()?,
+            redis,
             log_json: self.log_format == LogFormat::Json,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,

@@ -126,6 +126,32 @@ impl HeadScan {
     }
 }
 
+/// Why a request head that has ended is not one HTTP/1.1 can read, in a line for the client
+/// (hyper answers such a head `400` with an empty body), or `None` when it parses (or has not
+/// ended: hyper reads the rest, or refuses it as too large).
+pub fn malformed_head(buf: &[u8]) -> Option<&'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => None,
+        Ok(httparse::Status::Complete(_)) => {
+            let target = parsed.path.unwrap_or_default();
+            target.parse::<http::Uri>().is_err().then_some(
+                "the request target is not a valid URL: encode spaces and other special \
+                 characters in it (a space as %20)",
+            )
+        }
+        Err(httparse::Error::Token | httparse::Error::Version) => Some(
+            "malformed request line: send METHOD TARGET HTTP/1.1, with any space in the \
+             target encoded as %20",
+        ),
+        Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            Some("malformed header line: send each header as Name: value, on a line of its own")
+        }
+        Err(_) => Some("malformed request head: send an HTTP/1.1 request"),
+    }
+}
+
 /// Is this head a plain `GET` of an event stream that the lean writer can serve? Returns the
 /// request to route and whether the client asked for the connection to be closed after it, or
 /// `None` to leave the connection to hyper.

@@ -2,15 +2,18 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use ssehub::cli::{Cli, Command, TokenArgs};
+use ssehub::commands::{print_out, StdoutClosed};
 use ssehub::config::{LogFormat, ServeArgs};
 use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     init_logging(cli.log_format());
+    if !matches!(cli.command, None | Some(Command::Serve(_))) {
+        ignore_hangup();
+    }
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
@@ -21,10 +24,23 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ssehub: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A HUP is for the hub (reload its certificate), and operators send it to every `ssehub`
+/// process (`kill -HUP $(pidof ssehub)`): the client commands must not die of it. Ignored
+/// before any thread starts, so that no thread sees the default action.
+fn ignore_hangup() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler, so nothing runs
+    // in signal context; it is done while the process has one thread.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
 }
 
@@ -79,13 +95,18 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let alg = ssehub::auth::parse_algorithm(&args.jwt_algorithm).map_err(anyhow::Error::msg)?;
     let key = ssehub::auth::Key::load_signing(alg, &args.jwt_key).map_err(anyhow::Error::msg)?;
+    if args.publish.is_empty() && args.subscribe.is_empty() {
+        anyhow::bail!(
+            "a token without --publish or --subscribe would grant nothing: give the topic \
+             selectors it may publish to (--publish SEL, e.g. --publish '*') and/or receive \
+             private updates of (--subscribe SEL)"
+        );
+    }
     let ttl = (!args.ttl.is_zero()).then_some(args.ttl);
     let publish = (!args.publish.is_empty()).then_some(args.publish.as_slice());
     let subscribe = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());
-    println!(
-        "{}",
-        key.mint(publish, subscribe, ttl)
-            .map_err(anyhow::Error::msg)?
-    );
-    Ok(())
+    let token = key
+        .mint(publish, subscribe, ttl)
+        .map_err(anyhow::Error::msg)?;
+    print_out(&mut std::io::stdout().lock(), &format!("{token}\n"))
 }

@@ -534,6 +534,11 @@ impl Http1 {
                 Next::Closed => return,
             }
         }
+        if let Some(reason) = h1_stream::malformed_head(&head) {
+            let refusal = crate::http::reject(http::StatusCode::BAD_REQUEST, reason);
+            h1_stream::answer(&mut io, refusal, true).await;
+            return;
+        }
         let io = h1_stream::Prefixed::new(head.freeze(), io);
         let conn = self
             .builder

@@ -335,3 +335,40 @@ async fn oversized_heads_and_too_many_subscribers() {
     drop(_a);
     let _c = subscribe().await;
 }
+
+/// A head HTTP cannot read (a raw space in the URL, a header without a colon) is refused with
+/// a reason, not an empty `400` (hyper's).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_request_head_is_told_why() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start(&[]);
+    for (head, reason) in [
+        ("GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", "encoded as %20"),
+        (
+            "GET /.well-known/mercure?topic=a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "encoded as %20",
+        ),
+        (
+            "POST /.well-known/mercure?x=a b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "encoded as %20",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+            "malformed header line",
+        ),
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        raw.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
+            .await
+            .expect("the hub answers and closes")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(body.contains(reason), "{head:?}: {answer}");
+        assert_eq!(body.lines().count(), 1, "one line: {answer}");
+    }
+    assert_eq!(get(&hub, "/healthz", &[]).await.0, StatusCode::OK);
+}

@@ -199,3 +199,31 @@ fn a_server_that_stops_or_dies_ends_the_run_with_a_reason() {
         }
     }
 }
+
+/// A run whose publishes the hub refuses measured nothing: it fails, with the hub's reason,
+/// rather than report "lost 0" and exit 0.
+#[test]
+fn refused_publishes_fail_the_run_with_the_hubs_reason() {
+    let hub = TestHub::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["bench", "--target", "ssehub"])
+        .args(["--hub", &hub.url("/.well-known/mercure")])
+        .args(["--jwt-key", "not the hub's key"])
+        .args(["--subscribers", "2", "--updates", "5", "--rate", "100"])
+        .args(["--timeout", "1s", "--settle", "0"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ssehub bench");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    // The report still comes, then the error says why: the status and the hub's own words.
+    assert!(stdout.contains("0 of 5 (5 failed)"), "{stdout}");
+    assert!(
+        stderr.contains("5 of 5 publishes failed; the first: a publish got HTTP status 401: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("signature"), "the hub's reason: {stderr}");
+}

@@ -142,6 +142,78 @@ async fn a_cut_connection_catches_up_by_itself_without_gap_or_duplicate() {
     b.close().await;
 }
 
+/// The README's promise: close the tab, open the page again, and it shows what was published
+/// meanwhile, once each (the page keeps the last id it showed and resumes from it).
+#[tokio::test]
+async fn a_reopened_tab_shows_what_it_missed_exactly_once() {
+    let Some(b) = Browser::start("a_reopened_tab_shows_what_it_missed_exactly_once").await else {
+        return;
+    };
+    let hub = TestHub::start(&[]);
+    let mut publisher = hub.publisher().await;
+    let lines_are = |want: &[&str]| {
+        format!(
+            "return JSON.stringify([...document.querySelectorAll('#messages .message')]\
+             .map(e => e.textContent)) === {}",
+            js_str(&serde_json::to_string(want).unwrap())
+        )
+    };
+    // A first visit has no id to resume from: it shows what comes after it opened, as always.
+    publisher
+        .ok(&[("topic", "time"), ("data", "before the first visit")])
+        .await;
+    b.goto(&hub.url("/")).await;
+    b.wait_for(
+        "the stream to open",
+        "return document.getElementById('status').textContent === 'live'",
+        WAIT,
+    )
+    .await;
+    publisher.ok(&[("topic", "time"), ("data", "seen")]).await;
+    b.wait_for("the line published while open", &lines_are(&["seen"]), WAIT)
+        .await;
+
+    // Close the tab (another one keeps the browser open), and wait until its stream is gone.
+    let c = b.client();
+    let first = c.window().await.unwrap();
+    let second = c.new_window(true).await.unwrap().handle;
+    c.switch_to_window(first).await.unwrap();
+    c.close_window().await.unwrap();
+    c.switch_to_window(second).await.unwrap();
+    hub.wait_metric("ssehub_subscribers_connected", |v| v == 0.0, WAIT)
+        .await;
+
+    publisher
+        .ok(&[("topic", "time"), ("data", "missed 1")])
+        .await;
+    publisher
+        .ok(&[("topic", "time"), ("data", "missed <b>2</b>")])
+        .await;
+    b.goto(&hub.url("/")).await;
+    b.wait_for(
+        "the missed lines in the reopened page",
+        &lines_are(&["missed 1", "missed <b>2</b>"]),
+        WAIT,
+    )
+    .await;
+    publisher
+        .ok(&[("topic", "time"), ("data", "live again")])
+        .await;
+    b.wait_for(
+        "the next live line, after the missed ones",
+        &lines_are(&["missed 1", "missed <b>2</b>", "live again"]),
+        WAIT,
+    )
+    .await;
+    // Nothing else comes late (a duplicate of a replayed line, say).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        demo_lines(&b).await,
+        vec!["missed 1", "missed <b>2</b>", "live again"]
+    );
+    b.close().await;
+}
+
 #[tokio::test]
 async fn markup_in_data_is_shown_as_text_and_runs_nothing() {
     let Some(b) = Browser::start("markup_in_data_is_shown_as_text_and_runs_nothing").await else {

@@ -607,6 +607,48 @@ fn rediss_is_refused_with_a_reason() {
     assert!(err.contains("not supported yet"), "{err}");
 }
 
+/// Every node must accept the same tokens: a node started without a key would make one of
+/// its own. Refused before anything connects, so no Redis is needed (none listens there).
+#[test]
+fn a_node_without_a_key_is_refused_before_it_joins() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--clock-interval", "0"])
+        .args(["--redis", "redis://127.0.0.1:1"])
+        .env_remove("SSEHUB_PUBLISHER_JWT_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("every node of a cluster needs the same keys")
+            && err.contains("--publisher-jwt-key"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Redis at"),
+        "refused before connecting: {err}"
+    );
+    assert!(!err.contains("--token"), "no token printed: {err}");
+}
+
+/// A Redis error gives its cause as its text and as its source: said once.
+#[test]
+fn a_node_that_cannot_reach_redis_says_why_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--clock-interval", "0"])
+        .args(["--publisher-jwt-key", common::SECRET])
+        .args(["--redis", "redis://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach Redis at redis://127.0.0.1:1"),
+        "{err}"
+    );
+    assert_eq!(err.matches("refused").count(), 1, "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_spreads_over_the_nodes_and_loses_nothing() {
     let Some(redis) = Redis::start(None) else {

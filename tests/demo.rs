@@ -19,7 +19,11 @@ async fn page_has_the_seed_text_and_appends_text_nodes() {
         .unwrap()
         .starts_with("text/html"));
     assert!(body.contains("Yo friend, here are some fascinating messages about the current time:"));
-    assert!(body.contains("new EventSource(\"/events/\")"));
+    assert!(body.contains("new EventSource(") && body.contains("\"/events/\""));
+    assert!(
+        body.contains("\"/events/?lastEventID=\" + encodeURIComponent("),
+        "a reopened page resumes from the last id it showed"
+    );
     // Never framed by another site, never sniffed.
     assert_eq!(headers["x-frame-options"], "DENY");
     assert_eq!(headers["content-security-policy"], "frame-ancestors 'none'");
@@ -192,6 +196,9 @@ fn bad_flags_are_clear_errors() {
         (vec!["--publisher-jwt-key", ""], "is empty"),
         (vec!["--subscriber-jwt-key", " "], "is empty"),
         (vec!["--max-connections", "0"], "at least 1"),
+        // Flags other servers have: pointed to the one ssehub has.
+        (vec!["--port", "8000"], "use --listen 127.0.0.1:PORT"),
+        (vec!["serve", "--port=8000"], "use --listen 127.0.0.1:PORT"),
         (vec!["--cors-origins", ","], "no origin"),
         (
             vec!["--cors-origins", "*,https://a.example"],

@@ -168,7 +168,7 @@ async fn requests_it_does_not_write_go_to_hyper_unchanged() {
     publish(&hub, "c", "old-client").await;
     read_until(&mut c, &mut raw, "data: old-client\n\n").await;
 
-    // A head that is not HTTP at all still gets hyper's 400.
+    // A head that is not HTTP at all still gets a 400 (with its reason: tests/bad_input.rs).
     let mut c = TcpStream::connect(hub.addr).await.unwrap();
     c.write_all(b"GET /.well-known/mercure?topic=a HTTP/9.9\r\n\r\n")
         .await

@@ -374,3 +374,62 @@ async fn a_slow_http2_stream_is_dropped_alone_not_with_its_connection() {
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 1.0);
     drop(slow);
 }
+
+/// `ssehub publish` (and `subscribe`) to a hub whose certificate this machine does not trust:
+/// rustls names the problem (`UnknownIssuer`, `CaUsedAsEndEntity`), the client says what to do.
+#[test]
+fn the_client_says_how_to_have_a_certificate_trusted() {
+    let publish = |hub: &TestHub, cert_file: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"));
+        cmd.args(["publish", "--hub", &hub.url("/.well-known/mercure")])
+            .args(["--topic", "a", "--data", "x", "--jwt-key", common::SECRET])
+            .env_remove("SSL_CERT_FILE");
+        if let Some(f) = cert_file {
+            cmd.env("SSL_CERT_FILE", f);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let cert = make_cert(&temp_dir("untrusted"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let (code, err) = publish(&hub, None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(err.contains("SSL_CERT_FILE"), "says how to trust it: {err}");
+    // Done as it says, the publish goes through.
+    let (code, err) = publish(&hub, Some(&cert.cert()));
+    assert_eq!(code, Some(0), "{err}");
+
+    // A CA certificate as the server's own (what `openssl req -x509` makes by default).
+    let dir = temp_dir("ca-as-server");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, ca.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert_path, "--tls-key", &key_path],
+        ca.der().clone(),
+    );
+    let (code, err) = publish(&hub, Some(&cert_path));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("CaUsedAsEndEntity"), "{err}");
+    assert!(err.contains("CA:FALSE"), "says what to make instead: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

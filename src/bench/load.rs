@@ -111,6 +111,8 @@ pub struct Counts {
     /// when it ends.
     pub answer_us: Mutex<Histogram<u64>>,
     pub first_error: Mutex<Option<String>>,
+    /// The first refused or failed publish, with the server's reason.
+    pub first_publish_error: Mutex<Option<String>>,
 }
 
 impl Counts {
@@ -130,6 +132,7 @@ impl Counts {
             publish_lag_max_us: AtomicU64::new(0),
             answer_us: Mutex::new(micros_histogram()),
             first_error: Mutex::new(None),
+            first_publish_error: Mutex::new(None),
         }
     }
 
@@ -138,6 +141,13 @@ impl Counts {
         if slot.is_none() {
             *slot = Some(e.to_string());
         }
+    }
+
+    fn publish_error(&self, e: String) {
+        self.first_publish_error
+            .lock()
+            .get_or_insert_with(|| e.clone());
+        self.error(e);
     }
 }
 
@@ -407,21 +417,30 @@ pub async fn publisher(
             answers.saturating_record(sent.elapsed().as_micros() as u64);
         }
         match answer {
-            Ok(status) if (200..300).contains(&status) => {
+            Ok((status, _)) if (200..300).contains(&status) => {
                 if let Some(f) = &on_accepted {
                     f(seq, topic, sent_ns);
                 }
                 counts.per_topic[topic].fetch_add(1, Ordering::Relaxed);
                 counts.published.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(status) => {
+            Ok((status, body)) => {
                 counts.publish_failed.fetch_add(1, Ordering::Relaxed);
-                counts.error(format!("a publish got HTTP status {status}"));
+                // The server's reason, as it gave it (a hub's is one line): the first words
+                // of it are enough to act on.
+                let reason: String = String::from_utf8_lossy(&body)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(300)
+                    .collect();
+                counts.publish_error(format!("a publish got HTTP status {status}: {reason}"));
             }
             Err(e) => {
                 conn = None;
                 counts.publish_failed.fetch_add(1, Ordering::Relaxed);
-                counts.error(format!("publish: {e:#}"));
+                counts.publish_error(format!("publish: {e:#}"));
                 if e.is::<tokio::time::error::Elapsed>() {
                     // The server stopped answering: end the run with what it has, rather
                     // than wait out every remaining publish.
@@ -440,12 +459,12 @@ pub async fn publisher(
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one request on the kept-alive connection (opening it if needed) and reads the whole
-/// answer; returns its status. Bounded by [`ANSWER_TIMEOUT`].
+/// answer; returns its status and body. Bounded by [`ANSWER_TIMEOUT`].
 async fn send_one(
     addr: SocketAddr,
     conn: &mut Option<(TcpStream, Vec<u8>)>,
     request: &[u8],
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<(u16, Vec<u8>)> {
     match tokio::time::timeout(ANSWER_TIMEOUT, exchange(addr, conn, request)).await {
         Ok(r) => r,
         Err(elapsed) => Err(anyhow::Error::new(elapsed).context(format!(
@@ -458,18 +477,18 @@ async fn exchange(
     addr: SocketAddr,
     conn: &mut Option<(TcpStream, Vec<u8>)>,
     request: &[u8],
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<(u16, Vec<u8>)> {
     if conn.is_none() {
         *conn = Some((connect(addr, 0, 1, None).await?, Vec::new()));
     }
     let (stream, buf) = conn.as_mut().expect("just opened");
     stream.write_all(request).await?;
     let head = wire::read_head(stream, buf).await?;
-    wire::read_body(stream, buf, head.body).await?;
+    let body = wire::read_body(stream, buf, head.body).await?;
     if head.close || head.body == wire::BodyKind::UntilClose {
         *conn = None;
     }
-    Ok(head.status)
+    Ok((head.status, body))
 }
 
 #[cfg(test)]

@@ -176,20 +176,41 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .build()?;
     if let Some(duration) = args.soak.soak {
         let report = runtime.block_on(soak::execute(&args, plan, duration))?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        let text = if args.json {
+            serde_json::to_string_pretty(&report)? + "\n"
         } else {
-            print!("{}", report.table());
-        }
-        return Ok(());
+            report.table()
+        };
+        crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
+        let m = &report.summary;
+        return failed_publishes(
+            m.publish_failed,
+            m.published + m.publish_failed,
+            &m.first_publish_error,
+        );
     }
     let report = runtime.block_on(execute(&args, plan))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&report)? + "\n"
     } else {
-        print!("{}", report.table());
+        report.table()
+    };
+    crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
+    failed_publishes(
+        report.publish_failed,
+        report.published + report.publish_failed,
+        &report.first_publish_error,
+    )
+}
+
+/// A run whose publishes were refused measured nothing worth reading ("lost 0" of nothing
+/// delivered): after the report, it is an error that gives the server's reason.
+fn failed_publishes(failed: u64, of: u64, first_error: &Option<String>) -> anyhow::Result<()> {
+    if failed == 0 {
+        return Ok(());
     }
-    Ok(())
+    let why = first_error.as_deref().unwrap_or("no reason recorded");
+    bail!("{failed} of {of} publishes failed; the first: {why}")
 }
 
 /// `http://host:port/path` → (authority, address, path and query).
@@ -233,7 +254,7 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
     }
     let (hub, sub, publ, body) = match args.target {
         Peer::Ssehub => (
-            "http://127.0.0.1:8000/.well-known/mercure",
+            crate::cli::DEFAULT_HUB,
             "{hub}?topic={topic}",
             "{hub}",
             "topic={topic}&data={data}",
@@ -546,6 +567,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     });
     let publish_answer_ms = Latency::from_micros(&counts.answer_us.lock());
     let first_error = counts.first_error.lock().clone();
+    let first_publish_error = counts.first_publish_error.lock().clone();
     Ok(Report {
         label: args.label.clone(),
         target: format!("{:?}", args.target).to_ascii_lowercase(),
@@ -576,6 +598,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         server: server_figures,
         bench_cpu_secs: own_cpu,
         first_error,
+        first_publish_error,
     })
 }
 

@@ -43,6 +43,8 @@ pub struct Report {
     pub server: Option<ServerFigures>,
     pub bench_cpu_secs: f64,
     pub first_error: Option<String>,
+    /// The first publish that failed, with the server's reason (the run is then an error).
+    pub first_publish_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

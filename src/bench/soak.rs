@@ -822,6 +822,8 @@ pub struct SoakSummary {
     pub bad_unexpected: u64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// The first publish that failed, with the server's reason (the run is then an error).
+    pub first_publish_error: Option<String>,
     pub server_cpu_secs: f64,
     pub bench_cpu_secs: f64,
 }
@@ -984,6 +986,7 @@ pub async fn execute(
         bad_unexpected: churn.bad_unexpected.load(Relaxed),
         errors: soak.errors(),
         first_error: c.first_error.lock().clone(),
+        first_publish_error: c.first_publish_error.lock().clone(),
         server_cpu_secs,
         bench_cpu_secs,
     };

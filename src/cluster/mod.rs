@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +74,10 @@ impl Cluster {
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
         let shown = crate::config::redact_url(url);
-        let client = redis::Client::open(url).with_context(|| format!("--redis {shown:?}"))?;
+        // A Redis error says its cause and also gives it as its source: taken as text, so
+        // that the cause is said once.
+        let client =
+            redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis {shown:?}: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -83,12 +85,14 @@ impl Cluster {
             .set_max_delay(Duration::from_millis(500));
         let mut commands = ConnectionManager::new_with_config(client.clone(), config)
             .await
-            .with_context(|| {
-                format!("cannot reach Redis at {shown}: start it, or check --redis (SSEHUB_REDIS)")
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach Redis at {shown} ({e}): start it, or check --redis (SSEHUB_REDIS)"
+                )
             })?;
         let last = stream::load_history(&mut commands, &hub, history_size)
             .await
-            .context("cannot read the update stream from Redis")?;
+            .map_err(|e| anyhow::anyhow!("cannot read the update stream from Redis: {e}"))?;
         tracing::info!(
             history = hub.history_len(),
             "cluster mode: joined through Redis at {shown}"
