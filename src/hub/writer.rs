@@ -37,9 +37,14 @@ pub(crate) struct Job {
 /// Starts the writer thread for `hub`, the first seq being `next_seq`.
 pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel();
+    // The fan-out starts the flusher's tasks on the runtime the hub was made on.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     std::thread::Builder::new()
         .name("ssehub-store".into())
-        .spawn(move || run(hub, rx, store, next_seq))
+        .spawn(move || {
+            let _entered = runtime.as_ref().map(|r| r.enter());
+            run(hub, rx, store, next_seq)
+        })
         .expect("start the store's writer thread");
     tx
 }
