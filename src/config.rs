@@ -134,6 +134,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
+    /// Where the history is kept across restarts (created at start): a publish is answered
+    /// once its update is on disk there. `none` keeps the history in memory only. Unused in
+    /// cluster mode (the cluster keeps the history).
+    #[arg(long, env = "SSEHUB_DATA_DIR", default_value = "ssehub-data")]
+    pub data_dir: String,
+
+    /// If the history store in --data-dir is damaged, move the directory aside (to
+    /// DIR.corrupt-<time>) and start with an empty history, rather than refusing to start.
+    #[arg(long, env = "SSEHUB_DATA_DIR_RECOVER",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub data_dir_recover: bool,
+
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -170,6 +182,9 @@ pub struct ServeConfig {
     pub redis: Option<String>,
     /// Logs are JSON lines: messages for people go through the log too.
     pub log_json: bool,
+    /// The durable history's directory; `None`: memory only.
+    pub data_dir: Option<std::path::PathBuf>,
+    pub data_dir_recover: bool,
 }
 
 /// A list of origins, or any.
@@ -318,6 +333,18 @@ impl ServeArgs {
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             redis,
             log_json: self.log_format == LogFormat::Json,
+            data_dir: match self.data_dir.trim() {
+                "" => {
+                    return Err(
+                        "--data-dir is empty (is SSEHUB_DATA_DIR set to nothing?): give a \
+                         directory, or none to keep the history in memory only"
+                            .into(),
+                    )
+                }
+                "none" => None,
+                d => Some(d.into()),
+            },
+            data_dir_recover: self.data_dir_recover,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),

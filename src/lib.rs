@@ -19,4 +19,5 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod tls;

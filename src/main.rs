@@ -66,6 +66,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
     let config = args.validate().map_err(anyhow::Error::msg)?;
+    // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, refusing that
+    // publish with 503, rather than kill the hub with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -63,8 +63,62 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
 ];
 
+/// Updates in one commit of the durable history.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0];
+
+/// A histogram with fixed bucket bounds, updated without a lock.
+struct Buckets<const N: usize> {
+    counts: [AtomicU64; N],
+    count: AtomicU64,
+    /// In the unit's billionths (nanoseconds for seconds), to stay an integer.
+    sum_nanos: AtomicU64,
+}
+
+impl<const N: usize> Default for Buckets<N> {
+    fn default() -> Self {
+        Buckets {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Buckets<N> {
+    fn observe(&self, bounds: &[f64; N], value: f64) {
+        for (bound, bucket) in bounds.iter().zip(&self.counts) {
+            if value <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add((value * 1e9) as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, bounds: &[f64; N], name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        // As for the publish histogram: valid (never decreasing) rather than exact.
+        let mut seen = 0;
+        for (bound, bucket) in bounds.iter().zip(&self.counts) {
+            seen = bucket.load(Relaxed).max(seen);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {seen}");
+        }
+        let count = self.count.load(Relaxed).max(seen);
+        let _ = write!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}\n",
+            self.sum_nanos.load(Relaxed) as f64 / 1e9
+        );
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// Commits of the durable history, and the size of its file after the last.
+    pub store_commits: AtomicU64,
+    pub store_bytes: AtomicU64,
+    store_batches: Buckets<{ BATCH_BUCKETS.len() }>,
+    store_commit_time: Buckets<{ LATENCY_BUCKETS.len() }>,
     pub subscribers_connected: AtomicU64,
     pub subscribers_total: AtomicU64,
     pub subscribers_refused: AtomicU64,
@@ -122,6 +176,20 @@ impl Metrics {
 
     pub fn templates_refused(&self, why: TemplateRefusal) -> u64 {
         self.templates_refused[why as usize].load(Relaxed)
+    }
+
+    /// A commit of the durable history (successful or not): its updates, how long it took,
+    /// and the file's size after it.
+    pub fn observe_commit(&self, updates: usize, took: Duration, file_bytes: u64) {
+        self.store_commits.fetch_add(1, Relaxed);
+        self.store_batches.observe(&BATCH_BUCKETS, updates as f64);
+        self.store_commit_time
+            .observe(&LATENCY_BUCKETS, took.as_secs_f64());
+        self.observe_store_size(file_bytes);
+    }
+
+    pub fn observe_store_size(&self, file_bytes: u64) {
+        self.store_bytes.store(file_bytes, Relaxed);
     }
 
     pub fn observe_publish(&self, took: Duration) {
@@ -341,6 +409,29 @@ impl Metrics {
              ssehub_publish_duration_seconds_sum {}\n\
              ssehub_publish_duration_seconds_count {count}\n",
             self.latency_sum_ns.load(Relaxed) as f64 / 1e9
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_store_commits_total Transactions written to the durable history (--data-dir), each one fsync.\n\
+             # TYPE ssehub_store_commits_total counter\n\
+             ssehub_store_commits_total {}\n\
+             # HELP ssehub_store_bytes Size of the durable history's file on disk.\n\
+             # TYPE ssehub_store_bytes gauge\n\
+             ssehub_store_bytes {}\n",
+            self.store_commits.load(Relaxed),
+            self.store_bytes.load(Relaxed)
+        );
+        self.store_batches.render(
+            &mut out,
+            &BATCH_BUCKETS,
+            "ssehub_store_updates_per_commit",
+            "Updates written by one commit of the durable history (publishes that arrived together).",
+        );
+        self.store_commit_time.render(
+            &mut out,
+            &LATENCY_BUCKETS,
+            "ssehub_store_commit_seconds",
+            "Time to write and fsync one commit of the durable history.",
         );
         out
     }

@@ -109,7 +109,7 @@ pub async fn run(
         None => None,
     };
     let (publisher_key, subscriber_key, generated_token) = keys(&config)?;
-    let hub = Hub::new(HubConfig {
+    let hub_config = HubConfig {
         history_size: config.history_size,
         history_bytes: config.history_bytes,
         subscriber_queue: config.subscriber_queue,
@@ -120,7 +120,36 @@ pub async fn run(
         max_stream_lifetime: config.max_stream_lifetime,
         template_memory: config.template_memory,
         anonymous_templates: config.anonymous_templates,
-    });
+    };
+    let hub = match (&config.data_dir, &config.redis) {
+        (Some(dir), None) => {
+            let bounds = crate::store::Bounds {
+                updates: if hub_config.history_bytes == 0 {
+                    0
+                } else {
+                    hub_config.history_size
+                },
+                bytes: hub_config.history_bytes,
+            };
+            let (store, kept) = tokio::task::block_in_place(|| {
+                crate::store::open_or_recover(dir, bounds, config.data_dir_recover)
+            })?;
+            tracing::info!(
+                "history kept in {} ({} updates reloaded); a publish is answered once it is on disk",
+                dir.join(crate::store::FILE).display(),
+                kept.len()
+            );
+            Hub::durable(hub_config, store, kept)
+        }
+        (Some(dir), Some(_)) => {
+            tracing::info!(
+                "cluster mode: the history is kept by the cluster; --data-dir {} is not used",
+                dir.display()
+            );
+            Hub::new(hub_config)
+        }
+        (None, _) => Hub::new(hub_config),
+    };
     let cluster = match &config.redis {
         Some(url) => Some(
             crate::cluster::Cluster::start(url, hub.clone(), config.history_size, stop.clone())

@@ -249,7 +249,14 @@ fn bad_flags_are_clear_errors() {
 #[test]
 fn a_generated_key_comes_with_a_ready_publish_command() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"))
-        .args(["--listen", "127.0.0.1:0", "--clock-interval", "0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--clock-interval",
+            "0",
+            "--data-dir",
+            "none",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -278,7 +285,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit() {
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:0 --clock-interval 0 --publisher-jwt-key k",
+            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:0 --clock-interval 0 --publisher-jwt-key k --data-dir none",
             env!("CARGO_BIN_EXE_ssehub")
         ))
         .env("RUST_LOG", "info")

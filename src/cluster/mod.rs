@@ -61,6 +61,18 @@ pub enum PublishError {
     Invalid(#[from] Invalid),
     #[error("Redis is unreachable, so the update was not stored ({0}); try again shortly")]
     Unavailable(String),
+    /// From a single node's durable history (see `hub::PublishFailed`).
+    #[error("{0}")]
+    NotStored(String),
+}
+
+impl From<crate::hub::PublishFailed> for PublishError {
+    fn from(e: crate::hub::PublishFailed) -> Self {
+        match e {
+            crate::hub::PublishFailed::Invalid(i) => PublishError::Invalid(i),
+            e @ crate::hub::PublishFailed::NotStored(_) => PublishError::NotStored(e.to_string()),
+        }
+    }
 }
 
 impl Cluster {

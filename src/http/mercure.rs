@@ -324,7 +324,12 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
             Ok(()) => cluster.publish(draft).await,
             Err(e) => Err(e.into()),
         },
-        None => app.hub.publish(draft).map(|p| p.id).map_err(Into::into),
+        None => app
+            .hub
+            .publish(draft)
+            .await
+            .map(|p| p.id)
+            .map_err(Into::into),
     };
     match published {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
@@ -332,7 +337,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
             refuse(StatusCode::PAYLOAD_TOO_LARGE, e, &app)
         }
         Err(PublishError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, e, &app),
-        Err(e @ PublishError::Unavailable(_)) => {
+        Err(e @ (PublishError::Unavailable(_) | PublishError::NotStored(_))) => {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -210,7 +210,7 @@ async fn run(alive: Alive, metrics: Arc<Metrics>) {
                 Flush::Wake(waker) => waker.wake(),
                 Flush::Later(at) => batch.later.push((sub, at)),
             }
-            if i % BATCH == 0 {
+            if i.is_multiple_of(BATCH) {
                 tokio::task::yield_now().await;
             }
         }

@@ -170,6 +170,16 @@ impl History {
             .map(|u| u.id.as_str())
     }
 
+    /// The first of `f`'s answers for the retained real updates, newest first.
+    pub fn newest_with<T>(&self, mut f: impl FnMut(&super::Update) -> Option<T>) -> Option<T> {
+        self.updates
+            .entries
+            .iter()
+            .rev()
+            .chain(self.newest.iter())
+            .find_map(|u| f(u))
+    }
+
     pub fn push(&mut self, update: SharedUpdate) {
         if self.updates.bounds.updates == 0 {
             self.newest = Some(update);

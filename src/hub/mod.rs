@@ -22,6 +22,7 @@ pub mod subscriptions;
 mod templates;
 pub mod trim;
 pub mod update;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -118,6 +119,9 @@ pub(crate) struct HubShared {
     relay: OnceLock<Relay>,
     pub(crate) coalescing: coalesce::Coalescing,
     flusher: flusher::Flusher,
+    /// The durable history's writer (see `writer`): with one, every publish takes its place
+    /// there, after its update is on disk; without (`--data-dir none`, cluster mode), at once.
+    writer: Option<std::sync::mpsc::Sender<writer::Job>>,
 }
 
 /// Takes a subscription event the hub wants published, in cluster mode.
@@ -184,6 +188,22 @@ pub enum SubscribeError {
     ShuttingDown,
 }
 
+/// Why a publish was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailed {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The durable history could not write it: refused with 503, nothing of it kept.
+    #[error("the update could not be written to the history store ({0}), so it was not published; try again shortly")]
+    NotStored(String),
+}
+
+/// A publish accepted by [`HubShared::submit`]: published, or waiting for its commit.
+pub(crate) enum Submitted {
+    Done(Published),
+    Queued(tokio::sync::oneshot::Receiver<Result<Published, crate::store::WriteError>>),
+}
+
 /// The result of a publish.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -194,7 +214,19 @@ pub struct Published {
 }
 
 impl Hub {
+    /// A hub whose history lives in memory only.
     pub fn new(config: HubConfig) -> Hub {
+        Hub::build(config, None)
+    }
+
+    /// A hub whose history is `store`'s: `kept` (what the store returned when it opened) is
+    /// its history to begin with, its seqs carry on after them, and a publish is answered once
+    /// its update is on disk.
+    pub fn durable(config: HubConfig, store: crate::store::Store, kept: Vec<Update>) -> Hub {
+        Hub::build(config, Some((store, kept)))
+    }
+
+    fn build(config: HubConfig, store: Option<(crate::store::Store, Vec<Update>)>) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
         metrics
@@ -205,19 +237,32 @@ impl Hub {
             .history_limits
             .1
             .store(config.history_bytes as u64, Relaxed);
+        let mut history = History::new(history::Bounds {
+            // No bytes at all keeps no update, like no updates.
+            updates: if config.history_bytes == 0 {
+                0
+            } else {
+                config.history_size
+            },
+            bytes: config.history_bytes,
+        });
+        let mut next_seq = 0;
+        let store = store.map(|(store, kept)| {
+            next_seq = store.next_seq();
+            for u in kept {
+                history.push(Arc::new(u));
+            }
+            metrics.observe_store_size(store.file_bytes());
+            store
+        });
+        metrics.history_len.store(history.len() as u64, Relaxed);
+        metrics.history_bytes.store(history.bytes() as u64, Relaxed);
         Hub {
-            shared: Arc::new(HubShared {
+            shared: Arc::new_cyclic(|weak| HubShared {
+                writer: store.map(|s| writer::start(weak.clone(), s, next_seq)),
                 core: Mutex::new(Core {
-                    history: History::new(history::Bounds {
-                        // No bytes at all keeps no update, like no updates.
-                        updates: if config.history_bytes == 0 {
-                            0
-                        } else {
-                            config.history_size
-                        },
-                        bytes: config.history_bytes,
-                    }),
-                    next_seq: 0,
+                    history,
+                    next_seq,
                     next_subscriber: 0,
                     exact: HashMap::new(),
                     any: HashMap::new(),
@@ -251,9 +296,39 @@ impl Hub {
         self.shared.selectors.get(s)
     }
 
-    /// Checks, stores and fans out one update.
-    pub fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
-        self.shared.publish(draft)
+    /// Checks, stores and fans out one update; with a durable history, returns once the
+    /// update is on disk (and then fanned out).
+    pub async fn publish(&self, draft: Draft) -> Result<Published, PublishFailed> {
+        match self.shared.submit(draft)? {
+            Submitted::Done(p) => Ok(p),
+            Submitted::Queued(rx) => match rx.await {
+                Ok(Ok(p)) => Ok(p),
+                Ok(Err(e)) => Err(PublishFailed::NotStored(e.0)),
+                Err(_) => Err(PublishFailed::NotStored(
+                    "the store's writer has stopped".into(),
+                )),
+            },
+        }
+    }
+
+    /// Whether publishes wait for the durable history.
+    pub fn is_durable(&self) -> bool {
+        self.shared.writer.is_some()
+    }
+
+    /// The first of `f`'s answers for the retained real updates, newest first (the demo clock
+    /// finds its last message number this way).
+    pub fn newest_with<T>(&self, f: impl FnMut(&Update) -> Option<T>) -> Option<T> {
+        self.shared.core.lock().history.newest_with(f)
+    }
+
+    /// [`Hub::publish`] for a hub without a durable history, from code that cannot wait.
+    #[cfg(test)]
+    fn publish_now(&self, draft: Draft) -> Result<Published, Invalid> {
+        match self.shared.submit(draft)? {
+            Submitted::Done(p) => Ok(p),
+            Submitted::Queued(_) => unreachable!("a test hub has no store"),
+        }
     }
 
     /// Refuses, as [`Hub::publish`] would, topics that would ask too much of the URI templates
@@ -528,8 +603,9 @@ impl Hub {
 }
 
 impl HubShared {
-    /// Checks, stores and fans out one update.
-    pub(crate) fn publish(&self, draft: Draft) -> Result<Published, Invalid> {
+    /// Checks one update, then fans it out at once or, with a durable history, queues it
+    /// for the writer (which fans it out once it is on disk).
+    pub(crate) fn submit(&self, draft: Draft) -> Result<Submitted, Invalid> {
         let started = Instant::now();
         if let Err(e) = draft.validate() {
             self.metrics.updates_rejected.fetch_add(1, Relaxed);
@@ -539,9 +615,45 @@ impl HubShared {
         // it first, and counts what it refuses) and still be refused for this.
         let matches = self.match_templates(&draft.topics, Some(MAX_MATCHING_WORK))?;
         let id = draft.id.clone().unwrap_or_else(update::new_id);
-        let published = self.store_and_fan_out(draft, id, now_ms(), matches);
-        self.metrics.observe_publish(started.elapsed());
-        Ok(published)
+        Ok(self.enqueue(draft, id, matches, started))
+    }
+
+    /// The hub's own update (a subscription event), published without a publisher's checks.
+    fn submit_own(&self, draft: Draft) {
+        let matches = self
+            .match_templates(&draft.topics, None)
+            .unwrap_or_default();
+        let _ = self.enqueue(draft, update::new_id(), matches, Instant::now());
+    }
+
+    /// Fans a checked update out at once or, with a durable history, queues it for the writer.
+    fn enqueue(
+        &self,
+        draft: Draft,
+        id: String,
+        matches: templates::Matches,
+        started: Instant,
+    ) -> Submitted {
+        let Some(writer) = &self.writer else {
+            let published = self.store_and_fan_out(draft, id, now_ms(), matches);
+            self.metrics.observe_publish(started.elapsed());
+            return Submitted::Done(published);
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = writer::Job {
+            encoded: update::encode(&draft, &id),
+            durable: !draft.is_subscription_event(),
+            id,
+            topics: draft.topics,
+            private: draft.private,
+            time_ms: now_ms(),
+            matches,
+            started,
+            reply: Some(reply),
+        };
+        // The writer stops only with the hub: a send that fails answers as a failed write.
+        let _ = writer.send(job);
+        Submitted::Queued(rx)
     }
 
     /// Stores and fans out an update that was checked and given its id elsewhere (read from
@@ -591,25 +703,43 @@ impl HubShared {
         matches: templates::Matches,
     ) -> Published {
         let encoded = update::encode(&draft, &id);
-        let limit = self.config.subscriber_queue;
-        let metrics = &self.metrics;
-        let window = self.coalescing.window();
-        let hold = (!window.is_zero() && self.flusher.ready())
-            .then(|| (flusher::now_ns(), window.as_nanos() as u64));
-
-        let mut core = self.core.lock();
+        let core = self.core.lock();
         let seq = core.next_seq;
-        core.next_seq += 1;
         let update = Arc::new(Update {
             seq,
-            id: id.clone(),
+            id,
             topics: draft.topics,
             private: draft.private,
             time_ms,
             encoded,
         });
+        self.place(core, update, &matches)
+    }
+
+    /// Puts an update the writer has stored, with its seq, in its place (see `writer`).
+    fn fan_out_placed(&self, update: SharedUpdate, matches: &templates::Matches) -> Published {
+        self.place(self.core.lock(), update, matches)
+    }
+
+    /// Adds `update` to the history and offers it to its subscribers, `core` held until its
+    /// place is taken.
+    fn place(
+        &self,
+        mut core: parking_lot::MutexGuard<'_, Core>,
+        update: SharedUpdate,
+        matches: &templates::Matches,
+    ) -> Published {
+        let limit = self.config.subscriber_queue;
+        let metrics = &self.metrics;
+        let window = self.coalescing.window();
+        let hold = (!window.is_zero() && self.flusher.ready())
+            .then(|| (flusher::now_ns(), window.as_nanos() as u64));
+        debug_assert!(update.seq >= core.next_seq, "seqs go up");
+        core.next_seq = update.seq + 1;
+        let seq = update.seq;
+        let id = update.id.clone();
         core.history.push(update.clone());
-        let fanned = core.fan_out(&update, &matches, limit, &self.coalescing, window, hold);
+        let fanned = core.fan_out(&update, matches, limit, &self.coalescing, window, hold);
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
@@ -680,7 +810,7 @@ impl HubShared {
             } else {
                 // The hub's own update: no publisher's checks (its topic, an escaped selector,
                 // may be longer than a publisher's may be), and no refusal for template work.
-                self.apply(draft, update::new_id(), now_ms());
+                self.submit_own(draft);
             }
         }
     }
@@ -839,7 +969,7 @@ mod tests {
                 data: "x".to_owned(),
                 ..Draft::default()
             };
-            hub.publish(draft).unwrap();
+            hub.publish_now(draft).unwrap();
         }
     }
 
@@ -946,7 +1076,7 @@ mod tests {
         let hub = Hub::new(HubConfig::default());
         let mut early = subscribe_to(&hub, "/a/{x}", None);
         let first = hub
-            .publish(Draft {
+            .publish_now(Draft {
                 topics: vec!["/a/0".to_owned()],
                 data: "first".to_owned(),
                 ..Draft::default()
@@ -1000,14 +1130,14 @@ mod tests {
             ..Draft::default()
         };
         assert_eq!(
-            hub.publish(draft(250, 4000)).unwrap_err(),
+            hub.publish_now(draft(250, 4000)).unwrap_err(),
             Invalid::TooMuchMatching {
                 topics: 250,
                 templates: 300
             }
         );
         assert_eq!(hub.history_len(), 0, "nothing stored");
-        assert!(hub.publish(draft(10, 300)).is_ok());
+        assert!(hub.publish_now(draft(10, 300)).is_ok());
         // In cluster mode nothing can be refused: matched all the same.
         hub.apply(draft(250, 4000), update::new_id(), now_ms());
         assert_eq!(hub.history_len(), 2);

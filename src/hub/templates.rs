@@ -82,6 +82,11 @@ pub(super) struct Matches {
     tested: Vec<(Arc<Selector>, bool)>,
 }
 
+// SAFETY: the pointers are only compared, as map keys, never read through; the selectors
+// they point to are held by `tested` (`Arc<Selector>` is `Send`). A publish's matches travel
+// with it to the durable history's writer thread.
+unsafe impl Send for Matches {}
+
 impl TemplateIndex {
     /// Adds `sub` under the template `sel` (a no-op for other selectors).
     pub fn insert(&mut self, sel: &Arc<Selector>, sub: &Arc<Subscriber>) {

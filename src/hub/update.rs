@@ -77,6 +77,17 @@ impl Draft {
     }
 }
 
+impl Draft {
+    /// A Mercure subscription event (see [`Update::is_subscription_event`]).
+    pub fn is_subscription_event(&self) -> bool {
+        self.private
+            && self
+                .topics
+                .first()
+                .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
+    }
+}
+
 fn has_line_break_or_nul(s: &str) -> bool {
     s.contains(['\r', '\n', '\0'])
 }

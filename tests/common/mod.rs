@@ -22,32 +22,47 @@ pub struct TestHub {
     pub trust: Option<rustls::pki_types::CertificateDer<'static>>,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The data directory made for this hub (removed with it), when the test gave none.
+    own_data_dir: Option<std::path::PathBuf>,
     pub key: Key,
 }
 
 impl TestHub {
     /// Starts the hub with `args`, adding a free port, a known key and no clock unless given.
+    /// Unless `--data-dir` is given, the hub keeps its history in a directory of its own.
     pub fn start(args: &[&str]) -> TestHub {
-        TestHub::spawn(args, None)
+        TestHub::spawn(args, &[])
+    }
+
+    /// Starts the hub as [`TestHub::start`] does, with the soft limit on the size of the
+    /// files it writes (RLIMIT_FSIZE) at `bytes` (the hard limit unlimited, so that
+    /// `prlimit --pid` can raise it again).
+    pub fn start_with_file_size(args: &[&str], bytes: u64) -> TestHub {
+        TestHub::spawn(args, &[(rlimit::Resource::FSIZE, bytes, rlimit::INFINITY)])
     }
 
     /// Starts the hub as [`TestHub::start`] does, with its open-file limit (soft and hard:
     /// the hub raises its soft limit to the hard one) at `open_files`.
     pub fn start_with_open_files(args: &[&str], open_files: u64) -> TestHub {
-        TestHub::spawn(args, Some(open_files))
+        TestHub::spawn(args, &[(rlimit::Resource::NOFILE, open_files, open_files)])
     }
 
-    fn spawn(args: &[&str], open_files: Option<u64>) -> TestHub {
+    fn spawn(args: &[&str], limits: &[(rlimit::Resource, u64, u64)]) -> TestHub {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssehub"));
-        if let Some(n) = open_files {
+        for &(resource, soft, hard) in limits {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit is async-signal-safe and the closure allocates nothing.
             unsafe {
-                cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+                cmd.pre_exec(move || rlimit::setrlimit(resource, soft, hard));
             }
         }
         let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
-        cmd.arg("serve");
+        let own_data_dir = (!has("--data-dir")).then(temp_dir);
+        if let Some(dir) = &own_data_dir {
+            cmd.arg("serve").arg("--data-dir").arg(dir);
+        } else {
+            cmd.arg("serve");
+        }
         if !has("--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -60,6 +75,7 @@ impl TestHub {
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env_remove("SSEHUB_LISTEN")
+            .env_remove("SSEHUB_DATA_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -95,6 +111,7 @@ impl TestHub {
             trust: None,
             child,
             logs,
+            own_data_dir,
             key: Key::secret(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()),
         }
     }
@@ -246,7 +263,27 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.own_data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// A new, empty directory under the system's temporary one, for a hub's data.
+pub fn temp_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "ssehub-test-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub struct Publisher {

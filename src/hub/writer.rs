@@ -1,0 +1,137 @@
+//! The one thread that writes a durable hub's history: store first, then fan out.
+//!
+//! Publishes queue here with their checked, encoded update; the thread takes everything that
+//! queued while it was busy, gives each its seq (in queue order), writes them all in one
+//! transaction, and only once that is on disk hands them to the hub in seq order (history,
+//! fan-out) and answers each publisher. So a subscriber never sees an update a crash could
+//! lose, the store's order is the hub's, and one fsync covers a whole batch (group commit).
+//! Subscription events take the same road for their place in the order, but are not written:
+//! they describe connections that do not outlive the process.
+
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::{templates, HubShared, Published, SharedUpdate, Update};
+use crate::store::{Store, WriteError};
+
+/// The most publishes one transaction takes: bounds how long the first of them waits.
+const MAX_BATCH: usize = 1024;
+
+/// A checked, encoded update waiting for its place.
+pub(crate) struct Job {
+    pub id: String,
+    pub topics: Vec<String>,
+    pub private: bool,
+    pub time_ms: u64,
+    pub encoded: bytes::Bytes,
+    pub matches: templates::Matches,
+    /// Written to the store (every update but subscription events).
+    pub durable: bool,
+    pub started: Instant,
+    pub reply: Option<oneshot::Sender<Result<Published, WriteError>>>,
+}
+
+/// Starts the writer thread for `hub`, the first seq being `next_seq`.
+pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The fan-out starts the flusher's tasks on the runtime the hub was made on.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    std::thread::Builder::new()
+        .name("ssehub-store".into())
+        .spawn(move || {
+            let _entered = runtime.as_ref().map(|r| r.enter());
+            run(hub, rx, store, next_seq)
+        })
+        .expect("start the store's writer thread");
+    tx
+}
+
+fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: u64) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        let start = next_seq;
+        let updates: Vec<SharedUpdate> = batch
+            .iter()
+            .map(|job| {
+                let u = place(job, next_seq);
+                next_seq += 1;
+                u
+            })
+            .collect();
+        let durable: Vec<SharedUpdate> = batch
+            .iter()
+            .zip(&updates)
+            .filter(|(job, _)| job.durable)
+            .map(|(_, u)| u.clone())
+            .collect();
+        let result = if durable.is_empty() {
+            Ok(())
+        } else {
+            let began = Instant::now();
+            let r = store.commit(&durable);
+            hub.metrics
+                .observe_commit(durable.len(), began.elapsed(), store.file_bytes());
+            r
+        };
+        match result {
+            Ok(()) => {
+                for (job, update) in batch.drain(..).zip(updates) {
+                    finish(&hub, job, update);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    updates = durable.len(),
+                    "the history store could not write; those publishes were refused: {e}"
+                );
+                // Nothing of the batch is on disk: its updates are refused, and the
+                // subscription events in it take the seqs from the first.
+                next_seq = start;
+                for mut job in batch.drain(..) {
+                    if job.durable {
+                        if let Some(reply) = job.reply.take() {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    } else {
+                        let update = place(&job, next_seq);
+                        next_seq += 1;
+                        finish(&hub, job, update);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn place(job: &Job, seq: u64) -> SharedUpdate {
+    Arc::new(Update {
+        seq,
+        id: job.id.clone(),
+        topics: job.topics.clone(),
+        private: job.private,
+        time_ms: job.time_ms,
+        encoded: job.encoded.clone(),
+    })
+}
+
+/// Hands a stored update to the hub and answers its publisher.
+fn finish(hub: &HubShared, mut job: Job, update: SharedUpdate) {
+    let published = hub.fan_out_placed(update, &job.matches);
+    if job.durable {
+        hub.metrics.observe_publish(job.started.elapsed());
+    }
+    if let Some(reply) = job.reply.take() {
+        let _ = reply.send(Ok(published));
+    }
+}

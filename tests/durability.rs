@@ -1,0 +1,256 @@
+//! The durable history (`--data-dir`): a restart, even a crash, loses no answered publish;
+//! a locked, damaged or full store is refused or reported, never silently lost.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{take_data, temp_dir, TestHub};
+use http::StatusCode;
+use ssehub::client::EventStream;
+
+fn arg(dir: &Path) -> &str {
+    dir.to_str().unwrap()
+}
+
+/// Every event until none arrives for `quiet`: (id, data).
+async fn drain(stream: &mut EventStream, quiet: Duration) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Ok(next) = tokio::time::timeout(quiet, stream.next()).await {
+        match next {
+            Ok(Some(e)) => out.push((e.id, e.data)),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// SIGKILL under a steady load from two publishers; after the restart, a subscriber resuming
+/// from before the crash gets every update that was answered 200, once, in each publisher's
+/// order (updates never answered may be there, never twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loses_no_answered_publish() {
+    let dir = temp_dir();
+    let hub = TestHub::start(&["--data-dir", arg(&dir)]);
+    let mut load = Vec::new();
+    for p in 0..2 {
+        let mut publisher = hub.publisher().await;
+        load.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for i in 0.. {
+                let data = format!("p{p}-{i}");
+                let fields = [("topic", "t"), ("data", data.as_str())];
+                let token = publisher.token.clone();
+                match publisher.conn.publish(Some(&token), &fields).await {
+                    Ok((StatusCode::OK, id)) => answered.push((id, data)),
+                    // The hub died under the request: never answered.
+                    _ => break,
+                }
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hub.signal("KILL");
+    let mut answered = Vec::new();
+    for l in load {
+        answered.push(l.await.unwrap());
+    }
+    drop(hub);
+    assert!(answered.iter().all(|a| a.len() > 10), "too little load");
+
+    let hub = TestHub::start(&["--data-dir", arg(&dir)]);
+    let (from, _) = answered[0][4].clone();
+    let mut s = hub.subscribe("topic=t", &[("Last-Event-ID", &from)]).await;
+    assert_eq!(s.headers["last-event-id"], from.as_str());
+    let got = drain(&mut s, Duration::from_secs(2)).await;
+    let mut ids: Vec<_> = got.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), got.len(), "an update came twice");
+    for (p, mine) in answered.iter().enumerate() {
+        let prefix = format!("p{p}-");
+        let received: Vec<_> = got
+            .iter()
+            .filter(|(_, d)| d.starts_with(&prefix))
+            .map(|(id, _)| id)
+            .collect();
+        // Each publisher's seqs go up: what it had after the resume point is a suffix of what
+        // it was answered (for publisher 0, from its 6th), each in the replay in order, with
+        // at most updates never answered after them.
+        let first = match p {
+            0 => 5,
+            _ => mine
+                .iter()
+                .position(|(id, _)| Some(&id) == received.first())
+                .expect("the other publisher's updates after the resume point"),
+        };
+        let expected: Vec<_> = mine[first..].iter().map(|(id, _)| id).collect();
+        assert_eq!(
+            received[..expected.len()],
+            expected[..],
+            "publisher {p}: answered updates lost or out of order"
+        );
+        assert!(
+            received.len() <= expected.len() + 1,
+            "at most one never answered"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// After a restart, an id older than the history kept gets `earliest` and all of it; ids go
+/// on after the restart as before it.
+#[tokio::test]
+async fn a_restart_keeps_the_history_and_its_earliest_rule() {
+    let dir = temp_dir();
+    let args = ["--data-dir", arg(&dir), "--history-size", "5"];
+    let hub = TestHub::start(&args);
+    let mut p = hub.publisher().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(p.ok(&[("topic", "t"), ("data", &format!("m{i}"))]).await);
+    }
+    hub.terminate();
+    drop(p);
+    drop(hub);
+
+    let hub = TestHub::start(&args);
+    let mut s = hub
+        .subscribe("topic=t", &[("Last-Event-ID", &ids[0])])
+        .await;
+    assert_eq!(s.headers["last-event-id"], "earliest");
+    assert_eq!(take_data(&mut s, 5).await, ["m5", "m6", "m7", "m8", "m9"]);
+    let mut resumed = hub
+        .subscribe("topic=t", &[("Last-Event-ID", &ids[8])])
+        .await;
+    assert_eq!(resumed.headers["last-event-id"], ids[8].as_str());
+    assert_eq!(take_data(&mut resumed, 1).await, ["m9"]);
+    let mut p = hub.publisher().await;
+    p.ok(&[("topic", "t"), ("data", "after")]).await;
+    assert_eq!(take_data(&mut s, 1).await, ["after"]);
+    assert_eq!(take_data(&mut resumed, 1).await, ["after"]);
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--clock-interval", "0"])
+        .args(["--data-dir", arg(dir)])
+        .args(extra)
+        .env_remove("SSEHUB_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_second_hub_on_the_same_directory_exits() {
+    let dir = temp_dir();
+    let _first = TestHub::start(&["--data-dir", arg(&dir)]);
+    let out = serve(&dir, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("another ssehub is using {}", dir.display()))
+            && err.contains("choose another --data-dir"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_damaged_store_is_refused_and_moved_aside_only_when_asked() {
+    for damage in ["garbage", "truncated"] {
+        let dir = temp_dir();
+        {
+            let hub = TestHub::start(&["--data-dir", arg(&dir)]);
+            let mut p = hub.publisher().await;
+            p.ok(&[("topic", "t"), ("data", "x")]).await;
+        }
+        let file = dir.join(ssehub::store::FILE);
+        let bytes = std::fs::read(&file).unwrap();
+        match damage {
+            "garbage" => std::fs::write(&file, vec![0x5a; bytes.len()]).unwrap(),
+            _ => std::fs::write(&file, &bytes[..100]).unwrap(),
+        }
+        let out = serve(&dir, &[]);
+        assert_eq!(out.status.code(), Some(1), "{damage}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is damaged") && err.contains("--data-dir-recover"),
+            "{damage}: {err}"
+        );
+        assert!(file.exists(), "left where it was");
+
+        let hub = TestHub::start(&["--data-dir", arg(&dir), "--data-dir-recover"]);
+        assert!(hub.wait_for_log("moved it aside", Duration::from_secs(5)));
+        let aside: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.to_string_lossy()
+                    .starts_with(&format!("{}.corrupt-", dir.display()))
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let mut p = hub.publisher().await;
+        p.ok(&[("topic", "t"), ("data", "y")]).await;
+        drop(hub);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&aside[0]);
+    }
+}
+
+/// Writes that fail (the file-size limit reached: EFBIG) refuse those publishes with 503 and
+/// the reason; subscribers get exactly what was answered 200; publishing resumes once the
+/// limit is raised.
+#[tokio::test]
+async fn a_failed_write_refuses_the_publish_and_nothing_else() {
+    let dir = temp_dir();
+    let hub = TestHub::start_with_file_size(&["--data-dir", arg(&dir)], 1 << 20);
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    let mut p = hub.publisher().await;
+    let big = "x".repeat(60_000);
+    let mut accepted = 0;
+    let refusal = loop {
+        let data = format!("{accepted} {big}");
+        let (status, body) = p.publish(&[("topic", "t"), ("data", &data)]).await;
+        match status {
+            StatusCode::OK => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => break body,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(accepted < 100, "the limit never bit");
+    };
+    assert!(
+        refusal.contains("could not be written to the history store")
+            && refusal.to_lowercase().contains("file too large"),
+        "{refusal}"
+    );
+    let got = take_data(&mut s, accepted).await;
+    for (i, d) in got.iter().enumerate() {
+        assert!(d.starts_with(&format!("{i} ")), "{i}");
+    }
+    common::assert_quiet(&mut s, Duration::from_millis(300)).await;
+    // Still serving subscribers, with the replay of what was stored.
+    let mut late = hub
+        .subscribe("topic=t", &[("Last-Event-ID", "earliest")])
+        .await;
+    assert_eq!(take_data(&mut late, accepted).await.len(), accepted);
+
+    let ok = Command::new("prlimit")
+        .args(["--pid", &hub.pid().to_string(), "--fsize=unlimited"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "prlimit");
+    p.ok(&[("topic", "t"), ("data", "again")]).await;
+    assert_eq!(take_data(&mut s, 1).await, ["again"]);
+    assert_eq!(take_data(&mut late, 1).await, ["again"]);
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}
