@@ -154,7 +154,7 @@ impl Store {
     fn write(&mut self, updates: &[SharedUpdate]) -> Result<(), WriteError> {
         let db = self.db.as_ref().expect("reopened");
         let txn = db.begin_write().map_err(err)?;
-        let mut retained = self.retained.clone();
+        let mut retained = std::mem::take(&mut self.retained); // on an error, commit() reloads it
         let mut bytes = self.bytes;
         {
             let mut table = txn.open_table(UPDATES).map_err(err)?;
