@@ -180,6 +180,12 @@ impl History {
             .find_map(|u| f(u))
     }
 
+    /// Takes every id of the hub's own made up to `ms` (Unix time) and no longer held for
+    /// one that was evicted: after a restart, what the previous run held but did not store.
+    pub fn forgotten_until(&mut self, ms: u64) {
+        self.evicted_ms = self.evicted_ms.max(ms);
+    }
+
     pub fn push(&mut self, update: SharedUpdate) {
         if self.updates.bounds.updates == 0 {
             self.newest = Some(update);
@@ -440,6 +446,20 @@ mod tests {
         let weights: usize = h.evicted_events.values().map(|u| u.weight()).sum();
         assert_eq!(weights, h.evicted_bytes);
         assert_eq!(h.evicted_order.len(), h.evicted_events.len());
+    }
+
+    #[test]
+    fn after_a_restart_ids_up_to_the_newest_stored_replay_everything() {
+        // Reloaded: one update stored at 1,005 ms. The previous run also held a subscription
+        // event at 1,004 ms and one at 1,009 ms, which were not stored.
+        let mut h = History::new(n(10));
+        h.push(upd(7, &id_at(1_000), 1_000));
+        h.push(upd(8, &id_at(1_005), 1_005));
+        h.forgotten_until(1_005);
+        // The client that saw the first event may have missed the update after it: all of it.
+        assert_eq!(h.locate(&id_at(1_004)), ReplayFrom::Earliest);
+        // The one that saw the second missed nothing stored.
+        assert_eq!(h.locate(&id_at(1_009)), ReplayFrom::Nothing);
     }
 
     #[test]

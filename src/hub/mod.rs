@@ -249,8 +249,16 @@ impl Hub {
         let mut next_seq = 0;
         let store = store.map(|(store, kept)| {
             next_seq = store.next_seq();
+            let newest_ms = kept.last().map(|u| u.time_ms);
             for u in kept {
                 history.push(Arc::new(u));
+            }
+            // What the last run knew and did not store (subscription events, updates trimmed
+            // before it ended) is known now only by its time: an id of ours no newer than the
+            // newest stored update replays everything kept (the client may get some twice,
+            // never miss one); a newer one missed nothing that was stored.
+            if let Some(ms) = newest_ms {
+                history.forgotten_until(ms);
             }
             metrics.observe_store_size(store.file_bytes());
             store

@@ -43,7 +43,15 @@ pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender
         .name("ssehub-store".into())
         .spawn(move || {
             let _entered = runtime.as_ref().map(|r| r.enter());
-            run(hub, rx, store, next_seq)
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(hub, rx, store, next_seq)
+            }));
+            if ran.is_err() {
+                // Every publish from now on would be refused while the hub looked healthy:
+                // exit, so that a supervisor restarts it (what was answered 200 is on disk).
+                tracing::error!("the history store's writer stopped on a panic; exiting");
+                std::process::exit(70);
+            }
         })
         .expect("start the store's writer thread");
     tx

@@ -158,6 +158,17 @@ impl Store {
         let mut bytes = self.bytes;
         {
             let mut table = txn.open_table(UPDATES).map_err(err)?;
+            // A commit reported as failed may still have reached the disk (an error on its
+            // last fsync): what the reopened file holds from these seqs on was refused, and
+            // must not come back with these seqs or at the next start.
+            if let Some(first) = updates.first() {
+                table.retain_in(first.seq.., |_, _| false).map_err(err)?;
+                while retained.back().is_some_and(|&(seq, _)| seq >= first.seq) {
+                    if let Some((_, w)) = retained.pop_back() {
+                        bytes -= w;
+                    }
+                }
+            }
             let mut record = Vec::new();
             for u in updates {
                 record.clear();
