@@ -9,7 +9,7 @@
 //! [`IDLE_TIMEOUT`], or sooner, the longest idle first, when every permit is taken and the
 //! hub needs one for a new connection.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,12 @@ pub const RESERVE: usize = 32;
 /// requests), or a request head (or TLS handshake) not yet whole. Past it the connection is
 /// closed (slow-loris, idle HTTP/2).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request that is not an event stream may stay under way (its body read, its
+/// answer sent): a client that never finishes one (an HTTP/2 window held at zero, a body that
+/// never ends) would otherwise hold its connection busy, and its place, for good. Past it the
+/// connection is closed. Well past the 30 s a publish body has to arrive.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a connection must have been idle before it may be closed to make room: one that
 /// was accepted a moment ago has had no time to send its request.
@@ -109,7 +115,10 @@ impl Budget {
     /// not count: they give way (closed when a new connection needs their place), so that
     /// connections kept open doing nothing cannot keep subscribers out.
     pub fn full(&self) -> bool {
-        self.shared.busy.load(Relaxed) > self.shared.max
+        let busy = self.shared.busy.load(Acquire);
+        // (A count caught between another thread's decrement and its increment may wrap for
+        // a moment: that is not "full".)
+        busy > self.shared.max && busy < usize::MAX / 2
     }
 
     /// After `accept` failed for want of descriptors: asks the idle connection waiting longest
@@ -157,6 +166,7 @@ impl Place {
             _place: self.place,
             activity: Arc::new(Activity {
                 requests: AtomicUsize::new(0),
+                plain: AtomicUsize::new(0),
                 changed: Notify::new(),
                 budget: self.budget.shared.clone(),
             }),
@@ -176,6 +186,9 @@ pub struct Permit {
 /// A connection's requests under way.
 struct Activity {
     requests: AtomicUsize,
+    /// Requests under way that are not event streams: each must be done within
+    /// [`REQUEST_DEADLINE`].
+    plain: AtomicUsize,
     /// Woken when the connection goes from idle to busy or back.
     changed: Notify,
     /// Where busy connections are counted.
@@ -188,6 +201,11 @@ impl Permit {
         Requests(self.activity.clone())
     }
 
+    /// A request that is not an event stream is under way.
+    pub fn has_plain_request(&self) -> bool {
+        self.activity.plain.load(Acquire) > 0
+    }
+
     /// No request is under way.
     pub fn is_idle(&self) -> bool {
         self.activity.requests.load(Relaxed) == 0
@@ -197,6 +215,13 @@ impl Permit {
     /// change already seen).
     pub async fn changed(&self) {
         self.activity.changed.notified().await;
+    }
+
+    /// This connection was asked to make room but is busy after all: asks another.
+    pub fn pass_eviction_on(&self) {
+        let s = &self.budget.shared;
+        s.metrics.connections_evicted.fetch_sub(1, Relaxed);
+        s.make_room.notify_one();
     }
 
     /// Resolves when this connection, idle since `since`, is asked to close to make room.
@@ -232,22 +257,52 @@ impl Requests {
     /// Counts a request as under way until the returned guard is dropped (for a response,
     /// when its body has been sent or given up).
     pub fn begin(&self) -> Busy {
-        if self.0.requests.fetch_add(1, Relaxed) == 0 {
-            self.0.budget.busy.fetch_add(1, Relaxed);
+        if self.0.plain.fetch_add(1, AcqRel) == 0 {
             self.0.changed.notify_one();
         }
-        Busy(self.0.clone())
+        if self.0.requests.fetch_add(1, AcqRel) == 0 {
+            self.0.budget.busy.fetch_add(1, AcqRel);
+            self.0.changed.notify_one();
+        }
+        Busy {
+            activity: self.0.clone(),
+            plain: true,
+        }
     }
 }
 
 /// A request under way on a connection (see [`Requests::begin`]).
-pub struct Busy(Arc<Activity>);
+pub struct Busy {
+    activity: Arc<Activity>,
+    /// Not (yet) known to be an event stream: under [`REQUEST_DEADLINE`].
+    plain: bool,
+}
+
+impl Busy {
+    /// The request turned out to be an event stream: it may last as long as it likes.
+    pub fn is_stream(&mut self) {
+        if std::mem::take(&mut self.plain) {
+            self.activity.unplain();
+        }
+    }
+}
+
+impl Activity {
+    fn unplain(&self) {
+        if self.plain.fetch_sub(1, AcqRel) == 1 {
+            self.changed.notify_one();
+        }
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if self.0.requests.fetch_sub(1, Relaxed) == 1 {
-            self.0.budget.busy.fetch_sub(1, Relaxed);
-            self.0.changed.notify_one();
+        if self.plain {
+            self.activity.unplain();
+        }
+        if self.activity.requests.fetch_sub(1, AcqRel) == 1 {
+            self.activity.budget.busy.fetch_sub(1, AcqRel);
+            self.activity.changed.notify_one();
         }
     }
 }

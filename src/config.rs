@@ -93,10 +93,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_MAX_BODY", default_value = "1MiB", value_parser = parse_size)]
     pub max_body: usize,
 
-    /// Memory the compiled URI templates of subscriptions (and of their tokens) may take, all
-    /// together (e.g. 64MiB, 512KiB): a template is compiled once however many subscribers
-    /// use it and kept while one does. A subscription whose templates do not fit gets 503
-    /// with Retry-After.
+    /// Memory the compiled URI templates of subscriptions may take, all together (e.g. 64MiB,
+    /// 512KiB; at least 64KiB): a template is compiled once however many subscribers use it
+    /// and kept while one does. A subscription whose templates do not fit gets 503 with
+    /// Retry-After; a token's own templates are never refused for it.
     #[arg(long, env = "SSEHUB_TEMPLATE_MEMORY", default_value = "64MiB", value_parser = parse_size)]
     pub template_memory: usize,
 

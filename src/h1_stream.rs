@@ -434,7 +434,8 @@ pub async fn respond<S: StreamIo>(
 ) {
     // The response's body counts the request as under way until it is dropped here; the
     // stream counts the connection as busy for as long as it lasts.
-    let busy = permit.requests().begin();
+    let mut busy = permit.requests().begin();
+    busy.is_stream();
     let taken = slot.lock().take();
     let Some((stream, path)) = taken else {
         answer(&mut io, response, true).await;

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::auth::Key;
-use crate::budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, RESERVE};
+use crate::budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, REQUEST_DEADLINE, RESERVE};
 use crate::config::ServeConfig;
 use crate::h1_publish::Arrived;
 use crate::http::{router, AppState, Connection};
@@ -306,7 +306,7 @@ pub async fn run(
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 // Under way until its response has been sent (an event stream's lasts as
                 // long as the stream): a connection with none is idle.
-                let busy = requests.begin();
+                let mut busy = requests.begin();
                 req.extensions_mut().insert(conn_ctx.clone());
                 let app = router.clone();
                 async move {
@@ -317,6 +317,13 @@ pub async fn run(
                             r
                         }
                     };
+                    let stream = response
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+                    if stream && response.status().is_success() {
+                        busy.is_stream();
+                    }
                     let counted = |body| axum::body::Body::new(CountedBody::new(body, busy));
                     Ok::<_, std::convert::Infallible>(response.map(counted))
                 }
@@ -659,8 +666,16 @@ async fn serve_hyper<C>(
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    // Since when a request that is not an event stream has been under way.
+    let mut plain_since: Option<Instant> = None;
     loop {
         let idle = permit.is_idle();
+        plain_since = match (permit.has_plain_request(), plain_since) {
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+            (false, _) => None,
+        };
+        let deadline = plain_since.map(|t| t + REQUEST_DEADLINE);
         let allowed = if closing { CLOSE_GRACE } else { IDLE_TIMEOUT };
         let why = tokio::select! {
             r = conn.as_mut() => {
@@ -683,7 +698,18 @@ async fn serve_hyper<C>(
             // At once, not gracefully: it has nothing under way, and the place is wanted now
             // (a client that would not answer a GOAWAY would keep it for the grace period).
             _ = permit.evicted(idle_since), if idle && !closing => {
+                if !permit.is_idle() {
+                    // A request began meanwhile: another idle connection makes room.
+                    permit.pass_eviction_on();
+                    continue;
+                }
                 return tracing::debug!(%peer, "idle connection closed: its place was needed");
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(idle_since)), if deadline.is_some() => {
+                return tracing::debug!(
+                    %peer,
+                    "connection closed: a request was not done within {REQUEST_DEADLINE:?}"
+                );
             }
             _ = stop.cancelled(), if !closing => "shutting down",
         };

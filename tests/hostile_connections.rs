@@ -447,3 +447,58 @@ async fn a_publish_given_up_while_waiting_to_be_accepted_is_not_applied() {
     let accepted = "ssehub_updates_published_total{outcome=\"accepted\"}";
     assert_eq!(hub.metric(accepted).await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_never_finished_does_not_hold_its_connection_for_good() {
+    // HTTP/2 clients that open no window for the answer to `GET /` (its body can never be
+    // sent): their connections are busy, never idle, so neither the idle deadline nor the
+    // making of room closes them. Past the request deadline they are closed, and the
+    // subscribers they kept out get in.
+    let hub = TestHub::start(&["--max-connections", "2"]);
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let tcp = TcpStream::connect(hub.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(0)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get("/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .expect("the answer's head")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // The body is never read: the hub cannot send it.
+        stalled.push((sender, response, conn));
+    }
+    let refused = hub.try_subscribe("topic=t", &[]).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("503")),
+        "three busy connections over --max-connections 2: {:?}",
+        refused.as_ref().map(|_| "a stream")
+    );
+    let started = Instant::now();
+    for (_, _, conn) in &mut stalled {
+        tokio::time::timeout(Duration::from_secs(90), conn)
+            .await
+            .expect("the hub closed the stalled connection")
+            .unwrap();
+    }
+    eprintln!("stalled connections closed after {:?}", started.elapsed());
+    let mut stream = hub.subscribe("topic=t", &[]).await;
+    hub.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "in")])
+        .await;
+    assert_eq!(
+        take(&mut stream, 1, Duration::from_secs(10)).await[0].data,
+        "in"
+    );
+}
