@@ -80,12 +80,17 @@ impl Draft {
 impl Draft {
     /// A Mercure subscription event (see [`Update::is_subscription_event`]).
     pub fn is_subscription_event(&self) -> bool {
-        self.private
-            && self
-                .topics
-                .first()
-                .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
+        subscription_event(self.private, &self.topics)
     }
+}
+
+/// Whether an update is one of the hub's own subscription events: private, on the hub's
+/// reserved topics (which no publisher may use).
+fn subscription_event(private: bool, topics: &[String]) -> bool {
+    private
+        && topics
+            .first()
+            .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
 }
 
 fn has_line_break_or_nul(s: &str) -> bool {
@@ -136,11 +141,7 @@ impl Update {
     /// which no publisher may use): kept apart in the history, so that a churn of subscribers
     /// cannot push real updates out of it.
     pub fn is_subscription_event(&self) -> bool {
-        self.private
-            && self
-                .topics
-                .first()
-                .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
+        subscription_event(self.private, &self.topics)
     }
 }
 
