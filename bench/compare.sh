@@ -128,9 +128,13 @@ start_peer() {
   port_free "$port" || return 1
   case $1 in
     ssehub)
+      # Each run starts with an empty durable history of its own (the default, --data-dir,
+      # on), unless SSEHUB_FLAGS names one (`--data-dir none` measures it off).
+      local data=()
+      [[ " ${SSEHUB_FLAGS:-} " == *" --data-dir "* ]] || data=(--data-dir "$(mktemp -d "$WORK/data.XXXXXX")")
       # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
       RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
-        --clock-interval 0 --max-connections 19800 ${SSEHUB_FLAGS:-} >"$WORK/ssehub.log" 2>&1 &
+        --clock-interval 0 --max-connections 19800 "${data[@]}" ${SSEHUB_FLAGS:-} >"$WORK/ssehub.log" 2>&1 &
       SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 || return 1 ;;
     baseline)
       "$BASELINE" 127.0.0.1:3000 >"$WORK/baseline.log" 2>&1 &
