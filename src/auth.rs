@@ -16,6 +16,8 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
+use crate::hub::Matcher;
+
 /// Clock leeway for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
 
@@ -26,9 +28,9 @@ pub const COOKIE_NAME: &str = "mercureAuthorization";
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rights {
     /// `mercure.publish`: selectors the holder may publish to. `None` when absent.
-    pub publish: Option<Vec<String>>,
+    pub publish: Option<Vec<Matcher>>,
     /// `mercure.subscribe`: selectors of private updates the holder may receive.
-    pub subscribe: Option<Vec<String>>,
+    pub subscribe: Option<Vec<Matcher>>,
     /// `mercure.payload`, echoed in subscription events.
     pub payload: Option<Value>,
     /// The token's `exp`.
@@ -413,14 +415,14 @@ pub fn rights_from_claims(claims: &Value) -> Result<Rights, String> {
     if !m.is_object() {
         return Err("the \"mercure\" claim is not an object".into());
     }
-    let list = |name: &str| -> Result<Option<Vec<String>>, String> {
+    let list = |name: &str| -> Result<Option<Vec<Matcher>>, String> {
         match m.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
                     v.as_str()
-                        .map(str::to_owned)
+                        .map(Matcher::topic)
                         .ok_or_else(|| format!("\"mercure.{name}\" must be an array of strings"))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -520,7 +522,7 @@ mod tests {
             .mint(Some(&["a".into()]), None, Some(Duration::from_secs(60)))
             .unwrap();
         let r = k.verify(&t).unwrap();
-        assert_eq!(r.publish, Some(vec!["a".to_string()]));
+        assert_eq!(r.publish, Some(vec![Matcher::topic("a")]));
         assert_eq!(r.subscribe, None);
         assert!(r.expires_at.is_some());
         let other = Key::secret(Algorithm::HS256, b"other");
@@ -529,7 +531,7 @@ mod tests {
 
     fn marker(publish: &str, expires_at: Option<SystemTime>) -> Arc<Rights> {
         Arc::new(Rights {
-            publish: Some(vec![publish.to_owned()]),
+            publish: Some(vec![Matcher::topic(publish)]),
             expires_at,
             ..Rights::default()
         })
@@ -551,14 +553,14 @@ mod tests {
         assert_eq!(k.verified.len(), 0, "verify() keeps nothing");
         assert_eq!(
             k.verify_publisher(&t).unwrap().publish,
-            Some(vec!["a".into()])
+            Some(vec![Matcher::topic("a")])
         );
         assert_eq!(k.verified.len(), 1, "kept after the full check");
         // A hit is served from memory: swap in a marker and it comes back.
         k.verified.put(&t, &marker("from memory", None));
         assert_eq!(
             k.verify_publisher(&t).unwrap().publish,
-            Some(vec!["from memory".into()])
+            Some(vec![Matcher::topic("from memory")])
         );
         // Clones of a key share what it verified; another key knows nothing of it.
         assert_eq!(k.clone().verified.len(), 1);
@@ -643,7 +645,7 @@ mod tests {
             &serde_json::json!({"https://mercure.rocks/": {"subscribe": ["x"], "payload": {"a": 1}}}),
         )
         .unwrap();
-        assert_eq!(r.subscribe, Some(vec!["x".to_string()]));
+        assert_eq!(r.subscribe, Some(vec![Matcher::topic("x")]));
         assert!(r.payload.is_some());
         assert!(rights_from_claims(&serde_json::json!({"mercure": {"publish": "x"}})).is_err());
     }

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use super::{form, reject, stream_reply, stream_response, AppState, Connection, MERCURE_PATH};
 use crate::auth::{find_token, keep_query_token, query_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
-use crate::hub::{Draft, Invalid, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
+use crate::hub::{Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
 /// How long a publisher may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,7 +20,7 @@ const MAX_OTHER_PARAMS: usize = 32;
 
 /// What a subscribe request asks for, parsed from its query string.
 struct SubscribeQuery {
-    topics: Vec<String>,
+    topics: Vec<Matcher>,
     last_event_id: Option<String>,
     authorization: Option<String>,
 }
@@ -36,7 +36,7 @@ fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
     };
     for (name, value) in pairs {
         match name.as_str() {
-            "topic" => q.topics.push(value),
+            "topic" => q.topics.push(Matcher::topic(value)),
             // `Last-Event-ID` is the 0.x compatibility spelling.
             // An empty value is no id, as an empty header is.
             "lastEventID" | "Last-Event-ID" if !value.is_empty() => {
@@ -145,7 +145,7 @@ pub(super) fn subscriber_token_rights(app: &AppState, token: &str) -> Result<Rig
 
 /// What the hub needs to register a subscriber with these rights.
 pub(super) fn subscribe_request(
-    topics: Vec<String>,
+    topics: Vec<Matcher>,
     rights: Option<Rights>,
     last_event_id: Option<String>,
     kill: Option<tokio_util::sync::CancellationToken>,

@@ -36,7 +36,9 @@ pub(crate) use coalesce::cores;
 pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
-pub use selector::{Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRESSIONS};
+pub use selector::{
+    MatchType, Matcher, Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRESSIONS,
+};
 pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
@@ -146,9 +148,9 @@ struct Core {
 #[derive(Debug, Default)]
 pub struct SubscribeRequest {
     /// Topic selectors; at least one.
-    pub topics: Vec<String>,
+    pub topics: Vec<Matcher>,
     /// The token's `mercure.subscribe` selectors; `None` for an anonymous subscriber.
-    pub rights: Option<Vec<String>>,
+    pub rights: Option<Vec<Matcher>>,
     /// From `Last-Event-ID` or `lastEventID`.
     pub last_event_id: Option<String>,
     /// When the subscriber's token expires.
@@ -300,7 +302,7 @@ impl Hub {
     /// Compiled selector, shared with every other user of the same string, for a use that does
     /// not outlast a request (a token's selectors checked once): a subscriber's are held
     /// within `--template-memory` instead (see [`SelectorCache`]).
-    pub fn selector(&self, s: &str) -> Arc<Selector> {
+    pub fn selector(&self, s: &Matcher) -> Arc<Selector> {
         self.shared.selectors.get(s)
     }
 
@@ -363,7 +365,7 @@ impl Hub {
     /// The checks a subscription to `topics` passes before anything is compiled or registered
     /// (`HEAD` asks them too): its topics, templates only with a token if the hub says so, and
     /// room for one more subscriber (asked again, under the lock, when it registers).
-    pub fn admit(&self, topics: &[String], anonymous: bool) -> Result<(), SubscribeError> {
+    pub fn admit(&self, topics: &[Matcher], anonymous: bool) -> Result<(), SubscribeError> {
         if self.shared.closing.load(Relaxed) {
             return Err(SubscribeError::ShuttingDown);
         }
@@ -376,7 +378,7 @@ impl Hub {
         if topics.iter().any(|t| t.len() > MAX_SELECTOR_LEN) {
             return Err(SubscribeError::SelectorTooLong);
         }
-        if topics.iter().map(String::len).sum::<usize>() > MAX_SUBSCRIPTION_BYTES {
+        if topics.iter().map(Matcher::len).sum::<usize>() > MAX_SUBSCRIPTION_BYTES {
             return Err(SubscribeError::TopicsTooLarge);
         }
         if selector::template_expressions(topics) > MAX_TEMPLATE_EXPRESSIONS {
@@ -384,7 +386,7 @@ impl Hub {
         }
         if anonymous
             && !self.shared.config.anonymous_templates
-            && topics.iter().any(|t| selector::is_template(t))
+            && topics.iter().any(selector::is_template)
         {
             return Err(SubscribeError::AnonymousTemplates);
         }
@@ -419,7 +421,7 @@ impl Hub {
         self.admit(&req.topics, req.rights.is_none())?;
         // Compiled, and held for as long as the subscriber lives: its templates count against
         // --template-memory until then.
-        let hold = |v: &[String]| {
+        let hold = |v: &[Matcher]| {
             v.iter()
                 .map(|s| self.shared.selectors.hold(s))
                 .collect::<Result<Vec<_>, _>>()
@@ -571,7 +573,7 @@ impl Hub {
         for sub in subs {
             if let Some(info) = &sub.info {
                 for topic in &info.topics {
-                    docs.push(subscriptions::document(topic, info, true));
+                    docs.push(subscriptions::document(&topic.pattern, info, true));
                 }
             }
         }
@@ -591,7 +593,7 @@ impl Hub {
     /// response header (for `HEAD`, which subscribes to nothing).
     /// The `Last-Event-ID` a subscriber resuming from `last_event_id` would be answered, for
     /// a caller with the token selectors `rights` (`None`: anonymous).
-    pub fn resume_answer(&self, last_event_id: &str, rights: Option<&[String]>) -> String {
+    pub fn resume_answer(&self, last_event_id: &str, rights: Option<&[Matcher]>) -> String {
         let rights: Vec<_> = rights
             .into_iter()
             .flatten()
@@ -806,7 +808,7 @@ impl HubShared {
     fn announce(&self, sub: &Subscriber, active: bool) {
         let Some(info) = &sub.info else { return };
         for topic in &info.topics {
-            let doc = subscriptions::document(topic, info, active);
+            let doc = subscriptions::document(&topic.pattern, info, active);
             let draft = Draft {
                 topics: vec![doc["id"].as_str().unwrap_or_default().to_owned()],
                 data: doc.to_string(),
@@ -983,7 +985,7 @@ mod tests {
 
     fn subscribe(hub: &Hub) -> SubscriberStream {
         hub.subscribe(SubscribeRequest {
-            topics: vec!["t".to_owned()],
+            topics: vec![Matcher::topic("t")],
             ..SubscribeRequest::default()
         })
         .unwrap()
@@ -1068,7 +1070,7 @@ mod tests {
 
     fn subscribe_to(hub: &Hub, topic: &str, last_event_id: Option<&str>) -> SubscriberStream {
         hub.subscribe(SubscribeRequest {
-            topics: vec![topic.to_owned()],
+            topics: vec![Matcher::topic(topic)],
             last_event_id: last_event_id.map(str::to_owned),
             ..SubscribeRequest::default()
         })

@@ -38,20 +38,71 @@ pub const MAX_TEMPLATE_EXPRESSIONS: usize = 64;
 /// The largest NFA a template compiles to; a larger one is taken as an exact selector.
 const NFA_SIZE_LIMIT: usize = 1 << 20;
 
-/// The template expressions `selectors` would compile, counted before compiling anything
-/// (every `{` counts: a string with braces that is no valid template counts too).
-pub fn template_expressions<S: AsRef<str>>(selectors: &[S]) -> usize {
-    selectors
+/// How a matcher's text is read: the parameter or grant it came from decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MatchType {
+    /// Mercure 0.x `topic=` and `mercure` claims: `*`, else an RFC 6570 URI template when the
+    /// text is one, else the exact string.
+    Topic,
+    /// Mercure 1.0 `exact`: `*`, else the exact string (braces are only characters).
+    Exact,
+}
+
+/// A topic matcher as a subscriber or a token wrote it: its type and its text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Matcher {
+    pub kind: MatchType,
+    pub pattern: String,
+}
+
+impl Matcher {
+    /// A 0.x selector (`topic=`, `mercure.subscribe`).
+    pub fn topic(pattern: impl Into<String>) -> Matcher {
+        Matcher {
+            kind: MatchType::Topic,
+            pattern: pattern.into(),
+        }
+    }
+
+    /// A 1.0 `exact` matcher.
+    pub fn exact(pattern: impl Into<String>) -> Matcher {
+        Matcher {
+            kind: MatchType::Exact,
+            pattern: pattern.into(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+
+    pub fn len(&self) -> usize {
+        self.pattern.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pattern.is_empty()
+    }
+}
+
+/// The template expressions `matchers` would compile, counted before compiling anything
+/// (every `{` of a 0.x selector counts: a string with braces that is no valid template counts
+/// too).
+pub fn template_expressions(matchers: &[Matcher]) -> usize {
+    matchers
         .iter()
-        .map(|s| s.as_ref().bytes().filter(|&b| b == b'{').count())
+        .filter(|m| m.kind == MatchType::Topic)
+        .map(|m| m.pattern.bytes().filter(|&b| b == b'{').count())
         .sum()
 }
 
-/// True when `s` is a URI template (checked without compiling it): what
+/// True when `m` is a URI template (checked without compiling it): what
 /// `--anonymous-templates false` refuses.
-pub fn is_template(s: &str) -> bool {
-    s.find('{')
-        .is_some_and(|open| template_pattern(&s[open..]).is_some())
+pub fn is_template(m: &Matcher) -> bool {
+    m.kind == MatchType::Topic
+        && m.pattern
+            .find('{')
+            .is_some_and(|open| template_pattern(&m.pattern[open..]).is_some())
 }
 
 /// One compiled topic selector.
@@ -66,16 +117,25 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// Compiles a selector. Strings that are not valid URI templates are exact selectors,
+    /// Compiles a matcher. 0.x strings that are not valid URI templates are exact selectors,
     /// as in the reference hub.
-    pub fn compile(s: &str) -> Selector {
+    pub fn compile(m: &Matcher) -> Selector {
+        let s = m.pattern.as_str();
         if s == "*" {
             return Selector::Any;
         }
-        match Template::compile(s) {
-            Some(t) => Selector::Template(Box::new(t)),
-            None => Selector::Exact(s.to_owned()),
+        match m.kind {
+            MatchType::Topic => match Template::compile(s) {
+                Some(t) => Selector::Template(Box::new(t)),
+                None => Selector::Exact(s.to_owned()),
+            },
+            MatchType::Exact => Selector::Exact(s.to_owned()),
         }
+    }
+
+    /// A 0.x selector, compiled (for tests and tools).
+    pub fn topic(s: &str) -> Selector {
+        Selector::compile(&Matcher::topic(s))
     }
 
     /// The selector as the subscriber wrote it.
@@ -285,18 +345,20 @@ impl SelectorCache {
     /// The selector `s`, for a use that does not outlast a request (a token's selectors checked
     /// once): shared with other users when compiled already; a template that does not fit in
     /// the budget is compiled for this use alone.
-    pub fn get(&self, s: &str) -> Arc<Selector> {
-        match self.lookup(s) {
+    pub fn get(&self, m: &Matcher) -> Arc<Selector> {
+        match self.lookup(m) {
             Ok(sel) => sel,
-            Err(compiled) => self.keep(s, compiled).unwrap_or_else(|c| c),
+            Err(compiled) => self.keep(&m.pattern, compiled).unwrap_or_else(|c| c),
         }
     }
 
     /// The selector `s` for a subscriber to hold: a template must fit in the budget.
-    pub fn hold(&self, s: &str) -> Result<Arc<Selector>, TemplateMemoryFull> {
-        match self.lookup(s) {
+    pub fn hold(&self, m: &Matcher) -> Result<Arc<Selector>, TemplateMemoryFull> {
+        match self.lookup(m) {
             Ok(sel) => Ok(sel),
-            Err(compiled) => self.keep(s, compiled).map_err(|_| TemplateMemoryFull),
+            Err(compiled) => self
+                .keep(&m.pattern, compiled)
+                .map_err(|_| TemplateMemoryFull),
         }
     }
 
@@ -307,8 +369,9 @@ impl SelectorCache {
 
     /// A kept template, or else `s` compiled (outside the lock: a large template must not
     /// stall other subscribers).
-    fn lookup(&self, s: &str) -> Result<Arc<Selector>, Arc<Selector>> {
-        if s.contains('{') {
+    fn lookup(&self, m: &Matcher) -> Result<Arc<Selector>, Arc<Selector>> {
+        let s = m.pattern.as_str();
+        if m.kind == MatchType::Topic && s.contains('{') {
             let mut st = self.state.lock();
             let st = &mut *st;
             if let Some(slot) = st.templates.get_mut(s) {
@@ -319,7 +382,7 @@ impl SelectorCache {
                 return Ok(slot.selector.clone());
             }
         }
-        let sel = Arc::new(Selector::compile(s));
+        let sel = Arc::new(Selector::compile(m));
         if sel.is_template() {
             self.metrics.templates_compiled.fetch_add(1, Relaxed);
         }
@@ -486,11 +549,11 @@ mod tests {
 
     #[test]
     fn kinds() {
-        assert!(matches!(Selector::compile("*"), Selector::Any));
-        assert!(matches!(Selector::compile("a/b"), Selector::Exact(_)));
-        assert!(matches!(Selector::compile("a/{b"), Selector::Exact(_)));
-        assert!(matches!(Selector::compile("a/{!b}"), Selector::Exact(_)));
-        assert!(matches!(Selector::compile("a/{b}"), Selector::Template(_)));
+        assert!(matches!(Selector::topic("*"), Selector::Any));
+        assert!(matches!(Selector::topic("a/b"), Selector::Exact(_)));
+        assert!(matches!(Selector::topic("a/{b"), Selector::Exact(_)));
+        assert!(matches!(Selector::topic("a/{!b}"), Selector::Exact(_)));
+        assert!(matches!(Selector::topic("a/{b}"), Selector::Template(_)));
     }
 
     #[test]
@@ -538,14 +601,14 @@ mod tests {
         ];
         assert!(table.len() >= 30);
         for (selector, topic, expected) in table {
-            let sel = Selector::compile(selector);
+            let sel = Selector::topic(selector);
             assert_eq!(sel.matches(topic), *expected, "{selector} vs {topic}");
         }
     }
 
     /// What keeping `s` is charged.
     fn charge(s: &str) -> usize {
-        Selector::compile(s).cost() + SLOT_OVERHEAD + s.len()
+        Selector::topic(s).cost() + SLOT_OVERHEAD + s.len()
     }
 
     fn kept(cache: &SelectorCache, s: &str) -> bool {
@@ -565,20 +628,26 @@ mod tests {
         let (t, one) = same_size(5);
         let metrics = Arc::new(Metrics::default());
         let cache = SelectorCache::new(3 * one, metrics.clone());
-        let a = cache.hold(&t[0]).unwrap();
-        let b = cache.hold(&t[1]).unwrap();
-        drop(cache.get(&t[2]));
+        let a = cache.hold(&Matcher::topic(&t[0])).unwrap();
+        let b = cache.hold(&Matcher::topic(&t[1])).unwrap();
+        drop(cache.get(&Matcher::topic(&t[2])));
         assert_eq!(cache.used(), 3 * one);
-        assert!(Arc::ptr_eq(&a, &cache.hold(&t[0]).unwrap()), "shared");
+        assert!(
+            Arc::ptr_eq(&a, &cache.hold(&Matcher::topic(&t[0])).unwrap()),
+            "shared"
+        );
 
         // Full: the one no one holds makes room.
-        let c = cache.hold(&t[3]).unwrap();
+        let c = cache.hold(&Matcher::topic(&t[3])).unwrap();
         assert!(!kept(&cache, &t[2]));
         assert_eq!(cache.used(), 3 * one);
         // Full of held templates: a subscriber is refused, and a passing use gets a template
         // of its own that is not kept.
-        assert_eq!(cache.hold(&t[4]).unwrap_err(), TemplateMemoryFull);
-        let passing = cache.get(&t[4]);
+        assert_eq!(
+            cache.hold(&Matcher::topic(&t[4])).unwrap_err(),
+            TemplateMemoryFull
+        );
+        let passing = cache.get(&Matcher::topic(&t[4]));
         assert!(passing.is_template() && passing.matches("/t4/y"));
         assert!(!kept(&cache, &t[4]));
         assert_eq!(cache.used(), 3 * one);
@@ -588,7 +657,7 @@ mod tests {
         // Let go, a template stays kept until room is needed.
         drop(b);
         assert!(kept(&cache, &t[1]));
-        let d = cache.hold(&t[4]).unwrap();
+        let d = cache.hold(&Matcher::topic(&t[4])).unwrap();
         assert!(!kept(&cache, &t[1]));
         assert!(cache.used() <= 3 * one);
         drop((a, c, d));
@@ -599,13 +668,13 @@ mod tests {
         let (t, one) = same_size(5);
         let cache = SelectorCache::new(3 * one, Arc::new(Metrics::default()));
         for s in &t[..3] {
-            drop(cache.get(s));
+            drop(cache.get(&Matcher::topic(s)));
         }
-        drop(cache.get(&t[0]));
+        drop(cache.get(&Matcher::topic(&t[0])));
         // Used in the order 1, 2, 0: 1 goes first, then 2.
-        let held = cache.hold(&t[3]).unwrap();
+        let held = cache.hold(&Matcher::topic(&t[3])).unwrap();
         assert!(!kept(&cache, &t[1]) && kept(&cache, &t[2]) && kept(&cache, &t[0]));
-        drop(cache.get(&t[4]));
+        drop(cache.get(&Matcher::topic(&t[4])));
         assert!(!kept(&cache, &t[2]) && kept(&cache, &t[0]) && kept(&cache, &t[4]));
         assert_eq!(cache.used(), 3 * one);
         drop(held);
@@ -615,11 +684,14 @@ mod tests {
     fn exact_selectors_and_any_cost_nothing() {
         let cache = SelectorCache::new(0, Arc::new(Metrics::default()));
         for s in ["*", "https://example.com/books/1", "a/{b", "a/{!b}"] {
-            let sel = cache.hold(s).unwrap();
+            let sel = cache.hold(&Matcher::topic(s)).unwrap();
             assert!(!sel.is_template() && sel.cost() == 0, "{s}");
         }
         assert_eq!(cache.used(), 0);
-        assert_eq!(cache.hold("a/{b}").unwrap_err(), TemplateMemoryFull);
+        assert_eq!(
+            cache.hold(&Matcher::topic("a/{b}")).unwrap_err(),
+            TemplateMemoryFull
+        );
     }
 
     #[test]
@@ -627,7 +699,11 @@ mod tests {
         for s in [
             "*", "a", "a/{b", "a/{!b}", "a/{b}", "{x}", "a}{b}", "{?a,b*}",
         ] {
-            assert_eq!(is_template(s), Selector::compile(s).is_template(), "{s}");
+            assert_eq!(
+                is_template(&Matcher::topic(s)),
+                Selector::topic(s).is_template(),
+                "{s}"
+            );
         }
     }
 
@@ -635,10 +711,10 @@ mod tests {
     fn hostile_templates_stay_linear() {
         // Many expressions against a long topic: the regex engine does not backtrack, so this
         // ends at once; a template too large to compile falls back to an exact selector.
-        let sel = Selector::compile(&"{a}{+b}{/c*}".repeat(50));
+        let sel = Selector::topic(&"{a}{+b}{/c*}".repeat(50));
         let topic = "a/".repeat(2000) + "!";
         let _ = sel.matches(&topic);
-        let huge = Selector::compile(&"{x}".repeat(10_000));
+        let huge = Selector::topic(&"{x}".repeat(10_000));
         assert!(!huge.matches("y"));
     }
 }

@@ -12,7 +12,7 @@ pub const PREFIX: &str = "/.well-known/mercure/subscriptions";
 pub struct SubscriberInfo {
     /// `urn:uuid:` v4.
     pub id: String,
-    pub topics: Vec<String>,
+    pub topics: Vec<super::Matcher>,
     /// The token's `mercure.payload`.
     pub payload: Option<Value>,
 }
