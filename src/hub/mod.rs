@@ -476,7 +476,7 @@ impl Hub {
             .selectors
             .iter()
             .chain(sub.rights.iter().flatten())
-            .any(|s| s.is_template());
+            .any(|s| s.literal_prefix().is_some());
         let (mut replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
@@ -839,7 +839,8 @@ impl Core {
                 Selector::Any => {
                     self.any.insert(sub.id, sub.clone());
                 }
-                Selector::Template(_) => self.templates.insert(sel, sub),
+                Selector::Template(_) | Selector::UrlPattern(_) => self.templates.insert(sel, sub),
+                Selector::Never(_) => {}
             }
         }
         self.all.insert(sub.id, sub.clone());
@@ -862,7 +863,10 @@ impl Core {
                 Selector::Any => {
                     self.any.remove(&sub.id);
                 }
-                Selector::Template(_) => self.templates.remove(sel, sub.id),
+                Selector::Template(_) | Selector::UrlPattern(_) => {
+                    self.templates.remove(sel, sub.id)
+                }
+                Selector::Never(_) => {}
             }
         }
         true
