@@ -16,6 +16,7 @@ pub mod h1_publish;
 pub mod h1_stream;
 pub mod http;
 pub mod hub;
+pub mod jwks;
 pub mod metrics;
 pub mod server;
 pub mod sse;
