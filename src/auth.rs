@@ -310,6 +310,17 @@ impl Key {
         self.algorithm
     }
 
+    /// Signs `claims` with the JOSE header type `typ` (`at+jwt` for a Mercure 1.0 token).
+    pub fn sign(&self, typ: &str, claims: &Value) -> Result<String, String> {
+        let enc = self.encoding.as_ref().ok_or_else(|| {
+            "this key cannot sign tokens (give the private key, or the secret for HS*)".to_owned()
+        })?;
+        let mut header = Header::new(self.algorithm);
+        header.typ = Some(typ.to_owned());
+        jsonwebtoken::encode(&header, claims, enc)
+            .map_err(|e| format!("cannot sign the token: {e}"))
+    }
+
     /// Verifies `token` and reads its rights.
     pub fn verify(&self, token: &str) -> Result<Rights, AuthError> {
         self.verify_fully(token).map(|(rights, _)| rights)

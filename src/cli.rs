@@ -77,13 +77,25 @@ pub struct PublishArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("matchers").required(true).multiple(true))]
 pub struct SubscribeArgs {
     /// The hub URL.
     #[arg(long, env = "SSEHUB_HUB", default_value = DEFAULT_HUB)]
     pub hub: String,
-    /// Topic selector (repeatable): a topic, a URI template, or `*`.
-    #[arg(long, required = true)]
+    /// Mercure 0.x topic selector (repeatable): a topic, a URI template, or `*`.
+    #[arg(long, group = "matchers", conflicts_with_all = ["match_", "match_urlpattern"])]
     pub topic: Vec<String>,
+    /// Mercure 1.0 exact matcher (repeatable): a topic, or `*`.
+    #[arg(
+        long = "match",
+        id = "match_",
+        value_name = "TOPIC",
+        group = "matchers"
+    )]
+    pub match_: Vec<String>,
+    /// Mercure 1.0 URL pattern matcher (repeatable), e.g. `https://example.com/books/:id`.
+    #[arg(long, value_name = "PATTERN", group = "matchers")]
+    pub match_urlpattern: Vec<String>,
     /// Resume after this id (`earliest` for all the hub keeps).
     #[arg(long)]
     pub last_event_id: Option<String>,
@@ -106,13 +118,34 @@ pub struct TokenArgs {
     /// Algorithm to sign with.
     #[arg(long, default_value = "HS256")]
     pub jwt_algorithm: String,
-    /// Topic selectors the token may publish to (repeatable).
+    /// Topics the token may publish to (repeatable): exact topics or `*` (0.x: selectors).
     #[arg(long)]
     pub publish: Vec<String>,
-    /// Topic selectors of private updates the token may receive (repeatable).
+    /// Topics of private updates the token may receive (repeatable): exact topics or `*`
+    /// (0.x: selectors).
     #[arg(long)]
     pub subscribe: Vec<String>,
-    /// Lifetime, e.g. 1h or 30m; 0 for a token that never expires.
+    /// URL patterns the token may publish to (repeatable; Mercure 1.0).
+    #[arg(long)]
+    pub publish_urlpattern: Vec<String>,
+    /// URL patterns of private updates the token may receive (repeatable; Mercure 1.0).
+    #[arg(long)]
+    pub subscribe_urlpattern: Vec<String>,
+    /// JSON the hub echoes in the subscriber's subscription events.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// The token's `iss` (Mercure 1.0): what the hub's --issuer names, if it names one.
+    #[arg(long, default_value = "ssehub")]
+    pub issuer: String,
+    /// The token's `aud` (repeatable; Mercure 1.0): the hub's --resource-identifier, or the URL
+    /// clients reach it by. By default both local spellings of the default hub URL.
+    #[arg(long, default_values = ["http://127.0.0.1:8000/.well-known/mercure", "http://localhost:8000/.well-known/mercure"])]
+    pub audience: Vec<String>,
+    /// `1.0`: an RFC 9068 access token with `authorization_details`; `0.x`: the `mercure`
+    /// claim older hubs read.
+    #[arg(long, default_value = "1.0", value_parser = ["1.0", "0.x"])]
+    pub protocol: String,
+    /// Lifetime, e.g. 1h or 30m; 0 for a token that never expires (0.x only: a 1.0 token must).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
 }

@@ -70,13 +70,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// ends or the hub is unreachable, honouring the hub's `retry:`. A refusal (4xx) ends it.
 pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     let base = Target::parse(&args.hub)?;
-    let mut query = client::encode_form(
-        &args
-            .topic
-            .iter()
-            .map(|t| ("topic", t.as_str()))
-            .collect::<Vec<_>>(),
-    );
+    let matchers: Vec<(&str, &str)> = args
+        .topic
+        .iter()
+        .map(|t| ("topic", t.as_str()))
+        .chain(args.match_.iter().map(|m| ("match", m.as_str())))
+        .chain(
+            args.match_urlpattern
+                .iter()
+                .map(|m| ("match_urlpattern", m.as_str())),
+        )
+        .collect();
+    let mut query = client::encode_form(&matchers);
     let sep = if base.path_and_query.contains('?') {
         '&'
     } else {

@@ -1,6 +1,7 @@
 //! The `ssehub` binary: parse the command line and hand over to the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ssehub::cli::{Cli, Command, TokenArgs};
 use ssehub::commands::{print_out, StdoutClosed};
@@ -101,18 +102,86 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let alg = ssehub::auth::parse_algorithm(&args.jwt_algorithm).map_err(anyhow::Error::msg)?;
     let key = ssehub::auth::Key::load_signing(alg, &args.jwt_key).map_err(anyhow::Error::msg)?;
-    if args.publish.is_empty() && args.subscribe.is_empty() {
+    let patterns = args.publish_urlpattern.len() + args.subscribe_urlpattern.len();
+    if args.publish.is_empty() && args.subscribe.is_empty() && patterns == 0 {
         anyhow::bail!(
-            "a token without --publish or --subscribe would grant nothing: give the topic \
-             selectors it may publish to (--publish SEL, e.g. --publish '*') and/or receive \
-             private updates of (--subscribe SEL)"
+            "a token without --publish or --subscribe would grant nothing: give the topics \
+             it may publish to (--publish TOPIC, e.g. --publish '*') and/or receive private \
+             updates of (--subscribe TOPIC, or --subscribe-urlpattern PATTERN)"
         );
     }
+    let payload = match &args.payload {
+        Some(p) => Some(
+            serde_json::from_str::<serde_json::Value>(p)
+                .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?,
+        ),
+        None => None,
+    };
     let ttl = (!args.ttl.is_zero()).then_some(args.ttl);
-    let publish = (!args.publish.is_empty()).then_some(args.publish.as_slice());
-    let subscribe = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());
-    let token = key
-        .mint(publish, subscribe, ttl)
-        .map_err(anyhow::Error::msg)?;
+    let token = if args.protocol == "0.x" {
+        if patterns > 0 || payload.is_some() {
+            anyhow::bail!(
+                "--publish-urlpattern, --subscribe-urlpattern and --payload are Mercure 1.0: \
+                 drop --protocol 0.x"
+            );
+        }
+        let publish = (!args.publish.is_empty()).then_some(args.publish.as_slice());
+        let subscribe = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());
+        key.mint(publish, subscribe, ttl)
+    } else {
+        let Some(ttl) = ttl else {
+            anyhow::bail!(
+                "a Mercure 1.0 token must expire: give --ttl (e.g. 30d), or --protocol 0.x"
+            );
+        };
+        key.sign("at+jwt", &access_token_claims(&args, payload, ttl))
+    }
+    .map_err(anyhow::Error::msg)?;
     print_out(&mut std::io::stdout().lock(), &format!("{token}\n"))
+}
+
+/// The claims of a Mercure 1.0 access token (RFC 9068): grants in `authorization_details`,
+/// one entry per action.
+fn access_token_claims(
+    args: &TokenArgs,
+    payload: Option<serde_json::Value>,
+    ttl: Duration,
+) -> serde_json::Value {
+    use serde_json::json;
+    let topics = |exact: &[String], patterns: &[String]| -> Vec<serde_json::Value> {
+        exact
+            .iter()
+            .map(|m| json!({"match": m}))
+            .chain(
+                patterns
+                    .iter()
+                    .map(|m| json!({"match": m, "match_type": "urlpattern"})),
+            )
+            .collect()
+    };
+    const TYPE: &str = "https://mercure.rocks/authorization-detail";
+    let mut details = Vec::new();
+    let publish = topics(&args.publish, &args.publish_urlpattern);
+    if !publish.is_empty() {
+        details.push(json!({"type": TYPE, "actions": ["publish"], "topics": publish}));
+    }
+    let subscribe = topics(&args.subscribe, &args.subscribe_urlpattern);
+    if !subscribe.is_empty() {
+        let mut d = json!({"type": TYPE, "actions": ["subscribe"], "topics": subscribe});
+        if let Some(p) = payload {
+            d["payload"] = p;
+        }
+        details.push(d);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({
+        "iss": args.issuer,
+        "aud": args.audience,
+        "iat": now.as_secs(),
+        "exp": (now + ttl).as_secs(),
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "authorization_details": details,
+    })
 }

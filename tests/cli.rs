@@ -37,8 +37,49 @@ fn ssehub_within(args: &[&str], within: Duration) -> std::process::Output {
 async fn publish_then_subscribe_with_last_event_id() {
     let hub = TestHub::start(&[]);
     let url = hub.url("/.well-known/mercure");
-    let token = String::from_utf8(ssehub(&["token", "--jwt-key", SECRET, "--publish", "*"]).stdout)
-        .unwrap();
+    // A Mercure 1.0 token, for this hub's URL; and a 0.x one: both publish.
+    let token = String::from_utf8(
+        ssehub(&[
+            "token",
+            "--jwt-key",
+            SECRET,
+            "--publish",
+            "*",
+            "--audience",
+            &url,
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let legacy = String::from_utf8(
+        ssehub(&[
+            "token",
+            "--jwt-key",
+            SECRET,
+            "--publish",
+            "*",
+            "--protocol",
+            "0.x",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let out = ssehub(&[
+        "publish",
+        "--hub",
+        &url,
+        "--topic",
+        "legacy",
+        "--data",
+        "x",
+        "--token",
+        legacy.trim(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = token.trim();
     let before = ssehub(&[
         "publish", "--hub", &url, "--topic", "books", "--data", "zero", "--token", token,
@@ -446,6 +487,39 @@ fn a_token_without_rights_is_refused() {
     );
     let out = ssehub(&["token", "--jwt-key", SECRET, "--subscribe", "*"]);
     assert_eq!(out.status.code(), Some(0));
+    // A 1.0 token must expire; URL patterns are 1.0 only.
+    let out = ssehub(&[
+        "token",
+        "--jwt-key",
+        SECRET,
+        "--subscribe",
+        "*",
+        "--ttl",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
+    let out = ssehub(&[
+        "token",
+        "--jwt-key",
+        SECRET,
+        "--protocol",
+        "0.x",
+        "--subscribe-urlpattern",
+        "/a/:b",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = ssehub(&[
+        "token",
+        "--jwt-key",
+        SECRET,
+        "--subscribe",
+        "*",
+        "--payload",
+        "{",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--payload"));
 }
 
 /// `publish` and `subscribe` reach the hub where `ssehub serve` listens by default, as
