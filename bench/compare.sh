@@ -282,6 +282,10 @@ for s in $SCENARIOS; do
             if [ "$p" = ssehub ]; then
               bench ssehub S6-templates "$run" --subscribers 10000 --topics 1000 --updates 2000 --rate 200 \
                 --publishers 16 --size 100 --source-ips 8 --connect-concurrency 500 --template-share 10
+              # The same tenth through Mercure 1.0 URL patterns instead of URI templates.
+              bench ssehub S6-urlpatterns "$run" --subscribers 10000 --topics 1000 --updates 2000 --rate 200 \
+                --publishers 16 --size 100 --source-ips 8 --connect-concurrency 500 --template-share 10 \
+                --template-kind urlpattern
             fi ;;
         S7) if [ "$p" = ssehub ]; then s7 "$run"; fi ;;
         # S2 again with a longer bound on the wait (the default budget would give 250 ms windows

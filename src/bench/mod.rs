@@ -113,6 +113,11 @@ pub struct BenchArgs {
     /// they are owed the same updates. ssehub only: the other peers have no templates.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub template_share: u8,
+    /// What `--template-share` subscribes through: `uri` (a Mercure 0.x URI template,
+    /// `topic=bench-N{?sub}`) or `urlpattern` (a Mercure 1.0 URL pattern,
+    /// `match_urlpattern=bench-N{-:sub}?`).
+    #[arg(long, default_value = "uri", value_parser = ["uri", "urlpattern"])]
+    pub template_kind: String,
     /// Server process ids to watch (comma-separated; summed, e.g. nginx's workers).
     #[arg(long, value_delimiter = ',')]
     pub pid: Vec<u32>,
@@ -342,6 +347,28 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
     };
     let template_requests = match (args.template_share, args.target) {
         (0, _) => Vec::new(),
+        (_, Peer::Ssehub) if args.template_kind == "urlpattern" => {
+            let (_, _, path) = split_url(&sub.replace("{topic}", "x"))?;
+            if !path.contains("topic=x") {
+                bail!("--template-kind urlpattern needs a subscribe URL with topic={{topic}}");
+            }
+            topic_names
+                .iter()
+                .map(|t| {
+                    // `{-:sub}?` makes it a pattern (compiled, matched) that still matches
+                    // only this topic, as the URI template does.
+                    let url = sub
+                        .replace("topic={topic}", "match_urlpattern={topic}")
+                        .replace("{topic}", &format!("{t}%7B-%3Asub%7D%3F"));
+                    let (_, _, path) = split_url(&url)?;
+                    Ok(format!(
+                        "GET {path} HTTP/1.1\r\nHost: {sub_authority}\r\nAccept: text/event-stream\r\n\
+                         Cache-Control: no-cache\r\n{sub_headers}\r\n"
+                    )
+                    .into_bytes())
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
         (_, Peer::Ssehub) => topic_names
             .iter()
             .map(|t| sub_request(&format!("{t}%7B%3Fsub%7D")))
@@ -633,6 +660,24 @@ mod tests {
         assert!(String::from_utf8_lossy(p.sub_request(1, 1)).contains("?topic=bench-1"));
         let none = plan(&args(&["--topics", "4"])).unwrap();
         assert!((0..4000).all(|i| !by_template(none.sub_request(i, 3))));
+    }
+
+    #[test]
+    fn template_kind_urlpattern_subscribes_through_url_patterns() {
+        let p = plan(&args(&[
+            "--topics",
+            "4",
+            "--template-share",
+            "100",
+            "--template-kind",
+            "urlpattern",
+        ]))
+        .unwrap();
+        let req = String::from_utf8_lossy(p.sub_request(3, 3)).into_owned();
+        assert!(
+            req.contains("?match_urlpattern=bench-3%7B-%3Asub%7D%3F "),
+            "{req}"
+        );
     }
 
     #[test]
