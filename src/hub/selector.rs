@@ -270,12 +270,11 @@ pub struct UrlPatternSelector {
     cost: usize,
 }
 
-/// What a compiled URL pattern is charged: measured (`tests/template_memory.rs`), a pattern
-/// takes its eight components' regexes (the `regex` crate's NFAs, forward and reverse, and
-/// its prefilters) and their sources, some 30 KiB for an ordinary one and more as its text
-/// grows; matching adds the crate's per-thread caches, bounded by its size limits. The
-/// charge is a floor for the fixed part plus 64 bytes per byte of text, which covers every
-/// pattern measured with room to spare.
+/// What a compiled URL pattern is charged: an estimate, not yet checked against a
+/// measurement (`tests/template_memory.rs` has the test that checks it). A pattern takes its
+/// eight components' regexes (the `regex` crate's NFAs, forward and reverse, and its
+/// prefilters) and their sources; matching adds the crate's per-thread caches. The charge is
+/// a floor for the fixed part plus 64 bytes per byte of text.
 fn url_pattern_cost(source: &str) -> usize {
     URL_PATTERN_BASE_COST + 64 * source.len()
 }
