@@ -6,6 +6,19 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+/// Which Mercure dialects the hub's subscribe endpoint speaks (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// 0.x (`topic=`) and 1.0 (`match*=`) side by side, told apart per request.
+    Both,
+    /// Mercure 1.0 only: `topic=` is refused.
+    #[value(name = "1.0")]
+    V1,
+    /// Mercure 0.x only: `match*=` is refused.
+    #[value(name = "0.x")]
+    V0,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -100,8 +113,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_TEMPLATE_MEMORY", default_value = "64MiB", value_parser = parse_size)]
     pub template_memory: usize,
 
-    /// Let subscribers without a token use URI templates (within --template-memory); false
-    /// answers them 403, and only exact topics and * stay open to them.
+    /// Let subscribers without a token use URI templates and URL patterns (within
+    /// --template-memory); false answers them 403, and only exact topics and * stay open to
+    /// them.
     #[arg(long, env = "SSEHUB_ANONYMOUS_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub anonymous_templates: bool,
@@ -146,6 +160,17 @@ pub struct ServeArgs {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub data_dir_recover: bool,
 
+    /// Mercure dialects served to subscribers: `both` (0.x `topic=` and 1.0 `match=`, told
+    /// apart per request), `1.0` (refuses `topic=`) or `0.x` (refuses `match=`).
+    #[arg(long, env = "SSEHUB_PROTOCOL", value_enum, default_value = "both")]
+    pub protocol: Protocol,
+
+    /// The hub's canonical URL (absolute, no fragment), e.g.
+    /// https://hub.example.com/.well-known/mercure: relative URL patterns and topics are read
+    /// against it. Without it, against https://mercure.invalid/.well-known/mercure.
+    #[arg(long, env = "SSEHUB_RESOURCE_IDENTIFIER")]
+    pub resource_identifier: Option<String>,
+
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -185,6 +210,9 @@ pub struct ServeConfig {
     /// The durable history's directory; `None`: memory only.
     pub data_dir: Option<std::path::PathBuf>,
     pub data_dir_recover: bool,
+    pub protocol: Protocol,
+    /// The hub's URL, that relative URL patterns and topics are read against.
+    pub resource_identifier: Option<url::Url>,
 }
 
 /// A list of origins, or any.
@@ -345,12 +373,41 @@ impl ServeArgs {
                 d => Some(d.into()),
             },
             data_dir_recover: self.data_dir_recover,
+            protocol: self.protocol,
+            resource_identifier: self
+                .resource_identifier
+                .as_deref()
+                .map(check_resource_identifier)
+                .transpose()?,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),
             },
         })
     }
+}
+
+/// `--resource-identifier`: an absolute URL without a fragment (patterns are compiled against
+/// it, and a fragment would be dropped from every relative one).
+fn check_resource_identifier(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s.trim()).map_err(|e| {
+        format!(
+            "--resource-identifier {s:?} is not an absolute URL ({e}): write the hub's URL, \
+             e.g. https://hub.example.com/.well-known/mercure"
+        )
+    })?;
+    if url.fragment().is_some() {
+        return Err(format!(
+            "--resource-identifier {s:?} has a fragment (#…): give the hub's URL without one"
+        ));
+    }
+    if url.cannot_be_a_base() {
+        return Err(format!(
+            "--resource-identifier {s:?} cannot be a base for relative URLs: give the hub's \
+             http(s) URL, e.g. https://hub.example.com/.well-known/mercure"
+        ));
+    }
+    Ok(url)
 }
 
 /// `url` fit for messages and logs: a user and password in it become `***`.
@@ -472,6 +529,18 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn resource_identifiers() {
+        assert!(check_resource_identifier("https://hub.example.com/.well-known/mercure").is_ok());
+        assert!(check_resource_identifier("/.well-known/mercure")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(check_resource_identifier("https://hub.example.com/#x")
+            .unwrap_err()
+            .contains("fragment"));
+        assert!(check_resource_identifier("urn:x:y").is_err());
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub async fn run(
         max_stream_lifetime: config.max_stream_lifetime,
         template_memory: config.template_memory,
         anonymous_templates: config.anonymous_templates,
+        resource_identifier: config.resource_identifier.clone(),
     };
     let hub = match (&config.data_dir, &config.redis) {
         (Some(dir), None) => {
@@ -169,6 +170,7 @@ pub async fn run(
         publish_origins: Arc::new(config.publish_origins.clone()),
         subscriptions: config.subscriptions,
         cluster: cluster.clone(),
+        protocol: config.protocol,
     };
     let app = router(state, config.cors_origins.as_ref());
 

@@ -143,3 +143,61 @@ fn every_template_is_charged_at_least_what_it_takes() {
         );
     }
 }
+
+/// URL patterns (Mercure 1.0 `match_urlpattern`): each compiles eight regexes with the `regex`
+/// crate, which grows per-thread caches as it matches. Matched from two threads with topics
+/// of every shape, a pattern must still take no more than it is charged.
+#[test]
+fn every_url_pattern_is_charged_at_least_what_it_takes() {
+    use ssehub::hub::Matcher;
+    let cases = [
+        "https://example.com/books/:id".to_owned(),
+        "/rooms/:room/messages/:msg".to_owned(),
+        "https://:sub.example.com/*".to_owned(),
+        "https://example.com/users/:id(\\d+)/orders{/:oid}?".to_owned(),
+        "https://example.com/(a+)+b".to_owned(),
+        "/:a/:b/:c/:d/:e/:f/:g/:h?x=:y#:z".to_owned(),
+        format!("/{}", "(x|y)*z".repeat(40)),
+        "/.well-known/*".to_owned(),
+    ];
+    let shapes = [
+        "https://example.com/books/1",
+        "/rooms/1/messages/2",
+        "https://a.example.com/x/y?z#w",
+        "https://example.com/users/123/orders/9",
+        "chat-room-1234",
+        "/a/b/c/d/e/f/g/h?x=1#2",
+    ];
+    for pattern in &cases {
+        let mut topics: Vec<String> = Vec::new();
+        for (i, s) in shapes.iter().enumerate() {
+            for n in [1, 10, 100, 1000] {
+                topics.push(format!("{s}{}", "xyza/%41é"[..(i % 4) + 1].repeat(n)));
+                topics.push(format!("{}{s}", "/b".repeat(n)));
+            }
+        }
+        let before = LIVE.load(Relaxed);
+        let sel = Selector::compile(&Matcher::url_pattern(pattern.as_str()));
+        let compiled = LIVE.load(Relaxed) - before;
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for t in &topics {
+                        let _ = sel.matches(t);
+                    }
+                });
+            }
+        });
+        let matched = LIVE.load(Relaxed) - before;
+        let cost = sel.cost() as isize;
+        println!(
+            "{:>44.44}: {compiled:>7} B compiled, {matched:>7} B after matching, charged {cost:>7} B",
+            pattern
+        );
+        assert!(cost > 0, "{pattern} compiles");
+        assert!(
+            matched <= cost,
+            "{pattern}: takes {matched} B, charged {cost} B"
+        );
+    }
+}

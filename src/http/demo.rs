@@ -45,7 +45,13 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
             } else {
                 "/events/"
             };
-            stream_reply(conn, s.stream, path, s.last_event_id.as_deref())
+            stream_reply(
+                conn,
+                s.stream,
+                path,
+                s.last_event_id.as_deref(),
+                super::Dialect::V0,
+            )
         }
         Err(e) => super::mercure::subscribe_error(e),
     }
@@ -56,7 +62,7 @@ pub async fn events_head(State(app): State<AppState>, req: Request) -> Response 
         return r;
     }
     match subscriber_rights(&app, &req, None) {
-        Ok(_) => stream_response(axum::body::Body::empty(), None),
+        Ok(_) => stream_response(axum::body::Body::empty(), None, super::Dialect::V0),
         Err(r) => r,
     }
 }

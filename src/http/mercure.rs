@@ -10,7 +10,11 @@ use http_body_util::BodyExt;
 use super::{form, reject, stream_reply, stream_response, AppState, Connection, MERCURE_PATH};
 use crate::auth::{find_token, keep_query_token, query_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
-use crate::hub::{Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
+use crate::config::Protocol;
+use crate::hub::{
+    Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, UrlPatternSelector,
+    MAX_TOPICS,
+};
 
 /// How long a publisher may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,49 +22,182 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Parameters beyond the topics that a request may carry.
 const MAX_OTHER_PARAMS: usize = 32;
 
-/// What a subscribe request asks for, parsed from its query string.
+/// Mercure 1.0's bounds on a subscription's matchers (beyond them: 400, not 413).
+const MAX_MATCHERS: usize = 100;
+const MAX_MATCHER_LEN: usize = 4096;
+
+/// The largest `QUERY` body, in bytes (larger: 413).
+const MAX_QUERY_BODY: usize = 1 << 20;
+
+/// Which Mercure a subscribe request speaks, told by its parameters (`topic` is 0.x, `match*`
+/// 1.0): it decides the response's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    V0,
+    V1,
+}
+
+/// What a subscribe request asks for, parsed from its query string (and a `QUERY` body).
 struct SubscribeQuery {
     topics: Vec<Matcher>,
+    dialect: Dialect,
+    /// The resume cursor from the parameters, by precedence: `last_event_id`, `lastEventID`
+    /// (0.x), `Last-Event-ID` (0.x compatibility). `Some("")` when only empty ones came.
     last_event_id: Option<String>,
+    /// The 0.x `authorization` parameter, kept on 0.x requests only.
     authorization: Option<String>,
 }
 
-fn parse_subscribe_query(req: &Request) -> Result<SubscribeQuery, Response> {
-    let raw = req.uri().query().unwrap_or("");
-    let pairs = form::parse(raw.as_bytes(), MAX_TOPICS + MAX_OTHER_PARAMS)
-        .map_err(|e| reject(StatusCode::BAD_REQUEST, e))?;
-    let mut q = SubscribeQuery {
-        topics: Vec::new(),
-        last_event_id: None,
-        authorization: None,
-    };
-    for (name, value) in pairs {
+/// The cursor parameters, each kept at its first value.
+#[derive(Default)]
+struct Cursors {
+    last_event_id: Option<String>,
+    last_event_id_0x: Option<String>,
+    compat: Option<String>,
+}
+
+impl Cursors {
+    /// The first non-empty cursor by precedence, else an empty one if any came.
+    fn resolve(self) -> Option<String> {
+        let all = [self.last_event_id, self.last_event_id_0x, self.compat];
+        let present = all.iter().any(Option::is_some);
+        all.into_iter()
+            .flatten()
+            .find(|v| !v.is_empty())
+            .or_else(|| present.then(String::new))
+    }
+}
+
+fn bad_request(reason: impl std::fmt::Display) -> Response {
+    reject(StatusCode::BAD_REQUEST, reason)
+}
+
+/// True for the code points a 1.0 matcher may not hold: C0, DEL, C1 and Unicode's `Cf`
+/// (format characters: invisible, and some reorder text, so a pattern could look like
+/// another).
+fn forbidden_char(c: char) -> bool {
+    matches!(c as u32,
+        0x00..=0x1F | 0x7F..=0x9F | 0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F
+        | 0x890..=0x891 | 0x8E2 | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E
+        | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD
+        | 0x13430..=0x1343F | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001
+        | 0xE0020..=0xE007F)
+}
+
+/// Parses a subscribe request's parameters: `query` from its URL, `body` from a `QUERY`
+/// request's body (the union of both is taken; the query's cursor wins over the body's).
+fn parse_subscribe_params(
+    app: &AppState,
+    query: Vec<(String, String)>,
+    body: Option<Vec<(String, String)>>,
+) -> Result<SubscribeQuery, Response> {
+    let is_query_method = body.is_some();
+    let mut topics = Vec::new();
+    let (mut zero, mut one) = (false, false);
+    let mut cursors = Cursors::default();
+    let mut authorization = None;
+    let base = app.hub.base_url();
+    for (name, value) in query.into_iter().chain(body.into_iter().flatten()) {
         match name.as_str() {
-            "topic" => q.topics.push(Matcher::topic(value)),
-            // `Last-Event-ID` is the 0.x compatibility spelling.
-            // An empty value is no id, as an empty header is.
-            "lastEventID" | "Last-Event-ID" if !value.is_empty() => {
-                q.last_event_id.get_or_insert(value);
+            "topic" => {
+                if is_query_method {
+                    return Err(bad_request(
+                        "\"topic\" is Mercure 0.x, which has no QUERY method: use match=",
+                    ));
+                }
+                zero = true;
+                topics.push(Matcher::topic(value));
+            }
+            "match" | "match_exact" | "match_urlpattern" => {
+                one = true;
+                if value.len() > MAX_MATCHER_LEN {
+                    return Err(bad_request(format!(
+                        "a matcher is longer than {MAX_MATCHER_LEN} bytes"
+                    )));
+                }
+                if value.chars().any(forbidden_char) {
+                    return Err(bad_request("a matcher holds a control or format character"));
+                }
+                let m = if name == "match_urlpattern" {
+                    if value != "*" && UrlPatternSelector::compile(&value, base).is_none() {
+                        return Err(bad_request("invalid match_urlpattern pattern"));
+                    }
+                    Matcher::url_pattern(value)
+                } else {
+                    Matcher::exact(value)
+                };
+                topics.push(m);
+                if topics.len() > MAX_MATCHERS {
+                    return Err(bad_request(format!(
+                        "too many matchers (at most {MAX_MATCHERS})"
+                    )));
+                }
+            }
+            // The whole `match` prefix is Mercure 1.0's: a misspelt matcher must not pass
+            // for an application's own parameter and quietly subscribe to less.
+            n if n.len() >= 5 && n.as_bytes()[..5].eq_ignore_ascii_case(b"match") => {
+                return Err(bad_request(format!(
+                    "unknown matcher parameter {n:?}: use match, match_exact or match_urlpattern"
+                )));
+            }
+            "last_event_id" => {
+                cursors.last_event_id.get_or_insert(value);
+            }
+            "lastEventID" => {
+                cursors.last_event_id_0x.get_or_insert(value);
+            }
+            "Last-Event-ID" => {
+                cursors.compat.get_or_insert(value);
             }
             "authorization" => {
-                keep_query_token(&mut q.authorization, value).map_err(auth_error)?;
+                keep_query_token(&mut authorization, value).map_err(auth_error)?;
             }
             _ => {}
         }
     }
-    Ok(q)
+    if zero && one {
+        return Err(bad_request(
+            "the request mixes \"topic\" (Mercure 0.x) and \"match\" (Mercure 1.0): use one",
+        ));
+    }
+    let dialect = if one { Dialect::V1 } else { Dialect::V0 };
+    match (app.protocol, dialect) {
+        (Protocol::V1, Dialect::V0) if zero => {
+            return Err(bad_request("this hub serves Mercure 1.0 only: use match="))
+        }
+        (Protocol::V0, Dialect::V1) => {
+            return Err(bad_request("this hub serves Mercure 0.x only: use topic="))
+        }
+        _ => {}
+    }
+    Ok(SubscribeQuery {
+        topics,
+        dialect,
+        last_event_id: cursors.resolve(),
+        // A token in the URL is 0.x's: it leaks into logs and histories, and 1.0 dropped it.
+        authorization: authorization.filter(|_| dialect == Dialect::V0),
+    })
+}
+
+fn query_pairs(req: &Request) -> Result<Vec<(String, String)>, Response> {
+    let raw = req.uri().query().unwrap_or("");
+    form::parse(raw.as_bytes(), MAX_TOPICS + MAX_OTHER_PARAMS).map_err(bad_request)
+}
+
+fn parse_subscribe_query(app: &AppState, req: &Request) -> Result<SubscribeQuery, Response> {
+    parse_subscribe_params(app, query_pairs(req)?, None)
 }
 
 /// The id a reconnecting client last saw, from the `Last-Event-ID` header if it has one: that
-/// wins over the `lastEventID` query parameter. Browsers send the id as UTF-8 (ids are IRIs),
-/// so any UTF-8 is accepted, not only the visible ASCII of `HeaderValue::to_str`. An empty
-/// header is no id (a browser sends none while its last id is empty), so the query's stands.
+/// wins over the query's cursors. Browsers send the id as UTF-8 (ids are IRIs), so any UTF-8 is
+/// accepted, not only the visible ASCII of `HeaderValue::to_str`. An empty header is no id (a
+/// browser sends none while its last id is empty), so the query's stands; it still counts as a
+/// cursor sent (`Some("")`).
 fn header_last_event_id(req: &Request) -> Result<Option<String>, Response> {
     let Some(v) = req.headers().get("last-event-id") else {
         return Ok(None);
     };
     match std::str::from_utf8(v.as_bytes()) {
-        Ok("") => Ok(None),
         Ok(s) => Ok(Some(s.to_owned())),
         Err(_) => Err(reject(
             StatusCode::BAD_REQUEST,
@@ -69,12 +206,28 @@ fn header_last_event_id(req: &Request) -> Result<Option<String>, Response> {
     }
 }
 
+/// The cursor: the header's unless empty, else the parameters'. `Some("")` when only empty
+/// ones came (a cursor was sent, but names no event).
+fn resolve_cursor(header: Option<String>, param: Option<String>) -> Option<String> {
+    match (header, param) {
+        (Some(h), _) if !h.is_empty() => Some(h),
+        (_, Some(p)) if !p.is_empty() => Some(p),
+        (h, p) => h.or(p),
+    }
+}
+
 /// The id a reconnecting client last saw, from the header or else the query.
 pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
-    match header_last_event_id(req)? {
-        Some(id) => Ok(Some(id)),
-        None => Ok(parse_subscribe_query(req)?.last_event_id),
+    let mut cursors = Cursors::default();
+    for (name, value) in query_pairs(req)? {
+        match name.as_str() {
+            "last_event_id" => cursors.last_event_id.get_or_insert(value),
+            "lastEventID" => cursors.last_event_id_0x.get_or_insert(value),
+            "Last-Event-ID" => cursors.compat.get_or_insert(value),
+            _ => continue,
+        };
     }
+    Ok(resolve_cursor(header_last_event_id(req)?, cursors.resolve()).filter(|v| !v.is_empty()))
 }
 
 pub(super) fn auth_error(e: AuthError) -> Response {
@@ -106,8 +259,8 @@ pub(super) fn subscribe_error(e: SubscribeError) -> Response {
 fn check_subscriber(
     app: &AppState,
     req: &Request,
+    q: SubscribeQuery,
 ) -> Result<(SubscribeQuery, Option<Rights>), Response> {
-    let q = parse_subscribe_query(req)?;
     if q.topics.is_empty() {
         return Err(subscribe_error(SubscribeError::NoTopic));
     }
@@ -170,31 +323,136 @@ pub(super) fn subscribe_request(
     }
 }
 
-/// `GET /.well-known/mercure?topic=…`
+/// `GET /.well-known/mercure?topic=…` (0.x) or `?match=…` (1.0).
 pub async fn subscribe(State(app): State<AppState>, req: Request) -> Response {
+    let q = match parse_subscribe_query(&app, &req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    open_stream(app, req, q)
+}
+
+/// `QUERY /.well-known/mercure` (Mercure 1.0): the parameters in the query string and in a
+/// form body, both taken. Other methods the route does not know are refused here.
+pub async fn subscribe_query(State(app): State<AppState>, req: Request) -> Response {
+    if req.method().as_str() != "QUERY" {
+        let mut r = reject(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed here; use GET,HEAD,POST,QUERY",
+        );
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET,HEAD,POST,QUERY"),
+        );
+        return r;
+    }
+    let query = match query_pairs(&req) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (parts, body) = req.into_parts();
+    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+        if !is_form(ct) {
+            return reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be application/x-www-form-urlencoded",
+            );
+        }
+    }
+    let body = http_body_util::Limited::new(body, MAX_QUERY_BODY);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Err(_) => {
+            return reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            )
+        }
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a QUERY body may hold at most {MAX_QUERY_BODY} bytes"),
+            )
+        }
+        Ok(Err(_)) => return bad_request("the request body could not be read"),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let body = match form::parse(&bytes, MAX_TOPICS + MAX_OTHER_PARAMS) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e),
+    };
+    let q = match parse_subscribe_params(&app, query, Some(body)) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    open_stream(
+        app,
+        Request::from_parts(parts, axum::body::Body::empty()),
+        q,
+    )
+}
+
+fn is_form(ct: &HeaderValue) -> bool {
+    ct.to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// Subscribes with the parsed parameters and answers with the event stream.
+fn open_stream(app: AppState, req: Request, q: SubscribeQuery) -> Response {
     if let Err(r) = super::room_for_stream(&app) {
         return r;
     }
-    let (q, rights) = match check_subscriber(&app, &req) {
+    let (q, rights) = match check_subscriber(&app, &req, q) {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let header_id = match header_last_event_id(&req) {
-        Ok(v) => v,
+    let cursor = match header_last_event_id(&req) {
+        Ok(h) => resolve_cursor(h, q.last_event_id),
         Err(r) => return r,
     };
+    // A cursor that names no event still asks for `Mercure-Last-Event-ID`: the newest event
+    // the subscriber may read, taken before it registers (so nothing it misses comes after).
+    let newest = cursor
+        .as_deref()
+        .filter(|c| c.is_empty())
+        .map(|_| newest_visible(&app, rights.as_ref()));
     let conn = req.extensions().get::<Connection>();
     let kill = super::stream_kill(conn, &req);
     let sub = app.hub.subscribe(subscribe_request(
         q.topics,
         rights,
-        header_id.or(q.last_event_id),
+        cursor.filter(|c| !c.is_empty()),
         kill,
     ));
     match sub {
-        Ok(s) => stream_reply(conn, s.stream, MERCURE_PATH, s.last_event_id.as_deref()),
+        Ok(s) => {
+            let answer = s.last_event_id.or(newest);
+            stream_reply(conn, s.stream, MERCURE_PATH, answer.as_deref(), q.dialect)
+        }
         Err(e) => subscribe_error(e),
     }
+}
+
+/// The id of the newest update a subscriber with these rights may read, or `earliest`.
+fn newest_visible(app: &AppState, rights: Option<&Rights>) -> String {
+    let grants: Vec<_> = rights
+        .and_then(|r| r.subscribe.as_deref())
+        .into_iter()
+        .flatten()
+        .map(|m| app.hub.selector(m))
+        .collect();
+    app.hub
+        .newest_with(|u| {
+            (!u.private || crate::hub::any_matches(&grants, &u.topics)).then(|| u.id.clone())
+        })
+        .unwrap_or_else(|| "earliest".into())
 }
 
 /// `HEAD /.well-known/mercure?topic=…`: the same checks and headers as `GET`, no stream.
@@ -202,7 +460,11 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
     if let Err(r) = super::room_for_stream(&app) {
         return r;
     }
-    let (q, rights) = match check_subscriber(&app, &req) {
+    let q = match parse_subscribe_query(&app, &req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let (q, rights) = match check_subscriber(&app, &req, q) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -210,12 +472,18 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         return subscribe_error(e);
     }
     let resume = match header_last_event_id(&req) {
-        Ok(v) => v.or(q.last_event_id),
+        Ok(h) => resolve_cursor(h, q.last_event_id),
         Err(r) => return r,
     };
-    let rights = rights.map(|r| r.subscribe.unwrap_or_default());
-    let answer = resume.map(|id| app.hub.resume_answer(&id, rights.as_deref()));
-    stream_response(axum::body::Body::empty(), answer.as_deref())
+    let answer = match resume.as_deref() {
+        Some("") => Some(newest_visible(&app, rights.as_ref())),
+        Some(id) => {
+            let rights = rights.map(|r| r.subscribe.unwrap_or_default());
+            Some(app.hub.resume_answer(id, rights.as_deref()))
+        }
+        None => None,
+    };
+    stream_response(axum::body::Body::empty(), answer.as_deref(), q.dialect)
 }
 
 /// Why a publish was refused, for the debug log and the response.

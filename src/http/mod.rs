@@ -4,7 +4,7 @@
 mod demo;
 pub mod form;
 mod mercure;
-pub use mercure::BODY_TIMEOUT;
+pub use mercure::{Dialect, BODY_TIMEOUT};
 mod ops;
 mod subscriptions;
 mod ui;
@@ -43,6 +43,8 @@ pub struct AppState {
     pub publish_origins: Arc<Origins>,
     /// In cluster mode, where publishes go (instead of straight into `hub`).
     pub cluster: Option<Cluster>,
+    /// The Mercure dialects subscribers may speak (`--protocol`).
+    pub protocol: crate::config::Protocol,
 }
 
 /// Per-connection context the server puts into every request.
@@ -71,7 +73,10 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
             MERCURE_PATH,
             get(mercure::subscribe)
                 .head(mercure::subscribe_head)
-                .post(mercure::publish),
+                .post(mercure::publish)
+                // Axum's method filters know no `QUERY` (Mercure 1.0's subscribe with a body):
+                // every other method comes here, which serves it and refuses the rest.
+                .fallback(mercure::subscribe_query),
         )
         .route(
             "/.well-known/mercure/subscriptions",
@@ -108,14 +113,22 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
 fn cors_layer(origins: &Origins) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let layer = CorsLayer::new()
-        .allow_methods([http::Method::GET, http::Method::HEAD, http::Method::POST])
+        .allow_methods([
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::POST,
+            http::Method::from_bytes(b"QUERY").expect("a valid method"),
+        ])
         .allow_headers([
             header::AUTHORIZATION,
             header::CACHE_CONTROL,
             header::CONTENT_TYPE,
             http::HeaderName::from_static("last-event-id"),
         ])
-        .expose_headers([http::HeaderName::from_static("last-event-id")])
+        .expose_headers([
+            http::HeaderName::from_static("last-event-id"),
+            http::HeaderName::from_static("mercure-last-event-id"),
+        ])
         .max_age(std::time::Duration::from_secs(3600));
     match origins {
         Origins::Any => layer.allow_origin(AllowOrigin::any()),
@@ -207,8 +220,10 @@ pub fn reject(status: StatusCode, reason: impl std::fmt::Display) -> Response {
     r
 }
 
-/// The headers every event stream carries (Mercure's full set).
-fn stream_response(body: Body, last_event_id: Option<&str>) -> Response {
+/// The headers every event stream carries (Mercure's full set). `last_event_id` answers a
+/// request that carried a cursor: in `Mercure-Last-Event-ID` (1.0), and for a 0.x request in
+/// `Last-Event-ID` too, as 0.x hubs answered.
+fn stream_response(body: Body, last_event_id: Option<&str>, dialect: Dialect) -> Response {
     let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
@@ -225,7 +240,10 @@ fn stream_response(body: Body, last_event_id: Option<&str>) -> Response {
     // `from_bytes`, not `from_str`: an id may be any UTF-8 (an IRI), which HTTP carries as
     // opaque bytes; only control characters are refused.
     if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
-        h.insert("last-event-id", id);
+        if dialect == Dialect::V0 {
+            h.insert("last-event-id", id.clone());
+        }
+        h.insert("mercure-last-event-id", id);
     }
     r
 }
@@ -270,14 +288,15 @@ fn stream_reply(
     stream: SubscriberStream,
     path: &'static str,
     last_event_id: Option<&str>,
+    dialect: Dialect,
 ) -> Response {
     if let Some(slot) = conn.and_then(|c| c.stream_slot.as_ref()) {
         *slot.lock() = Some((stream, path));
-        return stream_response(Body::empty(), last_event_id);
+        return stream_response(Body::empty(), last_event_id, dialect);
     }
     let body = Body::new(Logged {
         inner: stream,
         path,
     });
-    stream_response(body, last_event_id)
+    stream_response(body, last_event_id, dialect)
 }

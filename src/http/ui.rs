@@ -108,7 +108,7 @@ pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
     let body = stream::once(async { Ok(Bytes::from_static(b":\n\n")) })
         .chain(snapshots)
         .take_until(Box::pin(end));
-    stream_response(Body::from_stream(body), None)
+    stream_response(Body::from_stream(body), None, super::Dialect::V0)
 }
 
 /// The counters that rates are computed from, and when they were read.

@@ -37,7 +37,8 @@ pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
 pub use selector::{
-    MatchType, Matcher, Selector, SelectorCache, MAX_SELECTOR_LEN, MAX_TEMPLATE_EXPRESSIONS,
+    any_matches, MatchType, Matcher, Selector, SelectorCache, UrlPatternSelector, MAX_SELECTOR_LEN,
+    MAX_TEMPLATE_EXPRESSIONS,
 };
 pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
 use subscriber::{Offer, Subscriber};
@@ -83,6 +84,9 @@ pub struct HubConfig {
     pub template_memory: usize,
     /// Anonymous subscribers may use URI templates (`--anonymous-templates`).
     pub anonymous_templates: bool,
+    /// The hub's URL (`--resource-identifier`): relative URL patterns and topics are read
+    /// against it; `None`: against [`selector::DEFAULT_BASE`].
+    pub resource_identifier: Option<url::Url>,
 }
 
 impl Default for HubConfig {
@@ -98,6 +102,7 @@ impl Default for HubConfig {
             max_stream_lifetime: None,
             template_memory: 64 << 20,
             anonymous_templates: true,
+            resource_identifier: None,
         }
     }
 }
@@ -170,7 +175,7 @@ pub struct Subscription {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubscribeError {
-    #[error("missing \"topic\" parameter")]
+    #[error("missing \"match\" (Mercure 1.0) or \"topic\" (0.x) parameter")]
     NoTopic,
     #[error("too many \"topic\" parameters (at most {MAX_TOPICS})")]
     TooManyTopics,
@@ -184,7 +189,7 @@ pub enum SubscribeError {
     Full,
     #[error("the hub's template memory (--template-memory {}) is full; try again later", crate::config::format_size(*.0))]
     TemplateMemoryFull(usize),
-    #[error("this hub does not let anonymous subscribers use URI templates (--anonymous-templates false); subscribe to exact topics, or with a token")]
+    #[error("this hub does not let anonymous subscribers use URI templates or URL patterns (--anonymous-templates false); subscribe to exact topics, or with a token")]
     AnonymousTemplates,
     #[error("the hub is shutting down")]
     ShuttingDown,
@@ -279,7 +284,11 @@ impl Hub {
                     templates: templates::TemplateIndex::default(),
                     all: HashMap::new(),
                 }),
-                selectors: SelectorCache::new(config.template_memory, metrics.clone()),
+                selectors: SelectorCache::new(
+                    config.template_memory,
+                    config.resource_identifier.clone(),
+                    metrics.clone(),
+                ),
                 config,
                 flusher: flusher::Flusher::new(coalesce::cores() as usize, metrics.clone()),
                 metrics,
@@ -293,6 +302,11 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.shared.config
+    }
+
+    /// The URL relative URL patterns and topics are read against (`--resource-identifier`).
+    pub fn base_url(&self) -> &url::Url {
+        self.shared.selectors.base()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -386,7 +400,9 @@ impl Hub {
         }
         if anonymous
             && !self.shared.config.anonymous_templates
-            && topics.iter().any(selector::is_template)
+            && topics
+                .iter()
+                .any(|m| selector::is_template(m) || selector::is_url_pattern(m))
         {
             return Err(SubscribeError::AnonymousTemplates);
         }

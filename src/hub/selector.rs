@@ -134,6 +134,12 @@ pub fn is_template(m: &Matcher) -> bool {
             .is_some_and(|open| template_pattern(&m.pattern[open..]).is_some())
 }
 
+/// True when `m` is a URL pattern other than `*` (what `--anonymous-templates false` refuses
+/// with templates: it costs compiled memory as they do).
+pub fn is_url_pattern(m: &Matcher) -> bool {
+    m.kind == MatchType::UrlPattern && m.pattern != "*"
+}
+
 /// One compiled topic selector.
 #[derive(Debug)]
 pub enum Selector {
@@ -206,10 +212,28 @@ impl Selector {
         matches!(self, Selector::Template(_))
     }
 
-    /// The bytes this selector holds against `--template-memory`: nothing but for templates.
+    /// Templates and URL patterns: compiled, kept in the [`SelectorCache`] and charged
+    /// against `--template-memory`.
+    pub fn is_compiled(&self) -> bool {
+        matches!(self, Selector::Template(_) | Selector::UrlPattern(_))
+    }
+
+    /// How the matcher it was compiled from is read, for the compiled kinds (URI templates
+    /// are 0.x's `topic`): a template and a URL pattern of the same text differ.
+    pub fn kind(&self) -> Option<MatchType> {
+        match self {
+            Selector::Template(_) => Some(MatchType::Topic),
+            Selector::UrlPattern(_) => Some(MatchType::UrlPattern),
+            _ => None,
+        }
+    }
+
+    /// The bytes this selector holds against `--template-memory`: nothing but for templates
+    /// and URL patterns.
     pub fn cost(&self) -> usize {
         match self {
             Selector::Template(t) => t.cost,
+            Selector::UrlPattern(p) => p.cost,
             _ => 0,
         }
     }
@@ -242,7 +266,21 @@ pub struct UrlPatternSelector {
     pattern: urlpattern::UrlPattern,
     /// The hub's URL, that topics are read against.
     base: url::Url,
+    /// What it is charged against `--template-memory` (see [`url_pattern_cost`]).
+    cost: usize,
 }
+
+/// What a compiled URL pattern is charged: an estimate, not yet checked against a
+/// measurement (`tests/template_memory.rs` has the test that checks it). A pattern takes its
+/// eight components' regexes (the `regex` crate's NFAs, forward and reverse, and its
+/// prefilters) and their sources; matching adds the crate's per-thread caches. The charge is
+/// a floor for the fixed part plus 64 bytes per byte of text.
+fn url_pattern_cost(source: &str) -> usize {
+    URL_PATTERN_BASE_COST + 64 * source.len()
+}
+
+/// The fixed part of a URL pattern's charge.
+pub const URL_PATTERN_BASE_COST: usize = 48 << 10;
 
 impl std::fmt::Debug for UrlPatternSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -266,6 +304,7 @@ impl UrlPatternSelector {
             source: source.to_owned(),
             pattern,
             base: base.clone(),
+            cost: url_pattern_cost(source),
         })
     }
 
@@ -397,21 +436,24 @@ impl Template {
 pub struct SelectorCache {
     state: Mutex<Cached>,
     limit: usize,
+    /// The hub's URL, that URL patterns are compiled against.
+    base: url::Url,
     metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
 struct Cached {
-    templates: HashMap<Arc<str>, Slot>,
+    /// Keyed by type and text: a 0.x template and a URL pattern may be written alike.
+    templates: HashMap<Arc<Matcher>, Slot>,
     /// Every kept template by when it was last asked for: the eviction order.
-    by_use: BTreeMap<u64, Arc<str>>,
+    by_use: BTreeMap<u64, Arc<Matcher>>,
     clock: u64,
     /// The sum of the kept templates' charges.
     used: usize,
 }
 
 struct Slot {
-    key: Arc<str>,
+    key: Arc<Matcher>,
     selector: Arc<Selector>,
     last_use: u64,
     charge: usize,
@@ -427,14 +469,21 @@ const SLOT_OVERHEAD: usize = 160;
 pub struct TemplateMemoryFull;
 
 impl SelectorCache {
-    /// A cache that keeps compiled templates within `limit` bytes.
-    pub fn new(limit: usize, metrics: Arc<Metrics>) -> SelectorCache {
+    /// A cache that keeps compiled templates and URL patterns within `limit` bytes, URL
+    /// patterns compiled against `base` (`None`: [`DEFAULT_BASE`]).
+    pub fn new(limit: usize, base: Option<url::Url>, metrics: Arc<Metrics>) -> SelectorCache {
         metrics.template_memory_limit.store(limit as u64, Relaxed);
         SelectorCache {
             state: Mutex::new(Cached::default()),
             limit,
+            base: base.unwrap_or_else(|| DEFAULT_BASE_URL.clone()),
             metrics,
         }
+    }
+
+    /// The URL relative URL patterns and topics are read against.
+    pub fn base(&self) -> &url::Url {
+        &self.base
     }
 
     /// The selector `s`, for a use that does not outlast a request (a token's selectors checked
@@ -443,7 +492,7 @@ impl SelectorCache {
     pub fn get(&self, m: &Matcher) -> Arc<Selector> {
         match self.lookup(m) {
             Ok(sel) => sel,
-            Err(compiled) => self.keep(&m.pattern, compiled).unwrap_or_else(|c| c),
+            Err(compiled) => self.keep(m, compiled).unwrap_or_else(|c| c),
         }
     }
 
@@ -451,9 +500,7 @@ impl SelectorCache {
     pub fn hold(&self, m: &Matcher) -> Result<Arc<Selector>, TemplateMemoryFull> {
         match self.lookup(m) {
             Ok(sel) => Ok(sel),
-            Err(compiled) => self
-                .keep(&m.pattern, compiled)
-                .map_err(|_| TemplateMemoryFull),
+            Err(compiled) => self.keep(m, compiled).map_err(|_| TemplateMemoryFull),
         }
     }
 
@@ -466,11 +513,15 @@ impl SelectorCache {
     /// stall other subscribers).
     fn lookup(&self, m: &Matcher) -> Result<Arc<Selector>, Arc<Selector>> {
         let s = m.pattern.as_str();
-        if m.kind == MatchType::Topic && s.contains('{') {
-            // URL patterns are not kept yet: see `keep`.
+        let may_be_kept = match m.kind {
+            MatchType::Topic => s.contains('{'),
+            MatchType::UrlPattern => s != "*",
+            MatchType::Exact => false,
+        };
+        if may_be_kept {
             let mut st = self.state.lock();
             let st = &mut *st;
-            if let Some(slot) = st.templates.get_mut(s) {
+            if let Some(slot) = st.templates.get_mut(m) {
                 st.by_use.remove(&slot.last_use);
                 st.clock += 1;
                 slot.last_use = st.clock;
@@ -478,8 +529,8 @@ impl SelectorCache {
                 return Ok(slot.selector.clone());
             }
         }
-        let sel = Arc::new(Selector::compile(m));
-        if sel.is_template() {
+        let sel = Arc::new(Selector::compile_with_base(m, &self.base));
+        if sel.is_compiled() {
             self.metrics.templates_compiled.fetch_add(1, Relaxed);
         }
         Err(sel)
@@ -488,13 +539,13 @@ impl SelectorCache {
     /// Keeps a freshly compiled selector, evicting unheld templates to make room: the kept
     /// one (another thread's if it was quicker), or `Err` with the selector when it does not
     /// fit.
-    fn keep(&self, s: &str, sel: Arc<Selector>) -> Result<Arc<Selector>, Arc<Selector>> {
-        if !sel.is_template() {
+    fn keep(&self, m: &Matcher, sel: Arc<Selector>) -> Result<Arc<Selector>, Arc<Selector>> {
+        if !sel.is_compiled() {
             return Ok(sel);
         }
-        let charge = sel.cost() + SLOT_OVERHEAD + s.len();
+        let charge = sel.cost() + SLOT_OVERHEAD + m.len();
         let mut st = self.state.lock();
-        if let Some(slot) = st.templates.get(s) {
+        if let Some(slot) = st.templates.get(m) {
             return Ok(slot.selector.clone());
         }
         let over = (st.used + charge).saturating_sub(self.limit);
@@ -504,7 +555,7 @@ impl SelectorCache {
         let kept = if st.used + charge > self.limit {
             Err(sel)
         } else {
-            let key: Arc<str> = s.into();
+            let key = Arc::new(m.clone());
             st.clock += 1;
             let last_use = st.clock;
             st.by_use.insert(last_use, key.clone());
@@ -708,7 +759,11 @@ mod tests {
     }
 
     fn kept(cache: &SelectorCache, s: &str) -> bool {
-        cache.state.lock().templates.contains_key(s)
+        cache
+            .state
+            .lock()
+            .templates
+            .contains_key(&Matcher::topic(s))
     }
 
     /// Templates of the same size: `/t0/{x}`, `/t1/{x}`…
@@ -723,7 +778,7 @@ mod tests {
     fn held_templates_are_never_evicted_and_a_full_budget_refuses() {
         let (t, one) = same_size(5);
         let metrics = Arc::new(Metrics::default());
-        let cache = SelectorCache::new(3 * one, metrics.clone());
+        let cache = SelectorCache::new(3 * one, None, metrics.clone());
         let a = cache.hold(&Matcher::topic(&t[0])).unwrap();
         let b = cache.hold(&Matcher::topic(&t[1])).unwrap();
         drop(cache.get(&Matcher::topic(&t[2])));
@@ -762,7 +817,7 @@ mod tests {
     #[test]
     fn unheld_templates_go_least_recently_used_first() {
         let (t, one) = same_size(5);
-        let cache = SelectorCache::new(3 * one, Arc::new(Metrics::default()));
+        let cache = SelectorCache::new(3 * one, None, Arc::new(Metrics::default()));
         for s in &t[..3] {
             drop(cache.get(&Matcher::topic(s)));
         }
@@ -778,7 +833,7 @@ mod tests {
 
     #[test]
     fn exact_selectors_and_any_cost_nothing() {
-        let cache = SelectorCache::new(0, Arc::new(Metrics::default()));
+        let cache = SelectorCache::new(0, None, Arc::new(Metrics::default()));
         for s in ["*", "https://example.com/books/1", "a/{b", "a/{!b}"] {
             let sel = cache.hold(&Matcher::topic(s)).unwrap();
             assert!(!sel.is_template() && sel.cost() == 0, "{s}");
@@ -836,6 +891,44 @@ mod tests {
         // Linear time: a pattern that backtracks exponentially elsewhere answers at once.
         let evil = p("https://example.com/(a+)+b");
         assert!(!evil.matches(&format!("https://example.com/{}c", "a".repeat(5_000))));
+    }
+
+    #[test]
+    fn url_patterns_are_kept_apart_from_templates_and_charged() {
+        let cache = SelectorCache::new(1 << 20, None, Arc::new(Metrics::default()));
+        let t = cache.hold(&Matcher::topic("/a/{b}")).unwrap();
+        let p = cache.hold(&Matcher::url_pattern("/a/{b}")).unwrap();
+        assert!(t.is_template() && matches!(*p, Selector::UrlPattern(_)));
+        assert!(t.matches("/a/x") && !t.matches("/a/b"));
+        assert!(p.matches("/a/b") && !p.matches("/a/x"));
+        assert!(Arc::ptr_eq(
+            &p,
+            &cache.hold(&Matcher::url_pattern("/a/{b}")).unwrap()
+        ));
+        assert_eq!(
+            cache.used(),
+            charge("/a/{b}") + p.cost() + SLOT_OVERHEAD + 6
+        );
+        assert!(p.cost() >= URL_PATTERN_BASE_COST);
+        // `*` is every topic, compiled or not.
+        let any = cache.hold(&Matcher::url_pattern("*")).unwrap();
+        assert!(matches!(*any, Selector::Any));
+        // A budget too small refuses URL patterns as it refuses templates.
+        let small = SelectorCache::new(1024, None, Arc::new(Metrics::default()));
+        assert_eq!(
+            small.hold(&Matcher::url_pattern("/x/:y")).unwrap_err(),
+            TemplateMemoryFull
+        );
+    }
+
+    #[test]
+    fn url_patterns_read_relative_topics_against_the_configured_base() {
+        let base = url::Url::parse("https://hub.example.com/.well-known/mercure").unwrap();
+        let cache = SelectorCache::new(1 << 20, Some(base), Arc::new(Metrics::default()));
+        let p = cache.get(&Matcher::url_pattern("/books/:id"));
+        assert!(p.matches("/books/1"));
+        assert!(p.matches("https://hub.example.com/books/1"));
+        assert!(!p.matches("https://mercure.invalid/books/1"));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::{btree_map, BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::selector::Selector;
+use super::selector::{MatchType, Selector};
 use super::subscriber::Subscriber;
 
 /// The subscribers that hold one template.
@@ -25,8 +25,15 @@ pub(super) struct TemplateGroup {
     pub subs: HashMap<u64, Arc<Subscriber>>,
 }
 
-/// The templates that share one literal prefix, by source.
-type PrefixGroups = HashMap<Box<str>, TemplateGroup>;
+/// The templates that share one literal prefix, by type and source (a 0.x template and a URL
+/// pattern may be written alike).
+type PrefixGroups = HashMap<GroupKey, TemplateGroup>;
+type GroupKey = (MatchType, Box<str>);
+
+/// `sel`'s key in its prefix's groups.
+fn group_key(sel: &Selector) -> GroupKey {
+    (sel.kind().unwrap_or(MatchType::Topic), sel.as_str().into())
+}
 
 #[derive(Default)]
 pub(super) struct TemplateIndex {
@@ -93,10 +100,11 @@ impl TemplateIndex {
         let Some(prefix) = sel.literal_prefix() else {
             return;
         };
+        let key = group_key(sel);
         if !self
             .by_prefix
             .get(prefix)
-            .is_some_and(|g| g.contains_key(sel.as_str()))
+            .is_some_and(|g| g.contains_key(&key))
         {
             self.templates += 1;
             self.generation += 1;
@@ -109,7 +117,7 @@ impl TemplateIndex {
             }
         };
         groups
-            .entry(sel.as_str().into())
+            .entry(key)
             .or_insert_with(|| TemplateGroup {
                 selector: sel.clone(),
                 subs: HashMap::new(),
@@ -126,10 +134,11 @@ impl TemplateIndex {
         let Some(groups) = self.by_prefix.get_mut(prefix) else {
             return;
         };
-        if let Some(group) = groups.get_mut(sel.as_str()) {
+        let key = group_key(sel);
+        if let Some(group) = groups.get_mut(&key) {
             group.subs.remove(&id);
             if group.subs.is_empty() {
-                groups.remove(sel.as_str());
+                groups.remove(&key);
                 self.templates -= 1;
             }
         }
@@ -163,7 +172,9 @@ impl TemplateIndex {
 
     /// The group of the template `sel`, if held.
     fn group(&self, sel: &Selector) -> Option<&TemplateGroup> {
-        self.by_prefix.get(sel.literal_prefix()?)?.get(sel.as_str())
+        self.by_prefix
+            .get(sel.literal_prefix()?)?
+            .get(&group_key(sel))
     }
 
     /// The templates `topics` could match, to be tested outside the lock with
