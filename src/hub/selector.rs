@@ -259,28 +259,151 @@ pub fn any_matches<S: AsRef<str>>(selectors: &[Arc<Selector>], topics: &[S]) -> 
     selectors.iter().any(|s| s.matches_any(topics))
 }
 
-/// A compiled WHATWG URL Pattern (Mercure 1.0 `urlpattern`), on the `regex` crate: matching
-/// takes time linear in the topic, whatever the pattern.
+/// A compiled WHATWG URL Pattern (Mercure 1.0 `urlpattern`). Its components' regular
+/// expressions run on [`BoundedRegex`]: linear time, and memory known and capped, as for
+/// templates (on the `regex` crate, the urlpattern crate's default, one pattern of 200 `(\w)`
+/// groups took 22 MB compiled and 840 MB once matched, `tests/template_memory.rs`).
 pub struct UrlPatternSelector {
     source: String,
-    pattern: urlpattern::UrlPattern,
+    pattern: urlpattern::UrlPattern<BoundedRegex>,
     /// The hub's URL, that topics are read against.
     base: url::Url,
-    /// What it is charged against `--template-memory` (see [`url_pattern_cost`]).
+    /// What it is charged against `--template-memory`: its regexes, their caches at full
+    /// size, and its text.
     cost: usize,
 }
 
-/// What a compiled URL pattern is charged: an estimate, not yet checked against a
-/// measurement (`tests/template_memory.rs` has the test that checks it). A pattern takes its
-/// eight components' regexes (the `regex` crate's NFAs, forward and reverse, and its
-/// prefilters) and their sources; matching adds the crate's per-thread caches. The charge is
-/// a floor for the fixed part plus 64 bytes per byte of text.
-fn url_pattern_cost(source: &str) -> usize {
-    URL_PATTERN_BASE_COST + 64 * source.len()
+/// The largest NFA one component of a URL pattern compiles to; larger is no valid pattern
+/// (a request's is refused with 400). A pattern has at most eight components, each compiled
+/// twice by the urlpattern crate.
+const URL_PATTERN_NFA_LIMIT: usize = 128 << 10;
+
+/// A regular expression for the urlpattern crate, as a template is compiled: an NFA without
+/// captures within [`URL_PATTERN_NFA_LIMIT`], a lazy DFA with a cache of fixed capacity, and
+/// the PikeVM for the searches the DFA gives up on. Matching answers whether the component
+/// matches, not what its groups captured (the hub tests patterns, it never reads groups):
+/// every group is reported as not participating.
+pub struct BoundedRegex {
+    source: String,
+    groups: usize,
+    dfa: DFA,
+    cache: Mutex<Cache>,
+    pikevm: PikeVM,
+    /// The heap it may take, its cache at full capacity included.
+    heap: usize,
 }
 
-/// The fixed part of a URL pattern's charge.
-pub const URL_PATTERN_BASE_COST: usize = 48 << 10;
+impl urlpattern::regexp::RegExp for BoundedRegex {
+    fn syntax() -> urlpattern::RegexSyntax {
+        urlpattern::RegexSyntax::Rust
+    }
+
+    fn parse(pattern: &str, _flags: &str, _force_eval: bool) -> Result<Self, ()> {
+        BoundedRegex::compile(pattern).ok_or(())
+    }
+
+    fn matches<'a>(&self, text: &'a str) -> Option<Vec<Option<&'a str>>> {
+        self.is_match(text).then(|| vec![None; self.groups])
+    }
+
+    fn pattern_string(&self) -> &str {
+        &self.source
+    }
+}
+
+impl BoundedRegex {
+    fn compile(pattern: &str) -> Option<BoundedRegex> {
+        let hir = regex_automata::util::syntax::parse(pattern).ok()?;
+        let groups = hir.properties().explicit_captures_len();
+        let nfa = NFA::compiler()
+            .configure(
+                NFA::config()
+                    .which_captures(WhichCaptures::None)
+                    .nfa_size_limit(Some(URL_PATTERN_NFA_LIMIT)),
+            )
+            .build_from_hir(&hir)
+            .ok()?;
+        let config = DFA::config()
+            .minimum_cache_clear_count(Some(3))
+            .minimum_bytes_per_state(Some(10));
+        let capacity = cache_capacity(config.get_minimum_cache_capacity(&nfa).ok()?);
+        let dfa = DFA::builder()
+            .configure(config.cache_capacity(capacity))
+            .build_from_nfa(nfa.clone())
+            .ok()?;
+        let pikevm = PikeVM::builder().build_from_nfa(nfa.clone()).ok()?;
+        let cache = Mutex::new(dfa.create_cache());
+        let heap = std::mem::size_of::<BoundedRegex>()
+            + 2 * pattern.len()
+            + nfa.memory_usage()
+            + dfa.memory_usage()
+            + cache_heap(capacity);
+        Some(BoundedRegex {
+            source: pattern.to_owned(),
+            groups,
+            dfa,
+            cache,
+            pikevm,
+            heap,
+        })
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        let input = Input::new(text).anchored(Anchored::Yes);
+        let found = match self.cache.try_lock() {
+            Some(mut cache) => self.dfa.try_search_fwd(&mut cache, &input),
+            None => self
+                .dfa
+                .try_search_fwd(&mut self.dfa.create_cache(), &input),
+        };
+        match found {
+            Ok(m) => m.is_some(),
+            Err(_) => self.pikevm.is_match(&mut self.pikevm.create_cache(), input),
+        }
+    }
+}
+
+impl std::fmt::Debug for BoundedRegex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BoundedRegex").field(&self.source).finish()
+    }
+}
+
+/// What a compiled URL pattern is charged: every regex of its eight components (each
+/// component holds one, and its matcher a second unless the part is a plain string or one
+/// group), the URL pattern's own strings, and its text.
+fn url_pattern_cost(source: &str, p: &urlpattern::UrlPattern<BoundedRegex>) -> usize {
+    let components = [
+        &p.protocol,
+        &p.username,
+        &p.password,
+        &p.hostname,
+        &p.port,
+        &p.pathname,
+        &p.search,
+        &p.hash,
+    ];
+    let regexes: usize = components
+        .iter()
+        .map(|c| {
+            let own = c.regexp.as_ref().map_or(0, |r| r.heap);
+            let matcher = match &c.matcher.inner {
+                urlpattern::matcher::InnerMatcher::RegExp { regexp } => {
+                    regexp.as_ref().map_or(0, |r| r.heap)
+                }
+                _ => 0,
+            };
+            own + matcher
+                + 2 * c.pattern_string.len()
+                + c.group_name_list
+                    .iter()
+                    .map(|g| g.len() + 24)
+                    .sum::<usize>()
+                + 256
+        })
+        .sum();
+    std::mem::size_of::<UrlPatternSelector>() + 2 * source.len() + 1024 + regexes
+}
 
 impl std::fmt::Debug for UrlPatternSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -294,17 +417,18 @@ impl UrlPatternSelector {
     /// `None` when `source` is no valid URL pattern (ignoring case is never on: only the host
     /// is case-insensitive, through the URL parser).
     pub fn compile(source: &str, base: &url::Url) -> Option<UrlPatternSelector> {
-        let init = urlpattern::UrlPatternInit::parse_constructor_string::<regex::Regex>(
+        let init = urlpattern::UrlPatternInit::parse_constructor_string::<BoundedRegex>(
             source,
             Some(base.clone()),
         )
         .ok()?;
-        let pattern = urlpattern::UrlPattern::parse(init, Default::default()).ok()?;
+        let pattern =
+            urlpattern::UrlPattern::<BoundedRegex>::parse(init, Default::default()).ok()?;
         Some(UrlPatternSelector {
+            cost: url_pattern_cost(source, &pattern),
             source: source.to_owned(),
             pattern,
             base: base.clone(),
-            cost: url_pattern_cost(source),
         })
     }
 
@@ -891,6 +1015,16 @@ mod tests {
         // Linear time: a pattern that backtracks exponentially elsewhere answers at once.
         let evil = p("https://example.com/(a+)+b");
         assert!(!evil.matches(&format!("https://example.com/{}c", "a".repeat(5_000))));
+        assert!(evil.matches("https://example.com/aaab"));
+        // Groups of a custom regex are matched as written, whole.
+        let digits = p("/users/:id(\\d+)");
+        assert!(digits.matches("/users/42") && !digits.matches("/users/42x"));
+        // Too large a regex is no pattern (a request's is refused): 200 Unicode classes
+        // would take hundreds of megabytes once matched.
+        assert!(matches!(
+            p(&format!("/{}", "(\\w)".repeat(200))),
+            Selector::Never(_)
+        ));
     }
 
     #[test]
@@ -899,7 +1033,7 @@ mod tests {
         let t = cache.hold(&Matcher::topic("/a/{b}")).unwrap();
         let p = cache.hold(&Matcher::url_pattern("/a/{b}")).unwrap();
         assert!(t.is_template() && matches!(*p, Selector::UrlPattern(_)));
-        assert!(t.matches("/a/x") && !t.matches("/a/b"));
+        assert!(t.matches("/a/x") && t.matches("/a/b"));
         assert!(p.matches("/a/b") && !p.matches("/a/x"));
         assert!(Arc::ptr_eq(
             &p,
@@ -909,7 +1043,7 @@ mod tests {
             cache.used(),
             charge("/a/{b}") + p.cost() + SLOT_OVERHEAD + 6
         );
-        assert!(p.cost() >= URL_PATTERN_BASE_COST);
+        assert!(p.cost() > 0);
         // `*` is every topic, compiled or not.
         let any = cache.hold(&Matcher::url_pattern("*")).unwrap();
         assert!(matches!(*any, Selector::Any));
