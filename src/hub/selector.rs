@@ -48,6 +48,17 @@ pub enum MatchType {
     Exact,
 }
 
+impl MatchType {
+    /// The canonical (lowercase) name of a Mercure 1.0 matcher type, as subscription event
+    /// topics and documents spell it; `topic` for the 0.x selector, which has no 1.0 name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatchType::Topic => "topic",
+            MatchType::Exact => "exact",
+        }
+    }
+}
+
 /// A topic matcher as a subscriber or a token wrote it: its type and its text.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Matcher {
