@@ -522,6 +522,23 @@ pub fn find_token<'a>(
     Ok(None)
 }
 
+/// Whether `token` says it is a Mercure 1.0 access token (RFC 9068: JOSE header `typ`
+/// `at+jwt` or `application/at+jwt`), read without verifying anything: only to choose which
+/// dialect to answer in, never to grant.
+pub fn is_access_token(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+        return false;
+    };
+    let typ = serde_json::from_slice::<Value>(&json)
+        .ok()
+        .and_then(|h| h.get("typ")?.as_str().map(str::to_ascii_lowercase));
+    matches!(typ.as_deref(), Some("at+jwt" | "application/at+jwt"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,5 +682,22 @@ mod tests {
     fn none_is_refused() {
         assert!(parse_algorithm("none").is_err());
         assert_eq!(parse_algorithm("es256"), Ok(Algorithm::ES256));
+    }
+
+    #[test]
+    fn access_tokens_are_told_by_their_typ() {
+        use base64::Engine as _;
+        let token = |header: &str| {
+            let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header);
+            format!("{h}.e30.sig")
+        };
+        assert!(is_access_token(&token(r#"{"alg":"HS256","typ":"at+jwt"}"#)));
+        assert!(is_access_token(&token(
+            r#"{"alg":"HS256","typ":"application/AT+JWT"}"#
+        )));
+        assert!(!is_access_token(&token(r#"{"alg":"HS256","typ":"JWT"}"#)));
+        assert!(!is_access_token(&token(r#"{"alg":"HS256"}"#)));
+        assert!(!is_access_token("garbage"));
+        assert!(!is_access_token(""));
     }
 }

@@ -185,7 +185,8 @@ async fn publish_refusals() {
             "reserved",
             "topic=https%3A%2F%2Fx%2F.well-known%2Fmercure%2Fsubscriptions".into(),
             auth.to_vec(),
-            StatusCode::FORBIDDEN,
+            // Mercure 1.0: a topic no token could make valid is a bad request.
+            StatusCode::BAD_REQUEST,
             "reserved",
         ),
     ];

@@ -129,10 +129,11 @@ impl Cluster {
         self.inner.ready.load(Relaxed)
     }
 
-    /// Checks `draft`, gives it its id, and appends it to the stream. `Ok` means Redis stored
+    /// Checks `draft` (a publisher's, or one of the hub's own subscription events relayed
+    /// here: see [`Draft::validate_relayed`]), gives it its id, and appends it to the stream. `Ok` means Redis stored
     /// it; this node delivers it when its reader reaches it, like every other node.
     pub async fn publish(&self, draft: Draft) -> Result<String, PublishError> {
-        draft.validate()?;
+        draft.validate_relayed()?;
         let id = draft.id.clone().unwrap_or_else(update::new_id);
         let fields = stream::fields(&draft, &id);
         let mut cmd = redis::cmd("XADD");

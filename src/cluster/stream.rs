@@ -71,11 +71,12 @@ fn position(id: &str) -> (u64, u64) {
 /// was accepted, the same on every node.
 ///
 /// Entries get the same checks as a publish (the stream is writable by anything with access to
-/// Redis, and an id or type with a line break would inject fields into every stream); what
-/// fails them is skipped, on every node alike.
+/// Redis, and an id or type with a line break would inject fields into every stream), except
+/// that the hub's own subscription events keep their reserved topic and type; what fails them
+/// is skipped, on every node alike.
 fn apply(hub: &Hub, entry: &StreamId) {
     match parse(entry) {
-        Some((draft, id)) => match draft.validate() {
+        Some((draft, id)) => match draft.validate_relayed() {
             Ok(()) => {
                 hub.apply(draft, id, position(&entry.id).0);
             }

@@ -11,6 +11,7 @@ use super::{form, reject, stream_reply, stream_response, AppState, Connection, M
 use crate::auth::{find_token, keep_query_token, query_token, AuthError, Rights, TokenSource};
 use crate::cluster::PublishError;
 use crate::config::Protocol;
+use crate::hub::update::parse_retry;
 use crate::hub::{
     Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, UrlPatternSelector,
     MAX_TOPICS,
@@ -574,15 +575,10 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         Ok(d) => d,
         Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, &app),
     };
+    // After the token (401), before the scope (403): a topic that no token could make valid
+    // (`*`, one in the hub's namespace) is refused as such whatever the token grants.
     if let Err(e) = draft.validate() {
         return refuse(StatusCode::BAD_REQUEST, e, &app);
-    }
-    if let Some(t) = draft.topics.iter().find(|t| t.contains(MERCURE_PATH)) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            format!("topic {t:?} is reserved for the hub"),
-            &app,
-        );
     }
     if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
         return refuse(StatusCode::FORBIDDEN, reason, &app);
@@ -685,9 +681,7 @@ fn draft_from_form(body: &[u8]) -> Result<Draft, String> {
                 d.event_type.get_or_insert(value);
             }
             "retry" if d.retry.is_none() => {
-                d.retry = Some(value.parse::<u64>().map_err(|_| {
-                    format!("\"retry\" must be a whole number of milliseconds, not {value:?}")
-                })?);
+                d.retry = Some(parse_retry(&value).map_err(|e| e.to_string())?);
             }
             "private" => d.private = true,
             _ => {}

@@ -90,6 +90,10 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
             "/.well-known/mercure/subscriptions/{topic}/{subscriber}",
             get(subscriptions::one),
         )
+        .route(
+            "/.well-known/mercure/subscriptions/{match_type}/{match}/{subscriber}",
+            get(subscriptions::single),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

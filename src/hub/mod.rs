@@ -581,7 +581,12 @@ impl Hub {
     /// when there is none), read together so that the list is exactly the state after that
     /// update. The id of a private update the caller may not read is never named: it would
     /// tell which private ids exist, which a replay hides too.
-    pub fn subscriptions(&self, rights: &[Arc<Selector>]) -> (Vec<serde_json::Value>, String) {
+    /// Each document comes with the type of its matcher: 0.x and 1.0 subscriptions are
+    /// documented in their own shapes (see [`subscriptions`]).
+    pub fn subscriptions(
+        &self,
+        rights: &[Arc<Selector>],
+    ) -> (Vec<(MatchType, serde_json::Value)>, String) {
         let core = self.shared.core.lock();
         let mut docs = Vec::new();
         let mut subs: Vec<_> = core.all.values().collect();
@@ -589,7 +594,7 @@ impl Hub {
         for sub in subs {
             if let Some(info) = &sub.info {
                 for topic in &info.topics {
-                    docs.push(subscriptions::document(&topic.pattern, info, true));
+                    docs.push((topic.kind, subscriptions::document(topic, info, true)));
                 }
             }
         }
@@ -820,15 +825,19 @@ impl HubShared {
         }
     }
 
-    /// Publishes a subscription event for each of the subscriber's topics.
+    /// Publishes a subscription event for each of the subscriber's topics. A 1.0 one goes
+    /// out as an `event: mercure`, the type no publisher may use, so that a 1.0 listener knows
+    /// it comes from the hub; a 0.x one as a plain message, as 0.x listeners expect.
     fn announce(&self, sub: &Subscriber, active: bool) {
         let Some(info) = &sub.info else { return };
         for topic in &info.topics {
-            let doc = subscriptions::document(&topic.pattern, info, active);
+            let doc = subscriptions::document(topic, info, active);
             let draft = Draft {
                 topics: vec![doc["id"].as_str().unwrap_or_default().to_owned()],
                 data: doc.to_string(),
                 private: true,
+                event_type: (topic.kind != MatchType::Topic)
+                    .then(|| update::HUB_EVENT_TYPE.to_owned()),
                 ..Draft::default()
             };
             if let Some(relay) = self.relay.get() {
@@ -1086,6 +1095,90 @@ mod tests {
             );
         }
         data
+    }
+
+    /// Everything a stream has ready, as text.
+    fn ready_text(stream: &mut SubscriberStream) -> String {
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        let mut text = String::new();
+        while let Poll::Ready(Some(chunk)) = stream.poll_chunk(&mut cx) {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    }
+
+    /// A 1.0 subscription is announced on its 1.0 topic, as plain JSON under `event: mercure`;
+    /// a 0.x one keeps its JSON-LD message; the API lists each in its own shape.
+    #[test]
+    fn subscription_events_take_the_shape_of_the_subscription() {
+        let hub = Hub::new(HubConfig {
+            subscription_events: true,
+            ..HubConfig::default()
+        });
+        let mut listener = hub
+            .subscribe(SubscribeRequest {
+                topics: vec![Matcher::exact(
+                    subscriptions::PREFIX.to_owned() + "/exact/a%20b",
+                )]
+                .into_iter()
+                .chain([Matcher::topic(format!(
+                    "{}{{/t}}{{/s}}",
+                    subscriptions::PREFIX
+                ))])
+                .collect(),
+                rights: Some(vec![Matcher::exact("*")]),
+                ..SubscribeRequest::default()
+            })
+            .unwrap()
+            .stream;
+        ready_text(&mut listener);
+        let one = hub
+            .subscribe(SubscribeRequest {
+                topics: vec![Matcher::exact("a b")],
+                payload: Some(serde_json::json!({"p": 1})),
+                ..SubscribeRequest::default()
+            })
+            .unwrap();
+        let old = subscribe_to(&hub, "x", None);
+        let text = ready_text(&mut listener);
+        let events: Vec<&str> = text.split("\n\n").filter(|e| e.contains("data:")).collect();
+        // The listener's own subscriptions are announced too, on topics it does not match.
+        assert_eq!(events.len(), 2, "{text}");
+        assert!(events[0].starts_with("event: mercure\n"), "{text}");
+        let doc: serde_json::Value = serde_json::from_str(
+            events[0]
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap(),
+        )
+        .unwrap();
+        let subscriber = doc["subscriber"].as_str().unwrap().to_owned();
+        assert_eq!(
+            doc,
+            serde_json::json!({
+                "id": format!("{}/exact/a%20b/{}", subscriptions::PREFIX, subscriptions::escape_1_0(&subscriber)),
+                "type": "subscription",
+                "match_type": "exact",
+                "match": "a b",
+                "subscriber": subscriber,
+                "active": true,
+                "payload": {"p": 1},
+            })
+        );
+        assert!(!events[1].contains("event:"), "{text}");
+        assert!(events[1].contains("\"@context\""), "{text}");
+
+        let (docs, _) = hub.subscriptions(&[hub.selector(&Matcher::exact("*"))]);
+        let kinds: Vec<_> = docs.iter().map(|(k, d)| (*k, d["type"].clone())).collect();
+        assert!(kinds.contains(&(MatchType::Exact, "subscription".into())));
+        assert!(kinds.contains(&(MatchType::Topic, "Subscription".into())));
+
+        drop(one);
+        drop(old);
+        let text = ready_text(&mut listener);
+        assert!(text.contains("event: mercure\n"), "{text}");
+        assert!(text.contains("\"active\":false"), "{text}");
     }
 
     fn subscribe_to(hub: &Hub, topic: &str, last_event_id: Option<&str>) -> SubscriberStream {

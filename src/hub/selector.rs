@@ -51,7 +51,8 @@ pub enum MatchType {
 }
 
 impl MatchType {
-    /// The canonical 1.0 name (`exact`, `urlpattern`); `topic` for a 0.x selector.
+    /// The canonical (lowercase) name of a Mercure 1.0 matcher type, as subscription event
+    /// topics and documents spell it; `topic` for the 0.x selector, which has no 1.0 name.
     pub fn name(self) -> &'static str {
         match self {
             MatchType::Topic => "topic",

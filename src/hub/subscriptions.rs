@@ -1,8 +1,13 @@
-//! Mercure's active subscriptions: the JSON-LD documents that describe who is subscribed to
-//! what, published as private updates when a subscription starts or ends, and listed by the
-//! subscription API.
+//! Mercure's active subscriptions: the documents that describe who is subscribed to what,
+//! published as private updates when a subscription starts or ends, and listed by the
+//! subscription API. A subscription keeps the shape of the dialect it was made in: a 0.x
+//! `topic=` one is a JSON-LD `Subscription` on `…/subscriptions/{topic}/{subscriber}`; a 1.0
+//! one is plain JSON on `…/subscriptions/{match_type}/{match}/{subscriber}`, sent as an
+//! `event: mercure`.
 
 use serde_json::{json, Value};
+
+use super::{MatchType, Matcher};
 
 /// The topic prefix of subscription events, and the path of the subscription API.
 pub const PREFIX: &str = "/.well-known/mercure/subscriptions";
@@ -43,8 +48,61 @@ pub fn topic_collection_id(topic: &str) -> String {
     format!("{PREFIX}/{}", escape(topic))
 }
 
-/// The document of one subscription.
-pub fn document(topic: &str, info: &SubscriberInfo, active: bool) -> Value {
+/// Percent-encodes as RFC 6570's simple expansion does, which Mercure 1.0 uses in these ids:
+/// every byte but unreserved characters becomes `%XX` (a space `%20`), once.
+pub fn escape_1_0(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for &b in s.as_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// `/.well-known/mercure/subscriptions/{match_type}/{match}`.
+pub fn matcher_collection_id(match_type: &str, pattern: &str) -> String {
+    format!(
+        "{PREFIX}/{}/{}",
+        escape_1_0(match_type),
+        escape_1_0(pattern)
+    )
+}
+
+/// `/.well-known/mercure/subscriptions/{match_type}/{match}/{subscriber}`.
+pub fn subscription_id_1_0(match_type: &str, pattern: &str, subscriber: &str) -> String {
+    format!(
+        "{}/{}",
+        matcher_collection_id(match_type, pattern),
+        escape_1_0(subscriber)
+    )
+}
+
+/// The document of one subscription, in the shape of the dialect it was made in.
+pub fn document(matcher: &Matcher, info: &SubscriberInfo, active: bool) -> Value {
+    if matcher.kind == MatchType::Topic {
+        return document_0x(&matcher.pattern, info, active);
+    }
+    let name = matcher.kind.name();
+    let mut doc = json!({
+        "id": subscription_id_1_0(name, &matcher.pattern, &info.id),
+        "type": "subscription",
+        "match_type": name,
+        "match": matcher.pattern,
+        "subscriber": info.id,
+        "active": active,
+    });
+    if let Some(p) = &info.payload {
+        doc["payload"] = p.clone();
+    }
+    doc
+}
+
+/// The JSON-LD document of one 0.x subscription.
+fn document_0x(topic: &str, info: &SubscriberInfo, active: bool) -> Value {
     let mut doc = json!({
         "@context": "https://mercure.rocks/",
         "id": subscription_id(topic, &info.id),
@@ -69,5 +127,35 @@ mod tests {
             subscription_id("https://example.com/a b", "urn:uuid:x"),
             "/.well-known/mercure/subscriptions/https%3A%2F%2Fexample.com%2Fa+b/urn%3Auuid%3Ax"
         );
+    }
+
+    #[test]
+    fn documents_take_the_shape_of_their_dialect() {
+        let info = SubscriberInfo {
+            id: "urn:uuid:1".into(),
+            topics: vec![],
+            payload: Some(json!({"a": 1})),
+        };
+        let doc = document(&Matcher::exact("https://example.com/a b%"), &info, true);
+        assert_eq!(
+            doc,
+            json!({
+                "id": "/.well-known/mercure/subscriptions/exact/https%3A%2F%2Fexample.com%2Fa%20b%25/urn%3Auuid%3A1",
+                "type": "subscription",
+                "match_type": "exact",
+                "match": "https://example.com/a b%",
+                "subscriber": "urn:uuid:1",
+                "active": true,
+                "payload": {"a": 1},
+            })
+        );
+        let doc = document(&Matcher::topic("a b"), &info, false);
+        assert_eq!(doc["@context"], "https://mercure.rocks/");
+        assert_eq!(doc["type"], "Subscription");
+        assert_eq!(
+            doc["id"],
+            "/.well-known/mercure/subscriptions/a+b/urn%3Auuid%3A1"
+        );
+        assert_eq!(doc["active"], false);
     }
 }

@@ -31,26 +31,43 @@ pub enum Invalid {
     TooManyTopics,
     #[error("a topic is longer than {} bytes", super::selector::MAX_SELECTOR_LEN)]
     TopicTooLong,
-    #[error("\"id\" must not contain CR, LF or NUL")]
+    #[error("a topic must not contain control or invisible formatting characters (C0, DEL, C1, Unicode Cf)")]
+    BadTopic,
+    #[error("topic \"*\" cannot be published: it means every topic to a subscriber")]
+    WildcardTopic,
+    #[error("topic {0:?} is in the hub's reserved namespace {RESERVED_PATH}")]
+    ReservedTopic(String),
+    #[error("\"id\" must not contain control or invisible formatting characters (C0, DEL, C1, Unicode Cf)")]
     BadId,
     #[error("\"id\" must not start with '#' (reserved for the hub)")]
     HashId,
-    #[error("\"type\" must not contain CR, LF or NUL")]
+    #[error(
+        "\"id\" must not be \"earliest\" (a subscriber sends it to ask for the whole history)"
+    )]
+    EarliestId,
+    #[error("\"type\" must not contain control or invisible formatting characters (C0, DEL, C1, Unicode Cf)")]
     BadType,
+    #[error("\"type\" \"mercure\" is reserved for the hub's own events")]
+    ReservedType,
+    #[error("\"retry\" must be a whole number of milliseconds in ASCII digits, not {0:?}")]
+    BadRetry(String),
     /// Refused with 413, as a body too large is: the publish asks too much of the hub.
     #[error("this publish's topics would be tested against too many URI templates ({topics} topics × {templates} templates); publish fewer or shorter topics")]
     TooMuchMatching { topics: usize, templates: usize },
 }
 
+/// The hub's path: topics under it are the hub's own (its subscription events).
+pub const RESERVED_PATH: &str = "/.well-known/mercure";
+
+/// The SSE event type of the hub's own events, which no publisher may use.
+pub const HUB_EVENT_TYPE: &str = "mercure";
+
 impl Draft {
-    /// Checks everything that does not depend on who is publishing.
+    /// Checks a publisher's update: everything that does not depend on who is publishing
+    /// (Mercure 1.0 §4, applied whatever the dialect of the publisher's token, so that a 0.x
+    /// publisher cannot forge what a 1.0 subscriber trusts to come from the hub).
     pub fn validate(&self) -> Result<(), Invalid> {
-        if self.topics.is_empty() {
-            return Err(Invalid::NoTopic);
-        }
-        if self.topics.len() > MAX_TOPICS {
-            return Err(Invalid::TooManyTopics);
-        }
+        self.validate_encodable()?;
         if self
             .topics
             .iter()
@@ -58,13 +75,60 @@ impl Draft {
         {
             return Err(Invalid::TopicTooLong);
         }
+        if self.topics.iter().any(|t| has_control_or_format(t)) {
+            return Err(Invalid::BadTopic);
+        }
+        if self.topics.iter().any(|t| t == "*") {
+            return Err(Invalid::WildcardTopic);
+        }
+        if let Some(t) = self.topics.iter().find(|t| is_reserved_topic(t)) {
+            return Err(Invalid::ReservedTopic(t.clone()));
+        }
         if let Some(id) = &self.id {
-            if has_line_break_or_nul(id) {
+            if has_control_or_format(id) {
                 return Err(Invalid::BadId);
             }
             if id.starts_with('#') {
                 return Err(Invalid::HashId);
             }
+            if id == "earliest" {
+                return Err(Invalid::EarliestId);
+            }
+        }
+        if let Some(t) = &self.event_type {
+            if has_control_or_format(t) {
+                return Err(Invalid::BadType);
+            }
+            if t == HUB_EVENT_TYPE {
+                return Err(Invalid::ReservedType);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks an update read back from (or sent to) the cluster's shared stream: a
+    /// publisher's gets every check of [`Draft::validate`], but one of the hub's own
+    /// subscription events (which lives in the reserved namespace and has the reserved type)
+    /// only what keeps every stream well-formed.
+    pub fn validate_relayed(&self) -> Result<(), Invalid> {
+        if self.is_subscription_event() {
+            self.validate_encodable()
+        } else {
+            self.validate()
+        }
+    }
+
+    /// What any update must satisfy, the hub's own included: a topic, and an id and a type
+    /// that cannot break the event-stream framing of every subscriber.
+    fn validate_encodable(&self) -> Result<(), Invalid> {
+        if self.topics.is_empty() {
+            return Err(Invalid::NoTopic);
+        }
+        if self.topics.len() > MAX_TOPICS {
+            return Err(Invalid::TooManyTopics);
+        }
+        if self.id.as_deref().is_some_and(has_line_break_or_nul) {
+            return Err(Invalid::BadId);
         }
         if self
             .event_type
@@ -75,6 +139,15 @@ impl Draft {
         }
         Ok(())
     }
+}
+
+/// A publisher's `retry`: ASCII digits only (Rust's own parser would take a leading `+`).
+pub fn parse_retry(value: &str) -> Result<u64, Invalid> {
+    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| value.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| Invalid::BadRetry(value.to_owned()))
 }
 
 impl Draft {
@@ -95,6 +168,106 @@ fn subscription_event(private: bool, topics: &[String]) -> bool {
 
 fn has_line_break_or_nul(s: &str) -> bool {
     s.contains(['\r', '\n', '\0'])
+}
+
+/// Whether `s` holds a character Mercure 1.0 refuses in ids, types, topics and matchers:
+/// C0 controls, DEL, C1 controls, or a Unicode format character (general category `Cf`,
+/// such as the bidirectional overrides and zero-width characters that make two different
+/// strings look the same).
+pub fn has_control_or_format(s: &str) -> bool {
+    s.chars().any(is_control_or_format)
+}
+
+fn is_control_or_format(c: char) -> bool {
+    // Every `Cf` code point as of Unicode 17 (none was added after 15.0).
+    const FORMAT: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = c as u32;
+    if c < 0x20 || (0x7F..=0x9F).contains(&c) {
+        return true;
+    }
+    c >= 0xAD
+        && FORMAT
+            .binary_search_by(|&(lo, hi)| {
+                if hi < c {
+                    std::cmp::Ordering::Less
+                } else if lo > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
+}
+
+/// Whether a topic addresses the hub's reserved namespace (Mercure 1.0 §4.2). A substring
+/// test is both too wide (`/.well-known/mercureX` is a fine topic) and too narrow (a URL
+/// reference such as `mercure/x` or `/.well-known/%6Dercure` reaches the same path), so the
+/// topic is resolved as browsers and URL Patterns do, against the hub's URL (only its path
+/// matters): reserved when the resolved path, with escapes of unreserved characters decoded,
+/// is the hub's path or below it. A topic that is not a URL reference at all is not reserved.
+pub fn is_reserved_topic(topic: &str) -> bool {
+    static BASE: std::sync::LazyLock<url::Url> = std::sync::LazyLock::new(|| {
+        url::Url::parse("https://mercure.invalid/.well-known/mercure").expect("a valid URL")
+    });
+    let Ok(resolved) = BASE.join(topic) else {
+        return false;
+    };
+    let path = decode_unreserved(resolved.path());
+    path == RESERVED_PATH
+        || path
+            .strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Decodes the `%XX` escapes of RFC 3986 unreserved characters (letters, digits, `-._~`),
+/// which name the same resource escaped or not; every other escape stays as it is.
+fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return path.into();
+    }
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |x: u8| (x as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // `path` is a str and `%` is ASCII: copying up to the next `%` keeps UTF-8 whole.
+        let next = path[i + 1..].find('%').map_or(b.len(), |n| i + 1 + n);
+        out.push_str(&path[i..next]);
+        i = next;
+    }
+    out.into()
 }
 
 /// A generated update id: `urn:uuid:` and a UUID v7, whose first 48 bits are the time in ms.
@@ -177,17 +350,167 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ok.validate(), Ok(()));
-        let mut d = ok.clone();
-        d.topics.clear();
-        assert_eq!(d.validate(), Err(Invalid::NoTopic));
-        let mut d = ok.clone();
-        d.id = Some("a\nb".into());
-        assert_eq!(d.validate(), Err(Invalid::BadId));
-        let mut d = ok.clone();
-        d.id = Some("#1".into());
-        assert_eq!(d.validate(), Err(Invalid::HashId));
-        let mut d = ok;
-        d.event_type = Some("x\0".into());
-        assert_eq!(d.validate(), Err(Invalid::BadType));
+        let with = |f: &dyn Fn(&mut Draft)| {
+            let mut d = ok.clone();
+            f(&mut d);
+            d.validate()
+        };
+        assert_eq!(with(&|d| d.topics.clear()), Err(Invalid::NoTopic));
+        assert_eq!(with(&|d| d.id = Some("a\nb".into())), Err(Invalid::BadId));
+        assert_eq!(with(&|d| d.id = Some("#1".into())), Err(Invalid::HashId));
+        assert_eq!(
+            with(&|d| d.id = Some("earliest".into())),
+            Err(Invalid::EarliestId)
+        );
+        assert_eq!(with(&|d| d.id = Some("Earliest".into())), Ok(()));
+        assert_eq!(
+            with(&|d| d.event_type = Some("x\0".into())),
+            Err(Invalid::BadType)
+        );
+        assert_eq!(
+            with(&|d| d.event_type = Some("mercure".into())),
+            Err(Invalid::ReservedType)
+        );
+        assert_eq!(with(&|d| d.event_type = Some("Mercure".into())), Ok(()));
+        for bad in [
+            "a\u{7f}",
+            "a\u{85}",
+            "\u{200b}",
+            "a\u{202e}b",
+            "\u{feff}",
+            "\u{e0041}",
+            "\t",
+        ] {
+            assert_eq!(
+                with(&|d| d.id = Some(bad.into())),
+                Err(Invalid::BadId),
+                "{bad:?}"
+            );
+            assert_eq!(
+                with(&|d| d.event_type = Some(bad.into())),
+                Err(Invalid::BadType),
+                "{bad:?}"
+            );
+            assert_eq!(
+                with(&|d| d.topics.push(bad.into())),
+                Err(Invalid::BadTopic),
+                "{bad:?}"
+            );
+        }
+        for fine in ["é", "日本", "a b", "\u{a0}", "\u{1f600}"] {
+            assert_eq!(with(&|d| d.id = Some(fine.into())), Ok(()), "{fine:?}");
+        }
+        assert_eq!(
+            with(&|d| d.topics.push("*".into())),
+            Err(Invalid::WildcardTopic)
+        );
+        assert_eq!(
+            with(&|d| d.topics.push("mercure/x".into())),
+            Err(Invalid::ReservedTopic("mercure/x".into()))
+        );
+    }
+
+    #[test]
+    fn retry_is_ascii_digits() {
+        assert_eq!(parse_retry("0"), Ok(0));
+        assert_eq!(parse_retry("1500"), Ok(1500));
+        for bad in [
+            "+5",
+            "-1",
+            " 5",
+            "5 ",
+            "1e3",
+            "٣",
+            "99999999999999999999",
+            "",
+        ] {
+            assert_eq!(
+                parse_retry(bad),
+                Err(Invalid::BadRetry(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn relayed_hub_events_keep_their_reserved_topic_and_type() {
+        let event = Draft {
+            topics: vec![format!("{}/exact/a/b", super::super::subscriptions::PREFIX)],
+            event_type: Some(HUB_EVENT_TYPE.into()),
+            private: true,
+            ..Default::default()
+        };
+        assert!(event.validate().is_err());
+        assert_eq!(event.validate_relayed(), Ok(()));
+        // Not private: not the hub's, so a publisher's rules.
+        let forged = Draft {
+            private: false,
+            ..event.clone()
+        };
+        assert!(forged.validate_relayed().is_err());
+        let broken = Draft {
+            event_type: Some("a\nb".into()),
+            ..event
+        };
+        assert_eq!(broken.validate_relayed(), Err(Invalid::BadType));
+    }
+
+    /// The test vectors of the reserved-namespace check (mercure-1.0.md §4.2), one per row.
+    #[test]
+    fn reserved_namespace_vectors() {
+        let reserved = [
+            // Resolves to the hub URL itself.
+            "",
+            // Relative to `/.well-known/`.
+            "mercure",
+            "./mercure",
+            "mercure/foo",
+            // The hub URL's path, with a query or a fragment.
+            "?x=1",
+            "#frag",
+            // `%6D` is an unreserved `m`.
+            "/.well-known/%6Dercure/subscriptions/x",
+            // Dot segments removed.
+            "/.well-known/mercure/../mercure/x",
+            // The host does not count.
+            "https://evil.example/.well-known/mercure/subscriptions/a/b/c",
+            // WHATWG backslashes and authorities.
+            "\\.well-known\\mercure\\x",
+            "https://h\\.well-known\\mercure",
+            "//h/.well-known/mercure",
+            // Beyond the table: the hub path itself, and below it.
+            "/.well-known/mercure",
+            "/.well-known/mercure/",
+            "/.well-known/mercure/subscriptions/exact/a/b",
+        ];
+        for t in reserved {
+            assert!(is_reserved_topic(t), "{t:?} should be reserved");
+        }
+        let free = [
+            "foo",
+            "chat-room-1234",
+            ".",
+            "urn:uuid:1",
+            // Rejected, but by its own rule.
+            "*",
+            // Not at a segment boundary.
+            "/.well-known/mercureX",
+            "/.well-known/mercure-foo",
+            // The path is case-sensitive; `%2F` is not unreserved.
+            "/.WELL-KNOWN/mercure",
+            "https://h/.well-known/mercure%2Fx",
+            // Unparsable.
+            "http://[::1",
+        ];
+        for t in free {
+            assert!(!is_reserved_topic(t), "{t:?} should not be reserved");
+        }
+    }
+
+    #[test]
+    fn decodes_only_unreserved_escapes() {
+        assert_eq!(decode_unreserved("/a%6D%2Fb%7e%"), "/am%2Fb~%");
+        assert_eq!(decode_unreserved("/é%41%4"), "/éA%4");
+        assert_eq!(decode_unreserved("%%41"), "%A");
     }
 }
