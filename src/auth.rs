@@ -957,6 +957,56 @@ mod tests {
     }
 
     #[test]
+    fn a_subscription_takes_the_payload_of_the_first_entry_matching_its_matcher() {
+        let d = |topics: Value, payload: Value| serde_json::json!({"type": DETAIL_TYPE, "actions": ["subscribe"], "topics": topics, "payload": payload});
+        let claims = serde_json::json!({"authorization_details": [
+            d(serde_json::json!([{"match": "https://a.example/:id", "match_type": "urlpattern"}]), serde_json::json!(1)),
+            d(serde_json::json!([{"match": "*"}]), serde_json::json!(2)),
+        ]});
+        let r = rights_from_details(&claims).unwrap();
+        assert_eq!(r.dialect, Dialect::V1);
+        assert_eq!(r.subscribe.as_ref().map(Vec::len), Some(2));
+        assert_eq!(r.publish, None);
+        let payload = |m: Matcher| r.payload_for(&m);
+        assert_eq!(
+            payload(Matcher::exact("https://a.example/7")),
+            Some(serde_json::json!(1))
+        );
+        assert_eq!(
+            payload(Matcher::exact("https://b.example/7")),
+            Some(serde_json::json!(2))
+        );
+        // A 0.x token's payload is the same for every subscription.
+        let legacy = rights_from_claims(&serde_json::json!({"mercure": {"payload": 3}})).unwrap();
+        assert_eq!(
+            legacy.payload_for(&Matcher::topic("x")),
+            Some(serde_json::json!(3))
+        );
+    }
+
+    #[test]
+    fn the_access_token_type_is_read_loosely() {
+        for t in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+Jwt",
+        ] {
+            assert!(is_access_token_type(t), "{t}");
+        }
+        for t in [
+            "JWT",
+            "jwt",
+            "application/jwt",
+            "at+jwt+x",
+            "",
+            "application/",
+        ] {
+            assert!(!is_access_token_type(t), "{t}");
+        }
+    }
+
+    #[test]
     fn none_is_refused() {
         assert!(parse_algorithm("none").is_err());
         assert_eq!(parse_algorithm("es256"), Ok(Algorithm::ES256));

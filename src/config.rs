@@ -204,8 +204,9 @@ pub struct ServeConfig {
     pub resource_identifier: Option<url::Url>,
     /// `--cookie-name`.
     pub cookie_name: String,
-    /// `--authorization-server`, for the protected resource metadata.
-    pub authorization_server: Option<url::Url>,
+    /// `--authorization-server`, for the protected resource metadata (as given: clients
+    /// compare issuer identifiers as strings).
+    pub authorization_server: Option<String>,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Redis URL for cluster mode.
@@ -353,7 +354,7 @@ impl ServeArgs {
         let authorization_server = self
             .authorization_server
             .as_deref()
-            .map(|s| absolute_url("--authorization-server", s))
+            .map(|s| absolute_url("--authorization-server", s).map(|_| s.to_owned()))
             .transpose()?;
         if self.issuer.as_deref().is_some_and(str::is_empty) {
             return Err(

@@ -25,7 +25,7 @@ pub struct TokenSettings {
     /// `--cookie-name`.
     pub cookie_name: String,
     /// `--authorization-server`.
-    pub authorization_server: Option<url::Url>,
+    pub authorization_server: Option<String>,
     /// The hub serves HTTPS: a derived resource identifier is `https://…`.
     pub tls: bool,
     /// A key was configured (not a random one for the run): the metadata is served and the
@@ -144,7 +144,7 @@ pub async fn metadata(State(app): State<AppState>, req: Request) -> Response {
         doc["mercure_subscriptions"] = true.into();
     }
     if let Some(server) = &t.authorization_server {
-        doc["authorization_servers"] = json!([server.as_str()]);
+        doc["authorization_servers"] = json!([server]);
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
