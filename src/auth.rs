@@ -1,9 +1,14 @@
 //! Tokens to rights, and where a request carries its token.
 //!
-//! Mercure authorizes with a JWS whose `mercure` claim lists the topic selectors a client may
-//! publish to and receive private updates from. Verification is jsonwebtoken's; this module
-//! decides which key and algorithm apply, reads the claim (also under its namespaced name),
-//! and turns every failure into a one-line reason the client can act on.
+//! Two token dialects are served side by side, told apart by the JOSE header alone. A token
+//! typed `at+jwt` is a Mercure 1.0 access token (RFC 9068): `iss`, `aud` and `exp` are
+//! required and its grants are RFC 9396 `authorization_details`. Any other JWS is a 0.x token
+//! whose `mercure` claim lists the topic selectors a client may publish to and receive private
+//! updates from. A token never switches dialect after failing: a 1.0 token refused for its
+//! audience is not tried again as a 0.x one, which would check nothing of the kind.
+//! Verification is jsonwebtoken's; this module decides which key and algorithm apply, reads
+//! the grants, and turns every failure into a one-line reason (for the body and the log; the
+//! challenge says only `invalid_token`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -21,8 +26,52 @@ use crate::hub::Matcher;
 /// Clock leeway for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
 
-/// The cookie a browser carries its token in.
+/// The cookie a browser carried its token in under Mercure 0.x: read only when the request
+/// has no cookie of the configured name (`--cookie-name`).
 pub const COOKIE_NAME: &str = "mercureAuthorization";
+
+/// The Mercure 1.0 cookie's default name (`--cookie-name`).
+pub const DEFAULT_COOKIE_NAME: &str = "__Secure-mercure_access_token";
+
+/// The `type` of the `authorization_details` entries that are Mercure grants.
+pub const DETAIL_TYPE: &str = "https://mercure.rocks/authorization-detail";
+
+/// Mercure entries one token may hold, topic matchers across them, and bytes per matcher:
+/// a token is parsed on every subscribe, and each matcher is compiled.
+pub const MAX_DETAILS: usize = 100;
+pub const MAX_DETAIL_TOPICS: usize = 100;
+pub const MAX_PATTERN_BYTES: usize = 4096;
+
+/// Which protocol a token was issued for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// Any JWS with a `mercure` claim (or none).
+    #[default]
+    Legacy,
+    /// An `at+jwt` access token with `authorization_details`.
+    V1,
+}
+
+/// What a token must have been issued for, besides being signed by the hub's key.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// `--issuer`: `iss` must equal it. `None`: any `iss` (the self-issued setup).
+    pub issuer: Option<&'a str>,
+    /// The hub's resource identifier, that `aud` must contain.
+    pub audience: &'a str,
+    /// The audience was configured (`--resource-identifier`), not derived from the request:
+    /// only then is it checked on a 0.x token that carries `aud`.
+    pub audience_configured: bool,
+}
+
+impl Expected<'_> {
+    /// No issuer, an audience no token names: for tools and tests of 0.x tokens.
+    pub const LEGACY: Expected<'static> = Expected {
+        issuer: None,
+        audience: "",
+        audience_configured: false,
+    };
+}
 
 /// What a verified token allows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,10 +80,16 @@ pub struct Rights {
     pub publish: Option<Vec<Matcher>>,
     /// `mercure.subscribe`: selectors of private updates the holder may receive.
     pub subscribe: Option<Vec<Matcher>>,
-    /// `mercure.payload`, echoed in subscription events.
+    /// `mercure.payload`, echoed in subscription events (0.x tokens).
     pub payload: Option<Value>,
+    /// A 1.0 token's `subscribe` entries in order: their topics and their `payload`. A
+    /// subscription's payload is that of the first entry one of whose topics matches the
+    /// subscription's own matcher (see [`Rights::payload_for`]).
+    pub subscribe_payloads: Vec<(Vec<Matcher>, Option<Value>)>,
     /// The token's `exp`.
     pub expires_at: Option<SystemTime>,
+    /// The dialect of the token the rights come from.
+    pub dialect: Dialect,
 }
 
 impl Rights {
@@ -47,16 +102,40 @@ impl Rights {
         }
         Ok(self)
     }
+
+    /// The payload of a subscription to `m`: a 0.x token's `mercure.payload`; for a 1.0
+    /// token, that of the first `subscribe` entry one of whose topics matches `m`'s own text
+    /// read as a topic (Mercure 1.0 §7.1), if any.
+    pub fn payload_for(&self, m: &Matcher) -> Option<Value> {
+        if self.dialect == Dialect::Legacy {
+            return self.payload.clone();
+        }
+        if self.subscribe_payloads.iter().all(|(_, p)| p.is_none()) {
+            return None;
+        }
+        self.subscribe_payloads
+            .iter()
+            .find(|(topics, _)| {
+                topics
+                    .iter()
+                    .any(|t| crate::hub::Selector::compile(t).matches(&m.pattern))
+            })
+            .and_then(|(_, p)| p.clone())
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("missing token: send it as \"Authorization: Bearer <jwt>\", the \"authorization\" query parameter or the \"mercureAuthorization\" cookie")]
+    #[error("missing token: send it as \"Authorization: Bearer <jwt>\" or in the hub's cookie")]
     Missing,
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The token was presented wrongly (two Authorization headers, another scheme…): 400
+    /// `invalid_request`.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// Why a token signed with another key is refused.
@@ -102,6 +181,7 @@ struct Verified {
 
 struct Entry {
     token: Box<[u8]>,
+    audience: Box<str>,
     rights: Arc<Rights>,
 }
 
@@ -117,26 +197,35 @@ impl Verified {
         }
     }
 
-    fn get(&self, token: &str, now: SystemTime) -> Option<Arc<Rights>> {
+    /// The rights `token` was verified to hold for `audience` (the resource identifier the
+    /// request was checked against: a token accepted for one host is not for another).
+    fn get(&self, token: &str, audience: &str, now: SystemTime) -> Option<Arc<Rights>> {
         if token.len() > VERIFIED_TOKEN_MAX {
             return None;
         }
-        let key = self.hasher.hash_one(token);
+        let key = self.hasher.hash_one((token, audience));
         let entry = self.entries.lock().get(&key).cloned()?;
         let same: bool = entry.token.as_ref().ct_eq(token.as_bytes()).into();
-        (same && still_valid(entry.rights.expires_at, now)).then(|| entry.rights.clone())
+        (same && *entry.audience == *audience && still_valid(entry.rights.expires_at, now))
+            .then(|| entry.rights.clone())
     }
 
-    fn put(&self, token: &str, rights: &Arc<Rights>) {
-        self.put_at(self.hasher.hash_one(token), token, rights);
+    fn put(&self, token: &str, audience: &str, rights: &Arc<Rights>) {
+        self.put_at(
+            self.hasher.hash_one((token, audience)),
+            token,
+            audience,
+            rights,
+        );
     }
 
-    fn put_at(&self, key: u64, token: &str, rights: &Arc<Rights>) {
-        if token.len() > VERIFIED_TOKEN_MAX {
+    fn put_at(&self, key: u64, token: &str, audience: &str, rights: &Arc<Rights>) {
+        if token.len() > VERIFIED_TOKEN_MAX || audience.len() > VERIFIED_TOKEN_MAX {
             return;
         }
         let entry = Arc::new(Entry {
             token: token.as_bytes().into(),
+            audience: audience.into(),
             rights: rights.clone(),
         });
         let mut entries = self.entries.lock();
@@ -203,6 +292,43 @@ pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
 
 pub fn is_hmac(alg: Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// True for the JOSE `typ` of an RFC 9068 access token: `at+jwt`, with or without the
+/// `application/` prefix, in any case.
+fn is_access_token_type(typ: &str) -> bool {
+    let t = typ.trim();
+    let t = match t.get(..12) {
+        Some(p) if p.eq_ignore_ascii_case("application/") => &t[12..],
+        _ => t,
+    };
+    t.eq_ignore_ascii_case("at+jwt")
+}
+
+fn check_issuer(iss: &str, expected: &Expected<'_>) -> Result<(), AuthError> {
+    match expected.issuer {
+        Some(want) if want != iss => Err(AuthError::Invalid(
+            "the token was issued by another issuer (\"iss\")".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `aud`, a string or an array of strings, must name the hub's resource identifier.
+fn check_audience(aud: &Value, expected: &Expected<'_>) -> Result<(), AuthError> {
+    let names = |a: &str| !expected.audience.is_empty() && a == expected.audience;
+    let ok = match aud {
+        Value::String(a) => names(a),
+        Value::Array(list) => list.iter().any(|a| a.as_str().is_some_and(names)),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::Invalid(
+            "the token is not for this hub (\"aud\")".into(),
+        ))
+    }
 }
 
 impl Key {
@@ -321,26 +447,39 @@ impl Key {
             .map_err(|e| format!("cannot sign the token: {e}"))
     }
 
-    /// Verifies `token` and reads its rights.
-    pub fn verify(&self, token: &str) -> Result<Rights, AuthError> {
-        self.verify_fully(token).map(|(rights, _)| rights)
+    /// Verifies `token` and reads its rights: a 1.0 token (`typ: at+jwt`) against `expected`,
+    /// a 0.x one as 0.x tokens always were (plus `iss` and `aud` when it has them and the hub
+    /// was configured with them).
+    pub fn verify(&self, token: &str, expected: &Expected<'_>) -> Result<Rights, AuthError> {
+        self.verify_fully(token, expected).map(|(rights, _)| rights)
     }
 
     /// Like [`Key::verify`], for the publish path: remembers the tokens it verified (see
     /// `Verified`), so that a publisher's token is checked once, not with every publish.
-    pub fn verify_publisher(&self, token: &str) -> Result<Arc<Rights>, AuthError> {
-        if let Some(rights) = self.verified.get(token, SystemTime::now()) {
+    pub fn verify_publisher(
+        &self,
+        token: &str,
+        expected: &Expected<'_>,
+    ) -> Result<Arc<Rights>, AuthError> {
+        if let Some(rights) = self
+            .verified
+            .get(token, expected.audience, SystemTime::now())
+        {
             return Ok(rights);
         }
-        let (rights, claims) = self.verify_fully(token)?;
+        let (rights, claims) = self.verify_fully(token, expected)?;
         let rights = Arc::new(rights);
         if claims.get("nbf").is_none() {
-            self.verified.put(token, &rights);
+            self.verified.put(token, expected.audience, &rights);
         }
         Ok(rights)
     }
 
-    fn verify_fully(&self, token: &str) -> Result<(Rights, Value), AuthError> {
+    fn verify_fully(
+        &self,
+        token: &str,
+        expected: &Expected<'_>,
+    ) -> Result<(Rights, Value), AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let Some(decoding) = &self.decoding else {
             return Err(AuthError::Invalid(
@@ -354,26 +493,63 @@ impl Key {
                     .into(),
             ));
         }
+        let invalid = |m: &str| AuthError::Invalid(m.to_owned());
+        // The header alone decides the dialect; an unreadable one (or `alg: none`, which
+        // jsonwebtoken does not know) is refused below with the decoding's own reason.
+        let v1 = jsonwebtoken::decode_header(token)
+            .ok()
+            .and_then(|h| h.typ)
+            .is_some_and(|t| is_access_token_type(&t));
         let data =
             jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(|e| {
-                AuthError::Invalid(
-                    match e.kind() {
-                        K::ExpiredSignature => "the token has expired",
-                        K::ImmatureSignature => "the token is not valid yet (nbf)",
-                        K::InvalidSignature => WRONG_KEY,
-                        K::InvalidAlgorithm => {
-                            "the token's algorithm is not the one the hub accepts"
-                        }
-                        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
-                            "it is not a well-formed JWS"
-                        }
-                        _ => "it could not be verified",
+                invalid(match e.kind() {
+                    K::ExpiredSignature => "the token has expired",
+                    K::ImmatureSignature => "the token is not valid yet (nbf)",
+                    K::InvalidSignature => WRONG_KEY,
+                    K::InvalidAlgorithm => "the token's algorithm is not the one the hub accepts",
+                    K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                        "it is not a well-formed JWS"
                     }
-                    .to_owned(),
-                )
+                    _ => "it could not be verified",
+                })
             })?;
-        let rights = rights_from_claims(&data.claims).map_err(AuthError::Invalid)?;
-        Ok((rights, data.claims))
+        let claims = data.claims;
+        if !claims.is_object() {
+            return Err(invalid("its claims are not a JSON object"));
+        }
+        let rights = if v1 {
+            if claims.get("exp").is_none() {
+                return Err(invalid("a Mercure 1.0 token must have \"exp\""));
+            }
+            match claims.get("iss") {
+                Some(Value::String(iss)) => check_issuer(iss, expected)?,
+                _ => return Err(invalid("a Mercure 1.0 token must have \"iss\"")),
+            }
+            match claims.get("aud") {
+                Some(aud) => check_audience(aud, expected)?,
+                None => return Err(invalid("a Mercure 1.0 token must have \"aud\"")),
+            }
+            rights_from_details(&claims).map_err(AuthError::Invalid)?
+        } else {
+            // Mercure 1.0 grants are honoured only under 1.0 validation (iss, aud, exp).
+            if claims.get("authorization_details").is_some() {
+                return Err(invalid(
+                    "\"authorization_details\" needs a Mercure 1.0 token (typ \"at+jwt\")",
+                ));
+            }
+            if let Some(iss) = claims.get("iss") {
+                if expected.issuer.is_some() {
+                    check_issuer(iss.as_str().unwrap_or(""), expected)?;
+                }
+            }
+            if let Some(aud) = claims.get("aud") {
+                if expected.audience_configured {
+                    check_audience(aud, expected)?;
+                }
+            }
+            rights_from_claims(&claims).map_err(AuthError::Invalid)?
+        };
+        Ok((rights, claims))
     }
 
     /// Signs a token granting `publish` and `subscribe`, valid for `ttl` (forever when `None`).
@@ -409,14 +585,10 @@ impl Key {
 
 /// Reads the `mercure` claim (or its namespaced form `https://mercure.rocks/`).
 pub fn rights_from_claims(claims: &Value) -> Result<Rights, String> {
-    let mut rights = Rights::default();
-    if let Some(exp) = claims.get("exp") {
-        let secs = exp
-            .as_u64()
-            .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-            .ok_or("\"exp\" is not a number")?;
-        rights.expires_at = Some(UNIX_EPOCH + Duration::from_secs(secs.min(u32::MAX as u64 * 4)));
-    }
+    let mut rights = Rights {
+        expires_at: expires_at(claims)?,
+        ..Rights::default()
+    };
     let Some(m) = claims
         .get("mercure")
         .or_else(|| claims.get("https://mercure.rocks/"))
@@ -447,6 +619,127 @@ pub fn rights_from_claims(claims: &Value) -> Result<Rights, String> {
     Ok(rights)
 }
 
+/// Reads a 1.0 token's grants from its `authorization_details`. Entries of other types
+/// belong to other APIs and are skipped; one Mercure entry that does not parse refuses the
+/// whole token (using the others would grant what the issuer did not write).
+pub fn rights_from_details(claims: &Value) -> Result<Rights, String> {
+    let mut rights = Rights {
+        dialect: Dialect::V1,
+        expires_at: expires_at(claims)?,
+        ..Rights::default()
+    };
+    let entries = match claims.get("authorization_details") {
+        None => return Ok(rights),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err("\"authorization_details\" must be an array".into()),
+    };
+    let (mut details, mut matchers) = (0, 0);
+    let (mut publish, mut subscribe) = (None::<Vec<Matcher>>, None::<Vec<Matcher>>);
+    for entry in entries {
+        let Value::Object(entry) = entry else {
+            return Err("an \"authorization_details\" entry is not an object".into());
+        };
+        if entry.get("type").and_then(Value::as_str) != Some(DETAIL_TYPE) {
+            continue;
+        }
+        details += 1;
+        if details > MAX_DETAILS {
+            return Err(format!(
+                "more than {MAX_DETAILS} Mercure authorization details"
+            ));
+        }
+        let actions = match entry.get("actions") {
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|a| a.as_str().ok_or("an action is not a string"))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err("\"actions\" must be a non-empty array of strings".into()),
+        };
+        let topics = match entry.get("topics") {
+            Some(Value::Array(t)) if !t.is_empty() => t,
+            _ => return Err("\"topics\" must be a non-empty array of matchers".into()),
+        };
+        matchers += topics.len();
+        if matchers > MAX_DETAIL_TOPICS {
+            return Err(format!(
+                "more than {MAX_DETAIL_TOPICS} topic matchers in the authorization details"
+            ));
+        }
+        let topics = topics
+            .iter()
+            .map(detail_matcher)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Unknown actions grant nothing; they are not an error (the registry may grow).
+        if actions.contains(&"publish") {
+            publish
+                .get_or_insert_default()
+                .extend(topics.iter().cloned());
+        }
+        if actions.contains(&"subscribe") {
+            subscribe
+                .get_or_insert_default()
+                .extend(topics.iter().cloned());
+            rights
+                .subscribe_payloads
+                .push((topics, entry.get("payload").cloned()));
+        }
+    }
+    rights.publish = publish;
+    rights.subscribe = subscribe;
+    Ok(rights)
+}
+
+/// One `{"match": …, "match_type": …}` of a detail's `topics`.
+fn detail_matcher(topic: &Value) -> Result<Matcher, String> {
+    let Value::Object(topic) = topic else {
+        return Err("a topic matcher must be an object {\"match\": …}".into());
+    };
+    let pattern = match topic.get("match") {
+        Some(Value::String(p)) if !p.is_empty() => p,
+        _ => return Err("a topic matcher's \"match\" must be a non-empty string".into()),
+    };
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(format!(
+            "a topic matcher is longer than {MAX_PATTERN_BYTES} bytes"
+        ));
+    }
+    // Control characters have no place in a topic and could split a log line or a header.
+    if pattern.chars().any(char::is_control) {
+        return Err("a topic matcher holds control characters".into());
+    }
+    let m = match topic.get("match_type") {
+        None => Matcher::exact(pattern.as_str()),
+        Some(Value::String(t)) if t == "exact" => Matcher::exact(pattern.as_str()),
+        Some(Value::String(t)) if t == "urlpattern" => Matcher::url_pattern(pattern.as_str()),
+        Some(_) => {
+            return Err(
+                "a topic matcher's \"match_type\" must be \"exact\" or \"urlpattern\"".into(),
+            )
+        }
+    };
+    if matches!(
+        crate::hub::Selector::compile(&m),
+        crate::hub::Selector::Never(_)
+    ) {
+        return Err("a topic matcher is not a valid URL pattern".into());
+    }
+    Ok(m)
+}
+
+/// The claims' `exp`, if any.
+fn expires_at(claims: &Value) -> Result<Option<SystemTime>, String> {
+    let Some(exp) = claims.get("exp") else {
+        return Ok(None);
+    };
+    let secs = exp
+        .as_u64()
+        .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        .ok_or("\"exp\" is not a number")?;
+    Ok(Some(
+        UNIX_EPOCH + Duration::from_secs(secs.min(u32::MAX as u64 * 4)),
+    ))
+}
+
 /// Where a request's token came from. A cookie makes a publish subject to the CSRF check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenSource {
@@ -473,53 +766,62 @@ pub fn query_token(
 /// holds one.
 pub fn keep_query_token(found: &mut Option<String>, value: String) -> Result<(), AuthError> {
     if found.replace(value).is_some() {
-        return Err(AuthError::Invalid(
+        return Err(AuthError::BadRequest(
             "the request has several authorization query parameters: send one".into(),
         ));
     }
     Ok(())
 }
 
-/// Finds the token: the `Authorization` header wins, then the `authorization` query parameter,
-/// then the `mercureAuthorization` cookie.
+/// Finds the token: the `Authorization` header wins, then the `authorization` query parameter
+/// (0.x requests only: the caller passes it as `query_token`), then the cookie named
+/// `cookie_name`, and only without that cookie the 0.x `mercureAuthorization` one (an invalid
+/// 1.0 cookie is not made up for by a legacy one).
 pub fn find_token<'a>(
     headers: &'a http::HeaderMap,
     query_token: Option<&'a str>,
+    cookie_name: &str,
 ) -> Result<Option<(&'a str, TokenSource)>, AuthError> {
+    let bad = |m: &str| AuthError::BadRequest(m.to_owned());
     let mut authorization = headers.get_all(http::header::AUTHORIZATION).iter();
     if let Some(v) = authorization.next() {
         // Authorization is a single-value field (RFC 9110 §11.6.2). With two, a proxy and the
         // hub could each act on a different one: refuse rather than pick.
         if authorization.next().is_some() {
-            return Err(AuthError::Invalid(
-                "the request has several Authorization headers: send one".into(),
+            return Err(bad(
+                "the request has several Authorization headers: send one",
             ));
         }
         let v = v
             .to_str()
-            .map_err(|_| AuthError::Invalid("the Authorization header is not ASCII".into()))?;
+            .map_err(|_| bad("the Authorization header is not ASCII"))?;
         let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                AuthError::Invalid("the Authorization header must be \"Bearer <jwt>\"".into())
-            })?;
-        return Ok(Some((token.trim(), TokenSource::Header)));
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|t| !t.is_empty() && !t.contains([' ', '\t', ',']))
+            .ok_or_else(|| bad("the Authorization header must be \"Bearer <jwt>\""))?;
+        return Ok(Some((token, TokenSource::Header)));
     }
     if let Some(t) = query_token {
         return Ok(Some((t, TokenSource::Query)));
     }
+    let mut legacy = None;
     for v in headers.get_all(http::header::COOKIE) {
         let Ok(v) = v.to_str() else { continue };
         for pair in v.split(';') {
             if let Some((name, value)) = pair.trim().split_once('=') {
-                if name == COOKIE_NAME {
-                    return Ok(Some((value.trim_matches('"'), TokenSource::Cookie)));
+                let value = value.trim().trim_matches('"');
+                if name == cookie_name {
+                    return Ok(Some((value, TokenSource::Cookie)));
+                }
+                if name == COOKIE_NAME && legacy.is_none() {
+                    legacy = Some(value);
                 }
             }
         }
     }
-    Ok(None)
+    Ok(legacy.map(|t| (t, TokenSource::Cookie)))
 }
 
 /// Whether `token` says it is a Mercure 1.0 access token (RFC 9068: JOSE header `typ`
@@ -549,12 +851,15 @@ mod tests {
         let t = k
             .mint(Some(&["a".into()]), None, Some(Duration::from_secs(60)))
             .unwrap();
-        let r = k.verify(&t).unwrap();
+        let r = k.verify(&t, &Expected::LEGACY).unwrap();
         assert_eq!(r.publish, Some(vec![Matcher::topic("a")]));
         assert_eq!(r.subscribe, None);
         assert!(r.expires_at.is_some());
         let other = Key::secret(Algorithm::HS256, b"other");
-        assert!(matches!(other.verify(&t), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            other.verify(&t, &Expected::LEGACY),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     fn marker(publish: &str, expires_at: Option<SystemTime>) -> Arc<Rights> {
@@ -577,23 +882,23 @@ mod tests {
         let t = k
             .mint(Some(&["a".into()]), None, Some(Duration::from_secs(60)))
             .unwrap();
-        k.verify(&t).unwrap();
+        k.verify(&t, &Expected::LEGACY).unwrap();
         assert_eq!(k.verified.len(), 0, "verify() keeps nothing");
         assert_eq!(
-            k.verify_publisher(&t).unwrap().publish,
+            k.verify_publisher(&t, &Expected::LEGACY).unwrap().publish,
             Some(vec![Matcher::topic("a")])
         );
         assert_eq!(k.verified.len(), 1, "kept after the full check");
         // A hit is served from memory: swap in a marker and it comes back.
-        k.verified.put(&t, &marker("from memory", None));
+        k.verified.put(&t, "", &marker("from memory", None));
         assert_eq!(
-            k.verify_publisher(&t).unwrap().publish,
+            k.verify_publisher(&t, &Expected::LEGACY).unwrap().publish,
             Some(vec![Matcher::topic("from memory")])
         );
         // Clones of a key share what it verified; another key knows nothing of it.
         assert_eq!(k.clone().verified.len(), 1);
         let other = Key::secret(Algorithm::HS256, b"other");
-        assert!(other.verify_publisher(&t).is_err());
+        assert!(other.verify_publisher(&t, &Expected::LEGACY).is_err());
     }
 
     #[test]
@@ -606,10 +911,10 @@ mod tests {
         let last = forged.len() - 2;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).unwrap();
-        let slot = k.verified.hasher.hash_one(forged.as_str());
-        k.verified.put_at(slot, &t, &marker("*", None));
+        let slot = k.verified.hasher.hash_one((forged.as_str(), ""));
+        k.verified.put_at(slot, &t, "", &marker("*", None));
         assert!(matches!(
-            k.verify_publisher(&forged),
+            k.verify_publisher(&forged, &Expected::LEGACY),
             Err(AuthError::Invalid(_))
         ));
         assert_eq!(k.verified.len(), 1, "a failed token is never kept");
@@ -617,12 +922,13 @@ mod tests {
         let unsigned = "eyJhbGciOiJIUzI1NiJ9.e30.";
         k.verified.put(
             unsigned,
+            "",
             &marker("*", Some(SystemTime::now() - Duration::from_secs(1))),
         );
-        assert!(k.verify_publisher(unsigned).is_err());
-        k.verified.put(unsigned, &marker("*", None));
+        assert!(k.verify_publisher(unsigned, &Expected::LEGACY).is_err());
+        k.verified.put(unsigned, "", &marker("*", None));
         assert!(
-            k.verify_publisher(unsigned).is_ok(),
+            k.verify_publisher(unsigned, &Expected::LEGACY).is_ok(),
             "the entry itself is read"
         );
     }
@@ -643,7 +949,7 @@ mod tests {
         let claims = serde_json::json!({"nbf": secs - 10, "mercure": {"publish": ["*"]}});
         let enc = EncodingKey::from_secret(b"secret");
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
-        assert!(k.verify_publisher(&t).is_ok());
+        assert!(k.verify_publisher(&t, &Expected::LEGACY).is_ok());
         assert_eq!(k.verified.len(), 0);
     }
 
@@ -652,14 +958,14 @@ mod tests {
         let k = Key::secret(Algorithm::HS256, b"secret");
         for i in 0..VERIFIED_ENTRIES + 10 {
             let t = k.mint(Some(&[format!("t{i}")]), None, None).unwrap();
-            k.verify_publisher(&t).unwrap();
+            k.verify_publisher(&t, &Expected::LEGACY).unwrap();
             assert!(k.verified.len() <= VERIFIED_ENTRIES);
         }
         let huge = k
             .mint(Some(&["x".repeat(VERIFIED_TOKEN_MAX)]), None, None)
             .unwrap();
         let before = k.verified.len();
-        k.verify_publisher(&huge).unwrap();
+        k.verify_publisher(&huge, &Expected::LEGACY).unwrap();
         assert_eq!(
             k.verified.len(),
             before,
@@ -676,6 +982,56 @@ mod tests {
         assert_eq!(r.subscribe, Some(vec![Matcher::topic("x")]));
         assert!(r.payload.is_some());
         assert!(rights_from_claims(&serde_json::json!({"mercure": {"publish": "x"}})).is_err());
+    }
+
+    #[test]
+    fn a_subscription_takes_the_payload_of_the_first_entry_matching_its_matcher() {
+        let d = |topics: Value, payload: Value| serde_json::json!({"type": DETAIL_TYPE, "actions": ["subscribe"], "topics": topics, "payload": payload});
+        let claims = serde_json::json!({"authorization_details": [
+            d(serde_json::json!([{"match": "https://a.example/:id", "match_type": "urlpattern"}]), serde_json::json!(1)),
+            d(serde_json::json!([{"match": "*"}]), serde_json::json!(2)),
+        ]});
+        let r = rights_from_details(&claims).unwrap();
+        assert_eq!(r.dialect, Dialect::V1);
+        assert_eq!(r.subscribe.as_ref().map(Vec::len), Some(2));
+        assert_eq!(r.publish, None);
+        let payload = |m: Matcher| r.payload_for(&m);
+        assert_eq!(
+            payload(Matcher::exact("https://a.example/7")),
+            Some(serde_json::json!(1))
+        );
+        assert_eq!(
+            payload(Matcher::exact("https://b.example/7")),
+            Some(serde_json::json!(2))
+        );
+        // A 0.x token's payload is the same for every subscription.
+        let legacy = rights_from_claims(&serde_json::json!({"mercure": {"payload": 3}})).unwrap();
+        assert_eq!(
+            legacy.payload_for(&Matcher::topic("x")),
+            Some(serde_json::json!(3))
+        );
+    }
+
+    #[test]
+    fn the_access_token_type_is_read_loosely() {
+        for t in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+Jwt",
+        ] {
+            assert!(is_access_token_type(t), "{t}");
+        }
+        for t in [
+            "JWT",
+            "jwt",
+            "application/jwt",
+            "at+jwt+x",
+            "",
+            "application/",
+        ] {
+            assert!(!is_access_token_type(t), "{t}");
+        }
     }
 
     #[test]

@@ -130,6 +130,29 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_PUBLISH_ORIGINS")]
     pub publish_origins: Option<String>,
 
+    /// The issuer Mercure 1.0 tokens must name (`iss`), e.g. https://app.example.com. Without
+    /// it, any `iss` signed by the configured keys is trusted (a self-issued setup).
+    #[arg(long, env = "SSEHUB_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// The hub's canonical URL (absolute, no fragment), e.g.
+    /// https://hub.example.com/.well-known/mercure: what Mercure 1.0 tokens must name in `aud`,
+    /// and the base relative URL patterns and topics are read against. Without it, the
+    /// audience is taken from each request (its scheme, Host header and the hub's path) and
+    /// the base is https://mercure.invalid/.well-known/mercure.
+    #[arg(long, env = "SSEHUB_RESOURCE_IDENTIFIER")]
+    pub resource_identifier: Option<String>,
+
+    /// The cookie browsers carry their Mercure 1.0 token in (the 0.x `mercureAuthorization`
+    /// is read when it is absent).
+    #[arg(long, env = "SSEHUB_COOKIE_NAME", default_value = crate::auth::DEFAULT_COOKIE_NAME)]
+    pub cookie_name: String,
+
+    /// The authorization server that issues the hub's tokens, advertised in the hub's
+    /// protected resource metadata (RFC 9728), e.g. https://auth.example.com.
+    #[arg(long, env = "SSEHUB_AUTHORIZATION_SERVER")]
+    pub authorization_server: Option<String>,
+
     /// Publish Mercure subscription events and serve the subscription API.
     #[arg(long, env = "SSEHUB_SUBSCRIPTIONS",
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -165,12 +188,6 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_PROTOCOL", value_enum, default_value = "both")]
     pub protocol: Protocol,
 
-    /// The hub's canonical URL (absolute, no fragment), e.g.
-    /// https://hub.example.com/.well-known/mercure: relative URL patterns and topics are read
-    /// against it. Without it, against https://mercure.invalid/.well-known/mercure.
-    #[arg(long, env = "SSEHUB_RESOURCE_IDENTIFIER")]
-    pub resource_identifier: Option<String>,
-
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -201,6 +218,16 @@ pub struct ServeConfig {
     pub cors_origins: Option<Origins>,
     pub publish_origins: Origins,
     pub subscriptions: bool,
+    /// `--issuer`: the `iss` Mercure 1.0 tokens must have; `None`: any.
+    pub issuer: Option<String>,
+    /// `--resource-identifier`: the `aud` Mercure 1.0 tokens must have; `None`: derived
+    /// from each request.
+    pub resource_identifier: Option<url::Url>,
+    /// `--cookie-name`.
+    pub cookie_name: String,
+    /// `--authorization-server`, for the protected resource metadata (as given: clients
+    /// compare issuer identifiers as strings).
+    pub authorization_server: Option<String>,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Redis URL for cluster mode.
@@ -211,8 +238,6 @@ pub struct ServeConfig {
     pub data_dir: Option<std::path::PathBuf>,
     pub data_dir_recover: bool,
     pub protocol: Protocol,
-    /// The hub's URL, that relative URL patterns and topics are read against.
-    pub resource_identifier: Option<url::Url>,
 }
 
 /// A list of origins, or any.
@@ -332,8 +357,52 @@ impl ServeArgs {
                     .into(),
             );
         }
+        let absolute_url = |flag: &str, s: &str| -> Result<url::Url, String> {
+            url::Url::parse(s)
+                .ok()
+                .filter(|u| u.has_host() && u.fragment().is_none())
+                .ok_or_else(|| {
+                    format!(
+                        "{flag} {s:?} is not an absolute URL without fragment, e.g. \
+                         https://hub.example.com/.well-known/mercure"
+                    )
+                })
+        };
+        let resource_identifier = self
+            .resource_identifier
+            .as_deref()
+            .map(check_resource_identifier)
+            .transpose()?;
+        let authorization_server = self
+            .authorization_server
+            .as_deref()
+            .map(|s| absolute_url("--authorization-server", s).map(|_| s.to_owned()))
+            .transpose()?;
+        if self.issuer.as_deref().is_some_and(str::is_empty) {
+            return Err(
+                "--issuer is empty (is SSEHUB_ISSUER set to nothing?): give the issuer's \
+                 identifier, or leave the flag out to trust any issuer signing with the keys"
+                    .into(),
+            );
+        }
+        // A cookie name is an RFC 6265 token: no separators, spaces or controls.
+        let cookie_ok = !self.cookie_name.is_empty()
+            && self
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !cookie_ok {
+            return Err(format!(
+                "--cookie-name {:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+                self.cookie_name
+            ));
+        }
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(ServeConfig {
+            issuer: self.issuer.clone(),
+            resource_identifier,
+            cookie_name: self.cookie_name.clone(),
+            authorization_server,
             listen,
             clock_interval: nonzero(self.clock_interval),
             publisher_jwt_key: self.publisher_jwt_key.clone(),
@@ -374,11 +443,6 @@ impl ServeArgs {
             },
             data_dir_recover: self.data_dir_recover,
             protocol: self.protocol,
-            resource_identifier: self
-                .resource_identifier
-                .as_deref()
-                .map(check_resource_identifier)
-                .transpose()?,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),

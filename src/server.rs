@@ -171,7 +171,18 @@ pub async fn run(
         subscriptions: config.subscriptions,
         cluster: cluster.clone(),
         protocol: config.protocol,
+        tokens: Arc::new(crate::http::discovery::TokenSettings {
+            issuer: config.issuer.clone(),
+            resource_identifier: config.resource_identifier.clone(),
+            cookie_name: config.cookie_name.clone(),
+            authorization_server: config.authorization_server.clone(),
+            tls: tls.is_some(),
+            metadata: config.publisher_jwt_key.is_some() || config.subscriber_jwt_key.is_some(),
+        }),
     };
+    if config.issuer.is_none() && generated_token.is_none() {
+        tracing::info!("self-issued setup: any iss signed by the configured keys is trusted");
+    }
     let app = router(state, config.cors_origins.as_ref());
 
     let scheme = if tls.is_some() { "https" } else { "http" };

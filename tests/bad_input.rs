@@ -150,7 +150,8 @@ async fn publish_refusals() {
             "not bearer",
             "topic=a".into(),
             vec![("authorization", "Basic abc")],
-            StatusCode::UNAUTHORIZED,
+            // Mercure 1.0 §5.4: a token presented wrongly is an invalid_request.
+            StatusCode::BAD_REQUEST,
             "Bearer",
         ),
         (

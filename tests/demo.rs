@@ -168,7 +168,15 @@ async fn events_take_a_token_when_the_hub_requires_them() {
         for path in ["/events/", "/events"] {
             let ((status, body), h) = request(&hub, method.clone(), path, &[], "").await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
-            assert_eq!(h["www-authenticate"], "Bearer");
+            // The RFC 6750 challenge for a missing token: no `error`, the metadata's URL.
+            assert_eq!(
+                h["www-authenticate"],
+                format!(
+                    "Bearer resource_metadata=\"{}\"",
+                    hub.url("/.well-known/oauth-protected-resource/.well-known/mercure")
+                )
+                .as_str()
+            );
         }
     }
     let token = hub.publisher_token();

@@ -536,7 +536,7 @@ async fn the_subscription_api_refuses_a_token_past_its_exp() {
 #[tokio::test(flavor = "multi_thread")]
 async fn several_authorization_headers_are_refused() {
     // A proxy that checks the first and a hub that used the second (or the reverse) would
-    // disagree on who is asking: the hub takes neither.
+    // disagree on who is asking: the hub takes neither (400 invalid_request, Mercure 1.0 §5.4).
     let hub = TestHub::start(&["--anonymous", "false"]);
     let good = format!("Bearer {}", hub.publisher_token());
     let other = format!("Bearer {}", sign(json!({"mercure": {"publish": []}})));
@@ -550,7 +550,7 @@ async fn several_authorization_headers_are_refused() {
         body,
     )
     .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("several Authorization headers"), "{text}");
     // (Bounded: a stream opened by mistake would never end.)
     let within = Duration::from_secs(10);
@@ -566,7 +566,7 @@ async fn several_authorization_headers_are_refused() {
     )
     .await
     .expect("a stream was opened");
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     // The same for several `authorization` query parameters.
     let both = format!(
         "authorization={}&authorization={}",
@@ -581,7 +581,7 @@ async fn several_authorization_headers_are_refused() {
         body,
     )
     .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("several authorization query"), "{text}");
     let ((status, text), _) = tokio::time::timeout(
         within,
@@ -595,7 +595,7 @@ async fn several_authorization_headers_are_refused() {
     )
     .await
     .expect("a stream was opened");
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     // One header still works, and nothing was published by the refused request.
     let ((status, text), _) = request(
         &hub,

@@ -3,9 +3,7 @@
 //! whose first segment names a 1.0 matcher type are 1.0 collections, three-segment paths are
 //! 1.0 subscriptions; 1.0 answers are plain JSON with the cursor in a `Link` header.
 //!
-//! 1.0 subscriptions are made by `match=` parameters; until the hub reads them, the 1.0
-//! documents themselves are tested in `hub` (`subscription_events_take_the_shape_of_the_
-//! subscription`), and the one test here that needs them is ignored.
+//! The hubs here are given `--resource-identifier RESOURCE`, the audience of the 1.0 tokens.
 
 mod common;
 
@@ -18,14 +16,28 @@ use serde_json::{json, Value};
 
 const API: &str = "/.well-known/mercure/subscriptions";
 
-/// A token with the `mercure` claim, as a 0.x JWT or (with `typ: at+jwt`) as what the hub
-/// takes for a 1.0 access token.
+const RESOURCE: &str = "https://hub.test/.well-known/mercure";
+
+/// A 0.x token with the `mercure` claim, or a 1.0 access token for [`RESOURCE`] granting
+/// `subscribe` on these exact topics (or `*`) and `publish` on every topic.
 fn token(subscribe: &[&str], access_token: bool) -> String {
     let mut header = Header::new(Algorithm::HS256);
-    if access_token {
+    let claims = if access_token {
         header.typ = Some("at+jwt".into());
-    }
-    let claims = json!({"mercure": {"subscribe": subscribe, "publish": ["*"]}});
+        let detail = "https://mercure.rocks/authorization-detail";
+        let topics: Vec<Value> = subscribe.iter().map(|s| json!({"match": s})).collect();
+        json!({
+            "iss": "tests",
+            "aud": RESOURCE,
+            "exp": 4102444800u64,
+            "authorization_details": [
+                {"type": detail, "actions": ["subscribe"], "topics": topics},
+                {"type": detail, "actions": ["publish"], "topics": [{"match": "*"}]},
+            ],
+        })
+    } else {
+        json!({"mercure": {"subscribe": subscribe, "publish": ["*"]}})
+    };
     let jwt = jsonwebtoken::encode(
         &header,
         &claims,
@@ -66,7 +78,7 @@ fn cursor(h: &HeaderMap) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shared_route_answers_in_the_dialect_of_the_token() {
-    let hub = TestHub::start(&["--subscriptions"]);
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
     let _sub = hub
         .subscribe("topic=https%3A%2F%2Fexample.com%2Fa", &[])
         .await;
@@ -118,7 +130,7 @@ async fn the_shared_route_answers_in_the_dialect_of_the_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_0_and_1_0_routes_split_by_their_first_segment() {
-    let hub = TestHub::start(&["--subscriptions"]);
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
     let modern = token(&["*"], true);
     let auth = [("authorization", modern.as_str())];
     // A 1.0 collection of one matcher: its id is the request's path; `%2F` does not split.
@@ -156,7 +168,7 @@ async fn one_0_and_1_0_routes_split_by_their_first_segment() {
 /// escaped path does, one of the decoded text does not; no token is a 401.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_is_authorized_on_the_raw_path() {
-    let hub = TestHub::start(&["--subscriptions"]);
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
     let path = format!("{API}/exact/a%20b");
     let exact = token(&[&path], true);
     let (status, body, _) = get(&hub, &format!("{path}?x=1"), &[("authorization", &exact)]).await;
@@ -174,7 +186,7 @@ async fn the_api_is_authorized_on_the_raw_path() {
 /// documents. Needs the hub to read `match=` (issue 20, subscribe side).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
-    let hub = TestHub::start(&["--subscriptions"]);
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
     let modern = token(&["*"], true);
     let mut watcher = hub
         .subscribe(

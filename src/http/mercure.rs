@@ -231,13 +231,21 @@ pub(super) fn last_event_id(req: &Request) -> Result<Option<String>, Response> {
     Ok(resolve_cursor(header_last_event_id(req)?, cursors.resolve()).filter(|v| !v.is_empty()))
 }
 
+/// A refusal for want of a (good) token, with its RFC 6750 challenge: 401 with no `error`
+/// when none was presented, 401 `invalid_token`, 403 `insufficient_scope`, or 400
+/// `invalid_request` for a token presented wrongly. The body keeps the one-line reason; the
+/// challenge says no more than its `error` (see [`super::discovery::challenge`], which writes
+/// it with the request's metadata URL).
 pub(super) fn auth_error(e: AuthError) -> Response {
-    if let AuthError::Forbidden(_) = e {
-        return reject(StatusCode::FORBIDDEN, e);
-    }
-    let mut r = reject(StatusCode::UNAUTHORIZED, e);
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    use super::discovery::Challenge;
+    let (status, error) = match &e {
+        AuthError::Missing => (StatusCode::UNAUTHORIZED, None),
+        AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, Some("insufficient_scope")),
+        AuthError::BadRequest(_) => (StatusCode::BAD_REQUEST, Some("invalid_request")),
+    };
+    let mut r = reject(status, e);
+    r.extensions_mut().insert(Challenge(error));
     r
 }
 
@@ -281,18 +289,23 @@ pub(super) fn subscriber_rights(
     req: &Request,
     query_token: Option<&str>,
 ) -> Result<Option<Rights>, Response> {
-    match find_token(req.headers(), query_token).map_err(auth_error)? {
-        Some((token, _)) => subscriber_token_rights(app, token).map(Some),
+    match find_token(req.headers(), query_token, &app.tokens.cookie_name).map_err(auth_error)? {
+        Some((token, _)) => subscriber_token_rights(app, req, token).map(Some),
         None if app.anonymous => Ok(None),
         None => Err(auth_error(AuthError::Missing)),
     }
 }
 
 /// The rights a subscriber's token grants, refused once past its `exp` (see
-/// [`Rights::unexpired`]).
-pub(super) fn subscriber_token_rights(app: &AppState, token: &str) -> Result<Rights, Response> {
+/// [`Rights::unexpired`]). A 1.0 token must name the hub as `req` reaches it in its `aud`.
+pub(super) fn subscriber_token_rights(
+    app: &AppState,
+    req: &Request,
+    token: &str,
+) -> Result<Rights, Response> {
+    let resource = app.tokens.resource(req);
     app.subscriber_key
-        .verify(token)
+        .verify(token, &app.tokens.expected(&resource))
         .and_then(Rights::unexpired)
         .map_err(auth_error)
 }
@@ -306,11 +319,12 @@ pub(super) fn subscribe_request(
 ) -> SubscribeRequest {
     let (subscribe, expires_at, payload) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
-        // public updates and no private ones.
+        // public updates and no private ones. The subscriber has one payload: that of its
+        // first matcher a grant gives one to (a 0.x token's is the same for all).
         Some(r) => (
-            Some(r.subscribe.unwrap_or_default()),
+            Some(r.subscribe.clone().unwrap_or_default()),
             r.expires_at,
-            r.payload,
+            topics.iter().find_map(|m| r.payload_for(m)),
         ),
         None => (None, None, None),
     };
@@ -497,32 +511,52 @@ fn refuse(status: StatusCode, reason: impl std::fmt::Display, app: &AppState) ->
     reject(status, reason)
 }
 
+/// A publish refused for its token, counted and logged as [`refuse`] does, with the
+/// challenge of [`auth_error`].
+fn refuse_auth(e: AuthError, app: &AppState) -> Response {
+    app.hub
+        .metrics()
+        .updates_rejected
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(reason = %e, "publish rejected");
+    auth_error(e)
+}
+
 /// `POST /.well-known/mercure`
 pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     let query_token = match req.uri().query() {
         Some(q) => match form::parse(q.as_bytes(), MAX_OTHER_PARAMS) {
             Ok(pairs) => match query_token(pairs) {
                 Ok(t) => t,
-                Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+                Err(e) => return refuse_auth(e, &app),
             },
             Err(e) => return refuse(StatusCode::BAD_REQUEST, e, &app),
         },
         None => None,
     };
-    let rights = match find_token(req.headers(), query_token.as_deref()) {
+    let found = find_token(
+        req.headers(),
+        query_token.as_deref(),
+        &app.tokens.cookie_name,
+    );
+    let rights = match found {
         Ok(Some((t, source))) => {
             if source == TokenSource::Cookie {
                 if let Err(reason) = csrf_check(&app, req.headers()) {
                     return refuse(StatusCode::FORBIDDEN, reason, &app);
                 }
             }
-            match app.publisher_key.verify_publisher(t) {
+            let resource = app.tokens.resource(&req);
+            match app
+                .publisher_key
+                .verify_publisher(t, &app.tokens.expected(&resource))
+            {
                 Ok(r) => r,
-                Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+                Err(e) => return refuse_auth(e, &app),
             }
         }
-        Ok(None) => return refuse(StatusCode::UNAUTHORIZED, AuthError::Missing, &app),
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, &app),
+        Ok(None) => return refuse_auth(AuthError::Missing, &app),
+        Err(e) => return refuse_auth(e, &app),
     };
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let ok = ct
@@ -581,7 +615,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         return refuse(StatusCode::BAD_REQUEST, e, &app);
     }
     if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
-        return refuse(StatusCode::FORBIDDEN, reason, &app);
+        return refuse_auth(AuthError::Forbidden(reason), &app);
     }
     let published = match &app.cluster {
         Some(cluster) => match app.hub.check_matching(&draft.topics) {

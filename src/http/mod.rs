@@ -2,6 +2,7 @@
 //! into responses. Every refusal is a status and a one-line reason.
 
 mod demo;
+pub mod discovery;
 pub mod form;
 mod mercure;
 pub use mercure::{Dialect, BODY_TIMEOUT};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub cluster: Option<Cluster>,
     /// The Mercure dialects subscribers may speak (`--protocol`).
     pub protocol: crate::config::Protocol,
+    /// Issuer, resource identifier, cookie name: what tokens are checked against.
+    pub tokens: Arc<discovery::TokenSettings>,
 }
 
 /// Per-connection context the server puts into every request.
@@ -94,6 +97,7 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
             "/.well-known/mercure/subscriptions/{match_type}/{match}/{subscriber}",
             get(subscriptions::single),
         )
+        .route(discovery::METADATA_PATH, get(discovery::metadata))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -101,6 +105,10 @@ pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
         .route("/ui/", get(ui::page))
         .route("/ui/stats", get(ui::stats))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            discovery::challenge,
+        ))
         .with_state(state);
     // Outside the routes: a layer on them runs before the router adds `Allow` to its 405s.
     let router = Router::new()

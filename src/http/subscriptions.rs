@@ -57,11 +57,16 @@ fn caller(app: &AppState, req: &Request) -> Result<Caller, Response> {
         .map_err(auth_error)?,
         None => None,
     };
-    let token = find_token(req.headers(), query_token.as_deref()).map_err(auth_error)?;
+    let token = find_token(
+        req.headers(),
+        query_token.as_deref(),
+        &app.tokens.cookie_name,
+    )
+    .map_err(auth_error)?;
     let Some((token, _)) = token else {
         return Err(auth_error(AuthError::Missing));
     };
-    let rights = super::mercure::subscriber_token_rights(app, token)?;
+    let rights = super::mercure::subscriber_token_rights(app, req, token)?;
     let selectors: Vec<_> = rights
         .subscribe
         .unwrap_or_default()
