@@ -143,11 +143,23 @@ async fn protocol_flag_refuses_the_other_dialect() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(reason.contains("Mercure 1.0 only: use match="), "{reason}");
     one.subscribe("match=a", &[]).await;
+    // Nor does it take a 0.x token (the test hub's publisher token is one).
+    let (status, reason) = one
+        .publisher()
+        .await
+        .publish(&[("topic", "a"), ("data", "x")])
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(reason.contains("--protocol 1.0"), "{reason}");
 
     let zero = TestHub::start(&["--protocol", "0.x"]);
     let (status, _) = refused(&zero, "match=a").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     zero.subscribe("topic=a", &[]).await;
+    zero.publisher()
+        .await
+        .ok(&[("topic", "a"), ("data", "x")])
+        .await;
 }
 
 #[tokio::test]

@@ -306,8 +306,30 @@ pub(super) fn subscriber_token_rights(
     let resource = app.tokens.resource(req);
     app.subscriber_key
         .verify(token, &app.tokens.expected(&resource))
+        .and_then(|r| served_dialect(app, r))
         .and_then(Rights::unexpired)
         .map_err(auth_error)
+}
+
+/// A hub serving one version of the protocol (`--protocol 1.0` or `0.x`) takes only that
+/// version's tokens.
+fn served_dialect<R: std::borrow::Borrow<Rights>>(
+    app: &AppState,
+    rights: R,
+) -> Result<R, AuthError> {
+    use crate::auth::Dialect;
+    match (app.protocol, rights.borrow().dialect) {
+        (Protocol::V1, Dialect::Legacy) => Err(AuthError::Invalid(
+            "this hub serves Mercure 1.0 only (--protocol 1.0): a token without typ at+jwt is \
+             refused"
+                .into(),
+        )),
+        (Protocol::V0, Dialect::V1) => Err(AuthError::Invalid(
+            "this hub serves Mercure 0.x only (--protocol 0.x): an at+jwt access token is refused"
+                .into(),
+        )),
+        _ => Ok(rights),
+    }
 }
 
 /// What the hub needs to register a subscriber with these rights.
@@ -429,7 +451,7 @@ fn open_stream(app: AppState, req: Request, q: SubscribeQuery) -> Response {
         Err(r) => return r,
     };
     let cursor = match header_last_event_id(&req) {
-        Ok(h) => resolve_cursor(h, q.last_event_id),
+        Ok(h) => sent_cursor(resolve_cursor(h, q.last_event_id), q.dialect),
         Err(r) => return r,
     };
     // A cursor that names no event still asks for `Mercure-Last-Event-ID`: the newest event
@@ -452,6 +474,15 @@ fn open_stream(app: AppState, req: Request, q: SubscribeQuery) -> Response {
             stream_reply(conn, s.stream, MERCURE_PATH, answer.as_deref(), q.dialect)
         }
         Err(e) => subscribe_error(e),
+    }
+}
+
+/// An empty cursor is a cursor to 1.0 (it asks for `Mercure-Last-Event-ID`), and none to 0.x,
+/// as it always was there (no replay, no response header).
+fn sent_cursor(cursor: Option<String>, dialect: Dialect) -> Option<String> {
+    match dialect {
+        Dialect::V0 => cursor.filter(|c| !c.is_empty()),
+        Dialect::V1 => cursor,
     }
 }
 
@@ -487,7 +518,7 @@ pub async fn subscribe_head(State(app): State<AppState>, req: Request) -> Respon
         return subscribe_error(e);
     }
     let resume = match header_last_event_id(&req) {
-        Ok(h) => resolve_cursor(h, q.last_event_id),
+        Ok(h) => sent_cursor(resolve_cursor(h, q.last_event_id), q.dialect),
         Err(r) => return r,
     };
     let answer = match resume.as_deref() {
@@ -550,6 +581,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
             match app
                 .publisher_key
                 .verify_publisher(t, &app.tokens.expected(&resource))
+                .and_then(|r| served_dialect(&app, r))
             {
                 Ok(r) => r,
                 Err(e) => return refuse_auth(e, &app),
