@@ -107,20 +107,37 @@ impl Rights {
     /// token, that of the first `subscribe` entry one of whose topics matches `m`'s own text
     /// read as a topic (Mercure 1.0 §7.1), if any.
     pub fn payload_for(&self, m: &Matcher) -> Option<Value> {
+        self.payload_for_first(std::slice::from_ref(m), &|t| {
+            std::sync::Arc::new(crate::hub::Selector::compile(t))
+        })
+    }
+
+    /// The payload of the first of `matchers` that [`Rights::payload_for`] gives one, with the
+    /// grants compiled by `compile` once each (the hub's cache, against the hub's URL): a
+    /// token of many patterns and a request of many matchers must not compile them again for
+    /// every pair.
+    pub fn payload_for_first(
+        &self,
+        matchers: &[Matcher],
+        compile: &dyn Fn(&Matcher) -> std::sync::Arc<crate::hub::Selector>,
+    ) -> Option<Value> {
         if self.dialect == Dialect::Legacy {
             return self.payload.clone();
         }
         if self.subscribe_payloads.iter().all(|(_, p)| p.is_none()) {
             return None;
         }
-        self.subscribe_payloads
+        let grants: Vec<(Vec<std::sync::Arc<crate::hub::Selector>>, &Option<Value>)> = self
+            .subscribe_payloads
             .iter()
-            .find(|(topics, _)| {
-                topics
-                    .iter()
-                    .any(|t| crate::hub::Selector::compile(t).matches(&m.pattern))
-            })
-            .and_then(|(_, p)| p.clone())
+            .map(|(topics, p)| (topics.iter().map(compile).collect(), p))
+            .collect();
+        matchers.iter().find_map(|m| {
+            grants
+                .iter()
+                .find(|(topics, _)| topics.iter().any(|t| t.matches(&m.pattern)))
+                .and_then(|(_, p)| (*p).clone())
+        })
     }
 }
 
@@ -703,9 +720,10 @@ fn detail_matcher(topic: &Value) -> Result<Matcher, String> {
             "a topic matcher is longer than {MAX_PATTERN_BYTES} bytes"
         ));
     }
-    // Control characters have no place in a topic and could split a log line or a header.
-    if pattern.chars().any(char::is_control) {
-        return Err("a topic matcher holds control characters".into());
+    // The characters a request's matcher may not hold (controls could split a log line or a
+    // header; format characters make two patterns look alike).
+    if crate::hub::update::has_control_or_format(pattern) {
+        return Err("a topic matcher holds control or format characters".into());
     }
     let m = match topic.get("match_type") {
         None => Matcher::exact(pattern.as_str()),
@@ -717,13 +735,32 @@ fn detail_matcher(topic: &Value) -> Result<Matcher, String> {
             )
         }
     };
-    if matches!(
-        crate::hub::Selector::compile(&m),
-        crate::hub::Selector::Never(_)
-    ) {
+    if m.kind == crate::hub::MatchType::UrlPattern && !url_pattern_compiles(&m) {
         return Err("a topic matcher is not a valid URL pattern".into());
     }
     Ok(m)
+}
+
+/// Whether a token's URL pattern compiles, remembered for the next verification of the same
+/// token (subscriber tokens are verified at every subscribe, and a token of a hundred patterns
+/// would otherwise be compiled a hundred times each time). Bounded: forgotten when full.
+fn url_pattern_compiles(m: &Matcher) -> bool {
+    static CHECKED: std::sync::LazyLock<Mutex<HashMap<String, bool>>> =
+        std::sync::LazyLock::new(Default::default);
+    const MAX_CHECKED: usize = 4096;
+    if let Some(&ok) = CHECKED.lock().get(&m.pattern) {
+        return ok;
+    }
+    let ok = !matches!(
+        crate::hub::Selector::compile(m),
+        crate::hub::Selector::Never(_)
+    );
+    let mut checked = CHECKED.lock();
+    if checked.len() >= MAX_CHECKED {
+        checked.clear();
+    }
+    checked.insert(m.pattern.clone(), ok);
+    ok
 }
 
 /// The claims' `exp`, if any.
@@ -804,6 +841,13 @@ pub fn find_token<'a>(
         return Ok(Some((token, TokenSource::Header)));
     }
     if let Some(t) = query_token {
+        // The query string is 0.x's way; a 1.0 token in a URL would end up in logs and
+        // histories (Mercure 1.0 §5.3), so it is refused there rather than read.
+        if is_access_token(t) {
+            return Err(bad(
+                "a Mercure 1.0 access token is never read from the URL: send it as \"Authorization: Bearer <jwt>\"",
+            ));
+        }
         return Ok(Some((t, TokenSource::Query)));
     }
     let mut legacy = None;
@@ -835,10 +879,10 @@ pub fn is_access_token(token: &str) -> bool {
     let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
         return false;
     };
-    let typ = serde_json::from_slice::<Value>(&json)
+    serde_json::from_slice::<Value>(&json)
         .ok()
-        .and_then(|h| h.get("typ")?.as_str().map(str::to_ascii_lowercase));
-    matches!(typ.as_deref(), Some("at+jwt" | "application/at+jwt"))
+        .and_then(|h| h.get("typ")?.as_str().map(is_access_token_type))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

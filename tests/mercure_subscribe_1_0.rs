@@ -134,6 +134,8 @@ async fn bad_matchers_are_refused_with_400() {
     hub.subscribe(&hundred, &[]).await;
     hub.subscribe(&format!("match={}", "a".repeat(4096)), &[])
         .await;
+    // A 0.x request keeps the parameters it always could carry, `match…` ones included.
+    hub.subscribe("topic=a&matchId=3", &[]).await;
 }
 
 #[tokio::test]
@@ -337,4 +339,6 @@ async fn cors_exposes_the_1_0_cursor_and_allows_query() {
         .unwrap()
         .to_ascii_lowercase();
     assert!(exposed.contains("mercure-last-event-id"), "{exposed}");
+    // The subscription API's cursor is in `Link`.
+    assert!(exposed.contains("link"), "{exposed}");
 }

@@ -378,6 +378,30 @@ async fn challenges_for_no_token_and_a_token_sent_wrongly() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {text}");
         assert_eq!(challenge(&h), want, "{name}");
     }
+    // A 1.0 token is never read from the URL: neither to publish, nor on a 0.x subscribe.
+    for (method, target, body) in [
+        (
+            Method::POST,
+            format!("{HUB}?authorization={token}"),
+            "topic=a&data=x",
+        ),
+        (
+            Method::HEAD,
+            format!("{HUB}?topic=a&authorization={token}"),
+            "",
+        ),
+    ] {
+        let ((status, text), h) = request(
+            &hub,
+            method,
+            &target,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{target:.40}: {text}");
+        assert_eq!(challenge(&h), want);
+    }
     // The scheme's case does not matter.
     let lower = format!("bEaReR {token}");
     assert_eq!(

@@ -33,6 +33,7 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
     let conn = req.extensions().get::<Connection>();
     let kill = super::stream_kill(conn, &req);
     let sub = app.hub.subscribe(subscribe_request(
+        &app,
         vec![crate::hub::Matcher::topic(TOPIC)],
         rights,
         last_event_id,

@@ -73,18 +73,6 @@ fn bad_request(reason: impl std::fmt::Display) -> Response {
     reject(StatusCode::BAD_REQUEST, reason)
 }
 
-/// True for the code points a 1.0 matcher may not hold: C0, DEL, C1 and Unicode's `Cf`
-/// (format characters: invisible, and some reorder text, so a pattern could look like
-/// another).
-fn forbidden_char(c: char) -> bool {
-    matches!(c as u32,
-        0x00..=0x1F | 0x7F..=0x9F | 0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F
-        | 0x890..=0x891 | 0x8E2 | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E
-        | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD
-        | 0x13430..=0x1343F | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001
-        | 0xE0020..=0xE007F)
-}
-
 /// Parses a subscribe request's parameters: `query` from its URL, `body` from a `QUERY`
 /// request's body (the union of both is taken; the query's cursor wins over the body's).
 fn parse_subscribe_params(
@@ -97,6 +85,7 @@ fn parse_subscribe_params(
     let (mut zero, mut one) = (false, false);
     let mut cursors = Cursors::default();
     let mut authorization = None;
+    let mut misspelt: Option<String> = None;
     let base = app.hub.base_url();
     for (name, value) in query.into_iter().chain(body.into_iter().flatten()) {
         match name.as_str() {
@@ -116,7 +105,7 @@ fn parse_subscribe_params(
                         "a matcher is longer than {MAX_MATCHER_LEN} bytes"
                     )));
                 }
-                if value.chars().any(forbidden_char) {
+                if value.chars().any(crate::hub::update::is_control_or_format) {
                     return Err(bad_request("a matcher holds a control or format character"));
                 }
                 let m = if name == "match_urlpattern" {
@@ -135,11 +124,10 @@ fn parse_subscribe_params(
                 }
             }
             // The whole `match` prefix is Mercure 1.0's: a misspelt matcher must not pass
-            // for an application's own parameter and quietly subscribe to less.
+            // for an application's own parameter and quietly subscribe to less. (A 0.x
+            // `topic=` request keeps its own parameters, as before 1.0.)
             n if n.len() >= 5 && n.as_bytes()[..5].eq_ignore_ascii_case(b"match") => {
-                return Err(bad_request(format!(
-                    "unknown matcher parameter {n:?}: use match, match_exact or match_urlpattern"
-                )));
+                misspelt.get_or_insert_with(|| n.to_owned());
             }
             "last_event_id" => {
                 cursors.last_event_id.get_or_insert(value);
@@ -160,6 +148,11 @@ fn parse_subscribe_params(
         return Err(bad_request(
             "the request mixes \"topic\" (Mercure 0.x) and \"match\" (Mercure 1.0): use one",
         ));
+    }
+    if let Some(n) = misspelt.filter(|_| !zero) {
+        return Err(bad_request(format!(
+            "unknown matcher parameter {n:?}: use match, match_exact or match_urlpattern"
+        )));
     }
     let dialect = if one { Dialect::V1 } else { Dialect::V0 };
     match (app.protocol, dialect) {
@@ -334,6 +327,7 @@ fn served_dialect<R: std::borrow::Borrow<Rights>>(
 
 /// What the hub needs to register a subscriber with these rights.
 pub(super) fn subscribe_request(
+    app: &AppState,
     topics: Vec<Matcher>,
     rights: Option<Rights>,
     last_event_id: Option<String>,
@@ -346,7 +340,7 @@ pub(super) fn subscribe_request(
         Some(r) => (
             Some(r.subscribe.clone().unwrap_or_default()),
             r.expires_at,
-            topics.iter().find_map(|m| r.payload_for(m)),
+            r.payload_for_first(&topics, &|m| app.hub.selector(m)),
         ),
         None => (None, None, None),
     };
@@ -463,6 +457,7 @@ fn open_stream(app: AppState, req: Request, q: SubscribeQuery) -> Response {
     let conn = req.extensions().get::<Connection>();
     let kill = super::stream_kill(conn, &req);
     let sub = app.hub.subscribe(subscribe_request(
+        &app,
         q.topics,
         rights,
         cursor.filter(|c| !c.is_empty()),

@@ -140,6 +140,7 @@ fn cors_layer(origins: &Origins) -> tower_http::cors::CorsLayer {
         .expose_headers([
             http::HeaderName::from_static("last-event-id"),
             http::HeaderName::from_static("mercure-last-event-id"),
+            http::header::LINK,
         ])
         .max_age(std::time::Duration::from_secs(3600));
     match origins {

@@ -178,7 +178,7 @@ pub fn has_control_or_format(s: &str) -> bool {
     s.chars().any(is_control_or_format)
 }
 
-fn is_control_or_format(c: char) -> bool {
+pub fn is_control_or_format(c: char) -> bool {
     // Every `Cf` code point as of Unicode 17 (none was added after 15.0).
     const FORMAT: &[(u32, u32)] = &[
         (0x00AD, 0x00AD),
