@@ -287,9 +287,7 @@ const URL_PATTERN_NFA_LIMIT: usize = 128 << 10;
 pub struct BoundedRegex {
     source: String,
     groups: usize,
-    dfa: DFA,
-    cache: Mutex<Cache>,
-    pikevm: PikeVM,
+    automaton: Automaton,
     /// The heap it may take, its cache at full capacity included.
     heap: usize,
 }
@@ -324,43 +322,18 @@ impl BoundedRegex {
             )
             .build_from_hir(&hir)
             .ok()?;
-        let config = DFA::config()
-            .minimum_cache_clear_count(Some(3))
-            .minimum_bytes_per_state(Some(10));
-        let capacity = cache_capacity(config.get_minimum_cache_capacity(&nfa).ok()?);
-        let dfa = DFA::builder()
-            .configure(config.cache_capacity(capacity))
-            .build_from_nfa(nfa.clone())
-            .ok()?;
-        let pikevm = PikeVM::builder().build_from_nfa(nfa.clone()).ok()?;
-        let cache = Mutex::new(dfa.create_cache());
-        let heap = std::mem::size_of::<BoundedRegex>()
-            + 2 * pattern.len()
-            + nfa.memory_usage()
-            + dfa.memory_usage()
-            + cache_heap(capacity);
+        let automaton = Automaton::build(nfa)?;
         Some(BoundedRegex {
             source: pattern.to_owned(),
             groups,
-            dfa,
-            cache,
-            pikevm,
-            heap,
+            heap: std::mem::size_of::<BoundedRegex>() + 2 * pattern.len() + automaton.heap,
+            automaton,
         })
     }
 
     fn is_match(&self, text: &str) -> bool {
-        let input = Input::new(text).anchored(Anchored::Yes);
-        let found = match self.cache.try_lock() {
-            Some(mut cache) => self.dfa.try_search_fwd(&mut cache, &input),
-            None => self
-                .dfa
-                .try_search_fwd(&mut self.dfa.create_cache(), &input),
-        };
-        match found {
-            Ok(m) => m.is_some(),
-            Err(_) => self.pikevm.is_match(&mut self.pikevm.create_cache(), input),
-        }
+        self.automaton
+            .is_match(Input::new(text).anchored(Anchored::Yes))
     }
 }
 
@@ -451,16 +424,59 @@ pub struct Template {
     source: Box<str>,
     /// The length of the text before the first `{`.
     prefix: usize,
+    automaton: Automaton,
+    /// What it is charged against `--template-memory`.
+    cost: usize,
+}
+
+/// An NFA without captures run as a lazy DFA whose cache has a fixed capacity, for templates
+/// and URL patterns alike: linear time, and memory known when it is built.
+struct Automaton {
     dfa: DFA,
     /// The lazy DFA's states, built as topics are matched, up to the capacity it was built
-    /// with. One per template: a thread that finds it taken uses a cache of its own for that
+    /// with. One per automaton: a thread that finds it taken uses a cache of its own for that
     /// one search (a moment's memory, not kept), rather than queueing behind another.
     cache: Mutex<Cache>,
     /// For the rare search the lazy DFA gives up on (its cache cleared again and again): the
     /// same NFA simulated directly, slower but in bounded memory and still linear time.
     pikevm: PikeVM,
-    /// What it is charged against `--template-memory`.
-    cost: usize,
+    /// The heap its NFA, DFA and cache (at full capacity) may take.
+    heap: usize,
+}
+
+impl Automaton {
+    fn build(nfa: NFA) -> Option<Automaton> {
+        let config = DFA::config()
+            .minimum_cache_clear_count(Some(3))
+            .minimum_bytes_per_state(Some(10));
+        let capacity = cache_capacity(config.get_minimum_cache_capacity(&nfa).ok()?);
+        let dfa = DFA::builder()
+            .configure(config.cache_capacity(capacity))
+            .build_from_nfa(nfa.clone())
+            .ok()?;
+        let pikevm = PikeVM::builder().build_from_nfa(nfa.clone()).ok()?;
+        let cache = Mutex::new(dfa.create_cache());
+        let heap = nfa.memory_usage() + dfa.memory_usage() + cache_heap(capacity);
+        Some(Automaton {
+            dfa,
+            cache,
+            pikevm,
+            heap,
+        })
+    }
+
+    fn is_match(&self, input: Input<'_>) -> bool {
+        let found = match self.cache.try_lock() {
+            Some(mut cache) => self.dfa.try_search_fwd(&mut cache, &input),
+            None => self
+                .dfa
+                .try_search_fwd(&mut self.dfa.create_cache(), &input),
+        };
+        match found {
+            Ok(m) => m.is_some(),
+            Err(_) => self.pikevm.is_match(&mut self.pikevm.create_cache(), input),
+        }
+    }
 }
 
 impl std::fmt::Debug for Template {
@@ -500,28 +516,15 @@ impl Template {
             )
             .build(&pattern)
             .ok()?;
-        let config = DFA::config()
-            .minimum_cache_clear_count(Some(3))
-            .minimum_bytes_per_state(Some(10));
-        let capacity = cache_capacity(config.get_minimum_cache_capacity(&nfa).ok()?);
-        let dfa = DFA::builder()
-            .configure(config.cache_capacity(capacity))
-            .build_from_nfa(nfa.clone())
-            .ok()?;
-        let pikevm = PikeVM::builder().build_from_nfa(nfa.clone()).ok()?;
-        let cache = Mutex::new(dfa.create_cache());
+        let automaton = Automaton::build(nfa)?;
         let cost = std::mem::size_of::<Selector>()
             + std::mem::size_of::<Template>()
             + source.len()
-            + nfa.memory_usage()
-            + dfa.memory_usage()
-            + cache_heap(capacity);
+            + automaton.heap;
         Some(Template {
             source: source.into(),
             prefix,
-            dfa,
-            cache,
-            pikevm,
+            automaton,
             cost,
         })
     }
@@ -535,17 +538,8 @@ impl Template {
         let Some(rest) = topic.strip_prefix(self.prefix()) else {
             return false;
         };
-        let input = Input::new(rest).anchored(Anchored::Yes).earliest(true);
-        let found = match self.cache.try_lock() {
-            Some(mut cache) => self.dfa.try_search_fwd(&mut cache, &input),
-            None => self
-                .dfa
-                .try_search_fwd(&mut self.dfa.create_cache(), &input),
-        };
-        match found {
-            Ok(m) => m.is_some(),
-            Err(_) => self.pikevm.is_match(&mut self.pikevm.create_cache(), input),
-        }
+        self.automaton
+            .is_match(Input::new(rest).anchored(Anchored::Yes).earliest(true))
     }
 }
 
