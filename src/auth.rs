@@ -22,6 +22,7 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 
 use crate::hub::Matcher;
+use crate::jwks::Jwks;
 
 /// Clock leeway for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
@@ -157,11 +158,38 @@ pub enum AuthError {
 
 /// Why a token signed with another key is refused.
 const WRONG_KEY: &str = "the signature does not match the hub's key";
+/// Why a 1.0 token that neither the hub's key nor the issuer's key set verifies is refused.
+const NO_SET_KEY: &str =
+    "the signature matches neither the hub's key nor a key of the issuer's key set (--jwks-url)";
+
+/// Verifies `token` with the keys of `jwks` its header allows (its `kid`'s, with its `alg`;
+/// every key when it names none). `Err(None)`: no key of the set applies; `Err(Some(e))`: the
+/// last applicable key's reason.
+fn verify_with_set(
+    jwks: &Jwks,
+    token: &str,
+    header: &Header,
+) -> Result<jsonwebtoken::TokenData<Value>, Option<jsonwebtoken::errors::Error>> {
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = LEEWAY_SECS;
+    validation.required_spec_claims = HashSet::new();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    let mut last = None;
+    for key in jwks.keys_for(header.kid.as_deref(), header.alg) {
+        match jsonwebtoken::decode::<Value>(token, &key, &validation) {
+            Ok(data) => return Ok(data),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last)
+}
 
 impl AuthError {
     /// The token was signed with another key (so another of the hub's keys may take it).
     pub fn is_wrong_key(&self) -> bool {
-        matches!(self, AuthError::Invalid(m) if m == WRONG_KEY)
+        matches!(self, AuthError::Invalid(m) if m == WRONG_KEY || m == NO_SET_KEY)
     }
 }
 
@@ -173,6 +201,9 @@ pub struct Key {
     encoding: Option<EncodingKey>,
     validation: Validation,
     verified: Arc<Verified>,
+    /// `--jwks-url`: the identity provider's keys, which verify Mercure 1.0 tokens the
+    /// configured key does not.
+    jwks: Option<Arc<Jwks>>,
 }
 
 /// Names the algorithm only: key material stays out of logs.
@@ -200,6 +231,9 @@ struct Entry {
     token: Box<[u8]>,
     audience: Box<str>,
     rights: Arc<Rights>,
+    /// The key set's generation when the token was verified (0 without a key set): once the
+    /// set changes, the token is verified again, as its key may have been withdrawn.
+    generation: u64,
 }
 
 /// Tokens kept at most, and the longest kept (a token's size is the client's choice).
@@ -216,27 +250,37 @@ impl Verified {
 
     /// The rights `token` was verified to hold for `audience` (the resource identifier the
     /// request was checked against: a token accepted for one host is not for another).
-    fn get(&self, token: &str, audience: &str, now: SystemTime) -> Option<Arc<Rights>> {
+    fn get(
+        &self,
+        token: &str,
+        audience: &str,
+        generation: u64,
+        now: SystemTime,
+    ) -> Option<Arc<Rights>> {
         if token.len() > VERIFIED_TOKEN_MAX {
             return None;
         }
         let key = self.hasher.hash_one((token, audience));
         let entry = self.entries.lock().get(&key).cloned()?;
         let same: bool = entry.token.as_ref().ct_eq(token.as_bytes()).into();
-        (same && *entry.audience == *audience && still_valid(entry.rights.expires_at, now))
-            .then(|| entry.rights.clone())
+        (same
+            && *entry.audience == *audience
+            && entry.generation == generation
+            && still_valid(entry.rights.expires_at, now))
+        .then(|| entry.rights.clone())
     }
 
-    fn put(&self, token: &str, audience: &str, rights: &Arc<Rights>) {
+    fn put(&self, token: &str, audience: &str, generation: u64, rights: &Arc<Rights>) {
         self.put_at(
             self.hasher.hash_one((token, audience)),
             token,
             audience,
+            generation,
             rights,
         );
     }
 
-    fn put_at(&self, key: u64, token: &str, audience: &str, rights: &Arc<Rights>) {
+    fn put_at(&self, key: u64, token: &str, audience: &str, generation: u64, rights: &Arc<Rights>) {
         if token.len() > VERIFIED_TOKEN_MAX || audience.len() > VERIFIED_TOKEN_MAX {
             return;
         }
@@ -244,6 +288,7 @@ impl Verified {
             token: token.as_bytes().into(),
             audience: audience.into(),
             rights: rights.clone(),
+            generation,
         });
         let mut entries = self.entries.lock();
         let full = entries.len() >= VERIFIED_ENTRIES && !entries.contains_key(&key);
@@ -446,7 +491,20 @@ impl Key {
             encoding,
             validation,
             verified: Arc::new(Verified::new()),
+            jwks: None,
         }
+    }
+
+    /// This key, with the identity provider's key set (`--jwks-url`) verifying the Mercure
+    /// 1.0 tokens it does not.
+    pub fn with_jwks(mut self, jwks: Arc<Jwks>) -> Key {
+        self.jwks = Some(jwks);
+        self
+    }
+
+    /// The key set's generation, or 0 without one.
+    fn jwks_generation(&self) -> u64 {
+        self.jwks.as_ref().map_or(0, |j| j.generation())
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -478,16 +536,20 @@ impl Key {
         token: &str,
         expected: &Expected<'_>,
     ) -> Result<Arc<Rights>, AuthError> {
-        if let Some(rights) = self
-            .verified
-            .get(token, expected.audience, SystemTime::now())
+        // Read before verifying: a set taken meanwhile makes the entry stale, never the
+        // other way round.
+        let generation = self.jwks_generation();
+        if let Some(rights) =
+            self.verified
+                .get(token, expected.audience, generation, SystemTime::now())
         {
             return Ok(rights);
         }
         let (rights, claims) = self.verify_fully(token, expected)?;
         let rights = Arc::new(rights);
         if claims.get("nbf").is_none() {
-            self.verified.put(token, expected.audience, &rights);
+            self.verified
+                .put(token, expected.audience, generation, &rights);
         }
         Ok(rights)
     }
@@ -498,11 +560,6 @@ impl Key {
         expected: &Expected<'_>,
     ) -> Result<(Rights, Value), AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        let Some(decoding) = &self.decoding else {
-            return Err(AuthError::Invalid(
-                "the hub has no key to verify tokens".into(),
-            ));
-        };
         if has_crit_header(token) {
             return Err(AuthError::Invalid(
                 "the token's header has \"crit\", naming extensions the hub does not \
@@ -513,24 +570,44 @@ impl Key {
         let invalid = |m: &str| AuthError::Invalid(m.to_owned());
         // The header alone decides the dialect; an unreadable one (or `alg: none`, which
         // jsonwebtoken does not know) is refused below with the decoding's own reason.
-        let v1 = jsonwebtoken::decode_header(token)
-            .ok()
-            .and_then(|h| h.typ)
-            .is_some_and(|t| is_access_token_type(&t));
-        let data =
-            jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(|e| {
-                invalid(match e.kind() {
-                    K::ExpiredSignature => "the token has expired",
-                    K::ImmatureSignature => "the token is not valid yet (nbf)",
-                    K::InvalidSignature => WRONG_KEY,
-                    K::InvalidAlgorithm => "the token's algorithm is not the one the hub accepts",
-                    K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
-                        "it is not a well-formed JWS"
-                    }
-                    _ => "it could not be verified",
-                })
-            })?;
-        let claims = data.claims;
+        let header = jsonwebtoken::decode_header(token).ok();
+        let v1 = header
+            .as_ref()
+            .and_then(|h| h.typ.as_deref())
+            .is_some_and(is_access_token_type);
+        let reason = |e: jsonwebtoken::errors::Error| match e.kind() {
+            K::ExpiredSignature => "the token has expired",
+            K::ImmatureSignature => "the token is not valid yet (nbf)",
+            K::InvalidSignature => WRONG_KEY,
+            K::InvalidAlgorithm => "the token's algorithm is not the one the hub accepts",
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                "it is not a well-formed JWS"
+            }
+            _ => "it could not be verified",
+        };
+        let mut result = match &self.decoding {
+            Some(decoding) => {
+                jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(reason)
+            }
+            None => Err("the hub has no key to verify tokens"),
+        };
+        // The identity provider's keys verify 1.0 tokens only, and only those the configured
+        // key does not: signed by another key, or with another algorithm.
+        if let (Some(jwks), Some(h), true) = (&self.jwks, &header, v1) {
+            let other_key = matches!(
+                result,
+                Err(WRONG_KEY)
+                    | Err("the token's algorithm is not the one the hub accepts")
+                    | Err("the hub has no key to verify tokens")
+            );
+            if other_key {
+                result = verify_with_set(jwks, token, h).map_err(|e| match e {
+                    Some(e) => reason(e),
+                    None => NO_SET_KEY,
+                });
+            }
+        }
+        let claims = result.map_err(invalid)?.claims;
         if !claims.is_object() {
             return Err(invalid("its claims are not a JSON object"));
         }
@@ -934,7 +1011,7 @@ mod tests {
         );
         assert_eq!(k.verified.len(), 1, "kept after the full check");
         // A hit is served from memory: swap in a marker and it comes back.
-        k.verified.put(&t, "", &marker("from memory", None));
+        k.verified.put(&t, "", 0, &marker("from memory", None));
         assert_eq!(
             k.verify_publisher(&t, &Expected::LEGACY).unwrap().publish,
             Some(vec![Matcher::topic("from memory")])
@@ -956,7 +1033,7 @@ mod tests {
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).unwrap();
         let slot = k.verified.hasher.hash_one((forged.as_str(), ""));
-        k.verified.put_at(slot, &t, "", &marker("*", None));
+        k.verified.put_at(slot, &t, "", 0, &marker("*", None));
         assert!(matches!(
             k.verify_publisher(&forged, &Expected::LEGACY),
             Err(AuthError::Invalid(_))
@@ -967,10 +1044,11 @@ mod tests {
         k.verified.put(
             unsigned,
             "",
+            0,
             &marker("*", Some(SystemTime::now() - Duration::from_secs(1))),
         );
         assert!(k.verify_publisher(unsigned, &Expected::LEGACY).is_err());
-        k.verified.put(unsigned, "", &marker("*", None));
+        k.verified.put(unsigned, "", 0, &marker("*", None));
         assert!(
             k.verify_publisher(unsigned, &Expected::LEGACY).is_ok(),
             "the entry itself is read"

@@ -135,6 +135,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_ISSUER")]
     pub issuer: Option<String>,
 
+    /// The identity provider's JSON Web Key Set (http:// or https:// URL): its keys verify
+    /// Mercure 1.0 tokens from `--issuer` (required with it). Fetched at start, hourly, and
+    /// when a token names an unknown key id (at most once every 5 minutes).
+    #[arg(long, env = "SSEHUB_JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+
     /// The hub's canonical URL (absolute, no fragment), e.g.
     /// https://hub.example.com/.well-known/mercure: what Mercure 1.0 tokens must name in `aud`,
     /// and the base relative URL patterns and topics are read against. Without it, the
@@ -220,6 +226,8 @@ pub struct ServeConfig {
     pub subscriptions: bool,
     /// `--issuer`: the `iss` Mercure 1.0 tokens must have; `None`: any.
     pub issuer: Option<String>,
+    /// `--jwks-url`: where the issuer's keys are fetched from.
+    pub jwks_url: Option<String>,
     /// `--resource-identifier`: the `aud` Mercure 1.0 tokens must have; `None`: derived
     /// from each request.
     pub resource_identifier: Option<url::Url>,
@@ -385,6 +393,36 @@ impl ServeArgs {
                     .into(),
             );
         }
+        let jwks_url = match self.jwks_url.as_deref() {
+            None => None,
+            Some(u) => {
+                let web = url::Url::parse(u)
+                    .is_ok_and(|p| matches!(p.scheme(), "http" | "https") && p.has_host());
+                if !web {
+                    return Err(format!(
+                        "--jwks-url {u:?} is not an http:// or https:// URL, e.g. \
+                         https://idp.example.com/.well-known/jwks.json"
+                    ));
+                }
+                // Keys from a provider are trusted for one issuer only: without it, any
+                // tenant of a shared provider could sign tokens for this hub.
+                if self.issuer.is_none() {
+                    return Err(
+                        "--jwks-url needs --issuer: the key set's tokens are trusted \
+                                only when their \"iss\" names that issuer"
+                            .into(),
+                    );
+                }
+                if self.protocol == Protocol::V0 {
+                    return Err(
+                        "--jwks-url verifies Mercure 1.0 tokens, which --protocol 0.x \
+                                refuses: use --protocol both or 1.0"
+                            .into(),
+                    );
+                }
+                Some(u.to_owned())
+            }
+        };
         // A cookie name is an RFC 6265 token: no separators, spaces or controls.
         let cookie_ok = !self.cookie_name.is_empty()
             && self
@@ -400,6 +438,7 @@ impl ServeArgs {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(ServeConfig {
             issuer: self.issuer.clone(),
+            jwks_url,
             resource_identifier,
             cookie_name: self.cookie_name.clone(),
             authorization_server,

@@ -10,6 +10,7 @@
 //! let anyone sign, and a public key must never be usable as one. A key's own `alg`, when it
 //! has one, must be the token's.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,10 +57,22 @@ pub struct Jwks {
     url: String,
     target: Target,
     keys: RwLock<Arc<Vec<SetKey>>>,
+    /// Counts the sets taken: a token verified with an older set is verified again (its key
+    /// may have been withdrawn).
+    generation: AtomicU64,
+    /// Fetches started, for the log and the tests' view through `/metrics`.
+    fetches: AtomicU64,
     /// When a fetch was last started for an unknown key id.
     last_unknown_fetch: Mutex<Option<Instant>>,
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
+}
+
+/// Names the URL only.
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Jwks({})", self.url)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +91,8 @@ impl Jwks {
             url: url.to_owned(),
             target,
             keys: RwLock::new(Arc::new(Vec::new())),
+            generation: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
             last_unknown_fetch: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }))
@@ -103,6 +118,7 @@ impl Jwks {
     /// keys it holds.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
         let _one = self.fetching.lock().await;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
         let fail = |cause: String| JwksError::Fetch {
             url: self.url.clone(),
             cause,
@@ -117,6 +133,7 @@ impl Jwks {
         }
         let n = keys.len();
         *self.keys.write() = Arc::new(keys);
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(n)
     }
 
@@ -147,6 +164,21 @@ impl Jwks {
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| format!("not a JWK Set: {e}"))
+    }
+
+    /// Which set is in use: it changes with every successful fetch.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// How many fetches were started since the hub started.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The URL the set is fetched from.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The keys that may verify a token with key id `kid` signed with `alg`: the one with that
@@ -256,6 +288,76 @@ mod tests {
     fn set(json: &str) -> Vec<SetKey> {
         let set: JwkSet = serde_json::from_str(json).unwrap();
         set.keys.iter().filter_map(usable).collect()
+    }
+
+    /// Serves `answers` in turn (status, body), one per connection, on 127.0.0.1.
+    async fn provider(answers: Vec<(u16, &'static str)>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for (status, body) in answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 512];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        url
+    }
+
+    const ONE_KEY: &str = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"ed"}]}"#;
+
+    #[tokio::test]
+    async fn a_failed_fetch_keeps_the_last_good_set() {
+        let url = provider(vec![
+            (200, ONE_KEY),
+            (500, ""),
+            (200, "not json"),
+            (200, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#),
+        ])
+        .await;
+        let jwks = Jwks::new(&url).unwrap();
+        assert_eq!(jwks.generation(), 0);
+        assert_eq!(jwks.refresh().await.unwrap(), 1);
+        assert_eq!(jwks.generation(), 1);
+        for why in ["answered 500", "not a JWK Set", "no usable public key"] {
+            let e = jwks.refresh().await.unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+            assert!(jwks.has_kid("ed"), "the last good set is kept");
+            assert_eq!(jwks.generation(), 1);
+        }
+        assert_eq!(jwks.fetches(), 4);
+        assert_eq!(jwks.keys_for(Some("ed"), Algorithm::EdDSA).len(), 1);
+        assert!(jwks.keys_for(Some("ed"), Algorithm::HS256).is_empty());
+        assert!(jwks.keys_for(Some("other"), Algorithm::EdDSA).is_empty());
+        assert_eq!(jwks.keys_for(None, Algorithm::EdDSA).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_key_ids_fetch_at_most_once_per_interval() {
+        let url = provider(vec![(200, ONE_KEY)]).await;
+        let jwks = Jwks::new(&url).unwrap();
+        assert!(jwks.refresh_for_unknown("ed").await);
+        // Within the interval: answered from the set in hand, the provider is not asked (it
+        // would not answer: it serves one connection).
+        assert!(!jwks.refresh_for_unknown("other").await);
+        assert!(jwks.refresh_for_unknown("ed").await);
+        assert_eq!(jwks.fetches(), 1);
+    }
+
+    #[test]
+    fn urls_other_than_http_are_refused() {
+        assert!(Jwks::new("ftp://127.0.0.1/jwks").is_err());
     }
 
     #[test]

@@ -108,7 +108,25 @@ pub async fn run(
         )),
         None => None,
     };
-    let (publisher_key, subscriber_key, generated_token) = keys(&config)?;
+    let (mut publisher_key, mut subscriber_key, generated_token) = keys(&config)?;
+    // `--jwks-url`: one set for both roles (a token's grants say what it may do). Fetched
+    // now and hourly by a task that ends with the hub; a failing first fetch is logged and
+    // does not stop the start (tokens from the issuer are refused until one succeeds).
+    let jwks = match &config.jwks_url {
+        Some(url) => {
+            let jwks = crate::jwks::Jwks::new(url).map_err(anyhow::Error::msg)?;
+            publisher_key = Arc::new(Key::clone(&publisher_key).with_jwks(jwks.clone()));
+            subscriber_key = Arc::new(Key::clone(&subscriber_key).with_jwks(jwks.clone()));
+            let refresh = jwks.spawn_refresh();
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                stopped.cancelled().await;
+                refresh.abort();
+            });
+            Some(jwks)
+        }
+        None => None,
+    };
     let hub_config = HubConfig {
         history_size: config.history_size,
         history_bytes: config.history_bytes,
@@ -177,7 +195,10 @@ pub async fn run(
             cookie_name: config.cookie_name.clone(),
             authorization_server: config.authorization_server.clone(),
             tls: tls.is_some(),
-            metadata: config.publisher_jwt_key.is_some() || config.subscriber_jwt_key.is_some(),
+            metadata: config.publisher_jwt_key.is_some()
+                || config.subscriber_jwt_key.is_some()
+                || jwks.is_some(),
+            jwks,
         }),
     };
     if config.issuer.is_none() && generated_token.is_none() {

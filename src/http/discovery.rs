@@ -31,6 +31,8 @@ pub struct TokenSettings {
     /// A key was configured (not a random one for the run): the metadata is served and the
     /// challenges point at it.
     pub metadata: bool,
+    /// `--jwks-url`: the issuer's key set.
+    pub jwks: Option<std::sync::Arc<crate::jwks::Jwks>>,
 }
 
 impl TokenSettings {
@@ -96,6 +98,9 @@ pub struct Challenge(pub Option<&'static str>);
 
 /// Writes the `WWW-Authenticate` header of responses that carry a [`Challenge`].
 pub async fn challenge(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(jwks) = &app.tokens.jwks {
+        fetch_unknown_key(jwks, req.headers(), &app.tokens.cookie_name).await;
+    }
     let host = req.headers().get(header::HOST).cloned();
     let uri = req.uri().clone();
     let mut response = next.run(req).await;
@@ -120,6 +125,26 @@ pub async fn challenge(State(app): State<AppState>, req: Request, next: Next) ->
         response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     response
+}
+
+/// Before a request's token is verified (which cannot wait): when it is a 1.0 token naming a
+/// key id the issuer's set lacks, the set is fetched again first, so that a token signed with
+/// a key the provider has just rotated in is accepted at once. Rate-limited by the set (one
+/// such fetch per 5 minutes), so made-up ids cost the provider nothing.
+async fn fetch_unknown_key(jwks: &crate::jwks::Jwks, headers: &http::HeaderMap, cookie_name: &str) {
+    // Only the header and the cookie: a 1.0 token is never read from the query string.
+    let Ok(Some((token, _))) = crate::auth::find_token(headers, None, cookie_name) else {
+        return;
+    };
+    if !crate::auth::is_access_token(token) {
+        return;
+    }
+    let Some(kid) = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid) else {
+        return;
+    };
+    if !jwks.has_kid(&kid) {
+        jwks.refresh_for_unknown(&kid).await;
+    }
 }
 
 /// `GET`/`HEAD /.well-known/oauth-protected-resource/.well-known/mercure`: the RFC 9728
@@ -165,6 +190,7 @@ mod tests {
             authorization_server: None,
             tls,
             metadata: true,
+            jwks: None,
         }
     }
 
