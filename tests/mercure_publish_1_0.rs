@@ -192,3 +192,42 @@ async fn both_http1_paths_refuse_alike() {
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     }
 }
+
+/// Over the hub's limits — more than 1,000 topics, a topic over 4,096 bytes, the body over
+/// `--max-body` — a publish is a 413 with the reason (mercure-1.0.md §4: limits are 413, not
+/// the reference hub's 400), and nothing is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_are_413() {
+    let hub = TestHub::start(&["--max-body", "64KiB"]);
+    let mut watcher = hub.subscribe("topic=*", &[]).await;
+    let token = hub.publisher_token();
+    let many: String = (0..1001).map(|i| format!("topic=t{i}&")).collect();
+    let long = format!("topic={}&data=x", "a".repeat(4097));
+    let big = format!("topic=a&data={}", "x".repeat(65 * 1024));
+    for (case, body, word) in [
+        ("1,001 topics", format!("{many}data=x"), "topic"),
+        ("a 4,097-byte topic", long, "4096"),
+        ("a body over --max-body", big, "--max-body"),
+    ] {
+        let (status, text) = post(&hub, &token, &body).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{case}: {text}");
+        assert!(text.contains(word), "{case}: {text}");
+    }
+    // 1,000 topics and a 4,096-byte one are within the limits.
+    let thousand: String = (0..1000).map(|i| format!("topic=t{i}&")).collect();
+    let (status, text) = post(&hub, &token, &format!("{thousand}data=ok")).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = post(
+        &hub,
+        &token,
+        &format!("topic={}&data=ok2", "a".repeat(4096)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let got = take(&mut watcher, 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["ok", "ok2"]
+    );
+    assert_quiet(&mut watcher, Duration::from_millis(200)).await;
+}

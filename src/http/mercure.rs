@@ -568,8 +568,11 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     let rights = match found {
         Ok(Some((t, source))) => {
             if source == TokenSource::Cookie {
+                // A presentation the hub will not take, as RFC 6750 names it: 400
+                // `invalid_request` with a challenge (mercure-1.0.md, the 1.0 error forms,
+                // used for 0.x requests too).
                 if let Err(reason) = csrf_check(&app, req.headers()) {
-                    return refuse(StatusCode::FORBIDDEN, reason, &app);
+                    return refuse_auth(AuthError::BadRequest(reason), &app);
                 }
             }
             let resource = app.tokens.resource(&req);
@@ -634,12 +637,12 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     };
     let draft = match draft_from_form(&bytes) {
         Ok(d) => d,
-        Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, &app),
+        Err((status, reason)) => return refuse(status, reason, &app),
     };
     // After the token (401), before the scope (403): a topic that no token could make valid
     // (`*`, one in the hub's namespace) is refused as such whatever the token grants.
     if let Err(e) = draft.validate() {
-        return refuse(StatusCode::BAD_REQUEST, e, &app);
+        return refuse(invalid_status(&e), e, &app);
     }
     if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
         return refuse_auth(AuthError::Forbidden(reason), &app);
@@ -658,10 +661,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     };
     match published {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
-        Err(PublishError::Invalid(e @ Invalid::TooMuchMatching { .. })) => {
-            refuse(StatusCode::PAYLOAD_TOO_LARGE, e, &app)
-        }
-        Err(PublishError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, e, &app),
+        Err(PublishError::Invalid(e)) => refuse(invalid_status(&e), e, &app),
         Err(e @ (PublishError::Unavailable(_) | PublishError::NotStored(_))) => {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);
             r.headers_mut()
@@ -718,10 +718,23 @@ fn may_publish(app: &AppState, rights: &Rights, topics: &[String]) -> Result<(),
     }
 }
 
-fn draft_from_form(body: &[u8]) -> Result<Draft, String> {
+/// A publish over one of the hub's limits is `413`; any other invalid one `400`.
+fn invalid_status(e: &Invalid) -> StatusCode {
+    match e {
+        Invalid::TooManyTopics | Invalid::TopicTooLong | Invalid::TooMuchMatching { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn draft_from_form(body: &[u8]) -> Result<Draft, (StatusCode, String)> {
     let pairs = form::parse(body, MAX_TOPICS + MAX_OTHER_PARAMS).map_err(|e| match e {
-        form::FormError::TooMany(_) => Invalid::TooManyTopics.to_string(),
-        e => e.to_string(),
+        form::FormError::TooMany(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Invalid::TooManyTopics.to_string(),
+        ),
+        e => (StatusCode::BAD_REQUEST, e.to_string()),
     })?;
     let mut d = Draft::default();
     let mut data = None;
@@ -742,7 +755,9 @@ fn draft_from_form(body: &[u8]) -> Result<Draft, String> {
                 d.event_type.get_or_insert(value);
             }
             "retry" if d.retry.is_none() => {
-                d.retry = Some(parse_retry(&value).map_err(|e| e.to_string())?);
+                d.retry = Some(
+                    parse_retry(&value).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?,
+                );
             }
             "private" => d.private = true,
             _ => {}
