@@ -107,38 +107,52 @@ impl Rights {
     /// The payload of a subscription to `m`: a 0.x token's `mercure.payload`; for a 1.0
     /// token, that of the first `subscribe` entry one of whose topics matches `m`'s own text
     /// read as a topic (Mercure 1.0 §7.1), if any.
-    pub fn payload_for(&self, m: &Matcher) -> Option<Value> {
-        self.payload_for_first(std::slice::from_ref(m), &|t| {
-            std::sync::Arc::new(crate::hub::Selector::compile(t))
+    pub fn payload_for(&self, m: &Matcher) -> Option<Arc<Value>> {
+        self.payloads_for(std::slice::from_ref(m), &|t| {
+            Arc::new(crate::hub::Selector::compile(t))
         })
+        .pop()
+        .flatten()
     }
 
-    /// The payload of the first of `matchers` that [`Rights::payload_for`] gives one, with the
-    /// grants compiled by `compile` once each (the hub's cache, against the hub's URL): a
+    /// The payload of each of `matchers` (see [`Rights::payload_for`]), in their order, with
+    /// the grants compiled by `compile` once each (the hub's cache, against the hub's URL): a
     /// token of many patterns and a request of many matchers must not compile them again for
-    /// every pair.
-    pub fn payload_for_first(
+    /// every pair. Equal payloads are shared, not copied per matcher.
+    pub fn payloads_for(
         &self,
         matchers: &[Matcher],
-        compile: &dyn Fn(&Matcher) -> std::sync::Arc<crate::hub::Selector>,
-    ) -> Option<Value> {
+        compile: &dyn Fn(&Matcher) -> Arc<crate::hub::Selector>,
+    ) -> Vec<Option<Arc<Value>>> {
         if self.dialect == Dialect::Legacy {
-            return self.payload.clone();
+            let p = self.payload.clone().map(Arc::new);
+            return vec![p; matchers.len()];
         }
         if self.subscribe_payloads.iter().all(|(_, p)| p.is_none()) {
-            return None;
+            return vec![None; matchers.len()];
         }
-        let grants: Vec<(Vec<std::sync::Arc<crate::hub::Selector>>, &Option<Value>)> = self
+        type Grant = (Vec<Arc<crate::hub::Selector>>, Option<Arc<Value>>);
+        let grants: Vec<Grant> = self
             .subscribe_payloads
             .iter()
-            .map(|(topics, p)| (topics.iter().map(compile).collect(), p))
+            .map(|(topics, p)| {
+                (
+                    topics.iter().map(compile).collect(),
+                    p.clone().map(Arc::new),
+                )
+            })
             .collect();
-        matchers.iter().find_map(|m| {
-            grants
-                .iter()
-                .find(|(topics, _)| topics.iter().any(|t| t.matches(&m.pattern)))
-                .and_then(|(_, p)| (*p).clone())
-        })
+        // The first grant one of whose topics matches the matcher's text decides, even
+        // when it has no payload (later grants are not consulted).
+        matchers
+            .iter()
+            .map(|m| {
+                grants
+                    .iter()
+                    .find(|(topics, _)| topics.iter().any(|t| t.matches(&m.pattern)))
+                    .and_then(|(_, p)| p.clone())
+            })
+            .collect()
     }
 }
 
@@ -1117,7 +1131,7 @@ mod tests {
         assert_eq!(r.dialect, Dialect::V1);
         assert_eq!(r.subscribe.as_ref().map(Vec::len), Some(2));
         assert_eq!(r.publish, None);
-        let payload = |m: Matcher| r.payload_for(&m);
+        let payload = |m: Matcher| r.payload_for(&m).map(|p| (*p).clone());
         assert_eq!(
             payload(Matcher::exact("https://a.example/7")),
             Some(serde_json::json!(1))
@@ -1129,9 +1143,27 @@ mod tests {
         // A 0.x token's payload is the same for every subscription.
         let legacy = rights_from_claims(&serde_json::json!({"mercure": {"payload": 3}})).unwrap();
         assert_eq!(
-            legacy.payload_for(&Matcher::topic("x")),
+            legacy
+                .payload_for(&Matcher::topic("x"))
+                .map(|p| (*p).clone()),
             Some(serde_json::json!(3))
         );
+        // Each matcher of one request has its own: the first entry matching it decides,
+        // even one without a payload.
+        let none_first = rights_from_details(&serde_json::json!({"authorization_details": [
+            {"type": DETAIL_TYPE, "actions": ["subscribe"], "topics": [{"match": "https://c.example/x"}]},
+            d(serde_json::json!([{"match": "*"}]), serde_json::json!(4)),
+        ]}))
+        .unwrap();
+        let each = none_first.payloads_for(
+            &[
+                Matcher::exact("https://a.example/1"),
+                Matcher::exact("https://c.example/x"),
+            ],
+            &|t| Arc::new(crate::hub::Selector::compile(t)),
+        );
+        let each: Vec<_> = each.iter().map(|p| p.as_deref().cloned()).collect();
+        assert_eq!(each, [Some(serde_json::json!(4)), None]);
     }
 
     #[test]

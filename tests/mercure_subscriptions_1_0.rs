@@ -218,3 +218,96 @@ async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
     let list: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(list["subscriptions"], json!([doc]));
 }
+
+/// Each subscription of one connection carries the payload of the first `subscribe` entry of
+/// the token that matches its own matcher (mercure-1.0.md §7.1), in its events and in the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_matcher_has_its_own_payload() {
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
+    let listener_token = token(&["*"], true);
+    let mut listener = hub
+        .subscribe(
+            "match_urlpattern=%2F.well-known%2Fmercure%2Fsubscriptions%2F*",
+            &[("authorization", &listener_token)],
+        )
+        .await;
+    let detail = "https://mercure.rocks/authorization-detail";
+    let mut header = Header::new(Algorithm::HS256);
+    header.typ = Some("at+jwt".into());
+    let claims = json!({
+        "iss": "tests",
+        "aud": RESOURCE,
+        "exp": 4102444800u64,
+        "authorization_details": [
+            {"type": detail, "actions": ["subscribe"],
+             "topics": [{"match": "https://example.com/books/:id", "match_type": "urlpattern"}],
+             "payload": {"shelf": "books"}},
+            {"type": detail, "actions": ["subscribe"], "topics": [{"match": "*"}],
+             "payload": {"shelf": "any"}},
+        ],
+    });
+    let jwt = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let auth = format!("Bearer {jwt}");
+    let _sub = hub
+        .subscribe(
+            "match=https%3A%2F%2Fexample.com%2Fbooks%2F1&match=https%3A%2F%2Fexample.com%2Fpens%2F2",
+            &[("authorization", &auth)],
+        )
+        .await;
+    // The listener's own subscription is announced first (its token has no payload).
+    let events = take(&mut listener, 3, Duration::from_secs(10)).await;
+    let mut shelves: Vec<(String, String)> = events[1..]
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event_type, "mercure");
+            let doc: Value = serde_json::from_str(&e.data).unwrap();
+            (
+                doc["match"].as_str().unwrap().to_owned(),
+                doc["payload"]["shelf"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    shelves.sort();
+    assert_eq!(
+        shelves,
+        [
+            ("https://example.com/books/1".to_owned(), "books".to_owned()),
+            ("https://example.com/pens/2".to_owned(), "any".to_owned()),
+        ]
+    );
+    // The API lists them alike.
+    let (status, body, _) = get(&hub, API, &[("authorization", &listener_token)]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let listed: Vec<(&str, &str)> = doc["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["match"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://example.com/")
+        })
+        .map(|s| {
+            (
+                s["match"].as_str().unwrap(),
+                s["payload"]["shelf"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed.len(), 2, "{body}");
+    assert!(
+        listed.contains(&("https://example.com/books/1", "books")),
+        "{body}"
+    );
+    assert!(
+        listed.contains(&("https://example.com/pens/2", "any")),
+        "{body}"
+    );
+}

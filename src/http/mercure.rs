@@ -333,16 +333,20 @@ pub(super) fn subscribe_request(
     last_event_id: Option<String>,
     kill: Option<tokio_util::sync::CancellationToken>,
 ) -> SubscribeRequest {
-    let (subscribe, expires_at, payload) = match rights {
+    let (subscribe, expires_at, payloads) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
-        // public updates and no private ones. The subscriber has one payload: that of its
-        // first matcher a grant gives one to (a 0.x token's is the same for all).
+        // public updates and no private ones. Each subscription has its payload (a 0.x
+        // token's is the same for all); only subscription events use them.
         Some(r) => (
             Some(r.subscribe.clone().unwrap_or_default()),
             r.expires_at,
-            r.payload_for_first(&topics, &|m| app.hub.selector(m)),
+            if app.subscriptions {
+                r.payloads_for(&topics, &|m| app.hub.selector(m))
+            } else {
+                Vec::new()
+            },
         ),
-        None => (None, None, None),
+        None => (None, None, Vec::new()),
     };
     SubscribeRequest {
         topics,
@@ -350,7 +354,7 @@ pub(super) fn subscribe_request(
         last_event_id,
         expires_at,
         kill,
-        payload,
+        payloads,
     }
 }
 

@@ -162,8 +162,9 @@ pub struct SubscribeRequest {
     pub expires_at: Option<SystemTime>,
     /// Cancelled to tear the connection down if the subscriber must be dropped.
     pub kill: Option<CancellationToken>,
-    /// The token's `mercure.payload`, for subscription events.
-    pub payload: Option<serde_json::Value>,
+    /// The payload of each subscription, for subscription events: by the index of its
+    /// matcher in `topics` (missing ones have none).
+    pub payloads: Vec<Option<Arc<serde_json::Value>>>,
 }
 
 /// An accepted subscription.
@@ -483,7 +484,7 @@ impl Hub {
             Box::new(SubscriberInfo {
                 id: uuid::Uuid::new_v4().urn().to_string(),
                 topics: req.topics.clone(),
-                payload: req.payload.clone(),
+                payloads: req.payloads.clone(),
             })
         });
         let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill, info));
@@ -593,8 +594,8 @@ impl Hub {
         subs.sort_by_key(|s| s.id);
         for sub in subs {
             if let Some(info) = &sub.info {
-                for topic in &info.topics {
-                    docs.push((topic.kind, subscriptions::document(topic, info, true)));
+                for (i, topic) in info.topics.iter().enumerate() {
+                    docs.push((topic.kind, subscriptions::document(info, i, true)));
                 }
             }
         }
@@ -830,8 +831,8 @@ impl HubShared {
     /// it comes from the hub; a 0.x one as a plain message, as 0.x listeners expect.
     fn announce(&self, sub: &Subscriber, active: bool) {
         let Some(info) = &sub.info else { return };
-        for topic in &info.topics {
-            let doc = subscriptions::document(topic, info, active);
+        for (i, topic) in info.topics.iter().enumerate() {
+            let doc = subscriptions::document(info, i, active);
             let draft = Draft {
                 topics: vec![doc["id"].as_str().unwrap_or_default().to_owned()],
                 data: doc.to_string(),
@@ -1136,7 +1137,7 @@ mod tests {
         let one = hub
             .subscribe(SubscribeRequest {
                 topics: vec![Matcher::exact("a b")],
-                payload: Some(serde_json::json!({"p": 1})),
+                payloads: vec![Some(Arc::new(serde_json::json!({"p": 1})))],
                 ..SubscribeRequest::default()
             })
             .unwrap();

@@ -5,9 +5,11 @@
 //! one is plain JSON on `…/subscriptions/{match_type}/{match}/{subscriber}`, sent as an
 //! `event: mercure`.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
-use super::{MatchType, Matcher};
+use super::MatchType;
 
 /// The topic prefix of subscription events, and the path of the subscription API.
 pub const PREFIX: &str = "/.well-known/mercure/subscriptions";
@@ -18,8 +20,16 @@ pub struct SubscriberInfo {
     /// `urn:uuid:` v4.
     pub id: String,
     pub topics: Vec<super::Matcher>,
-    /// The token's `mercure.payload`.
-    pub payload: Option<Value>,
+    /// The payload of each subscription (by the index of its matcher in `topics`): a 0.x
+    /// token's `mercure.payload` for all, a 1.0 token's per matcher (Mercure 1.0 §7.1).
+    pub payloads: Vec<Option<Arc<Value>>>,
+}
+
+impl SubscriberInfo {
+    /// The payload of the subscription to `topics[i]`.
+    pub fn payload(&self, i: usize) -> Option<&Value> {
+        self.payloads.get(i)?.as_deref()
+    }
 }
 
 /// Percent-encodes like Go's `url.QueryEscape`, which the reference hub uses in these ids:
@@ -81,10 +91,13 @@ pub fn subscription_id_1_0(match_type: &str, pattern: &str, subscriber: &str) ->
     )
 }
 
-/// The document of one subscription, in the shape of the dialect it was made in.
-pub fn document(matcher: &Matcher, info: &SubscriberInfo, active: bool) -> Value {
+/// The document of the subscriber's `i`th subscription, in the shape of the dialect it was
+/// made in.
+pub fn document(info: &SubscriberInfo, i: usize, active: bool) -> Value {
+    let matcher = &info.topics[i];
+    let payload = info.payload(i);
     if matcher.kind == MatchType::Topic {
-        return document_0x(&matcher.pattern, info, active);
+        return document_0x(&matcher.pattern, info, payload, active);
     }
     let name = matcher.kind.name();
     let mut doc = json!({
@@ -95,14 +108,14 @@ pub fn document(matcher: &Matcher, info: &SubscriberInfo, active: bool) -> Value
         "subscriber": info.id,
         "active": active,
     });
-    if let Some(p) = &info.payload {
+    if let Some(p) = payload {
         doc["payload"] = p.clone();
     }
     doc
 }
 
 /// The JSON-LD document of one 0.x subscription.
-fn document_0x(topic: &str, info: &SubscriberInfo, active: bool) -> Value {
+fn document_0x(topic: &str, info: &SubscriberInfo, payload: Option<&Value>, active: bool) -> Value {
     let mut doc = json!({
         "@context": "https://mercure.rocks/",
         "id": subscription_id(topic, &info.id),
@@ -111,7 +124,7 @@ fn document_0x(topic: &str, info: &SubscriberInfo, active: bool) -> Value {
         "subscriber": info.id,
         "active": active,
     });
-    if let Some(p) = &info.payload {
+    if let Some(p) = payload {
         doc["payload"] = p.clone();
     }
     doc
@@ -120,6 +133,7 @@ fn document_0x(topic: &str, info: &SubscriberInfo, active: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Matcher;
 
     #[test]
     fn ids_escape_like_the_reference_hub() {
@@ -133,10 +147,13 @@ mod tests {
     fn documents_take_the_shape_of_their_dialect() {
         let info = SubscriberInfo {
             id: "urn:uuid:1".into(),
-            topics: vec![],
-            payload: Some(json!({"a": 1})),
+            topics: vec![
+                Matcher::exact("https://example.com/a b%"),
+                Matcher::topic("a b"),
+            ],
+            payloads: vec![Some(Arc::new(json!({"a": 1})))],
         };
-        let doc = document(&Matcher::exact("https://example.com/a b%"), &info, true);
+        let doc = document(&info, 0, true);
         assert_eq!(
             doc,
             json!({
@@ -149,7 +166,11 @@ mod tests {
                 "payload": {"a": 1},
             })
         );
-        let doc = document(&Matcher::topic("a b"), &info, false);
+        let doc = document(&info, 1, false);
+        assert!(
+            doc.get("payload").is_none(),
+            "each subscription has its own payload"
+        );
         assert_eq!(doc["@context"], "https://mercure.rocks/");
         assert_eq!(doc["type"], "Subscription");
         assert_eq!(
