@@ -25,7 +25,7 @@ pub mod update;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -129,6 +129,8 @@ pub(crate) struct HubShared {
     /// The durable history's writer (see `writer`): with one, every publish takes its place
     /// there, after its update is on disk; without (`--data-dir none`, cluster mode), at once.
     writer: Option<std::sync::mpsc::Sender<writer::Job>>,
+    /// Bytes of the publishes waiting for the writer (see [`writer::MAX_QUEUED_BYTES`]).
+    queued_bytes: AtomicUsize,
 }
 
 /// Takes a subscription event the hub wants published, in cluster mode.
@@ -210,6 +212,8 @@ pub enum PublishFailed {
 pub(crate) enum Submitted {
     Done(Published),
     Queued(tokio::sync::oneshot::Receiver<Result<Published, crate::store::WriteError>>),
+    /// Refused, nothing of it kept: the writer is this far behind.
+    Behind(String),
 }
 
 /// The result of a publish.
@@ -276,6 +280,7 @@ impl Hub {
         Hub {
             shared: Arc::new_cyclic(|weak| HubShared {
                 writer: store.map(|s| writer::start(weak.clone(), s, next_seq)),
+                queued_bytes: AtomicUsize::new(0),
                 core: Mutex::new(Core {
                     history,
                     next_seq,
@@ -333,6 +338,7 @@ impl Hub {
                     "the store's writer has stopped".into(),
                 )),
             },
+            Submitted::Behind(why) => Err(PublishFailed::NotStored(why)),
         }
     }
 
@@ -352,7 +358,9 @@ impl Hub {
     fn publish_now(&self, draft: Draft) -> Result<Published, Invalid> {
         match self.shared.submit(draft)? {
             Submitted::Done(p) => Ok(p),
-            Submitted::Queued(_) => unreachable!("a test hub has no store"),
+            Submitted::Queued(_) | Submitted::Behind(_) => {
+                unreachable!("a test hub has no store")
+            }
         }
     }
 
@@ -671,10 +679,25 @@ impl HubShared {
             self.metrics.observe_publish(started.elapsed());
             return Submitted::Done(published);
         };
+        let encoded = update::encode(&draft, &id);
+        let durable = !draft.is_subscription_event();
+        // What waits for the disk is bounded: past the budget a publish is refused (503, try
+        // again) rather than held, so a disk slower than the publishers cannot grow the queue
+        // without end. The hub's own events are never refused (they are small and few).
+        let weight = encoded.len() + draft.topics.iter().map(String::len).sum::<usize>();
+        let queued = self.queued_bytes.fetch_add(weight, Relaxed) + weight;
+        if durable && queued > writer::MAX_QUEUED_BYTES {
+            self.queued_bytes.fetch_sub(weight, Relaxed);
+            return Submitted::Behind(format!(
+                "the history store is behind: {} MiB of publishes wait to be written",
+                writer::MAX_QUEUED_BYTES >> 20
+            ));
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = writer::Job {
-            encoded: update::encode(&draft, &id),
-            durable: !draft.is_subscription_event(),
+            encoded,
+            durable,
+            weight,
             id,
             topics: draft.topics,
             private: draft.private,
@@ -990,6 +1013,45 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
+
+    /// Publishes waiting for the disk are bounded in bytes: past the budget a publish is
+    /// refused (the HTTP layer answers 503 with Retry-After), and what is answered gives its
+    /// bytes back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_writers_queue_is_bounded() {
+        let dir = std::env::temp_dir().join(format!("ssehub-queue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bounds = crate::store::Bounds {
+            updates: 100,
+            bytes: 1 << 20,
+        };
+        let (store, kept) = crate::store::Store::open(&dir, bounds).unwrap();
+        let hub = Hub::durable(HubConfig::default(), store, kept);
+        let draft = || Draft {
+            topics: vec!["a".into()],
+            data: "x".into(),
+            ..Draft::default()
+        };
+        hub.publish(draft()).await.unwrap();
+        assert_eq!(hub.shared.queued_bytes.load(Relaxed), 0, "given back");
+        // As if the disk were that far behind.
+        hub.shared
+            .queued_bytes
+            .store(writer::MAX_QUEUED_BYTES, Relaxed);
+        match hub.publish(draft()).await {
+            Err(PublishFailed::NotStored(why)) => assert!(why.contains("behind"), "{why}"),
+            other => panic!("not refused: {:?}", other.map(|p| p.id)),
+        }
+        assert_eq!(
+            hub.shared.queued_bytes.load(Relaxed),
+            writer::MAX_QUEUED_BYTES,
+            "a refused publish takes nothing"
+        );
+        hub.shared.queued_bytes.store(0, Relaxed);
+        hub.publish(draft()).await.unwrap();
+        drop(hub);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use std::task::{Context, Poll, Wake, Waker};
 
     use super::*;

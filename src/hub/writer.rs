@@ -20,6 +20,11 @@ use crate::store::{Store, WriteError};
 /// The most publishes one transaction takes: bounds how long the first of them waits.
 const MAX_BATCH: usize = 1024;
 
+/// The most bytes of publishes (encoded update and topics) that may wait for the writer; past
+/// it, publishes are refused with 503 until the disk catches up. Commits of up to
+/// [`MAX_BATCH`] publishes of a few KiB take this many times over to fill it.
+pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// A checked, encoded update waiting for its place.
 pub(crate) struct Job {
     pub id: String,
@@ -30,6 +35,8 @@ pub(crate) struct Job {
     pub matches: templates::Matches,
     /// Written to the store (every update but subscription events).
     pub durable: bool,
+    /// What it counts in the hub's queued bytes, given back once it is answered.
+    pub weight: usize,
     pub started: Instant,
     pub reply: Option<oneshot::Sender<Result<Published, WriteError>>>,
 }
@@ -68,6 +75,7 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: 
             }
         }
         let Some(hub) = hub.upgrade() else { return };
+        let weight: usize = batch.iter().map(|job| job.weight).sum();
         let start = next_seq;
         let updates: Vec<SharedUpdate> = batch
             .iter()
@@ -119,6 +127,8 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: 
                 }
             }
         }
+        hub.queued_bytes
+            .fetch_sub(weight, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
