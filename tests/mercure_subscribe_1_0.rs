@@ -342,3 +342,50 @@ async fn cors_exposes_the_1_0_cursor_and_allows_query() {
     // The subscription API's cursor is in `Link`.
     assert!(exposed.contains("link"), "{exposed}");
 }
+
+/// A publish tests only the URL patterns its topic can match, read as a URL: thousands of
+/// patterns of other hosts, or of the same host under other paths, are not tested (counted by
+/// `ssehub_template_tests_total`), however the topic is spelled.
+#[tokio::test]
+async fn a_publish_does_not_test_url_patterns_of_other_hosts_or_paths() {
+    let hub = TestHub::start(&["--template-memory", "1GiB"]);
+    // 3,000 patterns in 30 subscriptions of 100 (the most one may hold): two thirds of other
+    // hosts, a third of this host under other paths.
+    let mut others = Vec::new();
+    for s in 0..30 {
+        let query: Vec<String> = (0..100)
+            .map(|i| {
+                let n = s * 100 + i;
+                let p = if n % 3 == 0 {
+                    format!("https://mine.example/other{n}/:id")
+                } else {
+                    format!("https://host{n}.example/items/:id")
+                };
+                format!("match_urlpattern={}", enc(&p))
+            })
+            .collect();
+        others.push(hub.subscribe(&query.join("&"), &[]).await);
+    }
+    let mut mine = hub
+        .subscribe(
+            &format!("match_urlpattern={}", enc("https://mine.example/items/:id")),
+            &[],
+        )
+        .await;
+    let before = hub.metric("ssehub_template_tests_total").await;
+    let mut p = hub.publisher().await;
+    let topics = [
+        "https://mine.example/items/1",
+        "HTTPS://MINE.example:443/items/2",
+        "https://mine.example/x/../items/3",
+    ];
+    for t in topics {
+        p.ok(&[("topic", t), ("data", t)]).await;
+    }
+    assert_eq!(take_data(&mut mine, 3).await, topics);
+    let tested = hub.metric("ssehub_template_tests_total").await - before;
+    assert_eq!(tested, 3.0, "one pattern tested per publish");
+    for other in &mut others {
+        assert_quiet(other, QUIET).await;
+    }
+}

@@ -67,7 +67,7 @@ impl MatchType {
 /// relative topics, absolute ones absolute topics.
 pub const DEFAULT_BASE: &str = "https://mercure.invalid/.well-known/mercure";
 
-static DEFAULT_BASE_URL: std::sync::LazyLock<url::Url> =
+pub(super) static DEFAULT_BASE_URL: std::sync::LazyLock<url::Url> =
     std::sync::LazyLock::new(|| url::Url::parse(DEFAULT_BASE).expect("a valid URL"));
 
 /// A topic matcher as a subscriber or a token wrote it: its type and its text.
@@ -199,12 +199,16 @@ impl Selector {
         }
     }
 
-    /// For a template, its text before the first `{`: every topic it matches starts with it.
-    /// A URL pattern reads topics as URLs: any topic may match it.
-    pub fn literal_prefix(&self) -> Option<&str> {
+    /// Where the hub's index finds a compiled selector: a template by its text before the
+    /// first `{` (every topic it matches starts with it), a URL pattern by what it fixes of
+    /// the topic read as a URL. `None` for the others, which are not tested one by one.
+    pub fn index_key(&self) -> Option<IndexKey<'_>> {
         match self {
-            Selector::Template(t) => Some(t.prefix()),
-            Selector::UrlPattern(_) => Some(""),
+            Selector::Template(t) => Some(IndexKey::Prefix(t.prefix())),
+            Selector::UrlPattern(p) => Some(IndexKey::Url {
+                origin: p.origin.as_ref(),
+                path_prefix: &p.path_prefix,
+            }),
             _ => None,
         }
     }
@@ -255,6 +259,79 @@ impl Selector {
     }
 }
 
+/// Where a compiled selector is indexed (see [`Selector::index_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKey<'a> {
+    /// A URI template: the text every topic it matches starts with.
+    Prefix(&'a str),
+    /// A URL pattern: the protocol, hostname and port it fixes (`None` when it leaves one of
+    /// them open), and the text every pathname it matches starts with, topics read as URLs.
+    Url {
+        origin: Option<&'a Origin>,
+        path_prefix: &'a str,
+    },
+}
+
+/// The protocol, hostname and port of a URL, as URL patterns compare them: the scheme, the
+/// host as the URL parser wrote it (lowercase, punycode), the port or `""` for the scheme's
+/// default.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub protocol: Box<str>,
+    pub hostname: Box<str>,
+    pub port: Box<str>,
+}
+
+/// A topic read as a URL against the hub's URL, cut in the components URL patterns match:
+/// parsed once per publish, however many patterns it is tested against.
+#[derive(Clone, Debug)]
+pub struct TopicUrl {
+    pub origin: Origin,
+    username: Box<str>,
+    password: Box<str>,
+    pub pathname: Box<str>,
+    search: Box<str>,
+    hash: Box<str>,
+}
+
+impl TopicUrl {
+    /// `None` when `topic` is no URL reference: no URL pattern matches it. The components are
+    /// those the urlpattern crate takes from a URL it is given (its `parse_match_input`).
+    pub fn parse(topic: &str, base: &url::Url) -> Option<TopicUrl> {
+        let url = url::Url::options().base_url(Some(base)).parse(topic).ok()?;
+        Some(TopicUrl {
+            origin: Origin {
+                protocol: url.scheme().into(),
+                hostname: url.host_str().unwrap_or_default().into(),
+                port: url::quirks::port(&url).into(),
+            },
+            username: url.username().into(),
+            password: url.password().unwrap_or_default().into(),
+            pathname: url::quirks::pathname(&url).into(),
+            search: url.query().unwrap_or_default().into(),
+            hash: url.fragment().unwrap_or_default().into(),
+        })
+    }
+
+    /// Its length in bytes, all components together: what testing a pattern against it reads
+    /// at most.
+    pub fn len(&self) -> usize {
+        let o = &self.origin;
+        o.protocol.len()
+            + o.hostname.len()
+            + o.port.len()
+            + self.username.len()
+            + self.password.len()
+            + self.pathname.len()
+            + self.search.len()
+            + self.hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// True when one of `selectors` matches one of `topics`.
 pub fn any_matches<S: AsRef<str>>(selectors: &[Arc<Selector>], topics: &[S]) -> bool {
     selectors.iter().any(|s| s.matches_any(topics))
@@ -269,6 +346,10 @@ pub struct UrlPatternSelector {
     pattern: urlpattern::UrlPattern<BoundedRegex>,
     /// The hub's URL, that topics are read against.
     base: url::Url,
+    /// The protocol, hostname and port every URL it matches has, when it fixes all three.
+    origin: Option<Origin>,
+    /// The text every pathname it matches starts with.
+    path_prefix: String,
     /// What it is charged against `--template-memory`: its regexes, their caches at full
     /// size, and its text.
     cost: usize,
@@ -398,23 +479,84 @@ impl UrlPatternSelector {
         .ok()?;
         let pattern =
             urlpattern::UrlPattern::<BoundedRegex>::parse(init, Default::default()).ok()?;
+        let fixed = |c: &urlpattern::component::Component<BoundedRegex>| literal(c).map(Box::from);
+        let origin = match (
+            fixed(&pattern.protocol),
+            fixed(&pattern.hostname),
+            fixed(&pattern.port),
+        ) {
+            (Some(protocol), Some(hostname), Some(port)) => Some(Origin {
+                protocol,
+                hostname,
+                port,
+            }),
+            _ => None,
+        };
+        let path_prefix = literal_prefix(&pattern.pathname);
         Some(UrlPatternSelector {
-            cost: url_pattern_cost(source, &pattern),
+            cost: url_pattern_cost(source, &pattern) + path_prefix.len() + 3 * 24,
             source: source.to_owned(),
             pattern,
             base: base.clone(),
+            origin,
+            path_prefix,
         })
+    }
+
+    /// The compiled pattern, for tests that compare [`Self::matches_url`] with the crate's own
+    /// test.
+    #[cfg(test)]
+    pub fn pattern_for_tests(&self) -> &urlpattern::UrlPattern<BoundedRegex> {
+        &self.pattern
     }
 
     /// True when `topic`, read as a URL against the hub's URL, matches. A topic that is no URL
     /// reference matches nothing.
     pub fn is_match(&self, topic: &str) -> bool {
-        let Ok(url) = url::Url::options().base_url(Some(&self.base)).parse(topic) else {
-            return false;
+        TopicUrl::parse(topic, &self.base).is_some_and(|u| self.matches_url(&u))
+    }
+
+    /// True when a topic already read as a URL (against the same base) matches: every
+    /// component matches, as the urlpattern crate tests them (its groups are never read).
+    pub fn matches_url(&self, u: &TopicUrl) -> bool {
+        let p = &self.pattern;
+        let ok = |c: &urlpattern::component::Component<BoundedRegex>, text: &str| {
+            c.matcher.matches(text).is_some()
         };
-        self.pattern
-            .test(urlpattern::UrlPatternMatchInput::Url(url))
-            .unwrap_or(false)
+        ok(&p.pathname, &u.pathname)
+            && ok(&p.hostname, &u.origin.hostname)
+            && ok(&p.protocol, &u.origin.protocol)
+            && ok(&p.port, &u.origin.port)
+            && ok(&p.username, &u.username)
+            && ok(&p.password, &u.password)
+            && ok(&p.search, &u.search)
+            && ok(&p.hash, &u.hash)
+    }
+}
+
+/// The one string a URL pattern component matches, when it matches one only.
+fn literal(c: &urlpattern::component::Component<BoundedRegex>) -> Option<&str> {
+    let m = &c.matcher;
+    match &m.inner {
+        urlpattern::matcher::InnerMatcher::Literal { literal }
+            if !m.ignore_case && m.prefix.is_empty() && m.suffix.is_empty() =>
+        {
+            Some(literal)
+        }
+        _ => None,
+    }
+}
+
+/// The text every string a URL pattern component matches starts with: the matcher compares
+/// it before anything else (its fixed first part, or the whole of a literal).
+fn literal_prefix(c: &urlpattern::component::Component<BoundedRegex>) -> String {
+    let m = &c.matcher;
+    if m.ignore_case {
+        return String::new();
+    }
+    match &m.inner {
+        urlpattern::matcher::InnerMatcher::Literal { literal } => format!("{}{literal}", m.prefix),
+        _ => m.prefix.clone(),
     }
 }
 
