@@ -349,10 +349,10 @@ async fn cors_exposes_the_1_0_cursor_and_allows_query() {
 #[tokio::test]
 async fn a_publish_does_not_test_url_patterns_of_other_hosts_or_paths() {
     let hub = TestHub::start(&["--template-memory", "1GiB"]);
-    // 3,000 patterns in 30 subscriptions of 100 (the most one may hold): two thirds of other
+    // 2,000 patterns in 20 subscriptions of 100 (the most one may hold): two thirds of other
     // hosts, a third of this host under other paths.
     let mut others = Vec::new();
-    for s in 0..30 {
+    for s in 0..20 {
         let query: Vec<String> = (0..100)
             .map(|i| {
                 let n = s * 100 + i;
@@ -388,4 +388,28 @@ async fn a_publish_does_not_test_url_patterns_of_other_hosts_or_paths() {
     for other in &mut others {
         assert_quiet(other, QUIET).await;
     }
+}
+
+/// A `match_urlpattern` value is compiled once: checked through the hub's cache, where the
+/// subscription then finds it (and a second subscriber shares it).
+#[tokio::test]
+async fn a_url_pattern_is_compiled_once_per_subscribe() {
+    let hub = TestHub::start(&[]);
+    let compiled = || hub.metric("ssehub_templates_compiled_total");
+    let before = compiled().await;
+    let q = format!("match_urlpattern={}", enc("https://example.com/once/:id"));
+    let mut a = hub.subscribe(&q, &[]).await;
+    assert_eq!(compiled().await - before, 1.0);
+    let _b = hub.subscribe(&q, &[]).await;
+    assert_eq!(compiled().await - before, 1.0);
+    // An invalid one is still refused, and nothing of it kept.
+    let (status, reason) = refused(&hub, &format!("match_urlpattern={}", enc("/(a"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reason, "invalid match_urlpattern pattern");
+    assert_eq!(hub.metric("ssehub_templates").await, 1.0);
+    hub.publisher()
+        .await
+        .ok(&[("topic", "https://example.com/once/1"), ("data", "1")])
+        .await;
+    assert_eq!(take_data(&mut a, 1).await, ["1"]);
 }
