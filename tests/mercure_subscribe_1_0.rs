@@ -413,3 +413,27 @@ async fn a_url_pattern_is_compiled_once_per_subscribe() {
         .await;
     assert_eq!(take_data(&mut a, 1).await, ["1"]);
 }
+
+/// `\w` and `\d` in a URL pattern's regex groups are ASCII, as in browsers: `(\w{20})` and
+/// eight `(\w+)` segments are accepted (Unicode classes made them too large, 400).
+#[tokio::test]
+async fn url_pattern_classes_are_javascript_s() {
+    let hub = TestHub::start(&[]);
+    let q = format!("match_urlpattern={}", enc("/t/:id(\\w{20})"));
+    let mut twenty = hub.subscribe(&q, &[]).await;
+    let eight: String = (0..8).map(|i| format!("/:a{i}(\\w+)")).collect();
+    let mut eight = hub
+        .subscribe(&format!("match_urlpattern={}", enc(&eight)), &[])
+        .await;
+    let mut p = hub.publisher().await;
+    let ascii = format!("/t/{}", "aZ9_".repeat(5));
+    let accented = format!("/t/{}é", "a".repeat(19));
+    p.ok(&[("topic", &accented), ("data", "accented")]).await;
+    p.ok(&[("topic", "/a/b/c/d/e/f/g/é"), ("data", "accented8")])
+        .await;
+    p.ok(&[("topic", &ascii), ("data", "ascii")]).await;
+    p.ok(&[("topic", "/a/b/c/d/e/f/g/h"), ("data", "ascii8")])
+        .await;
+    assert_eq!(take_data(&mut twenty, 1).await, ["ascii"]);
+    assert_eq!(take_data(&mut eight, 1).await, ["ascii8"]);
+}

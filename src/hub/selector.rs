@@ -393,7 +393,13 @@ impl urlpattern::regexp::RegExp for BoundedRegex {
 
 impl BoundedRegex {
     fn compile(pattern: &str) -> Option<BoundedRegex> {
-        let hir = regex_automata::util::syntax::parse(pattern).ok()?;
+        let mut ast = regex_syntax::ast::parse::Parser::new()
+            .parse(pattern)
+            .ok()?;
+        js_classes(&mut ast);
+        let hir = regex_syntax::hir::translate::Translator::new()
+            .translate(pattern, &ast)
+            .ok()?;
         let groups = hir.properties().explicit_captures_len();
         let nfa = NFA::compiler()
             .configure(
@@ -415,6 +421,114 @@ impl BoundedRegex {
     fn is_match(&self, text: &str) -> bool {
         self.automaton
             .is_match(Input::new(text).anchored(Anchored::Yes))
+    }
+}
+
+/// Gives `\w`, `\d` and `\s` (and their negations) their JavaScript meaning, as browsers match
+/// URL patterns: `\w` and `\d` are ASCII there, and `\s` is JavaScript's whitespace (close to
+/// Unicode's, with U+FEFF and without U+0085). Unicode's `\w` is some 800 ranges of code
+/// points: `(\w{20})` alone would pass the NFA bound, and it would match what no browser does.
+fn js_classes(ast: &mut regex_syntax::ast::Ast) {
+    use regex_syntax::ast::{Ast, ClassBracketed, ClassSet};
+    match ast {
+        Ast::ClassPerl(p) => {
+            let item = js_class(p);
+            *ast = Ast::ClassBracketed(Box::new(ClassBracketed {
+                span: p.span,
+                negated: false,
+                kind: ClassSet::Item(item),
+            }));
+        }
+        Ast::ClassBracketed(c) => js_class_set(&mut c.kind),
+        Ast::Repetition(r) => js_classes(&mut r.ast),
+        Ast::Group(g) => js_classes(&mut g.ast),
+        Ast::Alternation(a) => a.asts.iter_mut().for_each(js_classes),
+        Ast::Concat(c) => c.asts.iter_mut().for_each(js_classes),
+        _ => {}
+    }
+}
+
+fn js_class_set(set: &mut regex_syntax::ast::ClassSet) {
+    use regex_syntax::ast::ClassSet;
+    match set {
+        ClassSet::Item(item) => js_class_item(item),
+        ClassSet::BinaryOp(op) => {
+            js_class_set(&mut op.lhs);
+            js_class_set(&mut op.rhs);
+        }
+    }
+}
+
+fn js_class_item(item: &mut regex_syntax::ast::ClassSetItem) {
+    use regex_syntax::ast::ClassSetItem;
+    match item {
+        ClassSetItem::Perl(p) => *item = js_class(p),
+        ClassSetItem::Bracketed(b) => js_class_set(&mut b.kind),
+        ClassSetItem::Union(u) => u.items.iter_mut().for_each(js_class_item),
+        _ => {}
+    }
+}
+
+/// A Perl class as JavaScript reads it, as an item of a bracketed class: the ASCII classes
+/// (`[[:word:]]` is ASCII even in Unicode mode, and its negation everything else), and
+/// JavaScript's whitespace.
+fn js_class(p: &regex_syntax::ast::ClassPerl) -> regex_syntax::ast::ClassSetItem {
+    use regex_syntax::ast::{
+        ClassAscii, ClassAsciiKind, ClassBracketed, ClassPerlKind, ClassSet, ClassSetItem,
+        ClassSetRange, ClassSetUnion, Literal, LiteralKind,
+    };
+    let span = p.span;
+    let ascii = |kind| {
+        ClassSetItem::Ascii(ClassAscii {
+            span,
+            kind,
+            negated: p.negated,
+        })
+    };
+    match p.kind {
+        ClassPerlKind::Digit => ascii(ClassAsciiKind::Digit),
+        ClassPerlKind::Word => ascii(ClassAsciiKind::Word),
+        ClassPerlKind::Space => {
+            const JS_SPACE: [(char, char); 10] = [
+                ('\t', '\r'),
+                (' ', ' '),
+                ('\u{a0}', '\u{a0}'),
+                ('\u{1680}', '\u{1680}'),
+                ('\u{2000}', '\u{200a}'),
+                ('\u{2028}', '\u{2029}'),
+                ('\u{202f}', '\u{202f}'),
+                ('\u{205f}', '\u{205f}'),
+                ('\u{3000}', '\u{3000}'),
+                ('\u{feff}', '\u{feff}'),
+            ];
+            let c = |c| Literal {
+                span,
+                kind: LiteralKind::Verbatim,
+                c,
+            };
+            let space = ClassSetItem::Union(ClassSetUnion {
+                span,
+                items: JS_SPACE
+                    .iter()
+                    .map(|&(start, end)| {
+                        ClassSetItem::Range(ClassSetRange {
+                            span,
+                            start: c(start),
+                            end: c(end),
+                        })
+                    })
+                    .collect(),
+            });
+            if p.negated {
+                ClassSetItem::Bracketed(Box::new(ClassBracketed {
+                    span,
+                    negated: true,
+                    kind: ClassSet::Item(space),
+                }))
+            } else {
+                space
+            }
+        }
     }
 }
 
@@ -1156,12 +1270,82 @@ mod tests {
         // Groups of a custom regex are matched as written, whole.
         let digits = p("/users/:id(\\d+)");
         assert!(digits.matches("/users/42") && !digits.matches("/users/42x"));
-        // Too large a regex is no pattern (a request's is refused): 200 Unicode classes
-        // would take hundreds of megabytes once matched.
-        assert!(matches!(
-            p(&format!("/{}", "(\\w)".repeat(200))),
-            Selector::Never(_)
-        ));
+        // Too large a regex is no pattern (a request's is refused): its NFA alone would pass
+        // the bound.
+        assert!(matches!(p("/(\\d{20000})"), Selector::Never(_)));
+    }
+
+    #[test]
+    fn url_pattern_classes_mean_what_they_mean_in_javascript() {
+        let p = |s: &str| Selector::compile(&Matcher::url_pattern(s));
+        // `\w` and `\d` are ASCII, as in browsers: twenty word characters fit the NFA bound.
+        let word = p("/t/:id(\\w{20})");
+        assert!(matches!(word, Selector::UrlPattern(_)), "{word:?}");
+        assert!(word.matches(&format!("/t/{}", "aZ9_".repeat(5))));
+        assert!(!word.matches(&format!("/t/{}", "a".repeat(19))));
+        // A non-ASCII letter is no word character (`é` would be read percent-encoded anyway:
+        // the pathname keeps it as `%C3%A9`, which `\w` does not match either).
+        assert!(!word.matches(&format!("/t/{}é", "a".repeat(19))));
+        let eight: String = (0..8).map(|i| format!("/:a{i}(\\w+)")).collect();
+        let eight = p(&eight);
+        assert!(matches!(eight, Selector::UrlPattern(_)), "{eight:?}");
+        assert!(eight.matches("/a/b/c/d/e/f/g/h") && !eight.matches("/a/b/c/d/e/f/g/-"));
+        let digits = p("/n/:n(\\d+)");
+        assert!(digits.matches("/n/0123456789"));
+        // Inside brackets and negated, the same.
+        let bracket = p("/b/([\\w-]+)");
+        assert!(bracket.matches("/b/a-b_c") && !bracket.matches("/b/a.b"));
+        let not_word = p("/w/(\\W)");
+        assert!(not_word.matches("/w/-") && !not_word.matches("/w/a"));
+        // The search component is not percent-encoded the same way: JavaScript's whitespace
+        // there (a space arrives encoded, a no-break space as `%C2%A0`).
+        let space = p("/s?q=(\\S+)");
+        assert!(space.matches("/s?q=abc"));
+        // Charged as any pattern: its regexes are counted.
+        let cache = SelectorCache::new(1 << 20, None, Arc::new(Metrics::default()));
+        let held = cache
+            .hold(&Matcher::url_pattern("/t/:id(\\w{20})"))
+            .unwrap();
+        let Selector::UrlPattern(u) = &*held else {
+            panic!("{held:?}")
+        };
+        let regexes: usize = [&u.pattern.pathname]
+            .iter()
+            .map(|c| c.regexp.as_ref().map_or(0, |r| r.heap))
+            .sum();
+        assert!(regexes > 0 && held.cost() > regexes, "{}", held.cost());
+        assert!(cache.used() >= held.cost());
+        let small = SelectorCache::new(held.cost() / 2, None, Arc::new(Metrics::default()));
+        assert_eq!(
+            small
+                .hold(&Matcher::url_pattern("/t/:id(\\w{20})"))
+                .unwrap_err(),
+            TemplateMemoryFull
+        );
+    }
+
+    #[test]
+    fn js_classes_rewrite_only_perl_classes() {
+        let hir = |s: &str| {
+            let mut ast = regex_syntax::ast::parse::Parser::new().parse(s).unwrap();
+            js_classes(&mut ast);
+            regex_syntax::hir::translate::Translator::new()
+                .translate(s, &ast)
+                .unwrap()
+        };
+        let plain = |s: &str| regex_syntax::parse(s).unwrap();
+        assert_eq!(hir("\\w"), plain("[0-9A-Za-z_]"));
+        assert_eq!(hir("\\d+"), plain("[0-9]+"));
+        assert_eq!(hir("[^\\d.]"), plain("[^0-9.]"));
+        assert_eq!(hir("a|(b\\W)"), plain("a|(b[^0-9A-Za-z_])"));
+        assert_eq!(
+            hir("\\s"),
+            plain("[\\t-\\r \\u{a0}\\u{1680}\\u{2000}-\\u{200a}\\u{2028}\\u{2029}\\u{202f}\\u{205f}\\u{3000}\\u{feff}]")
+        );
+        // Everything else as written.
+        for s in ["abc", "[a-z]+", "(?:x)*y?", "\\.", "é."] {
+            assert_eq!(hir(s), plain(s), "{s}");
+        }
     }
 
     #[test]
