@@ -370,15 +370,31 @@ impl TemplateIndex {
         urls: TopicUrls,
         bound: Option<u64>,
     ) -> Result<Candidates, TooMuchMatching> {
+        if self.is_empty() {
+            return Ok(Candidates {
+                generation: self.generation,
+                work: 0,
+                groups: Vec::new(),
+                urls,
+            });
+        }
+        // URL patterns came in after the caller saw none: the candidates must cover them
+        // (the fan-out trusts them for every template present now), so the topics are read
+        // here, under the lock, this once.
+        let urls = if urls.len() != topics.len() && self.has_url_patterns() {
+            topics
+                .iter()
+                .map(|t| TopicUrl::parse(t, &self.base))
+                .collect()
+        } else {
+            urls
+        };
         let mut candidates = Candidates {
             generation: self.generation,
             work: 0,
             groups: Vec::new(),
             urls,
         };
-        if self.is_empty() {
-            return Ok(candidates);
-        }
         let urls = &candidates.urls;
         let too_much = |templates| TooMuchMatching {
             topics: topics.len(),
@@ -883,6 +899,24 @@ mod tests {
         let mut ids = Vec::new();
         matches.each(&index, &topics, |g| ids.extend(g.subs.keys().copied()));
         assert_eq!(ids, [9999]);
+    }
+
+    #[test]
+    fn url_patterns_that_came_before_the_lock_but_after_the_topics_were_read_are_tested() {
+        // The hub reads topics as URLs only when it saw URL patterns held; one may come in
+        // between, and the candidates taken then must still cover it.
+        let mut index = TemplateIndex::default();
+        let sel = url_pattern("/books/:id");
+        index.insert(&sel, &sub(1, &[&sel]));
+        let topics = vec!["/books/1".to_owned()];
+        let matches = index
+            .collect(&topics, Vec::new(), None)
+            .unwrap()
+            .test(&topics);
+        assert_eq!(matches.tests, 1);
+        let mut ids = Vec::new();
+        matches.each(&index, &topics, |g| ids.extend(g.subs.keys().copied()));
+        assert_eq!(ids, [1]);
     }
 
     #[test]
