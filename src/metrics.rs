@@ -154,6 +154,9 @@ pub struct Metrics {
     /// Compiled URI templates kept, and compilations since the start.
     pub templates: AtomicU64,
     pub templates_compiled: AtomicU64,
+    /// Tests of a topic against one URI template or URL pattern, since the start: what the
+    /// template index did not spare a publish.
+    pub template_tests: AtomicU64,
     /// Subscriptions refused for their URI templates, by [`TemplateRefusal`].
     templates_refused: [AtomicU64; 2],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -350,6 +353,12 @@ impl Metrics {
             "counter",
             "URI templates compiled since the hub started.",
             self.templates_compiled.load(Relaxed),
+        );
+        one(
+            "ssehub_template_tests_total",
+            "counter",
+            "Tests of a published topic against one URI template or URL pattern, since the hub started (those the template index found as candidates).",
+            self.template_tests.load(Relaxed),
         );
         let _ = writeln!(
             out,

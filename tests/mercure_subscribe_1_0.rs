@@ -342,3 +342,98 @@ async fn cors_exposes_the_1_0_cursor_and_allows_query() {
     // The subscription API's cursor is in `Link`.
     assert!(exposed.contains("link"), "{exposed}");
 }
+
+/// A publish tests only the URL patterns its topic can match, read as a URL: thousands of
+/// patterns of other hosts, or of the same host under other paths, are not tested (counted by
+/// `ssehub_template_tests_total`), however the topic is spelled.
+#[tokio::test]
+async fn a_publish_does_not_test_url_patterns_of_other_hosts_or_paths() {
+    let hub = TestHub::start(&["--template-memory", "1GiB"]);
+    // 2,000 patterns in 20 subscriptions of 100 (the most one may hold): two thirds of other
+    // hosts, a third of this host under other paths.
+    let mut others = Vec::new();
+    for s in 0..20 {
+        let query: Vec<String> = (0..100)
+            .map(|i| {
+                let n = s * 100 + i;
+                let p = if n % 3 == 0 {
+                    format!("https://mine.example/other{n}/:id")
+                } else {
+                    format!("https://host{n}.example/items/:id")
+                };
+                format!("match_urlpattern={}", enc(&p))
+            })
+            .collect();
+        others.push(hub.subscribe(&query.join("&"), &[]).await);
+    }
+    let mut mine = hub
+        .subscribe(
+            &format!("match_urlpattern={}", enc("https://mine.example/items/:id")),
+            &[],
+        )
+        .await;
+    let before = hub.metric("ssehub_template_tests_total").await;
+    let mut p = hub.publisher().await;
+    let topics = [
+        "https://mine.example/items/1",
+        "HTTPS://MINE.example:443/items/2",
+        "https://mine.example/x/../items/3",
+    ];
+    for t in topics {
+        p.ok(&[("topic", t), ("data", t)]).await;
+    }
+    assert_eq!(take_data(&mut mine, 3).await, topics);
+    let tested = hub.metric("ssehub_template_tests_total").await - before;
+    assert_eq!(tested, 3.0, "one pattern tested per publish");
+    for other in &mut others {
+        assert_quiet(other, QUIET).await;
+    }
+}
+
+/// A `match_urlpattern` value is compiled once: checked through the hub's cache, where the
+/// subscription then finds it (and a second subscriber shares it).
+#[tokio::test]
+async fn a_url_pattern_is_compiled_once_per_subscribe() {
+    let hub = TestHub::start(&[]);
+    let compiled = || hub.metric("ssehub_templates_compiled_total");
+    let before = compiled().await;
+    let q = format!("match_urlpattern={}", enc("https://example.com/once/:id"));
+    let mut a = hub.subscribe(&q, &[]).await;
+    assert_eq!(compiled().await - before, 1.0);
+    let _b = hub.subscribe(&q, &[]).await;
+    assert_eq!(compiled().await - before, 1.0);
+    // An invalid one is still refused, and nothing of it kept.
+    let (status, reason) = refused(&hub, &format!("match_urlpattern={}", enc("/(a"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reason, "invalid match_urlpattern pattern");
+    assert_eq!(hub.metric("ssehub_templates").await, 1.0);
+    hub.publisher()
+        .await
+        .ok(&[("topic", "https://example.com/once/1"), ("data", "1")])
+        .await;
+    assert_eq!(take_data(&mut a, 1).await, ["1"]);
+}
+
+/// `\w` and `\d` in a URL pattern's regex groups are ASCII, as in browsers: `(\w{20})` and
+/// eight `(\w+)` segments are accepted (Unicode classes made them too large, 400).
+#[tokio::test]
+async fn url_pattern_classes_are_javascript_s() {
+    let hub = TestHub::start(&[]);
+    let q = format!("match_urlpattern={}", enc("/t/:id(\\w{20})"));
+    let mut twenty = hub.subscribe(&q, &[]).await;
+    let eight: String = (0..8).map(|i| format!("/:a{i}(\\w+)")).collect();
+    let mut eight = hub
+        .subscribe(&format!("match_urlpattern={}", enc(&eight)), &[])
+        .await;
+    let mut p = hub.publisher().await;
+    let ascii = format!("/t/{}", "aZ9_".repeat(5));
+    let accented = format!("/t/{}é", "a".repeat(19));
+    p.ok(&[("topic", &accented), ("data", "accented")]).await;
+    p.ok(&[("topic", "/a/b/c/d/e/f/g/é"), ("data", "accented8")])
+        .await;
+    p.ok(&[("topic", &ascii), ("data", "ascii")]).await;
+    p.ok(&[("topic", "/a/b/c/d/e/f/g/h"), ("data", "ascii8")])
+        .await;
+    assert_eq!(take_data(&mut twenty, 1).await, ["ascii"]);
+    assert_eq!(take_data(&mut eight, 1).await, ["ascii8"]);
+}

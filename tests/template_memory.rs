@@ -164,6 +164,10 @@ fn every_url_pattern_is_charged_at_least_what_it_takes() {
         format!("/{}", "(x|y)*z".repeat(40)),
         "/.well-known/*".to_owned(),
         format!("/{}", "(\\w)".repeat(4)),
+        // JavaScript's ASCII `\w` and `\d`: patterns Unicode classes made too large.
+        "/t/:id(\\w{20})".to_owned(),
+        (0..8).map(|i| format!("/:a{i}(\\w+)")).collect(),
+        "/s/([\\d\\s]+)(\\S*)".to_owned(),
         format!("/{}", "([a-z]+)".repeat(40)),
     ];
     let shapes = [

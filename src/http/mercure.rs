@@ -12,10 +12,7 @@ use crate::auth::{find_token, keep_query_token, query_token, AuthError, Rights, 
 use crate::cluster::PublishError;
 use crate::config::Protocol;
 use crate::hub::update::parse_retry;
-use crate::hub::{
-    Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, UrlPatternSelector,
-    MAX_TOPICS,
-};
+use crate::hub::{Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
 
 /// How long a publisher may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +44,10 @@ struct SubscribeQuery {
     last_event_id: Option<String>,
     /// The 0.x `authorization` parameter, kept on 0.x requests only.
     authorization: Option<String>,
+    /// The request's URL patterns, compiled through the hub's cache to check them: held
+    /// until the subscription holds them itself, so that it finds them there (not evicted in
+    /// between) and no pattern is compiled twice.
+    _compiled: Vec<std::sync::Arc<Selector>>,
 }
 
 /// The cursor parameters, each kept at its first value.
@@ -86,7 +87,7 @@ fn parse_subscribe_params(
     let mut cursors = Cursors::default();
     let mut authorization = None;
     let mut misspelt: Option<String> = None;
-    let base = app.hub.base_url();
+    let mut compiled = Vec::new();
     for (name, value) in query.into_iter().chain(body.into_iter().flatten()) {
         match name.as_str() {
             "topic" => {
@@ -109,10 +110,13 @@ fn parse_subscribe_params(
                     return Err(bad_request("a matcher holds a control or format character"));
                 }
                 let m = if name == "match_urlpattern" {
-                    if value != "*" && UrlPatternSelector::compile(&value, base).is_none() {
+                    let m = Matcher::url_pattern(value);
+                    let sel = app.hub.selector(&m);
+                    if matches!(*sel, Selector::Never(_)) {
                         return Err(bad_request("invalid match_urlpattern pattern"));
                     }
-                    Matcher::url_pattern(value)
+                    compiled.push(sel);
+                    m
                 } else {
                     Matcher::exact(value)
                 };
@@ -170,6 +174,7 @@ fn parse_subscribe_params(
         last_event_id: cursors.resolve(),
         // A token in the URL is 0.x's: it leaks into logs and histories, and 1.0 dropped it.
         authorization: authorization.filter(|_| dialect == Dialect::V0),
+        _compiled: compiled,
     })
 }
 

@@ -36,6 +36,7 @@ pub(crate) use coalesce::cores;
 pub use coalesce::WRITES_PER_CORE;
 use history::History;
 pub use history::ReplayFrom;
+use selector::TopicUrl;
 pub use selector::{
     any_matches, MatchType, Matcher, Selector, SelectorCache, UrlPatternSelector, MAX_SELECTOR_LEN,
     MAX_TEMPLATE_EXPRESSIONS,
@@ -121,6 +122,9 @@ pub(crate) struct HubShared {
     /// Whether any subscriber holds a URI template (set under `core`): a publish takes the
     /// lock a first time, to collect the templates to test, only then.
     has_templates: AtomicBool,
+    /// Whether URL patterns are among them (set with it): a publish then reads its topics as
+    /// URLs, before taking the lock.
+    has_url_patterns: AtomicBool,
     closing: AtomicBool,
     /// Where subscription events go instead of the local publish path (cluster mode).
     relay: OnceLock<Relay>,
@@ -277,6 +281,11 @@ impl Hub {
         });
         metrics.history_len.store(history.len() as u64, Relaxed);
         metrics.history_bytes.store(history.bytes() as u64, Relaxed);
+        let selectors = SelectorCache::new(
+            config.template_memory,
+            config.resource_identifier.clone(),
+            metrics.clone(),
+        );
         Hub {
             shared: Arc::new_cyclic(|weak| HubShared {
                 writer: store.map(|s| writer::start(weak.clone(), s, next_seq)),
@@ -287,18 +296,15 @@ impl Hub {
                     next_subscriber: 0,
                     exact: HashMap::new(),
                     any: HashMap::new(),
-                    templates: templates::TemplateIndex::default(),
+                    templates: templates::TemplateIndex::new(selectors.base().clone()),
                     all: HashMap::new(),
                 }),
-                selectors: SelectorCache::new(
-                    config.template_memory,
-                    config.resource_identifier.clone(),
-                    metrics.clone(),
-                ),
+                selectors,
                 config,
                 flusher: flusher::Flusher::new(coalesce::cores() as usize, metrics.clone()),
                 metrics,
                 has_templates: AtomicBool::new(false),
+                has_url_patterns: AtomicBool::new(false),
                 closing: AtomicBool::new(false),
                 relay: OnceLock::new(),
                 coalescing,
@@ -501,7 +507,7 @@ impl Hub {
             .selectors
             .iter()
             .chain(sub.rights.iter().flatten())
-            .any(|s| s.literal_prefix().is_some());
+            .any(|s| s.is_compiled());
         let (mut replay, header) = match &req.last_event_id {
             None => (Vec::new(), None),
             Some(last) => {
@@ -522,9 +528,7 @@ impl Hub {
             }
         };
         core.register(&sub);
-        self.shared
-            .has_templates
-            .store(!core.templates.is_empty(), Relaxed);
+        self.shared.note_templates(&core);
         drop(core);
         if templated {
             replay.retain(|u| sub.wants(u));
@@ -730,20 +734,34 @@ impl HubShared {
         if !self.has_templates.load(Relaxed) {
             return Ok(templates::Matches::default());
         }
-        let candidates = self.core.lock().templates.collect(topics, bound);
-        match candidates {
+        // Read as URLs before the lock is taken, once for all the URL patterns (their work is
+        // counted against `bound` with the rest).
+        let urls = if self.has_url_patterns.load(Relaxed) {
+            let base = self.selectors.base();
+            topics.iter().map(|t| TopicUrl::parse(t, base)).collect()
+        } else {
+            Vec::new()
+        };
+        let candidates = self.core.lock().templates.collect(topics, urls, bound);
+        let matches = match candidates {
             Ok(c) if c.work > BLOCKING_WORK && on_runtime_worker() => {
                 // Milliseconds of work: let the runtime move this worker's other tasks
                 // elsewhere meanwhile, or they wait on it (a connection's task that keeps
                 // finding requests ready yields to them rarely).
-                Ok(tokio::task::block_in_place(|| c.test(topics)))
+                tokio::task::block_in_place(|| c.test(topics))
             }
-            Ok(c) => Ok(c.test(topics)),
-            Err(e) => Err(Invalid::TooMuchMatching {
-                topics: e.topics,
-                templates: e.templates,
-            }),
-        }
+            Ok(c) => c.test(topics),
+            Err(e) => {
+                return Err(Invalid::TooMuchMatching {
+                    topics: e.topics,
+                    templates: e.templates,
+                })
+            }
+        };
+        self.metrics
+            .template_tests
+            .fetch_add(matches.tests, Relaxed);
+        Ok(matches)
     }
 
     /// Encodes, stores and fans out an update that already has its id and was checked where it
@@ -815,6 +833,9 @@ impl HubShared {
         }
         let delivered = fanned.queued + fanned.direct.len();
         metrics.updates_published.fetch_add(1, Relaxed);
+        metrics
+            .template_tests
+            .fetch_add(fanned.template_tests, Relaxed);
         metrics.deliveries.fetch_add(delivered as u64, Relaxed);
         metrics
             .direct_writes
@@ -834,12 +855,20 @@ impl HubShared {
         Published { id, seq, delivered }
     }
 
+    /// Notes whether templates and URL patterns are held, for publishes to read without the
+    /// lock (`core` is it, held).
+    fn note_templates(&self, core: &Core) {
+        self.has_templates
+            .store(!core.templates.is_empty(), Relaxed);
+        self.has_url_patterns
+            .store(core.templates.has_url_patterns(), Relaxed);
+    }
+
     /// Called when a subscriber's stream is dropped, whatever the reason.
     pub(crate) fn remove(&self, sub: &Arc<Subscriber>, reason: Option<DropReason>) {
         let mut core = self.core.lock();
         let removed = core.unregister(sub);
-        self.has_templates
-            .store(!core.templates.is_empty(), Relaxed);
+        self.note_templates(&core);
         drop(core);
         if removed {
             self.metrics.subscribers_connected.fetch_sub(1, Relaxed);
@@ -969,11 +998,12 @@ impl Core {
         }
         // Tested before the lock was taken (but for templates that came in since), each once
         // however many subscribers share it.
-        matches.each(&self.templates, &update.topics, |group| {
+        let tests = matches.each(&self.templates, &update.topics, |group| {
             for sub in group.subs.values() {
                 offer(sub);
             }
         });
+        out.template_tests = tests;
         out
     }
 }
@@ -991,6 +1021,8 @@ struct FanOut {
     wakes: Vec<std::task::Waker>,
     /// Held subscribers to enter in the flusher, with the time their windows open.
     held: Vec<(Arc<Subscriber>, u64)>,
+    /// Templates and URL patterns tested under the lock (those that came in meanwhile).
+    template_tests: u64,
 }
 
 /// Template matching past this much work (about a millisecond; see [`MAX_MATCHING_WORK`])

@@ -67,7 +67,7 @@ impl MatchType {
 /// relative topics, absolute ones absolute topics.
 pub const DEFAULT_BASE: &str = "https://mercure.invalid/.well-known/mercure";
 
-static DEFAULT_BASE_URL: std::sync::LazyLock<url::Url> =
+pub(super) static DEFAULT_BASE_URL: std::sync::LazyLock<url::Url> =
     std::sync::LazyLock::new(|| url::Url::parse(DEFAULT_BASE).expect("a valid URL"));
 
 /// A topic matcher as a subscriber or a token wrote it: its type and its text.
@@ -199,12 +199,16 @@ impl Selector {
         }
     }
 
-    /// For a template, its text before the first `{`: every topic it matches starts with it.
-    /// A URL pattern reads topics as URLs: any topic may match it.
-    pub fn literal_prefix(&self) -> Option<&str> {
+    /// Where the hub's index finds a compiled selector: a template by its text before the
+    /// first `{` (every topic it matches starts with it), a URL pattern by what it fixes of
+    /// the topic read as a URL. `None` for the others, which are not tested one by one.
+    pub fn index_key(&self) -> Option<IndexKey<'_>> {
         match self {
-            Selector::Template(t) => Some(t.prefix()),
-            Selector::UrlPattern(_) => Some(""),
+            Selector::Template(t) => Some(IndexKey::Prefix(t.prefix())),
+            Selector::UrlPattern(p) => Some(IndexKey::Url {
+                origin: p.origin.as_ref(),
+                path_prefix: &p.path_prefix,
+            }),
             _ => None,
         }
     }
@@ -255,6 +259,79 @@ impl Selector {
     }
 }
 
+/// Where a compiled selector is indexed (see [`Selector::index_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKey<'a> {
+    /// A URI template: the text every topic it matches starts with.
+    Prefix(&'a str),
+    /// A URL pattern: the protocol, hostname and port it fixes (`None` when it leaves one of
+    /// them open), and the text every pathname it matches starts with, topics read as URLs.
+    Url {
+        origin: Option<&'a Origin>,
+        path_prefix: &'a str,
+    },
+}
+
+/// The protocol, hostname and port of a URL, as URL patterns compare them: the scheme, the
+/// host as the URL parser wrote it (lowercase, punycode), the port or `""` for the scheme's
+/// default.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub protocol: Box<str>,
+    pub hostname: Box<str>,
+    pub port: Box<str>,
+}
+
+/// A topic read as a URL against the hub's URL, cut in the components URL patterns match:
+/// parsed once per publish, however many patterns it is tested against.
+#[derive(Clone, Debug)]
+pub struct TopicUrl {
+    pub origin: Origin,
+    username: Box<str>,
+    password: Box<str>,
+    pub pathname: Box<str>,
+    search: Box<str>,
+    hash: Box<str>,
+}
+
+impl TopicUrl {
+    /// `None` when `topic` is no URL reference: no URL pattern matches it. The components are
+    /// those the urlpattern crate takes from a URL it is given (its `parse_match_input`).
+    pub fn parse(topic: &str, base: &url::Url) -> Option<TopicUrl> {
+        let url = url::Url::options().base_url(Some(base)).parse(topic).ok()?;
+        Some(TopicUrl {
+            origin: Origin {
+                protocol: url.scheme().into(),
+                hostname: url.host_str().unwrap_or_default().into(),
+                port: url::quirks::port(&url).into(),
+            },
+            username: url.username().into(),
+            password: url.password().unwrap_or_default().into(),
+            pathname: url::quirks::pathname(&url).into(),
+            search: url.query().unwrap_or_default().into(),
+            hash: url.fragment().unwrap_or_default().into(),
+        })
+    }
+
+    /// Its length in bytes, all components together: what testing a pattern against it reads
+    /// at most.
+    pub fn len(&self) -> usize {
+        let o = &self.origin;
+        o.protocol.len()
+            + o.hostname.len()
+            + o.port.len()
+            + self.username.len()
+            + self.password.len()
+            + self.pathname.len()
+            + self.search.len()
+            + self.hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// True when one of `selectors` matches one of `topics`.
 pub fn any_matches<S: AsRef<str>>(selectors: &[Arc<Selector>], topics: &[S]) -> bool {
     selectors.iter().any(|s| s.matches_any(topics))
@@ -269,6 +346,10 @@ pub struct UrlPatternSelector {
     pattern: urlpattern::UrlPattern<BoundedRegex>,
     /// The hub's URL, that topics are read against.
     base: url::Url,
+    /// The protocol, hostname and port every URL it matches has, when it fixes all three.
+    origin: Option<Origin>,
+    /// The text every pathname it matches starts with.
+    path_prefix: String,
     /// What it is charged against `--template-memory`: its regexes, their caches at full
     /// size, and its text.
     cost: usize,
@@ -312,7 +393,13 @@ impl urlpattern::regexp::RegExp for BoundedRegex {
 
 impl BoundedRegex {
     fn compile(pattern: &str) -> Option<BoundedRegex> {
-        let hir = regex_automata::util::syntax::parse(pattern).ok()?;
+        let mut ast = regex_syntax::ast::parse::Parser::new()
+            .parse(pattern)
+            .ok()?;
+        js_classes(&mut ast);
+        let hir = regex_syntax::hir::translate::Translator::new()
+            .translate(pattern, &ast)
+            .ok()?;
         let groups = hir.properties().explicit_captures_len();
         let nfa = NFA::compiler()
             .configure(
@@ -334,6 +421,114 @@ impl BoundedRegex {
     fn is_match(&self, text: &str) -> bool {
         self.automaton
             .is_match(Input::new(text).anchored(Anchored::Yes))
+    }
+}
+
+/// Gives `\w`, `\d` and `\s` (and their negations) their JavaScript meaning, as browsers match
+/// URL patterns: `\w` and `\d` are ASCII there, and `\s` is JavaScript's whitespace (close to
+/// Unicode's, with U+FEFF and without U+0085). Unicode's `\w` is some 800 ranges of code
+/// points: `(\w{20})` alone would pass the NFA bound, and it would match what no browser does.
+fn js_classes(ast: &mut regex_syntax::ast::Ast) {
+    use regex_syntax::ast::{Ast, ClassBracketed, ClassSet};
+    match ast {
+        Ast::ClassPerl(p) => {
+            let item = js_class(p);
+            *ast = Ast::ClassBracketed(Box::new(ClassBracketed {
+                span: p.span,
+                negated: false,
+                kind: ClassSet::Item(item),
+            }));
+        }
+        Ast::ClassBracketed(c) => js_class_set(&mut c.kind),
+        Ast::Repetition(r) => js_classes(&mut r.ast),
+        Ast::Group(g) => js_classes(&mut g.ast),
+        Ast::Alternation(a) => a.asts.iter_mut().for_each(js_classes),
+        Ast::Concat(c) => c.asts.iter_mut().for_each(js_classes),
+        _ => {}
+    }
+}
+
+fn js_class_set(set: &mut regex_syntax::ast::ClassSet) {
+    use regex_syntax::ast::ClassSet;
+    match set {
+        ClassSet::Item(item) => js_class_item(item),
+        ClassSet::BinaryOp(op) => {
+            js_class_set(&mut op.lhs);
+            js_class_set(&mut op.rhs);
+        }
+    }
+}
+
+fn js_class_item(item: &mut regex_syntax::ast::ClassSetItem) {
+    use regex_syntax::ast::ClassSetItem;
+    match item {
+        ClassSetItem::Perl(p) => *item = js_class(p),
+        ClassSetItem::Bracketed(b) => js_class_set(&mut b.kind),
+        ClassSetItem::Union(u) => u.items.iter_mut().for_each(js_class_item),
+        _ => {}
+    }
+}
+
+/// A Perl class as JavaScript reads it, as an item of a bracketed class: the ASCII classes
+/// (`[[:word:]]` is ASCII even in Unicode mode, and its negation everything else), and
+/// JavaScript's whitespace.
+fn js_class(p: &regex_syntax::ast::ClassPerl) -> regex_syntax::ast::ClassSetItem {
+    use regex_syntax::ast::{
+        ClassAscii, ClassAsciiKind, ClassBracketed, ClassPerlKind, ClassSet, ClassSetItem,
+        ClassSetRange, ClassSetUnion, Literal, LiteralKind,
+    };
+    let span = p.span;
+    let ascii = |kind| {
+        ClassSetItem::Ascii(ClassAscii {
+            span,
+            kind,
+            negated: p.negated,
+        })
+    };
+    match p.kind {
+        ClassPerlKind::Digit => ascii(ClassAsciiKind::Digit),
+        ClassPerlKind::Word => ascii(ClassAsciiKind::Word),
+        ClassPerlKind::Space => {
+            const JS_SPACE: [(char, char); 10] = [
+                ('\t', '\r'),
+                (' ', ' '),
+                ('\u{a0}', '\u{a0}'),
+                ('\u{1680}', '\u{1680}'),
+                ('\u{2000}', '\u{200a}'),
+                ('\u{2028}', '\u{2029}'),
+                ('\u{202f}', '\u{202f}'),
+                ('\u{205f}', '\u{205f}'),
+                ('\u{3000}', '\u{3000}'),
+                ('\u{feff}', '\u{feff}'),
+            ];
+            let c = |c| Literal {
+                span,
+                kind: LiteralKind::Verbatim,
+                c,
+            };
+            let space = ClassSetItem::Union(ClassSetUnion {
+                span,
+                items: JS_SPACE
+                    .iter()
+                    .map(|&(start, end)| {
+                        ClassSetItem::Range(ClassSetRange {
+                            span,
+                            start: c(start),
+                            end: c(end),
+                        })
+                    })
+                    .collect(),
+            });
+            if p.negated {
+                ClassSetItem::Bracketed(Box::new(ClassBracketed {
+                    span,
+                    negated: true,
+                    kind: ClassSet::Item(space),
+                }))
+            } else {
+                space
+            }
+        }
     }
 }
 
@@ -398,23 +593,84 @@ impl UrlPatternSelector {
         .ok()?;
         let pattern =
             urlpattern::UrlPattern::<BoundedRegex>::parse(init, Default::default()).ok()?;
+        let fixed = |c: &urlpattern::component::Component<BoundedRegex>| literal(c).map(Box::from);
+        let origin = match (
+            fixed(&pattern.protocol),
+            fixed(&pattern.hostname),
+            fixed(&pattern.port),
+        ) {
+            (Some(protocol), Some(hostname), Some(port)) => Some(Origin {
+                protocol,
+                hostname,
+                port,
+            }),
+            _ => None,
+        };
+        let path_prefix = literal_prefix(&pattern.pathname);
         Some(UrlPatternSelector {
-            cost: url_pattern_cost(source, &pattern),
+            cost: url_pattern_cost(source, &pattern) + path_prefix.len() + 3 * 24,
             source: source.to_owned(),
             pattern,
             base: base.clone(),
+            origin,
+            path_prefix,
         })
+    }
+
+    /// The compiled pattern, for tests that compare [`Self::matches_url`] with the crate's own
+    /// test.
+    #[cfg(test)]
+    pub fn pattern_for_tests(&self) -> &urlpattern::UrlPattern<BoundedRegex> {
+        &self.pattern
     }
 
     /// True when `topic`, read as a URL against the hub's URL, matches. A topic that is no URL
     /// reference matches nothing.
     pub fn is_match(&self, topic: &str) -> bool {
-        let Ok(url) = url::Url::options().base_url(Some(&self.base)).parse(topic) else {
-            return false;
+        TopicUrl::parse(topic, &self.base).is_some_and(|u| self.matches_url(&u))
+    }
+
+    /// True when a topic already read as a URL (against the same base) matches: every
+    /// component matches, as the urlpattern crate tests them (its groups are never read).
+    pub fn matches_url(&self, u: &TopicUrl) -> bool {
+        let p = &self.pattern;
+        let ok = |c: &urlpattern::component::Component<BoundedRegex>, text: &str| {
+            c.matcher.matches(text).is_some()
         };
-        self.pattern
-            .test(urlpattern::UrlPatternMatchInput::Url(url))
-            .unwrap_or(false)
+        ok(&p.pathname, &u.pathname)
+            && ok(&p.hostname, &u.origin.hostname)
+            && ok(&p.protocol, &u.origin.protocol)
+            && ok(&p.port, &u.origin.port)
+            && ok(&p.username, &u.username)
+            && ok(&p.password, &u.password)
+            && ok(&p.search, &u.search)
+            && ok(&p.hash, &u.hash)
+    }
+}
+
+/// The one string a URL pattern component matches, when it matches one only.
+fn literal(c: &urlpattern::component::Component<BoundedRegex>) -> Option<&str> {
+    let m = &c.matcher;
+    match &m.inner {
+        urlpattern::matcher::InnerMatcher::Literal { literal }
+            if !m.ignore_case && m.prefix.is_empty() && m.suffix.is_empty() =>
+        {
+            Some(literal)
+        }
+        _ => None,
+    }
+}
+
+/// The text every string a URL pattern component matches starts with: the matcher compares
+/// it before anything else (its fixed first part, or the whole of a literal).
+fn literal_prefix(c: &urlpattern::component::Component<BoundedRegex>) -> String {
+    let m = &c.matcher;
+    if m.ignore_case {
+        return String::new();
+    }
+    match &m.inner {
+        urlpattern::matcher::InnerMatcher::Literal { literal } => format!("{}{literal}", m.prefix),
+        _ => m.prefix.clone(),
     }
 }
 
@@ -1014,12 +1270,82 @@ mod tests {
         // Groups of a custom regex are matched as written, whole.
         let digits = p("/users/:id(\\d+)");
         assert!(digits.matches("/users/42") && !digits.matches("/users/42x"));
-        // Too large a regex is no pattern (a request's is refused): 200 Unicode classes
-        // would take hundreds of megabytes once matched.
-        assert!(matches!(
-            p(&format!("/{}", "(\\w)".repeat(200))),
-            Selector::Never(_)
-        ));
+        // Too large a regex is no pattern (a request's is refused): its NFA alone would pass
+        // the bound.
+        assert!(matches!(p("/(\\d{20000})"), Selector::Never(_)));
+    }
+
+    #[test]
+    fn url_pattern_classes_mean_what_they_mean_in_javascript() {
+        let p = |s: &str| Selector::compile(&Matcher::url_pattern(s));
+        // `\w` and `\d` are ASCII, as in browsers: twenty word characters fit the NFA bound.
+        let word = p("/t/:id(\\w{20})");
+        assert!(matches!(word, Selector::UrlPattern(_)), "{word:?}");
+        assert!(word.matches(&format!("/t/{}", "aZ9_".repeat(5))));
+        assert!(!word.matches(&format!("/t/{}", "a".repeat(19))));
+        // A non-ASCII letter is no word character (`é` would be read percent-encoded anyway:
+        // the pathname keeps it as `%C3%A9`, which `\w` does not match either).
+        assert!(!word.matches(&format!("/t/{}é", "a".repeat(19))));
+        let eight: String = (0..8).map(|i| format!("/:a{i}(\\w+)")).collect();
+        let eight = p(&eight);
+        assert!(matches!(eight, Selector::UrlPattern(_)), "{eight:?}");
+        assert!(eight.matches("/a/b/c/d/e/f/g/h") && !eight.matches("/a/b/c/d/e/f/g/-"));
+        let digits = p("/n/:n(\\d+)");
+        assert!(digits.matches("/n/0123456789"));
+        // Inside brackets and negated, the same.
+        let bracket = p("/b/([\\w-]+)");
+        assert!(bracket.matches("/b/a-b_c") && !bracket.matches("/b/a.b"));
+        let not_word = p("/w/(\\W)");
+        assert!(not_word.matches("/w/-") && !not_word.matches("/w/a"));
+        // The search component is not percent-encoded the same way: JavaScript's whitespace
+        // there (a space arrives encoded, a no-break space as `%C2%A0`).
+        let space = p("/s?q=(\\S+)");
+        assert!(space.matches("/s?q=abc"));
+        // Charged as any pattern: its regexes are counted.
+        let cache = SelectorCache::new(1 << 20, None, Arc::new(Metrics::default()));
+        let held = cache
+            .hold(&Matcher::url_pattern("/t/:id(\\w{20})"))
+            .unwrap();
+        let Selector::UrlPattern(u) = &*held else {
+            panic!("{held:?}")
+        };
+        let regexes: usize = [&u.pattern.pathname]
+            .iter()
+            .map(|c| c.regexp.as_ref().map_or(0, |r| r.heap))
+            .sum();
+        assert!(regexes > 0 && held.cost() > regexes, "{}", held.cost());
+        assert!(cache.used() >= held.cost());
+        let small = SelectorCache::new(held.cost() / 2, None, Arc::new(Metrics::default()));
+        assert_eq!(
+            small
+                .hold(&Matcher::url_pattern("/t/:id(\\w{20})"))
+                .unwrap_err(),
+            TemplateMemoryFull
+        );
+    }
+
+    #[test]
+    fn js_classes_rewrite_only_perl_classes() {
+        let hir = |s: &str| {
+            let mut ast = regex_syntax::ast::parse::Parser::new().parse(s).unwrap();
+            js_classes(&mut ast);
+            regex_syntax::hir::translate::Translator::new()
+                .translate(s, &ast)
+                .unwrap()
+        };
+        let plain = |s: &str| regex_syntax::parse(s).unwrap();
+        assert_eq!(hir("\\w"), plain("[0-9A-Za-z_]"));
+        assert_eq!(hir("\\d+"), plain("[0-9]+"));
+        assert_eq!(hir("[^\\d.]"), plain("[^0-9.]"));
+        assert_eq!(hir("a|(b\\W)"), plain("a|(b[^0-9A-Za-z_])"));
+        assert_eq!(
+            hir("\\s"),
+            plain("[\\t-\\r \\u{a0}\\u{1680}\\u{2000}-\\u{200a}\\u{2028}\\u{2029}\\u{202f}\\u{205f}\\u{3000}\\u{feff}]")
+        );
+        // Everything else as written.
+        for s in ["abc", "[a-z]+", "(?:x)*y?", "\\.", "é."] {
+            assert_eq!(hir(s), plain(s), "{s}");
+        }
     }
 
     #[test]
