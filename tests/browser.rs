@@ -591,3 +591,216 @@ async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
     );
     assert!(!log.contains("authorization="), "a URL carries a token");
 }
+
+/// What the page's event sources received so far: `[data, lastEventId]` per event, by name.
+async fn received(b: &Browser, name: &str) -> Vec<(String, String)> {
+    let v = b
+        .js(&format!(
+            "return window.got[{}].map(e => [e.data, e.id])",
+            js_str(name)
+        ))
+        .await;
+    serde_json::from_value(v).unwrap()
+}
+
+/// The data of `received`, alone.
+async fn received_data(b: &Browser, name: &str) -> Vec<String> {
+    received(b, name)
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
+}
+
+/// Waits until the event source `name` has received an event whose data is `data`.
+async fn wait_received(b: &Browser, name: &str, data: &str) {
+    b.wait_for(
+        &format!("{data:?} at the {name} source"),
+        &format!(
+            "return window.got[{}].some(e => e.data === {})",
+            js_str(name),
+            js_str(data)
+        ),
+        WAIT,
+    )
+    .await;
+}
+
+/// Mercure 1.0 with the browser's own `EventSource`: `match=` and `match_urlpattern=`, a
+/// private update for the 1.0 access token in the hub's cookie (an `EventSource` cannot send
+/// an `Authorization` header), none for a topic the token does not grant, and a cut connection
+/// that resumes from `Last-Event-ID` with what it missed, private updates re-checked.
+#[tokio::test]
+async fn event_source_speaks_mercure_1_0_with_the_cookie_and_resumes() {
+    let Some(b) = Browser::start("event_source_speaks_mercure_1_0").await else {
+        return;
+    };
+    const NEWS: &str = "https://example.com/news";
+    const BOOKS: &str = "https://example.com/books/:id";
+    let hub = TestHub::start(&[]);
+    // The page goes through a proxy whose connections the test cuts: the cheapest real
+    // reconnection (a 1.0 token must have `exp`, so --max-stream-lifetime does not end its
+    // stream, and restarting the hub would lose nothing the proxy does not show).
+    let proxy = CutProxy::start(hub.addr).await;
+    let origin = format!("http://{}", proxy.addr);
+    // The token's audience is the hub as the browser reaches it: through the proxy.
+    let token = hub.access_token(
+        &format!("{origin}/.well-known/mercure"),
+        &[],
+        &[("exact", "https://example.com/books/1")],
+    );
+    let mut publisher = hub.publisher_v1().await;
+
+    // The default cookie name. Chromium takes a `__Secure-` cookie on http://127.0.0.1 (as on
+    // http://localhost): loopback counts as a secure context, where `Secure` cookies may be
+    // set, and the prefix asks for no more than `Secure`. (Without `Secure`, it refuses it.)
+    b.goto(&format!("{origin}/healthz")).await;
+    b.js(&format!(
+        "document.cookie = '__Secure-mercure_access_token={token}; Secure; \
+         path=/.well-known/mercure; SameSite=Strict'"
+    ))
+    .await;
+    b.js(&format!(
+        "window.got = {{}}; window.opened = {{}}; window.sources = [];
+         for (const [name, query] of [['exact', 'match=' + encodeURIComponent({news})],
+                                      ['pattern', 'match_urlpattern=' + encodeURIComponent({books})]]) {{
+           window.got[name] = []; window.opened[name] = 0;
+           const es = new EventSource('/.well-known/mercure?' + query);
+           es.onopen = () => {{ window.opened[name] += 1; }};
+           es.onmessage = (e) => {{ window.got[name].push({{ data: e.data, id: e.lastEventId }}); }};
+           window.sources.push(es);
+         }}",
+        news = js_str(NEWS),
+        books = js_str(BOOKS),
+    ))
+    .await;
+    b.wait_for(
+        "both event sources to open",
+        "return window.opened.exact === 1 && window.opened.pattern === 1",
+        WAIT,
+    )
+    .await;
+
+    let public = |topic: &'static str, data: &'static str| [("topic", topic), ("data", data)];
+    let private = |topic: &'static str, data: &'static str| {
+        [("topic", topic), ("data", data), ("private", "on")]
+    };
+    publisher.ok(&public(NEWS, "news")).await;
+    // An exact matcher is no prefix.
+    publisher
+        .ok(&public("https://example.com/news/1", "not news"))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/7", "book 7"))
+        .await;
+    // The token grants books/1 and nothing else: books/2 is matched, and private, so it is
+    // held back; the public marker after it shows it had its chance to arrive (one stream
+    // delivers in order).
+    publisher
+        .ok(&private("https://example.com/books/1", "private book 1"))
+        .await;
+    publisher
+        .ok(&private("https://example.com/books/2", "private book 2"))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/3", "book marker"))
+        .await;
+    publisher.ok(&public(NEWS, "news marker")).await;
+    wait_received(&b, "pattern", "book marker").await;
+    wait_received(&b, "exact", "news marker").await;
+    assert_eq!(received_data(&b, "exact").await, ["news", "news marker"]);
+    assert_eq!(
+        received_data(&b, "pattern").await,
+        ["book 7", "private book 1", "book marker"]
+    );
+
+    // The token went in the cookie, never in a URL. (The proxy keeps the first request of
+    // each connection; the page's own, idle once it loaded, may carry one of the streams.)
+    let heads = proxy.request_heads();
+    let streams: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("GET /.well-known/mercure?"))
+        .collect();
+    assert!(!streams.is_empty(), "{heads:?}");
+    for h in &streams {
+        assert!(
+            h.contains(&format!("__Secure-mercure_access_token={token}")),
+            "{h}"
+        );
+        assert!(!h.to_ascii_lowercase().contains("authorization="), "{h}");
+    }
+
+    // Cut both streams; publish while the browser waits to reconnect (Chromium waits about
+    // three seconds), so that only a replay from Last-Event-ID can bring these.
+    let last_seen = |events: Vec<(String, String)>| events.last().unwrap().1.clone();
+    let last_exact = last_seen(received(&b, "exact").await);
+    let last_pattern = last_seen(received(&b, "pattern").await);
+    let before = proxy.request_heads().len();
+    assert_eq!(proxy.cut(), 2, "both streams went through the proxy");
+    publisher.ok(&public(NEWS, "missed news")).await;
+    publisher
+        .ok(&private(
+            "https://example.com/books/1",
+            "missed private book 1",
+        ))
+        .await;
+    publisher
+        .ok(&private(
+            "https://example.com/books/2",
+            "missed private book 2",
+        ))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/4", "missed book 4"))
+        .await;
+    assert_eq!(
+        proxy.request_heads().len(),
+        before,
+        "the browser had not reconnected yet when the missed updates were published"
+    );
+    wait_received(&b, "pattern", "missed book 4").await;
+    wait_received(&b, "exact", "missed news").await;
+    // And live ones after the replay, with no duplicate in between.
+    publisher
+        .ok(&public("https://example.com/books/5", "live book 5"))
+        .await;
+    publisher.ok(&public(NEWS, "live news")).await;
+    wait_received(&b, "pattern", "live book 5").await;
+    wait_received(&b, "exact", "live news").await;
+    assert_eq!(
+        received_data(&b, "exact").await,
+        ["news", "news marker", "missed news", "live news"]
+    );
+    assert_eq!(
+        received_data(&b, "pattern").await,
+        [
+            "book 7",
+            "private book 1",
+            "book marker",
+            "missed private book 1",
+            "missed book 4",
+            "live book 5"
+        ]
+    );
+
+    // Each reconnection named the last event its source had seen.
+    let reconnections: Vec<String> = proxy.request_heads()[before..]
+        .iter()
+        .filter(|h| h.starts_with("GET /.well-known/mercure?"))
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    assert_eq!(reconnections.len(), 2, "{reconnections:?}");
+    for (query, id) in [
+        ("?match=", &last_exact),
+        ("?match_urlpattern=", &last_pattern),
+    ] {
+        let want = format!("\r\nlast-event-id: {}\r\n", id.to_ascii_lowercase());
+        assert!(
+            reconnections
+                .iter()
+                .any(|h| h.contains(query) && h.contains(&want)),
+            "a reconnection of {query} with {want:?}: {reconnections:?}"
+        );
+    }
+    b.close().await;
+}
