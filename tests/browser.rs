@@ -567,7 +567,7 @@ async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
     b.wait_for(
         "the refusal and its reason",
         "return document.getElementById('stats-status').dataset.state === 'closed' \
-         && document.getElementById('stats-error').textContent.startsWith('401: ')",
+         && document.getElementById('stats-error').textContent.startsWith('401 invalid_token: invalid token')",
         WAIT,
     )
     .await;
@@ -802,5 +802,138 @@ async fn event_source_speaks_mercure_1_0_with_the_cookie_and_resumes() {
             "a reconnection of {query} with {want:?}: {reconnections:?}"
         );
     }
+    b.close().await;
+}
+
+/// The dashboard with a Mercure 1.0 access token, on a hub that serves 1.0 only (so that a
+/// 0.x parameter or token would be refused): the figures, the live log on `match=*` and then on
+/// a URL pattern, a private update published through the form, and the hub's RFC 6750
+/// refusals shown with their error and reason.
+#[tokio::test]
+async fn the_dashboard_speaks_mercure_1_0_with_an_access_token() {
+    let Some(b) = Browser::start("the_dashboard_speaks_mercure_1_0").await else {
+        return;
+    };
+    let hub = TestHub::start(&["--protocol", "1.0", "--clock-interval", "200ms"]);
+    let aud = hub.url("/.well-known/mercure");
+    let token = hub.access_token(
+        &aud,
+        &[("urlpattern", "https://example.com/:name")],
+        &[("exact", "*")],
+    );
+    b.goto(&hub.url(&format!("/ui/#token={token}"))).await;
+    b.wait_for(
+        "the figures to arrive",
+        "return document.getElementById('notoken').hidden \
+         && Number(document.getElementById('fig-history').textContent) > 0",
+        WAIT,
+    )
+    .await;
+    let hint = b
+        .js("return document.getElementById('mint').textContent")
+        .await;
+    assert!(
+        hint.as_str()
+            .unwrap()
+            .ends_with(&format!(" --audience {aud}")),
+        "{hint}"
+    );
+    let dialect = b
+        .js("return document.getElementById('dialect').textContent")
+        .await;
+    assert!(
+        dialect.as_str().unwrap().starts_with("Mercure 1.0"),
+        "{dialect}"
+    );
+
+    // `*` (the field's default) follows everything: the clock's lines come.
+    b.js("document.querySelector('#follow-form button[type=submit]').click()")
+        .await;
+    b.wait_for(
+        "the clock in the live log",
+        "return [...document.querySelectorAll('#log .data')]\
+         .some(e => e.textContent.startsWith('Message: '))",
+        WAIT,
+    )
+    .await;
+
+    // A URL pattern, and a private update published through the form.
+    b.js(
+        "document.getElementById('topics').value = 'https://example.com/:name'; \
+         document.getElementById('match-type').value = 'urlpattern'; \
+         document.querySelector('#follow-form button[type=submit]').click();",
+    )
+    .await;
+    b.wait_for(
+        "the live log to follow the pattern",
+        "return document.getElementById('log-status').textContent \
+         === 'following https://example.com/:name'",
+        WAIT,
+    )
+    .await;
+    let publish = |topic: &str, data: &str| {
+        format!(
+            "document.getElementById('pub-result').textContent = ''; \
+             document.getElementById('pub-topic').value = {}; \
+             document.getElementById('pub-data').value = {}; \
+             document.getElementById('pub-private').checked = true; \
+             document.querySelector('#publish-form button[type=submit]').click();",
+            js_str(topic),
+            js_str(data)
+        )
+    };
+    b.js(&publish("https://example.com/dashboard", "private note"))
+        .await;
+    b.wait_for(
+        "the publish to be accepted",
+        "return document.getElementById('pub-result').textContent.startsWith('Published: urn:uuid:')",
+        WAIT,
+    )
+    .await;
+    b.wait_for(
+        "the private update in the live log",
+        "return [...document.querySelectorAll('#log .data')].some(e => e.textContent === 'private note')",
+        WAIT,
+    )
+    .await;
+
+    // A topic the token may not publish to: 403 insufficient_scope, and the hub's reason.
+    b.js(&publish("https://example.com/a/b", "not allowed"))
+        .await;
+    let refused = b
+        .wait_for(
+            "the refusal of the publish",
+            "return document.getElementById('pub-result').dataset.ok === 'false' \
+             && document.getElementById('pub-result').textContent",
+            WAIT,
+        )
+        .await;
+    let refused = refused.as_str().unwrap();
+    assert!(
+        refused.starts_with("403 insufficient_scope: ") && refused.len() > 30,
+        "{refused}"
+    );
+
+    // A 1.0 token for another hub: the figures stop, with the error and the hub's reason.
+    let elsewhere = hub.access_token("https://elsewhere.example/.well-known/mercure", &[], &[]);
+    b.js(&format!(
+        "document.getElementById('token').value = {}; \
+         document.querySelector('#token-form button[type=submit]').click();",
+        js_str(&elsewhere)
+    ))
+    .await;
+    let error = b
+        .wait_for(
+            "the refusal and its reason",
+            "return document.getElementById('stats-status').dataset.state === 'closed' \
+             && document.getElementById('stats-error').textContent",
+            WAIT,
+        )
+        .await;
+    let error = error.as_str().unwrap();
+    assert!(
+        error.starts_with("401 invalid_token: invalid token: ") && error.contains("aud"),
+        "{error}"
+    );
     b.close().await;
 }
