@@ -567,7 +567,7 @@ async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
     b.wait_for(
         "the refusal and its reason",
         "return document.getElementById('stats-status').dataset.state === 'closed' \
-         && document.getElementById('stats-error').textContent.startsWith('401: ')",
+         && document.getElementById('stats-error').textContent.startsWith('401 invalid_token: invalid token')",
         WAIT,
     )
     .await;
@@ -590,4 +590,350 @@ async fn the_dashboard_shows_figures_and_publishes_into_its_live_log() {
         log.len()
     );
     assert!(!log.contains("authorization="), "a URL carries a token");
+}
+
+/// What the page's event sources received so far: `[data, lastEventId]` per event, by name.
+async fn received(b: &Browser, name: &str) -> Vec<(String, String)> {
+    let v = b
+        .js(&format!(
+            "return window.got[{}].map(e => [e.data, e.id])",
+            js_str(name)
+        ))
+        .await;
+    serde_json::from_value(v).unwrap()
+}
+
+/// The data of `received`, alone.
+async fn received_data(b: &Browser, name: &str) -> Vec<String> {
+    received(b, name)
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
+}
+
+/// Waits until the event source `name` has received an event whose data is `data`.
+async fn wait_received(b: &Browser, name: &str, data: &str) {
+    b.wait_for(
+        &format!("{data:?} at the {name} source"),
+        &format!(
+            "return window.got[{}].some(e => e.data === {})",
+            js_str(name),
+            js_str(data)
+        ),
+        WAIT,
+    )
+    .await;
+}
+
+/// Mercure 1.0 with the browser's own `EventSource`: `match=` and `match_urlpattern=`, a
+/// private update for the 1.0 access token in the hub's cookie (an `EventSource` cannot send
+/// an `Authorization` header), none for a topic the token does not grant, and a cut connection
+/// that resumes from `Last-Event-ID` with what it missed, private updates re-checked.
+#[tokio::test]
+async fn event_source_speaks_mercure_1_0_with_the_cookie_and_resumes() {
+    let Some(b) = Browser::start("event_source_speaks_mercure_1_0").await else {
+        return;
+    };
+    const NEWS: &str = "https://example.com/news";
+    const BOOKS: &str = "https://example.com/books/:id";
+    let hub = TestHub::start(&[]);
+    // The page goes through a proxy whose connections the test cuts: the cheapest real
+    // reconnection (a 1.0 token must have `exp`, so --max-stream-lifetime does not end its
+    // stream, and restarting the hub would lose nothing the proxy does not show).
+    let proxy = CutProxy::start(hub.addr).await;
+    let origin = format!("http://{}", proxy.addr);
+    // The token's audience is the hub as the browser reaches it: through the proxy.
+    let token = hub.access_token(
+        &format!("{origin}/.well-known/mercure"),
+        &[],
+        &[("exact", "https://example.com/books/1")],
+    );
+    let mut publisher = hub.publisher_v1().await;
+
+    // The default cookie name. Chromium takes a `__Secure-` cookie on http://127.0.0.1 (as on
+    // http://localhost): loopback counts as a secure context, where `Secure` cookies may be
+    // set, and the prefix asks for no more than `Secure`. (Without `Secure`, it refuses it.)
+    b.goto(&format!("{origin}/healthz")).await;
+    b.js(&format!(
+        "document.cookie = '__Secure-mercure_access_token={token}; Secure; \
+         path=/.well-known/mercure; SameSite=Strict'"
+    ))
+    .await;
+    b.js(&format!(
+        "window.got = {{}}; window.opened = {{}}; window.sources = [];
+         for (const [name, query] of [['exact', 'match=' + encodeURIComponent({news})],
+                                      ['pattern', 'match_urlpattern=' + encodeURIComponent({books})]]) {{
+           window.got[name] = []; window.opened[name] = 0;
+           const es = new EventSource('/.well-known/mercure?' + query);
+           es.onopen = () => {{ window.opened[name] += 1; }};
+           es.onmessage = (e) => {{ window.got[name].push({{ data: e.data, id: e.lastEventId }}); }};
+           window.sources.push(es);
+         }}",
+        news = js_str(NEWS),
+        books = js_str(BOOKS),
+    ))
+    .await;
+    b.wait_for(
+        "both event sources to open",
+        "return window.opened.exact === 1 && window.opened.pattern === 1",
+        WAIT,
+    )
+    .await;
+
+    let public = |topic: &'static str, data: &'static str| [("topic", topic), ("data", data)];
+    let private = |topic: &'static str, data: &'static str| {
+        [("topic", topic), ("data", data), ("private", "on")]
+    };
+    publisher.ok(&public(NEWS, "news")).await;
+    // An exact matcher is no prefix.
+    publisher
+        .ok(&public("https://example.com/news/1", "not news"))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/7", "book 7"))
+        .await;
+    // The token grants books/1 and nothing else: books/2 is matched, and private, so it is
+    // held back; the public marker after it shows it had its chance to arrive (one stream
+    // delivers in order).
+    publisher
+        .ok(&private("https://example.com/books/1", "private book 1"))
+        .await;
+    publisher
+        .ok(&private("https://example.com/books/2", "private book 2"))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/3", "book marker"))
+        .await;
+    publisher.ok(&public(NEWS, "news marker")).await;
+    wait_received(&b, "pattern", "book marker").await;
+    wait_received(&b, "exact", "news marker").await;
+    assert_eq!(received_data(&b, "exact").await, ["news", "news marker"]);
+    assert_eq!(
+        received_data(&b, "pattern").await,
+        ["book 7", "private book 1", "book marker"]
+    );
+
+    // The token went in the cookie, never in a URL. (The proxy keeps the first request of
+    // each connection; the page's own, idle once it loaded, may carry one of the streams.)
+    let heads = proxy.request_heads();
+    let streams: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("GET /.well-known/mercure?"))
+        .collect();
+    assert!(!streams.is_empty(), "{heads:?}");
+    for h in &streams {
+        assert!(
+            h.contains(&format!("__Secure-mercure_access_token={token}")),
+            "{h}"
+        );
+        assert!(!h.to_ascii_lowercase().contains("authorization="), "{h}");
+    }
+
+    // Cut both streams; publish while the browser waits to reconnect (Chromium waits about
+    // three seconds), so that only a replay from Last-Event-ID can bring these.
+    let last_seen = |events: Vec<(String, String)>| events.last().unwrap().1.clone();
+    let last_exact = last_seen(received(&b, "exact").await);
+    let last_pattern = last_seen(received(&b, "pattern").await);
+    let before = proxy.request_heads().len();
+    assert_eq!(proxy.cut(), 2, "both streams went through the proxy");
+    publisher.ok(&public(NEWS, "missed news")).await;
+    publisher
+        .ok(&private(
+            "https://example.com/books/1",
+            "missed private book 1",
+        ))
+        .await;
+    publisher
+        .ok(&private(
+            "https://example.com/books/2",
+            "missed private book 2",
+        ))
+        .await;
+    publisher
+        .ok(&public("https://example.com/books/4", "missed book 4"))
+        .await;
+    assert_eq!(
+        proxy.request_heads().len(),
+        before,
+        "the browser had not reconnected yet when the missed updates were published"
+    );
+    wait_received(&b, "pattern", "missed book 4").await;
+    wait_received(&b, "exact", "missed news").await;
+    // And live ones after the replay, with no duplicate in between.
+    publisher
+        .ok(&public("https://example.com/books/5", "live book 5"))
+        .await;
+    publisher.ok(&public(NEWS, "live news")).await;
+    wait_received(&b, "pattern", "live book 5").await;
+    wait_received(&b, "exact", "live news").await;
+    assert_eq!(
+        received_data(&b, "exact").await,
+        ["news", "news marker", "missed news", "live news"]
+    );
+    assert_eq!(
+        received_data(&b, "pattern").await,
+        [
+            "book 7",
+            "private book 1",
+            "book marker",
+            "missed private book 1",
+            "missed book 4",
+            "live book 5"
+        ]
+    );
+
+    // Each reconnection named the last event its source had seen.
+    let reconnections: Vec<String> = proxy.request_heads()[before..]
+        .iter()
+        .filter(|h| h.starts_with("GET /.well-known/mercure?"))
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    assert_eq!(reconnections.len(), 2, "{reconnections:?}");
+    for (query, id) in [
+        ("?match=", &last_exact),
+        ("?match_urlpattern=", &last_pattern),
+    ] {
+        let want = format!("\r\nlast-event-id: {}\r\n", id.to_ascii_lowercase());
+        assert!(
+            reconnections
+                .iter()
+                .any(|h| h.contains(query) && h.contains(&want)),
+            "a reconnection of {query} with {want:?}: {reconnections:?}"
+        );
+    }
+    b.close().await;
+}
+
+/// The dashboard with a Mercure 1.0 access token, on a hub that serves 1.0 only (so that a
+/// 0.x parameter or token would be refused): the figures, the live log on `match=*` and then on
+/// a URL pattern, a private update published through the form, and the hub's RFC 6750
+/// refusals shown with their error and reason.
+#[tokio::test]
+async fn the_dashboard_speaks_mercure_1_0_with_an_access_token() {
+    let Some(b) = Browser::start("the_dashboard_speaks_mercure_1_0").await else {
+        return;
+    };
+    let hub = TestHub::start(&["--protocol", "1.0", "--clock-interval", "200ms"]);
+    let aud = hub.url("/.well-known/mercure");
+    let token = hub.access_token(
+        &aud,
+        &[("urlpattern", "https://example.com/:name")],
+        &[("exact", "*")],
+    );
+    b.goto(&hub.url(&format!("/ui/#token={token}"))).await;
+    b.wait_for(
+        "the figures to arrive",
+        "return document.getElementById('notoken').hidden \
+         && Number(document.getElementById('fig-history').textContent) > 0",
+        WAIT,
+    )
+    .await;
+    let hint = b
+        .js("return document.getElementById('mint').textContent")
+        .await;
+    assert!(
+        hint.as_str()
+            .unwrap()
+            .ends_with(&format!(" --audience {aud}")),
+        "{hint}"
+    );
+    let dialect = b
+        .js("return document.getElementById('dialect').textContent")
+        .await;
+    assert!(
+        dialect.as_str().unwrap().starts_with("Mercure 1.0"),
+        "{dialect}"
+    );
+
+    // `*` (the field's default) follows everything: the clock's lines come.
+    b.js("document.querySelector('#follow-form button[type=submit]').click()")
+        .await;
+    b.wait_for(
+        "the clock in the live log",
+        "return [...document.querySelectorAll('#log .data')]\
+         .some(e => e.textContent.startsWith('Message: '))",
+        WAIT,
+    )
+    .await;
+
+    // A URL pattern, and a private update published through the form.
+    b.js(
+        "document.getElementById('topics').value = 'https://example.com/:name'; \
+         document.getElementById('match-type').value = 'urlpattern'; \
+         document.querySelector('#follow-form button[type=submit]').click();",
+    )
+    .await;
+    b.wait_for(
+        "the live log to follow the pattern",
+        "return document.getElementById('log-status').textContent \
+         === 'following https://example.com/:name'",
+        WAIT,
+    )
+    .await;
+    let publish = |topic: &str, data: &str| {
+        format!(
+            "document.getElementById('pub-result').textContent = ''; \
+             document.getElementById('pub-topic').value = {}; \
+             document.getElementById('pub-data').value = {}; \
+             document.getElementById('pub-private').checked = true; \
+             document.querySelector('#publish-form button[type=submit]').click();",
+            js_str(topic),
+            js_str(data)
+        )
+    };
+    b.js(&publish("https://example.com/dashboard", "private note"))
+        .await;
+    b.wait_for(
+        "the publish to be accepted",
+        "return document.getElementById('pub-result').textContent.startsWith('Published: urn:uuid:')",
+        WAIT,
+    )
+    .await;
+    b.wait_for(
+        "the private update in the live log",
+        "return [...document.querySelectorAll('#log .data')].some(e => e.textContent === 'private note')",
+        WAIT,
+    )
+    .await;
+
+    // A topic the token may not publish to: 403 insufficient_scope, and the hub's reason.
+    b.js(&publish("https://example.com/a/b", "not allowed"))
+        .await;
+    let refused = b
+        .wait_for(
+            "the refusal of the publish",
+            "return document.getElementById('pub-result').dataset.ok === 'false' \
+             && document.getElementById('pub-result').textContent",
+            WAIT,
+        )
+        .await;
+    let refused = refused.as_str().unwrap();
+    assert!(
+        refused.starts_with("403 insufficient_scope: ") && refused.len() > 30,
+        "{refused}"
+    );
+
+    // A 1.0 token for another hub: the figures stop, with the error and the hub's reason.
+    let elsewhere = hub.access_token("https://elsewhere.example/.well-known/mercure", &[], &[]);
+    b.js(&format!(
+        "document.getElementById('token').value = {}; \
+         document.querySelector('#token-form button[type=submit]').click();",
+        js_str(&elsewhere)
+    ))
+    .await;
+    let error = b
+        .wait_for(
+            "the refusal and its reason",
+            "return document.getElementById('stats-status').dataset.state === 'closed' \
+             && document.getElementById('stats-error').textContent",
+            WAIT,
+        )
+        .await;
+    let error = error.as_str().unwrap();
+    assert!(
+        error.starts_with("401 invalid_token: invalid token: ") && error.contains("aud"),
+        "{error}"
+    );
+    b.close().await;
 }

@@ -110,3 +110,116 @@ async fn figures_stream_the_hubs_metrics_and_end_at_shutdown() {
         .expect("the hub exits with a figures stream open");
     assert!(exit.success(), "{exit:?}");
 }
+
+/// The figures as a 1.0 client reads them: an access token (`typ: at+jwt`) for this hub, in
+/// the header or the cookie; refusals carry the RFC 6750 challenge that subscribing would.
+#[tokio::test]
+async fn figures_take_a_mercure_1_0_token_and_refuse_with_challenges() {
+    let hub = TestHub::start(&[]);
+    let aud = hub.url("/.well-known/mercure");
+    let token = hub.access_token(&aud, &[], &[("exact", "https://example.com/a")]);
+    let bearer = format!("Bearer {token}");
+    let cookie = format!("__Secure-mercure_access_token={token}");
+    for (name, value) in [("authorization", &bearer), ("cookie", &cookie)] {
+        let mut stats = ssehub::client::EventStream::open(
+            &hub.target("/ui/stats"),
+            &[(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_str(value).unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a 1.0 token in the {name} header: {e}"));
+        let events = take(&mut stats, 1, Duration::from_secs(10)).await;
+        let snapshot: serde_json::Value = serde_json::from_str(&events[0].data).unwrap();
+        assert!(snapshot["history_length"].is_number(), "{snapshot}");
+    }
+
+    let metadata = hub.url("/.well-known/oauth-protected-resource/.well-known/mercure");
+    let (status, body, challenge) = refusal(&hub, "/ui/stats", &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        challenge,
+        format!("Bearer resource_metadata=\"{metadata}\"")
+    );
+
+    let elsewhere = hub.access_token("https://other.example/.well-known/mercure", &[], &[]);
+    let (status, body, challenge) = refusal(
+        &hub,
+        "/ui/stats",
+        &[("authorization", &format!("Bearer {elsewhere}"))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        challenge,
+        format!("Bearer error=\"invalid_token\", resource_metadata=\"{metadata}\"")
+    );
+    assert!(
+        body.contains("aud"),
+        "the reason names the audience: {body}"
+    );
+
+    // A 1.0 token is never read from a URL (it would end up in logs): 400 invalid_request.
+    let (status, body, challenge) =
+        refusal(&hub, &format!("/ui/stats?authorization={token}"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        challenge.starts_with("Bearer error=\"invalid_request\""),
+        "{challenge}"
+    );
+
+    // A hub serving one protocol takes only its own tokens, here as on the Mercure endpoint.
+    let only_1_0 = TestHub::start(&["--protocol", "1.0"]);
+    let legacy = format!("Bearer {}", only_1_0.publisher_token());
+    let (status, body, challenge) =
+        refusal(&only_1_0, "/ui/stats", &[("authorization", &legacy)]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(challenge.contains("invalid_token"), "{challenge}");
+    assert!(body.contains("1.0 only"), "{body}");
+    let v1 = only_1_0.access_token(&only_1_0.url("/.well-known/mercure"), &[], &[]);
+    let stats = ssehub::client::EventStream::open(
+        &only_1_0.target("/ui/stats"),
+        &[(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {v1}")).unwrap(),
+        )]
+        .into_iter()
+        .collect(),
+    )
+    .await;
+    assert!(stats.is_ok(), "a 1.0 token on a 1.0 hub: {:?}", stats.err());
+
+    let only_0_x = TestHub::start(&["--protocol", "0.x"]);
+    let v1 = only_0_x.access_token(&only_0_x.url("/.well-known/mercure"), &[], &[]);
+    let (status, body, _) = refusal(
+        &only_0_x,
+        "/ui/stats",
+        &[("authorization", &format!("Bearer {v1}"))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("0.x only"), "{body}");
+}
+
+/// A refused request's status, body and `WWW-Authenticate` challenge (empty if none). Fails
+/// if the request is not answered in time (a stream opened instead).
+async fn refusal(
+    hub: &TestHub,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String, String) {
+    let ((status, body), headers) = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::request(hub, http::Method::GET, path, headers, ""),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{path} was not refused: a stream opened"));
+    let challenge = headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, body, challenge)
+}

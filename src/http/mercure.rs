@@ -311,7 +311,7 @@ pub(super) fn subscriber_token_rights(
 
 /// A hub serving one version of the protocol (`--protocol 1.0` or `0.x`) takes only that
 /// version's tokens.
-fn served_dialect<R: std::borrow::Borrow<Rights>>(
+pub(super) fn served_dialect<R: std::borrow::Borrow<Rights>>(
     app: &AppState,
     rights: R,
 ) -> Result<R, AuthError> {

@@ -14,8 +14,9 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::StatusCode;
 
+use super::mercure::{auth_error, served_dialect};
 use super::{form, reject, stream_response, AppState};
-use crate::auth::{find_token, query_token, AuthError};
+use crate::auth::{find_token, query_token, AuthError, Rights};
 use crate::metrics::{DropReason, Metrics};
 
 const PAGE: &str = include_str!("ui.html");
@@ -39,13 +40,16 @@ pub async fn redirect() -> Response {
 }
 
 /// `GET /ui/stats`: an event stream of [`Snapshot`]s, one a second, for as long as the token
-/// is valid and the hub runs.
+/// is valid and the hub runs. The token is found and checked as a subscriber's is (header,
+/// cookie, and the 0.x query parameter; a 1.0 token must name this hub in `aud`; a hub serving
+/// one protocol takes only its tokens), and refused with the same RFC 6750 challenges, so that
+/// the dashboard can say why.
 pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
     let query_token = match req.uri().query() {
         Some(q) => match form::parse(q.as_bytes(), 100) {
             Ok(pairs) => match query_token(pairs) {
                 Ok(t) => t,
-                Err(e) => return reject(StatusCode::UNAUTHORIZED, e),
+                Err(e) => return auth_error(e),
             },
             Err(e) => return reject(StatusCode::BAD_REQUEST, e),
         },
@@ -57,26 +61,26 @@ pub async fn stats(State(app): State<AppState>, req: Request) -> Response {
         &app.tokens.cookie_name,
     ) {
         Ok(Some((t, _))) => t,
-        Ok(None) => return reject(StatusCode::UNAUTHORIZED, AuthError::Missing),
-        Err(e) => return reject(StatusCode::UNAUTHORIZED, e),
+        Ok(None) => return auth_error(AuthError::Missing),
+        Err(e) => return auth_error(e),
     };
     // Either key will do: the figures are for whoever runs the hub, publisher or subscriber.
     let resource = app.tokens.resource(&req);
     let expected = app.tokens.expected(&resource);
     let rights = match app.subscriber_key.verify(token, &expected) {
-        Ok(r) => r,
+        Ok(r) => Ok(r),
         Err(first) => match app.publisher_key.verify(token, &expected) {
-            Ok(r) => r,
+            Ok(r) => Ok(r),
             // Say why the key that did sign it refuses it (expired, say), if one did.
-            Err(second) => {
-                let why = if first.is_wrong_key() { second } else { first };
-                return reject(StatusCode::UNAUTHORIZED, why);
-            }
+            Err(second) => Err(if first.is_wrong_key() { second } else { first }),
         },
     };
-    let rights = match rights.unexpired() {
+    let rights = match rights
+        .and_then(|r| served_dialect(&app, r))
+        .and_then(Rights::unexpired)
+    {
         Ok(r) => r,
-        Err(e) => return reject(StatusCode::UNAUTHORIZED, e),
+        Err(e) => return auth_error(e),
     };
 
     let shutdown = app.shutdown.clone();

@@ -141,6 +141,55 @@ impl TestHub {
         self.key.mint(Some(&["*".to_owned()]), None, None).unwrap()
     }
 
+    /// A Mercure 1.0 access token (RFC 9068: `typ: at+jwt`, `iss`, `aud`, `exp`) signed with
+    /// the hub's key, valid for an hour. `aud` is the hub's URL as the client reaches it (the
+    /// hub checks it against the request's host); `publish` and `subscribe` are the topics of
+    /// one `authorization_details` entry each, as `(match_type, match)` (`exact` or
+    /// `urlpattern`); an empty list leaves the action out.
+    pub fn access_token(
+        &self,
+        aud: &str,
+        publish: &[(&str, &str)],
+        subscribe: &[(&str, &str)],
+    ) -> String {
+        const DETAIL: &str = "https://mercure.rocks/authorization-detail";
+        let topics = |list: &[(&str, &str)]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|(t, m)| serde_json::json!({"match": m, "match_type": t}))
+                .collect()
+        };
+        let mut details = Vec::new();
+        for (action, list) in [("publish", publish), ("subscribe", subscribe)] {
+            if !list.is_empty() {
+                details.push(serde_json::json!({
+                    "type": DETAIL, "actions": [action], "topics": topics(list),
+                }));
+            }
+        }
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let claims = serde_json::json!({
+            "iss": "ssehub-tests",
+            "aud": aud,
+            "exp": exp,
+            "authorization_details": details,
+        });
+        self.key.sign("at+jwt", &claims).unwrap()
+    }
+
+    /// A Mercure 1.0 publisher: its access token may publish to every topic.
+    pub async fn publisher_v1(&self) -> Publisher {
+        Publisher {
+            conn: Connection::open(&self.target("/.well-known/mercure"))
+                .await
+                .unwrap(),
+            token: self.access_token(&self.url("/.well-known/mercure"), &[("exact", "*")], &[]),
+        }
+    }
+
     pub async fn publisher(&self) -> Publisher {
         Publisher {
             conn: Connection::open(&self.target("/.well-known/mercure"))
