@@ -30,6 +30,10 @@ pub const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(300);
 const MAX_BODY: usize = 1 << 20;
 /// How long one fetch may take, connection included.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed scheduled fetch, the first retry comes this soon, then twice as late each
+/// time, up to [`REFRESH_INTERVAL`]: a provider down at start is used within a minute of its
+/// return, not an hour.
+const RETRY_FIRST: Duration = Duration::from_secs(30);
 
 /// The algorithms a key from a set may verify: no HMAC (see the module's doc).
 pub const ALGORITHMS: &[Algorithm] = &[
@@ -104,12 +108,22 @@ impl Jwks {
     pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let jwks = self.clone();
         tokio::spawn(async move {
+            let mut retry = RETRY_FIRST;
             loop {
-                match jwks.refresh().await {
-                    Ok(n) => tracing::info!(url = %jwks.url, keys = n, "JWKS fetched"),
-                    Err(e) => tracing::warn!("{e}; keeping the last good key set"),
-                }
-                tokio::time::sleep(REFRESH_INTERVAL).await;
+                let wait = match jwks.refresh().await {
+                    Ok(n) => {
+                        tracing::info!(url = %jwks.url, keys = n, "JWKS fetched");
+                        retry = RETRY_FIRST;
+                        REFRESH_INTERVAL
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; keeping the last good key set, next try in {retry:?}");
+                        let wait = retry;
+                        retry = (retry * 2).min(REFRESH_INTERVAL);
+                        wait
+                    }
+                };
+                tokio::time::sleep(wait).await;
             }
         })
     }
@@ -118,6 +132,11 @@ impl Jwks {
     /// keys it holds.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
         let _one = self.fetching.lock().await;
+        self.fetch_locked().await
+    }
+
+    /// [`Jwks::refresh`], with the fetching lock held.
+    async fn fetch_locked(&self) -> Result<usize, JwksError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let fail = |cause: String| JwksError::Fetch {
             url: self.url.clone(),
@@ -195,6 +214,11 @@ impl Jwks {
             .collect()
     }
 
+    /// True when the set holds no key (none fetched yet, or none usable).
+    pub fn is_empty(&self) -> bool {
+        self.keys.read().is_empty()
+    }
+
     /// True when the set holds a key with this id.
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys
@@ -203,24 +227,34 @@ impl Jwks {
             .any(|k| k.kid.as_deref() == Some(kid))
     }
 
-    /// For a token naming a key id the set lacks: fetches the set again, unless that was done
-    /// for an unknown id less than [`UNKNOWN_KID_INTERVAL`] ago. True when the id is known
-    /// afterwards.
-    pub async fn refresh_for_unknown(&self, kid: &str) -> bool {
+    /// For a token naming a key id the set lacks (or naming none while the set is empty):
+    /// fetches the set again, unless that was done for an unknown id less than
+    /// [`UNKNOWN_KID_INTERVAL`] ago, or a fetch that ended while this one waited its turn
+    /// brought the id. True when the id is known afterwards (for no id: when the set has keys).
+    pub async fn refresh_for_unknown(&self, kid: Option<&str>) -> bool {
+        let known = || match kid {
+            Some(kid) => self.has_kid(kid),
+            None => !self.keys.read().is_empty(),
+        };
         {
             let mut last = self.last_unknown_fetch.lock();
             if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL) {
-                return self.has_kid(kid);
+                return known();
             }
             *last = Some(Instant::now());
         }
-        match self.refresh().await {
+        let seen = self.generation();
+        let _one = self.fetching.lock().await;
+        if self.generation() != seen && known() {
+            return true;
+        }
+        match self.fetch_locked().await {
             Ok(n) => {
                 tracing::info!(url = %self.url, keys = n, kid, "JWKS fetched for an unknown key id")
             }
             Err(e) => tracing::warn!("{e}; keeping the last good key set"),
         }
-        self.has_kid(kid)
+        known()
     }
 }
 
@@ -347,11 +381,12 @@ mod tests {
     async fn unknown_key_ids_fetch_at_most_once_per_interval() {
         let url = provider(vec![(200, ONE_KEY)]).await;
         let jwks = Jwks::new(&url).unwrap();
-        assert!(jwks.refresh_for_unknown("ed").await);
+        assert!(jwks.refresh_for_unknown(Some("ed")).await);
         // Within the interval: answered from the set in hand, the provider is not asked (it
         // would not answer: it serves one connection).
-        assert!(!jwks.refresh_for_unknown("other").await);
-        assert!(jwks.refresh_for_unknown("ed").await);
+        assert!(!jwks.refresh_for_unknown(Some("other")).await);
+        assert!(jwks.refresh_for_unknown(Some("ed")).await);
+        assert!(jwks.refresh_for_unknown(None).await, "the set has keys");
         assert_eq!(jwks.fetches(), 1);
     }
 

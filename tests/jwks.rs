@@ -101,6 +101,8 @@ struct Provider {
     addr: SocketAddr,
     set: Arc<Mutex<(u16, String)>>,
     fetches: Arc<AtomicUsize>,
+    /// Answer nothing, holding the connection open (a provider that hangs).
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Provider {
@@ -110,6 +112,7 @@ impl Provider {
             addr: listener.local_addr().unwrap(),
             set: Arc::new(Mutex::new((200, String::new()))),
             fetches: Arc::new(AtomicUsize::new(0)),
+            hang: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         p.serve(keys);
         let server = p.clone();
@@ -129,6 +132,10 @@ impl Provider {
                         }
                     }
                     server.fetches.fetch_add(1, Ordering::SeqCst);
+                    if server.hang.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
                     let (status, body) = server.set.lock().unwrap().clone();
                     let answer = format!(
                         "HTTP/1.1 {status} X\r\ncontent-type: application/jwk-set+json\r\n\
@@ -245,6 +252,12 @@ async fn the_issuers_keys_verify_tokens_and_a_key_rotated_in_is_fetched_once() {
     let (status, text, _) = publish(&hub, &legacy, "a").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
     let fetched = provider.fetches();
+    // A token from another issuer naming an unknown key id does not make the hub fetch the
+    // set (nor spend the 5-minute budget the rotation below needs).
+    let junk =
+        Pair::ed25519("junk").sign(Some("at+jwt"), true, &claims(&hub, "https://other.example"));
+    assert_eq!(publish(&hub, &junk, "a").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(provider.fetches(), fetched);
 
     // The provider rotates a second key in: the first token naming it makes the hub fetch the
     // set again, and is accepted.
@@ -297,9 +310,10 @@ async fn a_provider_down_at_start_does_not_stop_the_hub_and_is_used_once_it_answ
         StatusCode::OK
     );
 
-    // The provider comes back: the first token naming its key makes the hub fetch the set.
+    // The provider comes back: the first token from the issuer makes the hub fetch the set
+    // (naming no key id: the set is empty, so any will do).
     provider.serve(&[&ed]);
-    let token = ed.sign(Some("at+jwt"), true, &claims(&hub, ISSUER));
+    let token = ed.sign(Some("at+jwt"), false, &claims(&hub, ISSUER));
     let (status, text, _) = publish(&hub, &token, "b").await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(provider.fetches(), 2);
@@ -363,4 +377,29 @@ fn a_key_set_without_an_issuer_or_of_another_scheme_is_refused_at_start() {
         "0.x",
     ]);
     assert!(err.contains("--protocol 0.x"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_provider_holds_a_request_for_seconds_not_for_the_fetch() {
+    let ed = Pair::ed25519("ed-1");
+    let provider = Provider::start(&[&ed]).await;
+    let hub = start_hub(&provider);
+    provider.wait_fetches(1).await;
+    provider.hang.store(true, Ordering::SeqCst);
+    // A rotated key: the fetch it asks for hangs (for the hub's 10 s fetch timeout); the
+    // request goes on after a few seconds, refused, and is not stuck behind the fetch.
+    let rotated = Pair::ed25519("ed-2");
+    let token = rotated.sign(Some("at+jwt"), true, &claims(&hub, ISSUER));
+    let began = Instant::now();
+    let (status, text, _) = publish(&hub, &token, "a").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "the request waited {:?}",
+        began.elapsed()
+    );
+    assert_eq!(provider.fetches(), 2);
+    // Keys already held still verify meanwhile, at once.
+    let token = ed.sign(Some("at+jwt"), true, &claims(&hub, ISSUER));
+    assert_eq!(publish(&hub, &token, "b").await.0, StatusCode::OK);
 }

@@ -8,8 +8,12 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use serde_json::json;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::{reject, AppState, MERCURE_PATH};
 use crate::auth::{Expected, DETAIL_TYPE};
+use crate::jwks::Jwks;
 
 /// Where the metadata of the hub's default resource is served (RFC 9728 §3.1: the well-known
 /// name inserted between the host and the resource's path).
@@ -32,7 +36,7 @@ pub struct TokenSettings {
     /// challenges point at it.
     pub metadata: bool,
     /// `--jwks-url`: the issuer's key set.
-    pub jwks: Option<std::sync::Arc<crate::jwks::Jwks>>,
+    pub jwks: Option<Arc<Jwks>>,
 }
 
 impl TokenSettings {
@@ -99,7 +103,7 @@ pub struct Challenge(pub Option<&'static str>);
 /// Writes the `WWW-Authenticate` header of responses that carry a [`Challenge`].
 pub async fn challenge(State(app): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(jwks) = &app.tokens.jwks {
-        fetch_unknown_key(jwks, req.headers(), &app.tokens.cookie_name).await;
+        fetch_unknown_key(jwks, req.headers(), &app.tokens).await;
     }
     let host = req.headers().get(header::HOST).cloned();
     let uri = req.uri().clone();
@@ -127,24 +131,65 @@ pub async fn challenge(State(app): State<AppState>, req: Request, next: Next) ->
     response
 }
 
-/// Before a request's token is verified (which cannot wait): when it is a 1.0 token naming a
-/// key id the issuer's set lacks, the set is fetched again first, so that a token signed with
-/// a key the provider has just rotated in is accepted at once. Rate-limited by the set (one
-/// such fetch per 5 minutes), so made-up ids cost the provider nothing.
-async fn fetch_unknown_key(jwks: &crate::jwks::Jwks, headers: &http::HeaderMap, cookie_name: &str) {
+/// How long a request waits for a fetch of the key set its token asked for; the fetch goes
+/// on without it (the next request finds the keys).
+const KEY_FETCH_WAIT: Duration = Duration::from_secs(3);
+
+/// Before a request's token is verified (which cannot wait): when it is a 1.0 token from the
+/// configured issuer, not expired, naming a key id the issuer's set lacks (or none while the
+/// set is empty), the set is fetched again first, so that a token signed with a key the
+/// provider has just rotated in is accepted at once. Rate-limited by the set (one such fetch
+/// per 5 minutes); the unverified `iss` and `exp` are read first so that junk tokens do not
+/// spend that budget. A request waits at most [`KEY_FETCH_WAIT`].
+async fn fetch_unknown_key(jwks: &Arc<Jwks>, headers: &http::HeaderMap, tokens: &TokenSettings) {
     // Only the header and the cookie: a 1.0 token is never read from the query string.
-    let Ok(Some((token, _))) = crate::auth::find_token(headers, None, cookie_name) else {
+    let Ok(Some((token, _))) = crate::auth::find_token(headers, None, &tokens.cookie_name) else {
         return;
     };
     if !crate::auth::is_access_token(token) {
         return;
     }
-    let Some(kid) = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid) else {
+    let Ok(header) = jsonwebtoken::decode_header(token) else {
         return;
     };
-    if !jwks.has_kid(&kid) {
-        jwks.refresh_for_unknown(&kid).await;
+    if !from_issuer_unexpired(token, tokens.issuer.as_deref()) {
+        return;
     }
+    let kid = header.kid;
+    let unknown = match &kid {
+        Some(kid) => !jwks.has_kid(kid),
+        None => jwks.is_empty(),
+    };
+    if unknown {
+        let jwks = jwks.clone();
+        let fetch = tokio::spawn(async move { jwks.refresh_for_unknown(kid.as_deref()).await });
+        let _ = tokio::time::timeout(KEY_FETCH_WAIT, fetch).await;
+    }
+}
+
+/// Whether the token's claims, read without verifying them, name `issuer` and an `exp` still
+/// ahead (within the leeway). Only decides whether a key fetch is worth it.
+fn from_issuer_unexpired(token: &str, issuer: Option<&str>) -> bool {
+    use base64::Engine as _;
+    let Some(claims) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Some(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let iss_ok = claims.get("iss").and_then(|v| v.as_str()) == issuer;
+    let exp_ok = claims
+        .get("exp")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|exp| exp + crate::auth::LEEWAY_SECS >= now);
+    iss_ok && exp_ok
 }
 
 /// `GET`/`HEAD /.well-known/oauth-protected-resource/.well-known/mercure`: the RFC 9728

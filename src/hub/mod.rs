@@ -688,7 +688,12 @@ impl HubShared {
         // What waits for the disk is bounded: past the budget a publish is refused (503, try
         // again) rather than held, so a disk slower than the publishers cannot grow the queue
         // without end. The hub's own events are never refused (they are small and few).
-        let weight = encoded.len() + draft.topics.iter().map(String::len).sum::<usize>();
+        // The allocations' own cost counted too: a publish of 1,000 one-byte topics holds far
+        // more than 1,000 bytes.
+        let weight = 256
+            + encoded.len()
+            + draft.topics.iter().map(|t| 64 + t.len()).sum::<usize>()
+            + matches.weight();
         let queued = self.queued_bytes.fetch_add(weight, Relaxed) + weight;
         if durable && queued > writer::MAX_QUEUED_BYTES {
             self.queued_bytes.fetch_sub(weight, Relaxed);

@@ -226,6 +226,20 @@ pub(super) struct Matches {
     pub tests: u64,
 }
 
+impl Matches {
+    /// About the bytes it holds, for the durable history's queue budget: each result twice
+    /// (map and list), each topic read as a URL with its parts.
+    pub(super) fn weight(&self) -> usize {
+        self.tested.len() * 64
+            + self
+                .urls
+                .iter()
+                .flatten()
+                .map(|_| std::mem::size_of::<TopicUrl>() + 256)
+                .sum::<usize>()
+    }
+}
+
 // SAFETY: the pointers are only compared, as map keys, never read through; the selectors
 // they point to are held by `tested` (`Arc<Selector>` is `Send`). A publish's matches travel
 // with it to the durable history's writer thread.
