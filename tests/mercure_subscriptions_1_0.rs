@@ -188,7 +188,15 @@ async fn the_api_is_authorized_on_the_raw_path() {
 async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
     let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
     let modern = token(&["*"], true);
+    // Two listeners of the same events, one per dialect: each gets them in its own (Mercure
+    // 1.0 §9.3 row 17), on the topic of the subscription's.
     let mut watcher = hub
+        .subscribe(
+            "match_urlpattern=%2F.well-known%2Fmercure%2Fsubscriptions%2Fexact%2F*",
+            &[("authorization", &modern)],
+        )
+        .await;
+    let mut old_watcher = hub
         .subscribe(
             "topic=%2F.well-known%2Fmercure%2Fsubscriptions%2Fexact%7B%2Fm%7D%7B%2Fs%7D",
             &[("authorization", &modern)],
@@ -205,6 +213,14 @@ async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
         json!({"id": id, "type": "subscription", "match_type": "exact", "match": "a b",
                "subscriber": subscriber, "active": true})
     );
+    let old = &take(&mut old_watcher, 1, Duration::from_secs(5)).await[0];
+    assert_eq!(old.event_type, "", "a 0.x listener gets a plain message");
+    assert_eq!(old.id, ev.id, "one update, two renderings");
+    assert_eq!(
+        serde_json::from_str::<Value>(&old.data).unwrap(),
+        json!({"@context": "https://mercure.rocks/", "id": id, "type": "Subscription",
+               "topic": "a b", "subscriber": subscriber, "active": true})
+    );
     let (status, body, h) = get(&hub, &id, &[("authorization", &modern)]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(h["content-type"], "application/json");
@@ -217,6 +233,45 @@ async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
     .await;
     let list: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(list["subscriptions"], json!([doc]));
+}
+
+/// A 0.x subscription's events keep its two-segment topic; a 1.0 listener gets them as
+/// `event: mercure` plain JSON (`match_type` `topic`), a 0.x listener as today's JSON-LD.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_0_x_subscription_is_announced_to_each_listener_in_its_dialect() {
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
+    let modern = token(&["*"], true);
+    let mut watcher = hub
+        .subscribe(
+            "match_urlpattern=%2F.well-known%2Fmercure%2Fsubscriptions%2Fc%2F*",
+            &[("authorization", &modern)],
+        )
+        .await;
+    let legacy = token(&["*"], false);
+    let mut old_watcher = hub
+        .subscribe(
+            "topic=%2F.well-known%2Fmercure%2Fsubscriptions%2Fc%7B%2Fs%7D",
+            &[("authorization", &legacy)],
+        )
+        .await;
+    let _sub = hub.subscribe("topic=c", &[]).await;
+    let ev = &take(&mut watcher, 1, Duration::from_secs(5)).await[0];
+    assert_eq!(ev.event_type, "mercure");
+    let doc: Value = serde_json::from_str(&ev.data).unwrap();
+    let subscriber = doc["subscriber"].as_str().unwrap().to_owned();
+    let id = format!("{API}/c/{}", subscriber.replace(':', "%3A"));
+    assert_eq!(
+        doc,
+        json!({"id": id, "type": "subscription", "match_type": "topic", "match": "c",
+               "subscriber": subscriber, "active": true})
+    );
+    let old = &take(&mut old_watcher, 1, Duration::from_secs(5)).await[0];
+    assert_eq!(old.event_type, "");
+    assert_eq!(
+        serde_json::from_str::<Value>(&old.data).unwrap(),
+        json!({"@context": "https://mercure.rocks/", "id": id, "type": "Subscription",
+               "topic": "c", "subscriber": subscriber, "active": true})
+    );
 }
 
 /// Each subscription of one connection carries the payload of the first `subscribe` entry of

@@ -270,7 +270,7 @@ mod tests {
     use super::*;
 
     fn sub(id: u64) -> Arc<Subscriber> {
-        Arc::new(Subscriber::new(id, Vec::new(), None, None, None))
+        Arc::new(Subscriber::new(id, Vec::new(), None, None, None, false))
     }
 
     /// An entry due in a later millisecond is filed under that millisecond's start (tokio's

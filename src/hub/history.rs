@@ -220,6 +220,7 @@ impl History {
             private: old.private,
             time_ms: old.time_ms,
             encoded: bytes::Bytes::new(),
+            legacy: None,
         });
         self.evicted_bytes += stub.weight();
         if let Some(replaced) = self.evicted_events.insert(old.id.clone(), stub) {
@@ -343,6 +344,7 @@ mod tests {
             private: false,
             time_ms,
             encoded: bytes::Bytes::new(),
+            legacy: None,
         })
     }
 
@@ -355,6 +357,7 @@ mod tests {
             private: true,
             time_ms: 1000 + seq,
             encoded: bytes::Bytes::new(),
+            legacy: None,
         })
     }
 
@@ -380,6 +383,7 @@ mod tests {
                 private: false,
                 time_ms: seq,
                 encoded: bytes::Bytes::from(vec![b'x'; 1000]),
+                legacy: None,
             })
         };
         let weight = big(0).weight();

@@ -501,7 +501,17 @@ impl Hub {
                 payloads: req.payloads.clone(),
             })
         });
-        let sub = Arc::new(Subscriber::new(id, selectors, rights, req.kill, info));
+        // A request speaks one dialect (`topic=` with `match…` is refused): a 0.x one has
+        // `Topic` selectors.
+        let legacy_wire = req.topics.iter().any(|m| m.kind == MatchType::Topic);
+        let sub = Arc::new(Subscriber::new(
+            id,
+            selectors,
+            rights,
+            req.kill,
+            info,
+            legacy_wire,
+        ));
         // The token's selectors too: they decide private updates.
         let templated = sub
             .selectors
@@ -684,6 +694,7 @@ impl HubShared {
             return Submitted::Done(published);
         };
         let encoded = update::encode(&draft, &id);
+        let legacy = update::encode_legacy(&draft, &id);
         let durable = !draft.is_subscription_event();
         // What waits for the disk is bounded: past the budget a publish is refused (503, try
         // again) rather than held, so a disk slower than the publishers cannot grow the queue
@@ -705,6 +716,7 @@ impl HubShared {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = writer::Job {
             encoded,
+            legacy,
             durable,
             weight,
             id,
@@ -781,6 +793,7 @@ impl HubShared {
         matches: templates::Matches,
     ) -> Published {
         let encoded = update::encode(&draft, &id);
+        let legacy = update::encode_legacy(&draft, &id);
         let core = self.core.lock();
         let seq = core.next_seq;
         let update = Arc::new(Update {
@@ -790,6 +803,7 @@ impl HubShared {
             private: draft.private,
             time_ms,
             encoded,
+            legacy,
         });
         self.place(core, update, &matches)
     }
@@ -834,7 +848,7 @@ impl HubShared {
         }
         self.flusher.schedule(fanned.held);
         for (sub, sink) in &fanned.direct {
-            sub.direct_done(sink.try_send(&update.encoded));
+            sub.direct_done(sink.try_send(update.wire(sub.legacy_wire)));
         }
         let delivered = fanned.queued + fanned.direct.len();
         metrics.updates_published.fetch_add(1, Relaxed);
@@ -883,19 +897,22 @@ impl HubShared {
         }
     }
 
-    /// Publishes a subscription event for each of the subscriber's topics. A 1.0 one goes
-    /// out as an `event: mercure`, the type no publisher may use, so that a 1.0 listener knows
-    /// it comes from the hub; a 0.x one as a plain message, as 0.x listeners expect.
+    /// Publishes a subscription event for each of the subscriber's topics, on the topic of
+    /// the subscription's own dialect, rendered for each listener in the listener's (Mercure
+    /// 1.0 §9.3 row 17): 1.0 listeners get an `event: mercure` (the type no publisher may use,
+    /// so they know it comes from the hub) with plain JSON, 0.x listeners a plain message with
+    /// the JSON-LD document, as 0.x listeners expect.
     fn announce(&self, sub: &Subscriber, active: bool) {
         let Some(info) = &sub.info else { return };
-        for (i, topic) in info.topics.iter().enumerate() {
-            let doc = subscriptions::document(info, i, active);
+        for i in 0..info.topics.len() {
+            let modern = subscriptions::document_as(info, i, active, false);
+            let legacy = subscriptions::document_as(info, i, active, true);
             let draft = Draft {
-                topics: vec![doc["id"].as_str().unwrap_or_default().to_owned()],
-                data: doc.to_string(),
+                topics: vec![modern["id"].as_str().unwrap_or_default().to_owned()],
+                data: modern.to_string(),
                 private: true,
-                event_type: (topic.kind != MatchType::Topic)
-                    .then(|| update::HUB_EVENT_TYPE.to_owned()),
+                event_type: Some(update::HUB_EVENT_TYPE.to_owned()),
+                legacy_data: Some(legacy.to_string()),
                 ..Draft::default()
             };
             if let Some(relay) = self.relay.get() {
@@ -1208,31 +1225,29 @@ mod tests {
         text
     }
 
-    /// A 1.0 subscription is announced on its 1.0 topic, as plain JSON under `event: mercure`;
-    /// a 0.x one keeps its JSON-LD message; the API lists each in its own shape.
+    /// A subscription is announced on the topic of its own dialect, and each listener gets the
+    /// event in the listener's: a 1.0 one as plain JSON under `event: mercure`, a 0.x one as a
+    /// JSON-LD message. The API lists each in the subscription's own shape.
     #[test]
-    fn subscription_events_take_the_shape_of_the_subscription() {
+    fn subscription_events_take_the_shape_of_their_listener() {
         let hub = Hub::new(HubConfig {
             subscription_events: true,
             ..HubConfig::default()
         });
-        let mut listener = hub
-            .subscribe(SubscribeRequest {
-                topics: vec![Matcher::exact(
-                    subscriptions::PREFIX.to_owned() + "/exact/a%20b",
-                )]
-                .into_iter()
-                .chain([Matcher::topic(format!(
-                    "{}{{/t}}{{/s}}",
-                    subscriptions::PREFIX
-                ))])
-                .collect(),
+        let listen = |m: Matcher| {
+            hub.subscribe(SubscribeRequest {
+                topics: vec![m],
                 rights: Some(vec![Matcher::exact("*")]),
                 ..SubscribeRequest::default()
             })
             .unwrap()
-            .stream;
-        ready_text(&mut listener);
+            .stream
+        };
+        let prefix = subscriptions::PREFIX;
+        let mut modern = listen(Matcher::url_pattern(format!("{prefix}/*")));
+        let mut legacy = listen(Matcher::topic(format!("{prefix}{{/t}}{{/s}}")));
+        ready_text(&mut modern);
+        ready_text(&mut legacy);
         let one = hub
             .subscribe(SubscribeRequest {
                 topics: vec![Matcher::exact("a b")],
@@ -1241,33 +1256,56 @@ mod tests {
             })
             .unwrap();
         let old = subscribe_to(&hub, "x", None);
-        let text = ready_text(&mut listener);
-        let events: Vec<&str> = text.split("\n\n").filter(|e| e.contains("data:")).collect();
-        // The listener's own subscriptions are announced too, on topics it does not match.
-        assert_eq!(events.len(), 2, "{text}");
-        assert!(events[0].starts_with("event: mercure\n"), "{text}");
-        let doc: serde_json::Value = serde_json::from_str(
-            events[0]
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap(),
-        )
-        .unwrap();
-        let subscriber = doc["subscriber"].as_str().unwrap().to_owned();
-        assert_eq!(
-            doc,
-            serde_json::json!({
-                "id": format!("{}/exact/a%20b/{}", subscriptions::PREFIX, subscriptions::escape_1_0(&subscriber)),
-                "type": "subscription",
-                "match_type": "exact",
-                "match": "a b",
-                "subscriber": subscriber,
-                "active": true,
-                "payload": {"p": 1},
-            })
+        let events = |text: &str| -> Vec<(bool, serde_json::Value)> {
+            text.split("\n\n")
+                .filter(|e| e.contains("data:"))
+                .map(|e| {
+                    let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                    (
+                        e.starts_with("event: mercure\n") || e.contains("\nevent: mercure\n"),
+                        serde_json::from_str(data).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let new_text = ready_text(&mut modern);
+        let got = events(&new_text);
+        assert_eq!(got.len(), 2, "{new_text}");
+        let subscriber = got[0].1["subscriber"].as_str().unwrap().to_owned();
+        let id = format!(
+            "{prefix}/exact/a%20b/{}",
+            subscriptions::escape_1_0(&subscriber)
         );
-        assert!(!events[1].contains("event:"), "{text}");
-        assert!(events[1].contains("\"@context\""), "{text}");
+        assert_eq!(
+            got[0],
+            (
+                true,
+                serde_json::json!({"id": id, "type": "subscription", "match_type": "exact",
+                    "match": "a b", "subscriber": subscriber, "active": true, "payload": {"p": 1}})
+            )
+        );
+        assert!(got[1].0, "{new_text}");
+        assert_eq!(got[1].1["match_type"], "topic");
+        assert_eq!(got[1].1["match"], "x");
+        let old_id = got[1].1["id"].as_str().unwrap().to_owned();
+        assert!(
+            !old_id.contains("/topic/"),
+            "a 0.x subscription keeps its topic: {old_id}"
+        );
+
+        // The 0.x listener gets the same two events, as JSON-LD messages on the same topics.
+        let old_text = ready_text(&mut legacy);
+        let got = events(&old_text);
+        assert_eq!(got.len(), 2, "{old_text}");
+        for (typed, doc) in &got {
+            assert!(!typed, "{old_text}");
+            assert_eq!(doc["@context"], "https://mercure.rocks/");
+            assert_eq!(doc["type"], "Subscription");
+        }
+        assert_eq!(got[0].1["id"], id.as_str());
+        assert_eq!(got[0].1["topic"], "a b");
+        assert_eq!(got[0].1["payload"], serde_json::json!({"p": 1}));
+        assert_eq!(got[1].1["id"], old_id.as_str());
 
         let (docs, _) = hub.subscriptions(&[hub.selector(&Matcher::exact("*"))]);
         let kinds: Vec<_> = docs.iter().map(|(k, d)| (*k, d["type"].clone())).collect();
@@ -1276,7 +1314,7 @@ mod tests {
 
         drop(one);
         drop(old);
-        let text = ready_text(&mut listener);
+        let text = ready_text(&mut modern);
         assert!(text.contains("event: mercure\n"), "{text}");
         assert!(text.contains("\"active\":false"), "{text}");
     }

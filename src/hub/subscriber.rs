@@ -84,6 +84,9 @@ pub(crate) struct Subscriber {
     kill: Option<CancellationToken>,
     /// Kept only when the hub publishes subscription events.
     pub info: Option<Box<SubscriberInfo>>,
+    /// A Mercure 0.x (`topic=`) stream: subscription events reach it in 0.x's shape (see
+    /// [`crate::hub::Update::wire`]).
+    pub legacy_wire: bool,
 }
 
 /// The hub-wide heartbeat ticks this many times per `--heartbeat`, and a stream gets a comment
@@ -175,9 +178,11 @@ impl Subscriber {
         rights: Option<Vec<Arc<Selector>>>,
         kill: Option<CancellationToken>,
         info: Option<Box<SubscriberInfo>>,
+        legacy_wire: bool,
     ) -> Self {
         Subscriber {
             id,
+            legacy_wire,
             selectors,
             rights,
             last_seq: AtomicU64::new(u64::MAX),
@@ -306,8 +311,8 @@ impl Subscriber {
         if st.queue.is_empty() {
             return st.waker.take().map_or(Flush::Done, Flush::Wake);
         }
-        let (n, bytes) = chunk_len(&st.queue);
-        let chunk = concat(st.queue.range(..n), bytes);
+        let (n, bytes) = chunk_len(&st.queue, self.legacy_wire);
+        let chunk = concat(st.queue.range(..n), bytes, self.legacy_wire);
         st.queue.drain(..n);
         st.direct_busy = true;
         if st.queue.is_empty() {
@@ -529,7 +534,7 @@ impl SubscriberStream {
                 }
                 self.hold_at = 0;
             }
-            let (n, bytes) = chunk_len(&st.queue);
+            let (n, bytes) = chunk_len(&st.queue, self.sub.legacy_wire);
             if n == st.queue.len() {
                 std::mem::swap(&mut st.queue, &mut self.spare);
                 if let Some(now) = window_from {
@@ -540,7 +545,7 @@ impl SubscriberStream {
                 self.spare.extend(st.queue.drain(..n));
             }
             drop(st);
-            let chunk = concat(self.spare.iter(), bytes);
+            let chunk = concat(self.spare.iter(), bytes, self.sub.legacy_wire);
             self.spare.clear();
             return Some(Wire::Data(chunk));
         }
@@ -567,7 +572,7 @@ impl SubscriberStream {
     fn fill_replay(&mut self, buf: &mut BytesMut) {
         while buf.len() < CHUNK_BYTES {
             match self.replay.next() {
-                Some(u) => buf.extend_from_slice(&u.encoded),
+                Some(u) => buf.extend_from_slice(u.wire(self.sub.legacy_wire)),
                 None => break,
             }
         }
@@ -659,10 +664,10 @@ impl Drop for SubscriberStream {
 
 /// How many updates from the front of `queue` make the next chunk, and their bytes: as many as
 /// fit in [`CHUNK_BYTES`], and at least one.
-fn chunk_len(queue: &VecDeque<SharedUpdate>) -> (usize, usize) {
+fn chunk_len(queue: &VecDeque<SharedUpdate>, legacy: bool) -> (usize, usize) {
     let mut bytes = 0;
     for (i, u) in queue.iter().enumerate() {
-        let len = u.encoded.len();
+        let len = u.wire(legacy).len();
         if i > 0 && bytes + len > CHUNK_BYTES {
             return (i, bytes);
         }
@@ -672,16 +677,20 @@ fn chunk_len(queue: &VecDeque<SharedUpdate>) -> (usize, usize) {
 }
 
 /// The updates' `bytes` bytes as one chunk; a lone update's are shared, not copied.
-fn concat<'a>(mut updates: impl ExactSizeIterator<Item = &'a SharedUpdate>, bytes: usize) -> Bytes {
+fn concat<'a>(
+    mut updates: impl ExactSizeIterator<Item = &'a SharedUpdate>,
+    bytes: usize,
+    legacy: bool,
+) -> Bytes {
     if updates.len() == 1 {
         return updates
             .next()
-            .map(|u| u.encoded.clone())
+            .map(|u| u.wire(legacy).clone())
             .unwrap_or_default();
     }
     let mut buf = BytesMut::with_capacity(bytes);
     for u in updates {
-        buf.extend_from_slice(&u.encoded);
+        buf.extend_from_slice(u.wire(legacy));
     }
     buf.freeze()
 }

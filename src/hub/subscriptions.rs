@@ -94,14 +94,32 @@ pub fn subscription_id_1_0(match_type: &str, pattern: &str, subscriber: &str) ->
 /// The document of the subscriber's `i`th subscription, in the shape of the dialect it was
 /// made in.
 pub fn document(info: &SubscriberInfo, i: usize, active: bool) -> Value {
+    document_as(info, i, active, info.topics[i].kind == MatchType::Topic)
+}
+
+/// The subscriber's `i`th subscription's topic: in the shape of the dialect it was made in.
+pub fn topic_of(info: &SubscriberInfo, i: usize) -> String {
+    let m = &info.topics[i];
+    match m.kind {
+        MatchType::Topic => subscription_id(&m.pattern, &info.id),
+        kind => subscription_id_1_0(kind.name(), &m.pattern, &info.id),
+    }
+}
+
+/// The document of the subscriber's `i`th subscription as a listener of one dialect reads
+/// it: JSON-LD for a 0.x listener (`legacy`), plain JSON for a 1.0 one. Its `id` is always
+/// the subscription's own topic (a 0.x subscription's has two segments, a 1.0 one's three);
+/// a 0.x selector's `match_type` is `topic`.
+pub fn document_as(info: &SubscriberInfo, i: usize, active: bool, legacy: bool) -> Value {
     let matcher = &info.topics[i];
     let payload = info.payload(i);
-    if matcher.kind == MatchType::Topic {
-        return document_0x(&matcher.pattern, info, payload, active);
+    let id = topic_of(info, i);
+    if legacy {
+        return document_0x(id, &matcher.pattern, info, payload, active);
     }
     let name = matcher.kind.name();
     let mut doc = json!({
-        "id": subscription_id_1_0(name, &matcher.pattern, &info.id),
+        "id": id,
         "type": "subscription",
         "match_type": name,
         "match": matcher.pattern,
@@ -115,10 +133,16 @@ pub fn document(info: &SubscriberInfo, i: usize, active: bool) -> Value {
 }
 
 /// The JSON-LD document of one 0.x subscription.
-fn document_0x(topic: &str, info: &SubscriberInfo, payload: Option<&Value>, active: bool) -> Value {
+fn document_0x(
+    id: String,
+    topic: &str,
+    info: &SubscriberInfo,
+    payload: Option<&Value>,
+    active: bool,
+) -> Value {
     let mut doc = json!({
         "@context": "https://mercure.rocks/",
-        "id": subscription_id(topic, &info.id),
+        "id": id,
         "type": "Subscription",
         "topic": topic,
         "subscriber": info.id,

@@ -603,7 +603,7 @@ mod tests {
 
     fn sub(id: u64, selectors: &[&Arc<Selector>]) -> Arc<Subscriber> {
         let selectors = selectors.iter().map(|s| (*s).clone()).collect();
-        Arc::new(Subscriber::new(id, selectors, None, None, None))
+        Arc::new(Subscriber::new(id, selectors, None, None, None, false))
     }
 
     fn template(s: &str) -> Arc<Selector> {

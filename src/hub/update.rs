@@ -20,6 +20,9 @@ pub struct Draft {
     pub event_type: Option<String>,
     pub retry: Option<u64>,
     pub private: bool,
+    /// For the hub's own subscription events only: the data 0.x listeners get instead (the
+    /// JSON-LD document, sent without an event type), as `data` is what 1.0 listeners get.
+    pub legacy_data: Option<String>,
 }
 
 /// Why a draft was refused. Each message is the one-line reason the publisher sees.
@@ -297,6 +300,9 @@ pub struct Update {
     pub time_ms: u64,
     /// The event-stream bytes, encoded once for every subscriber.
     pub encoded: Bytes,
+    /// A subscription event's bytes for 0.x listeners, when they differ (Mercure 1.0 §9.3
+    /// row 17: each listener gets the event in its own dialect). Boxed: most updates have none.
+    pub legacy: Option<Box<Bytes>>,
 }
 
 pub type SharedUpdate = Arc<Update>;
@@ -307,7 +313,18 @@ impl Update {
     pub fn weight(&self) -> usize {
         const OVERHEAD: usize = std::mem::size_of::<Update>() + 32;
         let topics: usize = self.topics.iter().map(|t| t.len() + 24).sum();
-        OVERHEAD + self.encoded.len() + self.id.len() + topics
+        let legacy = self.legacy.as_ref().map_or(0, |b| b.len() + 48);
+        OVERHEAD + self.encoded.len() + legacy + self.id.len() + topics
+    }
+
+    /// The bytes a listener gets: 0.x listeners (`topic=`) their own rendering of a
+    /// subscription event, everyone else the update's one encoding.
+    #[inline]
+    pub fn wire(&self, legacy_listener: bool) -> &Bytes {
+        match &self.legacy {
+            Some(b) if legacy_listener => b,
+            _ => &self.encoded,
+        }
     }
 
     /// A Mercure subscription event (published by the hub itself on its reserved topics,
@@ -316,6 +333,17 @@ impl Update {
     pub fn is_subscription_event(&self) -> bool {
         subscription_event(self.private, &self.topics)
     }
+}
+
+/// A subscription event's encoding for 0.x listeners, when it has one (see [`Update::wire`]).
+pub(crate) fn encode_legacy(draft: &Draft, id: &str) -> Option<Box<Bytes>> {
+    // Only the hub's own events have two renderings: an update from a publisher (or written
+    // into the cluster's stream by anything else) shows every listener the same bytes.
+    if !draft.is_subscription_event() {
+        return None;
+    }
+    let data = draft.legacy_data.as_deref()?;
+    Some(Box::new(sse::encode_event(id, None, draft.retry, data)))
 }
 
 /// Encodes a checked draft; the hub then gives it its place in the order.

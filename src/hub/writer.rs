@@ -32,6 +32,7 @@ pub(crate) struct Job {
     pub private: bool,
     pub time_ms: u64,
     pub encoded: bytes::Bytes,
+    pub legacy: Option<Box<bytes::Bytes>>,
     pub matches: templates::Matches,
     /// Written to the store (every update but subscription events).
     pub durable: bool,
@@ -140,6 +141,7 @@ fn place(job: &Job, seq: u64) -> SharedUpdate {
         private: job.private,
         time_ms: job.time_ms,
         encoded: job.encoded.clone(),
+        legacy: job.legacy.clone(),
     })
 }
 
