@@ -122,7 +122,8 @@ async fn publish_refusals() {
             "1001 topics",
             many_topics,
             auth.to_vec(),
-            StatusCode::BAD_REQUEST,
+            // Mercure 1.0 §4: limits are 413 (0.x answered 400).
+            StatusCode::PAYLOAD_TOO_LARGE,
             "topic",
         ),
         (
