@@ -254,3 +254,45 @@ async fn a_failed_write_refuses_the_publish_and_nothing_else() {
     drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A publisher's private update on a topic that only looks like the hub's reserved namespace
+/// (it leaves it through dot segments, so the publish check lets it through) is a publisher's
+/// update like any other: answered once on disk, there after a restart. Today the hub files
+/// it as one of its own subscription events (a prefix test on the raw topic), so it is
+/// answered 200 with an id, never written, and gone after the restart (it also skips the
+/// writer queue's budget, and, in the history, the subscription events' partition).
+#[tokio::test]
+async fn a_topic_leaving_the_reserved_namespace_is_stored_like_any_other() {
+    let dir = temp_dir();
+    let args = ["--data-dir", arg(&dir)];
+    let hub = TestHub::start(&args);
+    let mut p = hub.publisher().await;
+    let topic = "/.well-known/mercure/subscriptions/../../x";
+    p.ok(&[("topic", "t"), ("data", "plain"), ("private", "on")])
+        .await;
+    p.ok(&[("topic", topic), ("data", "dotted"), ("private", "on")])
+        .await;
+    hub.terminate();
+    drop(p);
+    drop(hub);
+
+    let hub = TestHub::start(&args);
+    let all = ["*".to_owned()];
+    let token = hub.key.mint(None, Some(&all), None).unwrap();
+    let bearer = format!("Bearer {token}");
+    let mut s = hub
+        .subscribe(
+            "topic=*&lastEventID=earliest",
+            &[("authorization", &bearer)],
+        )
+        .await;
+    let got = drain(&mut s, Duration::from_secs(1)).await;
+    let data: Vec<_> = got.iter().map(|(_, d)| d.as_str()).collect();
+    assert!(data.contains(&"plain"), "{data:?}");
+    assert!(
+        data.contains(&"dotted"),
+        "an answered publish was lost: {data:?}"
+    );
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}
