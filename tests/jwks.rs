@@ -403,3 +403,23 @@ async fn a_hanging_provider_holds_a_request_for_seconds_not_for_the_fetch() {
     let token = ed.sign(Some("at+jwt"), true, &claims(&hub, ISSUER));
     assert_eq!(publish(&hub, &token, "b").await.0, StatusCode::OK);
 }
+
+/// A token whose unverified `exp` is the largest number there is gets a clear 401, as any
+/// forged token does: the check that decides whether a key fetch is worth it must not
+/// overflow (`exp + leeway`, a panic in debug builds that drops the connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_exp_at_the_end_of_time_is_refused_not_a_panic() {
+    let ed = Pair::ed25519("ed-1");
+    let provider = Provider::start(&[&ed]).await;
+    let hub = start_hub(&provider);
+    provider.wait_fetches(1).await;
+    let mut forged = claims(&hub, ISSUER);
+    forged["exp"] = json!(u64::MAX);
+    let token = Pair::ed25519("unknown").sign(Some("at+jwt"), true, &forged);
+    let (status, text, _) = publish(&hub, &token, "a").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(
+        !hub.logs().iter().any(|l| l.contains("panicked")),
+        "the hub panicked"
+    );
+}
