@@ -366,3 +366,59 @@ async fn each_matcher_has_its_own_payload() {
         "{body}"
     );
 }
+
+/// Replay after a reconnect (`Last-Event-ID`) renders the hub's subscription events for the
+/// reconnecting stream's dialect too, not only live delivery: a 0.x stream gets the JSON-LD
+/// messages, a 1.0 stream `event: mercure` plain JSON, for subscriptions of both dialects.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_renders_subscription_events_for_the_reconnecting_stream() {
+    let hub = TestHub::start(&["--subscriptions", "--resource-identifier", RESOURCE]);
+    let modern = token(&["*"], true);
+    let legacy = token(&["*"], false);
+    let _first = hub
+        .subscribe("topic=first", &[("authorization", &legacy)])
+        .await;
+    let _one = hub.subscribe("topic=c", &[]).await;
+    let _two = hub
+        .subscribe("match=d", &[("authorization", &modern)])
+        .await;
+    // Wait until both events are in the history: the first stream sees nothing of them (it
+    // follows a plain topic), so a third listener confirms them.
+    let mut all = hub
+        .subscribe(
+            "match_urlpattern=%2F.well-known%2Fmercure%2Fsubscriptions%2F*",
+            &[("authorization", &modern), ("Last-Event-ID", "earliest")],
+        )
+        .await;
+    let seen = take(&mut all, 3, Duration::from_secs(5)).await;
+    let from = seen[0].id.clone();
+
+    let old_query = "topic=%2F.well-known%2Fmercure%2Fsubscriptions%7B%2Ft%7D%7B%2Fs%7D\
+                     &topic=%2F.well-known%2Fmercure%2Fsubscriptions%7B%2Fm%7D%7B%2Ft%7D%7B%2Fs%7D";
+    let mut old = hub
+        .subscribe(
+            old_query,
+            &[("authorization", &legacy), ("Last-Event-ID", &from)],
+        )
+        .await;
+    let got = take(&mut old, 2, Duration::from_secs(5)).await;
+    for ev in &got {
+        assert_eq!(ev.event_type, "", "{ev:?}");
+        let doc: Value = serde_json::from_str(&ev.data).unwrap();
+        assert_eq!(doc["@context"], "https://mercure.rocks/", "{doc}");
+        assert_eq!(doc["type"], "Subscription", "{doc}");
+    }
+    let mut new = hub
+        .subscribe(
+            "match_urlpattern=%2F.well-known%2Fmercure%2Fsubscriptions%2F*",
+            &[("authorization", &modern), ("Last-Event-ID", &from)],
+        )
+        .await;
+    let got = take(&mut new, 2, Duration::from_secs(5)).await;
+    for ev in &got {
+        assert_eq!(ev.event_type, "mercure", "{ev:?}");
+        let doc: Value = serde_json::from_str(&ev.data).unwrap();
+        assert_eq!(doc["type"], "subscription", "{doc}");
+        assert!(doc.get("@context").is_none(), "{doc}");
+    }
+}
