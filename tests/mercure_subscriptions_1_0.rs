@@ -219,7 +219,7 @@ async fn a_1_0_subscription_is_announced_and_listed_in_1_0() {
     assert_eq!(
         serde_json::from_str::<Value>(&old.data).unwrap(),
         json!({"@context": "https://mercure.rocks/", "id": id, "type": "Subscription",
-               "topic": "a b", "subscriber": subscriber, "active": true})
+               "topic": "a b", "match_type": "exact", "subscriber": subscriber, "active": true})
     );
     let (status, body, h) = get(&hub, &id, &[("authorization", &modern)]).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -43,8 +43,8 @@ pub(super) fn fields(draft: &Draft, id: &str) -> Vec<(&'static str, String)> {
     if draft.private {
         f.push(("private", "1".to_owned()));
     }
-    if let Some(d) = &draft.legacy_data {
-        f.push(("legacy", d.clone()));
+    if let Some(d) = &draft.alt_data {
+        f.push(("alt", d.clone()));
     }
     f
 }
@@ -60,7 +60,7 @@ fn parse(entry: &StreamId) -> Option<(Draft, String)> {
         event_type: entry.get("type"),
         retry: entry.get::<String>("retry").and_then(|r| r.parse().ok()),
         private: entry.contains_key("private"),
-        legacy_data: entry.get("legacy"),
+        alt_data: entry.get("alt"),
     };
     Some((draft, id))
 }
@@ -320,7 +320,7 @@ mod tests {
             event_type: Some("t".into()),
             retry: Some(42),
             private: true,
-            legacy_data: Some("{\"@context\": 1}".into()),
+            alt_data: Some("{\"@context\": 1}".into()),
         };
         let f = fields(&draft, "urn:x");
         let entry = StreamId {
@@ -338,6 +338,6 @@ mod tests {
         assert_eq!(back.event_type.as_deref(), Some("t"));
         assert_eq!(back.retry, Some(42));
         assert!(back.private);
-        assert_eq!(back.legacy_data, draft.legacy_data);
+        assert_eq!(back.alt_data, draft.alt_data);
     }
 }

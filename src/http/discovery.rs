@@ -188,7 +188,7 @@ fn from_issuer_unexpired(token: &str, issuer: Option<&str>) -> bool {
     let exp_ok = claims
         .get("exp")
         .and_then(|v| v.as_u64())
-        .is_some_and(|exp| exp + crate::auth::LEEWAY_SECS >= now);
+        .is_some_and(|exp| exp.saturating_add(crate::auth::LEEWAY_SECS) >= now);
     iss_ok && exp_ok
 }
 

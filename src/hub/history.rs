@@ -220,7 +220,8 @@ impl History {
             private: old.private,
             time_ms: old.time_ms,
             encoded: bytes::Bytes::new(),
-            legacy: None,
+            alt: None,
+            alt_is_legacy: false,
         });
         self.evicted_bytes += stub.weight();
         if let Some(replaced) = self.evicted_events.insert(old.id.clone(), stub) {
@@ -344,7 +345,8 @@ mod tests {
             private: false,
             time_ms,
             encoded: bytes::Bytes::new(),
-            legacy: None,
+            alt: None,
+            alt_is_legacy: false,
         })
     }
 
@@ -357,7 +359,8 @@ mod tests {
             private: true,
             time_ms: 1000 + seq,
             encoded: bytes::Bytes::new(),
-            legacy: None,
+            alt: None,
+            alt_is_legacy: false,
         })
     }
 
@@ -383,7 +386,8 @@ mod tests {
                 private: false,
                 time_ms: seq,
                 encoded: bytes::Bytes::from(vec![b'x'; 1000]),
-                legacy: None,
+                alt: None,
+                alt_is_legacy: false,
             })
         };
         let weight = big(0).weight();

@@ -694,7 +694,7 @@ impl HubShared {
             return Submitted::Done(published);
         };
         let encoded = update::encode(&draft, &id);
-        let legacy = update::encode_legacy(&draft, &id);
+        let (alt, alt_is_legacy) = update::encode_alt(&draft, &id);
         let durable = !draft.is_subscription_event();
         // What waits for the disk is bounded: past the budget a publish is refused (503, try
         // again) rather than held, so a disk slower than the publishers cannot grow the queue
@@ -703,6 +703,7 @@ impl HubShared {
         // more than 1,000 bytes.
         let weight = 256
             + encoded.len()
+            + alt.as_ref().map_or(0, |b| b.len())
             + draft.topics.iter().map(|t| 64 + t.len()).sum::<usize>()
             + matches.weight();
         let queued = self.queued_bytes.fetch_add(weight, Relaxed) + weight;
@@ -716,7 +717,8 @@ impl HubShared {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = writer::Job {
             encoded,
-            legacy,
+            alt,
+            alt_is_legacy,
             durable,
             weight,
             id,
@@ -793,7 +795,7 @@ impl HubShared {
         matches: templates::Matches,
     ) -> Published {
         let encoded = update::encode(&draft, &id);
-        let legacy = update::encode_legacy(&draft, &id);
+        let (alt, alt_is_legacy) = update::encode_alt(&draft, &id);
         let core = self.core.lock();
         let seq = core.next_seq;
         let update = Arc::new(Update {
@@ -803,7 +805,8 @@ impl HubShared {
             private: draft.private,
             time_ms,
             encoded,
-            legacy,
+            alt,
+            alt_is_legacy,
         });
         self.place(core, update, &matches)
     }
@@ -904,15 +907,18 @@ impl HubShared {
     /// the JSON-LD document, as 0.x listeners expect.
     fn announce(&self, sub: &Subscriber, active: bool) {
         let Some(info) = &sub.info else { return };
-        for i in 0..info.topics.len() {
-            let modern = subscriptions::document_as(info, i, active, false);
-            let legacy = subscriptions::document_as(info, i, active, true);
+        for (i, topic) in info.topics.iter().enumerate() {
+            // In the subscription's own dialect first (what a node that knows no other
+            // rendering shows everyone, as before), the other one beside it.
+            let own_is_legacy = topic.kind == MatchType::Topic;
+            let own = subscriptions::document_as(info, i, active, own_is_legacy);
+            let other = subscriptions::document_as(info, i, active, !own_is_legacy);
             let draft = Draft {
-                topics: vec![modern["id"].as_str().unwrap_or_default().to_owned()],
-                data: modern.to_string(),
+                topics: vec![subscriptions::topic_of(info, i)],
+                data: own.to_string(),
                 private: true,
-                event_type: Some(update::HUB_EVENT_TYPE.to_owned()),
-                legacy_data: Some(legacy.to_string()),
+                event_type: (!own_is_legacy).then(|| update::HUB_EVENT_TYPE.to_owned()),
+                alt_data: Some(other.to_string()),
                 ..Draft::default()
             };
             if let Some(relay) = self.relay.get() {

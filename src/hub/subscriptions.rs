@@ -115,7 +115,13 @@ pub fn document_as(info: &SubscriberInfo, i: usize, active: bool, legacy: bool) 
     let payload = info.payload(i);
     let id = topic_of(info, i);
     if legacy {
-        return document_0x(id, &matcher.pattern, info, payload, active);
+        let mut doc = document_0x(id, &matcher.pattern, info, payload, active);
+        // A 1.0 subscription's `topic` is a matcher: say which kind, or a 0.x reader would
+        // take a URL pattern for a topic.
+        if matcher.kind != MatchType::Topic {
+            doc["match_type"] = matcher.kind.name().into();
+        }
+        return doc;
     }
     let name = matcher.kind.name();
     let mut doc = json!({

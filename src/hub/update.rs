@@ -20,9 +20,11 @@ pub struct Draft {
     pub event_type: Option<String>,
     pub retry: Option<u64>,
     pub private: bool,
-    /// For the hub's own subscription events only: the data 0.x listeners get instead (the
-    /// JSON-LD document, sent without an event type), as `data` is what 1.0 listeners get.
-    pub legacy_data: Option<String>,
+    /// For the hub's own subscription events only: the event in the other dialect, for the
+    /// listeners of that dialect (`data` and `event_type` are in the subscription's own: a 1.0
+    /// subscription's plain JSON under `event: mercure`, a 0.x one's JSON-LD message). Nodes
+    /// that do not know it show everyone `data`, as before.
+    pub alt_data: Option<String>,
 }
 
 /// Why a draft was refused. Each message is the one-line reason the publisher sees.
@@ -163,10 +165,13 @@ impl Draft {
 /// Whether an update is one of the hub's own subscription events: private, on the hub's
 /// reserved topics (which no publisher may use).
 fn subscription_event(private: bool, topics: &[String]) -> bool {
+    // The raw prefix alone is not enough: `/.well-known/mercure/subscriptions/../../x` starts
+    // with it but names a topic outside the namespace, which a publisher may use. Every topic
+    // the hub makes resolves inside it (one matcher segment can climb one level at most).
     private
         && topics
             .first()
-            .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX))
+            .is_some_and(|t| t.starts_with(super::subscriptions::PREFIX) && is_reserved_topic(t))
 }
 
 fn has_line_break_or_nul(s: &str) -> bool {
@@ -300,9 +305,11 @@ pub struct Update {
     pub time_ms: u64,
     /// The event-stream bytes, encoded once for every subscriber.
     pub encoded: Bytes,
-    /// A subscription event's bytes for 0.x listeners, when they differ (Mercure 1.0 §9.3
-    /// row 17: each listener gets the event in its own dialect). Boxed: most updates have none.
-    pub legacy: Option<Box<Bytes>>,
+    /// A subscription event's bytes in the other dialect (Mercure 1.0 §9.3 row 17: each
+    /// listener gets the event in its own). Boxed: most updates have none.
+    pub alt: Option<Box<Bytes>>,
+    /// `alt` is for 0.x listeners (the subscription is a 1.0 one), else for 1.0 listeners.
+    pub alt_is_legacy: bool,
 }
 
 pub type SharedUpdate = Arc<Update>;
@@ -313,16 +320,16 @@ impl Update {
     pub fn weight(&self) -> usize {
         const OVERHEAD: usize = std::mem::size_of::<Update>() + 32;
         let topics: usize = self.topics.iter().map(|t| t.len() + 24).sum();
-        let legacy = self.legacy.as_ref().map_or(0, |b| b.len() + 48);
-        OVERHEAD + self.encoded.len() + legacy + self.id.len() + topics
+        let alt = self.alt.as_ref().map_or(0, |b| b.len() + 48);
+        OVERHEAD + self.encoded.len() + alt + self.id.len() + topics
     }
 
-    /// The bytes a listener gets: 0.x listeners (`topic=`) their own rendering of a
-    /// subscription event, everyone else the update's one encoding.
+    /// The bytes a listener gets: a subscription event in the listener's dialect (0.x for a
+    /// `topic=` stream), every other update its one encoding.
     #[inline]
     pub fn wire(&self, legacy_listener: bool) -> &Bytes {
-        match &self.legacy {
-            Some(b) if legacy_listener => b,
+        match &self.alt {
+            Some(b) if legacy_listener == self.alt_is_legacy => b,
             _ => &self.encoded,
         }
     }
@@ -335,15 +342,23 @@ impl Update {
     }
 }
 
-/// A subscription event's encoding for 0.x listeners, when it has one (see [`Update::wire`]).
-pub(crate) fn encode_legacy(draft: &Draft, id: &str) -> Option<Box<Bytes>> {
+/// A subscription event's encoding in the other dialect, when it has one, and whether that
+/// is 0.x's (see [`Update::wire`]).
+pub(crate) fn encode_alt(draft: &Draft, id: &str) -> (Option<Box<Bytes>>, bool) {
+    // The primary rendering is 1.0's exactly when it is typed `mercure`.
+    let alt_is_legacy = draft.event_type.as_deref() == Some(HUB_EVENT_TYPE);
     // Only the hub's own events have two renderings: an update from a publisher (or written
     // into the cluster's stream by anything else) shows every listener the same bytes.
-    if !draft.is_subscription_event() {
-        return None;
-    }
-    let data = draft.legacy_data.as_deref()?;
-    Some(Box::new(sse::encode_event(id, None, draft.retry, data)))
+    let Some(data) = draft
+        .alt_data
+        .as_deref()
+        .filter(|_| draft.is_subscription_event())
+    else {
+        return (None, alt_is_legacy);
+    };
+    let event_type = (!alt_is_legacy).then_some(HUB_EVENT_TYPE);
+    let alt = sse::encode_event(id, event_type, draft.retry, data);
+    (Some(Box::new(alt)), alt_is_legacy)
 }
 
 /// Encodes a checked draft; the hub then gives it its place in the order.

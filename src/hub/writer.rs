@@ -32,7 +32,8 @@ pub(crate) struct Job {
     pub private: bool,
     pub time_ms: u64,
     pub encoded: bytes::Bytes,
-    pub legacy: Option<Box<bytes::Bytes>>,
+    pub alt: Option<Box<bytes::Bytes>>,
+    pub alt_is_legacy: bool,
     pub matches: templates::Matches,
     /// Written to the store (every update but subscription events).
     pub durable: bool,
@@ -141,7 +142,8 @@ fn place(job: &Job, seq: u64) -> SharedUpdate {
         private: job.private,
         time_ms: job.time_ms,
         encoded: job.encoded.clone(),
-        legacy: job.legacy.clone(),
+        alt: job.alt.clone(),
+        alt_is_legacy: job.alt_is_legacy,
     })
 }
 

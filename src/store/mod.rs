@@ -303,7 +303,8 @@ fn decode(seq: u64, mut b: &[u8]) -> Result<Update, String> {
         private,
         time_ms,
         encoded: Bytes::copy_from_slice(b),
-        legacy: None,
+        alt: None,
+        alt_is_legacy: false,
     })
 }
 
@@ -321,7 +322,8 @@ mod tests {
             private: seq % 2 == 1,
             time_ms: 1_700_000_000_000 + seq,
             encoded: Bytes::from(format!("id: urn:x:{seq}\ndata: {data}\n\n")),
-            legacy: None,
+            alt: None,
+            alt_is_legacy: false,
         })
     }
 
