@@ -937,3 +937,26 @@ async fn the_dashboard_speaks_mercure_1_0_with_an_access_token() {
     );
     b.close().await;
 }
+
+/// The dashboard's hint for minting a token names the audience the hub checks: its
+/// `--resource-identifier` (read from the RFC 9728 metadata), not the URL the page came from.
+#[tokio::test]
+async fn the_dashboard_names_the_configured_resource_as_the_audience() {
+    let Some(b) = Browser::start("the_dashboard_names_the_configured_resource").await else {
+        return;
+    };
+    let resource = "https://hub.example.com/.well-known/mercure";
+    let hub = TestHub::start(&["--resource-identifier", resource]);
+    b.goto(&hub.url("/ui/")).await;
+    let want = format!(" --audience {resource}");
+    b.wait_for(
+        "the hint to name the configured resource",
+        &format!(
+            "return document.getElementById('mint').textContent.endsWith({})",
+            js_str(&want)
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+    b.close().await;
+}
