@@ -176,6 +176,19 @@ const WRONG_KEY: &str = "the signature does not match the hub's key";
 const NO_SET_KEY: &str =
     "the signature matches neither the hub's key nor a key of the issuer's key set (--jwks-url)";
 
+/// What jsonwebtoken checks of a token signed with `alg`, for the hub's key and the issuer's
+/// set alike: the signature, `exp` and `nbf` within the leeway; `iss` and `aud` are the
+/// hub's own checks (they depend on the token's dialect).
+fn validation_for(alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = LEEWAY_SECS;
+    validation.required_spec_claims = HashSet::new();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    validation
+}
+
 /// Verifies `token` with the keys of `jwks` its header allows (its `kid`'s, with its `alg`;
 /// every key when it names none). `Err(None)`: no key of the set applies; `Err(Some(e))`: the
 /// last applicable key's reason.
@@ -184,12 +197,7 @@ fn verify_with_set(
     token: &str,
     header: &Header,
 ) -> Result<jsonwebtoken::TokenData<Value>, Option<jsonwebtoken::errors::Error>> {
-    let mut validation = Validation::new(header.alg);
-    validation.leeway = LEEWAY_SECS;
-    validation.required_spec_claims = HashSet::new();
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
-    validation.validate_aud = false;
+    let validation = validation_for(header.alg);
     let mut last = None;
     for key in jwks.keys_for(header.kid.as_deref(), header.alg) {
         match jsonwebtoken::decode::<Value>(token, &key, &validation) {
@@ -493,12 +501,7 @@ impl Key {
         decoding: Option<DecodingKey>,
         encoding: Option<EncodingKey>,
     ) -> Key {
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY_SECS;
-        validation.required_spec_claims = HashSet::new();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
+        let validation = validation_for(algorithm);
         Key {
             algorithm,
             decoding,
