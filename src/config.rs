@@ -554,7 +554,7 @@ pub fn default_max_connections() -> usize {
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(10_000_000);
-    soft.saturating_sub(soft / 20 + 32 + crate::budget::RESERVE)
+    soft.saturating_sub(soft / 20 + 32 + crate::server::budget::RESERVE)
         .max(1)
 }
 

@@ -5,15 +5,12 @@
 
 pub mod auth;
 pub mod bench;
-pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-pub mod h1_publish;
-pub mod h1_stream;
 pub mod http;
 pub mod hub;
 pub mod jwks;
@@ -21,4 +18,3 @@ pub mod metrics;
 pub mod server;
 pub mod sse;
 pub mod store;
-pub mod tls;

@@ -29,7 +29,7 @@ use crate::hub::{Hub, SubscriberStream};
 pub struct AppState {
     pub hub: Hub,
     /// The hub's connections: over `--max-connections`, new event streams are refused.
-    pub connections: crate::budget::Budget,
+    pub connections: crate::server::budget::Budget,
     pub publisher_key: Arc<Key>,
     pub subscriber_key: Arc<Key>,
     /// Subscribers without a token may receive public updates.
@@ -57,7 +57,7 @@ pub struct Connection {
     /// reading, whose stream can no longer end by itself).
     pub kill: CancellationToken,
     /// Set on connections whose event stream is written by the server's own HTTP/1.1 writer
-    /// (see `crate::h1_stream`): a subscribe handler leaves its stream here instead of in the
+    /// (see `crate::server::h1`): a subscribe handler leaves its stream here instead of in the
     /// response body.
     pub stream_slot: Option<StreamSlot>,
 }

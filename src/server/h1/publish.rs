@@ -31,7 +31,7 @@ use bytes::BytesMut;
 use http::Method;
 use tokio::io::AsyncRead;
 
-use crate::h1_stream::{plain_head, PlainHead};
+use super::{plain_head, PlainHead};
 use crate::http::MERCURE_PATH;
 
 /// Is this head a publish this path can serve: a `POST` to the hub with a body of known length

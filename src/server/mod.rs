@@ -1,4 +1,4 @@
-//! The listener: accepts connections within the connection budget (`crate::budget`), serves
+//! The listener: accepts connections within the connection budget (`budget`), serves
 //! HTTP/1.1 and HTTP/2 (prior knowledge) on each, enforces the per-connection limits, closes
 //! idle connections, and shuts down gracefully.
 //!
@@ -21,13 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
+pub mod budget;
+pub mod h1;
+pub mod tls;
+
 use crate::auth::Key;
-use crate::budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, REQUEST_DEADLINE, RESERVE};
 use crate::config::ServeConfig;
-use crate::h1_publish::Arrived;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
-use crate::{h1_publish, h1_stream};
+use budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, REQUEST_DEADLINE, RESERVE};
+use h1::publish::Arrived;
 
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -104,7 +107,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let tls = match &config.tls {
         Some((cert, key)) => Some(Arc::new(
-            crate::tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?,
+            tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?,
         )),
         None => None,
     };
@@ -301,7 +304,7 @@ pub async fn run(
         .max_header_list_size(MAX_HEAD as u32)
         .keep_alive_interval(Duration::from_secs(30));
     // Every connection's task, so that shutdown can wait for them; event streams written by
-    // `h1_stream` run on tasks of their own.
+    // `h1` run on tasks of their own.
     let connections = TaskTracker::new();
     let streams = TaskTracker::new();
     let mut accept_errors = AcceptErrors::default();
@@ -389,7 +392,7 @@ pub async fn run(
                 match sniffed {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
                     Some((Protocol::Http2, read)) => {
-                        let io = h1_stream::Prefixed::new(read.freeze(), stream);
+                        let io = h1::Prefixed::new(read.freeze(), stream);
                         let conn = builder
                             .http2_only()
                             .serve_connection(TokioIo::new(io), service)
@@ -464,17 +467,17 @@ pub async fn run(
 
 /// hyper bounds its read buffer, but a head that arrives whole in one read can still exceed
 /// it; the limit on the head's size is enforced here, before any routing, by the rule
-/// `h1_stream`'s paths also apply (they leave a head over it to hyper, to be refused here).
+/// `h1`'s paths also apply (they leave a head over it to hyper, to be refused here).
 /// An HTTP/1.1 connection is closed after the refusal.
 fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response> {
     let headers = req
         .headers()
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_bytes()));
-    if h1_stream::head_size(req.uri(), headers) <= MAX_HEAD {
+    if h1::head_size(req.uri(), headers) <= MAX_HEAD {
         return None;
     }
-    let status = if h1_stream::head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
+    let status = if h1::head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
         http::StatusCode::URI_TOO_LONG
     } else {
         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -512,7 +515,7 @@ async fn sniff_protocol(
     deadline: tokio::time::Instant,
 ) -> Option<(Protocol, BytesMut)> {
     use tokio::io::AsyncReadExt as _;
-    // What `h1_stream::read_more_head` goes on with for HTTP/1.1.
+    // What `h1::read_more_head` goes on with for HTTP/1.1.
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
@@ -532,7 +535,7 @@ async fn sniff_protocol(
     }
 }
 
-/// What an HTTP/1.1 connection needs to be served, by `h1_stream` or by hyper.
+/// What an HTTP/1.1 connection needs to be served, by `h1` or by hyper.
 struct Http1 {
     builder: auto::Builder<TokioExecutor>,
     app: axum::Router,
@@ -548,7 +551,7 @@ struct Http1 {
 
 impl Http1 {
     /// Reads the first request head, after the bytes already `read` from the connection; an
-    /// event stream request is answered by `h1_stream`, any other by hyper, with the head put
+    /// event stream request is answered by `h1`, any other by hyper, with the head put
     /// back in front of the connection. A head not whole when shutdown starts, or when the
     /// hub needs the connection's place, is given up. `permit` is held as long as the
     /// connection is open.
@@ -560,7 +563,7 @@ impl Http1 {
         service: Svc,
         permit: Permit,
     ) where
-        S: h1_stream::StreamIo,
+        S: h1::StreamIo,
         Svc: hyper::service::Service<
                 http::Request<hyper::body::Incoming>,
                 Response = axum::response::Response,
@@ -574,25 +577,25 @@ impl Http1 {
             _ = permit.evicted(deadline.checked_sub(IDLE_TIMEOUT).unwrap_or(deadline)) => {
                 return tracing::debug!(peer = %self.peer, "closed to make room: no whole head yet");
             }
-            h = h1_stream::read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,
+            h = h1::read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,
         };
         let Some(mut head) = head else {
             return tracing::debug!(peer = %self.peer, "no request within the head deadline");
         };
         loop {
-            if let Some((mut req, close)) = h1_stream::stream_request(&head, MAX_HEAD) {
+            if let Some((mut req, close)) = h1::stream_request(&head, MAX_HEAD) {
                 drop(head);
-                let slot = h1_stream::new_slot();
+                let slot = h1::new_slot();
                 req.extensions_mut().insert(Connection {
                     kill: self.kill.clone(),
                     stream_slot: Some(slot.clone()),
                 });
                 let Ok(response) = Box::pin(self.app.oneshot(req)).await;
                 let (peer, streams) = (self.peer, &self.streams);
-                h1_stream::respond(io, response, close, &slot, peer, streams, permit).await;
+                h1::respond(io, response, close, &slot, peer, streams, permit).await;
                 return;
             }
-            let Some(publish) = h1_publish::publish_head(&head, MAX_HEAD, self.max_body) else {
+            let Some(publish) = h1::publish::publish_head(&head, MAX_HEAD, self.max_body) else {
                 break;
             };
             match self.publish(&mut io, head, publish, &permit).await {
@@ -604,12 +607,12 @@ impl Http1 {
                 Next::Closed => return,
             }
         }
-        if let Some(reason) = h1_stream::malformed_head(&head) {
+        if let Some(reason) = h1::malformed_head(&head) {
             let refusal = crate::http::reject(http::StatusCode::BAD_REQUEST, reason);
-            h1_stream::answer(&mut io, refusal, true).await;
+            h1::answer(&mut io, refusal, true).await;
             return;
         }
-        let io = h1_stream::Prefixed::new(head.freeze(), io);
+        let io = h1::Prefixed::new(head.freeze(), io);
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), service)
@@ -621,15 +624,15 @@ impl Http1 {
     /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
     /// has come whole (and its client is still there); then reads the connection's next head,
     /// unless the hub needs the connection's place meanwhile.
-    async fn publish<S: h1_stream::StreamIo>(
+    async fn publish<S: h1::StreamIo>(
         &self,
         io: &mut S,
         mut buf: BytesMut,
-        publish: h1_stream::PlainHead,
+        publish: h1::PlainHead,
         permit: &Permit,
     ) -> Next {
         let len = publish.len + publish.content_length.unwrap_or(0);
-        match h1_publish::read_ready(io, &mut buf, len, S::peer_closed).await {
+        match h1::publish::read_ready(io, &mut buf, len, S::peer_closed).await {
             Arrived::Whole => {}
             Arrived::Partial => return Next::Hyper(buf),
             Arrived::Abandoned => {
@@ -654,7 +657,7 @@ impl Http1 {
         let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
         self.metrics.plain_publishes.fetch_add(1, Relaxed);
         let close = publish.close || self.stop.is_cancelled();
-        if !h1_stream::answer(io, response, close).await {
+        if !h1::answer(io, response, close).await {
             return Next::Closed;
         }
         let answered = Instant::now();
@@ -664,7 +667,7 @@ impl Http1 {
             _ = self.stop.cancelled() => Next::Closed,
             _ = self.kill.cancelled() => Next::Closed,
             _ = permit.evicted(answered) => Next::Closed,
-            head = h1_stream::read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
+            head = h1::read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
                 head.map_or(Next::Closed, Next::Request)
             }
         }
@@ -803,7 +806,7 @@ impl AcceptErrors {
 /// Re-reads the certificate and key on each SIGHUP; without TLS, says there is nothing to
 /// reload.
 async fn reload_on_sighup(
-    tls: Option<Arc<crate::tls::Tls>>,
+    tls: Option<Arc<tls::Tls>>,
     hup: Option<Hangup>,
     stop: CancellationToken,
 ) {
@@ -814,7 +817,7 @@ async fn reload_on_sighup(
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.as_deref().map(crate::tls::Tls::reload) {
+                _ = hup.recv() => match tls.as_deref().map(tls::Tls::reload) {
                     Some(Ok(())) => tracing::info!("SIGHUP: certificate reloaded"),
                     Some(Err(e)) => tracing::error!("SIGHUP: keeping the old certificate: {e}"),
                     None => tracing::info!("SIGHUP: nothing to reload (no --tls-cert); still serving"),

@@ -10,7 +10,7 @@
 //! headers, CORS included), the handler leaves the subscriber's stream in the connection's
 //! [`StreamSlot`], and a small task writes the response head and the chunks straight to the
 //! socket: one vectored write per wake-up, nothing buffered but what the hub already shares.
-//! A plain publish is answered by [`crate::h1_publish`]'s path. Any other request, or anything
+//! A plain publish is answered by [`publish`]'s path. Any other request, or anything
 //! unusual about these, goes to hyper with the bytes already read put back in front of the
 //! connection, so hyper answers it as it always did.
 //!
@@ -31,6 +31,8 @@ use tokio::time::Instant;
 
 use crate::http::{StreamSlot, MERCURE_PATH};
 use crate::hub::{DirectSink, SubscriberStream, Wire};
+
+pub mod publish;
 
 /// Most header lines in a request head this writer takes; hyper gets the rest.
 const MAX_HEADERS: usize = 64;
@@ -430,7 +432,7 @@ pub async fn respond<S: StreamIo>(
     slot: &StreamSlot,
     peer: SocketAddr,
     streams: &tokio_util::task::TaskTracker,
-    permit: crate::budget::Permit,
+    permit: crate::server::budget::Permit,
 ) {
     // The response's body counts the request as under way until it is dropped here; the
     // stream counts the connection as busy for as long as it lasts.
