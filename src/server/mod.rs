@@ -30,7 +30,7 @@ use crate::config::ServeConfig;
 use crate::http::{router, AppState, Connection};
 use crate::hub::{Hub, HubConfig};
 use budget::{Budget, CountedBody, Permit, IDLE_TIMEOUT, REQUEST_DEADLINE, RESERVE};
-use h1::publish::Arrived;
+use h1::Http1;
 
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -392,7 +392,7 @@ pub async fn run(
                 match sniffed {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
                     Some((Protocol::Http2, read)) => {
-                        let io = h1::Prefixed::new(read.freeze(), stream);
+                        let io = h1::io::Prefixed::new(read.freeze(), stream);
                         let conn = builder
                             .http2_only()
                             .serve_connection(TokioIo::new(io), service)
@@ -474,10 +474,10 @@ fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response>
         .headers()
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_bytes()));
-    if h1::head_size(req.uri(), headers) <= MAX_HEAD {
+    if h1::head::head_size(req.uri(), headers) <= MAX_HEAD {
         return None;
     }
-    let status = if h1::head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
+    let status = if h1::head::head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
         http::StatusCode::URI_TOO_LONG
     } else {
         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -515,7 +515,7 @@ async fn sniff_protocol(
     deadline: tokio::time::Instant,
 ) -> Option<(Protocol, BytesMut)> {
     use tokio::io::AsyncReadExt as _;
-    // What `h1::read_more_head` goes on with for HTTP/1.1.
+    // What `h1::head::read_more_head` goes on with for HTTP/1.1.
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
@@ -533,155 +533,6 @@ async fn sniff_protocol(
             return Some((Protocol::Http2, buf));
         }
     }
-}
-
-/// What an HTTP/1.1 connection needs to be served, by `h1` or by hyper.
-struct Http1 {
-    builder: auto::Builder<TokioExecutor>,
-    app: axum::Router,
-    kill: CancellationToken,
-    peer: SocketAddr,
-    streams: TaskTracker,
-    /// The largest publish body (`--max-body`).
-    max_body: usize,
-    /// Cancelled when the server shuts down.
-    stop: CancellationToken,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Http1 {
-    /// Reads the first request head, after the bytes already `read` from the connection; an
-    /// event stream request is answered by `h1`, any other by hyper, with the head put
-    /// back in front of the connection. A head not whole when shutdown starts, or when the
-    /// hub needs the connection's place, is given up. `permit` is held as long as the
-    /// connection is open.
-    async fn serve<S, Svc>(
-        self,
-        mut io: S,
-        read: BytesMut,
-        deadline: Instant,
-        service: Svc,
-        permit: Permit,
-    ) where
-        S: h1::StreamIo,
-        Svc: hyper::service::Service<
-                http::Request<hyper::body::Incoming>,
-                Response = axum::response::Response,
-                Error = std::convert::Infallible,
-            > + Send
-            + 'static,
-        Svc::Future: Send + 'static,
-    {
-        let head = tokio::select! {
-            _ = self.stop.cancelled() => return,
-            _ = permit.evicted(deadline.checked_sub(IDLE_TIMEOUT).unwrap_or(deadline)) => {
-                return tracing::debug!(peer = %self.peer, "closed to make room: no whole head yet");
-            }
-            h = h1::read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,
-        };
-        let Some(mut head) = head else {
-            return tracing::debug!(peer = %self.peer, "no request within the head deadline");
-        };
-        loop {
-            if let Some((mut req, close)) = h1::stream_request(&head, MAX_HEAD) {
-                drop(head);
-                let slot = h1::new_slot();
-                req.extensions_mut().insert(Connection {
-                    kill: self.kill.clone(),
-                    stream_slot: Some(slot.clone()),
-                });
-                let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-                let (peer, streams) = (self.peer, &self.streams);
-                h1::respond(io, response, close, &slot, peer, streams, permit).await;
-                return;
-            }
-            let Some(publish) = h1::publish::publish_head(&head, MAX_HEAD, self.max_body) else {
-                break;
-            };
-            match self.publish(&mut io, head, publish, &permit).await {
-                Next::Request(h) => head = h,
-                Next::Hyper(h) => {
-                    head = h;
-                    break;
-                }
-                Next::Closed => return,
-            }
-        }
-        if let Some(reason) = h1::malformed_head(&head) {
-            let refusal = crate::http::reject(http::StatusCode::BAD_REQUEST, reason);
-            h1::answer(&mut io, refusal, true).await;
-            return;
-        }
-        let io = h1::Prefixed::new(head.freeze(), io);
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let (kill, stop, peer) = (self.kill, self.stop, self.peer);
-        serve_hyper(conn, &permit, Instant::now(), kill, stop, peer).await;
-    }
-
-    /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
-    /// has come whole (and its client is still there); then reads the connection's next head,
-    /// unless the hub needs the connection's place meanwhile.
-    async fn publish<S: h1::StreamIo>(
-        &self,
-        io: &mut S,
-        mut buf: BytesMut,
-        publish: h1::PlainHead,
-        permit: &Permit,
-    ) -> Next {
-        let len = publish.len + publish.content_length.unwrap_or(0);
-        match h1::publish::read_ready(io, &mut buf, len, S::peer_closed).await {
-            Arrived::Whole => {}
-            Arrived::Partial => return Next::Hyper(buf),
-            Arrived::Abandoned => {
-                tracing::debug!(
-                    peer = %self.peer,
-                    "publish not applied: its client closed the connection before the answer"
-                );
-                return Next::Closed;
-            }
-        }
-        let body = buf.split_to(len).freeze().split_off(publish.len);
-        let mut req = match publish.request.body(axum::body::Body::from(body)) {
-            Ok(r) => r,
-            Err(_) => return Next::Closed,
-        };
-        req.extensions_mut().insert(Connection {
-            kill: self.kill.clone(),
-            stream_slot: None,
-        });
-        // Shutdown waits for a publish under way (the connection's task is tracked), not for
-        // an idle connection; one that ends meanwhile says the connection closes.
-        let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
-        self.metrics.plain_publishes.fetch_add(1, Relaxed);
-        let close = publish.close || self.stop.is_cancelled();
-        if !h1::answer(io, response, close).await {
-            return Next::Closed;
-        }
-        let answered = Instant::now();
-        let deadline = answered + IDLE_TIMEOUT;
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => Next::Closed,
-            _ = self.kill.cancelled() => Next::Closed,
-            _ = permit.evicted(answered) => Next::Closed,
-            head = h1::read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
-                head.map_or(Next::Closed, Next::Request)
-            }
-        }
-    }
-}
-
-/// What follows a publish on a connection.
-enum Next {
-    /// The next request's head, for this module's paths.
-    Request(BytesMut),
-    /// What has been read of a request left to hyper.
-    Hyper(BytesMut),
-    /// Nothing: the connection is done.
-    Closed,
 }
 
 /// Serves one connection with hyper until it ends, the hub tears it down (`kill`), or it is

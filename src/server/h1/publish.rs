@@ -25,14 +25,22 @@
 //! does: a client may not half-close its sending side and wait for the answer.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::Poll;
 
 use bytes::BytesMut;
 use http::Method;
 use tokio::io::AsyncRead;
+use tokio::time::Instant;
+use tower::ServiceExt as _;
 
-use super::{plain_head, PlainHead};
-use crate::http::MERCURE_PATH;
+use super::head::{plain_head, read_more_head, PlainHead};
+use super::io::StreamIo;
+use super::response::answer;
+use super::Http1;
+use crate::http::{Connection, MERCURE_PATH};
+use crate::server::budget::{Permit, IDLE_TIMEOUT};
+use crate::server::MAX_HEAD;
 
 /// Is this head a publish this path can serve: a `POST` to the hub with a body of known length
 /// within `max_body`? (hyper answers the others, the 413 for a larger body included.)
@@ -95,6 +103,70 @@ pub async fn read_ready<S: AsyncRead + Unpin>(
         }
     })
     .await
+}
+
+impl Http1 {
+    /// Answers the publish whose head `publish` describes, at the start of `buf`, if its body
+    /// has come whole (and its client is still there); then reads the connection's next head,
+    /// unless the hub needs the connection's place meanwhile.
+    pub(super) async fn publish<S: StreamIo>(
+        &self,
+        io: &mut S,
+        mut buf: BytesMut,
+        publish: PlainHead,
+        permit: &Permit,
+    ) -> Next {
+        let len = publish.len + publish.content_length.unwrap_or(0);
+        match read_ready(io, &mut buf, len, S::peer_closed).await {
+            Arrived::Whole => {}
+            Arrived::Partial => return Next::Hyper(buf),
+            Arrived::Abandoned => {
+                tracing::debug!(
+                    peer = %self.peer,
+                    "publish not applied: its client closed the connection before the answer"
+                );
+                return Next::Closed;
+            }
+        }
+        let body = buf.split_to(len).freeze().split_off(publish.len);
+        let mut req = match publish.request.body(axum::body::Body::from(body)) {
+            Ok(r) => r,
+            Err(_) => return Next::Closed,
+        };
+        req.extensions_mut().insert(Connection {
+            kill: self.kill.clone(),
+            stream_slot: None,
+        });
+        // Shutdown waits for a publish under way (the connection's task is tracked), not for
+        // an idle connection; one that ends meanwhile says the connection closes.
+        let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
+        self.metrics.plain_publishes.fetch_add(1, Relaxed);
+        let close = publish.close || self.stop.is_cancelled();
+        if !answer(io, response, close).await {
+            return Next::Closed;
+        }
+        let answered = Instant::now();
+        let deadline = answered + IDLE_TIMEOUT;
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Next::Closed,
+            _ = self.kill.cancelled() => Next::Closed,
+            _ = permit.evicted(answered) => Next::Closed,
+            head = read_more_head(io, buf, deadline, MAX_HEAD + 1) => {
+                head.map_or(Next::Closed, Next::Request)
+            }
+        }
+    }
+}
+
+/// What follows a publish on a connection.
+pub(super) enum Next {
+    /// The next request's head, for the server's own paths.
+    Request(BytesMut),
+    /// What has been read of a request left to hyper.
+    Hyper(BytesMut),
+    /// Nothing: the connection is done.
+    Closed,
 }
 
 #[cfg(test)]

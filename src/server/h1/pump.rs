@@ -1,0 +1,179 @@
+//! The event-stream pump: the task that writes a subscriber's stream to its connection, chunk
+//! by chunk, one vectored write per wake-up, and notices when the client leaves, misbehaves or
+//! is dropped by the hub.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::io::{chunk_size_line, remaining};
+use crate::hub::{SubscriberStream, Wire};
+
+/// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
+/// send nothing on an event stream; this bounds the work one that does can cause).
+const MAX_STRAY_INPUT: usize = 64 * 1024;
+/// How long the last writes of a stream the hub has ended may take.
+const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a stream's connection ended.
+pub(super) enum End {
+    /// The hub ended the stream (shutdown, token expiry); the closing chunk is sent.
+    Finished,
+    /// The hub dropped the subscriber (too slow): close at once.
+    Dropped,
+    /// The client closed its side, or the connection failed.
+    Gone,
+    /// The client kept sending on a connection that only receives.
+    Stray,
+}
+
+/// Writes the head, then every chunk the stream yields, until the stream or the connection
+/// ends.
+pub(super) async fn pump<S>(
+    mut io: S,
+    head: Vec<u8>,
+    mut stream: SubscriberStream,
+    path: &'static str,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let subscriber = stream.subscriber_id();
+    let mut head = Some(head);
+    let mut stray = 0usize;
+    let end = loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(wire) = stream.poll_wire(cx) {
+                return Poll::Ready(wire.ok_or(End::Finished));
+            }
+            // A client never speaks on an event stream; reading is how its leaving is seen.
+            // While nothing arrives this costs no system call: tokio knows the socket is idle.
+            match poll_discard(&mut io, cx, &mut stray) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        if matches!(&next, Ok(Wire::Data(chunk) | Wire::Framed(chunk)) if chunk.is_empty()) {
+            // An empty chunk would read as the end of the body.
+            continue;
+        }
+        let head_bytes = head.take().unwrap_or_default();
+        // Once the hub has ended the stream (shutdown, token expiry) the subscriber can no
+        // longer be dropped as slow, so what is left to write gets a deadline instead.
+        let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
+        let written = match &next {
+            Ok(Wire::Data(chunk)) => {
+                let mut size = [0u8; 18];
+                let size = chunk_size_line(chunk.len(), &mut size);
+                let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+            }
+            Ok(Wire::Framed(framed)) => {
+                let parts: [&[u8]; 2] = [&head_bytes, framed];
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+            }
+            // Dropped for being too slow: its socket is full, so close without a last word.
+            Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
+            Err(End::Finished) => {
+                let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
+                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+            }
+            Err(_) => Ok(()),
+        };
+        match (next, written) {
+            (Ok(_), Ok(())) => {}
+            (Err(End::Finished), Ok(())) => {
+                let shutdown = tokio::io::AsyncWriteExt::shutdown(&mut io);
+                let _ = tokio::time::timeout(LAST_WRITES, shutdown).await;
+                break End::Finished;
+            }
+            (_, Err(e)) | (Err(e), Ok(())) => break e,
+        }
+    };
+    match end {
+        End::Finished | End::Dropped => {}
+        End::Gone => tracing::debug!(%peer, subscriber, "client closed its event stream"),
+        End::Stray => tracing::info!(
+            %peer,
+            subscriber,
+            "closing an event stream whose client kept sending data"
+        ),
+    }
+    drop(stream);
+    tracing::info!(subscriber, "Finished HTTP request at {path}");
+}
+
+/// `write` bounded by `deadline`, if any; past it the connection is taken as gone.
+async fn within(
+    deadline: Option<Instant>,
+    write: impl std::future::Future<Output = Result<(), End>>,
+) -> Result<(), End> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, write)
+            .await
+            .unwrap_or(Err(End::Gone)),
+        None => write.await,
+    }
+}
+
+/// Reads and throws away whatever the client sends. `Ready` when the connection is over.
+fn poll_discard<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    stray: &mut usize,
+) -> Poll<End> {
+    let mut scratch = [0u8; 256];
+    loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(End::Gone),
+            Poll::Ready(Ok(())) => {
+                *stray += buf.filled().len();
+                if *stray > MAX_STRAY_INPUT {
+                    return Poll::Ready(End::Stray);
+                }
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// Writes every byte of `parts` with vectored writes, giving up with [`End::Dropped`] as soon
+/// as the hub drops `stream`'s subscriber (one dropped while its socket is full would otherwise
+/// wait here forever).
+pub(super) async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &[&[u8]],
+    mut stream: Option<&mut SubscriberStream>,
+) -> Result<(), End> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        // Checked on every poll, the flush included: a TLS stream takes a whole chunk into its
+        // own buffer and then waits in the flush when the socket is full.
+        if stream.as_mut().is_some_and(|s| s.poll_dropped(cx)) {
+            return Poll::Ready(Err(End::Dropped));
+        }
+        while written < total {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = remaining(parts, written, &mut slices);
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(End::Gone)),
+                Poll::Ready(Ok(k)) => written += k,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match Pin::new(&mut *io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(End::Gone)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
