@@ -3,6 +3,7 @@
 //! Data flows one way: a publish enters [`http`], becomes a [`hub::Draft`], is encoded once by
 //! [`sse`], stored and fanned out by [`hub`], and leaves through each subscriber's stream.
 
+pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod cli;

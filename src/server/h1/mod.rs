@@ -28,11 +28,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use super::budget::{Permit, IDLE_TIMEOUT};
-use super::{serve_hyper, MAX_HEAD};
+use super::hyper_conn::serve_hyper;
+use super::shutdown::Shutdown;
+use super::MAX_HEAD;
 use crate::http::{Connection, StreamSlot};
 use head::{malformed_head, read_more_head, stream_request};
 use io::{Prefixed, StreamIo};
@@ -56,11 +57,10 @@ pub(super) struct Http1 {
     pub(super) app: axum::Router,
     pub(super) kill: CancellationToken,
     pub(super) peer: SocketAddr,
-    pub(super) streams: TaskTracker,
+    /// Stops the connection, and runs its event stream's task.
+    pub(super) shutdown: Shutdown,
     /// The largest publish body (`--max-body`).
     pub(super) max_body: usize,
-    /// Cancelled when the server shuts down.
-    pub(super) stop: CancellationToken,
     pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -88,7 +88,7 @@ impl Http1 {
         Svc::Future: Send + 'static,
     {
         let head = tokio::select! {
-            _ = self.stop.cancelled() => return,
+            _ = self.shutdown.stopped() => return,
             _ = permit.evicted(deadline.checked_sub(IDLE_TIMEOUT).unwrap_or(deadline)) => {
                 return tracing::debug!(peer = %self.peer, "closed to make room: no whole head yet");
             }
@@ -106,8 +106,8 @@ impl Http1 {
                     stream_slot: Some(slot.clone()),
                 });
                 let Ok(response) = Box::pin(self.app.oneshot(req)).await;
-                let (peer, streams) = (self.peer, &self.streams);
-                respond(io, response, close, &slot, peer, streams, permit).await;
+                let (peer, shutdown) = (self.peer, &self.shutdown);
+                respond(io, response, close, &slot, peer, shutdown, permit).await;
                 return;
             }
             let Some(publish) = publish_head(&head, MAX_HEAD, self.max_body) else {
@@ -132,7 +132,7 @@ impl Http1 {
             .builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let (kill, stop, peer) = (self.kill, self.stop, self.peer);
-        serve_hyper(conn, &permit, Instant::now(), kill, stop, peer).await;
+        let (kill, peer) = (self.kill, self.peer);
+        serve_hyper(conn, &permit, Instant::now(), kill, &self.shutdown, peer).await;
     }
 }

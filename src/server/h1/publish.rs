@@ -141,7 +141,7 @@ impl Http1 {
         // an idle connection; one that ends meanwhile says the connection closes.
         let Ok(response) = Box::pin(self.app.clone().oneshot(req)).await;
         self.metrics.plain_publishes.fetch_add(1, Relaxed);
-        let close = publish.close || self.stop.is_cancelled();
+        let close = publish.close || self.shutdown.is_stopping();
         if !answer(io, response, close).await {
             return Next::Closed;
         }
@@ -149,7 +149,7 @@ impl Http1 {
         let deadline = answered + IDLE_TIMEOUT;
         tokio::select! {
             biased;
-            _ = self.stop.cancelled() => Next::Closed,
+            _ = self.shutdown.stopped() => Next::Closed,
             _ = self.kill.cancelled() => Next::Closed,
             _ = permit.evicted(answered) => Next::Closed,
             head = read_more_head(io, buf, deadline, MAX_HEAD + 1) => {

@@ -10,6 +10,8 @@ use tokio::io::AsyncWrite;
 use super::io::StreamIo;
 use super::pump::{pump, write_all};
 use crate::http::StreamSlot;
+use crate::server::budget::Permit;
+use crate::server::shutdown::Shutdown;
 
 /// How long writing a whole answer may take.
 const ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -26,8 +28,8 @@ pub async fn respond<S: StreamIo>(
     close: bool,
     slot: &StreamSlot,
     peer: SocketAddr,
-    streams: &tokio_util::task::TaskTracker,
-    permit: crate::server::budget::Permit,
+    shutdown: &Shutdown,
+    permit: Permit,
 ) {
     // The response's body counts the request as under way until it is dropped here; the
     // stream counts the connection as busy for as long as it lasts.
@@ -50,7 +52,7 @@ pub async fn respond<S: StreamIo>(
     }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
-    streams.spawn(async move {
+    shutdown.spawn_stream(async move {
         pump(io, head, stream, path, peer).await;
         drop(busy);
         drop(permit);

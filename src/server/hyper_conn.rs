@@ -1,0 +1,189 @@
+//! Connections served by hyper: every HTTP/2 connection, and the HTTP/1.1 requests the server's
+//! own paths (`h1`) leave to it. hyper's settings, the service that routes its requests and
+//! counts them as under way, and the limits hyper does not enforce itself (idle connections,
+//! a request's deadline, closing to make room, the head size) live here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use super::budget::{CountedBody, Permit, Requests, IDLE_TIMEOUT, REQUEST_DEADLINE};
+use super::h1::head::head_size;
+use super::shutdown::Shutdown;
+use super::MAX_HEAD;
+use crate::http::Connection;
+
+/// How long an idle connection being closed may take to go: HTTP/2's GOAWAY waits for the
+/// client to answer a PING, which it may never do.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// hyper's settings for both protocols: its timers, and the head limits.
+pub(super) fn builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD as u32)
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// The service hyper calls for each request of one connection: the router, behind the head
+/// size limit, with the connection's context (`conn`) in the request and the request counted
+/// under way (`requests`) until its response's body is done.
+pub(super) fn service(
+    router: axum::Router,
+    conn: Connection,
+    requests: Requests,
+) -> impl hyper::service::Service<
+    http::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Send
+       + 'static {
+    hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        // Under way until its response has been sent (an event stream's lasts as
+        // long as the stream): a connection with none is idle.
+        let mut busy = requests.begin();
+        req.extensions_mut().insert(conn.clone());
+        let app = router.clone();
+        async move {
+            let response = match oversized_head(&req) {
+                Some(refusal) => refusal,
+                None => {
+                    let Ok(r) = app.oneshot(req.map(axum::body::Body::new)).await;
+                    r
+                }
+            };
+            let stream = response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+            if stream && response.status().is_success() {
+                busy.is_stream();
+            }
+            let counted = |body| axum::body::Body::new(CountedBody::new(body, busy));
+            Ok::<_, Infallible>(response.map(counted))
+        }
+    })
+}
+
+/// Serves one connection with hyper until it ends, the hub tears it down (`kill`), or it is
+/// closed: for being idle (no request under way) for [`IDLE_TIMEOUT`] since `idle_since` or
+/// since its last request ended, to make room for a new connection (see
+/// [`Permit::evicted`]), or for shutdown. Closing is hyper's graceful shutdown (HTTP/2: GOAWAY,
+/// and the streams open go on to their end); a connection still idle [`CLOSE_GRACE`] after it
+/// is dropped.
+pub(super) async fn serve_hyper<C>(
+    conn: C,
+    permit: &Permit,
+    mut idle_since: Instant,
+    kill: CancellationToken,
+    shutdown: &Shutdown,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    // Since when a request that is not an event stream has been under way.
+    let mut plain_since: Option<Instant> = None;
+    loop {
+        let idle = permit.is_idle();
+        plain_since = match (permit.has_plain_request(), plain_since) {
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+            (false, _) => None,
+        };
+        let deadline = plain_since.map(|t| t + REQUEST_DEADLINE);
+        let allowed = if closing { CLOSE_GRACE } else { IDLE_TIMEOUT };
+        let why = tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                }
+                return;
+            }
+            _ = kill.cancelled() => return tracing::debug!(%peer, "connection closed by the hub"),
+            _ = permit.changed() => {
+                idle_since = Instant::now();
+                continue;
+            }
+            _ = tokio::time::sleep_until(idle_since + allowed), if idle => {
+                if closing {
+                    return tracing::debug!(%peer, "idle connection dropped: it did not close");
+                }
+                "idle"
+            }
+            // At once, not gracefully: it has nothing under way, and the place is wanted now
+            // (a client that would not answer a GOAWAY would keep it for the grace period).
+            _ = permit.evicted(idle_since), if idle && !closing => {
+                if !permit.is_idle() {
+                    // A request began meanwhile: another idle connection makes room.
+                    permit.pass_eviction_on();
+                    continue;
+                }
+                return tracing::debug!(%peer, "idle connection closed: its place was needed");
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(idle_since)), if deadline.is_some() => {
+                return tracing::debug!(
+                    %peer,
+                    "connection closed: a request was not done within {REQUEST_DEADLINE:?}"
+                );
+            }
+            _ = shutdown.stopped(), if !closing => "shutting down",
+        };
+        tracing::debug!(%peer, "closing the connection: {why}");
+        conn.as_mut().graceful_shutdown();
+        closing = true;
+        idle_since = Instant::now();
+    }
+}
+
+/// hyper bounds its read buffer, but a head that arrives whole in one read can still exceed
+/// it; the limit on the head's size is enforced here, before any routing, by the rule
+/// `h1`'s paths also apply (they leave a head over it to hyper, to be refused here).
+/// An HTTP/1.1 connection is closed after the refusal.
+fn oversized_head<B>(req: &http::Request<B>) -> Option<axum::response::Response> {
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_bytes()));
+    if head_size(req.uri(), headers) <= MAX_HEAD {
+        return None;
+    }
+    let status = if head_size(req.uri(), std::iter::empty()) > MAX_HEAD / 2 {
+        http::StatusCode::URI_TOO_LONG
+    } else {
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    };
+    let mut refusal = crate::http::reject(
+        status,
+        format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
+    );
+    // As hyper does with a head too large for its buffer: such a client does not keep its
+    // connection (and its place under --max-connections).
+    if req.version() < http::Version::HTTP_2 {
+        let close = http::HeaderValue::from_static("close");
+        refusal
+            .headers_mut()
+            .insert(http::header::CONNECTION, close);
+    }
+    Some(refusal)
+}
