@@ -168,7 +168,9 @@ impl DirectSink for DirectTcp {
     }
 }
 
-/// `{len:x}\r\n` into `buf`, without allocating.
+/// `{len:x}\r\n` into `buf`, without allocating. Marked inline, as [`remaining`] is: both run
+/// on every delivery, from the pump's module as well as from [`DirectTcp`].
+#[inline]
 pub(super) fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut digits = [0u8; 16];
@@ -190,6 +192,7 @@ pub(super) fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
 }
 
 /// The parts of `parts` after the first `skip` bytes, as at most four slices.
+#[inline]
 pub(super) fn remaining<'a>(
     parts: &[&'a [u8]],
     mut skip: usize,

@@ -66,10 +66,10 @@ pub(super) struct Http1 {
 
 impl Http1 {
     /// Reads the first request head, after the bytes already `read` from the connection; an
-    /// event stream request or a plain publish is answered here, any other by hyper, with the head put
-    /// back in front of the connection. A head not whole when shutdown starts, or when the
-    /// hub needs the connection's place, is given up. `permit` is held as long as the
-    /// connection is open.
+    /// event stream request or a plain publish is answered here, any other by hyper, with the
+    /// head put back in front of the connection. A head not whole when shutdown starts, or
+    /// when the hub needs the connection's place, is given up. `permit` is held as long as
+    /// the connection is open.
     pub(super) async fn serve<S, Svc>(
         self,
         mut io: S,
