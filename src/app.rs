@@ -45,7 +45,7 @@ impl App {
         // does not stop the start (tokens from the issuer are refused until one succeeds).
         let jwks = match &config.jwks_url {
             Some(url) => {
-                let jwks = crate::jwks::Jwks::new(url).map_err(anyhow::Error::msg)?;
+                let jwks = crate::auth::jwks::Jwks::new(url).map_err(anyhow::Error::msg)?;
                 publisher_key = Arc::new(Key::clone(&publisher_key).with_jwks(jwks.clone()));
                 subscriber_key = Arc::new(Key::clone(&subscriber_key).with_jwks(jwks.clone()));
                 let refresh = jwks.spawn_refresh();

@@ -14,7 +14,6 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod hub;
-pub mod jwks;
 pub mod metrics;
 pub mod server;
 pub mod sse;

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{reject, AppState, MERCURE_PATH};
+use crate::auth::jwks::Jwks;
 use crate::auth::{Expected, DETAIL_TYPE};
-use crate::jwks::Jwks;
 
 /// Where the metadata of the hub's default resource is served (RFC 9728 §3.1: the well-known
 /// name inserted between the host and the resource's path).

@@ -10,6 +10,8 @@
 //! the grants, and turns every failure into a one-line reason (for the body and the log; the
 //! challenge says only `invalid_token`).
 
+pub mod jwks;
+
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
@@ -22,7 +24,7 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 
 use crate::hub::Matcher;
-use crate::jwks::Jwks;
+use jwks::Jwks;
 
 /// Clock leeway for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
