@@ -19,6 +19,6 @@ pub mod hub;
 pub mod jwks;
 pub mod metrics;
 pub mod server;
-pub mod sse;
+pub use ssehub_sse as sse;
 pub mod store;
 pub mod tls;
