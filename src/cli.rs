@@ -34,7 +34,7 @@ pub enum Command {
     /// Mint a token with the `mercure` claim.
     Token(TokenArgs),
     /// Load-test an SSE server (ssehub or a peer) and report loss, latency and cost.
-    Bench(crate::bench::BenchArgs),
+    Bench(ssehub_bench::BenchArgs),
 }
 
 /// Where `ssehub serve` listens by default, as the client commands and the bench reach it.

@@ -4,7 +4,6 @@
 //! [`sse`], stored and fanned out by [`hub`], and leaves through each subscriber's stream.
 
 pub mod auth;
-pub mod bench;
 pub mod budget;
 pub mod cli;
 pub mod client;
