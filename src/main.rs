@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ssehub::cli::{Cli, Command, TokenArgs, DEFAULT_HUB};
+use ssehub::cli::{Cli, Command, TokenArgs};
 use ssehub::commands::{print_out, StdoutClosed};
 use ssehub::config::{LogFormat, ServeArgs};
 use std::future::Future;
@@ -21,7 +21,8 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Publish(args)) => block_on(ssehub::commands::publish(args)),
         Some(Command::Subscribe(args)) => block_on(ssehub::commands::subscribe(args)),
-        Some(Command::Bench(args)) => ssehub_bench::run(args, DEFAULT_HUB, |text| {
+        #[cfg(feature = "bench")]
+        Some(Command::Bench(args)) => ssehub_bench::run(args, ssehub::cli::DEFAULT_HUB, |text| {
             print_out(&mut std::io::stdout().lock(), text)
         }),
     };
