@@ -23,6 +23,9 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Built once per run: the size of the biggest variant (`serve`'s settings) costs nothing, and
+// without the `bench` feature no other variant comes close.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the hub (the default).
@@ -34,7 +37,8 @@ pub enum Command {
     /// Mint a token with the `mercure` claim.
     Token(TokenArgs),
     /// Load-test an SSE server (ssehub or a peer) and report loss, latency and cost.
-    Bench(crate::bench::BenchArgs),
+    #[cfg(feature = "bench")]
+    Bench(ssehub_bench::BenchArgs),
 }
 
 /// Where `ssehub serve` listens by default, as the client commands and the bench reach it.

@@ -5,7 +5,6 @@
 
 pub mod app;
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -16,5 +15,5 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod server;
-pub mod sse;
+pub use ssehub_sse as sse;
 pub mod store;

@@ -21,7 +21,10 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Publish(args)) => block_on(ssehub::commands::publish(args)),
         Some(Command::Subscribe(args)) => block_on(ssehub::commands::subscribe(args)),
-        Some(Command::Bench(args)) => ssehub::bench::run(args),
+        #[cfg(feature = "bench")]
+        Some(Command::Bench(args)) => ssehub_bench::run(args, ssehub::cli::DEFAULT_HUB, |text| {
+            print_out(&mut std::io::stdout().lock(), text)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,10 @@
 //! `ssehub bench`: a load generator for SSE servers, ssehub and its peers alike.
 //!
+//! A crate of its own, apart from the hub: it knows about nchan and the naive baseline peer,
+//! and it brings a histogram and a progress bar that a hub has no use for. It shares only the
+//! event-stream format (`ssehub-sse`) with the hub; the `ssehub` binary's `bench` subcommand
+//! calls [`run`], and `cargo build --no-default-features` leaves it out of the binary.
+//!
 //! Subscribers are raw HTTP/1.1 connections (a hand-written GET, a hand-decoded chunked body,
 //! the crate's own incremental SSE parser) because a full HTTP client per subscriber would
 //! measure the client. Every payload carries its sequence number and send time, so the run
@@ -24,7 +29,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::parse_duration;
 use load::{Counts, Plan};
 use process::{Proc, Server};
 pub use report::Report;
@@ -163,9 +167,15 @@ impl BenchArgs {
     }
 }
 
-/// Runs the benchmark and prints its report.
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let plan = plan(&args)?;
+/// Runs the benchmark and hands its report to `print` (the binary's way to write to standard
+/// output, which knows what a closed pipe means). `default_hub` is the hub URL for
+/// `--target ssehub` without `--hub`: where `ssehub serve` listens by default.
+pub fn run(
+    args: BenchArgs,
+    default_hub: &str,
+    print: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let plan = plan(&args, default_hub)?;
     let sockets = (args.subscribers() + args.slow() + args.publishers + 64) as u64
         + soak::extra_sockets(&args.soak);
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
@@ -186,7 +196,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             report.table()
         };
-        crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
+        print(&text)?;
         let m = &report.summary;
         return failed_publishes(
             m.publish_failed,
@@ -200,7 +210,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         report.table()
     };
-    crate::commands::print_out(&mut std::io::stdout().lock(), &text)?;
+    print(&text)?;
     failed_publishes(
         report.publish_failed,
         report.published + report.publish_failed,
@@ -252,14 +262,25 @@ fn header_lines(headers: &[String]) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `5s`, `250ms`, `1m`, or `0` for none: the durations `ssehub serve` reads, in the same words.
+/// The bench's own copy of a few lines, since it does not depend on the hub.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 5s or 250ms: {e}"))
+}
+
 /// Turns the flags into prepared requests.
-fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
+fn plan(args: &BenchArgs, default_hub: &str) -> anyhow::Result<Plan> {
     if args.topics() == 0 || args.subscribers() + args.slow() == 0 || args.rate <= 0.0 {
         bail!("--topics, --subscribers (or --slow) and --rate must be positive");
     }
     let (hub, sub, publ, body) = match args.target {
         Peer::Ssehub => (
-            crate::cli::DEFAULT_HUB,
+            default_hub,
             "{hub}?topic={topic}",
             "{hub}",
             "topic={topic}&data={data}",
@@ -306,15 +327,7 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
     }
     let token = match (&args.token, &args.jwt_key) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(secret)) => Some(
-            crate::auth::Key::secret(jsonwebtoken::Algorithm::HS256, secret.as_bytes())
-                .mint(
-                    Some(&["*".to_owned()]),
-                    None,
-                    Some(Duration::from_secs(86_400)),
-                )
-                .map_err(anyhow::Error::msg)?,
-        ),
+        (None, Some(secret)) => Some(publisher_token(secret)?),
         (None, None) if args.target == Peer::Ssehub => bail!(
             "publishing to ssehub needs a token: give --token (mint one with \
              `ssehub token --jwt-key SECRET --publish '*'`) or --jwt-key SECRET"
@@ -411,6 +424,22 @@ fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         size: args.size,
         source_ips: args.source_ips(),
     })
+}
+
+/// A token that may publish to every topic for a day, signed with the hub's HS256 secret: the
+/// claims `ssehub token --jwt-key SECRET --publish '*' --protocol 0.x --ttl 1d` would give.
+fn publisher_token(secret: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + Duration::from_secs(86_400);
+    let claims = serde_json::json!({"mercure": {"publish": ["*"]}, "exp": exp.as_secs()});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot sign the token: {e}"))
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -645,33 +674,38 @@ mod tests {
         Cli::parse_from(base.iter().chain(extra)).args
     }
 
+    const HUB: &str = "http://127.0.0.1:8000/.well-known/mercure";
+
     fn by_template(request: &[u8]) -> bool {
         String::from_utf8_lossy(request).contains("?topic=bench-3%7B%3Fsub%7D ")
     }
 
     #[test]
     fn template_share_sends_that_share_through_templates_on_every_topic() {
-        let p = plan(&args(&["--topics", "4", "--template-share", "30"])).unwrap();
+        let p = plan(&args(&["--topics", "4", "--template-share", "30"]), HUB).unwrap();
         let picked: Vec<usize> = (0..4000)
             .filter(|&i| i % 4 == 3 && by_template(p.sub_request(i, 3)))
             .collect();
         // About 30 % of topic 3's 1,000 subscribers, the rest by the topic itself.
         assert!((250..350).contains(&picked.len()), "{}", picked.len());
         assert!(String::from_utf8_lossy(p.sub_request(1, 1)).contains("?topic=bench-1"));
-        let none = plan(&args(&["--topics", "4"])).unwrap();
+        let none = plan(&args(&["--topics", "4"]), HUB).unwrap();
         assert!((0..4000).all(|i| !by_template(none.sub_request(i, 3))));
     }
 
     #[test]
     fn template_kind_urlpattern_subscribes_through_url_patterns() {
-        let p = plan(&args(&[
-            "--topics",
-            "4",
-            "--template-share",
-            "100",
-            "--template-kind",
-            "urlpattern",
-        ]))
+        let p = plan(
+            &args(&[
+                "--topics",
+                "4",
+                "--template-share",
+                "100",
+                "--template-kind",
+                "urlpattern",
+            ]),
+            HUB,
+        )
         .unwrap();
         let req = String::from_utf8_lossy(p.sub_request(3, 3)).into_owned();
         assert!(
@@ -682,7 +716,7 @@ mod tests {
 
     #[test]
     fn template_share_is_for_ssehub_only() {
-        let Err(e) = plan(&args(&["--target", "nchan", "--template-share", "10"])) else {
+        let Err(e) = plan(&args(&["--target", "nchan", "--template-share", "10"]), HUB) else {
             panic!("nchan has no templates")
         };
         assert!(e.to_string().contains("--target ssehub"), "{e}");

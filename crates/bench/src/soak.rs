@@ -27,9 +27,8 @@ use super::load::{self, Counts, OnAccepted, Plan};
 use super::process::{Proc, Server};
 use super::report::Latency;
 use super::wire::{self, EventBody};
-use super::{progress, BenchArgs, Peer};
-use crate::config::parse_duration;
-use crate::sse::Event;
+use super::{parse_duration, progress, BenchArgs, Peer};
+use ssehub_sse::Event;
 
 /// How long a resuming subscriber stays away: long enough for updates to be published in the
 /// meantime, which the server must then replay.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, EventBody};
-use crate::sse::Event;
+use ssehub_sse::Event;
 
 /// Everything the tasks share: prepared requests and the running counts.
 pub struct Plan {
