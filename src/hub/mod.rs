@@ -13,6 +13,7 @@
 //! the publishing thread itself (see `subscriber`'s direct writes), or, once the hub batches, by
 //! the flusher when a held subscriber's window opens (see `flusher`).
 
+mod clock;
 mod coalesce;
 mod flusher;
 mod history;
@@ -20,6 +21,7 @@ pub mod selector;
 mod subscriber;
 pub mod subscriptions;
 mod templates;
+mod timers;
 pub mod trim;
 pub mod update;
 mod writer;
@@ -828,7 +830,7 @@ impl HubShared {
         let metrics = &self.metrics;
         let window = self.coalescing.window();
         let hold = (!window.is_zero() && self.flusher.ready())
-            .then(|| (flusher::now_ns(), window.as_nanos() as u64));
+            .then(|| (clock::now_ns(), window.as_nanos() as u64));
         debug_assert!(update.seq >= core.next_seq, "seqs go up");
         core.next_seq = update.seq + 1;
         let seq = update.seq;

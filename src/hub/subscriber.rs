@@ -31,8 +31,8 @@ use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::clock::{instant_of, now_ns, TICK_NS};
 use super::coalesce::Coalescing;
-use super::flusher::now_ns;
 use super::selector::{any_matches, Selector};
 use super::subscriptions::SubscriberInfo;
 use super::update::SharedUpdate;
@@ -166,10 +166,10 @@ pub(crate) type HoldClock = Option<(u64, u64)>;
 /// How early before `flush_at` a flusher's entry may still write rather than be entered again:
 /// the flusher's tick, since it may write a tick's entries when the tick begins (and an entry
 /// whose hold was pushed back by less than that is not worth another wake-up).
-const FLUSH_SLACK_NS: u64 = super::flusher::TICK_NS;
+const FLUSH_SLACK_NS: u64 = TICK_NS;
 /// A hold due this much sooner than the subscriber's entry in the flusher gets an entry of its
 /// own (the flusher's resolution).
-const ENTRY_RESOLUTION_NS: u64 = super::flusher::TICK_NS;
+const ENTRY_RESOLUTION_NS: u64 = TICK_NS;
 
 impl Subscriber {
     pub fn new(
@@ -504,8 +504,7 @@ impl SubscriberStream {
                     // up, or it is closed); the timer does, once. (tokio rounds it up to its
                     // next millisecond: streams without a direct sink wait up to that much
                     // longer than the flusher's, which may write a millisecond early.)
-                    let deadline =
-                        tokio::time::Instant::now() + Duration::from_nanos(open_at - now);
+                    let deadline = instant_of(open_at);
                     let hold = match &mut self.hold {
                         Some(h) => {
                             if self.hold_at != open_at {
