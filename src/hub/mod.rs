@@ -25,6 +25,7 @@ mod timers;
 pub mod trim;
 pub mod update;
 mod writer;
+mod writer_state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
