@@ -1127,7 +1127,7 @@ mod tests {
         }
     }
 
-    fn publish(hub: &Hub, n: usize) {
+    pub(super) fn publish(hub: &Hub, n: usize) {
         for _ in 0..n {
             let draft = Draft {
                 topics: vec!["t".to_owned()],
@@ -1138,7 +1138,7 @@ mod tests {
         }
     }
 
-    fn subscribe(hub: &Hub) -> SubscriberStream {
+    pub(super) fn subscribe(hub: &Hub) -> SubscriberStream {
         hub.subscribe(SubscribeRequest {
             topics: vec![Matcher::topic("t")],
             ..SubscribeRequest::default()
@@ -1511,8 +1511,8 @@ mod tests {
 
     /// Past the write budget, an update for a waiting stream inside its window is held: its
     /// task is not woken, and the flusher writes everything queued meanwhile as one chunk when
-    /// the window opens.
-    #[tokio::test]
+    /// the window opens. (Paused time: the flusher sleeps on the hub's clock.)
+    #[tokio::test(start_paused = true)]
     async fn held_updates_are_written_by_the_flusher_when_the_window_opens() {
         let (hub, mut stream, socket, count) = hub_with_sink();
         let waker = Waker::from(count.clone());
@@ -1533,11 +1533,19 @@ mod tests {
         publish(&hub, 3);
         assert_eq!(count.0.load(Relaxed), woken, "held: the task is not woken");
         assert_eq!(events(&socket.wire.lock()), 0, "nothing written yet");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let held_at = tokio::time::Instant::now();
         while events(&socket.wire.lock()) < 3 {
-            assert!(Instant::now() < deadline, "the flusher wrote nothing");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                held_at.elapsed() < Duration::from_secs(10),
+                "the flusher wrote nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Within the flusher's millisecond of the window's end (at most 500 ms after the first
+        // write, which came just before).
+        let waited = held_at.elapsed();
+        assert!(waited <= Duration::from_millis(501), "{waited:?}");
+        assert!(waited >= Duration::from_millis(498), "{waited:?}");
         assert_eq!(
             events(&socket.wire.lock()),
             3,

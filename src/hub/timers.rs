@@ -71,17 +71,9 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::hub::{Draft, HubConfig, Matcher, SubscribeRequest, SubscriberStream, Wire};
+    use crate::hub::tests::{publish, subscribe};
+    use crate::hub::{HubConfig, SubscriberStream, Wire};
     use crate::sse;
-
-    fn subscribe(hub: &Hub) -> SubscriberStream {
-        hub.subscribe(SubscribeRequest {
-            topics: vec![Matcher::topic("t")],
-            ..SubscribeRequest::default()
-        })
-        .unwrap()
-        .stream
-    }
 
     /// The next bytes the stream sends, however long (in paused time) that takes.
     async fn next(stream: &mut SubscriberStream) -> Option<Wire> {
@@ -110,13 +102,7 @@ mod tests {
 
         // Something to send restarts the count: the next one is a whole interval later.
         tokio::time::sleep(Duration::from_secs(7)).await;
-        hub.publish(Draft {
-            topics: vec!["t".to_owned()],
-            data: "x".to_owned(),
-            ..Draft::default()
-        })
-        .await
-        .unwrap();
+        publish(&hub, 1);
         assert!(matches!(next(&mut stream).await, Some(Wire::Data(_))));
         let published = Instant::now();
         let Some(Wire::Data(beat)) = next(&mut stream).await else {
@@ -145,15 +131,7 @@ mod tests {
             let _stream = subscribe(&hub);
             let stop = CancellationToken::new();
             let timers = tokio::spawn(hub.run_timers(None, stop.clone()));
-            for _ in 0..200 {
-                hub.publish(Draft {
-                    topics: vec!["t".to_owned()],
-                    data: "x".to_owned(),
-                    ..Draft::default()
-                })
-                .await
-                .unwrap();
-            }
+            publish(&hub, 200);
             assert_eq!(hub.shared.coalescing.window(), Duration::ZERO);
             // Past the second tick (the first, at once, finds too short a span to measure).
             tokio::time::sleep(RETUNE_EVERY + Duration::from_millis(1)).await;
