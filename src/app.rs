@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +111,9 @@ impl App {
             // Tracked, so that a node leaving says so before the process exits.
             shutdown.spawn_task(crate::cluster::share_machine(c.clone(), stop.clone()));
         }
-        spawn_hub_timers(&hub, config, shutdown);
+        // The hub owns its timers (trim, the coalescing retune, heartbeats); they end with
+        // the stop signal.
+        shutdown.spawn_task(hub.run_timers(config.heartbeat, stop.clone()));
         if let Some(every) = config.clock_interval {
             match &cluster {
                 Some(c) => {
@@ -222,41 +223,6 @@ fn announce(config: &ServeConfig, addr: SocketAddr, tls: bool, generated_token: 
                 "No --publisher-jwt-key given: using a random key for this run. Publish with:\n  {publish}\n  {curl}"
             );
         }
-    }
-}
-
-/// The hub's own timers: trimming history, retuning the coalescing of writes every 100 ms (with
-/// `--coalesce`), and heartbeats (with `--heartbeat`). They serve the hub alone and end with
-/// `shutdown`.
-fn spawn_hub_timers(hub: &Hub, config: &ServeConfig, shutdown: &Shutdown) {
-    let stop = shutdown.token();
-    shutdown.spawn_task(crate::hub::trim::run(hub.clone(), stop.clone()));
-    if !config.coalesce.is_zero() {
-        let (hub, stop) = (hub.clone(), stop.clone());
-        shutdown.spawn_task(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => hub.retune_coalescing(),
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
-    }
-    if let Some(every) = config.heartbeat {
-        let (hub, stop) = (hub.clone(), stop.clone());
-        shutdown.spawn_task(async move {
-            let period = every / u32::from(crate::hub::HEARTBEAT_TICKS);
-            let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => hub.heartbeat(),
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
     }
 }
 

@@ -12,9 +12,11 @@
 //! update after a quiet spell is never delayed either way.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
+// The hub's clock (see `clock`): the retune measures paused time in tests.
+use tokio::time::Instant;
 
 /// Socket writes per second and core the hub allows itself before batching, by default: about a
 /// fifth of a core, leaving the rest for publishing, TLS and bursts. (Measured in S1, 1,000

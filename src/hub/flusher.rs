@@ -20,38 +20,17 @@
 use std::collections::{btree_map, BTreeMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::clock::{instant_of, now_ns, TICK_NS};
 use super::subscriber::{Flush, Subscriber};
 use crate::metrics::Metrics;
 
-/// Deadlines are kept per millisecond (tokio's timers have that resolution too): the
-/// subscribers whose windows open within the same millisecond are written together. An entry
-/// due in a later millisecond is filed under that millisecond's start, and tokio wakes the task
-/// up to a millisecond after it (its ticks are not ours, and it rounds up): so such a write goes
-/// out within a millisecond either side of its time rather than up to two after it, which
-/// rounding up here as well would give (measured in S3, where the windows are 2-3 ms). An entry
-/// due within the current millisecond is filed under the next one, so that a window shorter
-/// than a tick still holds its updates until then instead of writing each at once.
-pub(crate) const TICK_NS: u64 = 1_000_000;
 /// Subscribers written before the flusher lets the other tasks of its worker run.
 const BATCH: usize = 128;
-
-/// Nanoseconds since the process's first call; never 0.
-pub(crate) fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    epoch.elapsed().as_nanos() as u64 + 1
-}
-
-fn instant_of(ns: u64) -> tokio::time::Instant {
-    let now = now_ns();
-    tokio::time::Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
-}
 
 pub(crate) struct Flusher {
     shards: Box<[Arc<Shard>]>,
@@ -93,6 +72,13 @@ impl Shard {
 impl Due {
     /// Files `sub` for `at`, as of `now` (both [`now_ns`]); true if it is due sooner than the
     /// shard's task sleeps.
+    ///
+    /// An entry due in a later millisecond is filed under that millisecond's start, and tokio wakes the task
+    /// up to a millisecond after it (its ticks are not ours, and it rounds up): so such a write goes
+    /// out within a millisecond either side of its time rather than up to two after it, which
+    /// rounding up here as well would give (measured in S3, where the windows are 2-3 ms). An entry
+    /// due within the current millisecond is filed under the next one, so that a window shorter
+    /// than a tick still holds its updates until then instead of writing each at once.
     fn enter(&mut self, sub: Arc<Subscriber>, at: u64, now: u64) -> bool {
         let tick = if at / TICK_NS > now / TICK_NS {
             at / TICK_NS

@@ -13,6 +13,7 @@
 //! the publishing thread itself (see `subscriber`'s direct writes), or, once the hub batches, by
 //! the flusher when a held subscriber's window opens (see `flusher`).
 
+mod clock;
 mod coalesce;
 mod flusher;
 mod history;
@@ -20,9 +21,11 @@ pub mod selector;
 mod subscriber;
 pub mod subscriptions;
 mod templates;
-pub mod trim;
+mod timers;
+mod trim;
 pub mod update;
 mod writer;
+mod writer_state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -41,7 +44,8 @@ pub use selector::{
     any_matches, MatchType, Matcher, Selector, SelectorCache, UrlPatternSelector, MAX_SELECTOR_LEN,
     MAX_TEMPLATE_EXPRESSIONS,
 };
-pub use subscriber::{DirectSink, SubscriberStream, Wire, HEARTBEAT_TICKS};
+use subscriber::HEARTBEAT_TICKS;
+pub use subscriber::{DirectSink, SubscriberStream, Wire};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
 pub use templates::MAX_MATCHING_WORK;
@@ -828,7 +832,7 @@ impl HubShared {
         let metrics = &self.metrics;
         let window = self.coalescing.window();
         let hold = (!window.is_zero() && self.flusher.ready())
-            .then(|| (flusher::now_ns(), window.as_nanos() as u64));
+            .then(|| (clock::now_ns(), window.as_nanos() as u64));
         debug_assert!(update.seq >= core.next_seq, "seqs go up");
         core.next_seq = update.seq + 1;
         let seq = update.seq;
@@ -1124,7 +1128,7 @@ mod tests {
         }
     }
 
-    fn publish(hub: &Hub, n: usize) {
+    pub(super) fn publish(hub: &Hub, n: usize) {
         for _ in 0..n {
             let draft = Draft {
                 topics: vec!["t".to_owned()],
@@ -1135,7 +1139,7 @@ mod tests {
         }
     }
 
-    fn subscribe(hub: &Hub) -> SubscriberStream {
+    pub(super) fn subscribe(hub: &Hub) -> SubscriberStream {
         hub.subscribe(SubscribeRequest {
             topics: vec![Matcher::topic("t")],
             ..SubscribeRequest::default()
@@ -1508,8 +1512,8 @@ mod tests {
 
     /// Past the write budget, an update for a waiting stream inside its window is held: its
     /// task is not woken, and the flusher writes everything queued meanwhile as one chunk when
-    /// the window opens.
-    #[tokio::test]
+    /// the window opens. (Paused time: the flusher sleeps on the hub's clock.)
+    #[tokio::test(start_paused = true)]
     async fn held_updates_are_written_by_the_flusher_when_the_window_opens() {
         let (hub, mut stream, socket, count) = hub_with_sink();
         let waker = Waker::from(count.clone());
@@ -1530,11 +1534,19 @@ mod tests {
         publish(&hub, 3);
         assert_eq!(count.0.load(Relaxed), woken, "held: the task is not woken");
         assert_eq!(events(&socket.wire.lock()), 0, "nothing written yet");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let held_at = tokio::time::Instant::now();
         while events(&socket.wire.lock()) < 3 {
-            assert!(Instant::now() < deadline, "the flusher wrote nothing");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                held_at.elapsed() < Duration::from_secs(10),
+                "the flusher wrote nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Within the flusher's millisecond of the window's end (at most 500 ms after the first
+        // write, which came just before).
+        let waited = held_at.elapsed();
+        assert!(waited <= Duration::from_millis(501), "{waited:?}");
+        assert!(waited >= Duration::from_millis(498), "{waited:?}");
         assert_eq!(
             events(&socket.wire.lock()),
             3,

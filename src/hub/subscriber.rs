@@ -17,6 +17,9 @@
 //! Past the write budget the same sink serves the coalescing flusher (`flusher`): an update for
 //! such a stream inside its window is queued without waking the task, and the flusher writes the
 //! whole queue when the window opens.
+//!
+//! Which of these writers has the socket at any moment is one [`Writer`] state under the
+//! subscriber's lock; its transitions, and the races between the writers, are `writer_state`'s.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -28,14 +31,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
+use super::clock::{instant_of, now_ns, TICK_NS};
 use super::coalesce::Coalescing;
-use super::flusher::now_ns;
 use super::selector::{any_matches, Selector};
 use super::subscriptions::SubscriberInfo;
 use super::update::SharedUpdate;
+use super::writer_state::{OnFlush, OnPoll, OnPublish, Writer};
 use super::HubShared;
 use crate::metrics::DropReason;
 use crate::sse;
@@ -61,6 +65,14 @@ pub enum Wire {
     Data(Bytes),
     /// Bytes already framed as one chunk (what a direct write left over): written as they are.
     Framed(Bytes),
+}
+
+/// Whether a stream's queue may be written, as far as its coalescing window goes.
+enum Window {
+    /// Too soon after the last write: the task waits for its timer.
+    Shut,
+    /// Now; a write of the whole queue starts a new window at this time, if coalescing.
+    Open(Option<u64>),
 }
 
 /// The most bytes one chunk gathers from several updates (replayed history, or a queue that
@@ -104,22 +116,13 @@ struct State {
     quiet: u8,
     waker: Option<Waker>,
     closed: Option<DropReason>,
-    /// The stream is waiting out its coalescing window: a publish wakes it only once the queue
-    /// is half full (so that the wait can never be what makes a subscriber "slow"). Held with
-    /// `idle` set, it is the flusher that writes when the window opens (`flush_at`); held
-    /// without, the stream's task waits on its own timer.
-    held: bool,
+    /// Who may write to the socket now (see `writer_state`).
+    writer: Writer,
     /// When the last coalesced write went out ([`now_ns`]; 0: never): the window runs from it.
     last_sent: u64,
-    /// When the flusher is to write to a stream it holds.
-    flush_at: u64,
     /// When the flusher's entry for this subscriber falls due (0: it has none). A hold due
     /// sooner enters it again; the flusher takes an entry that finds nothing to do as done.
     entry_at: u64,
-    /// The stream's task waits with nothing in flight: an update may be written directly.
-    idle: bool,
-    /// A publishing thread is writing to the socket; the stream's task must not write.
-    direct_busy: bool,
     /// Set while the stream's writer allows direct writes. Boxed: the state every publish
     /// touches stays within one cache line.
     direct: Option<Box<Direct>>,
@@ -128,7 +131,8 @@ struct State {
 /// What direct writes to one stream need.
 struct Direct {
     sink: Arc<dyn DirectSink>,
-    /// What a direct write left unwritten, already framed: the next thing on the wire.
+    /// What a direct write left unwritten, already framed: the next thing on the wire (the
+    /// writer is [`Writer::Carry`] until the task has taken it).
     carry: Option<Bytes>,
 }
 
@@ -163,13 +167,9 @@ pub(crate) enum Flush {
 /// given to [`Subscriber::offer`] while the hub batches and its flusher runs.
 pub(crate) type HoldClock = Option<(u64, u64)>;
 
-/// How early before `flush_at` a flusher's entry may still write rather than be entered again:
-/// the flusher's tick, since it may write a tick's entries when the tick begins (and an entry
-/// whose hold was pushed back by less than that is not worth another wake-up).
-const FLUSH_SLACK_NS: u64 = super::flusher::TICK_NS;
 /// A hold due this much sooner than the subscriber's entry in the flusher gets an entry of its
 /// own (the flusher's resolution).
-const ENTRY_RESOLUTION_NS: u64 = super::flusher::TICK_NS;
+const ENTRY_RESOLUTION_NS: u64 = TICK_NS;
 
 impl Subscriber {
     pub fn new(
@@ -239,50 +239,44 @@ impl Subscriber {
             return Offer::Dropped(waker);
         }
         st.quiet = 0;
-        if direct && st.idle && !st.held && !st.direct_busy && st.queue.is_empty() {
-            if let Some(d) = &st.direct {
-                debug_assert!(d.carry.is_none(), "a stream with a carry is not idle");
-                let sink = d.sink.clone();
-                st.direct_busy = true;
+        let sink = match &st.direct {
+            Some(d) if direct && st.queue.is_empty() => Some(&d.sink),
+            _ => None,
+        };
+        let room = st.queue.len() + 1 < early_flush(limit);
+        let (writer, then) = st.writer.publish(sink, room, || self.hold_until(&st, hold));
+        let then = then.map_sink(Arc::clone);
+        st.writer = writer;
+        let offer = match then {
+            OnPublish::WriteDirect(sink) => {
                 drop(st);
                 coalescing.touched(&self.seen);
                 return Offer::Direct(sink);
             }
-        }
-        st.queue.push_back(update.clone());
-        let room = st.queue.len() < early_flush(limit);
-        // While a direct write is in flight the task could not write anyway; the writer wakes
-        // it when done.
-        let waker = if st.direct_busy || (st.held && room) {
-            None
-        } else if let Some(at) = self.hold_until(&st, hold).filter(|_| room) {
-            // Inside its window and waiting: the flusher writes it when the window opens.
-            st.held = true;
-            st.flush_at = at;
-            let enter = st.entry_at == 0 || at + ENTRY_RESOLUTION_NS < st.entry_at;
-            if enter {
-                st.entry_at = at;
+            OnPublish::Queue { wake } => Offer::Queued(if wake { st.waker.take() } else { None }),
+            OnPublish::Hold(at) => {
+                // The flusher already has an entry for it unless this hold is due sooner.
+                let enter = st.entry_at == 0 || at + ENTRY_RESOLUTION_NS < st.entry_at;
+                if enter {
+                    st.entry_at = at;
+                    Offer::Held(at)
+                } else {
+                    Offer::Queued(None)
+                }
             }
-            drop(st);
-            coalescing.touched(&self.seen);
-            return if enter {
-                Offer::Held(at)
-            } else {
-                Offer::Queued(None)
-            };
-        } else {
-            st.waker.take()
         };
+        st.queue.push_back(update.clone());
         drop(st);
         coalescing.touched(&self.seen);
-        Offer::Queued(waker)
+        offer
     }
 
-    /// When the flusher should write an update queued now, if this stream can be held for it:
-    /// its task waits with nothing in flight, it has a sink, and its window is still open.
+    /// When the flusher should write an update queued now, if this stream can be held for it
+    /// (and its task waits with nothing in flight: see [`Writer::publish`]): it has a sink and
+    /// its window is still open.
     fn hold_until(&self, st: &State, hold: HoldClock) -> Option<u64> {
         let (now, window) = hold?;
-        if !st.idle || st.last_sent == 0 || st.direct.is_none() {
+        if st.last_sent == 0 || st.direct.is_none() {
             return None;
         }
         let at = st.last_sent + window;
@@ -294,49 +288,48 @@ impl Subscriber {
     pub fn flush(&self, now: u64) -> Flush {
         let mut st = self.state.lock();
         st.entry_at = 0;
-        if !(st.held && st.idle) {
-            return Flush::Done;
-        }
-        if now + FLUSH_SLACK_NS < st.flush_at {
-            st.entry_at = st.flush_at;
-            return Flush::Later(st.flush_at);
-        }
-        st.held = false;
         let sink = match &st.direct {
-            Some(d) if d.carry.is_none() && !st.direct_busy && st.closed.is_none() => {
-                d.sink.clone()
-            }
-            _ => return st.waker.take().map_or(Flush::Done, Flush::Wake),
+            Some(d) if st.closed.is_none() && !st.queue.is_empty() => Some(&d.sink),
+            _ => None,
         };
-        if st.queue.is_empty() {
-            return st.waker.take().map_or(Flush::Done, Flush::Wake);
+        let (writer, then) = st.writer.flush(now, sink);
+        let then = then.map_sink(Arc::clone);
+        st.writer = writer;
+        match then {
+            OnFlush::Done => Flush::Done,
+            OnFlush::Later(at) => {
+                st.entry_at = at;
+                Flush::Later(at)
+            }
+            OnFlush::Wake => st.waker.take().map_or(Flush::Done, Flush::Wake),
+            OnFlush::Write(sink) => {
+                let (n, bytes) = chunk_len(&st.queue, self.legacy_wire);
+                let chunk = concat(st.queue.range(..n), bytes, self.legacy_wire);
+                st.queue.drain(..n);
+                if st.queue.is_empty() {
+                    st.last_sent = now;
+                }
+                // Else the window is not restarted: the stream's task, woken when this write is
+                // done, writes the rest at once.
+                Flush::Write(sink, chunk)
+            }
         }
-        let (n, bytes) = chunk_len(&st.queue, self.legacy_wire);
-        let chunk = concat(st.queue.range(..n), bytes, self.legacy_wire);
-        st.queue.drain(..n);
-        st.direct_busy = true;
-        if st.queue.is_empty() {
-            st.last_sent = now;
-        }
-        // Else the window is not restarted: the stream's task, woken when this write is done,
-        // writes the rest at once.
-        Flush::Write(sink, chunk)
     }
 
     /// Ends a direct write claimed by [`Offer::Direct`]: keeps what the socket did not take and
     /// wakes the stream's task if it has something to write now.
     pub fn direct_done(&self, rest: Option<Bytes>) {
         let mut st = self.state.lock();
-        st.direct_busy = false;
-        if let Some(rest) = rest {
-            // The task has this to write first: no direct write until it has. (Without a
-            // sink the stream has ended, and the bytes have nowhere to go.)
-            if let Some(d) = st.direct.as_mut() {
+        // The task has the rest to write first. (Without a sink the stream has ended, and the
+        // bytes have nowhere to go.)
+        let carry = match (rest, st.direct.as_mut()) {
+            (Some(rest), Some(d)) => {
                 d.carry = Some(rest);
+                true
             }
-            st.idle = false;
-        }
-        let carry = st.direct.as_ref().is_some_and(|d| d.carry.is_some());
+            _ => false,
+        };
+        st.writer = st.writer.done(carry);
         let pending = carry || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
         if !pending {
             return;
@@ -395,6 +388,13 @@ pub struct SubscriberStream {
     /// When the stream ends by itself, and why: the token's `exp` (nothing more is sent) or
     /// `--max-stream-lifetime` (what is queued goes out first, as at shutdown).
     expires: Option<(Pin<Box<tokio::time::Sleep>>, DropReason)>,
+    drain: Drain,
+    done: bool,
+}
+
+/// What the stream's task keeps for taking the queue; apart from the rest of the stream so that
+/// it can be used while the subscriber's lock is held.
+struct Drain {
     /// Reused between drains so that taking the queue does not allocate.
     spare: VecDeque<SharedUpdate>,
     /// Coalescing: live updates are sent at most once per `window`, from the subscriber's
@@ -403,7 +403,6 @@ pub struct SubscriberStream {
     window: Duration,
     hold_at: u64,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
-    done: bool,
 }
 
 impl SubscriberStream {
@@ -420,10 +419,12 @@ impl SubscriberStream {
             opening: Some(Bytes::from_static(sse::OPENING)),
             replay: replay.into_iter(),
             expires: expires_in.map(|(d, why)| (Box::pin(tokio::time::sleep(d)), why)),
-            spare: VecDeque::new(),
-            window,
-            hold_at: 0,
-            hold: None,
+            drain: Drain {
+                spare: VecDeque::new(),
+                window,
+                hold_at: 0,
+                hold: None,
+            },
             done: false,
         }
     }
@@ -439,115 +440,37 @@ impl SubscriberStream {
         self.sub.state.lock().direct = Some(Box::new(Direct { sink, carry: None }));
     }
 
+    /// What to send next: the opening and the replay, then live updates; `None` while there is
+    /// nothing (the task is woken when there is) and once the stream has ended (`done`).
     fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
         // First, so that a token expiring during a long replay stops it there.
-        if let Some((exp, why)) = self.expires.as_mut() {
-            let why = *why;
-            if exp.as_mut().poll(cx).is_ready() {
-                self.expires = None;
-                if why == DropReason::Expired {
-                    self.replay = Vec::new().into_iter();
-                    // Nor does what was queued for it go out after `exp`.
-                    self.sub.state.lock().queue.clear();
-                }
-                if self.sub.close(why) {
-                    self.hub.metrics.dropped(why);
-                    if why == DropReason::Expired {
-                        tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
-                    } else {
-                        tracing::info!(
-                            subscriber = self.sub.id,
-                            "Ended stream: --max-stream-lifetime reached (the client resumes)"
-                        );
-                    }
-                }
-            }
-        }
-        if let Some(mut first) = self.opening.take() {
-            if self.replay.len() > 0 {
-                let mut buf = BytesMut::from(&first[..]);
-                self.fill_replay(&mut buf);
-                first = buf.freeze();
-            }
-            return Some(Wire::Data(first));
+        self.poll_expiry(cx);
+        if let Some(opening) = self.opening.take() {
+            return Some(Wire::Data(self.with_replay(opening)));
         }
         if self.replay.len() > 0 {
-            let mut buf = BytesMut::new();
-            self.fill_replay(&mut buf);
-            return Some(Wire::Data(buf.freeze()));
+            return Some(Wire::Data(self.with_replay(Bytes::new())));
         }
         let mut st = self.sub.state.lock();
-        st.held = false;
-        // Whatever is returned below, the writer is busy with it until it polls again; every
-        // `None` from here on leaves it waiting with nothing in flight.
-        st.idle = false;
-        if st.direct_busy {
-            // A publishing thread has the socket; it wakes this task when done.
-            st.idle = true;
-            register(&mut st.waker, cx);
-            return None;
-        }
-        if let Some(carry) = st.direct.as_mut().and_then(|d| d.carry.take()) {
-            return Some(Wire::Framed(carry));
+        // Whatever is returned below, the task has the socket until it polls again, unless a
+        // direct write has it now; every `None` leaves it waiting with nothing in flight.
+        let (writer, then) = st.writer.poll();
+        st.writer = writer;
+        match then {
+            OnPoll::WaitForDirect => {
+                register(&mut st.waker, cx);
+                return None;
+            }
+            OnPoll::WriteCarry => {
+                if let Some(carry) = st.direct.as_mut().and_then(|d| d.carry.take()) {
+                    return Some(Wire::Framed(carry));
+                }
+            }
+            OnPoll::Look => {}
         }
         if !st.queue.is_empty() {
-            // When this write starts a new window (set only if it takes the whole queue).
-            let mut window_from = None;
-            let window = self.window();
-            let filling = st.queue.len() >= early_flush(self.hub.config.subscriber_queue);
-            if !window.is_zero() && !filling && st.closed.is_none() {
-                let now = now_ns();
-                let open_at = st.last_sent + window.as_nanos() as u64;
-                if st.last_sent != 0 && now < open_at {
-                    // Too soon after the last write: let more updates join this one.
-                    // Publishes do not wake the stream meanwhile (unless its queue fills
-                    // up, or it is closed); the timer does, once. (tokio rounds it up to its
-                    // next millisecond: streams without a direct sink wait up to that much
-                    // longer than the flusher's, which may write a millisecond early.)
-                    let deadline =
-                        tokio::time::Instant::now() + Duration::from_nanos(open_at - now);
-                    let hold = match &mut self.hold {
-                        Some(h) => {
-                            if self.hold_at != open_at {
-                                h.as_mut().reset(deadline);
-                            }
-                            h
-                        }
-                        None => self
-                            .hold
-                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                    };
-                    self.hold_at = open_at;
-                    if hold.as_mut().poll(cx).is_pending() {
-                        st.held = true;
-                        register(&mut st.waker, cx);
-                        return None;
-                    }
-                }
-                window_from = Some(now);
-            }
-            if self.hold_at != 0 {
-                if self.hold_at > now_ns() {
-                    // Written before its window opened (a queue half full, a close): the armed
-                    // timer would only wake the task for nothing.
-                    self.hold = None;
-                }
-                self.hold_at = 0;
-            }
-            let (n, bytes) = chunk_len(&st.queue, self.sub.legacy_wire);
-            if n == st.queue.len() {
-                std::mem::swap(&mut st.queue, &mut self.spare);
-                if let Some(now) = window_from {
-                    st.last_sent = now;
-                }
-            } else {
-                // A backlog: this chunk does not restart the window, so the rest follows at once.
-                self.spare.extend(st.queue.drain(..n));
-            }
-            drop(st);
-            let chunk = concat(self.spare.iter(), bytes, self.sub.legacy_wire);
-            self.spare.clear();
-            return Some(Wire::Data(chunk));
+            let legacy = self.sub.legacy_wire;
+            return self.drain.take_queue(st, &self.hub, legacy, cx);
         }
         if std::mem::take(&mut st.heartbeat) {
             return Some(Wire::Data(Bytes::from_static(sse::HEARTBEAT)));
@@ -556,17 +479,47 @@ impl SubscriberStream {
             self.done = true;
             return None;
         }
-        st.idle = true;
+        st.writer = st.writer.wait();
         register(&mut st.waker, cx);
         None
     }
 
-    /// How long updates wait after a write to this subscriber (see `coalesce`).
-    fn window(&self) -> Duration {
-        if self.window.is_zero() {
-            return Duration::ZERO;
+    /// Ends the stream when its token expires or it reached `--max-stream-lifetime`.
+    fn poll_expiry(&mut self, cx: &mut Context<'_>) {
+        let Some((exp, why)) = self.expires.as_mut() else {
+            return;
+        };
+        let why = *why;
+        if exp.as_mut().poll(cx).is_pending() {
+            return;
         }
-        self.hub.coalescing.window()
+        self.expires = None;
+        if why == DropReason::Expired {
+            self.replay = Vec::new().into_iter();
+            // Nor does what was queued for it go out after `exp`.
+            self.sub.state.lock().queue.clear();
+        }
+        if self.sub.close(why) {
+            self.hub.metrics.dropped(why);
+            if why == DropReason::Expired {
+                tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
+            } else {
+                tracing::info!(
+                    subscriber = self.sub.id,
+                    "Ended stream: --max-stream-lifetime reached (the client resumes)"
+                );
+            }
+        }
+    }
+
+    /// `first` followed by as much of the replay as fits in a chunk.
+    fn with_replay(&mut self, first: Bytes) -> Bytes {
+        if self.replay.len() == 0 {
+            return first;
+        }
+        let mut buf = BytesMut::from(&first[..]);
+        self.fill_replay(&mut buf);
+        buf.freeze()
     }
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
@@ -576,6 +529,95 @@ impl SubscriberStream {
                 None => break,
             }
         }
+    }
+}
+
+impl Drain {
+    /// The queue (or a chunk's worth of it) as one chunk, unless the stream's coalescing window
+    /// is still open: then the task waits for its timer.
+    fn take_queue(
+        &mut self,
+        mut st: MutexGuard<'_, State>,
+        hub: &HubShared,
+        legacy: bool,
+        cx: &mut Context<'_>,
+    ) -> Option<Wire> {
+        let window_from = match self.window_opens(&st, hub, cx) {
+            Window::Shut => {
+                // Publishes do not wake the stream meanwhile (unless its queue fills up, or it
+                // is closed); the timer does, once.
+                st.writer = st.writer.hold();
+                register(&mut st.waker, cx);
+                return None;
+            }
+            Window::Open(from) => from,
+        };
+        if self.hold_at != 0 {
+            if self.hold_at > now_ns() {
+                // Written before its window opened (a queue half full, a close): the armed
+                // timer would only wake the task for nothing.
+                self.hold = None;
+            }
+            self.hold_at = 0;
+        }
+        let (n, bytes) = chunk_len(&st.queue, legacy);
+        if n == st.queue.len() {
+            std::mem::swap(&mut st.queue, &mut self.spare);
+            if let Some(now) = window_from {
+                st.last_sent = now;
+            }
+        } else {
+            // A backlog: this chunk does not restart the window, so the rest follows at once.
+            self.spare.extend(st.queue.drain(..n));
+        }
+        drop(st);
+        let chunk = concat(self.spare.iter(), bytes, legacy);
+        self.spare.clear();
+        Some(Wire::Data(chunk))
+    }
+
+    /// Whether the queue may be written now, as far as coalescing goes. While the window is
+    /// shut the stream's own timer is armed for when it opens (tokio rounds it up to its next
+    /// millisecond: streams without a direct sink wait up to that much longer than the
+    /// flusher's, which may write a millisecond early).
+    fn window_opens(&mut self, st: &State, hub: &HubShared, cx: &mut Context<'_>) -> Window {
+        let window = self.window(hub);
+        let filling = st.queue.len() >= early_flush(hub.config.subscriber_queue);
+        if window.is_zero() || filling || st.closed.is_some() {
+            return Window::Open(None);
+        }
+        let now = now_ns();
+        let open_at = st.last_sent + window.as_nanos() as u64;
+        if st.last_sent == 0 || now >= open_at {
+            return Window::Open(Some(now));
+        }
+        // Too soon after the last write: let more updates join this one.
+        let deadline = instant_of(open_at);
+        let hold = match &mut self.hold {
+            Some(h) => {
+                if self.hold_at != open_at {
+                    h.as_mut().reset(deadline);
+                }
+                h
+            }
+            None => self
+                .hold
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.hold_at = open_at;
+        if hold.as_mut().poll(cx).is_pending() {
+            Window::Shut
+        } else {
+            Window::Open(Some(now))
+        }
+    }
+
+    /// How long updates wait after a write to this subscriber (see `coalesce`).
+    fn window(&self, hub: &HubShared) -> Duration {
+        if self.window.is_zero() {
+            return Duration::ZERO;
+        }
+        hub.coalescing.window()
     }
 }
 
@@ -700,5 +742,182 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     match slot {
         Some(w) if w.will_wake(cx.waker()) => {}
         _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    use super::*;
+
+    /// A sink that takes everything.
+    struct Sink;
+
+    impl DirectSink for Sink {
+        fn try_send(&self, _: &[u8]) -> Option<Bytes> {
+            None
+        }
+    }
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    const LIMIT: usize = 100;
+
+    /// A subscriber with a sink whose task sleeps with `count`'s waker.
+    fn subscriber(count: &Arc<Count>) -> Subscriber {
+        let sub = Subscriber::new(1, Vec::new(), None, None, None, false);
+        let mut st = sub.state.lock();
+        st.direct = Some(Box::new(Direct {
+            sink: Arc::new(Sink),
+            carry: None,
+        }));
+        st.waker = Some(Waker::from(count.clone()));
+        drop(st);
+        sub
+    }
+
+    fn update(seq: u64) -> SharedUpdate {
+        Arc::new(super::super::Update {
+            seq,
+            id: seq.to_string(),
+            topics: vec!["t".to_owned()],
+            private: false,
+            time_ms: 0,
+            encoded: Bytes::from(format!("data: {seq}\n\n")),
+            alt: None,
+            alt_is_legacy: false,
+        })
+    }
+
+    fn writer(sub: &Subscriber) -> Writer {
+        sub.state.lock().writer
+    }
+
+    fn woken(count: &Count) -> usize {
+        count.0.load(Ordering::Relaxed)
+    }
+
+    /// A publish arriving while a direct write is in flight queues behind it without waking the
+    /// task; the end of the write hands the stream back to the task and wakes it for the update.
+    #[test]
+    fn a_publish_during_a_direct_write_goes_out_after_it() {
+        let count = Arc::new(Count::default());
+        let sub = subscriber(&count);
+        let coalescing = Coalescing::new(Duration::ZERO, 1);
+        sub.state.lock().writer = Writer::Waiting;
+        assert!(matches!(
+            sub.offer(&update(1), LIMIT, &coalescing, true, None),
+            Offer::Direct(_)
+        ));
+        assert!(matches!(
+            sub.offer(&update(2), LIMIT, &coalescing, true, None),
+            Offer::Queued(None)
+        ));
+        assert_eq!(writer(&sub), Writer::Direct);
+        sub.direct_done(None);
+        assert_eq!(woken(&count), 1, "woken for what queued meanwhile");
+        assert_eq!(writer(&sub), Writer::Waiting);
+        assert_eq!(sub.state.lock().queue.len(), 1);
+    }
+
+    /// A held stream is claimed once: a publisher finding it held queues, the flusher writes
+    /// everything queued as one chunk, and what the socket did not take is the task's to write
+    /// before any further direct write.
+    #[test]
+    fn the_flusher_writes_a_held_queue_once_and_leaves_the_rest_to_the_task() {
+        let count = Arc::new(Count::default());
+        let sub = subscriber(&count);
+        let coalescing = Coalescing::new(Duration::from_secs(1), 1);
+        let window = 10 * TICK_NS;
+        let now = now_ns();
+        let mut st = sub.state.lock();
+        st.writer = Writer::Waiting;
+        st.last_sent = now;
+        drop(st);
+        let hold = Some((now, window));
+        let Offer::Held(at) = sub.offer(&update(1), LIMIT, &coalescing, false, hold) else {
+            panic!("not held")
+        };
+        assert_eq!(at, now + window);
+        assert!(matches!(
+            sub.offer(&update(2), LIMIT, &coalescing, true, hold),
+            Offer::Queued(None)
+        ));
+        assert!(matches!(sub.flush(at - 2 * TICK_NS), Flush::Later(t) if t == at));
+        let Flush::Write(_, chunk) = sub.flush(at) else {
+            panic!("not written")
+        };
+        assert_eq!(&chunk[..], b"data: 1\n\ndata: 2\n\n");
+        assert!(matches!(sub.flush(at), Flush::Done), "claimed once");
+        assert!(matches!(
+            sub.offer(&update(3), LIMIT, &coalescing, true, None),
+            Offer::Queued(None)
+        ));
+        sub.direct_done(Some(Bytes::from_static(b"2\n\n")));
+        assert_eq!(writer(&sub), Writer::Carry);
+        assert_eq!(woken(&count), 1);
+        assert!(
+            matches!(
+                sub.offer(&update(4), LIMIT, &coalescing, true, None),
+                Offer::Queued(None)
+            ),
+            "no direct write before the carry (the task's waker was taken already)"
+        );
+    }
+
+    /// Close during each state: the task is woken (or, while a direct write is in flight, by
+    /// its end), nothing more is queued, and the flusher writes nothing.
+    #[test]
+    fn a_close_in_any_state_hands_the_stream_to_its_task() {
+        let states = [
+            Writer::Task,
+            Writer::Waiting,
+            Writer::Direct,
+            Writer::Carry,
+            Writer::TaskHolds,
+            Writer::FlusherHolds { at: now_ns() },
+        ];
+        let coalescing = Coalescing::new(Duration::ZERO, 1);
+        for state in states {
+            let count = Arc::new(Count::default());
+            let sub = subscriber(&count);
+            let mut st = sub.state.lock();
+            st.writer = state;
+            st.queue.push_back(update(1));
+            drop(st);
+            assert!(sub.close(DropReason::Shutdown));
+            assert_eq!(woken(&count), 1, "{state:?}");
+            assert!(matches!(
+                sub.offer(&update(2), LIMIT, &coalescing, true, None),
+                Offer::Skipped
+            ));
+            assert!(
+                !matches!(sub.flush(u64::MAX / 2), Flush::Write(..)),
+                "{state:?}"
+            );
+            if state == Writer::Direct {
+                sub.state.lock().waker = Some(Waker::from(count.clone()));
+                sub.direct_done(None);
+                assert_eq!(woken(&count), 2, "woken by the end of the direct write");
+            }
+            let (writer, then) = writer(&sub).poll();
+            assert_eq!(writer, Writer::Task, "{state:?}");
+            assert_ne!(then, OnPoll::WaitForDirect, "{state:?}");
+            assert_eq!(
+                sub.state.lock().queue.len(),
+                1,
+                "what was queued still goes out"
+            );
+        }
     }
 }

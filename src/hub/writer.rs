@@ -102,6 +102,10 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: 
                 .observe_commit(durable.len(), began.elapsed(), store.file_bytes());
             r
         };
+        // Given back before the publishers are answered: one that publishes again at once
+        // finds the room its first publish took.
+        hub.queued_bytes
+            .fetch_sub(weight, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(()) => {
                 for (job, update) in batch.drain(..).zip(updates) {
@@ -129,8 +133,6 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: 
                 }
             }
         }
-        hub.queued_bytes
-            .fetch_sub(weight, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
