@@ -10,14 +10,18 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Key;
 use crate::config::ServeConfig;
 use crate::http::{router, AppState};
-use crate::hub::{Hub, HubConfig};
+use crate::hub::{Draft, Hub, HubConfig};
 use crate::server::budget::{Budget, RESERVE};
 use crate::server::shutdown::Shutdown;
 use crate::server::tls::Tls;
 
-/// What the listener serves connections with.
+/// The running hub and everything around it: what the listener serves connections with, and
+/// what an application that embeds the hub mounts and publishes through (see the crate's
+/// documentation for an example).
 pub struct App {
     pub(crate) hub: Hub,
+    /// The cluster's stream, in cluster mode: publishes go through it.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
     /// The connection budget (`--max-connections` and the reserve).
     pub(crate) budget: Budget,
     pub(crate) router: axum::Router,
@@ -124,11 +128,36 @@ impl App {
         }
         Ok(App {
             hub,
+            cluster,
             budget,
             router,
             tls,
             max_body: config.max_body,
         })
+    }
+}
+
+impl App {
+    /// The hub's routes (`/.well-known/mercure`, the demo page at `/`, `/ui/`, `/healthz`,
+    /// `/readyz`, `/metrics`, the subscription API), to serve on their own or merged into an
+    /// application's router. Served by another server than [`crate::server::run`], event
+    /// streams are written by hyper (the server's own HTTP/1.1 writer and its connection
+    /// limits are not there).
+    pub fn router(&self) -> axum::Router {
+        self.router.clone()
+    }
+
+    /// The fan-out core, for what the routes do not offer (its metrics, its history).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Publishes an update from the application's own code, as an authorized publisher's
+    /// `POST` would be: checked the same way, stored (on disk with a durable history, in the
+    /// cluster's stream in cluster mode) and delivered. Returns the update's id.
+    pub async fn publish(&self, draft: Draft) -> Result<String, crate::cluster::PublishError> {
+        draft.validate()?;
+        crate::cluster::publish_via(&self.hub, self.cluster.as_ref(), draft).await
     }
 }
 

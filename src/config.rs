@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Parser, ValueEnum};
 
 /// Which Mercure dialects the hub's subscribe endpoint speaks (`--protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -26,7 +26,9 @@ pub enum LogFormat {
 }
 
 /// Flags of `ssehub serve` (also accepted with no subcommand).
-#[derive(Debug, Clone, Args)]
+/// A `Parser` too, so that an embedding application can read the same flags from its own
+/// arguments (see the crate's documentation).
+#[derive(Debug, Clone, Parser)]
 pub struct ServeArgs {
     /// Address to listen on (use port 0 for any free port).
     #[arg(long, env = "SSEHUB_LISTEN", default_value = "127.0.0.1:8000")]

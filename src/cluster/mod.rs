@@ -75,6 +75,23 @@ impl From<crate::hub::PublishFailed> for PublishError {
     }
 }
 
+/// Publishes a checked draft where this node's updates go: to the cluster's stream when there
+/// is one (every node, this one included, delivers it from there), else to `hub` itself.
+/// Returns the update's id. The one road for HTTP publishes and an embedding application's.
+pub async fn publish_via(
+    hub: &Hub,
+    cluster: Option<&Cluster>,
+    draft: Draft,
+) -> Result<String, PublishError> {
+    match cluster {
+        Some(cluster) => {
+            hub.check_matching(&draft.topics)?;
+            cluster.publish(draft).await
+        }
+        None => Ok(hub.publish(draft).await?.id),
+    }
+}
+
 impl Cluster {
     /// Connects to Redis, loads the retained history into `hub`, and starts following the
     /// stream. Returns once the hub holds the history, so subscribers accepted afterwards can

@@ -656,19 +656,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     if let Err(reason) = may_publish(&app, &rights, &draft.topics) {
         return refuse_auth(AuthError::Forbidden(reason), &app);
     }
-    let published = match &app.cluster {
-        Some(cluster) => match app.hub.check_matching(&draft.topics) {
-            Ok(()) => cluster.publish(draft).await,
-            Err(e) => Err(e.into()),
-        },
-        None => app
-            .hub
-            .publish(draft)
-            .await
-            .map(|p| p.id)
-            .map_err(Into::into),
-    };
-    match published {
+    match crate::cluster::publish_via(&app.hub, app.cluster.as_ref(), draft).await {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
         Err(PublishError::Invalid(e)) => refuse(invalid_status(&e), e, &app),
         Err(e @ (PublishError::Unavailable(_) | PublishError::NotStored(_))) => {

@@ -2,7 +2,7 @@
 //! into responses. Every refusal is a status and a one-line reason.
 
 mod demo;
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod form;
 mod mercure;
 pub use mercure::{Dialect, BODY_TIMEOUT};

@@ -17,13 +17,13 @@ mod clock;
 mod coalesce;
 mod flusher;
 mod history;
-pub mod selector;
+pub(crate) mod selector;
 mod subscriber;
-pub mod subscriptions;
+pub(crate) mod subscriptions;
 mod templates;
 mod timers;
 mod trim;
-pub mod update;
+pub(crate) mod update;
 mod writer;
 mod writer_state;
 
@@ -314,10 +314,6 @@ impl Hub {
                 coalescing,
             }),
         }
-    }
-
-    pub fn config(&self) -> &HubConfig {
-        &self.shared.config
     }
 
     /// The URL relative URL patterns and topics are read against (`--resource-identifier`).

@@ -16,12 +16,12 @@ use crate::config::ServeConfig;
 use listener::Listener;
 use shutdown::Shutdown;
 
-pub mod budget;
-pub mod h1;
+pub(crate) mod budget;
+pub(crate) mod h1;
 mod hyper_conn;
 mod listener;
 pub mod shutdown;
-pub mod tls;
+pub(crate) mod tls;
 
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
