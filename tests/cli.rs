@@ -147,7 +147,7 @@ async fn publish_then_subscribe_with_last_event_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn subscribe_reconnects_by_itself() {
-    let mut first = TestHub::start(&[]);
+    let mut first = TestHub::start_process(&[]);
     let addr = first.addr.to_string();
     let url = first.url("/.well-known/mercure");
     let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
@@ -168,7 +168,7 @@ async fn subscribe_reconnects_by_itself() {
         .wait_exit(Duration::from_secs(5))
         .expect("first hub stopped");
     // A new hub on the same address: the client finds it by itself.
-    let second = TestHub::start(&["--listen", &addr]);
+    let second = TestHub::start_process(&["--listen", &addr]);
     assert!(
         second.wait_for_log("Added new client", Duration::from_secs(20)),
         "the client did not reconnect"
