@@ -483,7 +483,7 @@ fn context_switches(hub: &TestHub) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partial_preface_does_not_wake_the_hub() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let idle = async {
         let before = context_switches(&hub);
         tokio::time::sleep(Duration::from_secs(1)).await;
