@@ -35,7 +35,7 @@ fn bench(hub: &TestHub, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn every_update_reaches_every_subscriber_once() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let r = run_bench(
         &hub,
         &["--subscribers", "20", "--updates", "50", "--rate", "500"],
@@ -58,7 +58,7 @@ fn every_update_reaches_every_subscriber_once() {
 
 #[test]
 fn topics_split_the_expected_deliveries() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let r = run_bench(
         &hub,
         &[
@@ -85,7 +85,7 @@ fn subscribers_by_template_get_their_topic_and_nothing_else() {
     // Half the subscribers subscribe through `bench-N{?sub}`: a template that did not match
     // its topic would lose their share, one that matched others would deliver more than
     // expected.
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let r = run_bench(
         &hub,
         &[
@@ -110,7 +110,7 @@ fn subscribers_by_template_get_their_topic_and_nothing_else() {
 
 #[test]
 fn a_short_soak_samples_churns_and_loses_nothing() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let r = bench(
         &hub,
         &[
@@ -172,7 +172,7 @@ fn a_short_soak_samples_churns_and_loses_nothing() {
 #[test]
 fn a_server_that_stops_or_dies_ends_the_run_with_a_reason() {
     for (signal, needle) in [("STOP", "no answer"), ("KILL", "exited during the run")] {
-        let hub = TestHub::start(&[]);
+        let hub = TestHub::start_process(&[]);
         let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
             .args(["bench", "--target", "ssehub", "--json", "--settle", "0"])
             .args(["--hub", &hub.url("/.well-known/mercure")])
@@ -204,7 +204,7 @@ fn a_server_that_stops_or_dies_ends_the_run_with_a_reason() {
 /// rather than report "lost 0" and exit 0.
 #[test]
 fn refused_publishes_fail_the_run_with_the_hubs_reason() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
         .args(["bench", "--target", "ssehub"])
         .args(["--hub", &hub.url("/.well-known/mercure")])

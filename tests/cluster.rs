@@ -140,10 +140,28 @@ impl Drop for Redis {
 }
 
 fn node(redis: &Redis, extra: &[&str]) -> TestHub {
-    let url = redis.url();
-    let mut args = vec!["--redis", url.as_str()];
-    args.extend_from_slice(extra);
-    TestHub::start(&args)
+    TestHub::start(
+        &node_args(redis, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A node as its own process, for the tests that kill one.
+fn node_process(redis: &Redis, extra: &[&str]) -> TestHub {
+    TestHub::start_process(
+        &node_args(redis, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn node_args(redis: &Redis, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--redis".to_owned(), redis.url()];
+    args.extend(extra.iter().map(|&a| a.to_owned()));
+    args
 }
 
 /// Appends an entry with `fields` to the update stream, as something other than a node would.
@@ -299,7 +317,7 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     let Some(redis) = Redis::start(None) else {
         return;
     };
-    let nodes: Vec<TestHub> = (0..3).map(|_| node(&redis, &[])).collect();
+    let nodes: Vec<TestHub> = (0..3).map(|_| node_process(&redis, &[])).collect();
     let addrs: Vec<Target> = nodes
         .iter()
         .map(|n| n.target("/.well-known/mercure?topic=t"))
@@ -502,11 +520,11 @@ async fn nodes_on_one_machine_share_its_write_budget() {
         return;
     };
     // 30,000 divides by 2 and 3 exactly, so the shares are exact whatever the core count.
-    let first = node(&redis, &["--write-budget", "30000"]);
+    let first = node_process(&redis, &["--write-budget", "30000"]);
     let whole = first.metric("ssehub_write_budget").await;
     assert!(whole >= 30_000.0 && whole % 30_000.0 == 0.0, "{whole}");
-    let second = node(&redis, &["--write-budget", "30000"]);
-    let mut third = node(&redis, &["--write-budget", "30000"]);
+    let second = node_process(&redis, &["--write-budget", "30000"]);
+    let mut third = node_process(&redis, &["--write-budget", "30000"]);
     for hub in [&first, &second, &third] {
         wait_budget(hub, whole / 3.0, Duration::from_secs(15)).await;
     }
@@ -552,7 +570,7 @@ async fn one_clock_for_the_cluster_and_it_moves_when_its_node_dies() {
         return;
     };
     let nodes: Vec<TestHub> = (0..3)
-        .map(|_| node(&redis, &["--clock-interval", "200ms"]))
+        .map(|_| node_process(&redis, &["--clock-interval", "200ms"]))
         .collect();
     let holds = |n: &TestHub| {
         n.logs()

@@ -33,7 +33,7 @@ async fn drain(stream: &mut EventStream, quiet: Duration) -> Vec<(String, String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loses_no_answered_publish() {
     let dir = temp_dir();
-    let hub = TestHub::start(&["--data-dir", arg(&dir)]);
+    let hub = TestHub::start_process(&["--data-dir", arg(&dir)]);
     let mut load = Vec::new();
     for p in 0..2 {
         let mut publisher = hub.publisher().await;
@@ -61,7 +61,7 @@ async fn a_crash_loses_no_answered_publish() {
     drop(hub);
     assert!(answered.iter().all(|a| a.len() > 10), "too little load");
 
-    let hub = TestHub::start(&["--data-dir", arg(&dir)]);
+    let hub = TestHub::start_process(&["--data-dir", arg(&dir)]);
     let (from, _) = answered[0][4].clone();
     let mut s = hub.subscribe("topic=t", &[("Last-Event-ID", &from)]).await;
     assert_eq!(s.headers["last-event-id"], from.as_str());
@@ -107,7 +107,7 @@ async fn a_crash_loses_no_answered_publish() {
 async fn a_restart_keeps_the_history_and_its_earliest_rule() {
     let dir = temp_dir();
     let args = ["--data-dir", arg(&dir), "--history-size", "5"];
-    let hub = TestHub::start(&args);
+    let hub = TestHub::start_process(&args);
     let mut p = hub.publisher().await;
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -117,7 +117,7 @@ async fn a_restart_keeps_the_history_and_its_earliest_rule() {
     drop(p);
     drop(hub);
 
-    let hub = TestHub::start(&args);
+    let hub = TestHub::start_process(&args);
     let mut s = hub
         .subscribe("topic=t", &[("Last-Event-ID", &ids[0])])
         .await;
@@ -265,7 +265,7 @@ async fn a_failed_write_refuses_the_publish_and_nothing_else() {
 async fn a_topic_leaving_the_reserved_namespace_is_stored_like_any_other() {
     let dir = temp_dir();
     let args = ["--data-dir", arg(&dir)];
-    let hub = TestHub::start(&args);
+    let hub = TestHub::start_process(&args);
     let mut p = hub.publisher().await;
     let topic = "/.well-known/mercure/subscriptions/../../x";
     p.ok(&[("topic", "t"), ("data", "plain"), ("private", "on")])
@@ -276,7 +276,7 @@ async fn a_topic_leaving_the_reserved_namespace_is_stored_like_any_other() {
     drop(p);
     drop(hub);
 
-    let hub = TestHub::start(&args);
+    let hub = TestHub::start_process(&args);
     let all = ["*".to_owned()];
     let token = hub.key.mint(None, Some(&all), None).unwrap();
     let bearer = format!("Bearer {token}");

@@ -69,7 +69,7 @@ async fn raw_status(hub: &TestHub, request: &[u8]) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_loris_silent_and_half_closed_connections() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
 
@@ -120,7 +120,7 @@ async fn slow_loris_silent_and_half_closed_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_connections_that_never_read() {
-    let hub = TestHub::start(&["--subscriber-queue", "50", "--history-size", "100"]);
+    let hub = TestHub::start_process(&["--subscriber-queue", "50", "--history-size", "100"]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
     let mut stalled = Vec::new();
@@ -160,7 +160,7 @@ async fn a_thousand_connections_that_never_read() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_and_endless_bodies() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
     let token = hub.publisher_token();
@@ -315,7 +315,7 @@ async fn oversized_lists_selectors_and_bad_bytes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_two_thousand_connections() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
     let tasks: Vec<_> = (0..2000)
@@ -349,7 +349,7 @@ async fn http2_rapid_reset() {
     use bytes::Bytes;
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
     let tcp = TcpStream::connect(hub.addr).await.unwrap();
@@ -483,7 +483,7 @@ fn context_switches(hub: &TestHub) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partial_preface_does_not_wake_the_hub() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let idle = async {
         let before = context_switches(&hub);
         tokio::time::sleep(Duration::from_secs(1)).await;

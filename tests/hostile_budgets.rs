@@ -52,7 +52,7 @@ fn sign(claims: serde_json::Value) -> String {
 async fn the_history_is_bounded_in_bytes() {
     // 60 updates of 900 kB against --history-bytes 8MiB: without the byte bound the hub keeps
     // all 54 MB (the count bound, 10,000, is far away).
-    let hub = TestHub::start(&["--history-bytes", "8MiB"]);
+    let hub = TestHub::start_process(&["--history-bytes", "8MiB"]);
     let mut witness = hub.subscribe("topic=big", &[]).await;
     let rss_before = hub.rss_kib();
     let mut publisher = hub.publisher().await;
@@ -99,7 +99,7 @@ async fn the_history_is_bounded_in_bytes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_subscriptions_topics_are_bounded_and_leave_no_memory_behind() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     let mut witness = hub.subscribe("topic=witness", &[]).await;
     let mut publisher = hub.publisher().await;
 

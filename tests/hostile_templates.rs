@@ -96,7 +96,7 @@ async fn raw_subscribe(hub: &TestHub, query: &str) -> (u16, String, TcpStream) {
 #[tokio::test(flavor = "multi_thread")]
 async fn distinct_anonymous_templates_stay_within_template_memory() {
     const LIMIT_MIB: u64 = 8;
-    let hub = TestHub::start(&["--template-memory", "8MiB"]);
+    let hub = TestHub::start_process(&["--template-memory", "8MiB"]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
 

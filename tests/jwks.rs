@@ -417,9 +417,6 @@ async fn a_forged_exp_at_the_end_of_time_is_refused_not_a_panic() {
     forged["exp"] = json!(u64::MAX);
     let token = Pair::ed25519("unknown").sign(Some("at+jwt"), true, &forged);
     let (status, text, _) = publish(&hub, &token, "a").await;
+    // A panic would have dropped the connection instead (`request` fails on that).
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
-    assert!(
-        !hub.logs().iter().any(|l| l.contains("panicked")),
-        "the hub panicked"
-    );
 }

@@ -132,7 +132,7 @@ async fn pipelined_publishes_are_answered_in_order_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_publisher_connection_does_not_hold_up_shutdown() {
-    let mut hub = TestHub::start(&[]);
+    let mut hub = TestHub::start_process(&[]);
     let mut c = TcpStream::connect(hub.addr).await.unwrap();
     c.write_all(publish(&hub, "s", "before", "").as_bytes())
         .await

@@ -118,7 +118,14 @@ async fn the_demo_stream_replays_too() {
         .unwrap();
     let first = take(&mut s, 2, Duration::from_secs(5)).await;
     drop(s);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A few ticks while no one listens, for the reconnect to replay.
+    let stored = hub.metric("ssehub_history_length").await;
+    hub.wait_metric(
+        "ssehub_history_length",
+        |v| v >= stored + 3.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let mut h = http::HeaderMap::new();
     h.insert("last-event-id", first[1].id.parse().unwrap());
     let mut s = ssehub::client::EventStream::open(&hub.target("/events/"), &h)

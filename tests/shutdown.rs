@@ -8,7 +8,7 @@ use common::{take, TestHub};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_streams_and_exits_zero() {
-    let mut hub = TestHub::start(&[]);
+    let mut hub = TestHub::start_process(&[]);
     let mut streams = Vec::new();
     for _ in 0..20 {
         streams.push(hub.subscribe("topic=a", &[]).await);
@@ -36,7 +36,7 @@ async fn sigterm_ends_streams_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_a_stalled_client_still_exits() {
-    let mut hub = TestHub::start(&[]);
+    let mut hub = TestHub::start_process(&[]);
     use tokio::io::AsyncWriteExt;
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -59,7 +59,7 @@ async fn sigterm_with_a_stalled_client_still_exits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_without_tls_reloads_nothing_and_serves_on() {
     // Sent as soon as the hub says it listens: the handler is there by then.
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     hub.signal("HUP");
     assert!(hub.wait_for_log("nothing to reload", Duration::from_secs(5)));
     let mut s = hub.subscribe("topic=t", &[]).await;
@@ -78,7 +78,7 @@ async fn sighup_without_tls_reloads_nothing_and_serves_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_does_not_wait_for_connections_without_a_whole_head() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut hub = TestHub::start(&[]);
+    let mut hub = TestHub::start_process(&[]);
     let silent = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let mut partial = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     partial

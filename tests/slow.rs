@@ -27,13 +27,18 @@ async fn stalled_subscriber(hub: &TestHub, topic: &str) -> tokio::net::TcpStream
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_subscriber_is_dropped_and_the_others_get_everything() {
-    let hub = TestHub::start(&["--subscriber-queue", "200", "--history-size", "1000"]);
+    let hub = TestHub::start_process(&["--subscriber-queue", "200", "--history-size", "1000"]);
     let mut stalled = stalled_subscriber(&hub, "load").await;
     let mut others = Vec::new();
     for _ in 0..50 {
         others.push(hub.subscribe("topic=load", &[]).await);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 51.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let rss_before = hub.rss_kib();
 
     let payload = "x".repeat(4096);
@@ -128,7 +133,7 @@ async fn a_reader_that_stops_is_noticed_soon_even_with_small_updates() {
 /// make it a copy of its whole queue (which could be `--subscriber-queue` × `--max-body`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_is_sent_without_a_copy_of_it() {
-    let hub = TestHub::start(&[]);
+    let hub = TestHub::start_process(&[]);
     // Not read until the backlog is there: the socket fills and updates queue up.
     let mut s = hub.subscribe("topic=big", &[]).await;
     let mut p = hub.publisher().await;

@@ -190,7 +190,7 @@ async fn http1_by_alpn_and_h2c_with_prior_knowledge() {
 async fn sighup_reloads_the_certificate_without_dropping_streams() {
     let dir = temp_dir("reload");
     let first = make_cert(&dir);
-    let mut hub = TestHub::start_tls(
+    let mut hub = TestHub::start_process_tls(
         &["--tls-cert", &first.cert(), "--tls-key", &first.key()],
         first.der.clone(),
     );
@@ -260,7 +260,12 @@ async fn curl_http2_streams_updates_over_tls() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    assert!(hub.wait_for_log("Added new client", Duration::from_secs(10)));
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     hub.publisher()
         .await
         .ok(&[("topic", "d"), ("data", "via curl")])

@@ -77,7 +77,7 @@ async fn figures_need_a_valid_token() {
 
 #[tokio::test]
 async fn figures_stream_the_hubs_metrics_and_end_at_shutdown() {
-    let mut hub = TestHub::start(&[]);
+    let mut hub = TestHub::start_process(&[]);
     let token = hub.publisher_token();
     let mut publisher = hub.publisher().await;
     for i in 0..3 {

@@ -1,18 +1,30 @@
-//! Starts a real `ssehub` process on 127.0.0.1 and talks to it over TCP.
+//! Starts a hub on 127.0.0.1 and talks to it over TCP: in this process (`TestHub::start`),
+//! on a listener bound to port 0 and a runtime of its own, or as the built binary
+//! (`TestHub::start_process`) for what only a process has: signals, exit codes, resource
+//! limits, its memory, being killed, and what it prints.
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser as _;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use ssehub::auth::Key;
 use ssehub::client::{Connection, EventStream, Target};
+use ssehub::config::LogFormat;
 use ssehub::sse::Event;
+use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-for-ssehub";
+
+/// How long an in-process hub may take to stop once told to: its graceful shutdown gives
+/// connections 4 s to finish, and the runtime one more.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 pub struct TestHub {
     pub addr: SocketAddr,
@@ -20,29 +32,162 @@ pub struct TestHub {
     pub scheme: String,
     /// A certificate the test's clients trust (a TLS hub's self-signed one).
     pub trust: Option<rustls::pki_types::CertificateDer<'static>>,
-    child: Child,
+    running: Running,
     logs: Arc<Mutex<Vec<String>>>,
     /// The data directory made for this hub (removed with it), when the test gave none.
     own_data_dir: Option<std::path::PathBuf>,
     pub key: Key,
 }
 
+/// Where the hub runs.
+enum Running {
+    /// `server::run` on a thread of its own; stopped by `stop`, which says how it ended on
+    /// `ended`.
+    InProcess {
+        stop: CancellationToken,
+        ended: Receiver<Result<(), String>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        /// Its `--data-dir`, whose store it lets go of after it stops.
+        data_dir: Option<std::path::PathBuf>,
+    },
+    /// The built `ssehub` binary.
+    Process(Child),
+}
+
 impl TestHub {
-    /// Starts the hub with `args`, adding a free port, a known key and no clock unless given.
-    /// Unless `--data-dir` is given, the hub keeps its history in a directory of its own.
+    /// Starts the hub in this process with `args`, adding a free port, a known key and no
+    /// clock unless given. Unless `--data-dir` is given, the hub keeps its history in a
+    /// directory of its own. Connections may be made at once: the listener is bound before
+    /// this returns (the kernel queues them until the hub accepts).
     pub fn start(args: &[&str]) -> TestHub {
+        let (argv, own_data_dir) = serve_args(args);
+        let cli = ssehub::cli::Cli::try_parse_from(
+            std::iter::once("ssehub".to_owned()).chain(argv.iter().cloned()),
+        )
+        .unwrap_or_else(|e| panic!("the hub's arguments {argv:?}: {e}"));
+        let Some(ssehub::cli::Command::Serve(serve)) = cli.command else {
+            unreachable!("the arguments start with `serve`")
+        };
+        // As the binary does before it checks its settings: the default --max-connections
+        // follows the open-file limit.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let config = serve
+            .validate()
+            .unwrap_or_else(|e| panic!("the hub's arguments {argv:?}: {e}"));
+        let listener = std::net::TcpListener::bind(config.listen)
+            .unwrap_or_else(|e| panic!("listen on {}: {e}", config.listen));
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let data_dir = config.data_dir.clone();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let dispatch = log_dispatch(&logs, serve.log_format);
+        let stop = CancellationToken::new();
+        let (ended_tx, ended) = std::sync::mpsc::channel();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ssehub-test-hub".into())
+            .spawn(move || {
+                let _log = tracing::dispatcher::set_default(&dispatch);
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .on_thread_start(move || {
+                        let guard = tracing::dispatcher::set_default(&dispatch);
+                        HUB_LOG.with(|g| *g.borrow_mut() = Some(guard));
+                    })
+                    .on_thread_stop(|| HUB_LOG.with(|g| drop(g.borrow_mut().take())))
+                    .build()
+                    .expect("the hub's runtime");
+                let result = runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    ssehub::server::run(listener, config, stopped).await
+                });
+                // As the binary does: streams left to clients that stopped reading must
+                // not hold the hub.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+                let _ = ended_tx.send(result.map_err(|e| format!("{e:#}")));
+            })
+            .expect("start the hub's thread");
+        // Ready once it says it listens (its keys made, its store open, its cluster joined),
+        // as the binary's tests were: a test may look at what start-up did (a lock taken, a
+        // position in the cluster's stream) without a request first. Failing to start fails
+        // here, with the hub's reason.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("listening on"))
+        {
+            match ended.try_recv() {
+                Ok(Err(e)) => panic!("the hub did not start: {e}"),
+                Ok(Ok(())) => panic!("the hub stopped as it started"),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("the hub's thread panicked as it started")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hub did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        TestHub {
+            addr,
+            scheme: scheme.to_owned(),
+            trust: None,
+            running: Running::InProcess {
+                stop,
+                ended,
+                thread: Some(thread),
+                data_dir,
+            },
+            logs,
+            own_data_dir,
+            key: Key::secret(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()),
+        }
+    }
+
+    /// Starts a TLS hub in this process whose self-signed certificate the test's clients
+    /// trust.
+    pub fn start_tls(args: &[&str], trust: rustls::pki_types::CertificateDer<'static>) -> TestHub {
+        let mut hub = TestHub::start(args);
+        hub.trust = Some(trust);
+        hub
+    }
+
+    /// Starts the built `ssehub` binary with `args` (completed as [`TestHub::start`] does),
+    /// for tests of what only a process has: its pid, memory, signals and exit.
+    pub fn start_process(args: &[&str]) -> TestHub {
         TestHub::spawn(args, &[])
     }
 
-    /// Starts the hub as [`TestHub::start`] does, with the soft limit on the size of the
-    /// files it writes (RLIMIT_FSIZE) at `bytes` (the hard limit unlimited, so that
+    /// Starts the binary as [`TestHub::start_process`] does, serving TLS with a certificate
+    /// the test's clients trust.
+    pub fn start_process_tls(
+        args: &[&str],
+        trust: rustls::pki_types::CertificateDer<'static>,
+    ) -> TestHub {
+        let mut hub = TestHub::start_process(args);
+        hub.trust = Some(trust);
+        hub
+    }
+
+    /// Starts the binary as [`TestHub::start_process`] does, with the soft limit on the size
+    /// of the files it writes (RLIMIT_FSIZE) at `bytes` (the hard limit unlimited, so that
     /// `prlimit --pid` can raise it again).
     pub fn start_with_file_size(args: &[&str], bytes: u64) -> TestHub {
         TestHub::spawn(args, &[(rlimit::Resource::FSIZE, bytes, rlimit::INFINITY)])
     }
 
-    /// Starts the hub as [`TestHub::start`] does, with its open-file limit (soft and hard:
-    /// the hub raises its soft limit to the hard one) at `open_files`.
+    /// Starts the binary as [`TestHub::start_process`] does, with its open-file limit (soft
+    /// and hard: the hub raises its soft limit to the hard one) at `open_files`.
     pub fn start_with_open_files(args: &[&str], open_files: u64) -> TestHub {
         TestHub::spawn(args, &[(rlimit::Resource::NOFILE, open_files, open_files)])
     }
@@ -56,23 +201,8 @@ impl TestHub {
                 cmd.pre_exec(move || rlimit::setrlimit(resource, soft, hard));
             }
         }
-        let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
-        let own_data_dir = (!has("--data-dir")).then(temp_dir);
-        if let Some(dir) = &own_data_dir {
-            cmd.arg("serve").arg("--data-dir").arg(dir);
-        } else {
-            cmd.arg("serve");
-        }
-        if !has("--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
-        }
-        if !has("--publisher-jwt-key") {
-            cmd.args(["--publisher-jwt-key", SECRET]);
-        }
-        if !has("--clock-interval") {
-            cmd.args(["--clock-interval", "0"]);
-        }
-        cmd.args(args)
+        let (argv, own_data_dir) = serve_args(args);
+        cmd.args(&argv)
             .env("RUST_LOG", "info")
             .env_remove("SSEHUB_LISTEN")
             .env_remove("SSEHUB_DATA_DIR")
@@ -109,22 +239,26 @@ impl TestHub {
             addr: addr.parse().unwrap(),
             scheme,
             trust: None,
-            child,
+            running: Running::Process(child),
             logs,
             own_data_dir,
             key: Key::secret(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()),
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The process, for the methods that act on it; an in-process hub has none of its own.
+    fn child(&self, what: &str) -> &Child {
+        match &self.running {
+            Running::Process(child) => child,
+            Running::InProcess { .. } => panic!(
+                "{what} needs the hub's own process, and this hub runs in the test's: \
+                 start it with TestHub::start_process"
+            ),
+        }
     }
 
-    /// Starts a TLS hub whose self-signed certificate the test's clients trust.
-    pub fn start_tls(args: &[&str], trust: rustls::pki_types::CertificateDer<'static>) -> TestHub {
-        let mut hub = TestHub::start(args);
-        hub.trust = Some(trust);
-        hub
+    pub fn pid(&self) -> u32 {
+        self.child("pid()").id()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -238,7 +372,8 @@ impl TestHub {
 
     /// The hub's resident memory, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let pid = self.child("rss_kib()").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -253,8 +388,9 @@ impl TestHub {
 
     /// Sends the signal named `name` (`TERM`, `HUP`…).
     pub fn signal(&self, name: &str) {
+        let pid = self.child(&format!("signal({name:?})")).id();
         let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap()
             .success();
@@ -263,9 +399,13 @@ impl TestHub {
 
     /// Waits for the process to exit; `None` if it is still running after `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.child("wait_exit()");
+        let Running::Process(child) = &mut self.running else {
+            unreachable!()
+        };
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Some(s) = self.child.try_wait().unwrap() {
+            if let Some(s) = child.try_wait().unwrap() {
                 return Some(s);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -310,11 +450,145 @@ impl TestHub {
 
 impl Drop for TestHub {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let failure = match &mut self.running {
+            Running::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+            Running::InProcess {
+                stop,
+                ended,
+                thread,
+                data_dir,
+            } => {
+                stop.cancel();
+                match ended.recv_timeout(STOP_WITHIN) {
+                    Ok(Ok(())) => {
+                        let _ = thread.take().map(std::thread::JoinHandle::join);
+                        data_dir.as_deref().and_then(store_still_held)
+                    }
+                    Ok(Err(e)) => Some(format!("the hub failed: {e}")),
+                    Err(RecvTimeoutError::Timeout) => Some(format!(
+                        "the hub did not stop within {STOP_WITHIN:?} of being told to"
+                    )),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        Some("the hub's thread panicked".to_owned())
+                    }
+                }
+            }
+        };
         if let Some(dir) = &self.own_data_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+        if let Some(failure) = failure {
+            // A test already failing says why itself; the hub's own failure goes beside it.
+            if std::thread::panicking() {
+                eprintln!("{failure}");
+            } else {
+                panic!("{failure}\nits log:\n{}", self.logs().join("\n"));
+            }
+        }
+    }
+}
+
+/// Waits for the store in `dir` to be let go of: its writer thread ends on its own after the
+/// hub has stopped, and the next hub on the directory (or the binary) must find it unlocked,
+/// as it would after a process exits. `None` once it is, or a failure.
+fn store_still_held(dir: &std::path::Path) -> Option<String> {
+    use std::os::fd::AsRawFd as _;
+    let deadline = Instant::now() + STOP_WITHIN;
+    loop {
+        let Ok(file) = std::fs::File::open(dir.join(ssehub::store::FILE)) else {
+            return None;
+        };
+        // redb locks ranges of its file with open-file-description locks (flock where
+        // those are missing): ask, on a descriptor of one's own, whether any is held.
+        // SAFETY: fcntl and flock on a descriptor this function owns, with a lock
+        // description it owns.
+        let free = unsafe {
+            let mut held: libc::flock = std::mem::zeroed();
+            held.l_type = libc::F_WRLCK as _;
+            held.l_whence = libc::SEEK_SET as _;
+            libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut held) == 0
+                && i32::from(held.l_type) == libc::F_UNLCK
+                && libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0
+        };
+        if free {
+            return None;
+        }
+        if Instant::now() > deadline {
+            return Some(format!(
+                "the hub still held its store in {} {STOP_WITHIN:?} after stopping",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The arguments of `ssehub serve` for a test hub: the test's `args`, with a free port, the
+/// test key, no clock and a data directory of its own (returned, to be removed) unless given.
+fn serve_args(args: &[&str]) -> (Vec<String>, Option<std::path::PathBuf>) {
+    let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
+    let mut argv = vec!["serve".to_owned()];
+    let own_data_dir = (!has("--data-dir")).then(temp_dir);
+    if let Some(dir) = &own_data_dir {
+        argv.push("--data-dir".to_owned());
+        argv.push(dir.display().to_string());
+    }
+    for (flag, default) in [
+        ("--listen", "127.0.0.1:0"),
+        ("--publisher-jwt-key", SECRET),
+        ("--clock-interval", "0"),
+    ] {
+        if !has(flag) {
+            argv.push(flag.to_owned());
+            argv.push(default.to_owned());
+        }
+    }
+    argv.extend(args.iter().map(|&a| a.to_owned()));
+    (argv, own_data_dir)
+}
+
+thread_local! {
+    /// An in-process hub's log, set as the default on each of its runtime's threads for the
+    /// thread's life: the log of several hubs in one test binary stays apart.
+    static HUB_LOG: RefCell<Option<tracing::dispatcher::DefaultGuard>> =
+        const { RefCell::new(None) };
+}
+
+/// What the binary's logging does (src/main.rs `init_logging`, with RUST_LOG=info and no
+/// colours), writing each line into `logs` instead of stderr.
+fn log_dispatch(logs: &Arc<Mutex<Vec<String>>>, format: LogFormat) -> tracing::Dispatch {
+    let logs = logs.clone();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(move || LogLines(logs.clone()))
+        .with_target(false)
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => tracing::Dispatch::new(builder.finish()),
+        LogFormat::Json => tracing::Dispatch::new(builder.json().finish()),
+    }
+}
+
+/// Appends what it is given to a hub's log, a line at a time (the formatter writes each
+/// event whole).
+struct LogLines(Arc<Mutex<Vec<String>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0
+            .lock()
+            .unwrap()
+            .extend(text.lines().map(str::to_owned));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
