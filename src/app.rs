@@ -1,19 +1,48 @@
 //! Builds the running hub from its configuration: keys, TLS, the issuer's key set, the hub
 //! (with its durable history or its cluster), the router, the start-up messages, and the
-//! background tasks. `server::run` builds an [`App`] and then serves connections with it.
+//! background tasks. [`run`] builds an [`App`] and then serves connections with it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Key;
 use crate::config::ServeConfig;
+use crate::config::RESERVE_CONNECTIONS as RESERVE;
 use crate::http::{router, AppState};
 use crate::hub::{Draft, Hub, HubConfig};
-use crate::server::budget::{Budget, RESERVE};
+use crate::server::budget::Budget;
+use crate::server::listener::Listener;
 use crate::server::shutdown::Shutdown;
 use crate::server::tls::Tls;
+
+/// Runs the hub on `listener` until `stop` is cancelled, then shuts down gracefully: builds the
+/// [`App`] for `config`, serves connections with it, and stops in order.
+///
+/// Several hubs may run in one process, each on its own listener with its own `stop`. What is
+/// shared by the process: SIGHUP is taken over from its default action (ending the process)
+/// for as long as the process lives, and each hub reloads its certificate on it.
+pub async fn run(
+    listener: TcpListener,
+    config: ServeConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let shutdown = Shutdown::new(stop);
+    let app = App::build(&config, addr, &shutdown).await?;
+    let transport = Listener::new(
+        app.budget.clone(),
+        app.router.clone(),
+        app.tls.clone(),
+        app.max_body,
+        app.hub.metrics().clone(),
+    );
+    transport.accept(&listener, &shutdown).await;
+    shutdown.drain(listener, &app.hub).await;
+    Ok(())
+}
 
 /// The running hub and everything around it: what the listener serves connections with, and
 /// what an application that embeds the hub mounts and publishes through (see the crate's
@@ -77,7 +106,7 @@ impl App {
         let budget = Budget::new(config.max_connections, hub.metrics().clone());
         let state = AppState {
             hub: hub.clone(),
-            connections: budget.clone(),
+            connections: Arc::new(budget.clone()),
             publisher_key,
             subscriber_key,
             anonymous: config.anonymous,
@@ -140,7 +169,7 @@ impl App {
 impl App {
     /// The hub's routes (`/.well-known/mercure`, the demo page at `/`, `/ui/`, `/healthz`,
     /// `/readyz`, `/metrics`, the subscription API), to serve on their own or merged into an
-    /// application's router. Served by another server than [`crate::server::run`], event
+    /// application's router. Served by another server than [`run`], event
     /// streams are written by hyper (the server's own HTTP/1.1 writer and its connection
     /// limits are not there).
     pub fn router(&self) -> axum::Router {
@@ -184,7 +213,7 @@ fn open_hub(config: &ServeConfig) -> anyhow::Result<Hub> {
     let hub_config = hub_config(config);
     Ok(match (&config.data_dir, &config.redis) {
         (Some(dir), None) => {
-            let bounds = crate::store::Bounds {
+            let bounds = crate::hub::store::Bounds {
                 updates: if hub_config.history_bytes == 0 {
                     0
                 } else {
@@ -193,11 +222,11 @@ fn open_hub(config: &ServeConfig) -> anyhow::Result<Hub> {
                 bytes: hub_config.history_bytes,
             };
             let (store, kept) = tokio::task::block_in_place(|| {
-                crate::store::open_or_recover(dir, bounds, config.data_dir_recover)
+                crate::hub::store::open_or_recover(dir, bounds, config.data_dir_recover)
             })?;
             tracing::info!(
                 "history kept in {} ({} updates reloaded); a publish is answered once it is on disk",
-                dir.join(crate::store::FILE).display(),
+                dir.join(crate::hub::store::FILE).display(),
                 kept.len()
             );
             Hub::durable(hub_config, store, kept)

@@ -84,7 +84,7 @@ fn tls_hint(e: &std::io::Error) -> &'static str {
 
 /// Where a hub's endpoint is, for a URL that turned out to name something else.
 fn url_hint(url: &str) -> &'static str {
-    if url.contains(crate::http::MERCURE_PATH) {
+    if url.contains(crate::hub::update::RESERVED_PATH) {
         "is this a Mercure hub's URL?"
     } else {
         "is the hub URL missing /.well-known/mercure? (e.g. \

@@ -548,15 +548,21 @@ fn check_redis_url(url: &str) -> Result<String, String> {
         .map_err(|e| format!("--redis: {e}; write redis://HOST:PORT[/DB]"))
 }
 
+/// Connections the hub takes beyond `--max-connections`. While it holds more than
+/// `--max-connections`, new event streams are refused (503), and publishes, health checks and
+/// metrics are served on these; when these are taken too, the hub accepts nothing more until
+/// a connection closes, and closes idle ones to make room.
+pub const RESERVE_CONNECTIONS: usize = 32;
+
 /// A margin under the open-file limit: every connection holds one descriptor, the reserve
-/// beyond `--max-connections` (`budget::RESERVE`, 32) one each, and the hub keeps 5 % and 32
+/// beyond `--max-connections` ([`RESERVE_CONNECTIONS`], 32) one each, and the hub keeps 5 % and 32
 /// more for its listener, runtime, logs and cluster connections (1,024 gives 909).
 pub fn default_max_connections() -> usize {
     let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(10_000_000);
-    soft.saturating_sub(soft / 20 + 32 + crate::server::budget::RESERVE)
+    soft.saturating_sub(soft / 20 + 32 + RESERVE_CONNECTIONS)
         .max(1)
 }
 
@@ -568,16 +574,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 5s or 250ms: {e}"))
-}
-
-/// A size as `parse_size` reads it: `64MiB`, `512KiB`, or bytes.
-pub fn format_size(bytes: usize) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
-        b => format!("{b}"),
-    }
 }
 
 /// `1MiB`, `64KiB`, `512kB`, `100000`.
@@ -629,7 +625,7 @@ mod tests {
         assert_eq!(parse_size("64 KiB"), Ok(65536));
         assert!(parse_size("lots").is_err());
         for s in ["64MiB", "512KiB", "2GiB", "100000", "0"] {
-            assert_eq!(format_size(parse_size(s).unwrap()), s);
+            assert_eq!(crate::hub::format_size(parse_size(s).unwrap()), s);
         }
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));

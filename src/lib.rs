@@ -68,6 +68,5 @@ pub mod hub;
 pub(crate) mod metrics;
 pub mod server;
 pub use ssehub_sse as sse;
-pub mod store;
 
-pub use app::App;
+pub use app::{run, App};

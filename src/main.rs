@@ -87,7 +87,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ssehub::server::termination().await;
             on_signal.cancel();
         });
-        ssehub::server::run(listener, config, stop).await
+        ssehub::run(listener, config, stop).await
     })?;
     // Streams left hanging by clients that stopped reading must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -170,7 +170,7 @@ async fn a_damaged_store_is_refused_and_moved_aside_only_when_asked() {
             let mut p = hub.publisher().await;
             p.ok(&[("topic", "t"), ("data", "x")]).await;
         }
-        let file = dir.join(ssehub::store::FILE);
+        let file = dir.join(ssehub::hub::store::FILE);
         let bytes = std::fs::read(&file).unwrap();
         match damage {
             "garbage" => std::fs::write(&file, vec![0x5a; bytes.len()]).unwrap(),

@@ -1,4 +1,4 @@
-//! The hub's own HTTP/1.1 path for publishes (`src/h1_publish.rs`), over raw TCP: keep-alive
+//! The hub's own HTTP/1.1 path for publishes (`src/server/h1/publish.rs`), over raw TCP: keep-alive
 //! and pipelined publishes answered in order, bodies arriving in pieces or not at all, and
 //! the hand-over to hyper for the requests it does not take.
 

@@ -1,4 +1,4 @@
-//! The hub's own HTTP/1.1 writer for event streams (`src/h1_stream.rs`), byte for byte over raw
+//! The hub's own HTTP/1.1 writer for event streams (`src/server/h1/`), byte for byte over raw
 //! TCP: what it sends, what it leaves to hyper, and how it treats odd clients.
 
 mod common;

@@ -24,12 +24,18 @@ use crate::cluster::Cluster;
 use crate::config::Origins;
 use crate::hub::{Hub, SubscriberStream};
 
+/// The transport's connection budget as the routes see it (`server::budget` counts the
+/// connections): whether it is spent, in which case a new event stream is refused.
+pub trait ConnectionBudget: Send + Sync {
+    fn full(&self) -> bool;
+}
+
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Hub,
     /// The hub's connections: over `--max-connections`, new event streams are refused.
-    pub connections: crate::server::budget::Budget,
+    pub connections: Arc<dyn ConnectionBudget>,
     pub publisher_key: Arc<Key>,
     pub subscriber_key: Arc<Key>,
     /// Subscribers without a token may receive public updates.
@@ -65,7 +71,7 @@ pub struct Connection {
 /// Where a subscribe handler leaves its stream (and the path, for the log) for the connection.
 pub type StreamSlot = Arc<parking_lot::Mutex<Option<(SubscriberStream, &'static str)>>>;
 
-pub const MERCURE_PATH: &str = "/.well-known/mercure";
+pub const MERCURE_PATH: &str = crate::hub::update::RESERVED_PATH;
 
 pub fn router(state: AppState, cors: Option<&Origins>) -> Router {
     let router = Router::new()

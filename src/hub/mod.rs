@@ -18,6 +18,7 @@ mod coalesce;
 mod flusher;
 mod history;
 pub(crate) mod selector;
+pub mod store;
 mod subscriber;
 pub(crate) mod subscriptions;
 mod templates;
@@ -198,7 +199,7 @@ pub enum SubscribeError {
     TooManyTemplates,
     #[error("the hub is full (--max-connections); try again later")]
     Full,
-    #[error("the hub's template memory (--template-memory {}) is full; try again later", crate::config::format_size(*.0))]
+    #[error("the hub's template memory (--template-memory {}) is full; try again later", format_size(*.0))]
     TemplateMemoryFull(usize),
     #[error("this hub does not let anonymous subscribers use URI templates or URL patterns (--anonymous-templates false); subscribe to exact topics, or with a token")]
     AnonymousTemplates,
@@ -219,9 +220,20 @@ pub enum PublishFailed {
 /// A publish accepted by [`HubShared::submit`]: published, or waiting for its commit.
 pub(crate) enum Submitted {
     Done(Published),
-    Queued(tokio::sync::oneshot::Receiver<Result<Published, crate::store::WriteError>>),
+    Queued(tokio::sync::oneshot::Receiver<Result<Published, store::WriteError>>),
     /// Refused, nothing of it kept: the writer is this far behind.
     Behind(String),
+}
+
+/// A size as the flags write it (`crate::config::parse_size` reads it back): `64MiB`,
+/// `512KiB`, or bytes.
+pub(crate) fn format_size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}"),
+    }
 }
 
 /// The result of a publish.
@@ -242,11 +254,11 @@ impl Hub {
     /// A hub whose history is `store`'s: `kept` (what the store returned when it opened) is
     /// its history to begin with, its seqs carry on after them, and a publish is answered once
     /// its update is on disk.
-    pub fn durable(config: HubConfig, store: crate::store::Store, kept: Vec<Update>) -> Hub {
+    pub fn durable(config: HubConfig, store: store::Store, kept: Vec<Update>) -> Hub {
         Hub::build(config, Some((store, kept)))
     }
 
-    fn build(config: HubConfig, store: Option<(crate::store::Store, Vec<Update>)>) -> Hub {
+    fn build(config: HubConfig, store: Option<(store::Store, Vec<Update>)>) -> Hub {
         let coalescing = coalesce::Coalescing::new(config.coalesce, config.write_budget);
         let metrics = Arc::new(Metrics::default());
         metrics
@@ -1081,11 +1093,11 @@ mod tests {
     async fn the_writers_queue_is_bounded() {
         let dir = std::env::temp_dir().join(format!("ssehub-queue-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let bounds = crate::store::Bounds {
+        let bounds = store::Bounds {
             updates: 100,
             bytes: 1 << 20,
         };
-        let (store, kept) = crate::store::Store::open(&dir, bounds).unwrap();
+        let (store, kept) = store::Store::open(&dir, bounds).unwrap();
         let hub = Hub::durable(HubConfig::default(), store, kept);
         let draft = || Draft {
             topics: vec!["a".into()],

@@ -50,7 +50,7 @@ fn early_flush(limit: usize) -> usize {
 }
 
 /// A subscriber's connection as a publishing thread can write to it: plain HTTP/1.1 over TCP
-/// (`h1_stream`). Streams served by hyper or over TLS have none and are always written by their
+/// (`server::h1`). Streams served by hyper or over TLS have none and are always written by their
 /// own task.
 pub trait DirectSink: Send + Sync {
     /// Writes `payload` as one chunk of the stream, as much as the socket takes at once and

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::store::{Store, WriteError};
 use super::{templates, HubShared, Published, SharedUpdate, Update};
-use crate::store::{Store, WriteError};
 
 /// The most publishes one transaction takes: bounds how long the first of them waits.
 const MAX_BATCH: usize = 1024;

@@ -18,11 +18,8 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
-/// Connections the hub takes beyond `--max-connections`. While it holds more than
-/// `--max-connections`, new event streams are refused (503), and publishes, health checks and
-/// metrics are served on these; when these are taken too, the hub accepts nothing more until
-/// a connection closes, and closes idle ones to make room.
-pub const RESERVE: usize = 32;
+/// Connections taken beyond `--max-connections` (see [`crate::config::RESERVE_CONNECTIONS`]).
+pub use crate::config::RESERVE_CONNECTIONS as RESERVE;
 
 /// How long a connection may be idle: no request under way (an HTTP/2 connection without an
 /// open stream, whatever PINGs and SETTINGS it sends; an HTTP/1.1 connection between
@@ -66,6 +63,12 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
+impl crate::http::ConnectionBudget for Budget {
+    fn full(&self) -> bool {
+        Budget::full(self)
+    }
+}
+
 impl Budget {
     pub fn new(max_connections: usize, metrics: Arc<Metrics>) -> Budget {
         Budget {
@@ -106,7 +109,8 @@ impl Budget {
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.shared.open.load(Relaxed)
     }
 

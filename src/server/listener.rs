@@ -21,7 +21,6 @@ use super::h1::Http1;
 use super::hyper_conn::{self, serve_hyper};
 use super::shutdown::Shutdown;
 use super::tls::Tls;
-use crate::app::App;
 use crate::http::Connection;
 use crate::metrics::Metrics;
 
@@ -33,7 +32,7 @@ const SEND_BUFFER: usize = 128 * 1024;
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What every connection is served with.
-pub(super) struct Listener {
+pub(crate) struct Listener {
     budget: Budget,
     router: axum::Router,
     tls: Option<Arc<Tls>>,
@@ -44,19 +43,26 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    pub(super) fn new(app: &App) -> Listener {
+    /// Serves `router` (and the hub's own HTTP/1.1 paths) within `budget`, over `tls` if given.
+    pub(crate) fn new(
+        budget: Budget,
+        router: axum::Router,
+        tls: Option<Arc<Tls>>,
+        max_body: usize,
+        metrics: Arc<Metrics>,
+    ) -> Listener {
         Listener {
-            budget: app.budget.clone(),
-            router: app.router.clone(),
-            tls: app.tls.clone(),
-            max_body: app.max_body,
-            metrics: app.hub.metrics().clone(),
+            budget,
+            router,
+            tls,
+            max_body,
+            metrics,
             builder: hyper_conn::builder(),
         }
     }
 
     /// Accepts connections on `socket` until shutdown starts, each served on a task of its own.
-    pub(super) async fn accept(&self, socket: &TcpListener, shutdown: &Shutdown) {
+    pub(crate) async fn accept(&self, socket: &TcpListener, shutdown: &Shutdown) {
         let mut accept_errors = AcceptErrors::default();
         loop {
             // A place first: with none left, nothing more is accepted (the kernel queues new

@@ -1,6 +1,7 @@
-//! The transport: everything between a socket and the router. [`run`] builds the [`App`]
-//! (the hub and what surrounds it) from the configuration, accepts connections until the stop
-//! signal (`listener`), and then stops in order ([`shutdown`]).
+//! The transport: everything between a socket and the router. `listener` accepts connections
+//! until the stop signal, and [`shutdown`] stops in order; [`crate::run`] puts them together
+//! with the [`crate::App`] they serve. The transport knows the router and the hub's metrics,
+//! not how they were built.
 //!
 //! HTTP/1.1 event streams and plain publishes are served by the server's own paths ([`h1`]);
 //! everything else, HTTP/2 included, by hyper (`hyper_conn`). Every connection holds a place
@@ -9,17 +10,11 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use crate::app::App;
-use crate::config::ServeConfig;
-use listener::Listener;
-use shutdown::Shutdown;
 
 pub(crate) mod budget;
 pub(crate) mod h1;
 mod hyper_conn;
-mod listener;
+pub(crate) mod listener;
 pub mod shutdown;
 pub(crate) mod tls;
 
@@ -43,24 +38,6 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         };
         anyhow::anyhow!("cannot listen on {addr}: {e}; {hint} with --listen (or SSEHUB_LISTEN)")
     })
-}
-
-/// Runs the hub on `listener` until `stop` is cancelled, then shuts down gracefully.
-///
-/// Several hubs may run in one process, each on its own listener with its own `stop`. What is
-/// shared by the process: SIGHUP is taken over from its default action (ending the process)
-/// for as long as the process lives, and each hub reloads its certificate on it.
-pub async fn run(
-    listener: TcpListener,
-    config: ServeConfig,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
-    let shutdown = Shutdown::new(stop);
-    let app = App::build(&config, addr, &shutdown).await?;
-    Listener::new(&app).accept(&listener, &shutdown).await;
-    shutdown.drain(listener, &app.hub).await;
-    Ok(())
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

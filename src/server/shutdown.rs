@@ -24,7 +24,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
 /// same signal and trackers.
 #[derive(Clone)]
 pub struct Shutdown {
-    /// Cancelled by the caller of `server::run` (SIGTERM or SIGINT for the binary).
+    /// Cancelled by the caller of `crate::run` (SIGTERM or SIGINT for the binary).
     stop: CancellationToken,
     /// Background tasks: reloads, the clocks, the hub's timers, a cluster node's sharing.
     tasks: TaskTracker,

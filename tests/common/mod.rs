@@ -41,7 +41,7 @@ pub struct TestHub {
 
 /// Where the hub runs.
 enum Running {
-    /// `server::run` on a thread of its own; stopped by `stop`, which says how it ended on
+    /// `ssehub::run` on a thread of its own; stopped by `stop`, which says how it ended on
     /// `ended`.
     InProcess {
         stop: CancellationToken,
@@ -105,7 +105,7 @@ impl TestHub {
                     .expect("the hub's runtime");
                 let result = runtime.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    ssehub::server::run(listener, config, stopped).await
+                    ssehub::run(listener, config, stopped).await
                 });
                 // As the binary does: streams left to clients that stopped reading must
                 // not hold the hub.
@@ -499,7 +499,7 @@ fn store_still_held(dir: &std::path::Path) -> Option<String> {
     use std::os::fd::AsRawFd as _;
     let deadline = Instant::now() + STOP_WITHIN;
     loop {
-        let Ok(file) = std::fs::File::open(dir.join(ssehub::store::FILE)) else {
+        let Ok(file) = std::fs::File::open(dir.join(ssehub::hub::store::FILE)) else {
             return None;
         };
         // redb locks ranges of its file with open-file-description locks (flock where
