@@ -170,13 +170,73 @@ pub enum AuthError {
     /// `invalid_request`.
     #[error("{0}")]
     BadRequest(String),
+    /// A well-formed token signed by a key this one is not (refused as `Invalid` is; another
+    /// of the hub's keys may take it: see [`AuthError::is_wrong_key`]).
+    #[error("invalid token: {}", .0.reason())]
+    WrongKey(Unverified),
 }
 
-/// Why a token signed with another key is refused.
-const WRONG_KEY: &str = "the signature does not match the hub's key";
-/// Why a 1.0 token that neither the hub's key nor the issuer's key set verifies is refused.
-const NO_SET_KEY: &str =
-    "the signature matches neither the hub's key nor a key of the issuer's key set (--jwks-url)";
+/// Why jsonwebtoken (or the key set) did not verify a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    Expired,
+    NotYet,
+    /// Signed with another key than the hub's.
+    WrongKey,
+    /// Signed with neither the hub's key nor one of the issuer's key set.
+    NotInSet,
+    WrongAlgorithm,
+    Malformed,
+    /// The hub has no key to verify with (an issuer's key set only, still empty).
+    NoKey,
+    Other,
+}
+
+impl Unverified {
+    fn of(e: &jsonwebtoken::errors::Error) -> Unverified {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match e.kind() {
+            K::ExpiredSignature => Unverified::Expired,
+            K::ImmatureSignature => Unverified::NotYet,
+            K::InvalidSignature => Unverified::WrongKey,
+            K::InvalidAlgorithm => Unverified::WrongAlgorithm,
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => Unverified::Malformed,
+            _ => Unverified::Other,
+        }
+    }
+
+    /// The one-line reason given to the client and the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unverified::Expired => "the token has expired",
+            Unverified::NotYet => "the token is not valid yet (nbf)",
+            Unverified::WrongKey => "the signature does not match the hub's key",
+            Unverified::NotInSet => {
+                "the signature matches neither the hub's key nor a key of the issuer's key set \
+                 (--jwks-url)"
+            }
+            Unverified::WrongAlgorithm => "the token's algorithm is not the one the hub accepts",
+            Unverified::Malformed => "it is not a well-formed JWS",
+            Unverified::NoKey => "the hub has no key to verify tokens",
+            Unverified::Other => "it could not be verified",
+        }
+    }
+
+    /// A failure another key might not have: the issuer's key set is tried after it.
+    fn another_key_may_verify(self) -> bool {
+        matches!(
+            self,
+            Unverified::WrongKey | Unverified::WrongAlgorithm | Unverified::NoKey
+        )
+    }
+
+    fn into_error(self) -> AuthError {
+        match self {
+            Unverified::WrongKey | Unverified::NotInSet => AuthError::WrongKey(self),
+            _ => AuthError::Invalid(self.reason().to_owned()),
+        }
+    }
+}
 
 /// What jsonwebtoken checks of a token signed with `alg`, for the hub's key and the issuer's
 /// set alike: the signature, `exp` and `nbf` within the leeway; `iss` and `aud` are the
@@ -213,7 +273,7 @@ fn verify_with_set(
 impl AuthError {
     /// The token was signed with another key (so another of the hub's keys may take it).
     pub fn is_wrong_key(&self) -> bool {
-        matches!(self, AuthError::Invalid(m) if m == WRONG_KEY || m == NO_SET_KEY)
+        matches!(self, AuthError::WrongKey(_))
     }
 }
 
@@ -578,7 +638,6 @@ impl Key {
         token: &str,
         expected: &Expected<'_>,
     ) -> Result<(Rights, Value), AuthError> {
-        use jsonwebtoken::errors::ErrorKind as K;
         if has_crit_header(token) {
             return Err(AuthError::Invalid(
                 "the token's header has \"crit\", naming extensions the hub does not \
@@ -594,39 +653,22 @@ impl Key {
             .as_ref()
             .and_then(|h| h.typ.as_deref())
             .is_some_and(is_access_token_type);
-        let reason = |e: jsonwebtoken::errors::Error| match e.kind() {
-            K::ExpiredSignature => "the token has expired",
-            K::ImmatureSignature => "the token is not valid yet (nbf)",
-            K::InvalidSignature => WRONG_KEY,
-            K::InvalidAlgorithm => "the token's algorithm is not the one the hub accepts",
-            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
-                "it is not a well-formed JWS"
-            }
-            _ => "it could not be verified",
-        };
         let mut result = match &self.decoding {
-            Some(decoding) => {
-                jsonwebtoken::decode::<Value>(token, decoding, &self.validation).map_err(reason)
-            }
-            None => Err("the hub has no key to verify tokens"),
+            Some(decoding) => jsonwebtoken::decode::<Value>(token, decoding, &self.validation)
+                .map_err(|e| Unverified::of(&e)),
+            None => Err(Unverified::NoKey),
         };
         // The identity provider's keys verify 1.0 tokens only, and only those the configured
         // key does not: signed by another key, or with another algorithm.
         if let (Some(jwks), Some(h), true) = (&self.jwks, &header, v1) {
-            let other_key = matches!(
-                result,
-                Err(WRONG_KEY)
-                    | Err("the token's algorithm is not the one the hub accepts")
-                    | Err("the hub has no key to verify tokens")
-            );
-            if other_key {
+            if matches!(result, Err(u) if u.another_key_may_verify()) {
                 result = verify_with_set(jwks, token, h).map_err(|e| match e {
-                    Some(e) => reason(e),
-                    None => NO_SET_KEY,
+                    Some(e) => Unverified::of(&e),
+                    None => Unverified::NotInSet,
                 });
             }
         }
-        let claims = result.map_err(invalid)?.claims;
+        let claims = result.map_err(Unverified::into_error)?.claims;
         if !claims.is_object() {
             return Err(invalid("its claims are not a JSON object"));
         }
@@ -998,7 +1040,7 @@ mod tests {
         let other = Key::secret(Algorithm::HS256, b"other");
         assert!(matches!(
             other.verify(&t, &Expected::LEGACY),
-            Err(AuthError::Invalid(_))
+            Err(AuthError::WrongKey(Unverified::WrongKey))
         ));
     }
 
@@ -1055,7 +1097,7 @@ mod tests {
         k.verified.put_at(slot, &t, "", 0, &marker("*", None));
         assert!(matches!(
             k.verify_publisher(&forged, &Expected::LEGACY),
-            Err(AuthError::Invalid(_))
+            Err(AuthError::WrongKey(Unverified::WrongKey))
         ));
         assert_eq!(k.verified.len(), 1, "a failed token is never kept");
         // An entry past its exp is not used: this unsigned token only passes from memory.

@@ -238,7 +238,9 @@ pub(super) fn auth_error(e: AuthError) -> Response {
     use super::discovery::Challenge;
     let (status, error) = match &e {
         AuthError::Missing => (StatusCode::UNAUTHORIZED, None),
-        AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        AuthError::Invalid(_) | AuthError::WrongKey(_) => {
+            (StatusCode::UNAUTHORIZED, Some("invalid_token"))
+        }
         AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, Some("insufficient_scope")),
         AuthError::BadRequest(_) => (StatusCode::BAD_REQUEST, Some("invalid_request")),
     };
