@@ -184,9 +184,21 @@ impl App {
     /// Publishes an update from the application's own code, as an authorized publisher's
     /// `POST` would be: checked the same way, stored (on disk with a durable history, in the
     /// cluster's stream in cluster mode) and delivered. Returns the update's id.
-    pub async fn publish(&self, draft: Draft) -> Result<String, crate::cluster::PublishError> {
-        draft.validate()?;
-        crate::cluster::publish_via(&self.hub, self.cluster.as_ref(), draft).await
+    pub async fn publish(&self, mut draft: Draft) -> Result<String, crate::cluster::PublishError> {
+        // As a POST's form is read: an empty id or type is as if absent (an empty id asks the
+        // hub for one; sent as `id:`, it would reset a browser's last event id).
+        draft.id = draft.id.filter(|id| !id.is_empty());
+        draft.event_type = draft.event_type.filter(|t| !t.is_empty());
+        let published = match draft.validate() {
+            Ok(()) => crate::cluster::publish_via(&self.hub, self.cluster.as_ref(), draft).await,
+            Err(e) => Err(e.into()),
+        };
+        // Counted as a refused POST is (the hub counts only what it stores).
+        if let Err(crate::cluster::PublishError::Invalid(_)) = &published {
+            let rejected = &self.hub.metrics().updates_rejected;
+            rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        published
     }
 }
 
