@@ -37,7 +37,12 @@
 //! let router = axum::Router::new()
 //!     .route("/hello", axum::routing::get(|| async { "the application's own page" }))
 //!     .merge(hub.router());
+//! # let addr = listener.local_addr()?;
 //! let server = tokio::spawn(async move { axum::serve(listener, router).await });
+//! # // A subscriber over TCP, through the merged router: the publish below must reach it.
+//! # let url = format!("http://{addr}/.well-known/mercure?topic=https://example.com/books/1");
+//! # let target = ssehub::client::Target::parse(&url)?;
+//! # let mut stream = ssehub::client::EventStream::open(&target, &Default::default()).await?;
 //!
 //! // A publish from the application's code is checked, stored and delivered like a POST.
 //! let id = hub
@@ -48,6 +53,8 @@
 //!     })
 //!     .await?;
 //! assert!(id.starts_with("urn:uuid:"));
+//! # let event = stream.next().await?.expect("the update");
+//! # assert_eq!((event.id.as_str(), event.data.as_str()), (id.as_str(), r#"{"status": "sold"}"#));
 //!
 //! stop.cancel();
 //! server.abort();
