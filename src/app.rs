@@ -169,21 +169,25 @@ impl App {
 impl App {
     /// The hub's routes (`/.well-known/mercure`, the demo page at `/`, `/ui/`, `/healthz`,
     /// `/readyz`, `/metrics`, the subscription API), to serve on their own or merged into an
-    /// application's router. Served by another server than [`run`], event
+    /// application's router (which then must not have a fallback of its own: axum merges only
+    /// one). Served by another server than [`run`], event
     /// streams are written by hyper (the server's own HTTP/1.1 writer and its connection
     /// limits are not there).
     pub fn router(&self) -> axum::Router {
         self.router.clone()
     }
 
-    /// The fan-out core, for what the routes do not offer (its metrics, its history).
+    /// The fan-out core, for what the routes do not offer (its metrics, its history, its
+    /// shutdown). Publish through [`App::publish`], which goes where this node's updates go
+    /// (the cluster's stream in cluster mode).
     pub fn hub(&self) -> &Hub {
         &self.hub
     }
 
     /// Publishes an update from the application's own code, as an authorized publisher's
     /// `POST` would be: checked the same way, stored (on disk with a durable history, in the
-    /// cluster's stream in cluster mode) and delivered. Returns the update's id.
+    /// cluster's stream in cluster mode) and delivered. Returns the update's id. No token is
+    /// asked and `--max-body` does not apply: the application decides what it publishes.
     pub async fn publish(&self, mut draft: Draft) -> Result<String, crate::cluster::PublishError> {
         // As a POST's form is read: an empty id or type is as if absent (an empty id asks the
         // hub for one; sent as `id:`, it would reset a browser's last event id).

@@ -346,7 +346,7 @@ impl Hub {
 
     /// Checks, stores and fans out one update; with a durable history, returns once the
     /// update is on disk (and then fanned out).
-    pub async fn publish(&self, draft: Draft) -> Result<Published, PublishFailed> {
+    pub(crate) async fn publish(&self, draft: Draft) -> Result<Published, PublishFailed> {
         match self.shared.submit(draft)? {
             Submitted::Done(p) => Ok(p),
             Submitted::Queued(rx) => match rx.await {
