@@ -35,11 +35,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// return, not an hour.
 const RETRY_FIRST: Duration = Duration::from_secs(30);
 
-/// The algorithms a key from a set may verify: no HMAC (see the module's doc).
-pub const ALGORITHMS: &[Algorithm] = &[
-    Algorithm::EdDSA,
-    Algorithm::ES256,
-    Algorithm::ES384,
+/// The algorithms a key from a set may verify, by key type: no HMAC (see the module's doc).
+const RSA: &[Algorithm] = &[
     Algorithm::RS256,
     Algorithm::RS384,
     Algorithm::RS512,
@@ -47,6 +44,15 @@ pub const ALGORITHMS: &[Algorithm] = &[
     Algorithm::PS384,
     Algorithm::PS512,
 ];
+const ELLIPTIC_CURVE: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+const OCTET_KEY_PAIR: &[Algorithm] = &[Algorithm::EdDSA];
+
+/// Whether a key from a set may verify `alg` at all.
+fn is_set_algorithm(alg: Algorithm) -> bool {
+    [RSA, ELLIPTIC_CURVE, OCTET_KEY_PAIR]
+        .iter()
+        .any(|family| family.contains(&alg))
+}
 
 /// One usable key of the set.
 struct SetKey {
@@ -203,7 +209,7 @@ impl Jwks {
     /// The keys that may verify a token with key id `kid` signed with `alg`: the one with that
     /// id, or every key when the token names none.
     pub fn keys_for(&self, kid: Option<&str>, alg: Algorithm) -> Vec<DecodingKey> {
-        if !ALGORITHMS.contains(&alg) {
+        if !is_set_algorithm(alg) {
             return Vec::new();
         }
         let keys = self.keys.read().clone();
@@ -259,7 +265,7 @@ impl Jwks {
 }
 
 /// The key of `jwk` if the hub may use it: a public key of a family it verifies, meant for
-/// signatures, with an `alg` (if any) from [`ALGORITHMS`] that fits the key.
+/// signatures, with an `alg` (if any) of its type's family ([`RSA`], [`ELLIPTIC_CURVE`], [`OCTET_KEY_PAIR`]).
 fn usable(jwk: &Jwk) -> Option<SetKey> {
     if jwk
         .common
@@ -275,16 +281,9 @@ fn usable(jwk: &Jwk) -> Option<SetKey> {
     };
     let fits = |family: &[Algorithm]| alg.is_none_or(|a| family.contains(&a));
     let ok = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => fits(&[
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-        ]),
-        AlgorithmParameters::EllipticCurve(_) => fits(&[Algorithm::ES256, Algorithm::ES384]),
-        AlgorithmParameters::OctetKeyPair(_) => fits(&[Algorithm::EdDSA]),
+        AlgorithmParameters::RSA(_) => fits(RSA),
+        AlgorithmParameters::EllipticCurve(_) => fits(ELLIPTIC_CURVE),
+        AlgorithmParameters::OctetKeyPair(_) => fits(OCTET_KEY_PAIR),
         // A shared secret published in a key set is no key at all; other types are unknown.
         _ => false,
     };
