@@ -342,6 +342,75 @@ async fn updates_for_an_idle_stream_are_written_directly_as_whole_chunks() {
     assert_eq!(hub.metric("ssehub_deliveries_total").await, 5.0);
 }
 
+/// A direct write the socket takes only part of (an update larger than the kernel's buffers,
+/// to a client that reads slowly): the stream's task finishes that chunk before anything else,
+/// and what was published meanwhile follows it, each a whole chunk, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_write_cut_short_is_finished_before_the_next_update() {
+    let hub = TestHub::start(&["--max-body", "16MiB"]);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = socket.connect(hub.addr).await.unwrap();
+    c.write_all(b"GET /.well-known/mercure?topic=big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut c, &mut raw, ":\n").await;
+    subscribers(&hub, 1.0).await;
+    // Small updates until one is written directly: the stream then waits for the next.
+    let mut publisher = hub.publisher().await;
+    let mut warm = 0;
+    while hub.metric("ssehub_direct_writes_total").await == 0.0 {
+        assert!(warm < 50, "no update was written directly");
+        publisher
+            .ok(&[("topic", "big"), ("data", &format!("warm {warm}"))])
+            .await;
+        read_until(&mut c, &mut raw, &format!("data: warm {warm}\n\n\r\n")).await;
+        warm += 1;
+    }
+    // Twice the most a socket's send buffer grows to (`tcp_wmem`): the socket cannot take it
+    // all at once.
+    let big = "x".repeat(8 << 20);
+    publisher.ok(&[("topic", "big"), ("data", &big)]).await;
+    assert_eq!(
+        hub.metric("ssehub_direct_writes_total").await,
+        2.0,
+        "the big update was written directly"
+    );
+    for i in 0..3 {
+        publisher
+            .ok(&[("topic", "big"), ("data", &format!("after {i}"))])
+            .await;
+    }
+    let last = b"data: after 2\n\n\r\n";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !raw.ends_with(last) {
+        let n = tokio::time::timeout_at(deadline, c.read(&mut buf))
+            .await
+            .expect("the stream stalled")
+            .unwrap();
+        assert!(n > 0, "the stream closed");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    // `chunks` checks that every chunk is whole; updates queued meanwhile may share one.
+    let body = chunks(&raw).concat();
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let mut expected: Vec<String> = (0..warm).map(|i| format!("warm {i}")).collect();
+    expected.push(big);
+    expected.extend((0..3).map(|i| format!("after {i}")));
+    assert!(
+        data == expected,
+        "whole chunks, in order: {:?}",
+        data.iter()
+            .map(|d| &d[..d.len().min(20)])
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Publishers racing on one topic, some updates written directly and some by the streams' own
 /// tasks: every subscriber still gets every update once, in the one order the hub stored them
 /// (which a replay from `earliest` shows).

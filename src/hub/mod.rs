@@ -46,7 +46,7 @@ pub use selector::{
     MAX_TEMPLATE_EXPRESSIONS,
 };
 use subscriber::HEARTBEAT_TICKS;
-pub use subscriber::{DirectSink, SubscriberStream, Wire};
+pub use subscriber::{DirectSink, Sent, SubscriberStream, Wire};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
 pub use templates::MAX_MATCHING_WORK;
@@ -1422,19 +1422,24 @@ mod tests {
         assert_eq!(hub.history_len(), 2);
     }
 
-    /// An in-memory connection for direct writes: takes at most `room` bytes a call (the
-    /// encoded update, unframed, so the test reads events straight off it).
+    /// An in-memory connection for direct writes: takes at most `room` bytes a call and keeps
+    /// the rest, as a real sink does (unframed, so the test reads events straight off it).
     #[derive(Default)]
     struct Socket {
         room: AtomicUsize,
         wire: parking_lot::Mutex<Vec<u8>>,
+        rest: parking_lot::Mutex<Vec<u8>>,
     }
 
     impl DirectSink for Socket {
-        fn try_send(&self, payload: &[u8]) -> Option<bytes::Bytes> {
-            let n = payload.len().min(self.room.load(Relaxed));
-            self.wire.lock().extend_from_slice(&payload[..n]);
-            (n < payload.len()).then(|| bytes::Bytes::copy_from_slice(&payload[n..]))
+        fn try_send(&self, events: &[u8]) -> Sent {
+            let n = events.len().min(self.room.load(Relaxed));
+            self.wire.lock().extend_from_slice(&events[..n]);
+            if n == events.len() {
+                return Sent::All;
+            }
+            self.rest.lock().extend_from_slice(&events[n..]);
+            Sent::Partly
         }
     }
 
@@ -1486,11 +1491,11 @@ mod tests {
         assert_eq!(count.0.load(Relaxed), woken + 1, "woken for the rest");
         publish(&hub, 2);
         assert_eq!(direct(&hub), 3, "a stream with bytes to finish is not idle");
-        let Poll::Ready(Some(Wire::Framed(rest))) = stream.poll_wire(&mut cx) else {
+        let Poll::Ready(Some(Wire::FinishDirect)) = stream.poll_wire(&mut cx) else {
             panic!("the rest of the short write first")
         };
         let mut wire = socket.wire.lock().clone();
-        wire.extend_from_slice(&rest);
+        wire.append(&mut socket.rest.lock());
         assert_eq!(events(&wire), 3, "the short write completed: {wire:?}");
         let Poll::Ready(Some(Wire::Data(queued))) = stream.poll_wire(&mut cx) else {
             panic!("then what queued meanwhile")

@@ -12,7 +12,8 @@
 //! thread's wake-up are counted. So while the hub is within its write budget, an update for a
 //! subscriber whose stream is waiting with nothing in flight is written by the publishing
 //! thread itself, straight to the socket, after the hub's lock is released (see
-//! [`DirectSink`]). Only what the socket did not take is left to the stream's task.
+//! [`DirectSink`]). What the socket did not take stays with the connection, and the stream's
+//! task finishes it before anything newer goes out.
 //!
 //! Past the write budget the same sink serves the coalescing flusher (`flusher`): an update for
 //! such a stream inside its window is queued without waking the task, and the flusher writes the
@@ -51,20 +52,32 @@ fn early_flush(limit: usize) -> usize {
 
 /// A subscriber's connection as a publishing thread can write to it: plain HTTP/1.1 over TCP
 /// (`server::h1`). Streams served by hyper or over TLS have none and are always written by their
-/// own task.
+/// own task. The hub hands it event-stream bytes only; how they are framed on the wire is the
+/// connection's business.
 pub trait DirectSink: Send + Sync {
-    /// Writes `payload` as one chunk of the stream, as much as the socket takes at once and
-    /// without waiting. Returns the framed bytes it did not take (`None` when all were
-    /// written); the stream's task writes them before anything else.
-    fn try_send(&self, payload: &[u8]) -> Option<Bytes>;
+    /// Writes `events` to the stream, as much as the socket takes at once and without waiting.
+    /// What the socket did not take the sink keeps, to be finished by the stream's task before
+    /// anything else ([`Wire::FinishDirect`]).
+    fn try_send(&self, events: &[u8]) -> Sent;
+}
+
+/// How far a direct write got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// The socket took everything: the stream is free for the next writer.
+    All,
+    /// The socket took only part, or failed: the sink keeps the rest, and the stream is busy
+    /// until its task has finished it (or found the connection gone).
+    Partly,
 }
 
 /// What a subscriber's stream gives its writer next.
 pub enum Wire {
-    /// Event-stream bytes, to be framed for the connection.
+    /// Event-stream bytes, for the connection to frame and write.
     Data(Bytes),
-    /// Bytes already framed as one chunk (what a direct write left over): written as they are.
-    Framed(Bytes),
+    /// The last direct write was cut short: the connection finishes what its sink kept before
+    /// it asks for anything newer.
+    FinishDirect,
 }
 
 /// Whether a stream's queue may be written, as far as its coalescing window goes.
@@ -123,17 +136,8 @@ struct State {
     /// When the flusher's entry for this subscriber falls due (0: it has none). A hold due
     /// sooner enters it again; the flusher takes an entry that finds nothing to do as done.
     entry_at: u64,
-    /// Set while the stream's writer allows direct writes. Boxed: the state every publish
-    /// touches stays within one cache line.
-    direct: Option<Box<Direct>>,
-}
-
-/// What direct writes to one stream need.
-struct Direct {
-    sink: Arc<dyn DirectSink>,
-    /// What a direct write left unwritten, already framed: the next thing on the wire (the
-    /// writer is [`Writer::Carry`] until the task has taken it).
-    carry: Option<Bytes>,
+    /// Set while the stream's writer allows direct writes.
+    sink: Option<Arc<dyn DirectSink>>,
 }
 
 /// What became of an update offered to a subscriber.
@@ -239,8 +243,8 @@ impl Subscriber {
             return Offer::Dropped(waker);
         }
         st.quiet = 0;
-        let sink = match &st.direct {
-            Some(d) if direct && st.queue.is_empty() => Some(&d.sink),
+        let sink = match &st.sink {
+            Some(sink) if direct && st.queue.is_empty() => Some(sink),
             _ => None,
         };
         let room = st.queue.len() + 1 < early_flush(limit);
@@ -276,7 +280,7 @@ impl Subscriber {
     /// its window is still open.
     fn hold_until(&self, st: &State, hold: HoldClock) -> Option<u64> {
         let (now, window) = hold?;
-        if st.last_sent == 0 || st.direct.is_none() {
+        if st.last_sent == 0 || st.sink.is_none() {
             return None;
         }
         let at = st.last_sent + window;
@@ -288,8 +292,8 @@ impl Subscriber {
     pub fn flush(&self, now: u64) -> Flush {
         let mut st = self.state.lock();
         st.entry_at = 0;
-        let sink = match &st.direct {
-            Some(d) if st.closed.is_none() && !st.queue.is_empty() => Some(&d.sink),
+        let sink = match &st.sink {
+            Some(sink) if st.closed.is_none() && !st.queue.is_empty() => Some(sink),
             _ => None,
         };
         let (writer, then) = st.writer.flush(now, sink);
@@ -316,19 +320,13 @@ impl Subscriber {
         }
     }
 
-    /// Ends a direct write claimed by [`Offer::Direct`]: keeps what the socket did not take and
-    /// wakes the stream's task if it has something to write now.
-    pub fn direct_done(&self, rest: Option<Bytes>) {
+    /// Ends a direct write claimed by [`Offer::Direct`] (or by the flusher), as far as it got,
+    /// and wakes the stream's task if it has something to write now.
+    pub fn direct_done(&self, sent: Sent) {
         let mut st = self.state.lock();
-        // The task has the rest to write first. (Without a sink the stream has ended, and the
-        // bytes have nowhere to go.)
-        let carry = match (rest, st.direct.as_mut()) {
-            (Some(rest), Some(d)) => {
-                d.carry = Some(rest);
-                true
-            }
-            _ => false,
-        };
+        // The task finishes what the sink kept before anything else. (Without a sink the stream
+        // has ended, and the rest has nowhere to go.)
+        let carry = sent == Sent::Partly && st.sink.is_some();
         st.writer = st.writer.done(carry);
         let pending = carry || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
         if !pending {
@@ -437,7 +435,7 @@ impl SubscriberStream {
     /// Lets publishing threads write updates straight to the connection through `sink`
     /// whenever this stream waits with nothing in flight.
     pub fn attach_sink(&self, sink: Arc<dyn DirectSink>) {
-        self.sub.state.lock().direct = Some(Box::new(Direct { sink, carry: None }));
+        self.sub.state.lock().sink = Some(sink);
     }
 
     /// What to send next: the opening and the replay, then live updates; `None` while there is
@@ -461,11 +459,7 @@ impl SubscriberStream {
                 register(&mut st.waker, cx);
                 return None;
             }
-            OnPoll::WriteCarry => {
-                if let Some(carry) = st.direct.as_mut().and_then(|d| d.carry.take()) {
-                    return Some(Wire::Framed(carry));
-                }
-            }
+            OnPoll::WriteCarry => return Some(Wire::FinishDirect),
             OnPoll::Look => {}
         }
         if !st.queue.is_empty() {
@@ -661,11 +655,11 @@ impl SubscriberStream {
         self.poll_wire(cx).map(|w| {
             w.map(|w| match w {
                 Wire::Data(b) => b,
-                // Only a direct write leaves framed bytes, and only a writer that attached a
-                // sink allows direct writes; that writer calls `poll_wire`.
-                Wire::Framed(b) => {
-                    debug_assert!(false, "framed bytes for a stream without a sink");
-                    b
+                // Only a direct write is cut short, and only a writer that attached a sink
+                // allows direct writes; that writer calls `poll_wire`.
+                Wire::FinishDirect => {
+                    debug_assert!(false, "a direct write to a stream without a sink");
+                    Bytes::new()
                 }
             })
         })
@@ -698,8 +692,8 @@ impl Drop for SubscriberStream {
     fn drop(&mut self) {
         // The sink holds the connection open; it goes with the stream, even if a publisher
         // still holds the subscriber for a moment.
-        let direct = self.sub.state.lock().direct.take();
-        drop(direct);
+        let sink = self.sub.state.lock().sink.take();
+        drop(sink);
         self.hub.remove(&self.sub, self.sub.closed());
     }
 }
@@ -756,8 +750,8 @@ mod tests {
     struct Sink;
 
     impl DirectSink for Sink {
-        fn try_send(&self, _: &[u8]) -> Option<Bytes> {
-            None
+        fn try_send(&self, _: &[u8]) -> Sent {
+            Sent::All
         }
     }
 
@@ -777,10 +771,7 @@ mod tests {
     fn subscriber(count: &Arc<Count>) -> Subscriber {
         let sub = Subscriber::new(1, Vec::new(), None, None, None, false);
         let mut st = sub.state.lock();
-        st.direct = Some(Box::new(Direct {
-            sink: Arc::new(Sink),
-            carry: None,
-        }));
+        st.sink = Some(Arc::new(Sink));
         st.waker = Some(Waker::from(count.clone()));
         drop(st);
         sub
@@ -824,7 +815,7 @@ mod tests {
             Offer::Queued(None)
         ));
         assert_eq!(writer(&sub), Writer::Direct);
-        sub.direct_done(None);
+        sub.direct_done(Sent::All);
         assert_eq!(woken(&count), 1, "woken for what queued meanwhile");
         assert_eq!(writer(&sub), Writer::Waiting);
         assert_eq!(sub.state.lock().queue.len(), 1);
@@ -863,7 +854,7 @@ mod tests {
             sub.offer(&update(3), LIMIT, &coalescing, true, None),
             Offer::Queued(None)
         ));
-        sub.direct_done(Some(Bytes::from_static(b"2\n\n")));
+        sub.direct_done(Sent::Partly);
         assert_eq!(writer(&sub), Writer::Carry);
         assert_eq!(woken(&count), 1);
         assert!(
@@ -907,7 +898,7 @@ mod tests {
             );
             if state == Writer::Direct {
                 sub.state.lock().waker = Some(Waker::from(count.clone()));
-                sub.direct_done(None);
+                sub.direct_done(Sent::All);
                 assert_eq!(woken(&count), 2, "woken by the end of the direct write");
             }
             let (writer, then) = writer(&sub).poll();

@@ -22,8 +22,8 @@ pub(crate) enum Writer {
     /// A publishing thread or the flusher is writing; the task must not, and is woken when the
     /// write is done ([`Writer::done`]).
     Direct,
-    /// A direct write left bytes the socket did not take: the task writes them before anything
-    /// else, and nobody writes directly until it has.
+    /// A direct write left bytes the socket did not take (the sink keeps them): the task
+    /// finishes them before anything else, and nobody writes directly until it has.
     Carry,
     /// The task waits out its coalescing window on its own timer (the stream has no sink, or
     /// the flusher is not running): publishes do not wake it unless its queue is half full.
@@ -75,7 +75,7 @@ pub(crate) enum OnFlush<S> {
 pub(crate) enum OnPoll {
     /// A direct write has the socket: wait to be woken by its end.
     WaitForDirect,
-    /// Write what the last direct write left, first.
+    /// Have the connection finish what the last direct write left, first.
     WriteCarry,
     /// Look at the queue (and the heartbeat, and whether the stream ended).
     Look,
@@ -137,7 +137,7 @@ impl Writer {
     }
 
     /// A direct write (a publisher's or the flusher's) is over; `left_over` when the socket did
-    /// not take everything and the rest was kept for the task.
+    /// not take everything and the sink kept the rest for the task.
     pub fn done(self, left_over: bool) -> Writer {
         debug_assert_eq!(self, Writer::Direct, "only a direct write ends");
         if left_over {

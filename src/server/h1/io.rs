@@ -1,6 +1,7 @@
 //! The connections the server's own HTTP/1.1 paths write to: the trait they need, plain TCP
 //! shared between a stream's task and the hub's direct writes, TLS, and a connection handed to
-//! hyper with the bytes already read put back in front. Chunk framing stays here, with them.
+//! hyper with the bytes already read put back in front. Chunk framing stays here, with them:
+//! the hub hands out event bytes, and a chunk a direct write could not finish is kept here.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -8,9 +9,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::hub::DirectSink;
+use crate::hub::{DirectSink, Sent};
 
 /// A connection an event stream can be written to by the server's own paths ([`super::pump`]).
 pub trait StreamIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
@@ -19,7 +21,7 @@ pub trait StreamIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
 
     /// The connection for the stream's task, and a sink for direct writes if the connection
     /// allows them.
-    fn into_pumped(self) -> (Self::Pumped, Option<Arc<dyn DirectSink>>);
+    fn into_pumped(self) -> (Self::Pumped, Option<Arc<DirectTcp>>);
 
     /// Whether the client has closed the connection (or reset it) with nothing left unread
     /// on its TCP socket, as the kernel knows now. Reading cannot tell: after a read that
@@ -32,9 +34,13 @@ pub trait StreamIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
 impl StreamIo for tokio::net::TcpStream {
     type Pumped = SharedTcp;
 
-    fn into_pumped(self) -> (SharedTcp, Option<Arc<dyn DirectSink>>) {
+    fn into_pumped(self) -> (SharedTcp, Option<Arc<DirectTcp>>) {
         let socket = Arc::new(self);
-        (SharedTcp(socket.clone()), Some(Arc::new(DirectTcp(socket))))
+        let sink = DirectTcp {
+            socket: socket.clone(),
+            unfinished: Mutex::new(None),
+        };
+        (SharedTcp(socket), Some(Arc::new(sink)))
     }
 
     fn peer_closed(&self) -> bool {
@@ -46,7 +52,7 @@ impl StreamIo for tokio::net::TcpStream {
 impl StreamIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     type Pumped = Self;
 
-    fn into_pumped(self) -> (Self, Option<Arc<dyn DirectSink>>) {
+    fn into_pumped(self) -> (Self, Option<Arc<DirectTcp>>) {
         (self, None)
     }
 
@@ -135,20 +141,34 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
-/// Direct writes to a plain TCP stream: one chunk per update, written without waiting.
-pub struct DirectTcp(Arc<tokio::net::TcpStream>);
+/// Direct writes to a plain TCP stream: one chunk per write, framed on the stack and written
+/// without waiting.
+pub struct DirectTcp {
+    socket: Arc<tokio::net::TcpStream>,
+    /// The framed rest of a chunk the socket took only part of. Nothing else may go on the
+    /// connection before it: the hub keeps every other writer away (its writer is `Carry`) until
+    /// the stream's task has taken it ([`DirectTcp::take_unfinished`]). Locked only then.
+    unfinished: Mutex<Option<Bytes>>,
+}
+
+impl DirectTcp {
+    /// What the last direct write left unwritten, for the stream's task to write first.
+    pub fn take_unfinished(&self) -> Option<Bytes> {
+        self.unfinished.lock().take()
+    }
+}
 
 impl DirectSink for DirectTcp {
-    fn try_send(&self, payload: &[u8]) -> Option<Bytes> {
+    fn try_send(&self, events: &[u8]) -> Sent {
         let mut size = [0u8; 18];
-        let size = chunk_size_line(payload.len(), &mut size);
-        let parts: [&[u8]; 3] = [size, payload, b"\r\n"];
-        let total = size.len() + payload.len() + 2;
+        let size = chunk_size_line(events.len(), &mut size);
+        let parts: [&[u8]; 3] = [size, events, b"\r\n"];
+        let total = size.len() + events.len() + 2;
         let mut written = 0;
         while written < total {
             let mut slices = [IoSlice::new(&[]); 4];
             let n = remaining(&parts, written, &mut slices);
-            match self.0.try_write_vectored(&slices[..n]) {
+            match self.socket.try_write_vectored(&slices[..n]) {
                 Ok(k) if k > 0 => written += k,
                 // Full, or failed: the stream's task writes the rest when it can, or finds
                 // the connection gone and ends the stream.
@@ -156,7 +176,7 @@ impl DirectSink for DirectTcp {
             }
         }
         if written == total {
-            return None;
+            return Sent::All;
         }
         let mut rest = BytesMut::with_capacity(total - written);
         let mut slices = [IoSlice::new(&[]); 4];
@@ -164,7 +184,12 @@ impl DirectSink for DirectTcp {
         for s in &slices[..n] {
             rest.extend_from_slice(s);
         }
-        Some(rest.freeze())
+        let earlier = self.unfinished.lock().replace(rest.freeze());
+        debug_assert!(
+            earlier.is_none(),
+            "a direct write before the last one was finished"
+        );
+        Sent::Partly
     }
 }
 
@@ -286,6 +311,42 @@ mod tests {
         assert_eq!(chunk_size_line(10, &mut b), b"a\r\n");
         assert_eq!(chunk_size_line(4096, &mut b), b"1000\r\n");
         assert_eq!(chunk_size_line(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
+    }
+
+    /// A direct write the socket takes only part of: the sink keeps the framed rest until the
+    /// stream's task takes it, and what the client reads, followed by it, is the whole chunk.
+    #[tokio::test]
+    async fn a_direct_write_cut_short_keeps_its_framed_rest() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        // Small buffers on both sides, so that the chunk cannot fit in them.
+        client.set_recv_buffer_size(4096).unwrap();
+        let (client, accepted) = tokio::join!(
+            client.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let mut client = client.unwrap();
+        let server = accepted.unwrap().0;
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let (_pumped, sink) = server.into_pumped();
+        let sink = sink.unwrap();
+
+        assert_eq!(sink.try_send(b"data: small\n\n"), Sent::All);
+        let events = vec![b'x'; 4 << 20];
+        assert_eq!(sink.try_send(&events), Sent::Partly);
+        let rest = sink.take_unfinished().expect("the rest is kept");
+        assert!(sink.take_unfinished().is_none(), "and taken once");
+
+        let mut expected = b"d\r\ndata: small\n\n\r\n400000\r\n".to_vec();
+        expected.extend_from_slice(&events);
+        expected.extend_from_slice(b"\r\n");
+        let mut wire = vec![0u8; expected.len() - rest.len()];
+        client.read_exact(&mut wire).await.unwrap();
+        wire.extend_from_slice(&rest);
+        assert!(wire == expected, "the chunk, whole and in order");
     }
 
     #[test]

@@ -17,8 +17,10 @@
 //! answers it as it always did.
 //!
 //! Over plain TCP the socket is shared with the hub ([`io::DirectTcp`]): while the stream's task
-//! waits with nothing in flight, a publishing thread may write an update to it directly, and
-//! the task only writes what that left over (see `hub::subscriber`).
+//! waits with nothing in flight, a publishing thread may write an update to it directly. The
+//! hub hands out event bytes only; framing them as chunks is done here, and what a direct
+//! write left over stays with the connection until the task has finished it (see
+//! `hub::subscriber`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::io::{chunk_size_line, remaining};
+use super::io::{chunk_size_line, remaining, DirectTcp};
 use crate::hub::{SubscriberStream, Wire};
 
 /// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
@@ -32,9 +32,11 @@ pub(super) enum End {
 }
 
 /// Writes the head, then every chunk the stream yields, until the stream or the connection
-/// ends.
+/// ends. `sink` is the connection's for direct writes, if it has one: what it could not finish
+/// goes out before anything newer.
 pub(super) async fn pump<S>(
     mut io: S,
+    sink: Option<std::sync::Arc<DirectTcp>>,
     head: Vec<u8>,
     mut stream: SubscriberStream,
     path: &'static str,
@@ -58,7 +60,7 @@ pub(super) async fn pump<S>(
             }
         })
         .await;
-        if matches!(&next, Ok(Wire::Data(chunk) | Wire::Framed(chunk)) if chunk.is_empty()) {
+        if matches!(&next, Ok(Wire::Data(chunk)) if chunk.is_empty()) {
             // An empty chunk would read as the end of the body.
             continue;
         }
@@ -73,8 +75,11 @@ pub(super) async fn pump<S>(
                 let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
                 within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
             }
-            Ok(Wire::Framed(framed)) => {
-                let parts: [&[u8]; 2] = [&head_bytes, framed];
+            Ok(Wire::FinishDirect) => {
+                // The hub lets nobody else write until the task asks it again: the rest of a
+                // direct write the socket cut short goes out now, before anything newer.
+                let rest = sink.as_ref().and_then(|s| s.take_unfinished());
+                let parts: [&[u8]; 2] = [&head_bytes, rest.as_deref().unwrap_or_default()];
                 within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
             }
             // Dropped for being too slow: its socket is full, so close without a last word.

@@ -47,13 +47,13 @@ pub async fn respond<S: StreamIo>(
     }
     head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
     let (io, sink) = io.into_pumped();
-    if let Some(sink) = sink {
-        stream.attach_sink(sink);
+    if let Some(sink) = &sink {
+        stream.attach_sink(sink.clone());
     }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
     // on a much larger future that can now be freed.
     shutdown.spawn_stream(async move {
-        pump(io, head, stream, path, peer).await;
+        pump(io, sink, head, stream, path, peer).await;
         drop(busy);
         drop(permit);
     });
