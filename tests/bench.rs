@@ -246,6 +246,37 @@ fn tls_hub(extra: &[&str]) -> (TestHub, String) {
     )
 }
 
+/// A fixed run over HTTP/2 against a fresh [`tls_hub`] started with `serve`; `flags` as on a
+/// command line (a `--timeout` there replaces the 20 s default). Every stream must have
+/// opened, readers and slow ones on connections of their own, `--streams-per-connection` to
+/// each.
+fn run_bench_h2(serve: &[&str], flags: &str) -> serde_json::Value {
+    let (hub, ca) = tls_hub(serve);
+    let mut args = vec!["--settle", "0", "--ca", &ca, "--http2"];
+    if !flags.contains("--timeout") {
+        args.extend(["--timeout", "20s"]);
+    }
+    args.extend(flags.split_whitespace());
+    let r = bench(&hub, &args);
+    let flag = |name: &str| -> u64 {
+        let mut words = flags.split_whitespace();
+        words.find(|w| *w == name);
+        words.next().map_or(0, |v| v.parse().unwrap())
+    };
+    let (readers, slow, n) = (
+        flag("--subscribers"),
+        flag("--slow"),
+        flag("--streams-per-connection"),
+    );
+    assert_eq!(r["connected"], readers + slow, "{r:#}");
+    assert_eq!(
+        r["connections"],
+        readers.div_ceil(n) + slow.div_ceil(n),
+        "{r:#}"
+    );
+    r
+}
+
 #[test]
 fn over_tls_every_update_reaches_every_subscriber_once() {
     let (hub, ca) = tls_hub(&[]);
@@ -279,28 +310,12 @@ fn over_tls_every_update_reaches_every_subscriber_once() {
 /// subscriber: a count per connection, or a stream read twice, would miss the exact total.
 #[test]
 fn over_http2_every_stream_gets_every_update_once() {
-    let (hub, ca) = tls_hub(&[]);
-    let r = run_bench(
-        &hub,
-        &[
-            "--ca",
-            &ca,
-            "--http2",
-            "--streams-per-connection",
-            "7",
-            "--subscribers",
-            "30",
-            "--topics",
-            "3",
-            "--updates",
-            "60",
-            "--rate",
-            "500",
-        ],
+    let r = run_bench_h2(
+        &[],
+        "--streams-per-connection 7 --subscribers 30 --topics 3 --updates 60 --rate 500",
     );
     assert_eq!(r["protocol"], "h2", "{r:#}");
-    assert_eq!(r["connected"], 30, "{r:#}");
-    assert_eq!(r["connections"], 5, "30 streams, 7 to a connection: {r:#}");
+    // 30 streams, 7 to a connection: 5 connections, checked by run_bench_h2.
     assert_eq!(r["published"], 60, "{r:#}");
     // Every update reaches the ten subscribers of its topic.
     assert_eq!(r["expected"], 10 * 60, "{r:#}");
@@ -316,28 +331,10 @@ fn over_http2_every_stream_gets_every_update_once() {
 /// while its connection lives on.
 #[test]
 fn over_http2_streams_ended_mid_run_are_reported_with_their_loss() {
-    let (hub, ca) = tls_hub(&["--max-stream-lifetime", "1s"]);
-    let r = bench(
-        &hub,
-        &[
-            "--settle",
-            "0",
-            "--ca",
-            &ca,
-            "--http2",
-            "--streams-per-connection",
-            "4",
-            "--subscribers",
-            "8",
-            "--updates",
-            "300",
-            "--rate",
-            "100",
-            "--timeout",
-            "1s",
-        ],
+    let r = run_bench_h2(
+        &["--max-stream-lifetime", "1s"],
+        "--streams-per-connection 4 --subscribers 8 --updates 300 --rate 100 --timeout 1s",
     );
-    assert_eq!((&r["connected"], &r["connections"]), (&8.into(), &2.into()));
     assert_eq!(r["disconnected"], 8, "{r:#}");
     let (expected, delivered) = (
         r["expected"].as_u64().unwrap(),
@@ -353,28 +350,10 @@ fn over_http2_streams_ended_mid_run_are_reported_with_their_loss() {
 /// by a hub with a short queue, and the reading streams lose nothing meanwhile.
 #[test]
 fn over_http2_slow_streams_are_dropped_and_readers_lose_nothing() {
-    let (hub, ca) = tls_hub(&["--subscriber-queue", "8"]);
-    let r = run_bench(
-        &hub,
-        &[
-            "--ca",
-            &ca,
-            "--http2",
-            "--streams-per-connection",
-            "3",
-            "--subscribers",
-            "6",
-            "--slow",
-            "3",
-            "--size",
-            "4096",
-            "--updates",
-            "200",
-            "--rate",
-            "400",
-        ],
+    let r = run_bench_h2(
+        &["--subscriber-queue", "8"],
+        "--streams-per-connection 3 --subscribers 6 --slow 3 --size 4096 --updates 200 --rate 400",
     );
-    assert_eq!((&r["connected"], &r["connections"]), (&9.into(), &3.into()));
     assert_eq!(r["slow_dropped"], 3, "{r:#}");
     assert_eq!(r["delivered"], 6 * 200, "{r:#}");
     assert_eq!(r["lost"], 0, "{r:#}");
@@ -403,14 +382,8 @@ fn over_http2_streams_broken_mid_run_are_reported_as_reset() {
         .args(["bench", "--target", "ssehub", "--json", "--settle", "0"])
         .args(["--hub", &hub.url("/.well-known/mercure"), "--ca", &ca])
         .args(["--jwt-key", SECRET])
-        .args([
-            "--http2",
-            "--streams-per-connection",
-            "3",
-            "--subscribers",
-            "6",
-        ])
-        .args(["--updates", "400", "--rate", "100", "--timeout", "1s"])
+        .args("--http2 --streams-per-connection 3 --subscribers 6".split(' '))
+        .args("--updates 400 --rate 100 --timeout 1s".split(' '))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -431,6 +404,12 @@ fn over_http2_streams_broken_mid_run_are_reported_as_reset() {
         r["delivered"].as_u64().unwrap(),
     );
     assert!(delivered > 0, "{r:#}");
-    assert_eq!(r["lost"].as_u64().unwrap(), expected - delivered, "{r:#}");
+    // An update fanned out just before the kill, whose answer never came, is delivered but
+    // not expected: more delivered than expected is then no loss.
+    assert_eq!(
+        r["lost"].as_u64().unwrap(),
+        expected.saturating_sub(delivered),
+        "{r:#}"
+    );
     assert_eq!(r["duplicates"], 0, "{r:#}");
 }
