@@ -9,6 +9,17 @@
 # S7 (ssehub only: three nodes on one Redis against one node) needs redis-server; SCALE (ssehub
 # only) runs the S2 shape at 1,000, 5,000, 10,000 and 19,000 subscribers.
 #
+# Production-shaped scenarios, run only when named (SCENARIOS="S1-tls S1-h2 S5-tls S5-h2"): every
+# peer serves TLS with one self-signed certificate made here (ssehub --tls-cert, nginx
+# `listen ssl http2`, the baseline's rustls accept loop), and the bench subscribes over TLS:
+#   S1-tls   S1 over TLS, HTTP/1.1
+#   S1-h2    S1 over TLS, HTTP/2, 10 streams per connection
+#   S5-tls   idle memory, TLS HTTP/1.1 (TLS_IDLE subscribers, 2,000)
+#   S5-h2    idle memory, HTTP/2: 10 streams per connection (TLS_IDLE streams), and as
+#            S5-h2-single one stream per connection (half as many)
+# TLS_SUBSCRIBERS and TLS_UPDATES size S1-tls and S1-h2 (1,000 and 2,000, as S1).
+# PROFILE=dev runs debug builds (to try the script out; its figures mean nothing).
+#
 # Each run gets a freshly started server, so its memory figures start from idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,31 +27,39 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-2}
 PEERS=${PEERS:-"ssehub baseline nchan"}
 SCENARIOS=${SCENARIOS:-"S1 S2 S2-lean S3 S4 S5 S6 S7 SCALE"}
+TLS_SUBSCRIBERS=${TLS_SUBSCRIBERS:-1000}
+TLS_UPDATES=${TLS_UPDATES:-2000}
+TLS_IDLE=${TLS_IDLE:-2000}
+PROFILE=${PROFILE:-release}
 S3_RATES=${S3_RATES:-"1000 2000 5000 10000 20000 40000"}
 S3_SECONDS=${S3_SECONDS:-3}
 LEAN_BOUND=${LEAN_BOUND:-250ms}
 RESULTS=${RESULTS:-bench/results}
 SECRET=bench-secret-not-for-production
 WORK=$(mktemp -d /tmp/ssehub-bench.XXXXXX)
-SSEHUB=target/release/ssehub
-BASELINE=bench/baseline/target/release/sse-baseline
+OUT_DIR=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+SSEHUB=target/$OUT_DIR/ssehub
+BASELINE=bench/baseline/target/$OUT_DIR/sse-baseline
 
 log() { echo "==> $*" >&2; }
 
-log "building ssehub and the baseline (release)"
-cargo build --release --quiet
-(cd bench/baseline && cargo build --release --quiet)
+log "building ssehub and the baseline ($PROFILE)"
+cargo build --profile "$PROFILE" --quiet
+(cd bench/baseline && cargo build --profile "$PROFILE" --quiet)
 
 # nginx + nchan from Debian, if it can be had.
+# (grep reads all of apt-cache's output: `grep -q` would stop early, apt-cache would die of
+# SIGPIPE, and pipefail would take a package that is there for one that is not.)
+nchan_candidate() { apt-cache policy libnginx-mod-nchan 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }
 have_nchan=0
 if [[ " $PEERS " == *" nchan "* ]]; then
   if ! [ -e /usr/share/nginx/modules/ngx_nchan_module.so ] && ! [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       # A fresh image has no package lists yet.
-      if ! apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+      if ! nchan_candidate; then
         apt-get update -qq >/dev/null 2>&1 || log "apt-get update failed"
       fi
-      if apt-cache policy libnginx-mod-nchan 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+      if nchan_candidate; then
         log "installing nginx and libnginx-mod-nchan"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan \
           >"$WORK/apt.log" 2>&1 || log "installing nginx + nchan failed: $(tail -1 "$WORK/apt.log")"
@@ -61,8 +80,29 @@ fi
 
 ulimit -n 20000 2>/dev/null || true
 
+# TLS for the scenarios that ask for it (tls_on / tls_off around them): one self-signed
+# certificate for 127.0.0.1 that every peer serves and the bench trusts. Not a CA
+# (CA:FALSE): webpki refuses a CA certificate as a server's own.
+TLS=0
+CERT=$WORK/tls/cert.pem
+KEY=$WORK/tls/key.pem
+if [[ " $SCENARIOS " == *"-tls "* ]] || [[ " $SCENARIOS " == *"-h2 "* ]]; then
+  mkdir -p "$WORK/tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+    -keyout "$KEY" -out "$CERT" -subj /CN=127.0.0.1 \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -addext "basicConstraints=critical,CA:FALSE" >"$WORK/openssl.log" 2>&1 \
+    || { log "openssl could not make the certificate: $(tail -1 "$WORK/openssl.log")"; exit 1; }
+fi
+
 write_nginx_conf() {
   mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+  # nginx before 1.25.1 turns HTTP/2 on in `listen`, as Debian 12's 1.22 needs.
+  local NGINX_LISTEN="" NGINX_TLS=""
+  if [ "$TLS" = 1 ]; then
+    NGINX_LISTEN="ssl http2"
+    NGINX_TLS="ssl_certificate $CERT; ssl_certificate_key $KEY;"
+  fi
   cat >"$WORK/nginx/nginx.conf" <<CONF
 load_module $NCHAN_SO;
 worker_processes 2;
@@ -79,7 +119,8 @@ http {
   uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
   scgi_temp_path $WORK/nginx/tmp/scgi;
   server {
-    listen 127.0.0.1:8090 backlog=4096;
+    listen 127.0.0.1:8090 $NGINX_LISTEN backlog=4096;
+    $NGINX_TLS
     location ~ ^/pub/(.+)\$ {
       nchan_publisher;
       nchan_channel_id \$1;
@@ -133,11 +174,16 @@ start_peer() {
       local data=()
       [[ " ${SSEHUB_FLAGS:-} " == *" --data-dir "* ]] || data=(--data-dir "$(mktemp -d "$WORK/data.XXXXXX")")
       # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
+      local tls=()
+      [ "$TLS" = 0 ] || tls=(--tls-cert "$CERT" --tls-key "$KEY")
       RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
-        --clock-interval 0 --max-connections 19800 "${data[@]}" ${SSEHUB_FLAGS:-} >"$WORK/ssehub.log" 2>&1 &
+        --clock-interval 0 --max-connections 19800 "${data[@]}" "${tls[@]}" ${SSEHUB_FLAGS:-} \
+        >"$WORK/ssehub.log" 2>&1 &
       SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 || return 1 ;;
     baseline)
-      "$BASELINE" 127.0.0.1:3000 >"$WORK/baseline.log" 2>&1 &
+      local tls=()
+      [ "$TLS" = 0 ] || tls=("$CERT" "$KEY")
+      "$BASELINE" 127.0.0.1:3000 "${tls[@]}" >"$WORK/baseline.log" 2>&1 &
       SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 3000 || return 1 ;;
     nchan)
       write_nginx_conf
@@ -156,6 +202,36 @@ stop_peer() {
   fi
 }
 
+# The URL the bench subscribes to on PEER over TLS (the same ports as plain HTTP).
+tls_url() {
+  case $1 in
+    ssehub) echo https://127.0.0.1:8000/.well-known/mercure ;;
+    baseline) echo https://127.0.0.1:3000 ;;
+    nchan) echo https://127.0.0.1:8090 ;;
+  esac
+}
+
+# Whether PEER, as started, agrees to HTTP/2 over TLS: curl opens a subscription for a moment
+# and says which protocol it got. A peer that falls back to HTTP/1.1 would make S1-h2 and S5-h2
+# measure something else, so the batch says so (once per peer and scenario).
+CHECKED_H2=" "
+check_h2() {
+  local peer=$1 scenario=$2
+  [[ "$CHECKED_H2" == *" $peer-$scenario "* ]] && return 0
+  CHECKED_H2+="$peer-$scenario "
+  local path
+  case $peer in
+    ssehub) path="?topic=h2-check" ;; baseline) path="/events?topic=h2-check" ;; nchan) path="/sub/h2-check" ;;
+  esac
+  curl --http2 -k -sv --max-time 3 -H 'Accept: text/event-stream' -o /dev/null \
+    "$(tls_url "$peer")$path" 2>"$WORK/curl.log" || true
+  if grep -q '^< HTTP/2 ' "$WORK/curl.log"; then
+    log "$scenario: $peer serves HTTP/2 over TLS (curl --http2 -k: $(grep -m1 '^< HTTP/2 ' "$WORK/curl.log" | tr -d '<\r'))"
+  else
+    log "$scenario: $peer does NOT serve HTTP/2 over TLS: $(grep -m1 -E '^< HTTP|ALPN' "$WORK/curl.log")"
+  fi
+}
+
 # bench PEER SCENARIO RUN [bench flags...]: one fresh server, one bench run, its JSON kept.
 bench() {
   local peer=$1 scenario=$2 run=$3; shift 3
@@ -165,9 +241,14 @@ bench() {
     stop_peer
     return 0
   fi
-  log "$scenario $peer run $run: $*"
+  local tls=()
+  if [ "$TLS" = 1 ]; then
+    tls=(--hub "$(tls_url "$peer")" --ca "$CERT")
+    check_h2 "$peer" "$scenario"
+  fi
+  log "$scenario $peer run $run: ${tls[*]} $*"
   if ! "$SSEHUB" bench --target "$peer" --jwt-key "$SECRET" --pid "$PIDS" --label "$scenario" \
-      --json "$@" >"$out.tmp" 2>"$WORK/bench.err"; then
+      --json "${tls[@]}" "$@" >"$out.tmp" 2>"$WORK/bench.err"; then
     log "bench failed: $(tail -1 "$WORK/bench.err")"
     rm -f "$out.tmp"
   else
@@ -243,6 +324,7 @@ clear_old() {
     S3) rm -f "$RESULTS"/S3-*-"$p"-*.json ;;
     S4) rm -f "$RESULTS"/S4-"$p"-*.json "$RESULTS"/S4-noslow-"$p"-*.json ;;
     S7) rm -f "$RESULTS"/S7-single-"$p"-*.json "$RESULTS"/S7-cluster-"$p"-*.json ;;
+    S5-h2) rm -f "$RESULTS"/S5-h2-"$p"-*.json "$RESULTS"/S5-h2-single-"$p"-*.json ;;
     SCALE) rm -f "$RESULTS"/scale-*-"$p"-*.json ;;
     *) rm -f "$RESULTS/$s-$p"-*.json ;;
   esac
@@ -301,6 +383,18 @@ for s in $SCENARIOS; do
                      --publishers 16 --source-ips 8 --connect-concurrency 500
                  done
                fi ;;
+        S1-tls|S1-h2)
+            h2=(); [ "$s" = S1-h2 ] && h2=(--http2 --streams-per-connection 10)
+            TLS=1 bench "$p" "$s" "$run" --tls "${h2[@]}" --subscribers "$TLS_SUBSCRIBERS" \
+              --updates "$TLS_UPDATES" --rate 200 --size 100 --publishers 16 ;;
+        S5-tls) TLS=1 bench "$p" S5-tls "$run" --tls --subscribers "$TLS_IDLE" --updates 1 --rate 1 \
+                  --size 100 --source-ips 8 --connect-concurrency 500 --settle 3s ;;
+        S5-h2) TLS=1 bench "$p" S5-h2 "$run" --tls --http2 --streams-per-connection 10 \
+                 --subscribers "$TLS_IDLE" --updates 1 --rate 1 --size 100 --source-ips 8 \
+                 --connect-concurrency 500 --settle 3s
+               TLS=1 bench "$p" S5-h2-single "$run" --tls --http2 --streams-per-connection 1 \
+                 --subscribers $((TLS_IDLE / 2)) --updates 1 --rate 1 --size 100 --source-ips 8 \
+                 --connect-concurrency 500 --settle 3s ;;
         *) log "unknown scenario $s" ;;
       esac
     done

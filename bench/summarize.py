@@ -99,10 +99,17 @@ def ratio(label, peer, path, higher_is_better=True):
     return f"{(a / b if higher_is_better else b / a):.2f}×"
 
 
-def scenario_table(label):
+# Rows the TLS and HTTP/2 scenarios add: over HTTP/2 a connection carries several subscribers.
+CONNECTION_METRICS = [
+    ("connections", "connections", 0),
+    ("server RSS per connection KiB", "server.rss_per_connection_kib", 2),
+]
+
+
+def scenario_table(label, extra=()):
     out = ["| | " + " | ".join(PEER_NAMES[p] for p in peers) + " |",
            "|---|" + "---|" * len(peers)]
-    for name, path, digits in METRICS:
+    for name, path, digits in METRICS + list(extra):
         out.append(f"| {name} | " + " | ".join(cell(label, p, path, digits) for p in peers) + " |")
     others = [p for p in peers if p != "ssehub"]
     if "ssehub" in peers and others:
@@ -358,7 +365,40 @@ DESCRIPTIONS = {
     "S4-noslow": "S4 without the 5 slow subscribers (the reference for S4's p99)",
     "S5": "idle connections: 19,000 subscribers, one update; memory per subscriber",
     "S6": "many topics: 10,000 subscribers spread over 1,000 topics, 2,000 updates at 200/s to random topics",
+    "S1-tls": "S1 over TLS, HTTP/1.1 (every peer serves the same self-signed certificate)",
+    "S1-h2": "S1 over TLS, HTTP/2, 10 event streams per connection",
+    "S5-tls": "idle subscribers over TLS, HTTP/1.1; memory per subscriber",
+    "S5-h2-single": "idle subscribers over TLS, HTTP/2, one stream per connection",
+    "S5-h2": "idle subscribers over TLS, HTTP/2, 10 streams per connection; memory per stream",
 }
+TLS_LABELS = ["S1-tls", "S1-h2", "S5-tls", "S5-h2-single", "S5-h2"]
+
+
+def idle_table():
+    """Idle memory by what carries a subscriber, as the issue of TLS and HTTP/2 frames it."""
+    rows = [("plain HTTP/1.1 (S5)", "S5"), ("TLS, HTTP/1.1 (S5-tls)", "S5-tls"),
+            ("TLS, HTTP/2, one stream per connection (S5-h2-single)", "S5-h2-single"),
+            ("TLS, HTTP/2, 10 streams per connection (S5-h2)", "S5-h2")]
+    rows = [(name, label) for name, label in rows if any(k[0] == label for k in runs)]
+    if not any(label != "S5" for _, label in rows):
+        return None
+    out = ["| idle subscriber over, RSS KiB per subscriber (per connection) | "
+           + " | ".join(PEER_NAMES[p] for p in peers) + " |",
+           "|---|" + "---|" * len(peers)]
+    for name, label in rows:
+        cells = []
+        for p in peers:
+            reports = runs.get((label, p), [])
+            sub = med([get(r, "server.rss_per_subscriber_kib") for r in reports])
+            conn = med([get(r, "server.rss_per_connection_kib") for r in reports])
+            if sub is None:
+                cells.append("—")
+            elif conn is not None and abs(conn - sub) > 0.005:
+                cells.append(f"{fmt(sub, 2)} ({fmt(conn, 2)})")
+            else:
+                cells.append(fmt(sub, 2))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 PEER_COLOURS = {"ssehub": "#1f77b4", "baseline": "#999999", "nchan": "#d95f02"}
 
@@ -566,7 +606,7 @@ for name, title, unit, path, log in charts:
         print(f"![{title}]({name}.svg)")
         print()
 
-for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"]:
+for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"] + TLS_LABELS:
     if label == "S3":
         t = s3_table()
         if t:
@@ -579,7 +619,7 @@ for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"]:
         continue
     print(f"## {label} — {DESCRIPTIONS.get(label, '')}")
     print()
-    print(scenario_table(label))
+    print(scenario_table(label, CONNECTION_METRICS if label in TLS_LABELS else ()))
     if label == "S4":
         print()
         print("| slow subscribers closed by the server by the end | "
@@ -587,6 +627,12 @@ for label in ["S1", "S2", "S3", "S4", "S4-noslow", "S5", "S6"]:
         print("|---|" + "---|" * len(peers))
     print()
 
+t = idle_table()
+if t:
+    print("## Idle memory by protocol: S5, S5-tls, S5-h2-single and S5-h2 side by side")
+    print()
+    print(t)
+    print()
 t = s7_table()
 if t:
     print("## S7 — cluster: S1 across three nodes sharing one Redis, against S1 on one node")

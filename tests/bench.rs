@@ -227,3 +227,189 @@ fn refused_publishes_fail_the_run_with_the_hubs_reason() {
     );
     assert!(stderr.contains("signature"), "the hub's reason: {stderr}");
 }
+
+/// A hub serving TLS with a fresh self-signed certificate, and the PEM file that trusts it.
+fn tls_hub(extra: &[&str]) -> (TestHub, String) {
+    let dir = common::temp_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+    args.extend_from_slice(extra);
+    (
+        TestHub::start_process_tls(&args, c.cert.der().clone()),
+        cert,
+    )
+}
+
+/// A fixed run over HTTP/2 against a fresh [`tls_hub`] started with `serve`; `flags` as on a
+/// command line (a `--timeout` there replaces the 20 s default). Every stream must have
+/// opened, readers and slow ones on connections of their own, `--streams-per-connection` to
+/// each.
+fn run_bench_h2(serve: &[&str], flags: &str) -> serde_json::Value {
+    let (hub, ca) = tls_hub(serve);
+    let mut args = vec!["--settle", "0", "--ca", &ca, "--http2"];
+    if !flags.contains("--timeout") {
+        args.extend(["--timeout", "20s"]);
+    }
+    args.extend(flags.split_whitespace());
+    let r = bench(&hub, &args);
+    let flag = |name: &str| -> u64 {
+        let mut words = flags.split_whitespace();
+        words.find(|w| *w == name);
+        words.next().map_or(0, |v| v.parse().unwrap())
+    };
+    let (readers, slow, n) = (
+        flag("--subscribers"),
+        flag("--slow"),
+        flag("--streams-per-connection"),
+    );
+    assert_eq!(r["connected"], readers + slow, "{r:#}");
+    assert_eq!(
+        r["connections"],
+        readers.div_ceil(n) + slow.div_ceil(n),
+        "{r:#}"
+    );
+    r
+}
+
+#[test]
+fn over_tls_every_update_reaches_every_subscriber_once() {
+    let (hub, ca) = tls_hub(&[]);
+    assert!(hub.url("/").starts_with("https://"));
+    let r = run_bench(
+        &hub,
+        &[
+            "--ca",
+            &ca,
+            "--subscribers",
+            "20",
+            "--updates",
+            "50",
+            "--rate",
+            "500",
+        ],
+    );
+    assert_eq!(r["protocol"], "https/1.1", "{r:#}");
+    assert_eq!(
+        (&r["connected"], &r["connections"]),
+        (&20.into(), &20.into())
+    );
+    assert_eq!(r["published"], 50, "{r:#}");
+    assert_eq!(r["expected"], 20 * 50, "{r:#}");
+    assert_eq!(r["delivered"], 20 * 50, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+}
+
+/// Several streams on each HTTP/2 connection (the last one short) must each be counted as a
+/// subscriber: a count per connection, or a stream read twice, would miss the exact total.
+#[test]
+fn over_http2_every_stream_gets_every_update_once() {
+    let r = run_bench_h2(
+        &[],
+        "--streams-per-connection 7 --subscribers 30 --topics 3 --updates 60 --rate 500",
+    );
+    assert_eq!(r["protocol"], "h2", "{r:#}");
+    // 30 streams, 7 to a connection: 5 connections, checked by run_bench_h2.
+    assert_eq!(r["published"], 60, "{r:#}");
+    // Every update reaches the ten subscribers of its topic.
+    assert_eq!(r["expected"], 10 * 60, "{r:#}");
+    assert_eq!(r["delivered"], 10 * 60, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+    assert_eq!(r["foreign_events"], 0, "{r:#}");
+    assert_eq!(r["disconnected"], 0, "{r:#}");
+}
+
+/// Streams the hub ends in the middle of the run (`--max-stream-lifetime`) are reported as
+/// disconnected, and what they missed as lost: the accounting over HTTP/2 sees a stream end
+/// while its connection lives on.
+#[test]
+fn over_http2_streams_ended_mid_run_are_reported_with_their_loss() {
+    let r = run_bench_h2(
+        &["--max-stream-lifetime", "1s"],
+        "--streams-per-connection 4 --subscribers 8 --updates 300 --rate 100 --timeout 1s",
+    );
+    assert_eq!(r["disconnected"], 8, "{r:#}");
+    let (expected, delivered) = (
+        r["expected"].as_u64().unwrap(),
+        r["delivered"].as_u64().unwrap(),
+    );
+    assert_eq!(expected, 8 * 300, "{r:#}");
+    assert!(delivered > 0 && delivered < expected, "{r:#}");
+    assert_eq!(r["lost"].as_u64().unwrap(), expected - delivered, "{r:#}");
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+}
+
+/// Never-reading HTTP/2 streams (on connections of their own, with a small window) are dropped
+/// by a hub with a short queue, and the reading streams lose nothing meanwhile.
+#[test]
+fn over_http2_slow_streams_are_dropped_and_readers_lose_nothing() {
+    let r = run_bench_h2(
+        &["--subscriber-queue", "8"],
+        "--streams-per-connection 3 --subscribers 6 --slow 3 --size 4096 --updates 200 --rate 400",
+    );
+    assert_eq!(r["slow_dropped"], 3, "{r:#}");
+    assert_eq!(r["delivered"], 6 * 200, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+}
+
+#[test]
+fn http2_without_tls_is_refused_with_what_to_do() {
+    let hub = TestHub::start_process(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["bench", "--target", "ssehub", "--http2"])
+        .args(["--hub", &hub.url("/.well-known/mercure")])
+        .args(["--jwt-key", SECRET])
+        .output()
+        .expect("run ssehub bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--http2 needs TLS"), "{stderr}");
+}
+
+/// A connection that breaks under its streams (the hub killed mid-run; no `--pid`, so the
+/// run still reports) shows as streams reset, every one of them, with what they missed lost.
+#[test]
+fn over_http2_streams_broken_mid_run_are_reported_as_reset() {
+    let (hub, ca) = tls_hub(&[]);
+    let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["bench", "--target", "ssehub", "--json", "--settle", "0"])
+        .args(["--hub", &hub.url("/.well-known/mercure"), "--ca", &ca])
+        .args(["--jwt-key", SECRET])
+        .args("--http2 --streams-per-connection 3 --subscribers 6".split(' '))
+        .args("--updates 400 --rate 100 --timeout 1s".split(' '))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As in the test above: a second into the four-second run, the streams are open.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    hub.signal("KILL");
+    let out = child.wait_with_output().unwrap();
+    // The failed publishes fail the run, after the report.
+    assert!(!out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report");
+    assert_eq!((&r["connected"], &r["connections"]), (&6.into(), &2.into()));
+    assert_eq!(r["disconnected"], 6, "{r:#}");
+    assert_eq!(r["reset"], 6, "{r:#}");
+    let (expected, delivered) = (
+        r["expected"].as_u64().unwrap(),
+        r["delivered"].as_u64().unwrap(),
+    );
+    assert!(delivered > 0, "{r:#}");
+    // An update fanned out just before the kill, whose answer never came, is delivered but
+    // not expected: more delivered than expected is then no loss.
+    assert_eq!(
+        r["lost"].as_u64().unwrap(),
+        expected.saturating_sub(delivered),
+        "{r:#}"
+    );
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+}

@@ -3,7 +3,8 @@
 //! It is the "naive baseline" of ssehub's benchmarks, deliberately left unoptimised.
 //!
 //! GET /events?topic=T streams; POST /publish?topic=T with the body as the event's data.
-//! Usage: sse-baseline [ADDR] (default 127.0.0.1:3000).
+//! Usage: sse-baseline [ADDR] [CERT.pem KEY.pem] (default 127.0.0.1:3000; with a certificate
+//! and its key, HTTPS with HTTP/2 and HTTP/1.1 by ALPN, as naively as the rest).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -58,6 +59,51 @@ async fn main() {
         .route("/publish", post(publish))
         .with_state(topics);
     let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
-    eprintln!("sse-baseline listening on http://{addr}");
-    axum::serve(listener, app).await.unwrap();
+    if let (Some(cert), Some(key)) = (std::env::args().nth(2), std::env::args().nth(3)) {
+        eprintln!("sse-baseline listening on https://{addr}");
+        serve_tls(listener, app, &cert, &key).await;
+    } else {
+        eprintln!("sse-baseline listening on http://{addr}");
+        axum::serve(listener, app).await.unwrap();
+    }
+}
+
+/// An accept loop with a TLS handshake in each connection's task, then hyper's automatic
+/// HTTP/1.1-or-HTTP/2 server on the stream: what a first TLS setup looks like.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, cert: &str, key: &str) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .await;
+        });
+    }
 }

@@ -10,15 +10,20 @@
 //! measure the client. Every payload carries its sequence number and send time, so the run
 //! reports loss, duplicates and latency; with `--pid` it also reads the server's CPU and
 //! memory from `/proc`, which is what the comparison in `docs/BENCHMARKS.md` rests on.
-//! `--soak` runs mixed load for a long time instead (see `soak.rs`).
+//! `--soak` runs mixed load for a long time instead (see `soak.rs`). `--tls` puts the same
+//! subscribers behind TLS (`tls.rs`), and `--http2` multiplexes them as streams over TLS
+//! connections (`h2.rs`), counted by the same code.
 
+mod h2;
 mod load;
 mod process;
 mod report;
 mod soak;
+mod tls;
 mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +109,21 @@ pub struct BenchArgs {
     /// Publisher keep-alive connections.
     #[arg(long, default_value_t = 8)]
     pub publishers: usize,
+    /// Speak TLS to the server, subscribers and publishers alike (an `https://` URL does too).
+    #[arg(long)]
+    pub tls: bool,
+    /// A PEM file of certificates to trust over TLS: the server's CA, or its self-signed
+    /// certificate itself [default: the system's authorities].
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Subscribers speak HTTP/2 (needs TLS: ALPN h2, as browsers do), several streams on each
+    /// connection; publishers stay on HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+    /// With --http2, the event streams on each connection: --subscribers counts streams, and
+    /// the connections are that many over N, rounded up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub streams_per_connection: u32,
     /// Extra subscribers that never read (with a small receive buffer) [default: 0; with
     /// --soak, 5].
     #[arg(long)]
@@ -165,6 +185,15 @@ impl BenchArgs {
         self.source_ips
             .unwrap_or(if self.soak.soak.is_some() { 4 } else { 1 })
     }
+
+    /// Streams on each subscriber connection: only HTTP/2 carries more than one.
+    fn per_connection(&self) -> usize {
+        if self.http2 {
+            self.streams_per_connection as usize
+        } else {
+            1
+        }
+    }
 }
 
 /// Runs the benchmark and hands its report to `print` (the binary's way to write to standard
@@ -176,8 +205,10 @@ pub fn run(
     print: impl FnOnce(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let plan = plan(&args, default_hub)?;
-    let sockets = (args.subscribers() + args.slow() + args.publishers + 64) as u64
-        + soak::extra_sockets(&args.soak);
+    // Readers and slow subscribers never share a connection (a slow one's window is small).
+    let n = args.per_connection();
+    let connections = args.subscribers().div_ceil(n) + args.slow().div_ceil(n);
+    let sockets = (connections + args.publishers + 64) as u64 + soak::extra_sockets(&args.soak);
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
     if sockets > limit {
         bail!(
@@ -228,11 +259,15 @@ fn failed_publishes(failed: u64, of: u64, first_error: &Option<String>) -> anyho
     bail!("{failed} of {of} publishes failed; the first: {why}")
 }
 
-/// `http://host:port/path` → (authority, address, path and query).
+/// `http://host:port/path` → (authority, address, path and query); `https://` alike, with
+/// port 443 by default.
 fn split_url(url: &str) -> anyhow::Result<(String, SocketAddr, String)> {
     let bad =
         || anyhow::anyhow!("{url:?} is not a usable URL: give one like http://127.0.0.1:8000/path");
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (rest, port) = match url.strip_prefix("https://") {
+        Some(rest) => (rest, 443),
+        None => (url.strip_prefix("http://").ok_or_else(bad)?, 80),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -240,7 +275,7 @@ fn split_url(url: &str) -> anyhow::Result<(String, SocketAddr, String)> {
     let with_port = if authority.contains(':') {
         authority.to_owned()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{port}")
     };
     let addr = with_port
         .to_socket_addrs()
@@ -310,6 +345,20 @@ fn plan(args: &BenchArgs, default_hub: &str) -> anyhow::Result<Plan> {
     let body = args.pub_body.as_deref().unwrap_or(body);
     if sub.is_empty() || publ.is_empty() {
         bail!("--target custom needs --sub-url and --pub-url");
+    }
+    let sub_tls = args.tls || sub.starts_with("https://");
+    let pub_tls = args.tls || publ.starts_with("https://");
+    if args.http2 && !sub_tls {
+        bail!(
+            "--http2 needs TLS (--tls, or an https:// URL): the bench asks for HTTP/2 by ALPN, \
+             as browsers do"
+        );
+    }
+    if args.streams_per_connection > 1 && !args.http2 {
+        bail!("--streams-per-connection needs --http2: an HTTP/1.1 connection carries one stream");
+    }
+    if args.soak.soak.is_some() && (sub_tls || pub_tls || args.http2) {
+        bail!("--soak speaks plain HTTP/1.1 only: leave out --tls and --http2 (and https://)");
     }
 
     let mut pub_headers = args.pub_header.clone();
@@ -406,6 +455,15 @@ fn plan(args: &BenchArgs, default_hub: &str) -> anyhow::Result<Plan> {
         .iter()
         .map(|h| Ok(split_url(&sub.replace(hub, h).replace("{topic}", "x"))?.1))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let tls_for = |on: bool, authority: &str| -> anyhow::Result<Option<Arc<tls::Tls>>> {
+        Ok(match on {
+            true => Some(Arc::new(tls::Tls::new(
+                args.ca.as_deref(),
+                tls::host_of(authority),
+            )?)),
+            false => None,
+        })
+    };
     Ok(Plan {
         sub_addr,
         nodes,
@@ -414,7 +472,6 @@ fn plan(args: &BenchArgs, default_hub: &str) -> anyhow::Result<Plan> {
         template_requests,
         template_share: args.template_share,
         pub_addr,
-        pub_authority,
         pub_paths,
         pub_bodies,
         pub_headers,
@@ -423,6 +480,11 @@ fn plan(args: &BenchArgs, default_hub: &str) -> anyhow::Result<Plan> {
         rate: args.rate,
         size: args.size,
         source_ips: args.source_ips(),
+        sub_tls: tls_for(sub_tls, &sub_authority)?,
+        pub_tls: tls_for(pub_tls, &pub_authority)?,
+        pub_authority,
+        http2: args.http2,
+        streams_per_connection: args.per_connection(),
     })
 }
 
@@ -473,17 +535,35 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     let gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
     let connect_start = Instant::now();
     let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
-        let slow = i >= subscribers;
-        tasks.push(tokio::spawn(load::subscriber(
-            i,
-            i % topics,
-            slow,
-            plan.clone(),
-            counts.clone(),
-            gate.clone(),
-            stop.clone(),
-        )));
+    if plan.http2 {
+        // Readers first, then the slow ones, each on connections of their own.
+        let n = plan.streams_per_connection;
+        for (from, to, slow) in [(0, subscribers, false), (subscribers, total, true)] {
+            for first in (from..to).step_by(n) {
+                tasks.push(tokio::spawn(h2::connection(
+                    first,
+                    n.min(to - first),
+                    slow,
+                    plan.clone(),
+                    counts.clone(),
+                    gate.clone(),
+                    stop.clone(),
+                )));
+            }
+        }
+    } else {
+        for i in 0..total {
+            let subscriber = load::subscriber(
+                i,
+                i % topics,
+                i >= subscribers,
+                plan.clone(),
+                counts.clone(),
+                gate.clone(),
+                stop.clone(),
+            );
+            tasks.push(tokio::spawn(async move { vec![subscriber.await] }));
+        }
     }
     let bar = progress(total as u64, "connecting");
     let connect_deadline = connect_start + Duration::from_secs(60) + args.timeout;
@@ -585,16 +665,17 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     let mut expected = 0;
     let mut delivered = 0;
     let mut slow_dropped = 0;
-    for (i, t) in tasks.into_iter().enumerate() {
-        let end = t.await.context("a subscriber task failed")?;
-        if !end.connected {
-            continue;
-        }
-        if i >= subscribers {
-            slow_dropped += u64::from(end.closed_by_server);
-        } else {
-            expected += counts.per_topic[end.topic].load(Ordering::Relaxed);
-            delivered += end.received;
+    for t in tasks {
+        for end in t.await.context("a subscriber task failed")? {
+            if !end.connected {
+                continue;
+            }
+            if end.slow {
+                slow_dropped += u64::from(end.closed_by_server);
+            } else {
+                expected += counts.per_topic[end.topic].load(Ordering::Relaxed);
+                delivered += end.received;
+            }
         }
     }
 
@@ -602,6 +683,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
     let latency_ms = Latency::from_micros(&h);
     drop(h);
     let connected = counts.connected.load(Ordering::Relaxed);
+    let connections = counts.connections.load(Ordering::Relaxed);
     let server_figures = (!args.pid.is_empty()).then(|| {
         let cpu = cpu_end - cpu_before_publish;
         ServerFigures {
@@ -612,6 +694,8 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
             rss_end_kib: rss_end,
             rss_per_subscriber_kib: rss_connected.saturating_sub(rss_idle) as f64
                 / connected.max(1) as f64,
+            rss_per_connection_kib: rss_connected.saturating_sub(rss_idle) as f64
+                / connections.max(1) as f64,
             cpu_connect_secs: cpu_before_publish - cpu_before_connect,
             cpu_secs: cpu,
             deliveries_per_cpu_sec: if cpu > 0.0 {
@@ -631,7 +715,14 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         slow: args.slow() as u64,
         topics: topics as u64,
         size: args.size as u64,
+        protocol: match (plan.http2, plan.sub_tls.is_some()) {
+            (true, _) => "h2",
+            (false, true) => "https/1.1",
+            (false, false) => "http/1.1",
+        }
+        .to_owned(),
         connected,
+        connections,
         connect_failed: counts.connect_failed.load(Ordering::Relaxed),
         connect_secs,
         updates: args.updates,
@@ -647,6 +738,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         duplicates: counts.duplicates.load(Ordering::Relaxed),
         foreign_events: counts.foreign.load(Ordering::Relaxed),
         disconnected: counts.disconnected.load(Ordering::Relaxed),
+        reset: counts.reset.load(Ordering::Relaxed),
         slow_dropped,
         timed_out,
         run_secs,

@@ -17,7 +17,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, EventBody};
+use super::tls::{Stream, Tls};
+use super::wire::{self, BodyKind, EventBody};
 use ssehub_sse::Event;
 
 /// Everything the tasks share: prepared requests and the running counts.
@@ -47,10 +48,16 @@ pub struct Plan {
     pub rate: f64,
     pub size: usize,
     pub source_ips: u8,
+    /// TLS for subscribers and for publishers, when their URLs or `--tls` ask for it.
+    pub sub_tls: Option<Arc<Tls>>,
+    pub pub_tls: Option<Arc<Tls>>,
+    /// Subscribers speak HTTP/2 (over TLS), this many streams on each connection.
+    pub http2: bool,
+    pub streams_per_connection: usize,
 }
 
 impl Plan {
-    fn node(&self, i: usize, single: SocketAddr) -> SocketAddr {
+    pub(super) fn node(&self, i: usize, single: SocketAddr) -> SocketAddr {
         match self.nodes.len() {
             0 | 1 => single,
             n => self.nodes[i % n],
@@ -89,7 +96,10 @@ fn splitmix(mut x: u64) -> u64 {
 
 /// Running totals, read by the progress display and the final report.
 pub struct Counts {
+    /// Subscribers (HTTP/2 streams included) whose stream opened.
     pub connected: AtomicU64,
+    /// Connections that carry them: as many as `connected` over HTTP/1.1, fewer over HTTP/2.
+    pub connections: AtomicU64,
     pub connect_failed: AtomicU64,
     /// Distinct updates received by reading subscribers.
     pub delivered: AtomicU64,
@@ -98,6 +108,9 @@ pub struct Counts {
     pub foreign: AtomicU64,
     /// Reading subscribers whose stream ended before the run did.
     pub disconnected: AtomicU64,
+    /// Of those, the streams that ended in an error rather than cleanly: an HTTP/2 stream the
+    /// server reset, a connection broken under a stream.
+    pub reset: AtomicU64,
     pub published: AtomicU64,
     pub publish_failed: AtomicU64,
     /// Successful publishes per topic.
@@ -119,11 +132,13 @@ impl Counts {
     pub fn new(topics: usize) -> Counts {
         Counts {
             connected: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             connect_failed: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
             disconnected: AtomicU64::new(0),
+            reset: AtomicU64::new(0),
             published: AtomicU64::new(0),
             publish_failed: AtomicU64::new(0),
             per_topic: (0..topics).map(|_| AtomicU64::new(0)).collect(),
@@ -183,10 +198,29 @@ pub(super) async fn connect(
     Ok(stream)
 }
 
+/// Opens a connection as [`connect`] does, then TLS on it when `tls` is given (ALPN h2 or
+/// http/1.1).
+pub(super) async fn open(
+    addr: SocketAddr,
+    index: usize,
+    source_ips: u8,
+    recv_buffer: Option<u32>,
+    tls: Option<&Tls>,
+    http2: bool,
+) -> std::io::Result<Stream> {
+    let tcp = connect(addr, index, source_ips, recv_buffer).await?;
+    match tls {
+        Some(tls) => tls.connect(tcp, http2).await,
+        None => Ok(Stream::Left(tcp)),
+    }
+}
+
 /// How one subscriber ended.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SubscriberEnd {
     pub connected: bool,
+    /// One of the `--slow` subscribers, which never read.
+    pub slow: bool,
     pub topic: usize,
     /// Distinct updates received.
     pub received: u64,
@@ -207,13 +241,15 @@ pub async fn subscriber(
 ) -> SubscriberEnd {
     let mut end = SubscriberEnd {
         topic,
+        slow,
         ..SubscriberEnd::default()
     };
     let permit = gate.acquire().await;
     let opened = async {
         let recv_buffer = slow.then_some(4096);
         let addr = plan.node(index, plan.sub_addr);
-        let mut stream = connect(addr, index, plan.source_ips, recv_buffer).await?;
+        let tls = plan.sub_tls.as_deref();
+        let mut stream = open(addr, index, plan.source_ips, recv_buffer, tls, false).await?;
         stream.write_all(plan.sub_request(index, topic)).await?;
         let mut buf = Vec::with_capacity(4096);
         let head = wire::read_head(&mut stream, &mut buf).await?;
@@ -240,6 +276,7 @@ pub async fn subscriber(
     };
     end.connected = true;
     counts.connected.fetch_add(1, Ordering::Relaxed);
+    counts.connections.fetch_add(1, Ordering::Relaxed);
     if !slow {
         counts.readers_per_topic[topic].fetch_add(1, Ordering::Relaxed);
     }
@@ -250,69 +287,106 @@ pub async fn subscriber(
         return end;
     }
 
-    let mut seen = Bitset::default();
-    let mut body = EventBody::new(head.body);
-    let mut events: Vec<Event> = Vec::new();
-    let mut latencies: Vec<u64> = Vec::new();
+    let mut reader = Reader::new(head.body);
     let mut read_buf = vec![0u8; 16 * 1024];
     // Bytes that came with the head are the body's first bytes.
     let mut pending = buf;
     loop {
         if !pending.is_empty() {
-            let ended = body.feed(&pending, &mut events).unwrap_or_else(|e| {
-                counts.error(format!("subscriber stream: {e}"));
-                true
-            });
+            let ended = reader.feed(&pending, plan.updates, &counts);
             pending.clear();
-            let now = now_ns();
-            let mut fresh = 0;
-            for ev in events.drain(..) {
-                match parse_payload(&ev.data) {
-                    Some((seq, sent)) if seq < plan.updates => {
-                        if seen.insert(seq) {
-                            fresh += 1;
-                            latencies.push(now.saturating_sub(sent) / 1000);
-                        } else {
-                            counts.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    _ => {
-                        counts.foreign.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            if fresh > 0 {
-                end.received += fresh;
-                let mut h = counts.latency_us.lock();
-                for l in latencies.drain(..) {
-                    h.saturating_record(l.max(1));
-                }
-                drop(h);
-                counts.delivered.fetch_add(fresh, Ordering::Relaxed);
-            }
             if ended {
+                end.received = reader.received;
                 counts.disconnected.fetch_add(1, Ordering::Relaxed);
                 return end;
             }
         }
         let n = tokio::select! {
             biased;
-            _ = stop.cancelled() => return end,
+            _ = stop.cancelled() => break,
             r = stream.read(&mut read_buf) => r,
         };
         match n {
-            Ok(0) | Err(_) => {
+            Ok(0) => {
                 counts.disconnected.fetch_add(1, Ordering::Relaxed);
-                return end;
+                break;
+            }
+            Err(_) => {
+                counts.disconnected.fetch_add(1, Ordering::Relaxed);
+                counts.reset.fetch_add(1, Ordering::Relaxed);
+                break;
             }
             Ok(n) => pending.extend_from_slice(&read_buf[..n]),
         }
+    }
+    end.received = reader.received;
+    end
+}
+
+/// What a reading subscriber checks of its stream, whatever carried it (an HTTP/1.1 body,
+/// chunked or not, or an HTTP/2 stream's data frames): every event's sequence number is
+/// delivered, a duplicate or foreign, and a delivery's latency goes to the shared histogram.
+/// The one place deliveries are counted, so both protocols are counted alike.
+pub(super) struct Reader {
+    body: EventBody,
+    seen: Bitset,
+    events: Vec<Event>,
+    latencies: Vec<u64>,
+    /// Distinct updates received so far.
+    pub received: u64,
+}
+
+impl Reader {
+    pub fn new(body: BodyKind) -> Reader {
+        Reader {
+            body: EventBody::new(body),
+            seen: Bitset::default(),
+            events: Vec::new(),
+            latencies: Vec::new(),
+            received: 0,
+        }
+    }
+
+    /// Accounts for the events that `bytes` (the body's next bytes) complete, for a run that
+    /// publishes `updates`. True when the body has ended (or cannot be read further).
+    pub fn feed(&mut self, bytes: &[u8], updates: u64, counts: &Counts) -> bool {
+        let ended = self.body.feed(bytes, &mut self.events).unwrap_or_else(|e| {
+            counts.error(format!("subscriber stream: {e}"));
+            true
+        });
+        let now = now_ns();
+        let mut fresh = 0;
+        for ev in self.events.drain(..) {
+            match parse_payload(&ev.data) {
+                Some((seq, sent)) if seq < updates => {
+                    if self.seen.insert(seq) {
+                        fresh += 1;
+                        self.latencies.push(now.saturating_sub(sent) / 1000);
+                    } else {
+                        counts.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    counts.foreign.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if fresh > 0 {
+            self.received += fresh;
+            let mut h = counts.latency_us.lock();
+            for l in self.latencies.drain(..) {
+                h.saturating_record(l.max(1));
+            }
+            drop(h);
+            counts.delivered.fetch_add(fresh, Ordering::Relaxed);
+        }
+        ended
     }
 }
 
 /// Reads what a never-reading subscriber left in its buffers; true if the server had closed
 /// the connection (the hub dropped a slow subscriber, as it should).
-pub(super) async fn drained_to_eof(stream: &mut TcpStream) -> bool {
+pub(super) async fn drained_to_eof(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -373,7 +447,7 @@ pub async fn publisher(
     stop: CancellationToken,
     on_accepted: Option<OnAccepted>,
 ) {
-    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
+    let mut conn: Option<(Stream, Vec<u8>)> = None;
     let mut request = Vec::with_capacity(plan.size + 512);
     // Kept here and merged once at the end: no lock shared by the publishers per publish.
     let mut answers = micros_histogram();
@@ -412,7 +486,8 @@ pub async fn publisher(
         );
         request.extend_from_slice(body.as_bytes());
         let sent = Instant::now();
-        let answer = send_one(plan.node(index, plan.pub_addr), &mut conn, &request).await;
+        let addr = plan.node(index, plan.pub_addr);
+        let answer = send_one(addr, plan.pub_tls.as_deref(), &mut conn, &request).await;
         if answer.is_ok() {
             answers.saturating_record(sent.elapsed().as_micros() as u64);
         }
@@ -456,16 +531,17 @@ pub async fn publisher(
 
 /// How long a subscriber's stream may take to open, or a publish to be answered, before the
 /// server counts as not answering (and the run goes on rather than hanging).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one request on the kept-alive connection (opening it if needed) and reads the whole
 /// answer; returns its status and body. Bounded by [`ANSWER_TIMEOUT`].
 async fn send_one(
     addr: SocketAddr,
-    conn: &mut Option<(TcpStream, Vec<u8>)>,
+    tls: Option<&Tls>,
+    conn: &mut Option<(Stream, Vec<u8>)>,
     request: &[u8],
 ) -> anyhow::Result<(u16, Vec<u8>)> {
-    match tokio::time::timeout(ANSWER_TIMEOUT, exchange(addr, conn, request)).await {
+    match tokio::time::timeout(ANSWER_TIMEOUT, exchange(addr, tls, conn, request)).await {
         Ok(r) => r,
         Err(elapsed) => Err(anyhow::Error::new(elapsed).context(format!(
             "the server gave no answer within {ANSWER_TIMEOUT:?}"
@@ -475,11 +551,12 @@ async fn send_one(
 
 async fn exchange(
     addr: SocketAddr,
-    conn: &mut Option<(TcpStream, Vec<u8>)>,
+    tls: Option<&Tls>,
+    conn: &mut Option<(Stream, Vec<u8>)>,
     request: &[u8],
 ) -> anyhow::Result<(u16, Vec<u8>)> {
     if conn.is_none() {
-        *conn = Some((connect(addr, 0, 1, None).await?, Vec::new()));
+        *conn = Some((open(addr, 0, 1, None, tls, false).await?, Vec::new()));
     }
     let (stream, buf) = conn.as_mut().expect("just opened");
     stream.write_all(request).await?;
@@ -500,6 +577,30 @@ mod tests {
         let p = payload(42, 1_700_000_000_000_000_000, 100);
         assert_eq!(p.len(), 100);
         assert_eq!(parse_payload(&p), Some((42, 1_700_000_000_000_000_000)));
+    }
+
+    /// The accounting both protocols share: a delivery counted once whatever the pieces the
+    /// bytes came in, a repeat as a duplicate, an event the run did not send as foreign.
+    #[test]
+    fn reader_counts_deliveries_duplicates_and_strangers() {
+        let counts = Counts::new(1);
+        let mut reader = Reader::new(BodyKind::UntilClose);
+        let stream = format!(
+            "data: {}\n\ndata: {}\n\ndata: {}\n\ndata: hello\n\ndata: {}\n\n",
+            payload(0, now_ns(), 20),
+            payload(1, now_ns(), 20),
+            payload(0, now_ns(), 20),
+            payload(7, now_ns(), 20),
+        );
+        for piece in stream.as_bytes().chunks(5) {
+            assert!(!reader.feed(piece, 5, &counts));
+        }
+        assert_eq!(reader.received, 2);
+        assert_eq!(counts.delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.duplicates.load(Ordering::Relaxed), 1);
+        // `hello`, and update 7 of a run of five.
+        assert_eq!(counts.foreign.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.latency_us.lock().len(), 2);
     }
 
     #[test]

@@ -10,7 +10,12 @@ pub struct Report {
     pub slow: u64,
     pub topics: u64,
     pub size: u64,
+    /// How subscribers spoke: `http/1.1`, `https/1.1` (TLS) or `h2` (TLS, HTTP/2).
+    pub protocol: String,
+    /// Subscribers (over HTTP/2, streams) whose stream opened.
     pub connected: u64,
+    /// The connections carrying them (fewer than `connected` with several HTTP/2 streams each).
+    pub connections: u64,
     pub connect_failed: u64,
     pub connect_secs: f64,
     pub updates: u64,
@@ -33,6 +38,9 @@ pub struct Report {
     pub duplicates: u64,
     pub foreign_events: u64,
     pub disconnected: u64,
+    /// Of the disconnected, the streams that ended in an error (an HTTP/2 stream reset, a
+    /// broken connection) rather than cleanly.
+    pub reset: u64,
     /// Never-reading subscribers whose connection the server had closed by the end.
     pub slow_dropped: u64,
     /// Stopped by `--timeout` with deliveries missing.
@@ -82,6 +90,9 @@ pub struct ServerFigures {
     pub rss_end_kib: u64,
     /// (connected - idle) / subscribers connected.
     pub rss_per_subscriber_kib: f64,
+    /// (connected - idle) / connections: the same as per subscriber unless HTTP/2 streams
+    /// share connections.
+    pub rss_per_connection_kib: f64,
     /// CPU while subscribers connected.
     pub cpu_connect_secs: f64,
     /// CPU from the first publish to the last delivery.
@@ -97,13 +108,15 @@ impl Report {
             (
                 "subscribers",
                 format!(
-                    "{} connected of {} ({} failed, {} slow, {} topics) in {:.1} s",
+                    "{} connected of {} ({} failed, {} slow, {} topics) in {:.1} s, {} on {} connections",
                     self.connected,
                     self.subscribers + self.slow,
                     self.connect_failed,
                     self.slow,
                     self.topics,
-                    self.connect_secs
+                    self.connect_secs,
+                    self.protocol,
+                    self.connections
                 ),
             ),
             (
@@ -143,7 +156,10 @@ impl Report {
                 "lost / duplicates",
                 format!("{} / {}", self.lost, self.duplicates),
             ),
-            ("disconnected", self.disconnected.to_string()),
+            (
+                "disconnected",
+                format!("{} ({} in an error or reset)", self.disconnected, self.reset),
+            ),
             (
                 "latency ms",
                 format!(
@@ -166,12 +182,13 @@ impl Report {
             rows.push((
                 "server RSS KiB",
                 format!(
-                    "idle {}  connected {}  peak {}  end {}  ({:.2} per subscriber)",
+                    "idle {}  connected {}  peak {}  end {}  ({:.2} per subscriber, {:.2} per connection)",
                     s.rss_idle_kib,
                     s.rss_connected_kib,
                     s.rss_peak_kib,
                     s.rss_end_kib,
-                    s.rss_per_subscriber_kib
+                    s.rss_per_subscriber_kib,
+                    s.rss_per_connection_kib
                 ),
             ));
             rows.push((
