@@ -18,6 +18,11 @@
 #   S5-h2    idle memory, HTTP/2: 10 streams per connection (TLS_IDLE streams), and as
 #            S5-h2-single one stream per connection (half as many)
 # TLS_SUBSCRIBERS and TLS_UPDATES size S1-tls and S1-h2 (1,000 and 2,000, as S1).
+#
+# FRONTIER (ssehub; run with S1 so the peers are in the same batch, as SCENARIOS="S1 FRONTIER"):
+# S1 at each batching setting of FRONTIER_POINTS, from none (`coalesce0`: --coalesce 0) through
+# write budgets from large to small (`wbN`: --write-budget N), for the table and plot of p99
+# latency against deliveries per server CPU-second (bench/frontier.py).
 # PROFILE=dev runs debug builds (to try the script out; its figures mean nothing).
 #
 # Each run gets a freshly started server, so its memory figures start from idle.
@@ -28,6 +33,7 @@ RUNS=${RUNS:-2}
 PEERS=${PEERS:-"ssehub baseline nchan"}
 SCENARIOS=${SCENARIOS:-"S1 S2 S2-lean S3 S4 S5 S6 S7 SCALE"}
 TLS_SUBSCRIBERS=${TLS_SUBSCRIBERS:-1000}
+FRONTIER_POINTS=${FRONTIER_POINTS:-"coalesce0 wb400000 wb160000 wb80000 wb50000 wb35000 wb20000"}
 TLS_UPDATES=${TLS_UPDATES:-2000}
 TLS_IDLE=${TLS_IDLE:-2000}
 PROFILE=${PROFILE:-release}
@@ -326,6 +332,7 @@ clear_old() {
     S7) rm -f "$RESULTS"/S7-single-"$p"-*.json "$RESULTS"/S7-cluster-"$p"-*.json ;;
     S5-h2) rm -f "$RESULTS"/S5-h2-"$p"-*.json "$RESULTS"/S5-h2-single-"$p"-*.json ;;
     SCALE) rm -f "$RESULTS"/scale-*-"$p"-*.json ;;
+    FRONTIER) rm -f "$RESULTS"/FRONTIER-*-"$p"-*.json ;;
     *) rm -f "$RESULTS/$s-$p"-*.json ;;
   esac
 }
@@ -395,6 +402,17 @@ for s in $SCENARIOS; do
                TLS=1 bench "$p" S5-h2-single "$run" --tls --http2 --streams-per-connection 1 \
                  --subscribers $((TLS_IDLE / 2)) --updates 1 --rate 1 --size 100 --source-ips 8 \
                  --connect-concurrency 500 --settle 3s ;;
+        FRONTIER) if [ "$p" = ssehub ]; then
+                    for point in $FRONTIER_POINTS; do
+                      case $point in
+                        coalesce0) flags="--coalesce 0" ;;
+                        wb*) flags="--write-budget ${point#wb}" ;;
+                        *) log "FRONTIER: unknown point $point (coalesce0 or wbN)"; continue ;;
+                      esac
+                      SSEHUB_FLAGS="$flags" bench ssehub "FRONTIER-$point" "$run" --subscribers 1000 \
+                        --updates 2000 --rate 200 --size 100 --publishers 16
+                    done
+                  fi ;;
         *) log "unknown scenario $s" ;;
       esac
     done

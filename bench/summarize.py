@@ -16,6 +16,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import frontier  # noqa: E402  (bench/frontier.py, beside this file)
+
 NOTES = "<!-- notes: everything below is kept by bench/summarize.py -->"
 PEERS = ["ssehub", "baseline", "nchan"]
 PEER_NAMES = {"ssehub": "ssehub", "baseline": "naive axum + broadcast", "nchan": "nginx + nchan"}
@@ -661,6 +664,10 @@ if t:
     print("(\"some by URI template\"); the peers have no templates, so the comparison above is exact")
     print("topics only. Templates are indexed by their text before the first `{`.")
     print()
+    print(t)
+    print()
+t = frontier.section(runs, med, get)
+if t:
     print(t)
     print()
 t = scale_table()
