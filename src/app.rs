@@ -13,7 +13,7 @@ use crate::config::ServeConfig;
 use crate::config::RESERVE_CONNECTIONS as RESERVE;
 use crate::http::{router, AppState};
 use crate::hub::{Draft, Hub, HubConfig};
-use crate::server::budget::Budget;
+use crate::server::budget::{Budget, Timeouts};
 use crate::server::listener::Listener;
 use crate::server::shutdown::Shutdown;
 use crate::server::tls::Tls;
@@ -103,7 +103,11 @@ impl App {
             ),
             None => None,
         };
-        let budget = Budget::new(config.max_connections, hub.metrics().clone());
+        let timeouts = Timeouts {
+            idle: config.idle_timeout,
+            request: config.request_timeout,
+        };
+        let budget = Budget::new(config.max_connections, timeouts, hub.metrics().clone());
         let state = AppState {
             hub: hub.clone(),
             connections: Arc::new(budget.clone()),
@@ -111,6 +115,7 @@ impl App {
             subscriber_key,
             anonymous: config.anonymous,
             max_body: config.max_body,
+            body_timeout: config.body_timeout,
             shutdown: shutdown.token().clone(),
             publish_origins: Arc::new(config.publish_origins.clone()),
             subscriptions: config.subscriptions,

@@ -199,6 +199,20 @@ pub struct ServeArgs {
     /// Log format; RUST_LOG filters (default: info).
     #[arg(long, env = "SSEHUB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// For tests: how long a connection may be idle (no request under way), or take to send
+    /// its request head or finish its TLS handshake, before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, hide = true)]
+    pub idle_timeout: Duration,
+
+    /// For tests: how long a request that is not an event stream may stay under way (its
+    /// body read, its answer sent) before its connection is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub request_timeout: Duration,
+
+    /// For tests: how long a publisher may take to send its body before it is answered 408.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
+    pub body_timeout: Duration,
 }
 
 /// Checked settings, ready for the server.
@@ -248,6 +262,12 @@ pub struct ServeConfig {
     pub data_dir: Option<std::path::PathBuf>,
     pub data_dir_recover: bool,
     pub protocol: Protocol,
+    /// `--idle-timeout` (hidden, for tests).
+    pub idle_timeout: Duration,
+    /// `--request-timeout` (hidden, for tests).
+    pub request_timeout: Duration,
+    /// `--body-timeout` (hidden, for tests).
+    pub body_timeout: Duration,
 }
 
 /// A list of origins, or any.
@@ -329,6 +349,17 @@ impl ServeArgs {
                  refuse anonymous templates, use --anonymous-templates false)",
                 self.template_memory
             ));
+        }
+        for (flag, d) in [
+            ("--idle-timeout", self.idle_timeout),
+            ("--request-timeout", self.request_timeout),
+            ("--body-timeout", self.body_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!(
+                    "{flag} must be more than 0 (0 would close every connection at once)"
+                ));
+            }
         }
         if self.max_connections == Some(0) {
             return Err(
@@ -484,6 +515,9 @@ impl ServeArgs {
             },
             data_dir_recover: self.data_dir_recover,
             protocol: self.protocol,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            body_timeout: self.body_timeout,
             publish_origins: match self.publish_origins.as_deref() {
                 Some(s) => Origins::parse("--publish-origins", s)?,
                 None => Origins::List(Vec::new()),
@@ -664,5 +698,23 @@ mod tests {
         }
         assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn connection_timeouts_keep_their_defaults_and_refuse_zero() {
+        let parse = |extra: &[&str]| {
+            let argv = ["ssehub", "--data-dir", "none"].iter().chain(extra);
+            ServeArgs::try_parse_from(argv).unwrap().validate()
+        };
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(10));
+        assert_eq!(c.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.body_timeout, Duration::from_secs(30));
+        let c = parse(&["--idle-timeout", "1500ms"]).unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_millis(1500));
+        for flag in ["--idle-timeout", "--request-timeout", "--body-timeout"] {
+            let e = parse(&[flag, "0"]).unwrap_err();
+            assert!(e.starts_with(flag), "{e}");
+        }
     }
 }

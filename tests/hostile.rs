@@ -69,7 +69,8 @@ async fn raw_status(hub: &TestHub, request: &[u8]) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_loris_silent_and_half_closed_connections() {
-    let hub = TestHub::start_process(&[]);
+    // The head deadline is 10 s by default: the same closing, sooner.
+    let hub = TestHub::start_process(&["--idle-timeout", "2s"]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
 
@@ -87,7 +88,7 @@ async fn slow_loris_silent_and_half_closed_connections() {
     });
     w.check(&hub, "during slow-loris").await;
     assert!(
-        closed_within(&mut silent, Duration::from_secs(15)).await,
+        closed_within(&mut silent, Duration::from_secs(10)).await,
         "a connection that never sends a request head is closed"
     );
     let mut loris = dribble.await.unwrap();
@@ -160,7 +161,8 @@ async fn a_thousand_connections_that_never_read() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_and_endless_bodies() {
-    let hub = TestHub::start_process(&[]);
+    // The body deadline is 30 s by default: the same 408, sooner.
+    let hub = TestHub::start_process(&["--body-timeout", "2s"]);
     let mut w = Witness::new(&hub).await;
     let rss_before = hub.rss_kib();
     let token = hub.publisher_token();
@@ -203,7 +205,7 @@ async fn huge_and_endless_bodies() {
             let mut s = TcpStream::connect(hub_addr).await.unwrap();
             s.write_all(endless.as_bytes()).await.unwrap();
             let mut buf = vec![0u8; 512];
-            let n = tokio::time::timeout(Duration::from_secs(45), s.read(&mut buf))
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
                 .await
                 .expect("answered")
                 .unwrap();
@@ -389,11 +391,14 @@ async fn http2_rapid_reset() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_header_lines_get_no_second_head_deadline() {
-    let hub = TestHub::start(&[]);
+    // A head deadline of 4 s (10 s by default), and the rest of the head sent at 2.5 s: a
+    // deadline started again from there would end at 6.5 s.
+    let deadline = Duration::from_secs(4);
+    let hub = TestHub::start(&["--idle-timeout", "4s"]);
     let started = std::time::Instant::now();
     let mut c = TcpStream::connect(hub.addr).await.unwrap();
     c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     // More header lines than the hub's own path parses, and the head never ends.
     let lines: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
     c.write_all(lines.as_bytes()).await.unwrap();
@@ -401,9 +406,12 @@ async fn many_header_lines_get_no_second_head_deadline() {
         closed_within(&mut c, Duration::from_secs(20)).await,
         "closed at all"
     );
-    // The head deadline (10 s) runs from the connection's start, not again from the lines.
+    // The head deadline runs from the connection's start, not again from the lines.
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(13), "closed after {took:?}");
+    assert!(
+        took >= deadline && took < deadline + Duration::from_millis(1500),
+        "closed after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,5 @@
 //! The Mercure hub endpoint: `GET` subscribes, `POST` publishes.
 
-use std::time::Duration;
-
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
@@ -13,9 +11,6 @@ use crate::cluster::PublishError;
 use crate::config::Protocol;
 use crate::hub::update::parse_retry;
 use crate::hub::{Draft, Invalid, Matcher, Selector, SubscribeError, SubscribeRequest, MAX_TOPICS};
-
-/// How long a publisher may take to send its body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Parameters beyond the topics that a request may carry.
 const MAX_OTHER_PARAMS: usize = 32;
@@ -402,7 +397,7 @@ pub async fn subscribe_query(State(app): State<AppState>, req: Request) -> Respo
         }
     }
     let body = http_body_util::Limited::new(body, MAX_QUERY_BODY);
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+    let bytes = match tokio::time::timeout(app.body_timeout, body.collect()).await {
         Err(_) => {
             return reject(
                 StatusCode::REQUEST_TIMEOUT,
@@ -617,7 +612,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
         }
     }
     let body = http_body_util::Limited::new(req.into_body(), app.max_body);
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+    let bytes = match tokio::time::timeout(app.body_timeout, body.collect()).await {
         Err(_) => {
             return refuse(
                 StatusCode::REQUEST_TIMEOUT,

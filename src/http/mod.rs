@@ -5,7 +5,7 @@ mod demo;
 pub(crate) mod discovery;
 pub mod form;
 mod mercure;
-pub use mercure::{Dialect, BODY_TIMEOUT};
+pub use mercure::Dialect;
 mod ops;
 mod subscriptions;
 mod ui;
@@ -42,6 +42,9 @@ pub struct AppState {
     pub anonymous: bool,
     /// Largest publish body accepted, in bytes.
     pub max_body: usize,
+    /// How long a publisher (or a subscription query in a body) may take to send its body:
+    /// 30 s unless a test says otherwise (`--body-timeout`).
+    pub body_timeout: std::time::Duration,
     /// Cancelled when the hub starts shutting down.
     pub shutdown: CancellationToken,
     /// Serve the subscription API.

@@ -6,7 +6,7 @@
 //! Each connection holds a [`Permit`] for as long as it is open. The permit counts the
 //! connection's requests under way (an event stream is one for as long as it lasts); a
 //! connection with none is idle, and idle connections are the ones the hub closes: after
-//! [`IDLE_TIMEOUT`], or sooner, the longest idle first, when every permit is taken and the
+//! [`Timeouts::idle`], or sooner, the longest idle first, when every permit is taken and the
 //! hub needs one for a new connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
@@ -21,17 +21,22 @@ use crate::metrics::Metrics;
 /// Connections taken beyond `--max-connections` (see [`crate::config::RESERVE_CONNECTIONS`]).
 pub use crate::config::RESERVE_CONNECTIONS as RESERVE;
 
-/// How long a connection may be idle: no request under way (an HTTP/2 connection without an
-/// open stream, whatever PINGs and SETTINGS it sends; an HTTP/1.1 connection between
-/// requests), or a request head (or TLS handshake) not yet whole. Past it the connection is
-/// closed (slow-loris, idle HTTP/2).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a request that is not an event stream may stay under way (its body read, its
-/// answer sent): a client that never finishes one (an HTTP/2 window held at zero, a body that
-/// never ends) would otherwise hold its connection busy, and its place, for good. Past it the
-/// connection is closed. Well past the 30 s a publish body has to arrive.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// How long connections may take, from `--idle-timeout` and `--request-timeout` (hidden flags,
+/// so that tests can see these limits act within seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long a connection may be idle: no request under way (an HTTP/2 connection without
+    /// an open stream, whatever PINGs and SETTINGS it sends; an HTTP/1.1 connection between
+    /// requests), or a request head (or TLS handshake) not yet whole. Past it the connection
+    /// is closed (slow-loris, idle HTTP/2). 10 s unless a test says otherwise.
+    pub idle: Duration,
+    /// How long a request that is not an event stream may stay under way (its body read, its
+    /// answer sent): a client that never finishes one (an HTTP/2 window held at zero, a body
+    /// that never ends) would otherwise hold its connection busy, and its place, for good.
+    /// Past it the connection is closed. 60 s unless a test says otherwise: well past the
+    /// 30 s a publish body has to arrive.
+    pub request: Duration,
+}
 
 /// How long a connection must have been idle before it may be closed to make room: one that
 /// was accepted a moment ago has had no time to send its request.
@@ -60,6 +65,7 @@ struct Shared {
     open: AtomicUsize,
     /// Woken each time a connection closes.
     closed: Notify,
+    timeouts: Timeouts,
     metrics: Arc<Metrics>,
 }
 
@@ -70,7 +76,7 @@ impl crate::http::ConnectionBudget for Budget {
 }
 
 impl Budget {
-    pub fn new(max_connections: usize, metrics: Arc<Metrics>) -> Budget {
+    pub fn new(max_connections: usize, timeouts: Timeouts, metrics: Arc<Metrics>) -> Budget {
         Budget {
             shared: Arc::new(Shared {
                 places: Arc::new(Semaphore::new(max_connections.saturating_add(RESERVE))),
@@ -80,6 +86,7 @@ impl Budget {
                 busy: AtomicUsize::new(0),
                 open: AtomicUsize::new(0),
                 closed: Notify::new(),
+                timeouts,
                 metrics,
             }),
         }
@@ -106,6 +113,11 @@ impl Budget {
             place,
             budget: self.clone(),
         }
+    }
+
+    /// How long connections may take.
+    pub fn timeouts(&self) -> Timeouts {
+        self.shared.timeouts
     }
 
     /// Connections open now.
@@ -191,7 +203,7 @@ pub struct Permit {
 struct Activity {
     requests: AtomicUsize,
     /// Requests under way that are not event streams: each must be done within
-    /// [`REQUEST_DEADLINE`].
+    /// [`Timeouts::request`].
     plain: AtomicUsize,
     /// Woken when the connection goes from idle to busy or back.
     changed: Notify,
@@ -203,6 +215,11 @@ impl Permit {
     /// What counts the connection's requests, for its service.
     pub fn requests(&self) -> Requests {
         Requests(self.activity.clone())
+    }
+
+    /// How long the connection may take.
+    pub fn timeouts(&self) -> Timeouts {
+        self.budget.shared.timeouts
     }
 
     /// A request that is not an event stream is under way.
@@ -278,7 +295,7 @@ impl Requests {
 /// A request under way on a connection (see [`Requests::begin`]).
 pub struct Busy {
     activity: Arc<Activity>,
-    /// Not (yet) known to be an event stream: under [`REQUEST_DEADLINE`].
+    /// Not (yet) known to be an event stream: under [`Timeouts::request`].
     plain: bool,
 }
 
@@ -348,10 +365,15 @@ impl http_body::Body for CountedBody {
 mod tests {
     use super::*;
 
+    const TIMEOUTS: Timeouts = Timeouts {
+        idle: Duration::from_secs(10),
+        request: Duration::from_secs(60),
+    };
+
     #[tokio::test]
     async fn places_run_out_and_the_longest_idle_makes_room() {
         let metrics = Arc::new(Metrics::default());
-        let budget = Budget::new(1, metrics.clone());
+        let budget = Budget::new(1, TIMEOUTS, metrics.clone());
         let mut permits = Vec::new();
         for _ in 0..=RESERVE {
             permits.push(budget.place().await.occupy());
@@ -392,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn activity_changes_wake_the_connection() {
-        let budget = Budget::new(4, Arc::new(Metrics::default()));
+        let budget = Budget::new(4, TIMEOUTS, Arc::new(Metrics::default()));
         let permit = budget.place().await.occupy();
         let busy = permit.requests().begin();
         let second = permit.requests().begin();

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::budget::{CountedBody, Permit, Requests, IDLE_TIMEOUT, REQUEST_DEADLINE};
+use super::budget::{CountedBody, Permit, Requests};
 use super::h1::head::head_size;
 use super::shutdown::Shutdown;
 use super::MAX_HEAD;
@@ -25,13 +25,14 @@ use crate::http::Connection;
 /// client to answer a PING, which it may never do.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// hyper's settings for both protocols: its timers, and the head limits.
-pub(super) fn builder() -> auto::Builder<TokioExecutor> {
+/// hyper's settings for both protocols: its timers (a head must be whole within
+/// `idle_timeout`, as on the server's own paths), and the head limits.
+pub(super) fn builder(idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(IDLE_TIMEOUT)
+        .header_read_timeout(idle_timeout)
         .max_buf_size(MAX_HEAD);
     builder
         .http2()
@@ -84,7 +85,7 @@ pub(super) fn service(
 }
 
 /// Serves one connection with hyper until it ends, the hub tears it down (`kill`), or it is
-/// closed: for being idle (no request under way) for [`IDLE_TIMEOUT`] since `idle_since` or
+/// closed: for being idle (no request under way) for [`Timeouts::idle`](super::budget::Timeouts) since `idle_since` or
 /// since its last request ended, to make room for a new connection (see
 /// [`Permit::evicted`]), or for shutdown. Closing is hyper's graceful shutdown (HTTP/2: GOAWAY,
 /// and the streams open go on to their end); a connection still idle [`CLOSE_GRACE`] after it
@@ -104,6 +105,7 @@ pub(super) async fn serve_hyper<C>(
     let mut closing = false;
     // Since when a request that is not an event stream has been under way.
     let mut plain_since: Option<Instant> = None;
+    let timeouts = permit.timeouts();
     loop {
         let idle = permit.is_idle();
         plain_since = match (permit.has_plain_request(), plain_since) {
@@ -111,8 +113,8 @@ pub(super) async fn serve_hyper<C>(
             (true, since) => since,
             (false, _) => None,
         };
-        let deadline = plain_since.map(|t| t + REQUEST_DEADLINE);
-        let allowed = if closing { CLOSE_GRACE } else { IDLE_TIMEOUT };
+        let deadline = plain_since.map(|t| t + timeouts.request);
+        let allowed = if closing { CLOSE_GRACE } else { timeouts.idle };
         let why = tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -144,7 +146,8 @@ pub(super) async fn serve_hyper<C>(
             _ = tokio::time::sleep_until(deadline.unwrap_or(idle_since)), if deadline.is_some() => {
                 return tracing::debug!(
                     %peer,
-                    "connection closed: a request was not done within {REQUEST_DEADLINE:?}"
+                    "connection closed: a request was not done within {:?}",
+                    timeouts.request
                 );
             }
             _ = shutdown.stopped(), if !closing => "shutting down",

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{Budget, Permit, IDLE_TIMEOUT, RESERVE};
+use super::budget::{Budget, Permit, RESERVE};
 use super::h1::io::Prefixed;
 use super::h1::Http1;
 use super::hyper_conn::{self, serve_hyper};
@@ -51,13 +51,14 @@ impl Listener {
         max_body: usize,
         metrics: Arc<Metrics>,
     ) -> Listener {
+        let builder = hyper_conn::builder(budget.timeouts().idle);
         Listener {
             budget,
             router,
             tls,
             max_body,
             metrics,
-            builder: hyper_conn::builder(),
+            builder,
         }
     }
 
@@ -117,10 +118,11 @@ impl Listener {
         };
         let builder = self.builder.clone();
         let stop = shutdown.clone();
+        let idle_timeout = permit.timeouts().idle;
         let Some(tls) = &self.tls else {
             shutdown.spawn_connection(async move {
                 let mut stream = stream;
-                let deadline = accepted + IDLE_TIMEOUT;
+                let deadline = accepted + idle_timeout;
                 let sniffed = tokio::select! {
                     // Shutdown does not wait for a client that has not sent a request yet.
                     _ = stop.stopped() => return,
@@ -157,7 +159,7 @@ impl Listener {
         let acceptor = tls.acceptor();
         shutdown.spawn_connection(async move {
             let handshake =
-                tokio::time::timeout_at(accepted + IDLE_TIMEOUT, acceptor.accept(stream));
+                tokio::time::timeout_at(accepted + idle_timeout, acceptor.accept(stream));
             let handshake = tokio::select! {
                 _ = stop.stopped() => return,
                 _ = permit.evicted(accepted) => {
@@ -178,7 +180,7 @@ impl Listener {
                     .into_owned();
                 serve_hyper(conn, &permit, Instant::now(), kill, &stop, peer).await;
             } else {
-                let deadline = Instant::now() + IDLE_TIMEOUT;
+                let deadline = Instant::now() + idle_timeout;
                 h1.serve(stream, BytesMut::new(), deadline, service, permit)
                     .await;
             }

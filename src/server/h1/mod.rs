@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::budget::{Permit, IDLE_TIMEOUT};
+use super::budget::Permit;
 use super::hyper_conn::serve_hyper;
 use super::shutdown::Shutdown;
 use super::MAX_HEAD;
@@ -89,9 +89,10 @@ impl Http1 {
             + 'static,
         Svc::Future: Send + 'static,
     {
+        let idle_timeout = permit.timeouts().idle;
         let head = tokio::select! {
             _ = self.shutdown.stopped() => return,
-            _ = permit.evicted(deadline.checked_sub(IDLE_TIMEOUT).unwrap_or(deadline)) => {
+            _ = permit.evicted(deadline.checked_sub(idle_timeout).unwrap_or(deadline)) => {
                 return tracing::debug!(peer = %self.peer, "closed to make room: no whole head yet");
             }
             h = read_more_head(&mut io, read, deadline, MAX_HEAD + 1) => h,

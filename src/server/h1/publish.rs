@@ -39,7 +39,7 @@ use super::io::StreamIo;
 use super::response::answer;
 use super::Http1;
 use crate::http::{Connection, MERCURE_PATH};
-use crate::server::budget::{Permit, IDLE_TIMEOUT};
+use crate::server::budget::Permit;
 use crate::server::MAX_HEAD;
 
 /// Is this head a publish this path can serve: a `POST` to the hub with a body of known length
@@ -146,7 +146,7 @@ impl Http1 {
             return Next::Closed;
         }
         let answered = Instant::now();
-        let deadline = answered + IDLE_TIMEOUT;
+        let deadline = answered + permit.timeouts().idle;
         tokio::select! {
             biased;
             _ = self.shutdown.stopped() => Next::Closed,
