@@ -96,11 +96,11 @@ fn tools_present(test: &str) -> bool {
     let missing: Vec<&str> = ["bash", "curl", "openssl"]
         .into_iter()
         .filter(|tool| {
-            Command::new("sh")
+            !Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .stdout(Stdio::null())
                 .status()
-                .map_or(true, |status| !status.success())
+                .is_ok_and(|status| status.success())
         })
         .collect();
     if missing.is_empty() {
