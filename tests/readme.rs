@@ -142,7 +142,13 @@ fn readme_blocks_run_as_written() {
         String::from("set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n");
     for (n, block) in blocks.iter().enumerate() {
         script.push_str(&format!("printf '\\n@@block {n}\\n'\n"));
-        script.push_str(&block.code.replace("127.0.0.1:8000", &address));
+        // Both spellings of the default address, so that no block reaches a hub this machine
+        // may be running on port 8000.
+        let code = block
+            .code
+            .replace("127.0.0.1:8000", &address)
+            .replace("localhost:8000", &address);
+        script.push_str(&code);
         script.push('\n');
         if block.starts_hub {
             // Wait for the hub to answer (at most 20 s), as a user would before going on. The
