@@ -1,13 +1,22 @@
 //! The flag reference cannot drift from the binary: every long flag `ssehub serve --help`
-//! prints must have a row in docs/CONFIGURATION.md with its environment variable, and every
-//! flag documented there must still exist. Hidden flags are not printed, so they are not asked for.
+//! prints must have a row in docs/CONFIGURATION.md with its environment variable and the default
+//! the binary prints, and every flag documented there must still exist. Hidden flags are not
+//! printed, so they are not asked for.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
-/// Long flags of `ssehub serve --help`, each with the environment variable clap names for it
-/// (`None` for flags without one, such as `--help`).
-fn serve_flags() -> BTreeMap<String, Option<String>> {
+/// What `ssehub serve --help` says of one long flag.
+#[derive(Default)]
+struct HelpFlag {
+    /// The environment variable clap names for it (`None` for flags without one, such as `--help`).
+    env: Option<String>,
+    /// Its default value, when it has one.
+    default: Option<String>,
+}
+
+/// Long flags of `ssehub serve --help`.
+fn serve_flags() -> BTreeMap<String, HelpFlag> {
     let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
         .args(["serve", "--help"])
         .stdin(Stdio::null())
@@ -29,17 +38,22 @@ fn serve_flags() -> BTreeMap<String, Option<String>> {
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
                     .collect();
-                flags.insert(name.clone(), None);
+                flags.insert(name.clone(), HelpFlag::default());
                 current = Some(name);
                 continue;
             }
         }
-        if let (Some(name), Some(env)) = (&current, trimmed.strip_prefix("[env: ")) {
+        let Some(flag) = current.as_ref().and_then(|name| flags.get_mut(name)) else {
+            continue;
+        };
+        if let Some(env) = trimmed.strip_prefix("[env: ") {
             let var: String = env
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            flags.insert(name.clone(), Some(var));
+            flag.env = Some(var);
+        } else if let Some(default) = trimmed.strip_prefix("[default: ") {
+            flag.default = default.strip_suffix(']').map(str::to_string);
         }
     }
     assert!(
@@ -49,9 +63,16 @@ fn serve_flags() -> BTreeMap<String, Option<String>> {
     flags
 }
 
-/// The rows of the flags table in docs/CONFIGURATION.md: each long flag of a row's first
-/// cell, with the row's second cell (its environment variables).
-fn documented_flags() -> BTreeMap<String, String> {
+/// One row of the flags table in docs/CONFIGURATION.md.
+struct DocRow {
+    /// The second cell: the environment variables.
+    env: String,
+    /// The third cell: the default.
+    default: String,
+}
+
+/// The rows of the flags table in docs/CONFIGURATION.md, by each long flag of a row's first cell.
+fn documented_flags() -> BTreeMap<String, DocRow> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIGURATION.md");
     let text = std::fs::read_to_string(path).unwrap();
     let table = text
@@ -71,7 +92,13 @@ fn documented_flags() -> BTreeMap<String, String> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
                 .collect();
-            flags.insert(name, cells[1].to_string());
+            flags.insert(
+                name,
+                DocRow {
+                    env: cells[1].to_string(),
+                    default: cells[2].trim().to_string(),
+                },
+            );
         }
     }
     flags
@@ -81,16 +108,26 @@ fn documented_flags() -> BTreeMap<String, String> {
 fn every_serve_flag_is_documented_with_its_environment_variable() {
     let documented = documented_flags();
     let mut missing = Vec::new();
-    for (flag, env) in serve_flags() {
+    for (flag, help) in serve_flags() {
         if flag == "help" || flag == "version" {
             continue;
         }
         match documented.get(&flag) {
             None => missing.push(format!("--{flag}: no row")),
-            Some(cell) => {
-                if let Some(env) = env {
-                    if !cell.contains(&format!("`{env}`")) {
+            Some(row) => {
+                if let Some(env) = help.env {
+                    if !row.env.contains(&format!("`{env}`")) {
                         missing.push(format!("--{flag}: its row does not name `{env}`"));
+                    }
+                }
+                // A default the binary prints must be the row's, as code (a row may explain a
+                // computed default in words when clap prints none).
+                if let Some(default) = help.default {
+                    if row.default != format!("`{default}`") {
+                        missing.push(format!(
+                            "--{flag}: its row's default is {}, the binary's `{default}`",
+                            row.default
+                        ));
                     }
                 }
             }
