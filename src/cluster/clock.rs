@@ -1,16 +1,16 @@
 //! The demo clock in cluster mode: one clock for the whole cluster, so the demo page shows one
 //! sequence whichever node serves it.
 //!
-//! Every node's clock task tries to hold a lease in Redis (`SET … NX PX`); the holder renews it
-//! each tick and publishes through the cluster like any publisher. Message numbers come from a
-//! counter in Redis, so they carry on when another node takes over after the holder dies (at
-//! the latest when its lease expires).
+//! Every node's clock task tries to hold a lease in the engine (in Redis `SET … NX PX`); the
+//! holder renews it each tick and publishes through the cluster like any publisher. Message
+//! numbers come from a counter in the engine, so they carry on when another node takes over
+//! after the holder dies (at the latest when its lease expires).
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Cluster;
+use super::{redis_stream, Cluster, Engine};
 use crate::clock::{message, TOPIC};
 use crate::hub::Draft;
 
@@ -37,7 +37,7 @@ pub async fn run(cluster: Cluster, interval: Duration, stop: CancellationToken) 
         }
         let held = match hold(&cluster, holding, lease_ms).await {
             Ok(h) => h,
-            // The reader reports Redis trouble; the lease lapses by itself if it lasts.
+            // The reader reports engine trouble; the lease lapses by itself if it lasts.
             Err(e) => {
                 tracing::debug!("clock lease: {e}");
                 continue;
@@ -57,21 +57,59 @@ pub async fn run(cluster: Cluster, interval: Duration, stop: CancellationToken) 
     }
     if holding {
         // Hand the clock over at once rather than when the lease expires.
-        let mut conn = cluster.inner.commands.clone();
-        let _: redis::RedisResult<i64> = redis::cmd("EVAL")
-            .arg(RELEASE)
-            .arg(1)
-            .arg(LEASE)
-            .arg(&cluster.inner.node)
-            .query_async(&mut conn)
-            .await;
+        release(&cluster).await;
     }
 }
 
 /// Renews the lease if held, else tries to take it. Returns whether this node holds it.
-async fn hold(cluster: &Cluster, holding: bool, lease_ms: u64) -> redis::RedisResult<bool> {
-    let mut conn = cluster.inner.commands.clone();
+async fn hold(cluster: &Cluster, holding: bool, lease_ms: u64) -> Result<bool, String> {
     let node = &cluster.inner.node;
+    match &cluster.inner.engine {
+        Engine::Redis(redis) => redis_hold(redis, node, holding, lease_ms)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Gives the lease up, if this node still holds it.
+async fn release(cluster: &Cluster) {
+    let node = &cluster.inner.node;
+    match &cluster.inner.engine {
+        Engine::Redis(redis) => {
+            let mut conn = redis.commands.clone();
+            let _: redis::RedisResult<i64> = redis::cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(LEASE)
+                .arg(node)
+                .query_async(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// The next message number (counting from 0), from the cluster-wide counter.
+async fn next_number(cluster: &Cluster) -> Result<u64, String> {
+    match &cluster.inner.engine {
+        Engine::Redis(redis) => {
+            let mut conn = redis.commands.clone();
+            let n: u64 = redis::cmd("INCR")
+                .arg(COUNTER)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(n.saturating_sub(1))
+        }
+    }
+}
+
+async fn redis_hold(
+    redis: &redis_stream::Link,
+    node: &str,
+    holding: bool,
+    lease_ms: u64,
+) -> redis::RedisResult<bool> {
+    let mut conn = redis.commands.clone();
     if holding {
         let renewed: i64 = redis::cmd("EVAL")
             .arg(RENEW)
@@ -98,15 +136,13 @@ async fn hold(cluster: &Cluster, holding: bool, lease_ms: u64) -> redis::RedisRe
 
 /// One message, numbered by the cluster-wide counter.
 async fn tick(cluster: &Cluster) {
-    let mut conn = cluster.inner.commands.clone();
-    let n: u64 = match redis::cmd("INCR").arg(COUNTER).query_async(&mut conn).await {
-        Ok(v) => v,
+    let n = match next_number(cluster).await {
+        Ok(n) => n,
         Err(e) => {
             tracing::debug!("clock counter: {e}");
             return;
         }
     };
-    let n = n.saturating_sub(1);
     let draft = Draft {
         topics: vec![TOPIC.to_owned()],
         data: message(n),
