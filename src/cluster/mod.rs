@@ -9,6 +9,7 @@
 
 mod clock;
 mod fields;
+mod jetstream;
 mod machine;
 mod redis_stream;
 
@@ -51,6 +52,7 @@ struct Inner {
 /// The shared log this node is linked to: every engine-specific call goes through here.
 enum Engine {
     Redis(redis_stream::Link),
+    Nats(jetstream::Link),
 }
 
 /// Why a publish through the cluster failed.
@@ -60,6 +62,13 @@ pub enum PublishError {
     Invalid(#[from] Invalid),
     #[error("Redis is unreachable, so the update was not stored ({0}); try again shortly")]
     Unavailable(String),
+    /// JetStream did not acknowledge the update: it may or may not be stored, and a retry
+    /// with the same id is stored once either way.
+    #[error(
+        "NATS JetStream did not confirm that the update is stored ({0}); try again shortly, with \
+         the same id (a retry within two minutes is stored once)"
+    )]
+    Unconfirmed(String),
     /// From a single node's durable history (see `hub::PublishFailed`).
     #[error("{0}")]
     NotStored(String),
@@ -108,6 +117,24 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Connects to the NATS servers at `urls`, makes or binds the JetStream stream (with
+    /// `replicas` copies), loads the retained history into `hub`, and starts following the
+    /// stream. Returns once the hub holds the history, as [`Cluster::start`] does.
+    pub async fn start_nats(
+        urls: &[String],
+        replicas: usize,
+        hub: Hub,
+        history_size: usize,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Cluster> {
+        let (link, reader) = jetstream::Link::connect(urls, replicas, &hub, history_size).await?;
+        let cluster = Cluster::new(hub.clone(), Engine::Nats(link));
+        tokio::spawn(jetstream::follow(cluster.clone(), reader, stop.clone()));
+        tokio::spawn(jetstream::probe(cluster.clone(), stop.clone()));
+        cluster.relay_subscription_events(&hub, stop);
+        Ok(cluster)
+    }
+
     fn new(hub: Hub, engine: Engine) -> Cluster {
         Cluster {
             inner: Arc::new(Inner {
@@ -121,7 +148,10 @@ impl Cluster {
 
     /// Whether the engine is reachable (for `/readyz`).
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Relaxed)
+        match &self.inner.engine {
+            Engine::Redis(_) => self.inner.ready.load(Relaxed),
+            Engine::Nats(link) => link.is_ready(),
+        }
     }
 
     /// Checks `draft` (a publisher's, or one of the hub's own subscription events relayed
@@ -133,6 +163,7 @@ impl Cluster {
         let id = draft.id.clone().unwrap_or_else(update::new_id);
         match &self.inner.engine {
             Engine::Redis(link) => link.publish(&draft, &id).await?,
+            Engine::Nats(link) => link.publish(&draft, &id).await?,
         }
         Ok(id)
     }
@@ -141,6 +172,7 @@ impl Cluster {
     fn engine_name(&self) -> &'static str {
         match &self.inner.engine {
             Engine::Redis(_) => "Redis",
+            Engine::Nats(_) => "NATS JetStream",
         }
     }
 
@@ -148,6 +180,15 @@ impl Cluster {
     fn redis(&self) -> Option<&redis_stream::Link> {
         match &self.inner.engine {
             Engine::Redis(link) => Some(link),
+            Engine::Nats(_) => None,
+        }
+    }
+
+    /// The JetStream link, in NATS mode.
+    fn nats(&self) -> Option<&jetstream::Link> {
+        match &self.inner.engine {
+            Engine::Nats(link) => Some(link),
+            Engine::Redis(_) => None,
         }
     }
 
