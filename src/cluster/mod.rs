@@ -52,7 +52,7 @@ struct Inner {
 /// The shared log this node is linked to: every engine-specific call goes through here.
 enum Engine {
     Redis(redis_stream::Link),
-    Nats(jetstream::Link),
+    Nats(Box<jetstream::Link>),
 }
 
 /// Why a publish through the cluster failed.
@@ -128,7 +128,7 @@ impl Cluster {
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
         let (link, reader) = jetstream::Link::connect(urls, replicas, &hub, history_size).await?;
-        let cluster = Cluster::new(hub.clone(), Engine::Nats(link));
+        let cluster = Cluster::new(hub.clone(), Engine::Nats(Box::new(link)));
         tokio::spawn(jetstream::follow(cluster.clone(), reader, stop.clone()));
         tokio::spawn(jetstream::probe(cluster.clone(), stop.clone()));
         cluster.relay_subscription_events(&hub, stop);
