@@ -160,6 +160,11 @@ impl Link {
     /// stream's replicas hold it). A duplicate of an update stored within the window is
     /// acknowledged as such and not stored again: `Ok` too.
     pub(super) async fn publish(&self, draft: &Draft, id: &str) -> Result<(), PublishError> {
+        // Refused at once while disconnected: the client would otherwise hold the message and
+        // send it on reconnection, storing an update answered 503 long after.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(PublishError::Unconfirmed("not connected to NATS".into()));
+        }
         let payload: HashMap<&str, String> = fields::fields(draft, id).into_iter().collect();
         let payload = serde_json::to_vec(&payload).unwrap_or_default();
         let message = jetstream::message::PublishMessage::build()
