@@ -148,7 +148,11 @@ impl Nats {
                 if ready {
                     break;
                 }
-                assert!(Instant::now() < deadline, "nats-server {} not ready", s.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server {} not ready",
+                    s.name
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -254,7 +258,10 @@ async fn publish_until_ok(hub: &TestHub, data: &str, within: Duration) -> String
                 return id;
             }
         }
-        assert!(Instant::now() < deadline, "no publish of {data:?} succeeded");
+        assert!(
+            Instant::now() < deadline,
+            "no publish of {data:?} succeeded"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -287,11 +294,18 @@ async fn two_nodes_on_one_server_deliver_in_one_order_and_replay() {
     let got_a = take(&mut on_a, 50, Duration::from_secs(30)).await;
     let got_b = take(&mut on_b, 50, Duration::from_secs(30)).await;
     assert_eq!(data(&got_a), numbers(0..50));
-    assert_eq!(ids(&got_a), ids(&got_b), "the same updates, same ids, same order");
+    assert_eq!(
+        ids(&got_a),
+        ids(&got_b),
+        "the same updates, same ids, same order"
+    );
 
     // Last-Event-ID on the other node.
     let mut h = HeaderMap::new();
-    h.insert("last-event-id", HeaderValue::from_str(&got_a[9].id).unwrap());
+    h.insert(
+        "last-event-id",
+        HeaderValue::from_str(&got_a[9].id).unwrap(),
+    );
     let mut again = EventStream::open(&b.target("/.well-known/mercure?topic=t"), &h)
         .await
         .unwrap();
@@ -301,7 +315,10 @@ async fn two_nodes_on_one_server_deliver_in_one_order_and_replay() {
     // A node started later loads the history from the stream before it accepts anyone.
     let c = node(&nats, 1);
     let mut h = HeaderMap::new();
-    h.insert("last-event-id", HeaderValue::from_str(&got_a[39].id).unwrap());
+    h.insert(
+        "last-event-id",
+        HeaderValue::from_str(&got_a[39].id).unwrap(),
+    );
     let mut late = EventStream::open(&c.target("/.well-known/mercure?topic=t"), &h)
         .await
         .unwrap();
@@ -376,7 +393,10 @@ async fn the_stream_leader_killed_loses_no_acknowledged_update() {
                 let Ok(mut c) = Connection::open(&target).await else {
                     continue;
                 };
-                match c.publish(Some(&token), &[("topic", "t"), ("data", &data)]).await {
+                match c
+                    .publish(Some(&token), &[("topic", "t"), ("data", &data)])
+                    .await
+                {
                     Ok((StatusCode::OK, _)) => {
                         oks.lock().unwrap().push(data);
                         if killed.load(std::sync::atomic::Ordering::SeqCst) != usize::MAX {
@@ -416,7 +436,8 @@ async fn the_stream_leader_killed_loses_no_acknowledged_update() {
         // Every acknowledged update arrives; then a quiet moment for any late extra.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let have: HashSet<String> = got.lock().unwrap().iter().map(|e| e.data.clone()).collect();
+            let have: HashSet<String> =
+                got.lock().unwrap().iter().map(|e| e.data.clone()).collect();
             if want.iter().all(|d| have.contains(*d)) {
                 break;
             }
