@@ -91,8 +91,8 @@ impl App {
             None => None,
         };
         let hub = open_hub(config)?;
-        let cluster = match &config.redis {
-            Some(url) => Some(
+        let cluster = match (&config.redis, &config.nats) {
+            (Some(url), _) => Some(
                 crate::cluster::Cluster::start(
                     url,
                     hub.clone(),
@@ -101,7 +101,17 @@ impl App {
                 )
                 .await?,
             ),
-            None => None,
+            (None, Some(urls)) => Some(
+                crate::cluster::Cluster::start_nats(
+                    urls,
+                    config.nats_replicas,
+                    hub.clone(),
+                    config.history_size,
+                    shutdown.token().clone(),
+                )
+                .await?,
+            ),
+            (None, None) => None,
         };
         let timeouts = Timeouts {
             idle: config.idle_timeout,
@@ -232,8 +242,9 @@ fn hub_config(config: &ServeConfig) -> HubConfig {
 /// which keeps the history itself).
 fn open_hub(config: &ServeConfig) -> anyhow::Result<Hub> {
     let hub_config = hub_config(config);
-    Ok(match (&config.data_dir, &config.redis) {
-        (Some(dir), None) => {
+    let clustered = config.redis.is_some() || config.nats.is_some();
+    Ok(match (&config.data_dir, clustered) {
+        (Some(dir), false) => {
             let bounds = crate::hub::store::Bounds {
                 updates: if hub_config.history_bytes == 0 {
                     0
@@ -252,7 +263,7 @@ fn open_hub(config: &ServeConfig) -> anyhow::Result<Hub> {
             );
             Hub::durable(hub_config, store, kept)
         }
-        (Some(dir), Some(_)) => {
+        (Some(dir), true) => {
             tracing::info!(
                 "cluster mode: the history is kept by the cluster; --data-dir {} is not used",
                 dir.display()

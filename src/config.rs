@@ -179,6 +179,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEHUB_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
+    /// Cluster mode on NATS JetStream (instead of --redis): the NATS servers to connect to,
+    /// comma-separated, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222 (credentials go in the
+    /// URL: nats://user:secret@host:4222).
+    #[arg(long, env = "SSEHUB_NATS", hide_env_values = true)]
+    pub nats: Option<String>,
+
+    /// How many NATS servers keep a copy of the update stream (1 for a single server; 3
+    /// survives the loss of any one of three). Used when the stream is created.
+    #[arg(long, env = "SSEHUB_NATS_REPLICAS", default_value_t = 3,
+          value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub nats_replicas: u16,
+
     /// Where the history is kept across restarts (created at start): a publish is answered
     /// once its update is on disk there. `none` keeps the history in memory only. Unused in
     /// cluster mode (the cluster keeps the history).
@@ -256,6 +268,10 @@ pub struct ServeConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Redis URL for cluster mode.
     pub redis: Option<String>,
+    /// NATS server URLs for cluster mode on JetStream (never with `redis`).
+    pub nats: Option<Vec<String>>,
+    /// `--nats-replicas`.
+    pub nats_replicas: usize,
     /// Logs are JSON lines: messages for people go through the log too.
     pub log_json: bool,
     /// The durable history's directory; `None`: memory only.
@@ -387,16 +403,29 @@ impl ServeArgs {
             .filter(|u| !u.is_empty())
             .map(check_redis_url)
             .transpose()?;
+        let nats = self
+            .nats
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(check_nats_urls)
+            .transpose()?;
+        if redis.is_some() && nats.is_some() {
+            return Err(
+                "--redis and --nats are both given: a cluster runs on one engine, Redis or NATS \
+                 JetStream; keep one of them (and its SSEHUB_ variable)"
+                    .into(),
+            );
+        }
         // A node with a random key of its own would print a token only it accepts, and refuse
         // every token the other nodes accept.
-        if redis.is_some() && self.publisher_jwt_key.is_none() {
-            return Err(
-                "--redis: every node of a cluster needs the same keys: give each node \
+        if (redis.is_some() || nats.is_some()) && self.publisher_jwt_key.is_none() {
+            let flag = if redis.is_some() { "--redis" } else { "--nats" };
+            return Err(format!(
+                "{flag}: every node of a cluster needs the same keys: give each node \
                  the same --publisher-jwt-key (SSEHUB_PUBLISHER_JWT_KEY), and the same \
                  --subscriber-jwt-key if you use one; without it this node would make a \
                  random key of its own"
-                    .into(),
-            );
+            ));
         }
         let absolute_url = |flag: &str, s: &str| -> Result<url::Url, String> {
             url::Url::parse(s)
@@ -501,6 +530,8 @@ impl ServeArgs {
             subscriptions: self.subscriptions,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             redis,
+            nats,
+            nats_replicas: self.nats_replicas.into(),
             log_json: self.log_format == LogFormat::Json,
             data_dir: match self.data_dir.trim() {
                 "" => {
@@ -560,6 +591,26 @@ pub fn redact_url(url: &str) -> String {
             _ => format!("***@{host}"),
         },
     }
+}
+
+/// Accepts a comma-separated list of `nats://HOST[:PORT]` (or `tls://`, or a bare `HOST:PORT`),
+/// with optional credentials. Errors show the URL without its password.
+fn check_nats_urls(list: &str) -> Result<Vec<String>, String> {
+    let mut urls = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let shown = redact_url(url);
+        if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+            return Err(format!(
+                "--nats {shown:?} is not a NATS server address ({e}): write \
+                 nats://HOST:PORT[,nats://HOST:PORT…], e.g. nats://127.0.0.1:4222"
+            ));
+        }
+        urls.push(url.to_owned());
+    }
+    if urls.is_empty() {
+        return Err("--nats names no server: write nats://HOST:PORT[,nats://HOST:PORT…]".into());
+    }
+    Ok(urls)
 }
 
 /// Accepts `redis://HOST[:PORT][/DB]`, with an optional user and password. Errors show the

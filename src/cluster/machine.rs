@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Cluster;
+use super::{redis_stream, Cluster};
 
 /// How often a node says it is there and counts the others.
 const EVERY: Duration = Duration::from_secs(2);
@@ -36,6 +36,13 @@ const STAMP: &str = "local t = redis.call('TIME') \
 
 /// Keeps this node's share of the machine's budget up to date until `stop`.
 pub async fn run(cluster: Cluster, stop: CancellationToken) {
+    let Some(redis) = cluster.redis() else {
+        tracing::info!(
+            "nodes on one machine share its write budget only in Redis mode: this node keeps \
+             its whole write budget"
+        );
+        return;
+    };
     let (Some(machine), Some(machine_cores)) = (machine_id(), machine_cores()) else {
         tracing::info!("the kernel's boot id or core count cannot be read here: this node keeps its whole write budget");
         return;
@@ -52,7 +59,7 @@ pub async fn run(cluster: Cluster, stop: CancellationToken) {
             _ = ticker.tick() => tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                m = stamp(&cluster, &key, &me) => m,
+                m = stamp(redis, &key, &me) => m,
             },
         };
         let members = match members {
@@ -77,14 +84,14 @@ pub async fn run(cluster: Cluster, stop: CancellationToken) {
         }
     }
     // Leave at once, so the others take their larger share now rather than in FORGET_MS.
-    let mut conn = cluster.inner.commands.clone();
+    let mut conn = redis.commands.clone();
     let mut leave = redis::cmd("ZREM");
     leave.arg(&key).arg(&me);
     let _ = tokio::time::timeout(LEAVE, leave.query_async::<i64>(&mut conn)).await;
 }
 
-async fn stamp(cluster: &Cluster, key: &str, me: &str) -> redis::RedisResult<Vec<String>> {
-    let mut conn = cluster.inner.commands.clone();
+async fn stamp(redis: &redis_stream::Link, key: &str, me: &str) -> redis::RedisResult<Vec<String>> {
+    let mut conn = redis.commands.clone();
     redis::cmd("EVAL")
         .arg(STAMP)
         .arg(1)

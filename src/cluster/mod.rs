@@ -1,20 +1,22 @@
-//! Cluster mode: several nodes act as one hub through one Redis Stream.
+//! Cluster mode: several nodes act as one hub through one shared log, a Redis Stream or a
+//! NATS JetStream stream (the engine).
 //!
-//! A publish on any node is appended to the stream (`XADD`), and answered only once Redis has
-//! stored it. Every node follows the stream with one reader task and fans each entry out to its
-//! own subscribers, in stream order; that is the only place updates enter a node's hub, so every
-//! node holds the same history in the same order and `Last-Event-ID` works on any of them.
-//! Redis is the engine: no consensus or gossip of our own.
+//! A publish on any node is appended to the log, and answered only once the engine has stored
+//! it. Every node follows the log with one reader task and fans each entry out to its own
+//! subscribers, in log order; that is the only place updates enter a node's hub, so every node
+//! holds the same history in the same order and `Last-Event-ID` works on any of them. The
+//! engine does the storing and ordering: no consensus or gossip of our own.
 
 mod clock;
+mod fields;
+mod jetstream;
 mod machine;
-mod stream;
+mod redis_stream;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 pub use clock::run as run_clock;
@@ -22,14 +24,11 @@ pub use machine::run as share_machine;
 
 use crate::hub::{update, Draft, Hub, Invalid};
 
-/// The stream every node appends to and reads.
-pub const STREAM: &str = "ssehub:updates";
-
-/// The stream keeps at least this many entries, whatever `--history-size`, so that a reader
+/// The log keeps at least this many entries, whatever `--history-size`, so that a reader
 /// that falls a little behind never finds its next entries trimmed away.
 const MIN_STREAM_LEN: usize = 1000;
 
-/// How long a publish waits for Redis before answering 503.
+/// How long a publish waits for the engine before answering 503.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Subscription events waiting to be appended to the stream; more are dropped (and logged).
@@ -42,16 +41,18 @@ pub struct Cluster {
 }
 
 struct Inner {
-    client: redis::Client,
-    /// For short commands; reconnects by itself. The reader has its own connection because
-    /// `XREAD BLOCK` would hold up every command queued behind it.
-    commands: ConnectionManager,
     hub: Hub,
-    /// Whether Redis answers, as last seen by the reader; `/readyz` reports it.
+    /// Whether the engine answers, as last seen by the reader; `/readyz` reports it.
     ready: AtomicBool,
-    stream_len: usize,
     /// This process's name in the clock lease.
     node: String,
+    engine: Engine,
+}
+
+/// The shared log this node is linked to: every engine-specific call goes through here.
+enum Engine {
+    Redis(redis_stream::Link),
+    Nats(Box<jetstream::Link>),
 }
 
 /// Why a publish through the cluster failed.
@@ -61,6 +62,13 @@ pub enum PublishError {
     Invalid(#[from] Invalid),
     #[error("Redis is unreachable, so the update was not stored ({0}); try again shortly")]
     Unavailable(String),
+    /// JetStream did not acknowledge the update: it may or may not be stored, and a retry
+    /// with the same id is stored once either way.
+    #[error(
+        "NATS JetStream did not confirm that the update is stored ({0}); try again shortly, with \
+         the same id (a retry within two minutes is stored once)"
+    )]
+    Unconfirmed(String),
     /// From a single node's durable history (see `hub::PublishFailed`).
     #[error("{0}")]
     NotStored(String),
@@ -102,69 +110,85 @@ impl Cluster {
         history_size: usize,
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
-        let shown = crate::config::redact_url(url);
-        // A Redis error says its cause and also gives it as its source: taken as text, so
-        // that the cause is said once.
-        let client =
-            redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis {shown:?}: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let mut commands = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach Redis at {shown} ({e}): start it, or check --redis (SSEHUB_REDIS)"
-                )
-            })?;
-        let last = stream::load_history(&mut commands, &hub, history_size)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read the update stream from Redis: {e}"))?;
-        tracing::info!(
-            history = hub.history_len(),
-            "cluster mode: joined through Redis at {shown}"
-        );
-        let cluster = Cluster {
-            inner: Arc::new(Inner {
-                client,
-                commands,
-                hub: hub.clone(),
-                ready: AtomicBool::new(true),
-                stream_len: history_size.max(MIN_STREAM_LEN),
-                node: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
-            }),
-        };
-        tokio::spawn(stream::follow(cluster.clone(), last, stop.clone()));
+        let (link, last) = redis_stream::Link::connect(url, &hub, history_size).await?;
+        let cluster = Cluster::new(hub.clone(), Engine::Redis(link));
+        tokio::spawn(redis_stream::follow(cluster.clone(), last, stop.clone()));
         cluster.relay_subscription_events(&hub, stop);
         Ok(cluster)
     }
 
-    /// Whether Redis is reachable (for `/readyz`).
+    /// Connects to the NATS servers at `urls`, makes or binds the JetStream stream (with
+    /// `replicas` copies), loads the retained history into `hub`, and starts following the
+    /// stream. Returns once the hub holds the history, as [`Cluster::start`] does.
+    pub async fn start_nats(
+        urls: &[String],
+        replicas: usize,
+        hub: Hub,
+        history_size: usize,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Cluster> {
+        let (link, reader) = jetstream::Link::connect(urls, replicas, &hub, history_size).await?;
+        let cluster = Cluster::new(hub.clone(), Engine::Nats(Box::new(link)));
+        tokio::spawn(jetstream::follow(cluster.clone(), reader, stop.clone()));
+        tokio::spawn(jetstream::probe(cluster.clone(), stop.clone()));
+        cluster.relay_subscription_events(&hub, stop);
+        Ok(cluster)
+    }
+
+    fn new(hub: Hub, engine: Engine) -> Cluster {
+        Cluster {
+            inner: Arc::new(Inner {
+                hub,
+                ready: AtomicBool::new(true),
+                node: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+                engine,
+            }),
+        }
+    }
+
+    /// Whether the engine is reachable (for `/readyz`).
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Relaxed)
+        match &self.inner.engine {
+            Engine::Redis(_) => self.inner.ready.load(Relaxed),
+            Engine::Nats(link) => link.is_ready(),
+        }
     }
 
     /// Checks `draft` (a publisher's, or one of the hub's own subscription events relayed
-    /// here: see [`Draft::validate_relayed`]), gives it its id, and appends it to the stream. `Ok` means Redis stored
-    /// it; this node delivers it when its reader reaches it, like every other node.
+    /// here: see [`Draft::validate_relayed`]), gives it its id, and appends it to the log. `Ok`
+    /// means the engine stored it; this node delivers it when its reader reaches it, like every
+    /// other node.
     pub async fn publish(&self, draft: Draft) -> Result<String, PublishError> {
         draft.validate_relayed()?;
         let id = draft.id.clone().unwrap_or_else(update::new_id);
-        let fields = stream::fields(&draft, &id);
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(STREAM)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.inner.stream_len)
-            .arg("*")
-            .arg(&fields);
-        let mut conn = self.inner.commands.clone();
-        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<String>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(id),
-            Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
-            Err(_) => Err(PublishError::Unavailable("no answer in time".into())),
+        match &self.inner.engine {
+            Engine::Redis(link) => link.publish(&draft, &id).await?,
+            Engine::Nats(link) => link.publish(&draft, &id).await?,
+        }
+        Ok(id)
+    }
+
+    /// The engine's name, for messages.
+    fn engine_name(&self) -> &'static str {
+        match &self.inner.engine {
+            Engine::Redis(_) => "Redis",
+            Engine::Nats(_) => "NATS JetStream",
+        }
+    }
+
+    /// The Redis link, in Redis mode.
+    fn redis(&self) -> Option<&redis_stream::Link> {
+        match &self.inner.engine {
+            Engine::Redis(link) => Some(link),
+            Engine::Nats(_) => None,
+        }
+    }
+
+    /// The JetStream link, in NATS mode.
+    fn nats(&self) -> Option<&jetstream::Link> {
+        match &self.inner.engine {
+            Engine::Nats(link) => Some(link),
+            Engine::Redis(_) => None,
         }
     }
 
@@ -176,9 +200,10 @@ impl Cluster {
     /// raised them.
     fn relay_subscription_events(&self, hub: &Hub, stop: CancellationToken) {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Draft>(RELAY_QUEUE);
+        let engine = self.engine_name();
         hub.relay_subscription_events(Box::new(move |draft| {
             if tx.try_send(draft).is_err() {
-                tracing::warn!("too many subscription events waiting for Redis: one dropped");
+                tracing::warn!("too many subscription events waiting for {engine}: one dropped");
             }
         }));
         let cluster = self.clone();

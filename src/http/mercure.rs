@@ -656,7 +656,11 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     match crate::cluster::publish_via(&app.hub, app.cluster.as_ref(), draft).await {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
         Err(PublishError::Invalid(e)) => refuse(invalid_status(&e), e, &app),
-        Err(e @ (PublishError::Unavailable(_) | PublishError::NotStored(_))) => {
+        Err(
+            e @ (PublishError::Unavailable(_)
+            | PublishError::Unconfirmed(_)
+            | PublishError::NotStored(_)),
+        ) => {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, e, &app);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -12,9 +12,12 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, STREAM};
+use super::{fields, Cluster, PublishError, COMMAND_TIMEOUT, MIN_STREAM_LEN};
 use crate::hub::{Draft, Hub};
 use crate::metrics::Metrics;
+
+/// The stream every node appends to and reads.
+pub const STREAM: &str = "ssehub:updates";
 
 /// How long one `XREAD` waits for new entries before asking again.
 const BLOCK: Duration = Duration::from_secs(5);
@@ -24,45 +27,77 @@ const BATCH: usize = 1000;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The entry's fields. Topics are a JSON array: one field, whatever their number.
-pub(super) fn fields(draft: &Draft, id: &str) -> Vec<(&'static str, String)> {
-    let mut f = vec![
-        ("id", id.to_owned()),
-        (
-            "topics",
-            serde_json::to_string(&draft.topics).unwrap_or_default(),
-        ),
-        ("data", draft.data.clone()),
-    ];
-    if let Some(t) = &draft.event_type {
-        f.push(("type", t.clone()));
+/// A node's connections to Redis.
+pub(super) struct Link {
+    client: redis::Client,
+    /// For short commands; reconnects by itself. The reader has its own connection because
+    /// `XREAD BLOCK` would hold up every command queued behind it.
+    pub(super) commands: ConnectionManager,
+    stream_len: usize,
+}
+
+impl Link {
+    /// Connects to Redis and loads the retained history into `hub`. Returns the link and the
+    /// stream id to follow from.
+    pub(super) async fn connect(
+        url: &str,
+        hub: &Hub,
+        history_size: usize,
+    ) -> anyhow::Result<(Link, String)> {
+        let shown = crate::config::redact_url(url);
+        // A Redis error says its cause and also gives it as its source: taken as text, so
+        // that the cause is said once.
+        let client =
+            redis::Client::open(url).map_err(|e| anyhow::anyhow!("--redis {shown:?}: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let mut commands = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach Redis at {shown} ({e}): start it, or check --redis (SSEHUB_REDIS)"
+                )
+            })?;
+        let last = load_history(&mut commands, hub, history_size)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the update stream from Redis: {e}"))?;
+        tracing::info!(
+            history = hub.history_len(),
+            "cluster mode: joined through Redis at {shown}"
+        );
+        let link = Link {
+            client,
+            commands,
+            stream_len: history_size.max(MIN_STREAM_LEN),
+        };
+        Ok((link, last))
     }
-    if let Some(r) = draft.retry {
-        f.push(("retry", r.to_string()));
+
+    /// Appends the update to the stream; `Ok` once Redis stored it.
+    pub(super) async fn publish(&self, draft: &Draft, id: &str) -> Result<(), PublishError> {
+        let fields = fields::fields(draft, id);
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(STREAM)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.stream_len)
+            .arg("*")
+            .arg(&fields);
+        let mut conn = self.commands.clone();
+        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+            Err(_) => Err(PublishError::Unavailable("no answer in time".into())),
+        }
     }
-    if draft.private {
-        f.push(("private", "1".to_owned()));
-    }
-    if let Some(d) = &draft.alt_data {
-        f.push(("alt", d.clone()));
-    }
-    f
 }
 
 /// An entry back as an update and its id; `None` if it was not written by ssehub.
 fn parse(entry: &StreamId) -> Option<(Draft, String)> {
-    let id: String = entry.get("id")?;
-    let topics: Vec<String> = serde_json::from_str(&entry.get::<String>("topics")?).ok()?;
-    let draft = Draft {
-        topics,
-        data: entry.get("data").unwrap_or_default(),
-        id: Some(id.clone()),
-        event_type: entry.get("type"),
-        retry: entry.get::<String>("retry").and_then(|r| r.parse().ok()),
-        private: entry.contains_key("private"),
-        alt_data: entry.get("alt"),
-    };
-    Some((draft, id))
+    fields::parse(|name| entry.get(name))
 }
 
 /// A stream entry id as `(milliseconds, sequence)`, for comparing.
@@ -92,7 +127,7 @@ fn apply(hub: &Hub, entry: &StreamId) {
 
 /// Loads the newest `history_size` entries into `hub`, oldest first, before any subscriber is
 /// accepted (so nobody receives them as live updates). Returns the stream id to read after.
-pub(super) async fn load_history(
+async fn load_history(
     conn: &mut ConnectionManager,
     hub: &Hub,
     history_size: usize,
@@ -121,6 +156,7 @@ pub(super) async fn load_history(
 /// error reconnects with backoff and resumes where it was, so nothing published meanwhile
 /// through other nodes is missed. Each transition is logged once.
 pub(super) async fn follow(cluster: Cluster, mut last: String, stop: CancellationToken) {
+    let Some(link) = cluster.redis() else { return };
     let mut conn = None;
     let mut backoff = MIN_BACKOFF;
     let mut lost = false;
@@ -129,7 +165,7 @@ pub(super) async fn follow(cluster: Cluster, mut last: String, stop: Cancellatio
     loop {
         let check = conn.is_none() || full;
         let read = read_batch(
-            &cluster.inner.client,
+            &link.client,
             cluster.inner.hub.metrics(),
             &mut conn,
             &mut last,
@@ -322,7 +358,7 @@ mod tests {
             private: true,
             alt_data: Some("{\"@context\": 1}".into()),
         };
-        let f = fields(&draft, "urn:x");
+        let f = fields::fields(&draft, "urn:x");
         let entry = StreamId {
             id: "1-0".into(),
             map: f

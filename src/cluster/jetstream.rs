@@ -1,0 +1,406 @@
+//! The update log on NATS JetStream: one stream replicated over a quorum of NATS servers, so
+//! that losing any one machine (NATS included) loses neither the cluster nor an update answered
+//! `200`.
+//!
+//! A publish waits for JetStream's acknowledgement, which comes once a majority of the stream's
+//! replicas hold it; the update's id is its `Nats-Msg-Id`, so a retry within the duplicate
+//! window is stored once. Each node reads the stream with an ordered consumer, in stream
+//! sequence, and remembers the last sequence it applied to resume from it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use super::{fields, Cluster, PublishError, COMMAND_TIMEOUT, MIN_STREAM_LEN};
+use crate::hub::{Draft, Hub};
+
+/// The stream every node appends to and reads, and its one subject.
+pub const STREAM: &str = "ssehub-updates";
+const SUBJECT: &str = "ssehub.updates";
+/// A publish retried within this long (through any node) is stored once.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The clock's lease (one key, expiring: see `clock.rs`) and its message counter (kept).
+const LEASE_BUCKET: &str = "ssehub-clock";
+const COUNTER_BUCKET: &str = "ssehub-clock-count";
+/// How long the history at start may take to arrive before the node gives up starting.
+const REPLAY_WAIT: Duration = Duration::from_secs(30);
+/// How often a node checks that the stream answers (for `/readyz`).
+const PROBE: Duration = Duration::from_secs(1);
+/// Delays between attempts to read again after the consumer failed.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A node's link to JetStream.
+pub(super) struct Link {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: stream::Config,
+    /// Whether the stream answered the last probe.
+    answers: AtomicBool,
+    /// The clock's buckets, made or bound when the clock first asks.
+    clock: OnceCell<(kv::Store, kv::Store)>,
+}
+
+/// What the reader needs to carry on where the start left off.
+pub(super) struct Reader {
+    messages: consumer::pull::Ordered,
+    last: u64,
+}
+
+impl Link {
+    /// Connects to the NATS servers, makes or binds the stream, and loads the retained history
+    /// into `hub`. Returns the link and the reader, positioned after the history.
+    pub(super) async fn connect(
+        urls: &[String],
+        replicas: usize,
+        hub: &Hub,
+        history_size: usize,
+    ) -> anyhow::Result<(Link, Reader)> {
+        let shown = urls
+            .iter()
+            .map(|u| crate::config::redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let options = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            // Reconnect for ever, quickly at first: the reader and `/readyz` report the outage.
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                (MIN_BACKOFF * 2u32.saturating_pow(attempts.min(8) as u32)).min(MAX_BACKOFF)
+            });
+        let client = options.connect(urls).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach NATS at {shown} ({e}): start it, or check --nats (SSEHUB_NATS)"
+            )
+        })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(COMMAND_TIMEOUT);
+        let config = stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec![SUBJECT.to_owned()],
+            max_messages: history_size.max(MIN_STREAM_LEN) as i64,
+            discard: stream::DiscardPolicy::Old,
+            num_replicas: replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let mut stream = js.get_or_create_stream(config.clone()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot make or find the stream {STREAM} in NATS JetStream at {shown} ({e}): is \
+                 JetStream enabled (nats-server -js), and are there --nats-replicas \
+                 ({replicas}) servers in its cluster?"
+            )
+        })?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the stream {STREAM} from NATS: {e}"))?;
+        if info.config.num_replicas != replicas {
+            tracing::warn!(
+                "the stream {STREAM} exists with {} replica(s), not --nats-replicas {replicas}: \
+                 it is kept as it is",
+                info.config.num_replicas
+            );
+        }
+        let (first, newest) = (info.state.first_sequence, info.state.last_sequence);
+        // The newest `history_size` messages, or none.
+        let start = if history_size == 0 || newest == 0 {
+            newest + 1
+        } else {
+            newest
+                .saturating_sub(history_size as u64 - 1)
+                .max(first)
+                .max(1)
+        };
+        let mut reader = Reader {
+            messages: open(&stream, start)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the stream {STREAM} from NATS: {e}"))?,
+            last: start - 1,
+        };
+        // Loaded before any subscriber is accepted, so nobody receives them as live updates.
+        while reader.last < newest {
+            let message = tokio::time::timeout(REPLAY_WAIT, reader.messages.next()).await;
+            match message {
+                Ok(Some(Ok(m))) => reader.take(hub, &m),
+                Ok(Some(Err(e))) => anyhow::bail!("cannot read the stream {STREAM} from NATS: {e}"),
+                Ok(None) | Err(_) => anyhow::bail!(
+                    "the history in the stream {STREAM} did not arrive from NATS within {}s",
+                    REPLAY_WAIT.as_secs()
+                ),
+            }
+        }
+        tracing::info!(
+            history = hub.history_len(),
+            "cluster mode: joined through NATS JetStream at {shown}"
+        );
+        let link = Link {
+            client,
+            js,
+            config,
+            answers: AtomicBool::new(true),
+            clock: OnceCell::new(),
+        };
+        Ok((link, reader))
+    }
+
+    /// Whether this node can publish: connected, and the stream answered the last probe.
+    pub(super) fn is_ready(&self) -> bool {
+        self.answers.load(Relaxed)
+            && self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Appends the update to the stream; `Ok` once JetStream acknowledged it (a quorum of the
+    /// stream's replicas hold it). A duplicate of an update stored within the window is
+    /// acknowledged as such and not stored again: `Ok` too.
+    pub(super) async fn publish(&self, draft: &Draft, id: &str) -> Result<(), PublishError> {
+        // Refused at once while disconnected: the client would otherwise hold the message and
+        // send it on reconnection, storing an update answered 503 long after.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(PublishError::Unconfirmed("not connected to NATS".into()));
+        }
+        let payload: HashMap<&str, String> = fields::fields(draft, id).into_iter().collect();
+        let payload = serde_json::to_vec(&payload).unwrap_or_default();
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(id);
+        let acked = async {
+            self.js
+                .send_publish(SUBJECT, message)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, acked).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(PublishError::Unconfirmed(e)),
+            Err(_) => Err(PublishError::Unconfirmed(
+                "no acknowledgement in time".into(),
+            )),
+        }
+    }
+
+    /// The clock's lease and counter buckets, made on first use. The lease expires `lease`
+    /// after it was last written.
+    pub(super) async fn clock_buckets(
+        &self,
+        lease: Duration,
+    ) -> Result<&(kv::Store, kv::Store), String> {
+        self.clock
+            .get_or_try_init(|| async {
+                let lease = self.bucket(LEASE_BUCKET, lease).await?;
+                let counter = self.bucket(COUNTER_BUCKET, Duration::ZERO).await?;
+                Ok((lease, counter))
+            })
+            .await
+    }
+
+    /// Makes a key-value bucket holding one value per key, or binds it if another node made it.
+    /// Its stream is made here, laid out as the client's own `create_key_value` would: that
+    /// one first asks for the account's details, which a 2.9 server answers in a form the
+    /// client no longer reads.
+    async fn bucket(&self, name: &str, max_age: Duration) -> Result<kv::Store, String> {
+        let config = stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.config.num_replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        // Made by another node perhaps, with another lease (another --clock-interval): kept.
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| format!("bucket {name}: {e}"))?;
+        self.js
+            .get_key_value(name)
+            .await
+            .map_err(|e| format!("bucket {name}: {e}"))
+    }
+}
+
+impl Reader {
+    /// Applies one message to the local hub, after the last one applied; a jump in sequence
+    /// means the stream dropped messages this node had not read (counted and logged).
+    fn take(&mut self, hub: &Hub, message: &jetstream::Message) {
+        let Ok(info) = message.info() else {
+            tracing::warn!("skipped a JetStream message without its stream sequence");
+            return;
+        };
+        let sequence = info.stream_sequence;
+        if sequence <= self.last {
+            // Delivered again by a consumer made anew: applied already.
+            return;
+        }
+        if sequence > self.last + 1 && self.last > 0 {
+            hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
+            tracing::error!(
+                after = self.last,
+                next = sequence,
+                "messages of the update stream were removed from NATS JetStream before this node \
+                 read them: its subscribers missed those updates (the node was cut off from NATS, \
+                 or fell behind, for longer than the stream's length lasts; raise --history-size \
+                 to keep more)"
+            );
+        }
+        self.last = sequence;
+        let at = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        apply(hub, sequence, &message.payload, at);
+    }
+}
+
+/// Applies one message's update. Messages get the same checks as a publish (the stream is
+/// writable by anything with access to NATS), except that the hub's own subscription events
+/// keep their reserved topic and type; what fails them is skipped, on every node alike.
+fn apply(hub: &Hub, sequence: u64, payload: &[u8], at: u64) {
+    let parsed = serde_json::from_slice::<HashMap<String, String>>(payload)
+        .ok()
+        .and_then(|f| fields::parse(|name| f.get(name).cloned()));
+    match parsed {
+        Some((draft, id)) => match draft.validate_relayed() {
+            Ok(()) => {
+                hub.apply(draft, id, at);
+            }
+            Err(e) => tracing::warn!(sequence, "skipped a stream message: {e}"),
+        },
+        None => tracing::warn!(sequence, "skipped a stream message ssehub did not write"),
+    }
+}
+
+/// An ordered consumer from `start` (a stream sequence) on.
+async fn open(stream: &stream::Stream, start: u64) -> Result<consumer::pull::Ordered, String> {
+    let config = consumer::pull::OrderedConfig {
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start.max(1),
+        },
+        ..Default::default()
+    };
+    let consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// Follows the stream until `stop`. The ordered consumer makes itself anew after short
+/// troubles; when it gives up, this opens another from the last sequence applied, with
+/// backoff, so nothing published meanwhile through other nodes is missed.
+pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: CancellationToken) {
+    let Some(link) = cluster.nats() else { return };
+    let hub = &cluster.inner.hub;
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let next = tokio::select! {
+            m = reader.messages.next() => m,
+            _ = stop.cancelled() => return,
+        };
+        let problem = match next {
+            Some(Ok(message)) => {
+                reader.take(hub, &message);
+                backoff = MIN_BACKOFF;
+                continue;
+            }
+            Some(Err(e)) => e.to_string(),
+            None => "the consumer ended".to_owned(),
+        };
+        tracing::warn!(
+            "lost the update stream in NATS JetStream: {problem}; retrying with backoff"
+        );
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match reopen(link, &mut reader).await {
+                Ok(messages) => {
+                    reader.messages = messages;
+                    tracing::info!("reading the update stream in NATS JetStream again");
+                    break;
+                }
+                Err(e) => tracing::debug!("the update stream: {e}"),
+            }
+        }
+    }
+}
+
+/// A consumer after the last sequence applied. A stream that starts over (NATS lost its data
+/// and the stream was made anew) is read from its start, or its first messages would be skipped.
+async fn reopen(link: &Link, reader: &mut Reader) -> Result<consumer::pull::Ordered, String> {
+    let mut stream = link
+        .js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let newest = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    if newest < reader.last {
+        tracing::warn!(
+            was = reader.last,
+            "the update stream in NATS JetStream starts over (NATS lost its data): reading it \
+             from its start"
+        );
+        reader.last = 0;
+    }
+    open(&stream, reader.last + 1).await
+}
+
+fn not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Asks the stream for its state every second until `stop`, for `/readyz`: a stream without a
+/// leader (a quorum of its servers lost) cannot store a publish even while this node is
+/// connected. A stream that is gone (NATS lost its data) is made anew. Logs each transition.
+pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
+    let Some(link) = cluster.nats() else { return };
+    let mut ticker = tokio::time::interval(PROBE);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let answer = tokio::select! {
+            a = tokio::time::timeout(COMMAND_TIMEOUT, link.js.get_stream(STREAM)) => a,
+            _ = stop.cancelled() => return,
+        };
+        let result = match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if not_found(&e) => {
+                // Not found (NATS lost its data): made anew, so that publishes work again.
+                link.js
+                    .get_or_create_stream(link.config.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|_| e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        let was = link.answers.swap(result.is_ok(), Relaxed);
+        match result {
+            Ok(()) if !was => tracing::info!("NATS JetStream is back"),
+            Err(e) if was => tracing::warn!("lost NATS JetStream: {e}; publishes answer 503"),
+            _ => {}
+        }
+    }
+}

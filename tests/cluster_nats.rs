@@ -1,0 +1,552 @@
+//! Cluster mode on NATS JetStream: real `ssehub` nodes and real `nats-server` processes (one,
+//! or a cluster of three), started by the tests on free ports of 127.0.0.1. Without
+//! `nats-server` the tests skip loudly, unless `SSEHUB_REQUIRE_ALL=1`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{get, take, TestHub};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use ssehub::client::{Connection, EventStream};
+use ssehub::sse::Event;
+
+/// `nats-server` on PATH or in /usr/sbin (where Debian puts it); `None` (after a loud SKIP)
+/// when missing, unless required.
+fn nats_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|p| p.join("nats-server"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("nats-server not found, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install nats-server)");
+        }
+        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: nats-server not found; NATS cluster tests not run (apt-get install nats-server)"
+        );
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `nats-server` with JetStream, its data in a directory of its own.
+struct Server {
+    child: Option<Child>,
+    args: Vec<String>,
+    binary: PathBuf,
+    port: u16,
+    monitor: u16,
+    name: String,
+    dir: PathBuf,
+}
+
+/// One server, or a cluster of three.
+struct Nats {
+    servers: Vec<Server>,
+}
+
+impl Nats {
+    fn start(n: usize) -> Option<Nats> {
+        let binary = nats_binary()?;
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, &(port, route, monitor)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let dir = std::env::temp_dir().join(format!(
+                "ssehub-nats-{}-{}-{name}",
+                std::process::id(),
+                port
+            ));
+            let mut args: Vec<String> = [
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "--server_name",
+                &name,
+                "--store_dir",
+                dir.to_str().unwrap(),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            if n > 1 {
+                let routes: Vec<String> = ports
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{}", p.1))
+                    .collect();
+                args.extend([
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".to_owned(),
+                    routes.join(","),
+                    "--cluster_name".to_owned(),
+                    "x".to_owned(),
+                ]);
+            }
+            let mut s = Server {
+                child: None,
+                args,
+                binary: binary.clone(),
+                port,
+                monitor,
+                name,
+                dir,
+            };
+            s.spawn();
+            servers.push(s);
+        }
+        let nats = Nats { servers };
+        nats.wait_ready();
+        Some(nats)
+    }
+
+    fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Until every running server answers and JetStream has a meta leader (in a cluster).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in self.servers.iter().filter(|s| s.child.is_some()) {
+            loop {
+                let jsz = monitor(s.monitor, "/jsz");
+                let ready = jsz.as_ref().is_some_and(|j| {
+                    self.servers.len() == 1
+                        || j["meta_cluster"]["leader"]
+                            .as_str()
+                            .is_some_and(|l| !l.is_empty())
+                });
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server {} not ready",
+                    s.name
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The index of the server leading the update stream, as the servers report it.
+    fn stream_leader(&self) -> Option<usize> {
+        for s in self.servers.iter().filter(|s| s.child.is_some()) {
+            let Some(jsz) = monitor(s.monitor, "/jsz?accounts=true&streams=true") else {
+                continue;
+            };
+            for account in jsz["account_details"].as_array().into_iter().flatten() {
+                for stream in account["stream_detail"].as_array().into_iter().flatten() {
+                    if stream["name"] == "ssehub-updates" {
+                        if let Some(leader) = stream["cluster"]["leader"].as_str() {
+                            return self.servers.iter().position(|s| s.name == leader);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Server {
+    fn spawn(&mut self) {
+        self.child = Some(
+            Command::new(&self.binary)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server"),
+        );
+    }
+
+    fn signal(&mut self, name: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args([&format!("-{name}"), &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A monitoring endpoint's JSON, or `None` while the server does not answer.
+fn monitor(port: u16, path: &str) -> Option<serde_json::Value> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    c.read_to_string(&mut body).ok()?;
+    let (_, json) = body.split_once("\r\n\r\n")?;
+    serde_json::from_str(json).ok()
+}
+
+fn node(nats: &Nats, replicas: usize) -> TestHub {
+    TestHub::start(&[
+        "--nats",
+        &nats.urls(),
+        "--nats-replicas",
+        &replicas.to_string(),
+        "--heartbeat",
+        "500ms",
+    ])
+}
+
+async fn wait_status(hub: &TestHub, path: &str, want: StatusCode, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _) = get(hub, path, &[]).await;
+        if status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} did not become {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `data` on topic `t`, retrying on refusals until `within`; the id once stored.
+async fn publish_until_ok(hub: &TestHub, data: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut c) = Connection::open(&hub.target("/.well-known/mercure")).await {
+            let token = hub.publisher_token();
+            if let Ok((StatusCode::OK, id)) = c
+                .publish(Some(&token), &[("topic", "t"), ("data", data)])
+                .await
+            {
+                return id;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no publish of {data:?} succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn data(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.data.clone()).collect()
+}
+
+fn ids(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.id.clone()).collect()
+}
+
+fn numbers(n: std::ops::Range<usize>) -> Vec<String> {
+    n.map(|i| i.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_on_one_server_deliver_in_one_order_and_replay() {
+    let Some(nats) = Nats::start(1) else {
+        return;
+    };
+    let a = node(&nats, 1);
+    let b = node(&nats, 1);
+    let mut on_a = a.subscribe("topic=t", &[]).await;
+    let mut on_b = b.subscribe("topic=t", &[]).await;
+    let mut p = a.publisher().await;
+    for i in 0..50 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    let got_a = take(&mut on_a, 50, Duration::from_secs(30)).await;
+    let got_b = take(&mut on_b, 50, Duration::from_secs(30)).await;
+    assert_eq!(data(&got_a), numbers(0..50));
+    assert_eq!(
+        ids(&got_a),
+        ids(&got_b),
+        "the same updates, same ids, same order"
+    );
+
+    // Last-Event-ID on the other node.
+    let mut h = HeaderMap::new();
+    h.insert(
+        "last-event-id",
+        HeaderValue::from_str(&got_a[9].id).unwrap(),
+    );
+    let mut again = EventStream::open(&b.target("/.well-known/mercure?topic=t"), &h)
+        .await
+        .unwrap();
+    let rest = take(&mut again, 40, Duration::from_secs(10)).await;
+    assert_eq!(data(&rest), numbers(10..50));
+
+    // A node started later loads the history from the stream before it accepts anyone.
+    let c = node(&nats, 1);
+    let mut h = HeaderMap::new();
+    h.insert(
+        "last-event-id",
+        HeaderValue::from_str(&got_a[39].id).unwrap(),
+    );
+    let mut late = EventStream::open(&c.target("/.well-known/mercure?topic=t"), &h)
+        .await
+        .unwrap();
+    assert_eq!(
+        data(&take(&mut late, 10, Duration::from_secs(10)).await),
+        numbers(40..50)
+    );
+    common::assert_quiet(&mut late, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_retried_with_its_id_is_delivered_once() {
+    let Some(nats) = Nats::start(1) else {
+        return;
+    };
+    let a = node(&nats, 1);
+    let b = node(&nats, 1);
+    let mut s = b.subscribe("topic=t", &[]).await;
+    let fields = [("topic", "t"), ("data", "once"), ("id", "urn:retry:1")];
+    // The same update through one node, then (as after a timeout) through the other.
+    assert_eq!(a.publisher().await.ok(&fields).await, "urn:retry:1");
+    assert_eq!(b.publisher().await.ok(&fields).await, "urn:retry:1");
+    a.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "after")])
+        .await;
+    let got = take(&mut s, 2, Duration::from_secs(10)).await;
+    assert_eq!(data(&got), ["once", "after"]);
+    assert_eq!(got[0].id, "urn:retry:1");
+    common::assert_quiet(&mut s, Duration::from_millis(300)).await;
+}
+
+/// Collects every event of `s` until dropped.
+fn collect(mut s: EventStream) -> (Arc<Mutex<Vec<Event>>>, tokio::task::JoinHandle<()>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let into = got.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(e)) = s.next().await {
+            into.lock().unwrap().push(e);
+        }
+    });
+    (got, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_leader_killed_loses_no_acknowledged_update() {
+    let Some(mut nats) = Nats::start(3) else {
+        return;
+    };
+    let nodes = [node(&nats, 3), node(&nats, 3)];
+    let mut seen = Vec::new();
+    for n in &nodes {
+        seen.push(collect(n.subscribe("topic=t", &[]).await));
+    }
+    let leader = nats.stream_leader().expect("the stream has a leader");
+
+    // Steady publishing through both nodes; which were answered 200 is recorded.
+    let oks = Arc::new(Mutex::new(Vec::<String>::new()));
+    let killed = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let mut publishers = Vec::new();
+    for (k, n) in nodes.iter().enumerate() {
+        let target = n.target("/.well-known/mercure");
+        let token = n.publisher_token();
+        let oks = oks.clone();
+        let killed = killed.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut after_kill = 0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for i in 0.. {
+                assert!(Instant::now() < deadline, "publishing did not resume");
+                let data = format!("{k}-{i}");
+                let Ok(mut c) = Connection::open(&target).await else {
+                    continue;
+                };
+                match c
+                    .publish(Some(&token), &[("topic", "t"), ("data", &data)])
+                    .await
+                {
+                    Ok((StatusCode::OK, _)) => {
+                        oks.lock().unwrap().push(data);
+                        if killed.load(std::sync::atomic::Ordering::SeqCst) != usize::MAX {
+                            after_kill += 1;
+                            if after_kill == 100 {
+                                return;
+                            }
+                        }
+                    }
+                    Ok((StatusCode::SERVICE_UNAVAILABLE, reason)) => {
+                        assert!(reason.contains("NATS"), "{reason}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(other) => panic!("unexpected answer {other:?}"),
+                    // The connection broke: the answer is unknown; try the next one.
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    // Some updates first, then the leader's server dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while oks.lock().unwrap().len() < 100 {
+        assert!(Instant::now() < deadline, "no steady publishing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.servers[leader].signal("KILL");
+    killed.store(leader, std::sync::atomic::Ordering::SeqCst);
+    for p in publishers {
+        p.await.unwrap();
+    }
+
+    let oks: Vec<String> = oks.lock().unwrap().clone();
+    let want: HashSet<&String> = oks.iter().collect();
+    let mut orders = Vec::new();
+    for (got, task) in seen {
+        // Every acknowledged update arrives; then a quiet moment for any late extra.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let have: HashSet<String> =
+                got.lock().unwrap().iter().map(|e| e.data.clone()).collect();
+            if want.iter().all(|d| have.contains(*d)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} acknowledged updates arrived",
+                want.iter().filter(|d| have.contains(**d)).count(),
+                want.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut len = got.lock().unwrap().len();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = got.lock().unwrap().len();
+            if now == len {
+                break;
+            }
+            len = now;
+        }
+        task.abort();
+        let events = got.lock().unwrap().clone();
+        let unique: HashSet<&String> = events.iter().map(|e| &e.id).collect();
+        assert_eq!(unique.len(), events.len(), "each update once");
+        orders.push(ids(&events));
+    }
+    assert_eq!(orders[0], orders[1], "one order on every node");
+    // The killed server comes back and catches up (the cluster keeps working around it).
+    nats.servers[leader].spawn();
+    nats.wait_ready();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
+    let Some(mut nats) = Nats::start(1) else {
+        return;
+    };
+    let nodes = [node(&nats, 1), node(&nats, 1)];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("topic=t", &[]).await);
+    }
+    let mut p = nodes[0].publisher().await;
+    for i in 0..20 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 20, Duration::from_secs(20)).await),
+            numbers(0..20)
+        );
+    }
+
+    nats.servers[0].signal("TERM");
+    for n in &nodes {
+        wait_status(
+            n,
+            "/readyz",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(10),
+        )
+        .await;
+        let mut p = n.publisher().await;
+        let (status, reason) = p.publish(&[("topic", "t"), ("data", "lost")]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
+        assert!(reason.contains("NATS"), "{reason}");
+    }
+    // Streams stay open, with their heartbeats.
+    let before: Vec<u64> = subs.iter().map(|s| s.comments()).collect();
+    let quiet = Instant::now();
+    while subs.iter().zip(&before).any(|(s, b)| s.comments() <= *b) {
+        assert!(quiet.elapsed() < Duration::from_secs(10), "no heartbeat");
+        for s in &mut subs {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), s.next()).await {
+                panic!("no update may arrive during the outage, got {r:?}");
+            }
+        }
+    }
+
+    nats.servers[0].spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    for (k, i) in (20..40).enumerate() {
+        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 20, Duration::from_secs(30)).await),
+            numbers(20..40)
+        );
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+    }
+    for n in &nodes {
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
+    }
+}
+
+#[test]
+fn redis_and_nats_together_are_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--clock-interval", "0"])
+        .args(["--publisher-jwt-key", common::SECRET])
+        .args(["--redis", "redis://127.0.0.1:1"])
+        .args(["--nats", "nats://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis and --nats are both given"), "{err}");
+}
