@@ -405,10 +405,10 @@ fn over_http2_streams_broken_mid_run_are_reported_as_reset() {
     );
     assert!(delivered > 0, "{r:#}");
     // An update fanned out just before the kill, whose answer never came, is delivered but
-    // not expected: more delivered than expected is then no loss.
-    assert_eq!(
-        r["lost"].as_u64().unwrap(),
-        expected.saturating_sub(delivered),
+    // not expected: it is no loss, nor does it make up for another stream's (lost is counted
+    // per stream, so at least the shortfall in all).
+    assert!(
+        r["lost"].as_u64().unwrap() >= expected.saturating_sub(delivered),
         "{r:#}"
     );
     assert_eq!(r["duplicates"], 0, "{r:#}");
