@@ -45,7 +45,7 @@ pub async fn connection(
         })
         .collect();
     let permit = gate.acquire().await;
-    let opened = async {
+    let handshake = async {
         let addr = plan.node(first, plan.sub_addr);
         let tls = plan.sub_tls.as_deref().context("HTTP/2 needs TLS")?;
         let io = load::open(addr, first, plan.source_ips, None, Some(tls), true).await?;
@@ -66,33 +66,12 @@ pub async fn connection(
         }
         let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
-        counts.connections.fetch_add(1, Ordering::Relaxed);
-        // Every stream asked for at once, as a page that opens several EventSources does.
-        let answers = join_all(ends.iter().enumerate().map(|(k, end)| {
-            let mut sender = sender.clone();
-            let request = request(plan.sub_request(first + k, end.topic));
-            async move {
-                let response = sender.send_request(request?).await?;
-                if response.status() != 200 {
-                    anyhow::bail!("a subscriber got HTTP status {}", response.status());
-                }
-                anyhow::Ok(response.into_body())
-            }
-        }))
-        .await;
-        anyhow::Ok(answers)
+        anyhow::Ok(sender)
     };
-    // A server that never answers must not hang the run: the stop and a bound both end it.
-    let opened = tokio::select! {
-        r = tokio::time::timeout(ANSWER_TIMEOUT, opened) => {
-            r.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ANSWER_TIMEOUT:?}")))
-        }
-        _ = stop.cancelled() => Err(anyhow::anyhow!("the run ended before the streams opened")),
-    };
-    drop(permit);
-    let answers = match opened {
-        Ok(answers) => answers,
+    let sender = match bounded(handshake, &stop).await {
+        Ok(sender) => sender,
         Err(e) => {
+            drop(permit);
             counts
                 .connect_failed
                 .fetch_add(streams as u64, Ordering::Relaxed);
@@ -100,6 +79,37 @@ pub async fn connection(
             return ends;
         }
     };
+    counts.connections.fetch_add(1, Ordering::Relaxed);
+    // Every stream asked for at once, as a page that opens several EventSources does, and
+    // each bounded alone: a server that allows fewer concurrent streams than asked for leaves
+    // the rest waiting for a slot that never frees, and the streams it took still count.
+    let answers = join_all(ends.iter().enumerate().map(|(k, end)| {
+        let mut sender = sender.clone();
+        let request = request(plan.sub_request(first + k, end.topic));
+        let stop = &stop;
+        async move {
+            let asked = async {
+                let response = sender.send_request(request?).await?;
+                if response.status() != 200 {
+                    anyhow::bail!("a subscriber got HTTP status {}", response.status());
+                }
+                anyhow::Ok(response.into_body())
+            };
+            bounded(asked, stop).await.map_err(|e| {
+                if e.is::<tokio::time::error::Elapsed>() {
+                    e.context(format!(
+                        "the server may allow fewer concurrent streams on a connection than \
+                         --streams-per-connection {streams} (it says how many in its SETTINGS; \
+                         nginx allows 128 by default, ssehub 256)"
+                    ))
+                } else {
+                    e
+                }
+            })
+        }
+    }))
+    .await;
+    drop(permit);
     let mut bodies = Vec::with_capacity(streams);
     for (end, answer) in ends.iter_mut().zip(answers) {
         match answer {
@@ -148,6 +158,20 @@ pub async fn connection(
         end.received = received;
     }
     ends
+}
+
+/// `step` bounded by [`ANSWER_TIMEOUT`] and by the end of the run: a server that never
+/// answers must not hang it.
+async fn bounded<T>(
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+    stop: &CancellationToken,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = tokio::time::timeout(ANSWER_TIMEOUT, step) => r.unwrap_or_else(|elapsed| {
+            Err(anyhow::Error::new(elapsed).context(format!("no answer within {ANSWER_TIMEOUT:?}")))
+        }),
+        _ = stop.cancelled() => Err(anyhow::anyhow!("the run ended before the streams opened")),
+    }
 }
 
 /// Reads one stream's events until `stop` or its end; returns the distinct updates received.

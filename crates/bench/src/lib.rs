@@ -664,6 +664,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
 
     let mut expected = 0;
     let mut delivered = 0;
+    let mut lost = 0;
     let mut slow_dropped = 0;
     for t in tasks {
         for end in t.await.context("a subscriber task failed")? {
@@ -673,8 +674,10 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
             if end.slow {
                 slow_dropped += u64::from(end.closed_by_server);
             } else {
-                expected += counts.per_topic[end.topic].load(Ordering::Relaxed);
+                let owed = counts.per_topic[end.topic].load(Ordering::Relaxed);
+                expected += owed;
                 delivered += end.received;
+                lost += end.lost(owed);
             }
         }
     }
@@ -734,7 +737,7 @@ async fn execute(args: &BenchArgs, plan: Plan) -> anyhow::Result<Report> {
         publish_answer_ms,
         expected,
         delivered,
-        lost: expected.saturating_sub(delivered),
+        lost,
         duplicates: counts.duplicates.load(Ordering::Relaxed),
         foreign_events: counts.foreign.load(Ordering::Relaxed),
         disconnected: counts.disconnected.load(Ordering::Relaxed),

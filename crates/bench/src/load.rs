@@ -228,6 +228,16 @@ pub struct SubscriberEnd {
     pub closed_by_server: bool,
 }
 
+impl SubscriberEnd {
+    /// What this reading subscriber missed of the `owed` updates its topic was published
+    /// (answered publishes). Counted per subscriber: an update whose publish went unanswered
+    /// (a server killed mid-fan-out) may still arrive, and one subscriber's surplus must not
+    /// hide another's loss in the run's totals.
+    pub fn lost(&self, owed: u64) -> u64 {
+        owed.saturating_sub(self.received)
+    }
+}
+
 /// One subscriber: connect (bounded by `gate`), check the response head, then either read and
 /// check every event until `stop`, or (when `slow`) never read at all.
 pub async fn subscriber(
@@ -601,6 +611,21 @@ mod tests {
         // `hello`, and update 7 of a run of five.
         assert_eq!(counts.foreign.load(Ordering::Relaxed), 2);
         assert_eq!(counts.latency_us.lock().len(), 2);
+    }
+
+    /// One stream got an update whose publish was never answered, another missed one: the
+    /// run lost one, though as many arrived in all as were owed.
+    #[test]
+    fn a_surplus_does_not_hide_a_loss() {
+        let end = |received| SubscriberEnd {
+            connected: true,
+            received,
+            ..SubscriberEnd::default()
+        };
+        let (owed, ends) = (10, [end(11), end(9)]);
+        let lost: u64 = ends.iter().map(|e| e.lost(owed)).sum();
+        assert_eq!(lost, 1);
+        assert_eq!(ends.iter().map(|e| e.received).sum::<u64>(), 2 * owed);
     }
 
     #[test]

@@ -36,8 +36,14 @@ impl Tls {
     pub fn new(ca: Option<&Path>, host: &str) -> anyhow::Result<Tls> {
         let file = ca.unwrap_or(Path::new(SYSTEM_ROOTS));
         let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(file)
-            .with_context(|| format!("cannot read certificates from {}", file.display()))?;
+        let certs = CertificateDer::pem_file_iter(file).with_context(|| match ca {
+            Some(_) => format!("cannot read certificates from {}", file.display()),
+            None => format!(
+                "cannot read the system's certificate authorities from {}: give --ca with the \
+                 server's certificate or its CA",
+                file.display()
+            ),
+        })?;
         for cert in certs {
             let cert = cert.with_context(|| format!("{} is not PEM", file.display()))?;
             roots
