@@ -227,6 +227,9 @@ pub struct ServeArgs {
     pub body_timeout: Duration,
 }
 
+/// The longest `--idle-timeout`, `--request-timeout` or `--body-timeout` accepted.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Checked settings, ready for the server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -374,6 +377,13 @@ impl ServeArgs {
             if d.is_zero() {
                 return Err(format!(
                     "{flag} must be more than 0 (0 would close every connection at once)"
+                ));
+            }
+            // Each is added to the clock's now for a deadline: far enough out, that overflows.
+            if d > MAX_CONNECTION_TIMEOUT {
+                return Err(format!(
+                    "{flag} must be at most {} (a connection's deadline that far away is none)",
+                    humantime::format_duration(MAX_CONNECTION_TIMEOUT)
                 ));
             }
         }
@@ -766,6 +776,11 @@ mod tests {
         for flag in ["--idle-timeout", "--request-timeout", "--body-timeout"] {
             let e = parse(&[flag, "0"]).unwrap_err();
             assert!(e.starts_with(flag), "{e}");
+            // Added to the time a connection was accepted, a deadline this far away would
+            // overflow the clock and panic the connection's task.
+            let e = parse(&[flag, "400000000000years"]).unwrap_err();
+            assert!(e.starts_with(flag), "{e}");
+            assert!(parse(&[flag, "1day"]).is_ok(), "a day is long but allowed");
         }
     }
 }

@@ -326,9 +326,9 @@ impl Subscriber {
         let mut st = self.state.lock();
         // The task finishes what the sink kept before anything else. (Without a sink the stream
         // has ended, and the rest has nowhere to go.)
-        let carry = sent == Sent::Partly && st.sink.is_some();
-        st.writer = st.writer.done(carry);
-        let pending = carry || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
+        let unfinished = sent == Sent::Partly && st.sink.is_some();
+        st.writer = st.writer.done(unfinished);
+        let pending = unfinished || !st.queue.is_empty() || st.heartbeat || st.closed.is_some();
         if !pending {
             return;
         }
@@ -459,7 +459,7 @@ impl SubscriberStream {
                 register(&mut st.waker, cx);
                 return None;
             }
-            OnPoll::WriteCarry => return Some(Wire::FinishDirect),
+            OnPoll::FinishDirect => return Some(Wire::FinishDirect),
             OnPoll::Look => {}
         }
         if !st.queue.is_empty() {
@@ -862,7 +862,7 @@ mod tests {
                 sub.offer(&update(4), LIMIT, &coalescing, true, None),
                 Offer::Queued(None)
             ),
-            "no direct write before the carry (the task's waker was taken already)"
+            "no direct write before the rest of the last (the task's waker was taken already)"
         );
     }
 

@@ -76,7 +76,7 @@ pub(crate) enum OnPoll {
     /// A direct write has the socket: wait to be woken by its end.
     WaitForDirect,
     /// Have the connection finish what the last direct write left, first.
-    WriteCarry,
+    FinishDirect,
     /// Look at the queue (and the heartbeat, and whether the stream ended).
     Look,
 }
@@ -152,7 +152,7 @@ impl Writer {
     pub fn poll(self) -> (Writer, OnPoll) {
         match self {
             Writer::Direct => (Writer::Direct, OnPoll::WaitForDirect),
-            Writer::Carry => (Writer::Task, OnPoll::WriteCarry),
+            Writer::Carry => (Writer::Task, OnPoll::FinishDirect),
             _ => (Writer::Task, OnPoll::Look),
         }
     }
@@ -206,7 +206,7 @@ mod tests {
     }
 
     /// The race the task's own writes have with publishes: while it writes (or is about to
-    /// write a carry), a publish queues behind it and wakes it, so the task finds the update
+    /// finish a direct write), a publish queues behind it and wakes it, so the task finds the update
     /// when it polls again, after what it is writing.
     #[test]
     fn a_publish_while_the_task_writes_is_queued_for_it() {
@@ -217,8 +217,8 @@ mod tests {
         let (w, then) = Writer::Carry.poll();
         assert_eq!(
             (w, then),
-            (Writer::Task, OnPoll::WriteCarry),
-            "the carry first"
+            (Writer::Task, OnPoll::FinishDirect),
+            "the rest of the direct write first"
         );
         let (w, then) = w.poll();
         assert_eq!((w, then), (Writer::Task, OnPoll::Look), "then the queue");
@@ -249,7 +249,7 @@ mod tests {
         assert_eq!(
             Writer::Carry.publish(Some(()), true, no_hold).1,
             OnPublish::Queue { wake: true },
-            "no direct write until the carry is out"
+            "no direct write until its rest is out"
         );
     }
 
