@@ -441,6 +441,12 @@ async fn the_stream_leader_killed_loses_no_acknowledged_update() {
             if want.iter().all(|d| have.contains(*d)) {
                 break;
             }
+            if Instant::now() >= deadline {
+                // What the nodes said, for the failure's diagnosis (the harness shows stdout).
+                for (k, n) in nodes.iter().enumerate() {
+                    println!("node {k}'s log:\n{}", n.logs().join("\n"));
+                }
+            }
             assert!(
                 Instant::now() < deadline,
                 "{} of {} acknowledged updates arrived",

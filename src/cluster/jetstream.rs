@@ -8,8 +8,8 @@
 //! sequence, and remembers the last sequence it applied to resume from it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt;
@@ -31,6 +31,15 @@ const COUNTER_BUCKET: &str = "ssehub-clock-count";
 const REPLAY_WAIT: Duration = Duration::from_secs(30);
 /// How often a node checks that the stream answers (for `/readyz`).
 const PROBE: Duration = Duration::from_secs(1);
+/// How long one pull of the ordered consumer waits on the server. The consumer's idle heartbeat
+/// is half of it, and two heartbeats missed make the consumer anew: a consumer whose server died
+/// (or whose stream changed leader) is replaced within about this long. The client's default
+/// (30 s, 15 s heartbeats) left every node deaf for 30 s after one NATS server was killed.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// A reader behind the stream (by the probe's count) that got nothing for this long makes its
+/// consumer anew. The client's own recovery can wait out retries of requests to a dead server
+/// (measured: ~30 s after the server a node was connected to was killed).
+const STALL: Duration = Duration::from_secs(3);
 /// Delays between attempts to read again after the consumer failed.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -42,6 +51,9 @@ pub(super) struct Link {
     config: stream::Config,
     /// Whether the stream answered the last probe.
     answers: AtomicBool,
+    /// The stream's last sequence at the last probe: the reader compares it with its own to
+    /// notice a consumer that stopped delivering without an error.
+    newest: AtomicU64,
     /// The clock's buckets, made or bound when the clock first asks.
     clock: OnceCell<(kv::Store, kv::Store)>,
 }
@@ -145,6 +157,7 @@ impl Link {
             js,
             config,
             answers: AtomicBool::new(true),
+            newest: AtomicU64::new(newest),
             clock: OnceCell::new(),
         };
         Ok((link, reader))
@@ -286,6 +299,7 @@ async fn open(stream: &stream::Stream, start: u64) -> Result<consumer::pull::Ord
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start.max(1),
         },
+        max_expires: PULL_EXPIRES,
         ..Default::default()
     };
     let consumer = stream
@@ -302,19 +316,40 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
     let Some(link) = cluster.nats() else { return };
     let hub = &cluster.inner.hub;
     let mut backoff = MIN_BACKOFF;
+    let mut watch = tokio::time::interval(PROBE);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut progress = Instant::now();
     loop {
         let next = tokio::select! {
-            m = reader.messages.next() => m,
+            m = reader.messages.next() => Some(m),
+            _ = watch.tick() => None,
             _ = stop.cancelled() => return,
         };
         let problem = match next {
-            Some(Ok(message)) => {
+            Some(Some(Ok(message))) => {
                 reader.take(hub, &message);
+                progress = Instant::now();
                 backoff = MIN_BACKOFF;
                 continue;
             }
-            Some(Err(e)) => e.to_string(),
-            None => "the consumer ended".to_owned(),
+            None => {
+                if link.newest.load(Relaxed) <= reader.last {
+                    progress = Instant::now();
+                    continue;
+                }
+                if progress.elapsed() < STALL {
+                    continue;
+                }
+                format!(
+                    "the consumer delivered nothing for {}s while the stream is at sequence {} \
+                     and this node at {}",
+                    STALL.as_secs(),
+                    link.newest.load(Relaxed),
+                    reader.last
+                )
+            }
+            Some(Some(Err(e))) => e.to_string(),
+            Some(None) => "the consumer ended".to_owned(),
         };
         tracing::warn!(
             "lost the update stream in NATS JetStream: {problem}; retrying with backoff"
@@ -328,6 +363,7 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             match reopen(link, &mut reader).await {
                 Ok(messages) => {
                     reader.messages = messages;
+                    progress = Instant::now();
                     tracing::info!("reading the update stream in NATS JetStream again");
                     break;
                 }
@@ -384,7 +420,11 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         };
         let result = match answer {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(stream)) => {
+                let newest = stream.cached_info().state.last_sequence;
+                link.newest.store(newest, Relaxed);
+                Ok(())
+            }
             Ok(Err(e)) if not_found(&e) => {
                 // Not found (NATS lost its data): made anew, so that publishes work again.
                 link.js
