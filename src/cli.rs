@@ -34,7 +34,7 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print updates as they arrive; reconnects by itself with Last-Event-ID.
     Subscribe(SubscribeArgs),
-    /// Mint a token with the `mercure` claim.
+    /// Mint a publisher or subscriber token (a Mercure 1.0 access token, or 0.x with --protocol).
     Token(TokenArgs),
     /// Load-test an SSE server (ssehub or a peer) and report loss, latency and cost.
     #[cfg(feature = "bench")]
