@@ -387,6 +387,84 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// One step of the property test: a commit of `n` updates of `size` bytes each (starting
+    /// `back` seqs before the next one, as after a commit reported failed that may have reached
+    /// the disk), or a reopen with the bounds of `bounds`.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Commit { n: usize, size: usize, back: u64 },
+        Reopen { bounds: (usize, usize) },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1..6usize, 0..600usize, prop_oneof![6 => Just(0u64), 1 => 1..3u64])
+                .prop_map(|(n, size, back)| Step::Commit { n, size, back }),
+            1 => (1..8usize, 200..4_000usize).prop_map(|bounds| Step::Reopen { bounds }),
+        ]
+    }
+
+    /// What the store must hold: the newest updates within the bounds (always at least one),
+    /// in seq order, a later write of a seq replacing the earlier one.
+    fn trim(model: &mut Vec<SharedUpdate>, bounds: Bounds) {
+        let mut bytes: usize = model.iter().map(|u| u.weight()).sum();
+        while model.len() > bounds.updates.max(1) || (bytes > bounds.bytes && model.len() > 1) {
+            bytes -= model.remove(0).weight();
+        }
+    }
+
+    /// What a reload must give back of an update.
+    fn fields(u: &Update) -> (u64, String, Bytes, Vec<String>, bool, u64) {
+        let (id, encoded, topics) = (u.id.clone(), u.encoded.clone(), u.topics.clone());
+        (u.seq, id, encoded, topics, u.private, u.time_ms)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever the commits, their sizes, the rewrites of seqs after a failure and the
+        /// bounds at each reopen, the store reloads exactly the newest updates within its
+        /// bounds, byte for byte, and carries on numbering after the newest.
+        #[test]
+        fn the_store_keeps_exactly_the_newest_within_its_bounds(
+            steps in proptest::collection::vec(step(), 1..24),
+        ) {
+            let d = dir("property");
+            let mut bounds = Bounds { updates: 4, bytes: 2_000 };
+            let (mut store, kept) = Store::open(&d, bounds).unwrap();
+            proptest::prop_assert!(kept.is_empty());
+            let mut model: Vec<SharedUpdate> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Commit { n, size, back } => {
+                        let first = store.next_seq().saturating_sub(back);
+                        let batch: Vec<SharedUpdate> = (first..first + n as u64)
+                            .map(|seq| update(seq, &"x".repeat(size)))
+                            .collect();
+                        store.commit(&batch).unwrap();
+                        model.retain(|u| u.seq < first);
+                        model.extend(batch);
+                        trim(&mut model, bounds);
+                    }
+                    Step::Reopen { bounds: (updates, bytes) } => {
+                        drop(store);
+                        bounds = Bounds { updates, bytes };
+                        let (reopened, kept) = Store::open(&d, bounds).unwrap();
+                        store = reopened;
+                        trim(&mut model, bounds);
+                        let got: Vec<_> = kept.iter().map(fields).collect();
+                        let want: Vec<_> = model.iter().map(|u| fields(u)).collect();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+                let next = model.last().map_or(0, |u| u.seq + 1);
+                proptest::prop_assert_eq!(store.next_seq(), next);
+            }
+            drop(store);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
     #[test]
     fn garbage_is_damage() {
         let d = dir("garbage");
