@@ -296,3 +296,115 @@ async fn a_topic_leaving_the_reserved_namespace_is_stored_like_any_other() {
     drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A small tmpfs mounted for one test, unmounted (lazily, even if the hub still holds it)
+/// when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` after a loud SKIP where this process may not mount (it needs root with
+    /// CAP_SYS_ADMIN, which a CI container may not grant; nothing to install would help).
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        let dir = temp_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "tmpfs",
+                arg(&dir),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): the disk-full test \
+                 did not run"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            return None;
+        }
+        Some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", arg(&self.0)]).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The disk fills up: the publish that does not fit gets 503 with the reason, subscribers keep
+/// their streams and everything answered before; once space returns the next publish is
+/// stored; and after a restart the store holds exactly what was answered 200, nothing of the
+/// refused one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_the_publish_and_publishing_resumes_when_space_returns() {
+    let Some(disk) = SmallDisk::mount(4 << 20) else {
+        return;
+    };
+    let data_dir = disk.0.join("data");
+    let args = ["--data-dir", arg(&data_dir), "--history-size", "1000"];
+    let hub = TestHub::start_process(&args);
+    // Leave about a megabyte free.
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    let mut p = hub.publisher().await;
+    let big = "x".repeat(60_000);
+    let mut accepted = 0;
+    let refusal = loop {
+        let data = format!("{accepted} {big}");
+        let (status, body) = p.publish(&[("topic", "t"), ("data", &data)]).await;
+        match status {
+            StatusCode::OK => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => break body,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(accepted < 100, "the disk never filled");
+    };
+    assert!(accepted > 0, "nothing fitted: {refusal}");
+    assert!(
+        refusal.contains("could not be written to the history store")
+            && refusal.to_lowercase().contains("no space"),
+        "{refusal}"
+    );
+    let got = take_data(&mut s, accepted).await;
+    for (i, d) in got.iter().enumerate() {
+        assert!(d.starts_with(&format!("{i} ")), "{i}");
+    }
+    common::assert_quiet(&mut s, Duration::from_millis(300)).await;
+
+    std::fs::remove_file(&filler).unwrap();
+    p.ok(&[("topic", "t"), ("data", "again")]).await;
+    assert_eq!(take_data(&mut s, 1).await, ["again"]);
+
+    hub.terminate();
+    drop((p, s));
+    drop(hub);
+    let hub = TestHub::start_process(&args);
+    let mut replay = hub
+        .subscribe("topic=t", &[("Last-Event-ID", "earliest")])
+        .await;
+    let data: Vec<String> = drain(&mut replay, Duration::from_secs(1))
+        .await
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(
+        data.len(),
+        accepted + 1,
+        "what was answered 200, and only that"
+    );
+    for (i, d) in data[..accepted].iter().enumerate() {
+        assert!(d.starts_with(&format!("{i} ")), "{i}");
+    }
+    assert_eq!(data[accepted], "again");
+    drop(hub);
+}
