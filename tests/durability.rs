@@ -408,3 +408,56 @@ async fn a_full_disk_refuses_the_publish_and_publishing_resumes_when_space_retur
     assert_eq!(data[accepted], "again");
     drop(hub);
 }
+
+/// A clean stop (SIGTERM) finishes the store's writes and closes its file, so the next start
+/// opens it at once; after a SIGKILL the next start says it checks the file first, and both
+/// keep every update.
+#[tokio::test]
+async fn a_clean_stop_closes_the_store_and_a_crash_is_checked_at_the_next_start() {
+    let dir = temp_dir();
+    let args = ["--data-dir", arg(&dir)];
+    let unclean = "not closed cleanly";
+    let mut hub = TestHub::start_process(&args);
+    hub.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "one")])
+        .await;
+    hub.terminate();
+    let status = hub.wait_exit(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        hub.logs()
+            .iter()
+            .any(|l| l.contains("the history store is closed")),
+        "{:?}",
+        hub.logs()
+    );
+    drop(hub);
+
+    let mut hub = TestHub::start_process(&args);
+    assert!(
+        !hub.logs().iter().any(|l| l.contains(unclean)),
+        "{:?}",
+        hub.logs()
+    );
+    hub.publisher()
+        .await
+        .ok(&[("topic", "t"), ("data", "two")])
+        .await;
+    hub.signal("KILL");
+    assert!(hub.wait_exit(Duration::from_secs(15)).is_some());
+    drop(hub);
+
+    let hub = TestHub::start_process(&args);
+    assert!(
+        hub.logs().iter().any(|l| l.contains(unclean)),
+        "{:?}",
+        hub.logs()
+    );
+    let mut replay = hub
+        .subscribe("topic=t", &[("Last-Event-ID", "earliest")])
+        .await;
+    assert_eq!(take_data(&mut replay, 2).await, ["one", "two"]);
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -137,7 +137,7 @@ pub(crate) struct HubShared {
     flusher: flusher::Flusher,
     /// The durable history's writer (see `writer`): with one, every publish takes its place
     /// there, after its update is on disk; without (`--data-dir none`, cluster mode), at once.
-    writer: Option<std::sync::mpsc::Sender<writer::Job>>,
+    writer: Option<std::sync::mpsc::Sender<writer::Msg>>,
     /// Bytes of the publishes waiting for the writer (see [`writer::MAX_QUEUED_BYTES`]).
     queued_bytes: AtomicUsize,
 }
@@ -357,6 +357,26 @@ impl Hub {
                 )),
             },
             Submitted::Behind(why) => Err(PublishFailed::NotStored(why)),
+        }
+    }
+
+    /// Shutdown: waits (at most `within`) until the durable history has written what was
+    /// queued before, and closes its file; later publishes are refused. Nothing to do without
+    /// a durable history.
+    pub async fn close_store(&self, within: std::time::Duration) {
+        let Some(writer) = &self.shared.writer else {
+            return;
+        };
+        let (done, closed) = tokio::sync::oneshot::channel();
+        if writer.send(writer::Msg::Close(done)).is_err() {
+            return;
+        }
+        if tokio::time::timeout(within, closed).await.is_err() {
+            tracing::warn!(
+                "the history store did not finish its writes within {}s; stopping anyway (what \
+                 was answered 200 is on disk)",
+                within.as_secs()
+            );
         }
     }
 
@@ -741,8 +761,9 @@ impl HubShared {
             started,
             reply: Some(reply),
         };
-        // The writer stops only with the hub: a send that fails answers as a failed write.
-        let _ = writer.send(job);
+        // The writer stops with the hub or at shutdown (`close_store`): a send that fails
+        // drops the reply, which answers as a failed write.
+        let _ = writer.send(writer::Msg::Publish(job));
         Submitted::Queued(rx)
     }
 

@@ -25,6 +25,15 @@ const MAX_BATCH: usize = 1024;
 /// [`MAX_BATCH`] publishes of a few KiB take this many times over to fill it.
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 
+/// What the writer thread is asked.
+pub(crate) enum Msg {
+    /// A publish to store, then fan out and answer.
+    Publish(Job),
+    /// Shutdown: finish what was asked before, close the store (so that the next start opens a
+    /// cleanly closed file) and say so; publishes sent after it are refused.
+    Close(oneshot::Sender<()>),
+}
+
 /// A checked, encoded update waiting for its place.
 pub(crate) struct Job {
     pub id: String,
@@ -44,7 +53,7 @@ pub(crate) struct Job {
 }
 
 /// Starts the writer thread for `hub`, the first seq being `next_seq`.
-pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender<Job> {
+pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender<Msg> {
     let (tx, rx) = std::sync::mpsc::channel();
     // The fan-out starts the flusher's tasks on the runtime the hub was made on.
     let runtime = tokio::runtime::Handle::try_current().ok();
@@ -66,15 +75,24 @@ pub(crate) fn start(hub: Weak<HubShared>, store: Store, next_seq: u64) -> Sender
     tx
 }
 
-fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: u64) {
+fn run(hub: Weak<HubShared>, rx: Receiver<Msg>, mut store: Store, mut next_seq: u64) {
     let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    let mut close = None;
+    while close.is_none() {
+        match rx.recv() {
+            Ok(Msg::Publish(job)) => batch.push(job),
+            Ok(Msg::Close(done)) => close = Some(done),
+            Err(_) => return,
+        }
+        while batch.len() < MAX_BATCH && close.is_none() {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Publish(job)) => batch.push(job),
+                Ok(Msg::Close(done)) => close = Some(done),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let Some(hub) = hub.upgrade() else { return };
         let weight: usize = batch.iter().map(|job| job.weight).sum();
@@ -133,6 +151,14 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Job>, mut store: Store, mut next_seq: 
                 }
             }
         }
+    }
+    // Closed: the store is dropped (redb marks the file cleanly closed) before the hub hears
+    // of it; publishes still queued behind the request are refused as their senders drop.
+    drop(store);
+    drop(rx);
+    tracing::info!("the history store is closed");
+    if let Some(done) = close {
+        let _ = done.send(());
     }
 }
 

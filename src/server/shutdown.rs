@@ -19,6 +19,9 @@ use crate::hub::Hub;
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the durable history gets to finish the writes queued when the drain ends (a commit
+/// takes milliseconds; a disk that hangs must not hold the process for ever).
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The stop signal and everything shutdown waits for. Cheap to clone: every clone shares the
 /// same signal and trackers.
@@ -95,7 +98,8 @@ impl Shutdown {
     /// 2. the listening socket is closed, so new clients are refused rather than queued;
     /// 3. the hub ends every event stream (each gets its closing chunk) and takes no new one;
     /// 4. connections and streams get `DRAIN_TIMEOUT` to finish, and are then abandoned;
-    /// 5. the background tasks are waited for.
+    /// 5. the durable history finishes the writes queued and closes its file;
+    /// 6. the background tasks are waited for.
     pub async fn drain(self, listener: TcpListener, hub: &Hub) {
         tracing::info!("shutting down: ending every stream");
         drop(listener);
@@ -110,6 +114,7 @@ impl Shutdown {
         if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
             tracing::warn!("some connections did not finish in time; closing them");
         }
+        hub.close_store(STORE_CLOSE_TIMEOUT).await;
         self.tasks.wait().await;
         tracing::info!("stopped");
     }

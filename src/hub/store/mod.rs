@@ -73,7 +73,20 @@ impl Store {
             updates: bounds.updates.max(1),
             bytes: bounds.bytes,
         };
-        let db = Database::create(&path).map_err(|e| open_error(dir, &path, e))?;
+        // redb checks a file that was not closed cleanly (the last run crashed or was killed)
+        // before it opens it: said once, since on a large file that takes a moment.
+        let said = std::cell::Cell::new(false);
+        let db = Database::builder()
+            .set_repair_callback(move |_| {
+                if !said.replace(true) {
+                    tracing::warn!(
+                        "the history store was not closed cleanly (the last run crashed or was \
+                         killed): checking it before starting"
+                    );
+                }
+            })
+            .create(&path)
+            .map_err(|e| open_error(dir, &path, e))?;
         let damaged = |e: String| OpenError::Damaged(path.clone(), e);
         let mut store = Store {
             path: path.clone(),
