@@ -25,7 +25,9 @@ const MAX_BATCH: usize = 1024;
 /// [`MAX_BATCH`] publishes of a few KiB take this many times over to fill it.
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 
-/// What the writer thread is asked.
+/// What the writer thread is asked. Not boxed: every publish is a `Publish`, and a `Close`
+/// comes once per process, so the size difference costs nothing a box would not cost more.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Msg {
     /// A publish to store, then fan out and answer.
     Publish(Job),
