@@ -543,6 +543,35 @@ async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_above_nats_max_payload_is_refused_413_with_the_reason() {
+    let Some(nats) = Nats::start(1) else {
+        return;
+    };
+    let urls = nats.urls();
+    let hub = TestHub::start(&[
+        "--nats",
+        &urls,
+        "--nats-replicas",
+        "1",
+        "--max-body",
+        "4MiB",
+    ]);
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    let mut p = hub.publisher().await;
+    // Within --max-body, above the server's 1 MB.
+    let big = "x".repeat(1_200_000);
+    let (status, reason) = p.publish(&[("topic", "t"), ("data", &big)]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{reason}");
+    assert!(reason.contains("max_payload"), "{reason}");
+    // The node carries on: the next update goes through.
+    p.ok(&[("topic", "t"), ("data", "small")]).await;
+    assert_eq!(
+        data(&take(&mut s, 1, Duration::from_secs(10)).await),
+        ["small"]
+    );
+}
+
 #[test]
 fn redis_and_nats_together_are_refused() {
     let out = Command::new(env!("CARGO_BIN_EXE_ssehub"))
