@@ -233,6 +233,21 @@ fn node(nats: &Nats, replicas: usize) -> TestHub {
     ])
 }
 
+/// A node as its own process, for the tests that kill one.
+fn node_process(nats: &Nats, replicas: usize, extra: &[&str]) -> TestHub {
+    let (urls, replicas) = (nats.urls(), replicas.to_string());
+    let mut args = vec![
+        "--nats",
+        &urls,
+        "--nats-replicas",
+        &replicas,
+        "--heartbeat",
+        "500ms",
+    ];
+    args.extend_from_slice(extra);
+    TestHub::start_process(&args)
+}
+
 async fn wait_status(hub: &TestHub, path: &str, want: StatusCode, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
@@ -570,6 +585,77 @@ async fn an_update_above_nats_max_payload_is_refused_413_with_the_reason() {
         data(&take(&mut s, 1, Duration::from_secs(10)).await),
         ["small"]
     );
+}
+
+/// The message number of a clock update.
+fn message_number(e: &Event) -> u64 {
+    e.data
+        .strip_prefix("Message: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a clock message: {:?}", e.data))
+}
+
+/// The message numbers a node says it sent.
+fn sent(hub: &TestHub) -> Vec<u64> {
+    hub.logs()
+        .iter()
+        .filter_map(|l| l.split("Sent message ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clock_for_the_cluster_and_it_moves_when_its_node_dies() {
+    let Some(nats) = Nats::start(1) else {
+        return;
+    };
+    let nodes: Vec<TestHub> = (0..3)
+        .map(|_| node_process(&nats, 1, &["--clock-interval", "200ms"]))
+        .collect();
+    let holds = |n: &TestHub| {
+        n.logs()
+            .iter()
+            .any(|l| l.contains("this node now runs the cluster's clock"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let holder = loop {
+        if let Some(i) = nodes.iter().position(holds) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no node took the clock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let watcher = (holder + 1) % 3;
+    let mut s = EventStream::open(&nodes[watcher].target("/events/"), &HeaderMap::new())
+        .await
+        .unwrap();
+    let got = take(&mut s, 10, Duration::from_secs(20)).await;
+    let n: Vec<u64> = got.iter().map(message_number).collect();
+    assert!(
+        n.windows(2).all(|w| w[1] == w[0] + 1),
+        "one sequence: {n:?}"
+    );
+    assert_eq!(nodes.iter().filter(|n| holds(n)).count(), 1, "one holder");
+
+    nodes[holder].signal("KILL");
+    // The sequence carries on from another node within a few lease times (3 s).
+    let after = take(&mut s, 10, Duration::from_secs(20)).await;
+    let m: Vec<u64> = after.iter().map(message_number).collect();
+    assert!(m[0] > *n.last().unwrap(), "{n:?} then {m:?}");
+    assert!(m.windows(2).all(|w| w[1] > w[0]), "{m:?}");
+    // One survivor took the clock, and no number went out twice.
+    let others: Vec<&TestHub> = (0..3).filter(|&i| i != holder).map(|i| &nodes[i]).collect();
+    assert_eq!(
+        others.iter().filter(|n| holds(n)).count(),
+        1,
+        "one node took the clock"
+    );
+    let mut numbers: Vec<u64> = nodes.iter().flat_map(sent).collect();
+    let all = numbers.len();
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert_eq!(numbers.len(), all, "a number sent twice: {numbers:?}");
 }
 
 #[test]
