@@ -279,39 +279,6 @@ async fn three_nodes_deliver_every_update_once_in_one_order() {
     }
 }
 
-/// Follows topic `t` across `nodes`, starting on `start`, moving to the next node with
-/// `Last-Event-ID` whenever a stream breaks, until `n` updates arrived.
-async fn follow_across(nodes: Vec<Target>, start: usize, n: usize) -> Vec<Event> {
-    let mut got: Vec<Event> = Vec::new();
-    let mut at = start;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while got.len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} updates",
-            got.len()
-        );
-        let mut h = HeaderMap::new();
-        if let Some(last) = got.last() {
-            h.insert("last-event-id", HeaderValue::from_str(&last.id).unwrap());
-        }
-        let Ok(mut s) = EventStream::open(&nodes[at], &h).await else {
-            at = (at + 1) % nodes.len();
-            continue;
-        };
-        while got.len() < n {
-            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
-                Ok(Ok(Some(e))) => got.push(e),
-                _ => {
-                    at = (at + 1) % nodes.len();
-                    break;
-                }
-            }
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     let Some(redis) = Redis::start(None) else {
@@ -325,7 +292,7 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     const N: usize = 600;
     let mut followers = Vec::new();
     for i in 0..6 {
-        followers.push(tokio::spawn(follow_across(addrs.clone(), i % 3, N)));
+        followers.push(tokio::spawn(common::follow_across(addrs.clone(), i % 3, N)));
     }
     // Let every follower connect before the first update.
     for n in &nodes {

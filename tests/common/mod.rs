@@ -716,3 +716,37 @@ pub async fn read_until(conn: &mut tokio::net::TcpStream, raw: &mut Vec<u8>, nee
         raw.extend_from_slice(&buf[..n]);
     }
 }
+
+/// Follows one stream across `nodes` (its address on each node of a cluster), starting on
+/// `start`, moving to the next node with `Last-Event-ID` whenever a stream breaks, until `n`
+/// updates arrived.
+pub async fn follow_across(nodes: Vec<Target>, start: usize, n: usize) -> Vec<Event> {
+    let mut got: Vec<Event> = Vec::new();
+    let mut at = start;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} updates",
+            got.len()
+        );
+        let mut h = HeaderMap::new();
+        if let Some(last) = got.last() {
+            h.insert("last-event-id", HeaderValue::from_str(&last.id).unwrap());
+        }
+        let Ok(mut s) = EventStream::open(&nodes[at], &h).await else {
+            at = (at + 1) % nodes.len();
+            continue;
+        };
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
+                Ok(Ok(Some(e))) => got.push(e),
+                _ => {
+                    at = (at + 1) % nodes.len();
+                    break;
+                }
+            }
+        }
+    }
+    got
+}
