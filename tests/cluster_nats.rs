@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,25 +161,41 @@ impl Nats {
 
     /// The index of the server leading the update stream, as the servers report it.
     fn stream_leader(&self) -> Option<usize> {
-        for s in self.servers.iter().filter(|s| s.child.is_some()) {
-            let Some(jsz) = monitor(s.monitor, "/jsz?accounts=true&streams=true") else {
-                continue;
-            };
-            for account in jsz["account_details"].as_array().into_iter().flatten() {
-                for stream in account["stream_detail"].as_array().into_iter().flatten() {
-                    if stream["name"] == "ssehub-updates" {
-                        if let Some(leader) = stream["cluster"]["leader"].as_str() {
-                            return self.servers.iter().position(|s| s.name == leader);
-                        }
-                    }
-                }
-            }
-        }
-        None
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .find_map(|s| {
+                s.update_stream()?["cluster"]["leader"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .and_then(|leader| self.servers.iter().position(|s| s.name == leader))
+    }
+
+    /// The update stream's last sequence, as its leader holds it.
+    fn last_sequence(&self) -> Option<u64> {
+        self.local_last_sequence(self.stream_leader()?)
+    }
+
+    /// The last sequence of server `i`'s own copy of the update stream.
+    fn local_last_sequence(&self, i: usize) -> Option<u64> {
+        self.servers[i].update_stream()?["state"]["last_seq"].as_u64()
     }
 }
 
 impl Server {
+    /// What this server's monitoring port says of the update stream (its own copy).
+    fn update_stream(&self) -> Option<serde_json::Value> {
+        let jsz = monitor(self.monitor, "/jsz?accounts=true&streams=true")?;
+        let accounts = jsz["account_details"].as_array()?;
+        accounts
+            .iter()
+            .filter_map(|a| a["stream_detail"].as_array())
+            .flatten()
+            .find(|s| s["name"] == "ssehub-updates")
+            .cloned()
+    }
+
     fn spawn(&mut self) {
         self.child = Some(
             Command::new(&self.binary)
@@ -379,73 +396,91 @@ fn collect(mut s: EventStream) -> (Arc<Mutex<Vec<Event>>>, tokio::task::JoinHand
     (got, task)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_stream_leader_killed_loses_no_acknowledged_update() {
-    let Some(mut nats) = Nats::start(3) else {
-        return;
-    };
-    let nodes = [node(&nats, 3), node(&nats, 3)];
-    let mut seen = Vec::new();
-    for n in &nodes {
-        seen.push(collect(n.subscribe("topic=t", &[]).await));
-    }
-    let leader = nats.stream_leader().expect("the stream has a leader");
+/// Publishers, one per node, at a steady pace through a failure: which updates were answered
+/// `200` is recorded. The test moves `phase` on as it breaks and mends things; each publisher
+/// stops after `last_oks` updates answered `200` in phase `last`.
+struct Steady {
+    oks: Arc<Mutex<Vec<String>>>,
+    phase: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    // Steady publishing through both nodes; which were answered 200 is recorded.
-    let oks = Arc::new(Mutex::new(Vec::<String>::new()));
-    let killed = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
-    let mut publishers = Vec::new();
-    for (k, n) in nodes.iter().enumerate() {
-        let target = n.target("/.well-known/mercure");
-        let token = n.publisher_token();
-        let oks = oks.clone();
-        let killed = killed.clone();
-        publishers.push(tokio::spawn(async move {
-            let mut after_kill = 0;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            for i in 0.. {
-                assert!(Instant::now() < deadline, "publishing did not resume");
-                let data = format!("{k}-{i}");
-                let Ok(mut c) = Connection::open(&target).await else {
-                    continue;
-                };
-                match c
-                    .publish(Some(&token), &[("topic", "t"), ("data", &data)])
-                    .await
-                {
-                    Ok((StatusCode::OK, _)) => {
-                        oks.lock().unwrap().push(data);
-                        if killed.load(std::sync::atomic::Ordering::SeqCst) != usize::MAX {
-                            after_kill += 1;
-                            if after_kill == 100 {
-                                return;
+impl Steady {
+    fn start(nodes: &[TestHub], last: usize, last_oks: usize) -> Steady {
+        let oks = Arc::new(Mutex::new(Vec::<String>::new()));
+        let phase = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for (k, n) in nodes.iter().enumerate() {
+            let target = n.target("/.well-known/mercure");
+            let token = n.publisher_token();
+            let (oks, phase) = (oks.clone(), phase.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut at_last = 0;
+                let deadline = Instant::now() + Duration::from_secs(90);
+                for i in 0.. {
+                    assert!(Instant::now() < deadline, "publishing did not resume");
+                    let data = format!("{k}-{i}");
+                    let Ok(mut c) = Connection::open(&target).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    match c
+                        .publish(Some(&token), &[("topic", "t"), ("data", &data)])
+                        .await
+                    {
+                        Ok((StatusCode::OK, _)) => {
+                            oks.lock().unwrap().push(data);
+                            if phase.load(SeqCst) == last {
+                                at_last += 1;
+                                if at_last == last_oks {
+                                    return;
+                                }
                             }
                         }
+                        Ok((StatusCode::SERVICE_UNAVAILABLE, reason)) => {
+                            assert!(reason.contains("NATS"), "{reason}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Ok(other) => panic!("unexpected answer {other:?}"),
+                        // The connection broke: the answer is unknown; try the next one.
+                        Err(_) => {}
                     }
-                    Ok((StatusCode::SERVICE_UNAVAILABLE, reason)) => {
-                        assert!(reason.contains("NATS"), "{reason}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(other) => panic!("unexpected answer {other:?}"),
-                    // The connection broke: the answer is unknown; try the next one.
-                    Err(_) => {}
                 }
-            }
-        }));
-    }
-    // Some updates first, then the leader's server dies.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while oks.lock().unwrap().len() < 100 {
-        assert!(Instant::now() < deadline, "no steady publishing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    nats.servers[leader].signal("KILL");
-    killed.store(leader, std::sync::atomic::Ordering::SeqCst);
-    for p in publishers {
-        p.await.unwrap();
+            }));
+        }
+        Steady { oks, phase, tasks }
     }
 
-    let oks: Vec<String> = oks.lock().unwrap().clone();
+    /// Until `n` updates were answered `200`.
+    async fn wait_oks(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.oks.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "no steady publishing");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn enter(&self, phase: usize) {
+        self.phase.store(phase, SeqCst);
+    }
+
+    /// Once every publisher stopped: the data of the updates answered `200`.
+    async fn finish(self) -> Vec<String> {
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let oks = self.oks.lock().unwrap().clone();
+        oks
+    }
+}
+
+/// Every update of `oks` arrives on every node's stream of `seen`, each once, in one order
+/// on all of them.
+async fn assert_each_once_in_one_order(
+    oks: &[String],
+    seen: Vec<(Arc<Mutex<Vec<Event>>>, tokio::task::JoinHandle<()>)>,
+    nodes: &[TestHub],
+) {
     let want: HashSet<&String> = oks.iter().collect();
     let mut orders = Vec::new();
     for (got, task) in seen {
@@ -486,34 +521,70 @@ async fn the_stream_leader_killed_loses_no_acknowledged_update() {
         assert_eq!(unique.len(), events.len(), "each update once");
         orders.push(ids(&events));
     }
-    assert_eq!(orders[0], orders[1], "one order on every node");
-    // The killed server comes back and catches up (the cluster keeps working around it).
-    nats.servers[leader].spawn();
-    nats.wait_ready();
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "one order on every node");
+    }
+    for n in nodes {
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
-    let Some(mut nats) = Nats::start(1) else {
+async fn the_stream_leader_killed_loses_no_acknowledged_update() {
+    let Some(mut nats) = Nats::start(3) else {
         return;
     };
-    let nodes = [node(&nats, 1), node(&nats, 1)];
-    let mut subs = Vec::new();
+    let nodes = [node(&nats, 3), node(&nats, 3)];
+    let mut seen = Vec::new();
     for n in &nodes {
-        subs.push(n.subscribe("topic=t", &[]).await);
+        seen.push(collect(n.subscribe("topic=t", &[]).await));
     }
-    let mut p = nodes[0].publisher().await;
-    for i in 0..20 {
-        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
-    }
-    for s in &mut subs {
-        assert_eq!(
-            data(&take(s, 20, Duration::from_secs(20)).await),
-            numbers(0..20)
-        );
-    }
+    let leader = nats.stream_leader().expect("the stream has a leader");
 
-    nats.servers[0].signal("TERM");
+    // Steady publishing through both nodes; some updates first, then the leader's server dies,
+    // and each publisher carries on until 100 more were answered 200.
+    let steady = Steady::start(&nodes, 1, 100);
+    steady.wait_oks(100).await;
+    nats.servers[leader].signal("KILL");
+    steady.enter(1);
+    let oks = steady.finish().await;
+    assert_each_once_in_one_order(&oks, seen, &nodes).await;
+
+    // The killed server comes back and its copy of the stream catches up with the stream.
+    let last = nats.last_sequence().expect("the stream answers");
+    nats.servers[leader].spawn();
+    nats.wait_ready();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let copy = nats.local_last_sequence(leader);
+        if copy == Some(last) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted server's copy is at {copy:?}, the stream at {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_nats_servers_killed_and_restarted_lose_no_acknowledged_update() {
+    let Some(mut nats) = Nats::start(3) else {
+        return;
+    };
+    let nodes = [node(&nats, 3), node(&nats, 3)];
+    let mut seen = Vec::new();
+    for n in &nodes {
+        seen.push(collect(n.subscribe("topic=t", &[]).await));
+    }
+    // Phase 0: all up; 1: all down; 2: all back, until 50 more answered 200 per node.
+    let steady = Steady::start(&nodes, 2, 50);
+    steady.wait_oks(50).await;
+    for s in &mut nats.servers {
+        s.signal("KILL");
+    }
+    steady.enter(1);
     for n in &nodes {
         wait_status(
             n,
@@ -522,70 +593,19 @@ async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
             Duration::from_secs(10),
         )
         .await;
-        let mut p = n.publisher().await;
-        let (status, reason) = p.publish(&[("topic", "t"), ("data", "lost")]).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
-        assert!(reason.contains("NATS"), "{reason}");
     }
-    // Streams stay open, with their heartbeats.
-    let before: Vec<u64> = subs.iter().map(|s| s.comments()).collect();
-    let quiet = Instant::now();
-    while subs.iter().zip(&before).any(|(s, b)| s.comments() <= *b) {
-        assert!(quiet.elapsed() < Duration::from_secs(10), "no heartbeat");
-        for s in &mut subs {
-            if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), s.next()).await {
-                panic!("no update may arrive during the outage, got {r:?}");
-            }
-        }
+    let during = steady.oks.lock().unwrap().len();
+    for s in &mut nats.servers {
+        s.spawn();
     }
-
-    nats.servers[0].spawn();
     nats.wait_ready();
+    steady.enter(2);
+    let oks = steady.finish().await;
+    assert!(oks.len() > during, "publishing resumed");
     for n in &nodes {
         wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
     }
-    for (k, i) in (20..40).enumerate() {
-        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
-    }
-    for s in &mut subs {
-        assert_eq!(
-            data(&take(s, 20, Duration::from_secs(30)).await),
-            numbers(20..40)
-        );
-        common::assert_quiet(s, Duration::from_millis(300)).await;
-    }
-    for n in &nodes {
-        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_update_above_nats_max_payload_is_refused_413_with_the_reason() {
-    let Some(nats) = Nats::start(1) else {
-        return;
-    };
-    let urls = nats.urls();
-    let hub = TestHub::start(&[
-        "--nats",
-        &urls,
-        "--nats-replicas",
-        "1",
-        "--max-body",
-        "4MiB",
-    ]);
-    let mut s = hub.subscribe("topic=t", &[]).await;
-    let mut p = hub.publisher().await;
-    // Within --max-body, above the server's 1 MB.
-    let big = "x".repeat(1_200_000);
-    let (status, reason) = p.publish(&[("topic", "t"), ("data", &big)]).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{reason}");
-    assert!(reason.contains("max_payload"), "{reason}");
-    // The node carries on: the next update goes through.
-    p.ok(&[("topic", "t"), ("data", "small")]).await;
-    assert_eq!(
-        data(&take(&mut s, 1, Duration::from_secs(10)).await),
-        ["small"]
-    );
+    assert_each_once_in_one_order(&oks, seen, &nodes).await;
 }
 
 /// The message number of a clock update.
@@ -693,6 +713,102 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     for f in followers {
         let got = f.await.unwrap();
         assert_eq!(data(&got), numbers(0..N), "every update once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_above_nats_max_payload_is_refused_413_with_the_reason() {
+    let Some(nats) = Nats::start(1) else {
+        return;
+    };
+    let urls = nats.urls();
+    let hub = TestHub::start(&[
+        "--nats",
+        &urls,
+        "--nats-replicas",
+        "1",
+        "--max-body",
+        "4MiB",
+    ]);
+    let mut s = hub.subscribe("topic=t", &[]).await;
+    let mut p = hub.publisher().await;
+    // Within --max-body, above the server's 1 MB.
+    let big = "x".repeat(1_200_000);
+    let (status, reason) = p.publish(&[("topic", "t"), ("data", &big)]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{reason}");
+    assert!(reason.contains("max_payload"), "{reason}");
+    // The node carries on: the next update goes through.
+    p.ok(&[("topic", "t"), ("data", "small")]).await;
+    assert_eq!(
+        data(&take(&mut s, 1, Duration::from_secs(10)).await),
+        ["small"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
+    let Some(mut nats) = Nats::start(1) else {
+        return;
+    };
+    let nodes = [node(&nats, 1), node(&nats, 1)];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("topic=t", &[]).await);
+    }
+    let mut p = nodes[0].publisher().await;
+    for i in 0..20 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 20, Duration::from_secs(20)).await),
+            numbers(0..20)
+        );
+    }
+
+    nats.servers[0].signal("TERM");
+    for n in &nodes {
+        wait_status(
+            n,
+            "/readyz",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(10),
+        )
+        .await;
+        let mut p = n.publisher().await;
+        let (status, reason) = p.publish(&[("topic", "t"), ("data", "lost")]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
+        assert!(reason.contains("NATS"), "{reason}");
+    }
+    // Streams stay open, with their heartbeats.
+    let before: Vec<u64> = subs.iter().map(|s| s.comments()).collect();
+    let quiet = Instant::now();
+    while subs.iter().zip(&before).any(|(s, b)| s.comments() <= *b) {
+        assert!(quiet.elapsed() < Duration::from_secs(10), "no heartbeat");
+        for s in &mut subs {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), s.next()).await {
+                panic!("no update may arrive during the outage, got {r:?}");
+            }
+        }
+    }
+
+    nats.servers[0].spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    for (k, i) in (20..40).enumerate() {
+        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 20, Duration::from_secs(30)).await),
+            numbers(20..40)
+        );
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+    }
+    for n in &nodes {
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
     }
 }
 
