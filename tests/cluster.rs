@@ -21,40 +21,11 @@ struct Redis {
     dir: Option<PathBuf>,
 }
 
-/// `redis-server` on PATH; `None` (after a loud SKIP) when missing, unless required.
-fn redis_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("redis-server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("redis-server not found on PATH, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install redis-server)");
-        }
-        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: redis-server not found on PATH; cluster tests not run (apt-get install redis-server)"
-        );
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Redis {
     /// Starts a Redis on a free port; with `dir`, its data is kept there (append-only file).
     fn start(dir: Option<&Path>) -> Option<Redis> {
-        let binary = redis_binary()?;
-        let port = free_port();
+        let binary = common::require_program("redis-server", "redis-server")?;
+        let port = common::free_port();
         let r = Redis {
             child: spawn_redis(&binary, port, dir),
             port,

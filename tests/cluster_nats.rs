@@ -17,37 +17,6 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use ssehub::client::{Connection, EventStream, Target};
 use ssehub::sse::Event;
 
-/// `nats-server` on PATH or in /usr/sbin (where Debian puts it); `None` (after a loud SKIP)
-/// when missing, unless required.
-fn nats_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|p| p.join("nats-server"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("nats-server not found, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install nats-server)");
-        }
-        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: nats-server not found; NATS cluster tests not run (apt-get install nats-server)"
-        );
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One `nats-server` with JetStream, its data in a directory of its own.
 struct Server {
     child: Option<Child>,
@@ -66,9 +35,15 @@ struct Nats {
 
 impl Nats {
     fn start(n: usize) -> Option<Nats> {
-        let binary = nats_binary()?;
+        let binary = common::require_program("nats-server", "nats-server")?;
         let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
+            .map(|_| {
+                (
+                    common::free_port(),
+                    common::free_port(),
+                    common::free_port(),
+                )
+            })
             .collect();
         let mut servers = Vec::new();
         for (i, &(port, route, monitor)) in ports.iter().enumerate() {
