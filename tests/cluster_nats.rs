@@ -368,8 +368,11 @@ async fn a_publish_retried_with_its_id_is_delivered_once() {
     common::assert_quiet(&mut s, Duration::from_millis(300)).await;
 }
 
+/// A stream's events as they arrive, and the task that reads them.
+type Collected = (Arc<Mutex<Vec<Event>>>, tokio::task::JoinHandle<()>);
+
 /// Collects every event of `s` until dropped.
-fn collect(mut s: EventStream) -> (Arc<Mutex<Vec<Event>>>, tokio::task::JoinHandle<()>) {
+fn collect(mut s: EventStream) -> Collected {
     let got = Arc::new(Mutex::new(Vec::new()));
     let into = got.clone();
     let task = tokio::spawn(async move {
@@ -460,11 +463,7 @@ impl Steady {
 
 /// Every update of `oks` arrives on every node's stream of `seen`, each once, in one order
 /// on all of them.
-async fn assert_each_once_in_one_order(
-    oks: &[String],
-    seen: Vec<(Arc<Mutex<Vec<Event>>>, tokio::task::JoinHandle<()>)>,
-    nodes: &[TestHub],
-) {
+async fn assert_each_once_in_one_order(oks: &[String], seen: Vec<Collected>, nodes: &[TestHub]) {
     let want: HashSet<&String> = oks.iter().collect();
     let mut orders = Vec::new();
     let all: Vec<_> = seen.iter().map(|(got, _)| got.clone()).collect();
