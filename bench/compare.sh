@@ -315,6 +315,68 @@ s7() {
   sleep 0.5
 }
 
+# S7-nats: S7 on NATS JetStream instead of Redis: three nodes on three nats-server processes
+# (one cluster, stream replicas 3), CPU summed over the nodes and the three servers.
+NATS_PORT=${NATS_PORT:-4231}
+s7_nats() {
+  local run=$1 nats
+  nats=$(command -v nats-server || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } || true)
+  if [ -z "$nats" ]; then
+    log "S7-nats needs nats-server (apt-get install nats-server): skipped"
+    return
+  fi
+  local s1=(--subscribers 1000 --updates 2000 --rate 200 --size 100 --publishers 16)
+  local servers=() urls=() routes=() i
+  for i in 0 1 2; do
+    urls+=("nats://127.0.0.1:$((NATS_PORT + i))")
+    routes+=("nats://127.0.0.1:$((NATS_PORT + 100 + i))")
+  done
+  for i in 0 1 2; do
+    rm -rf "$WORK/nats-$i"
+    "$nats" -js -a 127.0.0.1 -p $((NATS_PORT + i)) --server_name "n$i" --store_dir "$WORK/nats-$i" \
+      --cluster_name s7 --cluster "${routes[$i]}" --routes "$(IFS=,; echo "${routes[*]}")" \
+      >"$WORK/nats-$i.log" 2>&1 &
+    servers+=($!)
+  done
+  for i in 0 1 2; do wait_port $((NATS_PORT + i)); done
+  local pids=() hubs=() port
+  for port in 8001 8002 8003; do
+    # The first node makes the stream once the servers have elected their JetStream leader; it
+    # retries (exits) until then, so each start is tried for up to 20 s.
+    local deadline=$((SECONDS + 20))
+    while :; do
+      RUST_LOG=warn "$SSEHUB" serve --listen "127.0.0.1:$port" --publisher-jwt-key "$SECRET" \
+        --clock-interval 0 --nats "$(IFS=,; echo "${urls[*]}")" --nats-replicas 3 \
+        >"$WORK/node-$port.log" 2>&1 &
+      local pid=$!
+      if wait_port $port 2>/dev/null; then break; fi
+      kill $pid 2>/dev/null || true
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        log "S7-nats: node $port did not start: $(tail -1 "$WORK/node-$port.log")"
+        kill "${pids[@]}" "${servers[@]}" 2>/dev/null || true
+        return
+      fi
+      sleep 0.5
+    done
+    pids+=($pid)
+    hubs+=("http://127.0.0.1:$port/.well-known/mercure")
+  done
+  local out="$RESULTS/S7-nats-ssehub-$run.json"
+  local all_pids
+  all_pids=$(IFS=,; echo "${pids[*]},${servers[*]}")
+  log "S7-nats run $run: ${s1[*]}"
+  if "$SSEHUB" bench --target ssehub --hub "$(IFS=,; echo "${hubs[*]}")" --jwt-key "$SECRET" \
+      --pid "$all_pids" --label S7-nats --json "${s1[@]}" >"$out.tmp" 2>"$WORK/bench.err"; then
+    mv "$out.tmp" "$out"
+  else
+    log "bench failed: $(tail -1 "$WORK/bench.err")"
+    rm -f "$out.tmp"
+  fi
+  kill "${pids[@]}" "${servers[@]}" 2>/dev/null || true
+  wait "${pids[@]}" "${servers[@]}" 2>/dev/null || true
+  sleep 0.5
+}
+
 peers=()
 for p in $PEERS; do
   if [ "$p" = nchan ] && [ $have_nchan = 0 ]; then continue; fi
@@ -377,6 +439,7 @@ for s in $SCENARIOS; do
                 --template-kind urlpattern
             fi ;;
         S7) if [ "$p" = ssehub ]; then s7 "$run"; fi ;;
+        S7-nats) if [ "$p" = ssehub ]; then s7_nats "$run"; fi ;;
         # S2 again with a longer bound on the wait (the default budget would give 250 ms windows
         # here, the default bound holds them at 200 ms): less CPU per delivery, longer waits.
         S2-lean) if [ "$p" = ssehub ]; then

@@ -21,40 +21,11 @@ struct Redis {
     dir: Option<PathBuf>,
 }
 
-/// `redis-server` on PATH; `None` (after a loud SKIP) when missing, unless required.
-fn redis_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("redis-server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("redis-server not found on PATH, and SSEHUB_REQUIRE_ALL=1: install it (apt-get install redis-server)");
-        }
-        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: redis-server not found on PATH; cluster tests not run (apt-get install redis-server)"
-        );
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Redis {
     /// Starts a Redis on a free port; with `dir`, its data is kept there (append-only file).
     fn start(dir: Option<&Path>) -> Option<Redis> {
-        let binary = redis_binary()?;
-        let port = free_port();
+        let binary = common::require_program("redis-server", "redis-server")?;
+        let port = common::free_port();
         let r = Redis {
             child: spawn_redis(&binary, port, dir),
             port,
@@ -279,39 +250,6 @@ async fn three_nodes_deliver_every_update_once_in_one_order() {
     }
 }
 
-/// Follows topic `t` across `nodes`, starting on `start`, moving to the next node with
-/// `Last-Event-ID` whenever a stream breaks, until `n` updates arrived.
-async fn follow_across(nodes: Vec<Target>, start: usize, n: usize) -> Vec<Event> {
-    let mut got: Vec<Event> = Vec::new();
-    let mut at = start;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while got.len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} updates",
-            got.len()
-        );
-        let mut h = HeaderMap::new();
-        if let Some(last) = got.last() {
-            h.insert("last-event-id", HeaderValue::from_str(&last.id).unwrap());
-        }
-        let Ok(mut s) = EventStream::open(&nodes[at], &h).await else {
-            at = (at + 1) % nodes.len();
-            continue;
-        };
-        while got.len() < n {
-            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
-                Ok(Ok(Some(e))) => got.push(e),
-                _ => {
-                    at = (at + 1) % nodes.len();
-                    break;
-                }
-            }
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     let Some(redis) = Redis::start(None) else {
@@ -325,7 +263,7 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
     const N: usize = 600;
     let mut followers = Vec::new();
     for i in 0..6 {
-        followers.push(tokio::spawn(follow_across(addrs.clone(), i % 3, N)));
+        followers.push(tokio::spawn(common::follow_across(addrs.clone(), i % 3, N)));
     }
     // Let every follower connect before the first update.
     for n in &nodes {

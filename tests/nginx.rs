@@ -15,32 +15,6 @@ use ssehub::client::{Connection, EventStream, Target};
 /// The site file users install.
 const SITE: &str = include_str!("../deploy/nginx.conf");
 
-/// nginx on PATH, or where Debian puts it; `None` (after a loud SKIP) when missing, unless
-/// required.
-fn nginx_binary(test: &str) -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("nginx"))
-            .find(|p| p.is_file())
-    });
-    let found = on_path.or_else(|| {
-        let debian = PathBuf::from("/usr/sbin/nginx");
-        debian.is_file().then_some(debian)
-    });
-    if found.is_none() {
-        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("{test}: nginx not found, and SSEHUB_REQUIRE_ALL=1 requires it (apt-get install nginx)");
-        }
-        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!! SKIP {test}: nginx not found (apt-get install nginx) !!!!!\n"
-        );
-    }
-    found
-}
-
 /// `text` with `from` replaced by `to`, which must occur exactly once: the test runs the
 /// shipped file, so a change of its shape must show here rather than go untested.
 fn replace_once(text: &str, from: &str, to: &str) -> String {
@@ -61,10 +35,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(binary: &std::path::Path, upstream: std::net::SocketAddr) -> Nginx {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let dir = std::env::temp_dir().join(format!("ssehub-nginx-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -147,8 +118,7 @@ impl Drop for Nginx {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_nginx_site_passes_events_heartbeats_and_replay() {
-    let test = "the_shipped_nginx_site_passes_events_heartbeats_and_replay";
-    let Some(binary) = nginx_binary(test) else {
+    let Some(binary) = common::require_program("nginx", "nginx") else {
         return;
     };
     let hub = TestHub::start(&["--heartbeat", "1s"]);

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
@@ -184,16 +185,22 @@ impl Link {
             .payload(payload.into())
             .message_id(id);
         let acked = async {
-            self.js
+            // The client measures the message (fields and headers) against the max_payload its
+            // server announced, and refuses it before sending: a server given a larger one
+            // would close the connection of every update on it.
+            let ack = self
+                .js
                 .send_publish(SUBJECT, message)
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e.kind() {
+                    PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(e.to_string()),
+                    _ => PublishError::Unconfirmed(e.to_string()),
+                })?;
+            ack.await
+                .map_err(|e| PublishError::Unconfirmed(e.to_string()))
         };
         match tokio::time::timeout(COMMAND_TIMEOUT, acked).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(PublishError::Unconfirmed(e)),
+            Ok(result) => result.map(|_| ()),
             Err(_) => Err(PublishError::Unconfirmed(
                 "no acknowledgement in time".into(),
             )),

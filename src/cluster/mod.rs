@@ -69,6 +69,14 @@ pub enum PublishError {
          the same id (a retry within two minutes is stored once)"
     )]
     Unconfirmed(String),
+    /// Larger than the NATS servers let one message be (their `max_payload`): a retry
+    /// fails the same way.
+    #[error(
+        "the update is too large for NATS ({0}): the servers' max_payload (1 MB unless \
+         configured) bounds an update with its topics, id and other fields; publish less, or \
+         raise max_payload in the nats-server configuration"
+    )]
+    TooLarge(String),
     /// From a single node's durable history (see `hub::PublishFailed`).
     #[error("{0}")]
     NotStored(String),

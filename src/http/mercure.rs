@@ -656,6 +656,7 @@ pub async fn publish(State(app): State<AppState>, req: Request) -> Response {
     match crate::cluster::publish_via(&app.hub, app.cluster.as_ref(), draft).await {
         Ok(id) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], id).into_response(),
         Err(PublishError::Invalid(e)) => refuse(invalid_status(&e), e, &app),
+        Err(e @ PublishError::TooLarge(_)) => refuse(StatusCode::PAYLOAD_TOO_LARGE, e, &app),
         Err(
             e @ (PublishError::Unavailable(_)
             | PublishError::Unconfirmed(_)

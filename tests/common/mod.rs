@@ -716,3 +716,75 @@ pub async fn read_until(conn: &mut tokio::net::TcpStream, raw: &mut Vec<u8>, nee
         raw.extend_from_slice(&buf[..n]);
     }
 }
+
+/// Follows one stream across `nodes` (its address on each node of a cluster), starting on
+/// `start`, moving to the next node with `Last-Event-ID` whenever a stream breaks, until `n`
+/// updates arrived.
+pub async fn follow_across(nodes: Vec<Target>, start: usize, n: usize) -> Vec<Event> {
+    let mut got: Vec<Event> = Vec::new();
+    let mut at = start;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} updates",
+            got.len()
+        );
+        let mut h = HeaderMap::new();
+        if let Some(last) = got.last() {
+            h.insert("last-event-id", HeaderValue::from_str(&last.id).unwrap());
+        }
+        let Ok(mut s) = EventStream::open(&nodes[at], &h).await else {
+            at = (at + 1) % nodes.len();
+            continue;
+        };
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
+                Ok(Ok(Some(e))) => got.push(e),
+                _ => {
+                    at = (at + 1) % nodes.len();
+                    break;
+                }
+            }
+        }
+    }
+    got
+}
+
+/// The program `name` on PATH, or in /usr/sbin where Debian puts servers (nginx,
+/// nats-server). When it is missing: a loud SKIP and `None`, or, under `SSEHUB_REQUIRE_ALL=1`
+/// (which `.ci/run` sets after installing them), a failure.
+pub fn require_program(name: &str, apt_package: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .map(|p| p.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        // libtest names each test's thread after the test.
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        if std::env::var("SSEHUB_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!(
+                "{test}: {name} not found, and SSEHUB_REQUIRE_ALL=1 requires it (apt-get install \
+                 {apt_package})"
+            );
+        }
+        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!! SKIP {test}: {name} not found (apt-get install {apt_package}) !!!!!\n"
+        );
+    }
+    found
+}
+
+/// A port of 127.0.0.1 that was free a moment ago, for a server the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
