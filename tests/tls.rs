@@ -438,3 +438,63 @@ fn the_client_says_how_to_have_a_certificate_trusted() {
     assert!(err.contains("CA:FALSE"), "says what to make instead: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reads the SETTINGS the hub opens an HTTP/2 connection with, as a raw client does: the
+/// preface and an empty SETTINGS frame out, frames in until the hub's own (not an ack).
+async fn server_settings<IO>(mut io: IO) -> Vec<(u16, u32)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    io.write_all(&hello).await.unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        io.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        let (kind, ack) = (header[3], header[4] & 1 == 1);
+        if kind == 0x4 && !ack {
+            return payload
+                .chunks_exact(6)
+                .map(|p| {
+                    let id = u16::from_be_bytes([p[0], p[1]]);
+                    (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+                })
+                .collect();
+        }
+    }
+}
+
+/// The hub's HTTP/2 settings reach the client, over TLS (ALPN h2) and over h2c alike, from
+/// the task an HTTP/2 connection is served on once accepted: the stream limit and the head
+/// limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_settings_reach_the_client_over_tls_and_h2c() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let expected = [
+        (MAX_CONCURRENT_STREAMS, 256),
+        (MAX_HEADER_LIST_SIZE, 64 * 1024),
+    ];
+    let cert = make_cert(&temp_dir("settings"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
+    let over_tls = server_settings(tls).await;
+    let plain = TestHub::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
+    let over_h2c = server_settings(tcp).await;
+    for settings in [over_tls, over_h2c] {
+        for (id, value) in expected {
+            assert!(
+                settings.contains(&(id, value)),
+                "setting {id:#x} = {value} expected in {settings:?}"
+            );
+        }
+    }
+}

@@ -67,7 +67,11 @@ pub(super) fn service(
             let response = match oversized_head(&req) {
                 Some(refusal) => refusal,
                 None => {
-                    let Ok(r) = app.oneshot(req.map(axum::body::Body::new)).await;
+                    // Boxed: hyper runs each HTTP/2 stream as a task sized for the largest
+                    // state of this future, and routing is far larger than what an event
+                    // stream keeps afterwards (its body); boxed, it is freed once answered.
+                    let routing = Box::pin(app.oneshot(req.map(axum::body::Body::new)));
+                    let Ok(r) = routing.await;
                     r
                 }
             };
@@ -84,14 +88,40 @@ pub(super) fn service(
     })
 }
 
+/// Serves an HTTP/2 connection on a task of its own, holding only the connection. The task
+/// that accepted it (and ran the TLS handshake, or would have served HTTP/1.1) is sized for
+/// the largest of everything it could have done, and would stay that large for as long as
+/// the connection is open. The connection comes boxed, so nothing holds a second copy of it
+/// (see [`serve_hyper`]).
+pub(super) fn spawn_http2<C>(
+    mut conn: std::pin::Pin<Box<C>>,
+    permit: Permit,
+    idle_since: Instant,
+    kill: CancellationToken,
+    shutdown: &Shutdown,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection + Send + 'static,
+    C::Error: std::fmt::Display,
+{
+    let stop = shutdown.clone();
+    shutdown.spawn_connection(async move {
+        serve_hyper(conn.as_mut(), &permit, idle_since, kill, &stop, peer).await;
+    });
+}
+
 /// Serves one connection with hyper until it ends, the hub tears it down (`kill`), or it is
 /// closed: for being idle (no request under way) for [`Timeouts::idle`](super::budget::Timeouts) since `idle_since` or
 /// since its last request ended, to make room for a new connection (see
 /// [`Permit::evicted`]), or for shutdown. Closing is hyper's graceful shutdown (HTTP/2: GOAWAY,
 /// and the streams open go on to their end); a connection still idle [`CLOSE_GRACE`] after it
 /// is dropped.
+///
+/// The connection comes pinned where its caller made it: an async fn keeps its arguments for
+/// as long as it runs, so a connection passed by value and pinned here would be held twice (an
+/// HTTP/2 connection over TLS is several KiB, held for as long as it is open).
 pub(super) async fn serve_hyper<C>(
-    conn: C,
+    mut conn: std::pin::Pin<&mut C>,
     permit: &Permit,
     mut idle_since: Instant,
     kill: CancellationToken,
@@ -101,7 +131,6 @@ pub(super) async fn serve_hyper<C>(
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     // Since when a request that is not an event stream has been under way.
     let mut plain_since: Option<Instant> = None;

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::budget::{Budget, Permit, RESERVE};
 use super::h1::io::Prefixed;
 use super::h1::Http1;
-use super::hyper_conn::{self, serve_hyper};
+use super::hyper_conn::{self, spawn_http2};
 use super::shutdown::Shutdown;
 use super::tls::Tls;
 use crate::http::Connection;
@@ -135,11 +135,10 @@ impl Listener {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
                     Some((Protocol::Http2, read)) => {
                         let io = Prefixed::new(read.freeze(), stream);
-                        let conn = builder
-                            .http2_only()
-                            .serve_connection(TokioIo::new(io), service)
-                            .into_owned();
-                        serve_hyper(conn, &permit, accepted, kill, &stop, peer).await;
+                        let h2 = builder.http2_only();
+                        let conn = h2.serve_connection(TokioIo::new(io), service);
+                        let conn = Box::pin(conn.into_owned());
+                        spawn_http2(conn, permit, accepted, kill, &stop, peer);
                     }
                     Some((Protocol::Http1, read)) => {
                         // Without a bound, the kernel grows a socket's send buffer to megabytes
@@ -174,11 +173,10 @@ impl Listener {
             };
             // ALPN has chosen the protocol: no need to sniff the first bytes.
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let conn = builder
-                    .http2_only()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                serve_hyper(conn, &permit, Instant::now(), kill, &stop, peer).await;
+                let now = Instant::now();
+                let h2 = builder.http2_only();
+                let conn = h2.serve_connection(TokioIo::new(stream), service);
+                spawn_http2(Box::pin(conn.into_owned()), permit, now, kill, &stop, peer);
             } else {
                 let deadline = Instant::now() + idle_timeout;
                 h1.serve(stream, BytesMut::new(), deadline, service, permit)

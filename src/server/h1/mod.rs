@@ -131,10 +131,10 @@ impl Http1 {
             return;
         }
         let io = Prefixed::new(head.freeze(), io);
-        let conn = self
+        let conn = std::pin::pin!(self
             .builder
             .serve_connection(TokioIo::new(io), service)
-            .into_owned();
+            .into_owned());
         let (kill, peer) = (self.kill, self.peer);
         serve_hyper(conn, &permit, Instant::now(), kill, &self.shutdown, peer).await;
     }

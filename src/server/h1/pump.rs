@@ -33,14 +33,16 @@ pub(super) enum End {
 
 /// Writes the head, then every chunk the stream yields, until the stream or the connection
 /// ends. `sink` is the connection's for direct writes, if it has one: what it could not finish
-/// goes out before anything newer.
-pub(super) async fn pump<S>(
+/// goes out before anything newer. `held` (the connection's place and its request counted as
+/// under way) is let go once the stream has ended.
+pub(super) async fn pump<S, H>(
     mut io: S,
     sink: Option<std::sync::Arc<DirectTcp>>,
     head: Vec<u8>,
     mut stream: SubscriberStream,
     path: &'static str,
     peer: SocketAddr,
+    held: H,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -111,6 +113,7 @@ pub(super) async fn pump<S>(
     }
     drop(stream);
     tracing::info!(subscriber, "Finished HTTP request at {path}");
+    drop(held);
 }
 
 /// `write` bounded by `deadline`, if any; past it the connection is taken as gone.

@@ -51,12 +51,10 @@ pub async fn respond<S: StreamIo>(
         stream.attach_sink(sink.clone());
     }
     // The stream gets a task of its own, holding only what it needs: the routing above ran
-    // on a much larger future that can now be freed.
-    shutdown.spawn_stream(async move {
-        pump(io, sink, head, stream, path, peer).await;
-        drop(busy);
-        drop(permit);
-    });
+    // on a much larger future that can now be freed. The pump is the task itself, not awaited
+    // inside an `async` block: such a block would keep its own copy of every value it moves
+    // into the pump (a TLS connection is more than a KiB) for as long as the stream lasts.
+    shutdown.spawn_stream(pump(io, sink, head, stream, path, peer, (busy, permit)));
 }
 
 /// Writes a whole (not streamed) response with its `content-length`. With `close`, says so in
