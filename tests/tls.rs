@@ -485,10 +485,15 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
         cert.der.clone(),
     );
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
-    let over_tls = server_settings(tls).await;
+    let within = Duration::from_secs(10);
+    let over_tls = tokio::time::timeout(within, server_settings(tls))
+        .await
+        .expect("the hub's SETTINGS over TLS within 10 s");
     let plain = TestHub::start(&[]);
     let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
-    let over_h2c = server_settings(tcp).await;
+    let over_h2c = tokio::time::timeout(within, server_settings(tcp))
+        .await
+        .expect("the hub's SETTINGS over h2c within 10 s");
     for settings in [over_tls, over_h2c] {
         for (id, value) in expected {
             assert!(

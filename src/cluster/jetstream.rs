@@ -8,7 +8,7 @@
 //! sequence, and remembers the last sequence it applied to resume from it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -55,6 +55,9 @@ pub(super) struct Link {
     /// The stream's last sequence at the last probe: the reader compares it with its own to
     /// notice a consumer that stopped delivering without an error.
     newest: AtomicU64,
+    /// When the stream the probe last saw was made (unix ns): another value than the reader's
+    /// means NATS lost the stream and it was made anew, to be read from its start.
+    created: AtomicI64,
     /// The clock's buckets, made or bound when the clock first asks.
     clock: OnceCell<(kv::Store, kv::Store)>,
 }
@@ -63,6 +66,8 @@ pub(super) struct Link {
 pub(super) struct Reader {
     messages: consumer::pull::Ordered,
     last: u64,
+    /// When the stream being read was made (unix ns), as `Link::created`.
+    created: i64,
 }
 
 impl Link {
@@ -122,6 +127,7 @@ impl Link {
             );
         }
         let (first, newest) = (info.state.first_sequence, info.state.last_sequence);
+        let created = unix_ns(info.created);
         // The newest `history_size` messages, or none.
         let start = if history_size == 0 || newest == 0 {
             newest + 1
@@ -136,6 +142,7 @@ impl Link {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot read the stream {STREAM} from NATS: {e}"))?,
             last: start - 1,
+            created,
         };
         // Loaded before any subscriber is accepted, so nobody receives them as live updates.
         while reader.last < newest {
@@ -159,6 +166,8 @@ impl Link {
             config,
             answers: AtomicBool::new(true),
             newest: AtomicU64::new(newest),
+            created: AtomicI64::new(reader.created),
+
             clock: OnceCell::new(),
         };
         Ok((link, reader))
@@ -339,6 +348,9 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 backoff = MIN_BACKOFF;
                 continue;
             }
+            None if link.created.load(Relaxed) != reader.created => {
+                "the stream was made anew (NATS lost its data)".to_owned()
+            }
             None => {
                 if link.newest.load(Relaxed) <= reader.last {
                     progress = Instant::now();
@@ -367,7 +379,7 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 _ = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match reopen(link, &mut reader).await {
+            match reopen(link, hub, &mut reader).await {
                 Ok(messages) => {
                     reader.messages = messages;
                     progress = Instant::now();
@@ -380,29 +392,48 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
     }
 }
 
-/// A consumer after the last sequence applied. A stream that starts over (NATS lost its data
-/// and the stream was made anew) is read from its start, or its first messages would be skipped.
-async fn reopen(link: &Link, reader: &mut Reader) -> Result<consumer::pull::Ordered, String> {
+/// A consumer after the last sequence applied. A stream made anew (NATS lost its data; told by
+/// its creation time) is read from its start, or its first messages would be skipped. The same
+/// stream with fewer messages than this node read (its servers lost their newest writes, all
+/// killed at once) is not read again from the start, which would deliver its whole retained
+/// history twice: the loss is counted and logged, and the messages that take those sequences
+/// again are skipped as applied (a known limit, in OPERATIONS.md).
+async fn reopen(
+    link: &Link,
+    hub: &Hub,
+    reader: &mut Reader,
+) -> Result<consumer::pull::Ordered, String> {
     let mut stream = link
         .js
         .get_stream(STREAM)
         .await
         .map_err(|e| e.to_string())?;
-    let newest = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .last_sequence;
-    if newest < reader.last {
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    let (created, newest) = (unix_ns(info.created), info.state.last_sequence);
+    if created != reader.created {
         tracing::warn!(
             was = reader.last,
-            "the update stream in NATS JetStream starts over (NATS lost its data): reading it \
+            "the update stream in NATS JetStream was made anew (NATS lost its data): reading it \
              from its start"
         );
+        reader.created = created;
         reader.last = 0;
+    } else if newest < reader.last {
+        hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
+        tracing::error!(
+            was = reader.last,
+            now = newest,
+            "the update stream in NATS JetStream lost its newest messages (its servers went \
+             down together before writing them): this node delivered updates the stream no \
+             longer has, and will skip the updates that take those sequences again"
+        );
     }
     open(&stream, reader.last + 1).await
+}
+
+/// A stream's creation time as a number, to tell one stream from another of the same name.
+fn unix_ns(t: async_nats::datetime::DateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
 }
 
 fn not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -428,7 +459,9 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
         };
         let result = match answer {
             Ok(Ok(stream)) => {
-                let newest = stream.cached_info().state.last_sequence;
+                let info = stream.cached_info();
+                let (created, newest) = (unix_ns(info.created), info.state.last_sequence);
+                link.created.store(created, Relaxed);
                 link.newest.store(newest, Relaxed);
                 Ok(())
             }

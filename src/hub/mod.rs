@@ -762,8 +762,10 @@ impl HubShared {
             reply: Some(reply),
         };
         // The writer stops with the hub or at shutdown (`close_store`): a send that fails
-        // drops the reply, which answers as a failed write.
-        let _ = writer.send(writer::Msg::Publish(job));
+        // drops the reply, which answers as a failed write, and gives its room back.
+        if writer.send(writer::Msg::Publish(job)).is_err() {
+            self.queued_bytes.fetch_sub(weight, Relaxed);
+        }
         Submitted::Queued(rx)
     }
 

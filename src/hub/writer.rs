@@ -157,7 +157,20 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Msg>, mut store: Store, mut next_seq: 
     // Closed: the store is dropped (redb marks the file cleanly closed) before the hub hears
     // of it; publishes still queued behind the request are refused as their senders drop.
     drop(store);
+    // Publishes queued behind the close are refused (their replies dropped) and give their
+    // room back; later ones find the channel closed.
+    let refused: usize = rx
+        .try_iter()
+        .map(|m| match m {
+            Msg::Publish(job) => job.weight,
+            Msg::Close(_) => 0,
+        })
+        .sum();
     drop(rx);
+    if let Some(hub) = hub.upgrade() {
+        hub.queued_bytes
+            .fetch_sub(refused, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!("the history store is closed");
     if let Some(done) = close {
         let _ = done.send(());

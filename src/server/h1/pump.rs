@@ -113,6 +113,10 @@ pub(super) async fn pump<S, H>(
     }
     drop(stream);
     tracing::info!(subscriber, "Finished HTTP request at {path}");
+    // The socket is closed before its place is given back: a connection taking the place
+    // must find the descriptor free (at the open-file limit it would fail to accept).
+    drop(io);
+    drop(sink);
     drop(held);
 }
 
