@@ -112,6 +112,17 @@ impl<const N: usize> Buckets<N> {
     }
 }
 
+/// Where the hub's batching stands (see `hub::coalesce`), shown with the counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Socket writes a second the hub allows itself before it batches.
+    pub write_budget: u64,
+    /// The current wait after a write to a subscriber for further updates to share the next.
+    pub window: Duration,
+    /// The measured CPU time per socket write, in nanoseconds; 0 until measured.
+    pub write_cost_ns: u64,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Commits of the durable history, and the size of its file after the last.
@@ -139,6 +150,9 @@ pub struct Metrics {
     pub direct_writes: AtomicU64,
     /// Socket writes of held updates made by the coalescing flusher.
     pub coalesced_writes: AtomicU64,
+    /// Chunks of queued updates a stream's own task took to write (HTTP/2, TLS, and HTTP/1.1
+    /// streams whose updates were not written directly or by the flusher).
+    pub task_writes: AtomicU64,
     /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
     pub plain_publishes: AtomicU64,
     /// Times a cluster node found stream entries removed before it had read them.
@@ -207,9 +221,10 @@ impl Metrics {
             .fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    /// The Prometheus text exposition format, version 0.0.4. `write_budget` is the hub's
-    /// current one, which its coalescing keeps (it changes when cluster nodes share a machine).
-    pub fn render(&self, write_budget: u64) -> String {
+    /// The Prometheus text exposition format, version 0.0.4. `batching` is where the hub's
+    /// coalescing stands now (its budget is measured, and shared when cluster nodes share a
+    /// machine).
+    pub fn render(&self, batching: Batching) -> String {
         let mut out = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(
@@ -299,11 +314,28 @@ impl Metrics {
             self.cluster_gaps.load(Relaxed),
         );
         one(
+            "ssehub_task_writes_total",
+            "counter",
+            "Chunks of queued updates written by a stream's own task (HTTP/2, TLS, and HTTP/1.1 \
+             streams whose updates were neither written directly nor by the flusher).",
+            self.task_writes.load(Relaxed),
+        );
+        one(
             "ssehub_write_budget",
             "gauge",
-            "Socket writes a second this hub allows itself before it batches updates: \
-             --write-budget times its cores, divided among the cluster nodes on this machine.",
-            write_budget,
+            "Socket writes a second this hub allows itself before it batches updates: with \
+             --write-budget auto, the share of its cores it may spend at the measured cost of a \
+             write; with a number, that times its cores; divided among the cluster nodes on \
+             this machine.",
+            batching.write_budget,
+        );
+        one(
+            "ssehub_write_cost_nanoseconds",
+            "gauge",
+            "The hub's CPU time per socket write, measured a few times a second while --coalesce \
+             is on (all the process's CPU time over the writes made meanwhile, averaged); 0 \
+             until measured.",
+            batching.write_cost_ns,
         );
         one(
             "ssehub_history_length",
@@ -359,6 +391,14 @@ impl Metrics {
             "counter",
             "Tests of a published topic against one URI template or URL pattern, since the hub started (those the template index found as candidates).",
             self.template_tests.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_coalesce_window_seconds How long a subscriber's further updates wait \
+             after a write to it, to share the next one: 0 while the hub is within its write \
+             budget.\n# TYPE ssehub_coalesce_window_seconds gauge\n\
+             ssehub_coalesce_window_seconds {}\n",
+            batching.window.as_secs_f64()
         );
         let _ = writeln!(
             out,

@@ -600,3 +600,118 @@ async fn a_stream_asked_to_close_says_so_and_closes_when_it_ends() {
     assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
     assert_eq!(common::get(&hub, "/healthz", &[]).await.0, 200);
 }
+
+/// Opens `n` raw HTTP/1.1 subscriptions to `topic` and waits until the hub counts them.
+async fn raw_subscribers(hub: &TestHub, topic: &str, n: usize) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        let head = format!("GET /.well-known/mercure?topic={topic} HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
+        conns.push(c);
+    }
+    subscribers(hub, n as f64).await;
+    conns
+}
+
+/// Socket writes of updates the hub made, however made.
+async fn writes(hub: &TestHub) -> f64 {
+    hub.metric("ssehub_direct_writes_total").await
+        + hub.metric("ssehub_coalesced_writes_total").await
+        + hub.metric("ssehub_task_writes_total").await
+}
+
+/// By default the write budget is measured (`--write-budget auto`): the hub reads its CPU time
+/// per write and allows itself 30 % of its cores at that cost, never fewer writes than 20,000
+/// a second per core. A hub that keeps up (10,000 deliveries a second per core) waits for
+/// nothing and shows what it measured; one pushed well past its budget (publishers as fast as
+/// they can to 200 subscribers per core) batches, in fewer writes than deliveries.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_measured_write_budget_batches_only_past_what_the_hub_can_write() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+    let hub = TestHub::start(&["--coalesce", "1s"]);
+    let mut conns = raw_subscribers(&hub, "calm", 100 * cores).await;
+    let mut publisher = hub.publisher().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 0..150 {
+        tick.tick().await;
+        publisher
+            .ok(&[("topic", "calm"), ("data", &format!("n{i}"))])
+            .await;
+        if i >= 50 {
+            // The retune has measured by now: while the load lasts, no wait.
+            assert_eq!(hub.metric("ssehub_coalesce_window_seconds").await, 0.0);
+        }
+    }
+    let mut raw = Vec::new();
+    read_until(&mut conns[0], &mut raw, "data: n149\n\n\r\n").await;
+    let cost = hub.metric("ssehub_write_cost_nanoseconds").await;
+    assert!(
+        cost > 0.0,
+        "a second of 10,000 writes a second per core is measured"
+    );
+    let budget = hub.metric("ssehub_write_budget").await;
+    let floor = 20_000.0 * cores as f64;
+    let want = (0.3e9 * cores as f64 / cost).clamp(floor, 1e7 * cores as f64);
+    assert!(
+        (budget - want).abs() <= 0.01 * want,
+        "budget {budget}: 30 % of {cores} cores at {cost} ns a write, at least {floor}"
+    );
+    assert_eq!(
+        hub.metric("ssehub_coalesced_writes_total").await,
+        0.0,
+        "nothing was held"
+    );
+    drop(conns);
+
+    let busy = raw_subscribers(&hub, "busy", 200 * cores).await;
+    // Read, so that no subscriber falls behind for want of a reader.
+    let readers: Vec<_> = busy
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+        })
+        .collect();
+    let (delivered, written) = (
+        hub.metric("ssehub_deliveries_total").await,
+        writes(&hub).await,
+    );
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let mut p = hub.publisher().await;
+        flood.push(tokio::spawn(async move {
+            loop {
+                p.ok(&[("topic", "busy"), ("data", "x")]).await;
+            }
+        }));
+    }
+    hub.wait_metric(
+        "ssehub_coalesce_window_seconds",
+        |w| w > 0.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    // A few windows' worth of batched writes.
+    hub.wait_metric(
+        "ssehub_coalesced_writes_total",
+        |n| n >= 1_000.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    for f in &flood {
+        f.abort();
+    }
+    let delivered = hub.metric("ssehub_deliveries_total").await - delivered;
+    let written = writes(&hub).await - written;
+    assert!(
+        written < delivered * 0.9,
+        "past the budget updates share writes: {written} writes for {delivered} deliveries"
+    );
+    for r in readers {
+        r.abort();
+    }
+}

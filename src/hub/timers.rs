@@ -125,7 +125,7 @@ mod tests {
         for coalesce in [bound, Duration::ZERO] {
             let hub = Hub::new(HubConfig {
                 coalesce,
-                write_budget: 1,
+                write_budget: crate::hub::WriteBudget::PerCore(1),
                 ..HubConfig::default()
             });
             let _stream = subscribe(&hub);
