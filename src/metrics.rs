@@ -119,8 +119,8 @@ pub struct Batching {
     pub write_budget: u64,
     /// The current wait after a write to a subscriber for further updates to share the next.
     pub window: Duration,
-    /// The measured CPU time per socket write, in nanoseconds; 0 until measured.
-    pub write_cost_ns: u64,
+    /// How busy the cores were at the last retune, 0 to 1.
+    pub cpu_busy: f64,
 }
 
 #[derive(Default)]
@@ -324,18 +324,10 @@ impl Metrics {
             "ssehub_write_budget",
             "gauge",
             "Socket writes a second this hub allows itself before it batches updates: with \
-             --write-budget auto, the share of its cores it may spend at the measured cost of a \
-             write; with a number, that times its cores; divided among the cluster nodes on \
-             this machine.",
+             --write-budget auto, unbounded (10,000,000 a core) while its cores have room and \
+             stepped down while they are busy; with a number, that times its cores, divided \
+             among the cluster nodes on this machine.",
             batching.write_budget,
-        );
-        one(
-            "ssehub_write_cost_nanoseconds",
-            "gauge",
-            "The hub's CPU time per socket write, measured a few times a second while --coalesce \
-             is on (all the process's CPU time over the writes made meanwhile, averaged); 0 \
-             until measured.",
-            batching.write_cost_ns,
         );
         one(
             "ssehub_history_length",
@@ -399,6 +391,15 @@ impl Metrics {
              budget.\n# TYPE ssehub_coalesce_window_seconds gauge\n\
              ssehub_coalesce_window_seconds {}\n",
             batching.window.as_secs_f64()
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_cpu_busy_ratio How busy the cores the hub runs on were at the last \
+             retune of its batching (the busier of the machine and the process on the cores it \
+             may use; a running average, 0 to 1). With --write-budget auto the hub batches more \
+             above 0.85 and less below 0.70.\n# TYPE ssehub_cpu_busy_ratio gauge\n\
+             ssehub_cpu_busy_ratio {}\n",
+            batching.cpu_busy
         );
         let _ = writeln!(
             out,

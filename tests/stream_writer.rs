@@ -621,48 +621,40 @@ async fn writes(hub: &TestHub) -> f64 {
         + hub.metric("ssehub_task_writes_total").await
 }
 
-/// By default the write budget is measured (`--write-budget auto`): the hub reads its CPU time
-/// per write and allows itself 30 % of its cores at that cost, never fewer writes than 20,000
-/// a second per core. A hub that keeps up (10,000 deliveries a second per core) waits for
-/// nothing and shows what it measured; one pushed well past its budget (publishers as fast as
-/// they can to 200 subscribers per core) batches, in fewer writes than deliveries.
+/// By default the write budget follows the cores' load (`--write-budget auto`). A hub that
+/// delivers less than the floor of 20,000 writes a second per core never waits, however busy the
+/// machine is (the tests beside this one may load it); one whose publishers go as fast as they
+/// can to 200 subscribers per core, with readers in this process, saturates the cores and
+/// batches, in fewer writes than deliveries, and says how busy the cores were.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_measured_write_budget_batches_only_past_what_the_hub_can_write() {
+async fn the_measured_write_budget_batches_only_when_the_cores_are_busy() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
     let hub = TestHub::start(&["--coalesce", "1s"]);
-    let mut conns = raw_subscribers(&hub, "calm", 100 * cores).await;
+    let mut conns = raw_subscribers(&hub, "calm", 10).await;
     let mut publisher = hub.publisher().await;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for i in 0..150 {
+    for i in 0..100 {
         tick.tick().await;
         publisher
             .ok(&[("topic", "calm"), ("data", &format!("n{i}"))])
             .await;
-        if i >= 50 {
-            // The retune has measured by now: while the load lasts, no wait.
-            assert_eq!(hub.metric("ssehub_coalesce_window_seconds").await, 0.0);
-        }
     }
     let mut raw = Vec::new();
-    read_until(&mut conns[0], &mut raw, "data: n149\n\n\r\n").await;
-    let cost = hub.metric("ssehub_write_cost_nanoseconds").await;
-    assert!(
-        cost > 0.0,
-        "a second of 10,000 writes a second per core is measured"
-    );
-    let budget = hub.metric("ssehub_write_budget").await;
-    let floor = 20_000.0 * cores as f64;
-    let want = (0.3e9 * cores as f64 / cost).clamp(floor, 1e7 * cores as f64);
-    assert!(
-        (budget - want).abs() <= 0.01 * want,
-        "budget {budget}: 30 % of {cores} cores at {cost} ns a write, at least {floor}"
-    );
+    read_until(&mut conns[0], &mut raw, "data: n99\n\n\r\n").await;
     assert_eq!(
         hub.metric("ssehub_coalesced_writes_total").await,
         0.0,
         "nothing was held"
     );
+    let floor = 20_000.0 * cores as f64;
+    let budget = hub.metric("ssehub_write_budget").await;
+    assert!(
+        (floor..=1e7 * cores as f64).contains(&budget),
+        "budget {budget}"
+    );
+    let busy = hub.metric("ssehub_cpu_busy_ratio").await;
+    assert!((0.0..=1.0).contains(&busy), "busy {busy}");
     drop(conns);
 
     let busy = raw_subscribers(&hub, "busy", 200 * cores).await;
@@ -702,9 +694,11 @@ async fn the_measured_write_budget_batches_only_past_what_the_hub_can_write() {
         Duration::from_secs(20),
     )
     .await;
+    let busy = hub.metric("ssehub_cpu_busy_ratio").await;
     for f in &flood {
         f.abort();
     }
+    assert!(busy > 0.5, "the cores were busy while it batched: {busy}");
     let delivered = hub.metric("ssehub_deliveries_total").await - delivered;
     let written = writes(&hub).await - written;
     assert!(

@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use coalesce::cores;
-pub use coalesce::{WriteBudget, WRITES_PER_CORE, WRITE_SHARE};
+pub use coalesce::{WriteBudget, WRITES_PER_CORE};
 use history::History;
 pub use history::ReplayFrom;
 use selector::TopicUrl;
@@ -599,6 +599,12 @@ impl Hub {
         self.shared.coalescing.share(machine, wanted);
     }
 
+    /// Whether the write budget is a fixed number (`--write-budget N`), which cluster nodes on
+    /// one machine share, rather than `auto`, which follows the machine's load by itself.
+    pub fn write_budget_is_fixed(&self) -> bool {
+        self.shared.coalescing.is_fixed()
+    }
+
     /// Socket writes a second this hub allows itself before it batches.
     pub fn write_budget(&self) -> u64 {
         self.shared.coalescing.budget()
@@ -610,7 +616,7 @@ impl Hub {
         crate::metrics::Batching {
             write_budget: c.budget(),
             window: c.window(),
-            write_cost_ns: c.write_cost_ns(),
+            cpu_busy: c.busy(),
         }
     }
 
@@ -625,6 +631,7 @@ impl Hub {
                 + m.coalesced_writes.load(Relaxed)
                 + m.task_writes.load(Relaxed),
             cpu_ns: coalesce::process_cpu_ns(),
+            machine: coalesce::machine_cpu(),
         });
     }
 
