@@ -261,6 +261,13 @@ bench() {
     rm -f "$out.tmp"
   else
     mv "$out.tmp" "$out"
+    # ssehub's batching as it stood at the end of the run (budget, window, how busy the cores
+    # were, writes by kind), beside the run's JSON.
+    if [ "$peer" = ssehub ] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
+      curl -s --max-time 2 http://127.0.0.1:8000/metrics \
+        | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total) ' \
+        >"${out%.json}.metrics" || true
+    fi
   fi
   stop_peer
 }

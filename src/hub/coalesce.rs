@@ -48,6 +48,10 @@ pub const BUSY_LOW: f64 = 0.70;
 /// about a second, and unbounded again from the floor in about three.
 const STEP_DOWN: f64 = 0.8;
 const STEP_UP: f64 = 1.25;
+/// A retune that ran this late finds the hub behind: its tasks waited that long for a worker,
+/// whatever the CPU figures say (a saturated thread on a many-core machine, neighbours
+/// queueing for the same cores). It counts as an interval with the cores fully busy.
+pub const LAG_BEHIND: Duration = Duration::from_millis(5);
 /// Weight of each new interval in the running busy share: one odd interval (a burst of
 /// publishes, a compaction elsewhere on the machine) moves it by half.
 const BUSY_WEIGHT: f64 = 0.5;
@@ -104,35 +108,88 @@ pub(crate) struct Totals {
     /// The machine's CPU time busy and in all, in the kernel's ticks; `None` where
     /// `/proc/stat` cannot be read.
     pub machine: Option<(u64, u64)>,
+    /// The CPUs the process may use, a fraction under a CPU quota (see [`cpu_capacity`]);
+    /// 0 for [`cores`].
+    pub capacity: f64,
+    /// How late the retune came.
+    pub lag: Duration,
 }
 
-/// The next measured budget per core: down a step below the writes made (`writes_per_core`)
-/// while the cores are `busy` past [`BUSY_HIGH`], up a step below [`BUSY_LOW`], within
-/// [`WRITES_PER_CORE`] and the top of the range.
-pub(crate) fn next_per_core(per_core: u64, busy: f64, writes_per_core: f64) -> u64 {
+/// What the retune saw in one interval, per core of the hub.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    /// The running busy share of the cores (see [`busy_share`]).
+    pub busy: f64,
+    /// The process's own share of the CPUs it may use in the interval.
+    pub process: f64,
+    /// Socket writes made and updates delivered a second, per core.
+    pub writes: f64,
+    pub deliveries: f64,
+    /// Whether updates were being held (a window was open).
+    pub batching: bool,
+}
+
+/// The next measured budget per core, within [`WRITES_PER_CORE`] and the top of the range.
+///
+/// Down a fifth while the cores are busy past [`BUSY_HIGH`]: the first step (not batching yet)
+/// from the writes made, since from an unbounded budget stepping the budget itself would take
+/// dozens of retunes to batch anything; later steps from the budget, since the writes made
+/// while batching are well under it (each subscriber's window runs from its own last write) and
+/// stepping from them would overshoot. Up a quarter below [`BUSY_LOW`], unless the step would
+/// bring the cores back past [`BUSY_HIGH`]: the hub's own CPU is taken to grow with its writes
+/// (an overestimate: not all of it is writing), and a step that stops batching altogether
+/// brings back one write per delivery. Without that guard the loop swings between batching
+/// and not every few retunes. Holds in between.
+pub(crate) fn next_per_core(per_core: u64, load: Load) -> u64 {
     let top = *WRITE_BUDGET_RANGE.end();
-    let next = if busy >= BUSY_HIGH {
-        // From the writes actually made, not from the budget: an unbounded budget would
-        // otherwise take dozens of steps to reach anything that batches.
-        (per_core as f64).min(writes_per_core) * STEP_DOWN
-    } else if busy <= BUSY_LOW {
-        per_core as f64 * STEP_UP
+    let budget = per_core as f64;
+    let next = if load.busy >= BUSY_HIGH {
+        if load.batching {
+            budget * STEP_DOWN
+        } else {
+            budget.min(load.writes) * STEP_DOWN
+        }
+    } else if load.busy <= BUSY_LOW {
+        let up = budget * STEP_UP;
+        let writes_after = if up >= load.deliveries {
+            load.deliveries
+        } else if load.batching {
+            load.writes * STEP_UP
+        } else {
+            load.writes
+        };
+        let grows = if load.writes > 0.0 {
+            writes_after / load.writes
+        } else {
+            1.0
+        };
+        let predicted = load.busy + load.process * (grows - 1.0).max(0.0);
+        if predicted < BUSY_HIGH {
+            up
+        } else {
+            budget
+        }
     } else {
-        per_core as f64
+        budget
     };
     (next as u64).clamp(WRITES_PER_CORE, top)
 }
 
 /// The share of the cores busy in an interval of `secs`: the busier of the machine (busy and
-/// total ticks since the previous reading) and the process (`cpu_ns` on `cores` cores, which
-/// counts a CPU limit the machine's figures cannot see). Within 0 and 1.
+/// total ticks since the previous reading) and the process (`cpu_ns` on the `capacity` CPUs it
+/// may use, which counts a CPU quota the machine's figures cannot see); 1 if the retune came
+/// [`LAG_BEHIND`] late or later. Within 0 and 1.
 pub(crate) fn busy_share(
     secs: f64,
     cpu_ns: Option<u64>,
     machine: Option<(u64, u64)>,
-    cores: u32,
+    capacity: f64,
+    lag: Duration,
 ) -> f64 {
-    let process = cpu_ns.map_or(0.0, |ns| ns as f64 / (secs * 1e9 * f64::from(cores.max(1))));
+    if lag >= LAG_BEHIND {
+        return 1.0;
+    }
+    let process = process_share(secs, cpu_ns, capacity);
     let machine = machine.map_or(0.0, |(busy, total)| {
         if total == 0 {
             0.0
@@ -140,7 +197,51 @@ pub(crate) fn busy_share(
             busy as f64 / total as f64
         }
     });
-    process.max(machine).clamp(0.0, 1.0)
+    let share = process.max(machine);
+    if share.is_nan() {
+        0.0
+    } else {
+        share.clamp(0.0, 1.0)
+    }
+}
+
+/// The process's share of the `capacity` CPUs it may use (0: [`cores`]) in `secs`.
+fn process_share(secs: f64, cpu_ns: Option<u64>, capacity: f64) -> f64 {
+    let capacity = if capacity > 0.0 {
+        capacity
+    } else {
+        f64::from(cores())
+    };
+    let share = cpu_ns.map_or(0.0, |ns| ns as f64 / (secs * 1e9 * capacity));
+    if share.is_nan() {
+        0.0
+    } else {
+        share.clamp(0.0, 1.0)
+    }
+}
+
+/// The CPUs this process may use: its cgroup's CPU quota (cgroup v2 `cpu.max`, e.g. 0.5 for a
+/// container limited to half a CPU, which `available_parallelism` rounds up to 1) when it has
+/// one, else [`cores`]. Read at every retune, so a quota changed at run time counts.
+pub(crate) fn cpu_capacity() -> f64 {
+    let cores = f64::from(cores());
+    cgroup_quota().map_or(cores, |q| q.min(cores))
+}
+
+fn cgroup_quota() -> Option<f64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.max")).ok()?;
+    parse_cpu_max(&max)
+}
+
+/// `cpu.max`: `QUOTA PERIOD` in microseconds, or `max PERIOD` for no quota.
+fn parse_cpu_max(s: &str) -> Option<f64> {
+    let mut fields = s.split_ascii_whitespace();
+    let quota: f64 = fields.next()?.parse().ok()?;
+    let period: f64 = fields.next().unwrap_or("100000").parse().ok()?;
+    (quota > 0.0 && period > 0.0 && quota.is_finite() && period.is_finite())
+        .then(|| (quota / period).max(0.01))
 }
 
 pub(crate) struct Coalescing {
@@ -269,13 +370,21 @@ impl Coalescing {
             .machine
             .zip(last.totals.machine)
             .map(|((busy, total), (b0, t0))| (busy.saturating_sub(b0), total.saturating_sub(t0)));
-        let sample = busy_share(secs, cpu, machine, cores());
+        let sample = busy_share(secs, cpu, machine, now.capacity, now.lag);
         last.busy += BUSY_WEIGHT * (sample - last.busy);
         self.busy_ppm.store((last.busy * 1e6) as u64, Relaxed);
         if self.budget == WriteBudget::Auto {
             let writes = now.writes.saturating_sub(last.totals.writes) as f64;
             let writes_per_core = writes / secs / f64::from(cores());
-            let next = next_per_core(self.per_core.load(Relaxed), last.busy, writes_per_core);
+            let per_core_rate = |n: f64| n / secs / f64::from(cores());
+            let load = Load {
+                busy: last.busy,
+                process: process_share(secs, cpu, now.capacity),
+                writes: writes_per_core,
+                deliveries: per_core_rate(rate * secs),
+                batching: !self.window().is_zero(),
+            };
+            let next = next_per_core(self.per_core.load(Relaxed), load);
             self.per_core.store(next, Relaxed);
         }
         last.at = at;
@@ -413,6 +522,8 @@ mod tests {
             writes: 0,
             cpu_ns: None,
             machine: None,
+            capacity: 0.0,
+            lag: Duration::ZERO,
         }
     }
 
@@ -456,32 +567,97 @@ mod tests {
         assert_eq!(WriteBudget::Auto.to_string(), "auto");
     }
 
-    #[test]
-    fn the_budget_steps_down_below_the_writes_made_while_busy_and_up_while_not() {
-        let top = *WRITE_BUDGET_RANGE.end();
-        // Unbounded and busy: a fifth below the 100,000 writes a second per core it made.
-        assert_eq!(next_per_core(top, 0.9, 100_000.0), 80_000);
-        assert_eq!(next_per_core(80_000, 0.95, 80_000.0), 64_000);
-        // Never below the old fixed default.
-        assert_eq!(next_per_core(21_000, 1.0, 21_000.0), WRITES_PER_CORE);
-        assert_eq!(next_per_core(top, 1.0, 10.0), WRITES_PER_CORE);
-        // Between the bounds it holds.
-        assert_eq!(next_per_core(64_000, 0.8, 64_000.0), 64_000);
-        assert_eq!(next_per_core(64_000, BUSY_LOW + 0.01, 1.0), 64_000);
-        // Room again: a quarter up, to the top.
-        assert_eq!(next_per_core(64_000, 0.5, 64_000.0), 80_000);
-        assert_eq!(next_per_core(top - 1, 0.0, 0.0), top);
+    /// A load of `busy` (the process `process` of it) writing `writes` of `deliveries` a
+    /// second per core.
+    fn load(busy: f64, process: f64, writes: f64, deliveries: f64, batching: bool) -> Load {
+        Load {
+            busy,
+            process,
+            writes,
+            deliveries,
+            batching,
+        }
     }
 
     #[test]
-    fn busy_is_the_busier_of_the_machine_and_the_process_on_its_cores() {
+    fn the_budget_steps_down_below_the_writes_made_while_busy_and_up_while_not() {
+        let top = *WRITE_BUDGET_RANGE.end();
+        // Unbounded and busy, not batching yet: a fifth below the 100,000 writes a second per
+        // core it made.
+        let busy = load(0.9, 0.5, 100_000.0, 100_000.0, false);
+        assert_eq!(next_per_core(top, busy), 80_000);
+        // Batching: a fifth below the budget, whatever fewer writes it made.
+        assert_eq!(
+            next_per_core(80_000, load(0.95, 0.5, 40_000.0, 1e5, true)),
+            64_000
+        );
+        // Never below the old fixed default.
+        assert_eq!(
+            next_per_core(21_000, load(1.0, 1.0, 2e4, 1e5, true)),
+            WRITES_PER_CORE
+        );
+        assert_eq!(
+            next_per_core(top, load(1.0, 0.1, 10.0, 10.0, false)),
+            WRITES_PER_CORE
+        );
+        // Between the bounds it holds.
+        assert_eq!(
+            next_per_core(64_000, load(0.8, 0.5, 3e4, 1e5, true)),
+            64_000
+        );
+        // Room again: a quarter up, to the top.
+        assert_eq!(
+            next_per_core(64_000, load(0.5, 0.2, 3e4, 5e4, true)),
+            80_000
+        );
+        assert_eq!(next_per_core(top - 1, load(0.0, 0.0, 0.0, 0.0, false)), top);
+        // Unless the step would stop batching and bring the cores back past the band: 60 %
+        // busy, half of it the hub's, writing a third of its deliveries.
+        assert_eq!(
+            next_per_core(64_000, load(0.6, 0.3, 3e4, 7.5e4, true)),
+            64_000
+        );
+        // A smaller step within the batching range costs a quarter more writes: taken.
+        assert_eq!(
+            next_per_core(40_000, load(0.6, 0.3, 2e4, 9e4, true)),
+            50_000
+        );
+    }
+
+    #[test]
+    fn busy_is_the_busier_of_the_machine_and_the_process_on_its_cpus_or_full_when_late() {
+        let on_time = Duration::ZERO;
         // Half a second of CPU in a second on 2 cores: a quarter; the machine at 60 %.
-        assert_eq!(busy_share(1.0, Some(500_000_000), Some((60, 100)), 2), 0.6);
-        // A process limited to one core and using it (the machine idle elsewhere).
-        assert_eq!(busy_share(0.5, Some(500_000_000), Some((10, 100)), 1), 1.0);
-        assert_eq!(busy_share(1.0, None, None, 2), 0.0);
-        assert_eq!(busy_share(1.0, None, Some((0, 0)), 2), 0.0);
-        assert_eq!(busy_share(0.1, Some(u64::MAX), None, 2), 1.0);
+        assert_eq!(
+            busy_share(1.0, Some(500_000_000), Some((60, 100)), 2.0, on_time),
+            0.6
+        );
+        // A process limited to half a CPU and using it, the machine idle elsewhere.
+        assert_eq!(
+            busy_share(1.0, Some(500_000_000), Some((10, 100)), 0.5, on_time),
+            1.0
+        );
+        assert_eq!(busy_share(1.0, None, None, 2.0, on_time), 0.0);
+        assert_eq!(busy_share(1.0, None, Some((0, 0)), 2.0, on_time), 0.0);
+        assert_eq!(busy_share(0.1, Some(u64::MAX), None, 2.0, on_time), 1.0);
+        // A retune that came late: the hub is behind.
+        assert_eq!(busy_share(1.0, None, None, 2.0, LAG_BEHIND), 1.0);
+        assert_eq!(busy_share(0.0, Some(0), None, 0.0, on_time), 0.0);
+    }
+
+    #[test]
+    fn a_cgroup_quota_is_a_fraction_of_a_cpu() {
+        assert_eq!(parse_cpu_max("50000 100000\n"), Some(0.5));
+        assert_eq!(parse_cpu_max("150000 100000"), Some(1.5));
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("0 100000"), None);
+        assert_eq!(parse_cpu_max("1 100000"), Some(0.01));
+        assert_eq!(parse_cpu_max(""), None);
+        let capacity = cpu_capacity();
+        assert!(
+            capacity > 0.0 && capacity <= f64::from(cores()),
+            "{capacity}"
+        );
     }
 
     #[test]
@@ -491,27 +667,32 @@ mod tests {
         assert_eq!(parse_proc_stat("cpu  1 2 3\n"), None);
         assert_eq!(parse_proc_stat("intr 1 2 3 4 5 6\n"), None);
         assert_eq!(parse_proc_stat(""), None);
-        assert!(machine_cpu().is_some(), "this is Linux");
+        #[cfg(target_os = "linux")]
+        assert!(machine_cpu().is_some(), "Linux has /proc/stat");
     }
 
-    /// A synthetic 2-core machine for the controller: the process spends `fixed` CPU ns a
-    /// second whatever it writes and `per_write` ns a write; `rate` deliveries a second go to
-    /// `active` subscribers, each written at most once per window (`active / window` writes a
-    /// second, at most `rate`). Returns (budget, busy share) after each of 60 retunes, 100 ms
-    /// apart.
-    async fn drive(
+    /// A synthetic machine for the controller: the process spends `fixed` CPU ns a second
+    /// whatever it writes and `per_write` ns a write; `rate` deliveries a second go to `active`
+    /// subscribers, each written at most once per window: `fill` × `active / window` writes a
+    /// second, at most `rate` (a real hub makes about half the writes the budget allows, each
+    /// window running from the subscriber's own last write). Returns (budget, busy share,
+    /// window) after each of 60 retunes, 100 ms apart.
+    async fn drive_filled(
         c: &Coalescing,
         fixed: f64,
         per_write: f64,
         rate: f64,
         active: u64,
-    ) -> Vec<(u64, f64)> {
+        fill: f64,
+    ) -> Vec<(u64, f64, Duration)> {
         let cores = f64::from(cores());
         let mut now = Totals {
             deliveries: 0,
             writes: 0,
             cpu_ns: Some(0),
             machine: None,
+            capacity: cores,
+            lag: Duration::ZERO,
         };
         let mut seen = Vec::new();
         let subs: Vec<AtomicU64> = (0..active).map(|_| AtomicU64::new(0)).collect();
@@ -520,7 +701,7 @@ mod tests {
             let writes = if window == 0.0 {
                 rate
             } else {
-                rate.min(active as f64 / window)
+                rate.min(fill * active as f64 / window)
             };
             for s in &subs {
                 c.touched(s);
@@ -532,9 +713,23 @@ mod tests {
             let cpu = (fixed + per_write * writes).min(cores * 1e9);
             *now.cpu_ns.as_mut().unwrap() += (cpu / 10.0) as u64;
             c.retune(now);
-            seen.push((c.budget(), c.busy()));
+            seen.push((c.budget(), c.busy(), c.window()));
         }
         seen
+    }
+
+    async fn drive(
+        c: &Coalescing,
+        fixed: f64,
+        per_write: f64,
+        rate: f64,
+        active: u64,
+    ) -> Vec<(u64, f64)> {
+        drive_filled(c, fixed, per_write, rate, active, 1.0)
+            .await
+            .into_iter()
+            .map(|(b, busy, _)| (b, busy))
+            .collect()
     }
 
     /// A hub that keeps up batches nothing; one that would saturate its cores writing every
@@ -565,6 +760,37 @@ mod tests {
         let budgets: Vec<u64> = seen[40..].iter().map(|(b, _)| *b).collect();
         let (lo, hi) = (budgets.iter().min().unwrap(), budgets.iter().max().unwrap());
         assert!(*hi as f64 <= *lo as f64 * 1.6, "it settles: {budgets:?}");
+    }
+
+    /// A hub that makes half the writes its budget allows while batching still settles: once
+    /// it batches it steps from its budget, not from the fewer writes it made, so it does not
+    /// swing between batching hard and not at all.
+    #[tokio::test(start_paused = true)]
+    async fn the_measured_budget_settles_when_batching_makes_half_the_writes() {
+        let cores = f64::from(cores());
+        let capacity = cores * 1e9;
+        let rate = 100_000.0 * cores;
+        let active = 1_000 * cores as u64;
+        for load in [0.9, 1.0, 1.2, 1.6] {
+            let c = Coalescing::new(Duration::from_millis(200), WriteBudget::Auto);
+            let seen = drive_filled(
+                &c,
+                0.1 * capacity,
+                load * capacity / rate,
+                rate,
+                active,
+                0.5,
+            )
+            .await;
+            let unbatched = seen[30..].iter().filter(|(_, _, w)| w.is_zero()).count();
+            assert_eq!(
+                unbatched, 0,
+                "load {load}: it stops batching again: {seen:?}"
+            );
+            let budgets: Vec<u64> = seen[40..].iter().map(|(b, _, _)| *b).collect();
+            let (lo, hi) = (budgets.iter().min().unwrap(), budgets.iter().max().unwrap());
+            assert!(*hi as f64 <= *lo as f64 * 1.3, "load {load}: {budgets:?}");
+        }
     }
 
     /// When the hub's other costs alone keep the cores busy, batching more never brings them

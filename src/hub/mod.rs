@@ -621,9 +621,9 @@ impl Hub {
     }
 
     /// Resets the coalescing window from what was delivered and written since the previous
-    /// call, and the CPU time spent meanwhile; called a few times a second while `--coalesce`
-    /// is on.
-    pub fn retune_coalescing(&self) {
+    /// call, the CPU time spent meanwhile and how late the call came (`lag`); called a few
+    /// times a second while `--coalesce` is on.
+    pub fn retune_coalescing(&self, lag: Duration) {
         let m = &self.shared.metrics;
         self.shared.coalescing.retune(coalesce::Totals {
             deliveries: m.deliveries.load(Relaxed),
@@ -632,6 +632,8 @@ impl Hub {
                 + m.task_writes.load(Relaxed),
             cpu_ns: coalesce::process_cpu_ns(),
             machine: coalesce::machine_cpu(),
+            capacity: coalesce::cpu_capacity(),
+            lag,
         });
     }
 

@@ -567,8 +567,8 @@ impl Drain {
         drop(st);
         let chunk = concat(self.spare.iter(), bytes, legacy);
         self.spare.clear();
-        // Counted for the measured cost of a write (see `coalesce`), with the direct and the
-        // flusher's writes.
+        // Counted with the direct and the flusher's writes: the retune compares the writes made
+        // with the budget (see `coalesce`).
         hub.metrics.task_writes.fetch_add(1, Ordering::Relaxed);
         Some(Wire::Data(chunk))
     }
