@@ -19,6 +19,8 @@
 #            S5-h2-single one stream per connection (half as many)
 # TLS_SUBSCRIBERS and TLS_UPDATES size S1-tls and S1-h2 (1,000 and 2,000, as S1).
 #
+# S1-light: S1 at 50 updates/s (a load the machine has room for), ssehub also at the old fixed
+# budget and unbatched: run when named (SCENARIOS="S1-light").
 # FRONTIER (ssehub; run with S1 so the peers are in the same batch, as SCENARIOS="S1 FRONTIER"):
 # S1 at each batching setting of FRONTIER_POINTS, from none (`coalesce0`: --coalesce 0) through
 # write budgets from large to small (`wbN`: --write-budget N), for the table and plot of p99
@@ -263,6 +265,13 @@ bench() {
     rm -f "$out.tmp"
   else
     mv "$out.tmp" "$out"
+    # ssehub's batching as it stood at the end of the run (budget, window, how busy the cores
+    # were, writes by kind), beside the run's JSON.
+    if [ "$peer" = ssehub ] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
+      curl -s --max-time 2 http://127.0.0.1:8000/metrics \
+        | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total) ' \
+        >"${out%.json}.metrics" || true
+    fi
   fi
   stop_peer
 }
@@ -399,6 +408,7 @@ clear_old() {
     S5-h2) rm -f "$RESULTS"/S5-h2-"$p"-*.json "$RESULTS"/S5-h2-single-"$p"-*.json ;;
     SCALE) rm -f "$RESULTS"/scale-*-"$p"-*.json ;;
     FRONTIER) rm -f "$RESULTS"/FRONTIER-*-"$p"-*.json ;;
+    S1-light) rm -f "$RESULTS"/S1-light-*"$p"-*.json ;;
     *) rm -f "$RESULTS/$s-$p"-*.json ;;
   esac
 }
@@ -469,6 +479,17 @@ for s in $SCENARIOS; do
                TLS=1 bench "$p" S5-h2-single "$run" --tls --http2 --streams-per-connection 1 \
                  --subscribers $((TLS_IDLE / 2)) --updates 1 --rate 1 --size 100 --source-ips 8 \
                  --connect-concurrency 500 --settle 3s ;;
+        S1-light)
+            # S1 at a quarter of its rate (50 updates/s): a load this machine has room for, where
+            # batching should cost no latency. ssehub also runs at the old fixed default
+            # (--write-budget 20000) and with no batching at all, for comparison.
+            bench "$p" S1-light "$run" --subscribers 1000 --updates 500 --rate 50 --size 100 --publishers 16
+            if [ "$p" = ssehub ]; then
+              SSEHUB_FLAGS="--write-budget 20000" bench ssehub S1-light-wb20000 "$run" --subscribers 1000 \
+                --updates 500 --rate 50 --size 100 --publishers 16
+              SSEHUB_FLAGS="--coalesce 0" bench ssehub S1-light-coalesce0 "$run" --subscribers 1000 \
+                --updates 500 --rate 50 --size 100 --publishers 16
+            fi ;;
         FRONTIER) if [ "$p" = ssehub ]; then
                     for point in $FRONTIER_POINTS; do
                       case $point in

@@ -11,7 +11,7 @@ import os
 import re
 
 # Peer markers; ssehub's settings are joined by a line in budget order.
-COLOURS = {"ssehub": "#1f77b4", "baseline": "#999999", "nchan": "#d95f02"}
+COLOURS = {"ssehub": "#1f77b4", "default": "#2ca02c", "baseline": "#999999", "nchan": "#d95f02"}
 
 
 def point_flags(point):
@@ -41,14 +41,17 @@ def collect(runs, med, get):
                      med([get(r, "latency_ms.p50") for r in reports]),
                      med([get(r, "latency_ms.p99") for r in reports]),
                      sum(get(r, "lost") or 0 for r in reports), len(reports), "ssehub"))
-    for peer, name in (("baseline", "naive axum + broadcast"), ("nchan", "nginx + nchan")):
+    for peer, name, flags in (("ssehub", "ssehub default", "(S1: --write-budget auto)"),
+                              ("baseline", "naive axum + broadcast", "(S1, same batch)"),
+                              ("nchan", "nginx + nchan", "(S1, same batch)")):
         reports = runs.get(("S1", peer), [])
         if reports and points:
-            rows.append((name, "(S1, same batch)",
+            rows.append((name, flags,
                          med([get(r, "server.deliveries_per_cpu_sec") for r in reports]),
                          med([get(r, "latency_ms.p50") for r in reports]),
                          med([get(r, "latency_ms.p99") for r in reports]),
-                         sum(get(r, "lost") or 0 for r in reports), len(reports), peer))
+                         sum(get(r, "lost") or 0 for r in reports), len(reports),
+                         "default" if peer == "ssehub" else peer))
     return rows
 
 

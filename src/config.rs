@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::hub::WriteBudget;
+
 /// Which Mercure dialects the hub's subscribe endpoint speaks (`--protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
@@ -75,22 +77,25 @@ pub struct ServeArgs {
     pub heartbeat: Duration,
 
     /// Longest wait for updates that follow a write to the same subscriber, so that they go out
-    /// together in one write. There is no wait while the hub delivers fewer than
-    /// --write-budget updates a second per core; past that, the wait is what keeps the
-    /// receiving subscribers within that many writes (at the default budget on 2 cores: 25 ms
-    /// for 1,000 busy subscribers, 125 ms for 5,000), up to this bound (reached at 8,000).
-    /// The first update after a quiet spell is never delayed, nor are updates once half of
-    /// --subscriber-queue are pending; 0 writes every update at once.
+    /// together in one write. There is no wait while the hub delivers fewer updates a second
+    /// than its write budget (--write-budget); past that, the wait is what keeps the receiving
+    /// subscribers within the budget, up to this bound. The first update after a quiet spell is
+    /// never delayed, nor are updates once half of --subscriber-queue are pending; 0 writes
+    /// every update at once.
     #[arg(long, env = "SSEHUB_COALESCE", default_value = "200ms", value_parser = parse_duration)]
     pub coalesce: Duration,
 
-    /// Socket writes a second per core the hub allows itself before it batches (see
-    /// --coalesce; no effect with --coalesce 0). Lower spends less CPU per update and waits
-    /// longer; higher the reverse. It is the machine's: cluster nodes on one machine that
-    /// may use more cores than it has find each other through Redis and share it.
-    #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value_t = crate::hub::WRITES_PER_CORE,
-          value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
-    pub write_budget: u64,
+    /// Socket writes a second the hub allows itself before it batches (see --coalesce; no
+    /// effect with --coalesce 0). `auto` follows the cores' load: no limit, so no update waits,
+    /// while they have room; while they are more than 85 % busy (the machine's, or the
+    /// process's share of the cores it may use), fewer writes step by step, never fewer than
+    /// 20000 a second per core. A number (1000 to 10000000) fixes the writes a second per core
+    /// whatever the load, the CPU-saving choice: 20000 spends about a third of the CPU of
+    /// writing every update in a 1,000-subscriber fan-out and holds updates ~25 ms. A fixed
+    /// budget is the machine's: cluster nodes on one machine that may use more cores than it
+    /// has find each other through Redis and share it.
+    #[arg(long, env = "SSEHUB_WRITE_BUDGET", default_value = "auto", value_parser = parse_write_budget)]
+    pub write_budget: WriteBudget,
 
     /// Updates a subscriber may lag behind before the hub drops its connection.
     #[arg(long, env = "SSEHUB_SUBSCRIBER_QUEUE", default_value_t = 1000)]
@@ -246,8 +251,8 @@ pub struct ServeConfig {
     pub heartbeat: Option<Duration>,
     pub subscriber_queue: usize,
     pub coalesce: Duration,
-    /// Writes a second per core before batching.
-    pub write_budget: u64,
+    /// Writes a second before batching: measured, or fixed per core.
+    pub write_budget: WriteBudget,
     pub max_connections: usize,
     pub max_body: usize,
     pub template_memory: usize,
@@ -659,6 +664,11 @@ pub fn default_max_connections() -> usize {
     let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(10_000_000);
     soft.saturating_sub(soft / 20 + 32 + RESERVE_CONNECTIONS)
         .max(1)
+}
+
+/// `auto`, or writes a second per core.
+pub fn parse_write_budget(s: &str) -> Result<WriteBudget, String> {
+    s.parse()
 }
 
 /// `5s`, `250ms`, `1m`, or `0` for off.

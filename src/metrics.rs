@@ -112,6 +112,17 @@ impl<const N: usize> Buckets<N> {
     }
 }
 
+/// Where the hub's batching stands (see `hub::coalesce`), shown with the counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Socket writes a second the hub allows itself before it batches.
+    pub write_budget: u64,
+    /// The current wait after a write to a subscriber for further updates to share the next.
+    pub window: Duration,
+    /// How busy the cores were at the last retune, 0 to 1.
+    pub cpu_busy: f64,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Commits of the durable history, and the size of its file after the last.
@@ -139,6 +150,9 @@ pub struct Metrics {
     pub direct_writes: AtomicU64,
     /// Socket writes of held updates made by the coalescing flusher.
     pub coalesced_writes: AtomicU64,
+    /// Chunks of queued updates a stream's own task took to write (HTTP/2, TLS, and HTTP/1.1
+    /// streams whose updates were not written directly or by the flusher).
+    pub task_writes: AtomicU64,
     /// Publish requests answered by the hub's own HTTP/1.1 path rather than hyper.
     pub plain_publishes: AtomicU64,
     /// Times a cluster node found stream entries removed before it had read them.
@@ -207,9 +221,10 @@ impl Metrics {
             .fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    /// The Prometheus text exposition format, version 0.0.4. `write_budget` is the hub's
-    /// current one, which its coalescing keeps (it changes when cluster nodes share a machine).
-    pub fn render(&self, write_budget: u64) -> String {
+    /// The Prometheus text exposition format, version 0.0.4. `batching` is where the hub's
+    /// coalescing stands now (its budget is measured, and shared when cluster nodes share a
+    /// machine).
+    pub fn render(&self, batching: Batching) -> String {
         let mut out = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(
@@ -299,11 +314,20 @@ impl Metrics {
             self.cluster_gaps.load(Relaxed),
         );
         one(
+            "ssehub_task_writes_total",
+            "counter",
+            "Chunks of queued updates written by a stream's own task (HTTP/2, TLS, and HTTP/1.1 \
+             streams whose updates were neither written directly nor by the flusher).",
+            self.task_writes.load(Relaxed),
+        );
+        one(
             "ssehub_write_budget",
             "gauge",
-            "Socket writes a second this hub allows itself before it batches updates: \
-             --write-budget times its cores, divided among the cluster nodes on this machine.",
-            write_budget,
+            "Socket writes a second this hub allows itself before it batches updates: with \
+             --write-budget auto, unbounded (10,000,000 a core) while its cores have room and \
+             stepped down while they are busy; with a number, that times its cores, divided \
+             among the cluster nodes on this machine.",
+            batching.write_budget,
         );
         one(
             "ssehub_history_length",
@@ -359,6 +383,23 @@ impl Metrics {
             "counter",
             "Tests of a published topic against one URI template or URL pattern, since the hub started (those the template index found as candidates).",
             self.template_tests.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_coalesce_window_seconds How long a subscriber's further updates wait \
+             after a write to it, to share the next one: 0 while the hub is within its write \
+             budget.\n# TYPE ssehub_coalesce_window_seconds gauge\n\
+             ssehub_coalesce_window_seconds {}\n",
+            batching.window.as_secs_f64()
+        );
+        let _ = write!(
+            out,
+            "# HELP ssehub_cpu_busy_ratio How busy the cores the hub runs on were at the last \
+             retune of its batching (the busier of the machine and the process on the cores it \
+             may use; a running average, 0 to 1). With --write-budget auto the hub batches more \
+             above 0.85 and less below 0.70.\n# TYPE ssehub_cpu_busy_ratio gauge\n\
+             ssehub_cpu_busy_ratio {}\n",
+            batching.cpu_busy
         );
         let _ = writeln!(
             out,

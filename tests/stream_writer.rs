@@ -600,3 +600,112 @@ async fn a_stream_asked_to_close_says_so_and_closes_when_it_ends() {
     assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
     assert_eq!(common::get(&hub, "/healthz", &[]).await.0, 200);
 }
+
+/// Opens `n` raw HTTP/1.1 subscriptions to `topic` and waits until the hub counts them.
+async fn raw_subscribers(hub: &TestHub, topic: &str, n: usize) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut c = TcpStream::connect(hub.addr).await.unwrap();
+        let head = format!("GET /.well-known/mercure?topic={topic} HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
+        conns.push(c);
+    }
+    subscribers(hub, n as f64).await;
+    conns
+}
+
+/// Socket writes of updates the hub made, however made.
+async fn writes(hub: &TestHub) -> f64 {
+    hub.metric("ssehub_direct_writes_total").await
+        + hub.metric("ssehub_coalesced_writes_total").await
+        + hub.metric("ssehub_task_writes_total").await
+}
+
+/// By default the write budget follows the cores' load (`--write-budget auto`). A hub that
+/// delivers less than the floor of 20,000 writes a second per core never waits, however busy the
+/// machine is (the tests beside this one may load it); one whose publishers go as fast as they
+/// can to 200 subscribers per core, with readers in this process, saturates the cores and
+/// batches, in fewer writes than deliveries, and says how busy the cores were.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_measured_write_budget_batches_only_when_the_cores_are_busy() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+    let hub = TestHub::start(&["--coalesce", "1s"]);
+    let mut conns = raw_subscribers(&hub, "calm", 10).await;
+    let mut publisher = hub.publisher().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 0..100 {
+        tick.tick().await;
+        publisher
+            .ok(&[("topic", "calm"), ("data", &format!("n{i}"))])
+            .await;
+    }
+    let mut raw = Vec::new();
+    read_until(&mut conns[0], &mut raw, "data: n99\n\n\r\n").await;
+    assert_eq!(
+        hub.metric("ssehub_coalesced_writes_total").await,
+        0.0,
+        "nothing was held"
+    );
+    let floor = 20_000.0 * cores as f64;
+    let budget = hub.metric("ssehub_write_budget").await;
+    assert!(
+        (floor..=1e7 * cores as f64).contains(&budget),
+        "budget {budget}"
+    );
+    let busy = hub.metric("ssehub_cpu_busy_ratio").await;
+    assert!((0.0..=1.0).contains(&busy), "busy {busy}");
+    drop(conns);
+
+    let busy = raw_subscribers(&hub, "busy", 200 * cores).await;
+    // Read, so that no subscriber falls behind for want of a reader.
+    let readers: Vec<_> = busy
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+        })
+        .collect();
+    let (delivered, written) = (
+        hub.metric("ssehub_deliveries_total").await,
+        writes(&hub).await,
+    );
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let mut p = hub.publisher().await;
+        flood.push(tokio::spawn(async move {
+            loop {
+                p.ok(&[("topic", "busy"), ("data", "x")]).await;
+            }
+        }));
+    }
+    hub.wait_metric(
+        "ssehub_coalesce_window_seconds",
+        |w| w > 0.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    // A few windows' worth of batched writes.
+    hub.wait_metric(
+        "ssehub_coalesced_writes_total",
+        |n| n >= 1_000.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    let busy = hub.metric("ssehub_cpu_busy_ratio").await;
+    for f in &flood {
+        f.abort();
+    }
+    assert!(busy > 0.5, "the cores were busy while it batched: {busy}");
+    let delivered = hub.metric("ssehub_deliveries_total").await - delivered;
+    let written = writes(&hub).await - written;
+    assert!(
+        written < delivered * 0.9,
+        "past the budget updates share writes: {written} writes for {delivered} deliveries"
+    );
+    for r in readers {
+        r.abort();
+    }
+}

@@ -1,6 +1,7 @@
-//! Nodes that run on one machine share its write budget.
+//! Nodes that run on one machine share a fixed write budget.
 //!
-//! A hub budgets its socket writes per core (`--write-budget`, see `hub::coalesce`): past that
+//! (Only `--write-budget N`: the default, `auto`, reads the machine's load itself, which the
+//! other nodes' work is part of.) A fixed budget is per core (see `hub::coalesce`): past that
 //! many writes a second it batches updates. Several nodes on one machine's cores would each take
 //! the whole budget, together writing several times what those cores were budgeted for, in
 //! windows too short to batch much (three nodes and Redis on two cores gave half the deliveries
@@ -36,10 +37,14 @@ const STAMP: &str = "local t = redis.call('TIME') \
 
 /// Keeps this node's share of the machine's budget up to date until `stop`.
 pub async fn run(cluster: Cluster, stop: CancellationToken) {
+    if !cluster.inner.hub.write_budget_is_fixed() {
+        // `auto` reads the machine's load, the other nodes' included: nothing to share.
+        return;
+    }
     let Some(redis) = cluster.redis() else {
         tracing::info!(
-            "nodes on one machine share its write budget only in Redis mode: this node keeps \
-             its whole write budget"
+            "nodes on one machine share a fixed --write-budget only in Redis mode: this node \
+             keeps its whole write budget"
         );
         return;
     };

@@ -26,7 +26,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.hub.metrics().render(app.hub.write_budget()),
+        app.hub.metrics().render(app.hub.batching()),
     )
         .into_response()
 }

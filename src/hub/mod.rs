@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use coalesce::cores;
-pub use coalesce::WRITES_PER_CORE;
+pub use coalesce::{WriteBudget, WRITES_PER_CORE};
 use history::History;
 pub use history::ReplayFrom;
 use selector::TopicUrl;
@@ -77,8 +77,8 @@ pub struct HubConfig {
     /// The longest wait for further updates after a write to a subscriber, so that they go
     /// out together (see `coalesce`); zero writes each update at once.
     pub coalesce: Duration,
-    /// Socket writes a second per core before the hub batches.
-    pub write_budget: u64,
+    /// Socket writes a second before the hub batches: measured, or fixed per core.
+    pub write_budget: WriteBudget,
     /// Subscribers connected at once; more are refused.
     pub max_subscribers: usize,
     /// Publish Mercure subscription events and keep what the subscription API lists.
@@ -102,7 +102,7 @@ impl Default for HubConfig {
             history_bytes: 256 << 20,
             subscriber_queue: 1000,
             coalesce: Duration::ZERO,
-            write_budget: coalesce::WRITES_PER_CORE,
+            write_budget: WriteBudget::Auto,
             max_subscribers: 10_000,
             subscription_events: false,
             max_stream_lifetime: None,
@@ -599,16 +599,42 @@ impl Hub {
         self.shared.coalescing.share(machine, wanted);
     }
 
+    /// Whether the write budget is a fixed number (`--write-budget N`), which cluster nodes on
+    /// one machine share, rather than `auto`, which follows the machine's load by itself.
+    pub fn write_budget_is_fixed(&self) -> bool {
+        self.shared.coalescing.is_fixed()
+    }
+
     /// Socket writes a second this hub allows itself before it batches.
     pub fn write_budget(&self) -> u64 {
         self.shared.coalescing.budget()
     }
 
-    /// Resets the coalescing window from what was delivered since the previous call; called a
-    /// few times a second while `--coalesce` is on.
-    pub fn retune_coalescing(&self) {
-        let delivered = self.shared.metrics.deliveries.load(Relaxed);
-        self.shared.coalescing.retune(delivered);
+    /// What the hub's batching stands at, for `/metrics`.
+    pub fn batching(&self) -> crate::metrics::Batching {
+        let c = &self.shared.coalescing;
+        crate::metrics::Batching {
+            write_budget: c.budget(),
+            window: c.window(),
+            cpu_busy: c.busy(),
+        }
+    }
+
+    /// Resets the coalescing window from what was delivered and written since the previous
+    /// call, the CPU time spent meanwhile and how late the call came (`lag`); called a few
+    /// times a second while `--coalesce` is on.
+    pub fn retune_coalescing(&self, lag: Duration) {
+        let m = &self.shared.metrics;
+        self.shared.coalescing.retune(coalesce::Totals {
+            deliveries: m.deliveries.load(Relaxed),
+            writes: m.direct_writes.load(Relaxed)
+                + m.coalesced_writes.load(Relaxed)
+                + m.task_writes.load(Relaxed),
+            cpu_ns: coalesce::process_cpu_ns(),
+            machine: coalesce::machine_cpu(),
+            capacity: coalesce::cpu_capacity(),
+            lag,
+        });
     }
 
     /// Sends a heartbeat on every stream that had nothing to send since the previous call.

@@ -567,6 +567,9 @@ impl Drain {
         drop(st);
         let chunk = concat(self.spare.iter(), bytes, legacy);
         self.spare.clear();
+        // Counted with the direct and the flusher's writes: the retune compares the writes made
+        // with the budget (see `coalesce`).
+        hub.metrics.task_writes.fetch_add(1, Ordering::Relaxed);
         Some(Wire::Data(chunk))
     }
 
@@ -745,6 +748,7 @@ mod tests {
     use std::task::Wake;
 
     use super::*;
+    use crate::hub::WriteBudget;
 
     /// A sink that takes everything.
     struct Sink;
@@ -804,7 +808,7 @@ mod tests {
     fn a_publish_during_a_direct_write_goes_out_after_it() {
         let count = Arc::new(Count::default());
         let sub = subscriber(&count);
-        let coalescing = Coalescing::new(Duration::ZERO, 1);
+        let coalescing = Coalescing::new(Duration::ZERO, WriteBudget::PerCore(1));
         sub.state.lock().writer = Writer::Waiting;
         assert!(matches!(
             sub.offer(&update(1), LIMIT, &coalescing, true, None),
@@ -828,7 +832,7 @@ mod tests {
     fn the_flusher_writes_a_held_queue_once_and_leaves_the_rest_to_the_task() {
         let count = Arc::new(Count::default());
         let sub = subscriber(&count);
-        let coalescing = Coalescing::new(Duration::from_secs(1), 1);
+        let coalescing = Coalescing::new(Duration::from_secs(1), WriteBudget::PerCore(1));
         let window = 10 * TICK_NS;
         let now = now_ns();
         let mut st = sub.state.lock();
@@ -878,7 +882,7 @@ mod tests {
             Writer::TaskHolds,
             Writer::FlusherHolds { at: now_ns() },
         ];
-        let coalescing = Coalescing::new(Duration::ZERO, 1);
+        let coalescing = Coalescing::new(Duration::ZERO, WriteBudget::PerCore(1));
         for state in states {
             let count = Arc::new(Count::default());
             let sub = subscriber(&count);
