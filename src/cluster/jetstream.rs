@@ -30,6 +30,8 @@ const LEASE_BUCKET: &str = "ssehub-clock";
 const COUNTER_BUCKET: &str = "ssehub-clock-count";
 /// How long the history at start may take to arrive before the node gives up starting.
 const REPLAY_WAIT: Duration = Duration::from_secs(30);
+/// How long a starting node tries to make or find its stream before it gives up and exits.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
 /// How often a node checks that the stream answers (for `/readyz`).
 const PROBE: Duration = Duration::from_secs(1);
 /// How long one pull of the ordered consumer waits on the server. The consumer's idle heartbeat
@@ -108,13 +110,30 @@ impl Link {
             storage: stream::StorageType::File,
             ..Default::default()
         };
-        let mut stream = js.get_or_create_stream(config.clone()).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot make or find the stream {STREAM} in NATS JetStream at {shown} ({e}): is \
-                 JetStream enabled (nats-server -js), and are there --nats-replicas \
-                 ({replicas}) servers in its cluster?"
-            )
-        })?;
+        // A JetStream cluster that has just started answers nothing until its servers have
+        // elected a leader (a few seconds): a node started with it (one `docker compose up`)
+        // tries again for a while rather than exit.
+        let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+        let mut stream = loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(stream) => break stream,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(
+                        "the stream {STREAM} cannot be made or found yet ({e}); trying again \
+                         for up to {}s",
+                        STARTUP_WAIT.as_secs()
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "cannot make or find the stream {STREAM} in NATS JetStream at {shown} \
+                         ({e}): is JetStream enabled (nats-server -js), and are there \
+                         --nats-replicas ({replicas}) servers in its cluster?"
+                    ))
+                }
+            }
+        };
         let info = stream
             .info()
             .await
