@@ -183,8 +183,8 @@ impl Server {
         );
     }
 
-    /// Sends SIGSTOP or SIGCONT: the process stays this server's.
-    fn freeze(&self, name: &str) {
+    /// Sends a signal (by name: STOP, CONT, TERM, KILL) without waiting for anything.
+    fn send(&self, name: &str) {
         if let Some(c) = &self.child {
             let _ = Command::new("kill")
                 .args([&format!("-{name}"), &c.id().to_string()])
@@ -192,11 +192,15 @@ impl Server {
         }
     }
 
+    /// Sends a signal that ends the process, and waits until it exited.
     fn signal(&mut self, name: &str) {
+        self.send(name);
+        self.wait_exit();
+    }
+
+    /// Until the process exited (after a signal that ends it).
+    fn wait_exit(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args([&format!("-{name}"), &c.id().to_string()])
-                .status();
             let _ = c.wait();
         }
     }
@@ -388,6 +392,8 @@ fn collect(mut s: EventStream) -> Collected {
 /// stops after `last_oks` updates answered `200` in phase `last`.
 struct Steady {
     oks: Arc<Mutex<Vec<String>>>,
+    /// Publishes answered `503`, every publisher together.
+    refused: Arc<AtomicUsize>,
     phase: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -395,12 +401,13 @@ struct Steady {
 impl Steady {
     fn start(nodes: &[TestHub], last: usize, last_oks: usize) -> Steady {
         let oks = Arc::new(Mutex::new(Vec::<String>::new()));
+        let refused = Arc::new(AtomicUsize::new(0));
         let phase = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for (k, n) in nodes.iter().enumerate() {
             let target = n.target("/.well-known/mercure");
             let token = n.publisher_token();
-            let (oks, phase) = (oks.clone(), phase.clone());
+            let (oks, refused, phase) = (oks.clone(), refused.clone(), phase.clone());
             tasks.push(tokio::spawn(async move {
                 let mut at_last = 0;
                 let deadline = Instant::now() + Duration::from_secs(90);
@@ -426,6 +433,7 @@ impl Steady {
                         }
                         Ok((StatusCode::SERVICE_UNAVAILABLE, reason)) => {
                             assert!(reason.contains("NATS"), "{reason}");
+                            refused.fetch_add(1, SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Ok(other) => panic!("unexpected answer {other:?}"),
@@ -435,7 +443,12 @@ impl Steady {
                 }
             }));
         }
-        Steady { oks, phase, tasks }
+        Steady {
+            oks,
+            refused,
+            phase,
+            tasks,
+        }
     }
 
     /// Until `n` updates were answered `200`.
@@ -443,6 +456,15 @@ impl Steady {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.oks.lock().unwrap().len() < n {
             assert!(Instant::now() < deadline, "no steady publishing");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Until `n` more publishes were answered `503` than `since`.
+    async fn wait_refused(&self, since: usize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.refused.load(SeqCst) < since + n {
+            assert!(Instant::now() < deadline, "no publish was refused");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -462,8 +484,24 @@ impl Steady {
 }
 
 /// Every update of `oks` arrives on every node's stream of `seen`, each once, in one order
-/// on all of them.
+/// on all of them, and no node counts a gap.
 async fn assert_each_once_in_one_order(oks: &[String], seen: Vec<Collected>, nodes: &[TestHub]) {
+    let orders = assert_each_once(oks, seen, nodes).await;
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "one order on every node");
+    }
+    for n in nodes {
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
+    }
+}
+
+/// Every update of `oks` arrives on every node's stream of `seen`, and each update there
+/// arrives once. Returns the ids each node delivered, in its order.
+async fn assert_each_once(
+    oks: &[String],
+    seen: Vec<Collected>,
+    nodes: &[TestHub],
+) -> Vec<Vec<String>> {
     let want: HashSet<&String> = oks.iter().collect();
     let mut orders = Vec::new();
     let all: Vec<_> = seen.iter().map(|(got, _)| got.clone()).collect();
@@ -516,12 +554,32 @@ async fn assert_each_once_in_one_order(oks: &[String], seen: Vec<Collected>, nod
         assert_eq!(unique.len(), events.len(), "each update once");
         orders.push(ids(&events));
     }
-    for o in &orders[1..] {
-        assert_eq!(o, &orders[0], "one order on every node");
+    orders
+}
+
+/// The update stream's messages, in sequence, as (id, data).
+async fn stream_contents(nats: &Nats) -> Vec<(String, String)> {
+    let client = async_nats::connect(format!("nats://127.0.0.1:{}", nats.servers[0].port))
+        .await
+        .expect("connect to NATS");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("ssehub-updates")
+        .await
+        .expect("the update stream");
+    let state = stream
+        .info()
+        .await
+        .expect("the stream's state")
+        .state
+        .clone();
+    let mut contents = Vec::new();
+    for sequence in state.first_sequence..=state.last_sequence {
+        let m = stream.get_raw_message(sequence).await.expect("a message");
+        let fields: std::collections::HashMap<String, String> =
+            serde_json::from_slice(&m.payload).expect("written by ssehub");
+        contents.push((fields["id"].clone(), fields["data"].clone()));
     }
-    for n in nodes {
-        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
-    }
+    contents
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,6 +628,8 @@ enum Outage {
     Frozen,
     /// `kill -9`, then started again on their data.
     Killed,
+    /// SIGTERM (they shut down cleanly and exit), then started again on their data.
+    Stopped,
 }
 
 /// Three servers, two nodes publishing steadily; every server goes away at once and comes back:
@@ -587,10 +647,18 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
     // Phase 0: all up; 1: all away; 2: all back, until 50 more answered 200 per node.
     let steady = Steady::start(&nodes, 2, 50);
     steady.wait_oks(50).await;
-    for s in &mut nats.servers {
-        match outage {
-            Outage::Frozen => s.freeze("STOP"),
-            Outage::Killed => s.signal("KILL"),
+    // Every signal sent before any process is waited for: all go away at once.
+    let signal = match outage {
+        Outage::Frozen => "STOP",
+        Outage::Killed => "KILL",
+        Outage::Stopped => "TERM",
+    };
+    for s in &nats.servers {
+        s.send(signal);
+    }
+    if !matches!(outage, Outage::Frozen) {
+        for s in &mut nats.servers {
+            s.wait_exit();
         }
     }
     steady.enter(1);
@@ -603,11 +671,15 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
         )
         .await;
     }
+    // Away for a while: both publishers are refused a few times (every 50 ms).
+    steady
+        .wait_refused(steady.refused.load(SeqCst), 2 * 10)
+        .await;
     let during = steady.oks.lock().unwrap().len();
     for s in &mut nats.servers {
         match outage {
-            Outage::Frozen => s.freeze("CONT"),
-            Outage::Killed => s.spawn(),
+            Outage::Frozen => s.send("CONT"),
+            Outage::Killed | Outage::Stopped => s.spawn(),
         }
     }
     nats.wait_ready();
@@ -617,7 +689,33 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
     for n in &nodes {
         wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
     }
-    assert_each_once_in_one_order(&oks, seen, &nodes).await;
+    if !matches!(outage, Outage::Killed) {
+        assert_each_once_in_one_order(&oks, seen, &nodes).await;
+        return;
+    }
+    // Killed at once, the servers may lose updates they acknowledged (kept in the process,
+    // not yet on disk): what the stream holds after the restart is what every node delivers,
+    // each once, in the stream's order.
+    let contents = stream_contents(&nats).await;
+    let held: HashSet<&String> = contents.iter().map(|(_, d)| d).collect();
+    let lost = oks.iter().filter(|d| !held.contains(d)).count();
+    let in_stream: Vec<String> = contents.iter().map(|(_, d)| d.clone()).collect();
+    let orders = assert_each_once(&in_stream, seen, &nodes).await;
+    let order: Vec<&String> = contents.iter().map(|(id, _)| id).collect();
+    let kept: HashSet<&String> = order.iter().copied().collect();
+    for o in &orders {
+        // A node may also have delivered updates the stream lost after it read them.
+        let delivered: Vec<&String> = o.iter().filter(|id| kept.contains(id)).collect();
+        assert_eq!(delivered, order, "the stream's order on every node");
+    }
+    let mut gaps = Vec::new();
+    for n in &nodes {
+        gaps.push(n.metric("ssehub_cluster_gaps_total").await);
+    }
+    println!(
+        "NATS lost {lost} of {} updates answered 200; gaps counted by each node: {gaps:?}",
+        oks.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -625,14 +723,99 @@ async fn all_nats_servers_frozen_and_resumed_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Frozen).await;
 }
 
-/// Fails about one run in five on nats-server 2.9.10: one node misses one update answered
-/// `200` that the other node delivered (the stream seems to lose its unflushed tail when every
-/// replica is killed at once, and to give its sequences to later updates, which a node that
-/// had read them skips as applied already). Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known: all three servers killed at once can cost one node an acknowledged update"]
-async fn all_nats_servers_killed_and_restarted_lose_no_acknowledged_update() {
+async fn all_nats_servers_stopped_and_started_again_lose_no_acknowledged_update() {
+    all_nats_servers_away_and_back(Outage::Stopped).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_nats_servers_killed_and_restarted_deliver_what_the_stream_kept() {
     all_nats_servers_away_and_back(Outage::Killed).await;
+}
+
+/// NATS losing updates it acknowledged, and giving their sequences to later updates (as
+/// nats-server 2.9 can when all its servers are killed at once), made certain: the server's
+/// data is put back as it was before some updates. Every node then delivers the updates that
+/// take those sequences again (none skipped as applied already), counts the loss as a gap,
+/// and delivers nothing twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_nats_lost_and_whose_sequences_it_gave_again_are_delivered() {
+    let Some(mut nats) = Nats::start(1) else {
+        return;
+    };
+    let nodes = [node(&nats, 1), node(&nats, 1)];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("topic=t", &[]).await);
+    }
+    let mut p = nodes[0].publisher().await;
+    for i in 0..10 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(0..10)
+        );
+    }
+    // A copy of the server's data now, put back after ten more updates.
+    let server = &mut nats.servers[0];
+    let copy = server.dir.with_extension("copy");
+    server.signal("TERM");
+    copy_dir(&server.dir, &copy);
+    server.spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    for (k, i) in (10..20).enumerate() {
+        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(10..20)
+        );
+    }
+    let server = &mut nats.servers[0];
+    server.signal("TERM");
+    std::fs::remove_dir_all(&server.dir).unwrap();
+    copy_dir(&copy, &server.dir);
+    std::fs::remove_dir_all(&copy).unwrap();
+    server.spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    // These take the sequences of 10..20, which every node applied.
+    for (k, i) in (20..30).enumerate() {
+        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(20..30)
+        );
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+    }
+    for n in &nodes {
+        n.wait_metric(
+            "ssehub_cluster_gaps_total",
+            |g| g == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "copy {from:?} to {to:?}");
 }
 
 /// The message number of a clock update.
