@@ -61,10 +61,13 @@ pub(super) struct Link {
     /// When the stream the probe last saw was made (unix ns): another value than the reader's
     /// means NATS lost the stream and it was made anew, to be read from its start.
     created: AtomicI64,
-    /// Set when the connection to NATS broke (by the client's event callback, before it
-    /// reconnects): the servers may have restarted without their newest messages, so the
-    /// reader checks what it applied before it applies anything more.
-    disconnected: Arc<AtomicBool>,
+    /// Set when the stream may have lost messages this node applied: the connection to NATS
+    /// broke (set by the client's event callback, before it reconnects: the servers may have
+    /// restarted without their newest messages), or the probe found the stream ending before
+    /// `applied`. The reader checks what it applied before it applies anything more.
+    unchecked: Arc<AtomicBool>,
+    /// The last sequence the reader applied, for the probe.
+    applied: AtomicU64,
     /// The clock's buckets, made or bound when the clock first asks.
     clock: OnceCell<(kv::Store, kv::Store)>,
 }
@@ -92,8 +95,8 @@ impl Link {
             .map(|u| crate::config::redact_url(u))
             .collect::<Vec<_>>()
             .join(",");
-        let disconnected = Arc::new(AtomicBool::new(false));
-        let on_event = disconnected.clone();
+        let unchecked = Arc::new(AtomicBool::new(false));
+        let on_event = unchecked.clone();
         let options = async_nats::ConnectOptions::new()
             .event_callback(move |event| {
                 if matches!(event, async_nats::Event::Disconnected) {
@@ -184,7 +187,8 @@ impl Link {
             answers: AtomicBool::new(true),
             newest: AtomicU64::new(newest),
             created: AtomicI64::new(reader.created),
-            disconnected,
+            unchecked,
+            applied: AtomicU64::new(reader.last),
             clock: OnceCell::new(),
         };
         Ok((link, reader))
@@ -368,15 +372,16 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             _ = stop.cancelled() => return,
         };
         let problem = match next {
-            // Nothing read after a disconnection is applied before the check (in `reopen`):
-            // this message is read again from the consumer opened after it.
-            Some(Some(Ok(_))) | None if link.disconnected.load(Relaxed) => {
-                "the connection to NATS broke; checking that the stream still holds what this \
-                 node delivered"
+            // While the stream may have lost what this node applied, nothing more is applied
+            // before the check (in `reopen`): this message is read again after it.
+            Some(Some(Ok(_))) | None if link.unchecked.load(Relaxed) => {
+                "checking that the stream still holds what this node delivered (the connection \
+                 to NATS broke, or the stream ends before this node's position)"
                     .to_owned()
             }
             Some(Some(Ok(message))) => {
                 reader.take(hub, &message);
+                link.applied.store(reader.last, Relaxed);
                 progress = Instant::now();
                 backoff = MIN_BACKOFF;
                 continue;
@@ -384,13 +389,8 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             None if link.created.load(Relaxed) != reader.created => {
                 "the stream was made anew (NATS lost its data)".to_owned()
             }
-            None if link.newest.load(Relaxed) < reader.last => format!(
-                "the stream ends at sequence {}, before this node's {}: NATS lost messages",
-                link.newest.load(Relaxed),
-                reader.last
-            ),
             None => {
-                if link.newest.load(Relaxed) == reader.last {
+                if link.newest.load(Relaxed) <= reader.last {
                     progress = Instant::now();
                     continue;
                 }
@@ -420,6 +420,7 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             match reopen(link, hub, &mut reader).await {
                 Ok(messages) => {
                     reader.messages = messages;
+                    link.applied.store(reader.last, Relaxed);
                     progress = Instant::now();
                     tracing::info!("reading the update stream in NATS JetStream again");
                     break;
@@ -442,7 +443,7 @@ async fn reopen(
     reader: &mut Reader,
 ) -> Result<consumer::pull::Ordered, String> {
     // Cleared first: a disconnection during the check asks for another.
-    link.disconnected.store(false, Relaxed);
+    link.unchecked.store(false, Relaxed);
     let checked = async {
         let mut stream = link
             .js
@@ -483,7 +484,7 @@ async fn reopen(
     match checked.await {
         Ok(stream) => open(&stream, reader.last + 1).await,
         Err(e) => {
-            link.disconnected.store(true, Relaxed);
+            link.unchecked.store(true, Relaxed);
             Err(e)
         }
     }
@@ -557,6 +558,9 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
+        // Read before the stream's state: what the reader applied then was in the stream then,
+        // so a stream ending before it lost messages (a later value could be ahead of the state).
+        let applied = link.applied.load(Relaxed);
         let answer = tokio::select! {
             a = tokio::time::timeout(COMMAND_TIMEOUT, link.js.get_stream(STREAM)) => a,
             _ = stop.cancelled() => return,
@@ -567,6 +571,9 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
                 let (created, newest) = (unix_ns(info.created), info.state.last_sequence);
                 link.created.store(created, Relaxed);
                 link.newest.store(newest, Relaxed);
+                if newest < applied {
+                    link.unchecked.store(true, Relaxed);
+                }
                 Ok(())
             }
             Ok(Err(e)) if not_found(&e) => {
