@@ -754,23 +754,22 @@ async fn all_nats_servers_frozen_and_resumed_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Frozen).await;
 }
 
-/// Failed 2 runs of 14 on nats-server 2.9.10 (the servers go away about half a second
-/// after the stream is made): one node delivered, just before the
-/// outage, an update whose publish was not answered `200` (stored by the stream's leader, never
-/// by a majority); after the restart the stream first still holds it (the node's check passes),
-/// then gives its sequence to a later update answered `200`, which that node never delivers (it
-/// resumed after the sequence). The diagnosis prints it as `node k lacks X … (not 200)`. Run it
-/// with `--ignored`.
+/// Failed 2 runs of 14 on nats-server 2.9.10 (the servers go away about half a second after
+/// the stream is made): one node delivered, just before the outage, an update whose publish
+/// was not answered `200` (stored by the stream's leader, never by a majority); after the
+/// restart the stream first still holds it (the node's check passes), then gives its sequence
+/// to a later update answered `200`, which that node never delivers (it resumed after the
+/// sequence). The diagnosis prints it as `node k lacks X … (not 200)`. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "known: a node can miss the update that takes the sequence of an unacknowledged one"]
 async fn all_nats_servers_stopped_and_started_again_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Stopped).await;
 }
 
-/// Failed once in 21 runs on nats-server 2.9.10 (in a whole-suite run): one node lacked one update answered `200` that the
-/// stream held after the restart, with no gap counted; the same failure as the stop and start
-/// above (an unacknowledged update the node delivered, whose sequence went to a later one
-/// after the node's check). Run it with `--ignored`.
+/// Failed once in 21 runs on nats-server 2.9.10 (in a whole-suite run): one node lacked one
+/// update answered `200` that the stream held after the restart, with no gap counted; the
+/// same failure as the stop and start above (an unacknowledged update the node delivered,
+/// whose sequence went to a later one after the node's check). Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "known: a node can miss the update that takes the sequence of an unacknowledged one"]
 async fn all_nats_servers_killed_and_restarted_deliver_what_the_stream_kept() {
