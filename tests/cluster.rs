@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{get, take, TestHub};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use ssehub::client::{Connection, EventStream, Target};
+use ssehub::client::EventStream;
 use ssehub::sse::Event;
 
 /// A `redis-server` of our own, without persistence unless given a directory.
@@ -157,27 +157,6 @@ async fn subscribe_from(hub: &TestHub, path: &str, last: Option<&str>) -> EventS
     EventStream::open(&hub.target(path), &h).await.unwrap()
 }
 
-/// Publishes `data` on topic `t`, retrying on refusals until `within`; the id once stored.
-async fn publish_until_ok(hub: &TestHub, data: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(mut c) = Connection::open(&hub.target("/.well-known/mercure")).await {
-            let token = hub.publisher_token();
-            if let Ok((StatusCode::OK, id)) = c
-                .publish(Some(&token), &[("topic", "t"), ("data", data)])
-                .await
-            {
-                return id;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no publish of {data:?} succeeded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn wait_status(hub: &TestHub, path: &str, want: StatusCode, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
@@ -256,38 +235,7 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
         return;
     };
     let nodes: Vec<TestHub> = (0..3).map(|_| node_process(&redis, &[])).collect();
-    let addrs: Vec<Target> = nodes
-        .iter()
-        .map(|n| n.target("/.well-known/mercure?topic=t"))
-        .collect();
-    const N: usize = 600;
-    let mut followers = Vec::new();
-    for i in 0..6 {
-        followers.push(tokio::spawn(common::follow_across(addrs.clone(), i % 3, N)));
-    }
-    // Let every follower connect before the first update.
-    for n in &nodes {
-        n.wait_metric(
-            "ssehub_subscribers_connected",
-            |v| v >= 2.0,
-            Duration::from_secs(10),
-        )
-        .await;
-    }
-    // One publisher, through the two nodes that stay up, in turn.
-    let mut a = nodes[0].publisher().await;
-    let mut b = nodes[1].publisher().await;
-    for i in 0..N {
-        if i == N / 3 {
-            kill9(&nodes[2]);
-        }
-        let p = if i % 2 == 0 { &mut a } else { &mut b };
-        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
-    }
-    for f in followers {
-        let got = f.await.unwrap();
-        assert_eq!(data(&got), numbers(0..N), "every update once, in order");
-    }
+    common::node_kill_scenario(&nodes, 600).await;
 }
 
 /// Publishes 50, stops Redis for about 5 s, checks the outage, restarts it, publishes 50 more:
@@ -349,7 +297,7 @@ async fn survive_redis_restart(mut redis: Redis) {
         assert!(n.wait_for_log("Redis is back", Duration::from_secs(5)));
     }
     for (k, i) in (50..100).enumerate() {
-        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+        common::publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
     }
     for s in &mut subs {
         assert_eq!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{get, take, TestHub};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use ssehub::client::{Connection, EventStream, Target};
+use ssehub::client::{Connection, EventStream};
 use ssehub::sse::Event;
 
 /// One `nats-server` with JetStream, its data in a directory of its own.
@@ -183,8 +183,8 @@ impl Server {
         );
     }
 
-    /// Sends SIGSTOP or SIGCONT: the process stays this server's.
-    fn freeze(&self, name: &str) {
+    /// Sends a signal (by name: STOP, CONT, TERM, KILL) without waiting for anything.
+    fn send(&self, name: &str) {
         if let Some(c) = &self.child {
             let _ = Command::new("kill")
                 .args([&format!("-{name}"), &c.id().to_string()])
@@ -192,11 +192,15 @@ impl Server {
         }
     }
 
+    /// Sends a signal that ends the process, and waits until it exited.
     fn signal(&mut self, name: &str) {
+        self.send(name);
+        self.wait_exit();
+    }
+
+    /// Until the process exited (after a signal that ends it).
+    fn wait_exit(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args([&format!("-{name}"), &c.id().to_string()])
-                .status();
             let _ = c.wait();
         }
     }
@@ -234,6 +238,18 @@ fn node(nats: &Nats, replicas: usize) -> TestHub {
     ])
 }
 
+/// `servers` NATS servers (the stream on all of them), two nodes on them, and a subscriber
+/// to topic `t` on each node; `None` without nats-server.
+async fn two_nodes_on(servers: usize) -> Option<(Nats, [TestHub; 2], Vec<EventStream>)> {
+    let nats = Nats::start(servers)?;
+    let nodes = [node(&nats, servers), node(&nats, servers)];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("topic=t", &[]).await);
+    }
+    Some((nats, nodes, subs))
+}
+
 /// A node as its own process, for the tests that kill one.
 fn node_process(nats: &Nats, replicas: usize, extra: &[&str]) -> TestHub {
     let (urls, replicas) = (nats.urls(), replicas.to_string());
@@ -258,28 +274,6 @@ async fn wait_status(hub: &TestHub, path: &str, want: StatusCode, within: Durati
         }
         assert!(Instant::now() < deadline, "{path} did not become {want}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Publishes `data` on topic `t`, retrying on refusals until `within`; the id once stored.
-/// Every attempt carries the same id, so one that was stored though not answered `200` (a
-/// timeout during a failover) and its retry are delivered once.
-async fn publish_until_ok(hub: &TestHub, data: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    let id = format!("urn:ssehub-test:{data}");
-    loop {
-        if let Ok(mut c) = Connection::open(&hub.target("/.well-known/mercure")).await {
-            let token = hub.publisher_token();
-            let fields = [("topic", "t"), ("data", data), ("id", &id)];
-            if let Ok((StatusCode::OK, id)) = c.publish(Some(&token), &fields).await {
-                return id;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no publish of {data:?} succeeded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -388,6 +382,8 @@ fn collect(mut s: EventStream) -> Collected {
 /// stops after `last_oks` updates answered `200` in phase `last`.
 struct Steady {
     oks: Arc<Mutex<Vec<String>>>,
+    /// Publishes answered `503`, every publisher together.
+    refused: Arc<AtomicUsize>,
     phase: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -395,12 +391,13 @@ struct Steady {
 impl Steady {
     fn start(nodes: &[TestHub], last: usize, last_oks: usize) -> Steady {
         let oks = Arc::new(Mutex::new(Vec::<String>::new()));
+        let refused = Arc::new(AtomicUsize::new(0));
         let phase = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for (k, n) in nodes.iter().enumerate() {
             let target = n.target("/.well-known/mercure");
             let token = n.publisher_token();
-            let (oks, phase) = (oks.clone(), phase.clone());
+            let (oks, refused, phase) = (oks.clone(), refused.clone(), phase.clone());
             tasks.push(tokio::spawn(async move {
                 let mut at_last = 0;
                 let deadline = Instant::now() + Duration::from_secs(90);
@@ -426,6 +423,7 @@ impl Steady {
                         }
                         Ok((StatusCode::SERVICE_UNAVAILABLE, reason)) => {
                             assert!(reason.contains("NATS"), "{reason}");
+                            refused.fetch_add(1, SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Ok(other) => panic!("unexpected answer {other:?}"),
@@ -435,7 +433,12 @@ impl Steady {
                 }
             }));
         }
-        Steady { oks, phase, tasks }
+        Steady {
+            oks,
+            refused,
+            phase,
+            tasks,
+        }
     }
 
     /// Until `n` updates were answered `200`.
@@ -443,6 +446,15 @@ impl Steady {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.oks.lock().unwrap().len() < n {
             assert!(Instant::now() < deadline, "no steady publishing");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Until `n` more publishes were answered `503` than `since`.
+    async fn wait_refused(&self, since: usize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.refused.load(SeqCst) < since + n {
+            assert!(Instant::now() < deadline, "no publish was refused");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -462,8 +474,24 @@ impl Steady {
 }
 
 /// Every update of `oks` arrives on every node's stream of `seen`, each once, in one order
-/// on all of them.
+/// on all of them, and no node counts a gap.
 async fn assert_each_once_in_one_order(oks: &[String], seen: Vec<Collected>, nodes: &[TestHub]) {
+    let orders = assert_each_once(oks, seen, nodes).await;
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "one order on every node");
+    }
+    for n in nodes {
+        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
+    }
+}
+
+/// Every update of `oks` arrives on every node's stream of `seen`, and each update there
+/// arrives once. Returns the ids each node delivered, in its order.
+async fn assert_each_once(
+    oks: &[String],
+    seen: Vec<Collected>,
+    nodes: &[TestHub],
+) -> Vec<Vec<String>> {
     let want: HashSet<&String> = oks.iter().collect();
     let mut orders = Vec::new();
     let all: Vec<_> = seen.iter().map(|(got, _)| got.clone()).collect();
@@ -516,24 +544,83 @@ async fn assert_each_once_in_one_order(oks: &[String], seen: Vec<Collected>, nod
         assert_eq!(unique.len(), events.len(), "each update once");
         orders.push(ids(&events));
     }
-    for o in &orders[1..] {
-        assert_eq!(o, &orders[0], "one order on every node");
+    orders
+}
+
+/// Whether a node lacks an update of the stream; when `print`, each such update (for a
+/// failure's diagnosis), with the stream around it and what the node delivered around its
+/// place, and false.
+fn diagnose(
+    contents: &[(String, String)],
+    got: &[Arc<Mutex<Vec<Event>>>],
+    oks: &[String],
+    print: bool,
+) -> bool {
+    let mut lacking = false;
+    for (k, g) in got.iter().enumerate() {
+        let events = g.lock().unwrap().clone();
+        let delivered: Vec<&String> = events.iter().map(|e| &e.data).collect();
+        for (i, (_, d)) in contents.iter().enumerate() {
+            if delivered.contains(&d) {
+                continue;
+            }
+            lacking = true;
+            if !print {
+                continue;
+            }
+            let around = |v: &[&String], at: usize| -> Vec<String> {
+                v[at.saturating_sub(4)..(at + 4).min(v.len())]
+                    .iter()
+                    .map(|d| format!("{d}{}", if oks.contains(d) { "" } else { "(not 200)" }))
+                    .collect()
+            };
+            let stream: Vec<&String> = contents.iter().map(|(_, d)| d).collect();
+            let before = i.checked_sub(1).map(|b| &contents[b].1);
+            let at = before
+                .and_then(|b| delivered.iter().position(|x| *x == b))
+                .map_or(0, |p| p + 1);
+            println!(
+                "node {k} lacks {d} (stream index {i} of {}): stream {:?}; node {k} {:?}",
+                contents.len(),
+                around(&stream, i),
+                around(&delivered, at)
+            );
+        }
     }
-    for n in nodes {
-        assert_eq!(n.metric("ssehub_cluster_gaps_total").await, 0.0);
+    lacking && !print
+}
+
+/// The update stream's messages, in sequence, as (id, data).
+async fn stream_contents(nats: &Nats) -> Vec<(String, String)> {
+    let client = async_nats::connect(format!("nats://127.0.0.1:{}", nats.servers[0].port))
+        .await
+        .expect("connect to NATS");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("ssehub-updates")
+        .await
+        .expect("the update stream");
+    let state = stream
+        .info()
+        .await
+        .expect("the stream's state")
+        .state
+        .clone();
+    let mut contents = Vec::new();
+    for sequence in state.first_sequence..=state.last_sequence {
+        let m = stream.get_raw_message(sequence).await.expect("a message");
+        let fields: std::collections::HashMap<String, String> =
+            serde_json::from_slice(&m.payload).expect("written by ssehub");
+        contents.push((fields["id"].clone(), fields["data"].clone()));
     }
+    contents
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_leader_killed_loses_no_acknowledged_update() {
-    let Some(mut nats) = Nats::start(3) else {
+    let Some((mut nats, nodes, subs)) = two_nodes_on(3).await else {
         return;
     };
-    let nodes = [node(&nats, 3), node(&nats, 3)];
-    let mut seen = Vec::new();
-    for n in &nodes {
-        seen.push(collect(n.subscribe("topic=t", &[]).await));
-    }
+    let seen: Vec<Collected> = subs.into_iter().map(collect).collect();
     let leader = nats.stream_leader().expect("the stream has a leader");
 
     // Steady publishing through both nodes; some updates first, then the leader's server dies,
@@ -570,27 +657,33 @@ enum Outage {
     Frozen,
     /// `kill -9`, then started again on their data.
     Killed,
+    /// SIGTERM (they shut down cleanly and exit), then started again on their data.
+    Stopped,
 }
 
 /// Three servers, two nodes publishing steadily; every server goes away at once and comes back:
 /// `/readyz` says so, and once they are back the nodes publish and deliver again by themselves,
 /// every update answered `200` on both nodes once, in one order.
 async fn all_nats_servers_away_and_back(outage: Outage) {
-    let Some(mut nats) = Nats::start(3) else {
+    let Some((mut nats, nodes, subs)) = two_nodes_on(3).await else {
         return;
     };
-    let nodes = [node(&nats, 3), node(&nats, 3)];
-    let mut seen = Vec::new();
-    for n in &nodes {
-        seen.push(collect(n.subscribe("topic=t", &[]).await));
-    }
+    let seen: Vec<Collected> = subs.into_iter().map(collect).collect();
     // Phase 0: all up; 1: all away; 2: all back, until 50 more answered 200 per node.
     let steady = Steady::start(&nodes, 2, 50);
     steady.wait_oks(50).await;
-    for s in &mut nats.servers {
-        match outage {
-            Outage::Frozen => s.freeze("STOP"),
-            Outage::Killed => s.signal("KILL"),
+    // Every signal sent before any process is waited for: all go away at once.
+    let signal = match outage {
+        Outage::Frozen => "STOP",
+        Outage::Killed => "KILL",
+        Outage::Stopped => "TERM",
+    };
+    for s in &nats.servers {
+        s.send(signal);
+    }
+    if !matches!(outage, Outage::Frozen) {
+        for s in &mut nats.servers {
+            s.wait_exit();
         }
     }
     steady.enter(1);
@@ -603,11 +696,16 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
         )
         .await;
     }
+    // Away for a while: both publishers are refused (with the servers frozen each refusal
+    // takes the 3 s command timeout, so a few of them are all the wait's 30 s allow).
+    steady
+        .wait_refused(steady.refused.load(SeqCst), 2 * 2)
+        .await;
     let during = steady.oks.lock().unwrap().len();
     for s in &mut nats.servers {
         match outage {
-            Outage::Frozen => s.freeze("CONT"),
-            Outage::Killed => s.spawn(),
+            Outage::Frozen => s.send("CONT"),
+            Outage::Killed | Outage::Stopped => s.spawn(),
         }
     }
     nats.wait_ready();
@@ -617,7 +715,39 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
     for n in &nodes {
         wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
     }
-    assert_each_once_in_one_order(&oks, seen, &nodes).await;
+    // Every node delivers what the stream holds; if one does not, it says where it differs.
+    let contents = stream_contents(&nats).await;
+    let got: Vec<_> = seen.iter().map(|(g, _)| g.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while diagnose(&contents, &got, &oks, Instant::now() >= deadline) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !matches!(outage, Outage::Killed) {
+        assert_each_once_in_one_order(&oks, seen, &nodes).await;
+        return;
+    }
+    // Killed at once, the servers may lose updates they acknowledged (kept in the process,
+    // not yet on disk): what the stream holds after the restart is what every node delivers,
+    // each once, in the stream's order.
+    let held: HashSet<&String> = contents.iter().map(|(_, d)| d).collect();
+    let lost = oks.iter().filter(|d| !held.contains(d)).count();
+    let in_stream: Vec<String> = contents.iter().map(|(_, d)| d.clone()).collect();
+    let orders = assert_each_once(&in_stream, seen, &nodes).await;
+    let order: Vec<&String> = contents.iter().map(|(id, _)| id).collect();
+    let kept: HashSet<&String> = order.iter().copied().collect();
+    for o in &orders {
+        // A node may also have delivered updates the stream lost after it read them.
+        let delivered: Vec<&String> = o.iter().filter(|id| kept.contains(id)).collect();
+        assert_eq!(delivered, order, "the stream's order on every node");
+    }
+    let mut gaps = Vec::new();
+    for n in &nodes {
+        gaps.push(n.metric("ssehub_cluster_gaps_total").await);
+    }
+    println!(
+        "NATS lost {lost} of {} updates answered 200; gaps counted by each node: {gaps:?}",
+        oks.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -625,14 +755,106 @@ async fn all_nats_servers_frozen_and_resumed_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Frozen).await;
 }
 
-/// Fails about one run in five on nats-server 2.9.10: one node misses one update answered
-/// `200` that the other node delivered (the stream seems to lose its unflushed tail when every
-/// replica is killed at once, and to give its sequences to later updates, which a node that
-/// had read them skips as applied already). Run it with `--ignored`.
+/// Failed 2 runs of 14 on nats-server 2.9.10 (the servers go away about half a second after
+/// the stream is made): one node delivered, just before the outage, an update whose publish
+/// was not answered `200` (stored by the stream's leader, never by a majority); after the
+/// restart the stream first still holds it (the node's check passes), then gives its sequence
+/// to a later update answered `200`, which that node never delivers (it resumed after the
+/// sequence). The diagnosis prints it as `node k lacks X … (not 200)`. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known: all three servers killed at once can cost one node an acknowledged update"]
-async fn all_nats_servers_killed_and_restarted_lose_no_acknowledged_update() {
+#[ignore = "known: a node can miss the update that takes the sequence of an unacknowledged one"]
+async fn all_nats_servers_stopped_and_started_again_lose_no_acknowledged_update() {
+    all_nats_servers_away_and_back(Outage::Stopped).await;
+}
+
+/// Failed once in 21 runs on nats-server 2.9.10 (in a whole-suite run): one node lacked one
+/// update answered `200` that the stream held after the restart, with no gap counted; the
+/// same failure as the stop and start above (an unacknowledged update the node delivered,
+/// whose sequence went to a later one after the node's check). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known: a node can miss the update that takes the sequence of an unacknowledged one"]
+async fn all_nats_servers_killed_and_restarted_deliver_what_the_stream_kept() {
     all_nats_servers_away_and_back(Outage::Killed).await;
+}
+
+/// NATS losing updates it acknowledged, and giving their sequences to later updates (as
+/// nats-server 2.9 can when all its servers are killed at once), made certain: the server's
+/// data is put back as it was before some updates. Every node then delivers the updates that
+/// take those sequences again (none skipped as applied already), counts the loss as a gap,
+/// and delivers nothing twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_nats_lost_and_whose_sequences_it_gave_again_are_delivered() {
+    let Some((mut nats, nodes, mut subs)) = two_nodes_on(1).await else {
+        return;
+    };
+    let mut p = nodes[0].publisher().await;
+    for i in 0..10 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(0..10)
+        );
+    }
+    // A copy of the server's data now, put back after ten more updates.
+    let server = &mut nats.servers[0];
+    let copy = server.dir.with_extension("copy");
+    server.signal("TERM");
+    copy_dir(&server.dir, &copy);
+    server.spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    for (k, i) in (10..20).enumerate() {
+        common::publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(10..20)
+        );
+    }
+    let server = &mut nats.servers[0];
+    server.signal("TERM");
+    std::fs::remove_dir_all(&server.dir).unwrap();
+    copy_dir(&copy, &server.dir);
+    std::fs::remove_dir_all(&copy).unwrap();
+    server.spawn();
+    nats.wait_ready();
+    for n in &nodes {
+        wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
+    }
+    // These take the sequences of 10..20, which every node applied.
+    for (k, i) in (20..30).enumerate() {
+        common::publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+    }
+    for s in &mut subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(20..30)
+        );
+        common::assert_quiet(s, Duration::from_millis(300)).await;
+    }
+    for n in &nodes {
+        n.wait_metric(
+            "ssehub_cluster_gaps_total",
+            |g| g == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "copy {from:?} to {to:?}");
 }
 
 /// The message number of a clock update.
@@ -719,35 +941,7 @@ async fn a_killed_nodes_subscribers_resume_elsewhere_and_miss_nothing() {
         return;
     };
     let nodes: Vec<TestHub> = (0..3).map(|_| node_process(&nats, 3, &[])).collect();
-    let addrs: Vec<Target> = nodes
-        .iter()
-        .map(|n| n.target("/.well-known/mercure?topic=t"))
-        .collect();
-    const N: usize = 300;
-    let mut followers = Vec::new();
-    for i in 0..6 {
-        followers.push(tokio::spawn(common::follow_across(addrs.clone(), i % 3, N)));
-    }
-    // Let every follower connect before the first update.
-    for n in &nodes {
-        n.wait_metric(
-            "ssehub_subscribers_connected",
-            |v| v >= 2.0,
-            Duration::from_secs(10),
-        )
-        .await;
-    }
-    // One publisher, through the two nodes that stay up, in turn.
-    for i in 0..N {
-        if i == N / 3 {
-            nodes[2].signal("KILL");
-        }
-        publish_until_ok(&nodes[i % 2], &i.to_string(), Duration::from_secs(20)).await;
-    }
-    for f in followers {
-        let got = f.await.unwrap();
-        assert_eq!(data(&got), numbers(0..N), "every update once, in order");
-    }
+    common::node_kill_scenario(&nodes, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -781,14 +975,9 @@ async fn an_update_above_nats_max_payload_is_refused_413_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
-    let Some(mut nats) = Nats::start(1) else {
+    let Some((mut nats, nodes, mut subs)) = two_nodes_on(1).await else {
         return;
     };
-    let nodes = [node(&nats, 1), node(&nats, 1)];
-    let mut subs = Vec::new();
-    for n in &nodes {
-        subs.push(n.subscribe("topic=t", &[]).await);
-    }
     let mut p = nodes[0].publisher().await;
     for i in 0..20 {
         p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
@@ -832,7 +1021,7 @@ async fn nats_stopped_publishes_503_and_nodes_recover_by_themselves() {
         wait_status(n, "/readyz", StatusCode::OK, Duration::from_secs(30)).await;
     }
     for (k, i) in (20..40).enumerate() {
-        publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
+        common::publish_until_ok(&nodes[k % 2], &i.to_string(), Duration::from_secs(20)).await;
     }
     for s in &mut subs {
         assert_eq!(

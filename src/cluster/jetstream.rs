@@ -5,10 +5,12 @@
 //! A publish waits for JetStream's acknowledgement, which comes once a majority of the stream's
 //! replicas hold it; the update's id is its `Nats-Msg-Id`, so a retry within the duplicate
 //! window is stored once. Each node reads the stream with an ordered consumer, in stream
-//! sequence, and remembers the last sequence it applied to resume from it.
+//! sequence, and remembers the last sequence it applied to resume from it, with the identities
+//! of the last messages applied to notice sequences NATS lost and gave to other messages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -17,6 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
+use super::applied::Applied;
 use super::{fields, Cluster, PublishError, COMMAND_TIMEOUT, MIN_STREAM_LEN};
 use crate::hub::{Draft, Hub};
 
@@ -60,6 +63,13 @@ pub(super) struct Link {
     /// When the stream the probe last saw was made (unix ns): another value than the reader's
     /// means NATS lost the stream and it was made anew, to be read from its start.
     created: AtomicI64,
+    /// Set when the stream may have lost messages this node applied: the connection to NATS
+    /// broke (set by the client's event callback, before it reconnects: the servers may have
+    /// restarted without their newest messages), or the probe found the stream ending before
+    /// `applied`. The reader checks what it applied before it applies anything more.
+    unchecked: Arc<AtomicBool>,
+    /// The last sequence the reader applied, for the probe.
+    applied: AtomicU64,
     /// The clock's buckets, made or bound when the clock first asks.
     clock: OnceCell<(kv::Store, kv::Store)>,
 }
@@ -70,6 +80,7 @@ pub(super) struct Reader {
     last: u64,
     /// When the stream being read was made (unix ns), as `Link::created`.
     created: i64,
+    applied: Applied,
 }
 
 impl Link {
@@ -86,7 +97,15 @@ impl Link {
             .map(|u| crate::config::redact_url(u))
             .collect::<Vec<_>>()
             .join(",");
+        let unchecked = Arc::new(AtomicBool::new(false));
+        let on_event = unchecked.clone();
         let options = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    on_event.store(true, Relaxed);
+                }
+                std::future::ready(())
+            })
             .connection_timeout(Duration::from_secs(2))
             // Reconnect for ever, quickly at first: the reader and `/readyz` report the outage.
             .max_reconnects(None)
@@ -162,6 +181,7 @@ impl Link {
                 .map_err(|e| anyhow::anyhow!("cannot read the stream {STREAM} from NATS: {e}"))?,
             last: start - 1,
             created,
+            applied: Applied::new(),
         };
         // Loaded before any subscriber is accepted, so nobody receives them as live updates.
         while reader.last < newest {
@@ -186,7 +206,8 @@ impl Link {
             answers: AtomicBool::new(true),
             newest: AtomicU64::new(newest),
             created: AtomicI64::new(reader.created),
-
+            unchecked,
+            applied: AtomicU64::new(reader.last),
             clock: OnceCell::new(),
         };
         Ok((link, reader))
@@ -293,6 +314,13 @@ impl Reader {
             // Delivered again by a consumer made anew: applied already.
             return;
         }
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+        let identity = self
+            .applied
+            .identity(id.map(|v| v.as_str()), &message.payload);
         if sequence > self.last + 1 && self.last > 0 {
             hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
             tracing::error!(
@@ -305,8 +333,10 @@ impl Reader {
             );
         }
         self.last = sequence;
-        let at = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        apply(hub, sequence, &message.payload, at);
+        if self.applied.record(sequence, identity) {
+            let at = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            apply(hub, sequence, &message.payload, at);
+        }
     }
 }
 
@@ -361,8 +391,16 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             _ = stop.cancelled() => return,
         };
         let problem = match next {
+            // While the stream may have lost what this node applied, nothing more is applied
+            // before the check (in `reopen`): this message is read again after it.
+            Some(Some(Ok(_))) | None if link.unchecked.load(Relaxed) => {
+                "checking that the stream still holds what this node delivered (the connection \
+                 to NATS broke, or the stream ends before this node's position)"
+                    .to_owned()
+            }
             Some(Some(Ok(message))) => {
                 reader.take(hub, &message);
+                link.applied.store(reader.last, Relaxed);
                 progress = Instant::now();
                 backoff = MIN_BACKOFF;
                 continue;
@@ -401,6 +439,7 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             match reopen(link, hub, &mut reader).await {
                 Ok(messages) => {
                     reader.messages = messages;
+                    link.applied.store(reader.last, Relaxed);
                     progress = Instant::now();
                     tracing::info!("reading the update stream in NATS JetStream again");
                     break;
@@ -413,41 +452,107 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
 
 /// A consumer after the last sequence applied. A stream made anew (NATS lost its data; told by
 /// its creation time) is read from its start, or its first messages would be skipped. The same
-/// stream with fewer messages than this node read (its servers lost their newest writes, all
-/// killed at once) is not read again from the start, which would deliver its whole retained
-/// history twice: the loss is counted and logged, and the messages that take those sequences
-/// again are skipped as applied (a known limit, in OPERATIONS.md).
+/// stream that no longer holds some messages this node applied (its servers lost their newest
+/// writes, all down at once, and may have given those sequences to later messages) is read
+/// again from the first such sequence, delivering only what was not delivered yet; the lost
+/// updates are counted as a gap and logged.
 async fn reopen(
     link: &Link,
     hub: &Hub,
     reader: &mut Reader,
 ) -> Result<consumer::pull::Ordered, String> {
-    let mut stream = link
-        .js
-        .get_stream(STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    let info = stream.info().await.map_err(|e| e.to_string())?;
-    let (created, newest) = (unix_ns(info.created), info.state.last_sequence);
-    if created != reader.created {
-        tracing::warn!(
-            was = reader.last,
-            "the update stream in NATS JetStream was made anew (NATS lost its data): reading it \
-             from its start"
+    // Cleared first: a disconnection during the check asks for another.
+    link.unchecked.store(false, Relaxed);
+    let checked = async {
+        let mut stream = link
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        let (created, first, newest) = (
+            unix_ns(info.created),
+            info.state.first_sequence,
+            info.state.last_sequence,
         );
-        reader.created = created;
-        reader.last = 0;
-    } else if newest < reader.last {
-        hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
-        tracing::error!(
-            was = reader.last,
-            now = newest,
-            "the update stream in NATS JetStream lost its newest messages (its servers went \
-             down together before writing them): this node delivered updates the stream no \
-             longer has, and will skip the updates that take those sequences again"
-        );
+        if created != reader.created {
+            tracing::warn!(
+                was = reader.last,
+                "the update stream in NATS JetStream was made anew (NATS lost its data): reading \
+                 it from its start"
+            );
+            reader.created = created;
+            reader.last = 0;
+            reader.applied.clear();
+        } else if let Some(changed) = first_changed(&stream, &reader.applied, first).await? {
+            hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
+            tracing::error!(
+                was = reader.last,
+                from = changed,
+                now = newest,
+                "the update stream in NATS JetStream lost messages this node had delivered (its \
+                 servers went down together before writing them to disk): those updates are \
+                 lost for nodes that had not read them; reading the stream again from the first \
+                 lost sequence, delivering only updates not delivered yet"
+            );
+            reader.applied.rewind(changed, reader.last);
+            reader.last = changed - 1;
+        }
+        Ok::<_, String>(stream)
+    };
+    match checked.await {
+        Ok(stream) => open(&stream, reader.last + 1).await,
+        Err(e) => {
+            link.unchecked.store(true, Relaxed);
+            Err(e)
+        }
     }
-    open(&stream, reader.last + 1).await
+}
+
+/// The first sequence this node applied whose message the stream no longer holds (or holds
+/// another message at), if any. What the stream lost is its newest messages, so the messages
+/// it still holds come before those it lost: the newest applied is checked first (one request
+/// when nothing was lost), then the boundary is found by halving. Sequences before `first`
+/// (trimmed since, by the stream's length) cannot be checked and count as held.
+async fn first_changed(
+    stream: &stream::Stream,
+    applied: &Applied,
+    first: u64,
+) -> Result<Option<u64>, String> {
+    let entries = applied.since(first);
+    let Some(&newest) = entries.last() else {
+        return Ok(None);
+    };
+    if holds(stream, applied, newest).await? {
+        return Ok(None);
+    }
+    // entries[..low] held, entries[high..] changed.
+    let (mut low, mut high) = (0, entries.len() - 1);
+    while low < high {
+        let middle = (low + high) / 2;
+        if holds(stream, applied, entries[middle]).await? {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(Some(entries[low].0))
+}
+
+/// Whether the stream holds, at `sequence`, the message of this `identity`.
+async fn holds(
+    stream: &stream::Stream,
+    applied: &Applied,
+    (sequence, identity): (u64, u64),
+) -> Result<bool, String> {
+    match stream.get_raw_message(sequence).await {
+        Ok(m) => {
+            let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID);
+            Ok(applied.identity(id.map(|v| v.as_str()), &m.payload) == identity)
+        }
+        Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A stream's creation time as a number, to tell one stream from another of the same name.
@@ -472,6 +577,9 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
+        // Read before the stream's state: what the reader applied then was in the stream then,
+        // so a stream ending before it lost messages (a later value could be ahead of the state).
+        let applied = link.applied.load(Relaxed);
         let answer = tokio::select! {
             a = tokio::time::timeout(COMMAND_TIMEOUT, link.js.get_stream(STREAM)) => a,
             _ = stop.cancelled() => return,
@@ -482,6 +590,9 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
                 let (created, newest) = (unix_ns(info.created), info.state.last_sequence);
                 link.created.store(created, Relaxed);
                 link.newest.store(newest, Relaxed);
+                if newest < applied {
+                    link.unchecked.store(true, Relaxed);
+                }
                 Ok(())
             }
             Ok(Err(e)) if not_found(&e) => {

@@ -7,6 +7,7 @@
 //! holds the same history in the same order and `Last-Event-ID` works on any of them. The
 //! engine does the storing and ordering: no consensus or gossip of our own.
 
+mod applied;
 mod clock;
 mod fields;
 mod jetstream;

@@ -1,0 +1,143 @@
+//! The last messages a node applied from the NATS stream, by sequence and identity. NATS 2.9
+//! can lose messages it acknowledged when all its servers go down together, and then gives
+//! their sequences to later messages: a node that only remembered its last sequence would skip
+//! those later messages as applied. With this ring the reader can tell which sequences now hold
+//! other messages, read them again, and still deliver each update once.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
+
+/// How many of the last messages applied are remembered (16 bytes each).
+pub(super) const RING: usize = 1024;
+
+/// What a node applied last, and what to skip while it reads sequences again.
+pub(super) struct Applied {
+    /// (sequence, identity) of the last messages applied, oldest first, sequences increasing.
+    ring: VecDeque<(u64, u64)>,
+    /// Keyed per process, so that nobody can choose an id whose identity equals another's.
+    hasher: RandomState,
+    /// After a rewind: identities delivered already from the sequences read again, skipped
+    /// until the reader passes `until`, the last sequence it had applied before the rewind.
+    delivered: Vec<u64>,
+    until: u64,
+}
+
+impl Applied {
+    pub(super) fn new() -> Applied {
+        Applied {
+            ring: VecDeque::with_capacity(RING),
+            hasher: RandomState::new(),
+            delivered: Vec::new(),
+            until: 0,
+        }
+    }
+
+    /// A message's identity: its `Nats-Msg-Id` (the update's id, for what ssehub wrote), or its
+    /// payload when it has none.
+    pub(super) fn identity(&self, id: Option<&str>, payload: &[u8]) -> u64 {
+        match id {
+            Some(id) => self.hasher.hash_one(id),
+            None => self.hasher.hash_one(payload),
+        }
+    }
+
+    /// Records the message applied at `sequence` (after every sequence recorded so far).
+    /// Returns whether to deliver it: not if it was delivered already, before a rewind.
+    pub(super) fn record(&mut self, sequence: u64, identity: u64) -> bool {
+        let fresh = if sequence <= self.until {
+            !self.delivered.contains(&identity)
+        } else {
+            if self.until != 0 {
+                self.delivered = Vec::new();
+                self.until = 0;
+            }
+            true
+        };
+        if self.ring.len() == RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back((sequence, identity));
+        fresh
+    }
+
+    /// The messages remembered from sequence `first` on, oldest first.
+    pub(super) fn since(&self, first: u64) -> Vec<(u64, u64)> {
+        self.ring.iter().filter(|e| e.0 >= first).copied().collect()
+    }
+
+    /// Forgets the messages from `sequence` on (the stream holds others there now), keeping
+    /// their identities so that reading those sequences again up to `last` delivers only the
+    /// updates not delivered yet.
+    pub(super) fn rewind(&mut self, sequence: u64, last: u64) {
+        while let Some(&(s, identity)) = self.ring.back() {
+            if s < sequence {
+                break;
+            }
+            self.ring.pop_back();
+            if !self.delivered.contains(&identity) {
+                self.delivered.push(identity);
+            }
+        }
+        // Bounded even if rewinds follow each other before the reader passes `until`.
+        if self.delivered.len() > 2 * RING {
+            self.delivered.drain(..self.delivered.len() - 2 * RING);
+        }
+        self.until = self.until.max(last);
+    }
+
+    /// Forgets everything: the stream was made anew, its sequences start over.
+    pub(super) fn clear(&mut self) {
+        self.ring.clear();
+        self.delivered = Vec::new();
+        self.until = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewind_delivers_only_what_was_not_delivered() {
+        let mut a = Applied::new();
+        let id = |a: &Applied, s: &str| a.identity(Some(s), b"");
+        for (seq, name) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            assert!(a.record(seq, id(&a, name)));
+        }
+        // The stream lost "c" and "d"; "e" took sequence 3, then "d" (retried) sequence 4.
+        a.rewind(3, 4);
+        assert_eq!(a.since(0), [(1, id(&a, "a")), (2, id(&a, "b"))]);
+        assert!(a.record(3, id(&a, "e")));
+        assert!(!a.record(4, id(&a, "d")), "delivered already");
+        // Past the old last sequence, everything is new again.
+        assert!(a.record(5, id(&a, "c")));
+        assert_eq!(a.since(4), [(4, id(&a, "d")), (5, id(&a, "c"))]);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest() {
+        let mut a = Applied::new();
+        for seq in 1..=(RING as u64 + 10) {
+            a.record(seq, seq);
+        }
+        let kept = a.since(0);
+        assert_eq!(kept.len(), RING);
+        assert_eq!(kept[0].0, 11);
+        // Rewinding everything keeps the skip list bounded.
+        for _ in 0..5 {
+            a.rewind(0, RING as u64 * 10);
+            for seq in 1..=RING as u64 {
+                a.record(seq, seq * 7 + a.delivered.len() as u64);
+            }
+        }
+        assert!(a.delivered.len() <= 2 * RING);
+    }
+
+    #[test]
+    fn an_id_and_a_payload_are_identities() {
+        let a = Applied::new();
+        assert_eq!(a.identity(Some("x"), b"1"), a.identity(Some("x"), b"2"));
+        assert_ne!(a.identity(Some("x"), b""), a.identity(Some("y"), b""));
+        assert_ne!(a.identity(None, b"1"), a.identity(None, b"2"));
+    }
+}
