@@ -344,8 +344,8 @@ s7_nats() {
   for i in 0 1 2; do wait_port $((NATS_PORT + i)); done
   local pids=() hubs=() port
   for port in 8001 8002 8003; do
-    # The first node makes the stream once the servers have elected their JetStream leader; it
-    # retries (exits) until then, so each start is tried for up to 20 s.
+    # The first node makes the stream once the servers have elected their JetStream leader (a
+    # node waits up to 30 s for it; it accepts connections only once it holds the history).
     local deadline=$((SECONDS + 20))
     while :; do
       RUST_LOG=warn "$SSEHUB" serve --listen "127.0.0.1:$port" --publisher-jwt-key "$SECRET" \

@@ -919,10 +919,23 @@ async fn one_clock_for_the_cluster_and_it_moves_when_its_node_dies() {
     // went out twice.
     let others: Vec<&TestHub> = (0..3).filter(|&i| i != holder).map(|i| &nodes[i]).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !others.iter().any(|n| holds(n)) {
-        assert!(Instant::now() < deadline, "no survivor took the clock");
+    let taker = loop {
+        if let Some(n) = others.iter().find(|n| holds(n) && sent(n).len() >= 3) {
+            break *n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no survivor took the clock and sent from it"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    // It carried the numbering on past the killed holder's last.
+    let before = sent(&nodes[holder]).into_iter().max().unwrap_or(0);
+    let from = sent(taker).into_iter().min().unwrap();
+    assert!(
+        from > before,
+        "the taker began at {from}, the holder had sent {before}"
+    );
     assert_eq!(
         others.iter().filter(|n| holds(n)).count(),
         1,
@@ -1047,4 +1060,113 @@ fn redis_and_nats_together_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--redis and --nats are both given"), "{err}");
+}
+
+/// A node whose NATS has no JetStream (or a cluster still electing its leader) keeps trying to
+/// make its stream for a while, saying why once, and a stop signal ends the wait at once
+/// rather than after it (a service manager gives a stopping unit a few seconds).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_waiting_for_its_stream_says_why_and_stops_when_told() {
+    let Some(binary) = common::require_program("nats-server", "nats-server") else {
+        return;
+    };
+    let port = common::free_port();
+    let mut nats = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let data = tempfile_dir();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_ssehub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--publisher-jwt-key",
+            "a-test-key-of-at-least-32-bytes-long!",
+            "--nats",
+            &format!("nats://127.0.0.1:{port}"),
+            "--nats-replicas",
+            "1",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ssehub");
+    let stderr = node.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let waiting = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("no word of the wait: {seen:?}"));
+        if line.contains("cannot be made or found yet") {
+            break line;
+        }
+        seen.push(line);
+    };
+    assert!(waiting.contains("trying again"), "{waiting}");
+    // Still waiting a few seconds later, and it said so once, not once a second.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(node.try_wait().unwrap().is_none(), "it gave up early");
+    let again: Vec<String> = rx.try_iter().collect();
+    assert!(
+        again
+            .iter()
+            .all(|l| !l.contains("cannot be made or found yet")),
+        "the same error logged again: {again:?}"
+    );
+    // SAFETY: kill(2) on the child's own pid.
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    let stopped = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < stopped,
+            "the stop signal did not end the wait"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("stopped while waiting for the stream")),
+        "{rest:?}"
+    );
+    let _ = nats.kill();
+    let _ = nats.wait();
+    let _ = std::fs::remove_dir_all(data);
+}
+
+/// A fresh directory for a node's data that the test removes.
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ssehub-nats-wait-{}-{}",
+        std::process::id(),
+        common::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

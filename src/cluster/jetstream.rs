@@ -91,6 +91,7 @@ impl Link {
         replicas: usize,
         hub: &Hub,
         history_size: usize,
+        stop: &CancellationToken,
     ) -> anyhow::Result<(Link, Reader)> {
         let shown = urls
             .iter()
@@ -130,27 +131,54 @@ impl Link {
             ..Default::default()
         };
         // A JetStream cluster that has just started answers nothing until its servers have
-        // elected a leader (a few seconds): a node started with it (one `docker compose up`)
-        // tries again for a while rather than exit.
+        // elected a leader (a few seconds): a node started with it tries again for a while
+        // rather than exit (the first connection above must have succeeded). Bounded by
+        // STARTUP_WAIT in all, and by the stop signal.
         let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+        // The first error (named in the final one) and the last one logged.
+        let mut first: Option<String> = None;
+        let mut warned: Option<String> = None;
         let mut stream = loop {
-            match js.get_or_create_stream(config.clone()).await {
-                Ok(stream) => break stream,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(
-                        "the stream {STREAM} cannot be made or found yet ({e}); trying again \
-                         for up to {}s",
-                        STARTUP_WAIT.as_secs()
-                    );
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => {
+            let attempt = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
                     return Err(anyhow::anyhow!(
-                        "cannot make or find the stream {STREAM} in NATS JetStream at {shown} \
-                         ({e}): is JetStream enabled (nats-server -js), and are there \
-                         --nats-replicas ({replicas}) servers in its cluster?"
+                        "stopped while waiting for the stream {STREAM} in NATS JetStream"
                     ))
                 }
+                r = tokio::time::timeout_at(deadline, js.get_or_create_stream(config.clone())) => r,
+            };
+            let e = match attempt {
+                Ok(Ok(stream)) => break stream,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".to_owned(),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(anyhow::anyhow!(
+                    "cannot make or find the stream {STREAM} in NATS JetStream at {shown} ({}): \
+                     is JetStream enabled (nats-server -js), and are there --nats-replicas \
+                     ({replicas}) servers in its cluster?",
+                    match first.as_deref() {
+                        Some(f) if f != e => format!("{f}; then {e}"),
+                        _ => e.clone(),
+                    }
+                ));
+            }
+            // Once per kind of error, not once a second.
+            if warned.as_deref() != Some(e.as_str()) {
+                tracing::warn!(
+                    "the stream {STREAM} cannot be made or found yet ({e}); trying again for \
+                     up to {}s",
+                    left.as_secs().max(1)
+                );
+                first.get_or_insert_with(|| e.clone());
+                warned = Some(e);
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1).min(left)) => {}
             }
         };
         let info = stream

@@ -136,7 +136,8 @@ impl Cluster {
         history_size: usize,
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
-        let (link, reader) = jetstream::Link::connect(urls, replicas, &hub, history_size).await?;
+        let (link, reader) =
+            jetstream::Link::connect(urls, replicas, &hub, history_size, &stop).await?;
         let cluster = Cluster::new(hub.clone(), Engine::Nats(Box::new(link)));
         tokio::spawn(jetstream::follow(cluster.clone(), reader, stop.clone()));
         tokio::spawn(jetstream::probe(cluster.clone(), stop.clone()));
