@@ -3,12 +3,28 @@
 //! their sequences to later messages: a node that only remembered its last sequence would skip
 //! those later messages as applied. With this ring the reader can tell which sequences now hold
 //! other messages, read them again, and still deliver each update once.
+//!
+//! Right after its servers come back, a stream can still serve messages no majority held (its
+//! old leader's) and drop them a moment later, when another server leads, giving their
+//! sequences to later messages (seen with nats-server 2.9 stopped and started together). So
+//! after each check on reconnecting, what the node reads from the newest message then on is
+//! *watched*: compared again with the stream a few times over the next half minute.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
+use std::time::{Duration, Instant};
 
 /// How many of the last messages applied are remembered (16 bytes each).
 pub(super) const RING: usize = 1024;
+/// When, after a check on reconnecting, what was read since is compared with the stream again.
+/// Measured on nats-server 2.9: the stream settled within a few seconds of its servers' return.
+pub(super) const SCANS: [Duration; 5] = [
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(20),
+    Duration::from_secs(30),
+];
 
 /// What a node applied last, and what to skip while it reads sequences again.
 pub(super) struct Applied {
@@ -20,6 +36,9 @@ pub(super) struct Applied {
     /// until the reader passes `until`, the last sequence it had applied before the rewind.
     delivered: Vec<u64>,
     until: u64,
+    /// The watch after a check: from which sequence, and when the next comparisons are due.
+    watch_from: u64,
+    scans: VecDeque<Instant>,
 }
 
 impl Applied {
@@ -29,6 +48,8 @@ impl Applied {
             hasher: RandomState::new(),
             delivered: Vec::new(),
             until: 0,
+            watch_from: 0,
+            scans: VecDeque::new(),
         }
     }
 
@@ -90,6 +111,34 @@ impl Applied {
         self.ring.clear();
         self.delivered = Vec::new();
         self.until = 0;
+        self.scans.clear();
+    }
+
+    /// After a check found the stream holding what was applied: from its newest message on,
+    /// what the node reads is compared with the stream again at each of `SCANS` after `now`
+    /// (from the earliest such message, if a watch is on already).
+    pub(super) fn watch(&mut self, now: Instant) {
+        let Some(&(newest, _)) = self.ring.back() else {
+            return;
+        };
+        self.watch_from = if self.scans.is_empty() {
+            newest
+        } else {
+            self.watch_from.min(newest)
+        };
+        self.scans = SCANS.iter().map(|d| now + *d).collect();
+    }
+
+    /// If a comparison is due at `now`: the messages to compare, oldest first (those still
+    /// remembered; a rewind to one that left the ring could not tell what came after it).
+    pub(super) fn due(&mut self, now: Instant) -> Option<Vec<(u64, u64)>> {
+        if self.scans.front().is_none_or(|t| now < *t) {
+            return None;
+        }
+        while self.scans.front().is_some_and(|t| now >= *t) {
+            self.scans.pop_front();
+        }
+        Some(self.since(self.watch_from))
     }
 }
 
@@ -131,6 +180,42 @@ mod tests {
             }
         }
         assert!(a.delivered.len() <= 2 * RING);
+    }
+
+    #[test]
+    fn what_is_read_after_a_check_is_compared_again_a_few_times() {
+        let mut a = Applied::new();
+        let t0 = Instant::now();
+        a.watch(t0);
+        assert_eq!(
+            a.due(t0 + SCANS[4]),
+            None,
+            "nothing applied, nothing to watch"
+        );
+        for seq in 1..=5 {
+            a.record(seq, seq * 10);
+        }
+        a.watch(t0);
+        a.record(6, 60);
+        assert_eq!(a.due(t0), None);
+        assert_eq!(a.due(t0 + SCANS[0]), Some(vec![(5, 50), (6, 60)]));
+        assert_eq!(a.due(t0 + SCANS[0]), None, "once per scan");
+        // Late: the scans missed are one.
+        assert_eq!(a.due(t0 + SCANS[2]).map(|v| v.len()), Some(2));
+        // Another check during the watch keeps its start and begins the scans again.
+        a.record(7, 70);
+        a.watch(t0 + SCANS[2]);
+        for d in SCANS {
+            assert_eq!(a.due(t0 + SCANS[2] + d).map(|v| v[0]), Some((5, 50)));
+        }
+        assert_eq!(
+            a.due(t0 + SCANS[2] + SCANS[4] * 2),
+            None,
+            "the watch is over"
+        );
+        // A new watch starts from the newest message then.
+        a.watch(t0 + SCANS[4] * 4);
+        assert_eq!(a.due(t0 + SCANS[4] * 5), Some(vec![(7, 70)]));
     }
 
     #[test]

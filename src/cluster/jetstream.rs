@@ -81,6 +81,8 @@ pub(super) struct Reader {
     /// When the stream being read was made (unix ns), as `Link::created`.
     created: i64,
     applied: Applied,
+    /// A sequence the watch found holding another message than the one applied there.
+    moved: Option<u64>,
 }
 
 impl Link {
@@ -210,6 +212,7 @@ impl Link {
             last: start - 1,
             created,
             applied: Applied::new(),
+            moved: None,
         };
         // Loaded before any subscriber is accepted, so nobody receives them as live updates.
         while reader.last < newest {
@@ -437,20 +440,26 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 "the stream was made anew (NATS lost its data)".to_owned()
             }
             None => {
-                if link.newest.load(Relaxed) <= reader.last {
+                if let Some(moved) = moved_since_check(link, &mut reader).await {
+                    format!(
+                        "the stream now holds another message at sequence {moved} than the one \
+                         this node delivered there (its servers came back and dropped a message \
+                         no majority held)"
+                    )
+                } else if link.newest.load(Relaxed) <= reader.last {
                     progress = Instant::now();
                     continue;
-                }
-                if progress.elapsed() < STALL {
+                } else if progress.elapsed() < STALL {
                     continue;
-                }
-                format!(
+                } else {
+                    format!(
                     "the consumer delivered nothing for {}s while the stream is at sequence {} \
                      and this node at {}",
-                    STALL.as_secs(),
-                    link.newest.load(Relaxed),
-                    reader.last
-                )
+                        STALL.as_secs(),
+                        link.newest.load(Relaxed),
+                        reader.last
+                    )
+                }
             }
             Some(Some(Err(e))) => e.to_string(),
             Some(None) => "the consumer ended".to_owned(),
@@ -512,7 +521,10 @@ async fn reopen(
             reader.created = created;
             reader.last = 0;
             reader.applied.clear();
-        } else if let Some(changed) = first_changed(&stream, &reader.applied, first).await? {
+        } else if let Some(changed) = match reader.moved.take() {
+            Some(moved) => Some(moved),
+            None => first_changed(&stream, &reader.applied, first).await?,
+        } {
             hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
             tracing::error!(
                 was = reader.last,
@@ -526,6 +538,8 @@ async fn reopen(
             reader.applied.rewind(changed, reader.last);
             reader.last = changed - 1;
         }
+        // Held now, but perhaps not for long: compared again while the stream settles.
+        reader.applied.watch(Instant::now());
         Ok::<_, String>(stream)
     };
     match checked.await {
@@ -565,6 +579,39 @@ async fn first_changed(
         }
     }
     Ok(Some(entries[low].0))
+}
+
+/// When a comparison of the watch (see `Applied`) is due: the first sequence read since the
+/// last check whose message the stream no longer holds, if any, kept for `reopen`. One request
+/// per message (at most the ring's 1,024, a few times after an outage); no answer in time
+/// counts as held.
+async fn moved_since_check(link: &Link, reader: &mut Reader) -> Option<u64> {
+    let watched = reader.applied.due(Instant::now())?;
+    let applied = &reader.applied;
+    let check = async {
+        let stream = link
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let first = stream.cached_info().state.first_sequence;
+        for &entry in watched.iter().filter(|e| e.0 >= first) {
+            if !holds(&stream, applied, entry).await? {
+                return Ok(Some(entry.0));
+            }
+        }
+        Ok::<_, String>(None)
+    };
+    let moved = match tokio::time::timeout(COMMAND_TIMEOUT * 4, check).await {
+        Ok(Ok(moved)) => moved,
+        Ok(Err(e)) => {
+            tracing::debug!("comparing the update stream again: {e}");
+            None
+        }
+        Err(_) => None,
+    };
+    reader.moved = moved;
+    moved
 }
 
 /// Whether the stream holds, at `sequence`, the message of this `identity`.
