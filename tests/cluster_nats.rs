@@ -35,6 +35,11 @@ struct Nats {
 
 impl Nats {
     fn start(n: usize) -> Option<Nats> {
+        Nats::start_with(n, true)
+    }
+
+    /// `n` servers, with JetStream or (`jetstream` false) without it.
+    fn start_with(n: usize, jetstream: bool) -> Option<Nats> {
         let binary = common::require_program("nats-server", "nats-server")?;
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| {
@@ -68,6 +73,9 @@ impl Nats {
             ]
             .map(str::to_owned)
             .to_vec();
+            if !jetstream {
+                args.remove(0);
+            }
             if n > 1 {
                 let routes: Vec<String> = ports
                     .iter()
@@ -1073,21 +1081,9 @@ fn redis_and_nats_together_are_refused() {
 /// rather than after it (a service manager gives a stopping unit a few seconds).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_waiting_for_its_stream_says_why_and_stops_when_told() {
-    let Some(binary) = common::require_program("nats-server", "nats-server") else {
+    let Some(nats) = Nats::start_with(1, false) else {
         return;
     };
-    let port = common::free_port();
-    let mut nats = Command::new(binary)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nats-server");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let data = tempfile_dir();
     let mut node = Command::new(env!("CARGO_BIN_EXE_ssehub"))
         .args([
@@ -1097,7 +1093,7 @@ async fn a_node_waiting_for_its_stream_says_why_and_stops_when_told() {
             "--publisher-jwt-key",
             "a-test-key-of-at-least-32-bytes-long!",
             "--nats",
-            &format!("nats://127.0.0.1:{port}"),
+            &nats.urls(),
             "--nats-replicas",
             "1",
             "--data-dir",
@@ -1161,8 +1157,7 @@ async fn a_node_waiting_for_its_stream_says_why_and_stops_when_told() {
             .any(|l| l.contains("stopped while waiting for the stream")),
         "{rest:?}"
     );
-    let _ = nats.kill();
-    let _ = nats.wait();
+    drop(nats);
     let _ = std::fs::remove_dir_all(data);
 }
 
