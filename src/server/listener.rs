@@ -21,6 +21,7 @@ use super::h1::Http1;
 use super::hyper_conn::{self, spawn_http2};
 use super::shutdown::Shutdown;
 use super::tls::Tls;
+use super::tls_stream;
 use crate::http::Connection;
 use crate::metrics::Metrics;
 
@@ -155,10 +156,12 @@ impl Listener {
         };
         // The handshake runs on the connection's own task, under the same deadline as a
         // request head, so a client that stalls in it holds nothing else up.
-        let acceptor = tls.acceptor();
+        let config = tls.config();
         shutdown.spawn_connection(async move {
-            let handshake =
-                tokio::time::timeout_at(accepted + idle_timeout, acceptor.accept(stream));
+            let handshake = tokio::time::timeout_at(
+                accepted + idle_timeout,
+                tls_stream::accept(stream, config),
+            );
             let handshake = tokio::select! {
                 _ = stop.stopped() => return,
                 _ = permit.evicted(accepted) => {
@@ -172,7 +175,7 @@ impl Listener {
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
             // ALPN has chosen the protocol: no need to sniff the first bytes.
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            if stream.alpn_protocol() == Some(b"h2") {
                 let now = Instant::now();
                 let h2 = builder.http2_only();
                 let conn = h2.serve_connection(TokioIo::new(stream), service);

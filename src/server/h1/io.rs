@@ -49,7 +49,7 @@ impl StreamIo for tokio::net::TcpStream {
 }
 
 /// TLS keeps its session state on one side: only the stream's task writes.
-impl StreamIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl StreamIo for crate::server::tls_stream::TlsStream {
     type Pumped = Self;
 
     fn into_pumped(self) -> (Self, Option<Arc<DirectTcp>>) {
@@ -59,7 +59,7 @@ impl StreamIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     /// A TLS client's `close_notify` before its TCP end is data to TCP: seen only once
     /// rustls has read it.
     fn peer_closed(&self) -> bool {
-        tcp_peer_closed(self.get_ref().0)
+        tcp_peer_closed(self.tcp())
     }
 }
 
