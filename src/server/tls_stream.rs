@@ -157,7 +157,13 @@ impl TlsStream {
                 return Poll::Ready(Ok(()));
             }
             let filled = kept + n;
-            let used = self.process(&mut scratch[..filled], out)?;
+            let used = match self.process(&mut scratch[..filled], out) {
+                Ok(used) => used,
+                Err(e) => {
+                    self.send_alert();
+                    return Poll::Ready(Err(e));
+                }
+            };
             let rest = &scratch[used..filled];
             if rest.is_empty() {
                 self.incoming = Vec::new();
@@ -214,6 +220,21 @@ impl TlsStream {
             }
             used += discard;
         }
+    }
+
+    /// After an error rustls has an alert to say why: sent if the socket takes it now, for the
+    /// peer to see (the connection is over either way).
+    fn send_alert(&mut self) {
+        while let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+            self.conn.process_tls_records(&mut []).state
+        {
+            if encode_into(&mut self.outgoing, |buf| encode.encode(buf)).is_err() {
+                break;
+            }
+        }
+        let _ = self.tcp.try_write(&self.outgoing[self.outgoing_at..]);
+        self.outgoing = Vec::new();
+        self.outgoing_at = 0;
     }
 
     /// Writes what is kept in `outgoing`; `Ready` once all of it is out.
