@@ -473,9 +473,11 @@ where
 /// limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_settings_reach_the_client_over_tls_and_h2c() {
+    const HEADER_TABLE_SIZE: u16 = 0x1;
     const MAX_CONCURRENT_STREAMS: u16 = 0x3;
     const MAX_HEADER_LIST_SIZE: u16 = 0x6;
     let expected = [
+        (HEADER_TABLE_SIZE, 0),
         (MAX_CONCURRENT_STREAMS, 256),
         (MAX_HEADER_LIST_SIZE, 64 * 1024),
     ];

@@ -41,6 +41,7 @@ pub(crate) struct Listener {
     max_body: usize,
     metrics: Arc<Metrics>,
     builder: auto::Builder<TokioExecutor>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Listener {
@@ -60,6 +61,7 @@ impl Listener {
             max_body,
             metrics,
             builder,
+            http2: hyper_conn::http2(),
         }
     }
 
@@ -117,7 +119,7 @@ impl Listener {
             max_body: self.max_body,
             metrics: self.metrics.clone(),
         };
-        let builder = self.builder.clone();
+        let h2 = self.http2.clone();
         let stop = shutdown.clone();
         let idle_timeout = permit.timeouts().idle;
         let Some(tls) = &self.tls else {
@@ -136,9 +138,7 @@ impl Listener {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
                     Some((Protocol::Http2, read)) => {
                         let io = Prefixed::new(read.freeze(), stream);
-                        let h2 = builder.http2_only();
-                        let conn = h2.serve_connection(TokioIo::new(io), service);
-                        let conn = Box::pin(conn.into_owned());
+                        let conn = Box::pin(h2.serve_connection(TokioIo::new(io), service));
                         spawn_http2(conn, permit, accepted, kill, &stop, peer);
                     }
                     Some((Protocol::Http1, read)) => {
@@ -177,9 +177,8 @@ impl Listener {
             // ALPN has chosen the protocol: no need to sniff the first bytes.
             if stream.alpn_protocol() == Some(b"h2") {
                 let now = Instant::now();
-                let h2 = builder.http2_only();
                 let conn = h2.serve_connection(TokioIo::new(stream), service);
-                spawn_http2(Box::pin(conn.into_owned()), permit, now, kill, &stop, peer);
+                spawn_http2(Box::pin(conn), permit, now, kill, &stop, peer);
             } else {
                 let deadline = Instant::now() + idle_timeout;
                 h1.serve(stream, BytesMut::new(), deadline, service, permit)
