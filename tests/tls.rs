@@ -50,12 +50,22 @@ async fn tls_connect(
     trust: &CertificateDer<'static>,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_with(hub, trust, alpn, rustls::DEFAULT_VERSIONS).await
+}
+
+/// [`tls_connect`] offering only the TLS `versions` given.
+async fn tls_connect_with(
+    hub: &TestHub,
+    trust: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trust.clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
@@ -551,6 +561,58 @@ async fn idle_tls_subscribers_get_large_updates_and_large_publishes_are_read_who
     let got = read_events(&mut h2, 2).await;
     assert!(got[0].data == update, "HTTP/2: the 100 KB update whole");
     assert!(got[1].data == publish, "HTTP/2: the 600 KB publish whole");
+}
+
+/// TLS 1.2 clients are served as TLS 1.3 ones are, over both protocols.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_1_2_clients_get_their_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("tls12"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let tls12 = &[&rustls::version::TLS12];
+    let mut h1 = tls_connect_with(&hub, &cert.der, &[b"http/1.1"], tls12).await;
+    assert_eq!(
+        h1.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    h1.write_all(b"GET /.well-known/mercure?topic=v HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let h2 = tls_connect_with(&hub, &cert.der, &[b"h2"], tls12).await;
+    let mut h2 = h2_get(h2, hub.url("/.well-known/mercure?topic=v"))
+        .await
+        .into_body();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let update = numbered(40_000);
+    hub.publisher()
+        .await
+        .ok(&[("topic", "v"), ("data", &update)])
+        .await;
+    assert!(
+        read_events(&mut h2, 1).await[0].data == update,
+        "HTTP/2 over TLS 1.2"
+    );
+    // HTTP/1.1: the chunked body, read until the update's end.
+    let mut wire = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let tail = update.as_bytes()[update.len() - 40..].to_vec();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !wire.windows(tail.len()).any(|w| w == tail) {
+            let n = h1.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended early");
+            wire.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the update over HTTP/1.1 and TLS 1.2 in time");
 }
 
 /// A client that starts a TLS record (or claims one larger than TLS allows) and then sends no
