@@ -663,3 +663,103 @@ async fn a_tls_record_that_never_ends_is_closed_by_the_handshake_deadline() {
         }
     }
 }
+
+/// The start of a handshake message in one record, then a record of no TLS type: the server
+/// refuses with an alert. rustls keeps its place in the bytes of the unfinished message, so the
+/// alert must be made with them at hand (made without them, the connection's task panicked).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_record_after_part_of_a_handshake_message_gets_an_alert_not_a_panic() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("badtype"));
+    let hub = TestHub::start_process_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    // A handshake record carrying the first 4 of the 260 bytes a ClientHello header announces.
+    tcp.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x01, 0x00, 0x03, 0x03, 0x00, 0x00,
+    ])
+    .await
+    .unwrap();
+    // Read by the server on its own before the next record comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp.write_all(&[0xff, 0x03, 0x03, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "closed");
+    assert_eq!(got.first(), Some(&0x15), "an alert record: {got:?}");
+    // The hub is still serving, and no task of it panicked.
+    let _tls = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
+    let logs = hub.logs();
+    assert!(logs.iter().all(|l| !l.contains("panicked")), "{logs:#?}");
+}
+
+/// A client whose records are cut at 64 bytes (every handshake message spread over several)
+/// subscribes, asks for new keys mid-stream (the server answers with its own on its next
+/// write) and gets a large update whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshake_messages_in_pieces_and_key_updates_keep_a_stream_going() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("fragments"));
+    let hub = TestHub::start_process_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.max_fragment_size = Some(64);
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("a handshake in 64-byte records");
+    tls.write_all(b"GET /.well-known/mercure?topic=k HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    tls.get_mut()
+        .1
+        .refresh_traffic_keys()
+        .expect("a key update");
+    tls.flush().await.unwrap();
+    let update = numbered(40_000);
+    hub.publisher()
+        .await
+        .ok(&[("topic", "k"), ("data", &update)])
+        .await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = tls.read(&mut buf).await.expect("the stream goes on");
+            assert!(n > 0, "the stream ended");
+            got.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&got).contains(&update[update.len() - 100..]) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "the update arrived whole after the key update"
+    );
+    let logs = hub.logs();
+    assert!(logs.iter().all(|l| !l.contains("panicked")), "{logs:#?}");
+}

@@ -157,13 +157,12 @@ impl TlsStream {
                 return Poll::Ready(Ok(()));
             }
             let filled = kept + n;
-            let used = match self.process(&mut scratch[..filled], out) {
-                Ok(used) => used,
-                Err(e) => {
-                    self.send_alert();
-                    return Poll::Ready(Err(e));
-                }
-            };
+            let mut used = 0;
+            if let Err(e) = self.process(&mut scratch[..filled], &mut used, out) {
+                // rustls still points into what it had not discarded: the alert is made there.
+                self.send_alert(&mut scratch[used..filled]);
+                return Poll::Ready(Err(e));
+            }
             let rest = &scratch[used..filled];
             if rest.is_empty() {
                 self.incoming = Vec::new();
@@ -180,12 +179,17 @@ impl TlsStream {
         })
     }
 
-    /// Feeds `data` to rustls until it needs more; returns how many bytes of `data` are done
-    /// with (the rest is the start of a record still arriving).
-    fn process(&mut self, data: &mut [u8], out: &mut ReadBuf<'_>) -> io::Result<usize> {
-        let mut used = 0;
+    /// Feeds `data` to rustls until it needs more; `used` says how many bytes of `data` are
+    /// done with (the rest is the start of a record or handshake message still arriving, which
+    /// rustls may have rearranged in place and expects back, first, at its next call).
+    fn process(
+        &mut self,
+        data: &mut [u8],
+        used: &mut usize,
+        out: &mut ReadBuf<'_>,
+    ) -> io::Result<()> {
         loop {
-            let status = self.conn.process_tls_records(&mut data[used..]);
+            let status = self.conn.process_tls_records(&mut data[*used..]);
             let mut discard = status.discard;
             match status.state.map_err(tls_error)? {
                 ConnectionState::ReadTraffic(mut traffic) => {
@@ -204,11 +208,13 @@ impl TlsStream {
                 // The encoded bytes wait in `outgoing`, which goes out before anything newer.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => {
-                    return Ok(used + discard);
+                    *used += discard;
+                    return Ok(());
                 }
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     self.read_closed = true;
-                    return Ok(used + discard);
+                    *used += discard;
+                    return Ok(());
                 }
                 // No early data is accepted (the configuration's default), so none comes.
                 other => {
@@ -218,19 +224,20 @@ impl TlsStream {
                     ))
                 }
             }
-            used += discard;
+            *used += discard;
         }
     }
 
     /// After an error rustls has an alert to say why: sent if the socket takes it now, for the
-    /// peer to see (the connection is over either way).
-    fn send_alert(&mut self) {
-        while let Ok(ConnectionState::EncodeTlsData(mut encode)) =
-            self.conn.process_tls_records(&mut []).state
+    /// peer to see (the connection is over either way). `pending` is what rustls had not
+    /// discarded when it failed.
+    fn send_alert(&mut self, pending: &mut [u8]) {
+        // Asked once: asked again, rustls would read `pending` again, fail again and find its
+        // fatal alert sent already (an assertion in rustls).
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+            self.conn.process_tls_records(pending).state
         {
-            if encode_into(&mut self.outgoing, |buf| encode.encode(buf)).is_err() {
-                break;
-            }
+            let _ = encode_into(&mut self.outgoing, |buf| encode.encode(buf));
         }
         let _ = self.tcp.try_write(&self.outgoing[self.outgoing_at..]);
         self.outgoing = Vec::new();
@@ -264,10 +271,18 @@ impl TlsStream {
             &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
         ) -> R,
     ) -> io::Result<R> {
+        let mut f = Some(f);
         loop {
-            let status = self.conn.process_tls_records(&mut []);
+            // rustls is given back what it had not discarded (the start of a handshake message
+            // spread over records, a key update or renegotiation in the middle of a stream): it
+            // keeps offsets into those bytes, and an empty buffer would not hold them.
+            let status = self.conn.process_tls_records(&mut self.incoming);
+            let discard = status.discard;
+            let mut done = None;
             match status.state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut traffic) => return Ok(f(&mut traffic)),
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    done = f.take().map(|f| f(&mut traffic));
+                }
                 ConnectionState::EncodeTlsData(mut encode) => {
                     encode_into(&mut self.outgoing, |buf| encode.encode(buf))
                         .map_err(encode_error)?;
@@ -286,6 +301,13 @@ impl TlsStream {
                         format!("TLS: cannot send in state {other:?}"),
                     ))
                 }
+            }
+            self.incoming.drain(..discard);
+            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
+                self.incoming = Vec::new();
+            }
+            if let Some(done) = done {
+                return Ok(done);
             }
         }
     }
@@ -379,8 +401,9 @@ impl AsyncRead for TlsStream {
                 return Poll::Ready(Ok(()));
             }
             ready!(this.poll_read_once(cx, buf))?;
-            // What reading made rustls answer (a key update) goes out now if the socket takes
-            // it; if not, the next write or flush sends it first.
+            // What reading made rustls answer (a renegotiation refused) goes out now if the
+            // socket takes it; if not, the next write or flush sends it first. Its own key
+            // update, answering the client's, rustls gives only at the next write.
             if this.outgoing_at < this.outgoing.len() {
                 if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
                     return Poll::Ready(Err(e));
