@@ -25,8 +25,8 @@ use crate::http::Connection;
 /// client to answer a PING, which it may never do.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// hyper's settings for both protocols: its timers (a head must be whole within
-/// `idle_timeout`, as on the server's own paths), and the head limits.
+/// hyper's settings for HTTP/1.1: its timers (a head must be whole within `idle_timeout`, as
+/// on the server's own paths), and the head limit. HTTP/2 has its own builder ([`http2`]).
 pub(super) fn builder(idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -35,11 +35,29 @@ pub(super) fn builder(idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(idle_timeout)
         .max_buf_size(MAX_HEAD);
     builder
-        .http2()
+}
+
+/// The most of a stream's updates hyper takes from the hub before the client's flow-control
+/// window lets them go: beyond it, the stream waits and the hub's own queue
+/// (`--subscriber-queue`) decides when its subscriber is too slow. hyper's default, 400 KB,
+/// let one stalled stream hold that much on top of the queue.
+const MAX_SEND_BUF: usize = 64 * 1024;
+
+/// hyper's settings for HTTP/2, chosen for connections that mostly carry event streams: few
+/// requests, each lasting hours, and data flowing from the server. hyper's own builder, as
+/// the auto builder does not offer the header table's size.
+pub(super) fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(MAX_HEAD as u32)
-        .keep_alive_interval(Duration::from_secs(30));
+        .keep_alive_interval(Duration::from_secs(30))
+        // HPACK's table would keep a client's request headers (a browser's cookies among
+        // them) for as long as the connection lasts, to shorten the few requests that follow
+        // on a connection whose streams last hours: not worth the memory of each connection.
+        .header_table_size(0)
+        .max_send_buf_size(MAX_SEND_BUF);
     builder
 }
 

@@ -21,6 +21,7 @@ use super::h1::Http1;
 use super::hyper_conn::{self, spawn_http2};
 use super::shutdown::Shutdown;
 use super::tls::Tls;
+use super::tls_stream;
 use crate::http::Connection;
 use crate::metrics::Metrics;
 
@@ -40,6 +41,7 @@ pub(crate) struct Listener {
     max_body: usize,
     metrics: Arc<Metrics>,
     builder: auto::Builder<TokioExecutor>,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Listener {
@@ -59,6 +61,7 @@ impl Listener {
             max_body,
             metrics,
             builder,
+            http2: hyper_conn::http2(),
         }
     }
 
@@ -116,7 +119,7 @@ impl Listener {
             max_body: self.max_body,
             metrics: self.metrics.clone(),
         };
-        let builder = self.builder.clone();
+        let h2 = self.http2.clone();
         let stop = shutdown.clone();
         let idle_timeout = permit.timeouts().idle;
         let Some(tls) = &self.tls else {
@@ -135,9 +138,7 @@ impl Listener {
                     None => tracing::debug!(%peer, "no request within the head deadline"),
                     Some((Protocol::Http2, read)) => {
                         let io = Prefixed::new(read.freeze(), stream);
-                        let h2 = builder.http2_only();
-                        let conn = h2.serve_connection(TokioIo::new(io), service);
-                        let conn = Box::pin(conn.into_owned());
+                        let conn = Box::pin(h2.serve_connection(TokioIo::new(io), service));
                         spawn_http2(conn, permit, accepted, kill, &stop, peer);
                     }
                     Some((Protocol::Http1, read)) => {
@@ -155,10 +156,12 @@ impl Listener {
         };
         // The handshake runs on the connection's own task, under the same deadline as a
         // request head, so a client that stalls in it holds nothing else up.
-        let acceptor = tls.acceptor();
+        let config = tls.config();
         shutdown.spawn_connection(async move {
-            let handshake =
-                tokio::time::timeout_at(accepted + idle_timeout, acceptor.accept(stream));
+            let handshake = tokio::time::timeout_at(
+                accepted + idle_timeout,
+                tls_stream::accept(stream, config),
+            );
             let handshake = tokio::select! {
                 _ = stop.stopped() => return,
                 _ = permit.evicted(accepted) => {
@@ -172,11 +175,10 @@ impl Listener {
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
             // ALPN has chosen the protocol: no need to sniff the first bytes.
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            if stream.alpn_protocol() == Some(b"h2") {
                 let now = Instant::now();
-                let h2 = builder.http2_only();
                 let conn = h2.serve_connection(TokioIo::new(stream), service);
-                spawn_http2(Box::pin(conn.into_owned()), permit, now, kill, &stop, peer);
+                spawn_http2(Box::pin(conn), permit, now, kill, &stop, peer);
             } else {
                 let deadline = Instant::now() + idle_timeout;
                 h1.serve(stream, BytesMut::new(), deadline, service, permit)

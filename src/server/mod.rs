@@ -17,6 +17,7 @@ mod hyper_conn;
 pub(crate) mod listener;
 pub mod shutdown;
 pub(crate) mod tls;
+pub(crate) mod tls_stream;
 
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;

@@ -31,8 +31,8 @@ impl Tls {
     }
 
     /// The configuration for a new connection.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.current.read().clone())
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current.read().clone()
     }
 
     /// Re-reads the files; on error the previous certificate stays in use.
