@@ -7,15 +7,17 @@
 //! Right after its servers come back, a stream can still serve messages no majority held (its
 //! old leader's) and drop them a moment later, when another server leads, giving their
 //! sequences to later messages (seen with nats-server 2.9 stopped and started together). So
-//! after each check on reconnecting, what the node reads from the newest message then on is
-//! *watched*: compared again with the stream a few times over the next half minute.
+//! after each check on reconnecting, the newest message then and the first ones read after it
+//! (those an old leader's unconfirmed tail can hold) are *watched*: kept aside, out of the
+//! ring's reach, and compared again with the stream a few times over the next half minute.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
-/// How many of the last messages applied are remembered (16 bytes each).
-pub(super) const RING: usize = 1024;
+/// How many of the last messages applied are remembered (16 bytes each, 64 KiB): a rewind
+/// can tell what it delivered already only within them (seconds of reading at high rates).
+pub(super) const RING: usize = 4096;
 /// When, after a check on reconnecting, what was read since is compared with the stream again.
 /// Measured on nats-server 2.9: the stream settled within a few seconds of its servers' return.
 pub(super) const SCANS: [Duration; 5] = [
@@ -25,6 +27,10 @@ pub(super) const SCANS: [Duration; 5] = [
     Duration::from_secs(20),
     Duration::from_secs(30),
 ];
+
+/// How many messages a watch keeps: the newest at the check and the first read after it. An
+/// unconfirmed tail is what was in flight when the servers went away: a few per publisher.
+pub(super) const WATCHED: usize = 64;
 
 /// What a node applied last, and what to skip while it reads sequences again.
 pub(super) struct Applied {
@@ -36,8 +42,9 @@ pub(super) struct Applied {
     /// until the reader passes `until`, the last sequence it had applied before the rewind.
     delivered: Vec<u64>,
     until: u64,
-    /// The watch after a check: from which sequence, and when the next comparisons are due.
-    watch_from: u64,
+    /// The watch after a check: the messages watched, oldest first, and when the next
+    /// comparisons are due (none: no watch).
+    watched: Vec<(u64, u64)>,
     scans: VecDeque<Instant>,
 }
 
@@ -48,7 +55,7 @@ impl Applied {
             hasher: RandomState::new(),
             delivered: Vec::new(),
             until: 0,
-            watch_from: 0,
+            watched: Vec::new(),
             scans: VecDeque::new(),
         }
     }
@@ -78,6 +85,9 @@ impl Applied {
             self.ring.pop_front();
         }
         self.ring.push_back((sequence, identity));
+        if !self.scans.is_empty() && self.watched.len() < WATCHED {
+            self.watched.push((sequence, identity));
+        }
         fresh
     }
 
@@ -99,6 +109,8 @@ impl Applied {
                 self.delivered.push(identity);
             }
         }
+        // Read again, they are watched again as they come.
+        self.watched.retain(|e| e.0 < sequence);
         // Bounded even if rewinds follow each other before the reader passes `until`.
         if self.delivered.len() > 2 * RING {
             self.delivered.drain(..self.delivered.len() - 2 * RING);
@@ -112,25 +124,27 @@ impl Applied {
         self.delivered = Vec::new();
         self.until = 0;
         self.scans.clear();
+        self.watched.clear();
     }
 
-    /// After a check found the stream holding what was applied: from its newest message on,
-    /// what the node reads is compared with the stream again at each of `SCANS` after `now`
-    /// (from the earliest such message, if a watch is on already).
+    /// After a check found the stream holding what was applied: its newest message and the
+    /// next ones read (up to `WATCHED` in all, with those of a watch already on) are compared
+    /// with the stream again at each of `SCANS` after `now`.
     pub(super) fn watch(&mut self, now: Instant) {
-        let Some(&(newest, _)) = self.ring.back() else {
+        let Some(&newest) = self.ring.back() else {
             return;
         };
-        self.watch_from = if self.scans.is_empty() {
-            newest
-        } else {
-            self.watch_from.min(newest)
-        };
+        if self.scans.is_empty() {
+            self.watched.clear();
+        }
+        if self.watched.len() < WATCHED && !self.watched.contains(&newest) {
+            self.watched.push(newest);
+        }
         self.scans = SCANS.iter().map(|d| now + *d).collect();
     }
 
-    /// If a comparison is due at `now`: the messages to compare, oldest first (those still
-    /// remembered; a rewind to one that left the ring could not tell what came after it).
+    /// If a comparison is due at `now`: the messages to compare, oldest first. The watch ends
+    /// after its last comparison.
     pub(super) fn due(&mut self, now: Instant) -> Option<Vec<(u64, u64)>> {
         if self.scans.front().is_none_or(|t| now < *t) {
             return None;
@@ -138,7 +152,19 @@ impl Applied {
         while self.scans.front().is_some_and(|t| now >= *t) {
             self.scans.pop_front();
         }
-        Some(self.since(self.watch_from))
+        let watched = self.watched.clone();
+        if self.scans.is_empty() {
+            self.watched.clear();
+        }
+        Some(watched)
+    }
+
+    /// A comparison that could not be made (no answer) is made again at `at`.
+    pub(super) fn retry(&mut self, watched: Vec<(u64, u64)>, at: Instant) {
+        if self.scans.is_empty() {
+            self.watched = watched;
+        }
+        self.scans.push_front(at);
     }
 }
 
@@ -199,23 +225,41 @@ mod tests {
         a.record(6, 60);
         assert_eq!(a.due(t0), None);
         assert_eq!(a.due(t0 + SCANS[0]), Some(vec![(5, 50), (6, 60)]));
-        assert_eq!(a.due(t0 + SCANS[0]), None, "once per scan");
-        // Late: the scans missed are one.
+        assert_eq!(a.due(t0 + SCANS[0]), None, "once per comparison");
+        // Late: the comparisons missed are one.
         assert_eq!(a.due(t0 + SCANS[2]).map(|v| v.len()), Some(2));
-        // Another check during the watch keeps its start and begins the scans again.
+        // One without an answer is made again.
+        a.retry(vec![(5, 50), (6, 60)], t0 + SCANS[2]);
+        assert_eq!(a.due(t0 + SCANS[2]).map(|v| v.len()), Some(2));
+        // Another check during the watch keeps what it watched and begins the comparisons
+        // again; what is read once `WATCHED` are kept is not kept.
         a.record(7, 70);
         a.watch(t0 + SCANS[2]);
+        for seq in 8..(8 + 2 * WATCHED as u64) {
+            a.record(seq, seq * 10);
+        }
         for d in SCANS {
-            assert_eq!(a.due(t0 + SCANS[2] + d).map(|v| v[0]), Some((5, 50)));
+            let w = a.due(t0 + SCANS[2] + d).unwrap();
+            assert_eq!(w.len(), WATCHED);
+            assert_eq!(w[..3], [(5, 50), (6, 60), (7, 70)]);
         }
         assert_eq!(
             a.due(t0 + SCANS[2] + SCANS[4] * 2),
             None,
             "the watch is over"
         );
-        // A new watch starts from the newest message then.
+        // The watched survive the ring (the newest applied) moving past them.
         a.watch(t0 + SCANS[4] * 4);
-        assert_eq!(a.due(t0 + SCANS[4] * 5), Some(vec![(7, 70)]));
+        let newest = 7 + 2 * WATCHED as u64;
+        for seq in newest + 1..newest + 1 + RING as u64 {
+            a.record(seq, seq * 10);
+        }
+        let t1 = t0 + SCANS[4] * 4;
+        let w = a.due(t1 + SCANS[0]).unwrap();
+        assert_eq!(w[0], (newest, newest * 10));
+        // A rewind drops the watched it reads again (recorded anew as they come).
+        a.rewind(newest + 1, newest + RING as u64);
+        assert_eq!(a.due(t1 + SCANS[1]), Some(vec![(newest, newest * 10)]));
     }
 
     #[test]

@@ -440,7 +440,12 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 "the stream was made anew (NATS lost its data)".to_owned()
             }
             None => {
-                if let Some(moved) = moved_since_check(link, &mut reader).await {
+                let compared = moved_since_check(link, &mut reader).await;
+                if compared.is_some() {
+                    // The comparison's own time is not the consumer's silence.
+                    progress = Instant::now();
+                }
+                if let Some(Some(moved)) = compared {
                     format!(
                         "the stream now holds another message at sequence {moved} than the one \
                          this node delivered there (its servers came back and dropped a message \
@@ -521,9 +526,14 @@ async fn reopen(
             reader.created = created;
             reader.last = 0;
             reader.applied.clear();
-        } else if let Some(changed) = match reader.moved.take() {
-            Some(moved) => Some(moved),
-            None => first_changed(&stream, &reader.applied, first).await?,
+            reader.moved = None;
+        } else if let Some(changed) = {
+            // The earlier of what the watch found and what the check finds now.
+            let found = first_changed(&stream, &reader.applied, first).await?;
+            match (reader.moved.take(), found) {
+                (Some(m), Some(f)) => Some(m.min(f)),
+                (m, f) => m.or(f),
+            }
         } {
             hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
             tracing::error!(
@@ -581,15 +591,16 @@ async fn first_changed(
     Ok(Some(entries[low].0))
 }
 
-/// When a comparison of the watch (see `Applied`) is due: the first sequence read since the
-/// last check whose message the stream no longer holds, if any, kept for `reopen`. One request
-/// per message (at most the ring's 1,024, a few times after an outage); no answer in time
-/// counts as held.
-async fn moved_since_check(link: &Link, reader: &mut Reader) -> Option<u64> {
+/// When a comparison of the watch (see `Applied`) is due: `Some` with the first watched
+/// sequence whose message the stream no longer holds, if any (kept for `reopen`, the earliest
+/// found so far). One request per watched message, `WATCHED` at most; a comparison without an
+/// answer in time is made again a second later. A message missing because the stream's length
+/// trimmed it since counts as held.
+async fn moved_since_check(link: &Link, reader: &mut Reader) -> Option<Option<u64>> {
     let watched = reader.applied.due(Instant::now())?;
     let applied = &reader.applied;
     let check = async {
-        let stream = link
+        let mut stream = link
             .js
             .get_stream(STREAM)
             .await
@@ -597,21 +608,30 @@ async fn moved_since_check(link: &Link, reader: &mut Reader) -> Option<u64> {
         let first = stream.cached_info().state.first_sequence;
         for &entry in watched.iter().filter(|e| e.0 >= first) {
             if !holds(&stream, applied, entry).await? {
-                return Ok(Some(entry.0));
+                let first = stream.info().await.map_err(|e| e.to_string())?;
+                if entry.0 >= first.state.first_sequence {
+                    return Ok(Some(entry.0));
+                }
             }
         }
         Ok::<_, String>(None)
     };
-    let moved = match tokio::time::timeout(COMMAND_TIMEOUT * 4, check).await {
+    let moved = match tokio::time::timeout(COMMAND_TIMEOUT, check).await {
         Ok(Ok(moved)) => moved,
         Ok(Err(e)) => {
             tracing::debug!("comparing the update stream again: {e}");
+            reader.applied.retry(watched, Instant::now() + PROBE);
             None
         }
-        Err(_) => None,
+        Err(_) => {
+            reader.applied.retry(watched, Instant::now() + PROBE);
+            None
+        }
     };
-    reader.moved = moved;
-    moved
+    if let Some(m) = moved {
+        reader.moved = Some(reader.moved.map_or(m, |was| was.min(m)));
+    }
+    Some(moved)
 }
 
 /// Whether the stream holds, at `sequence`, the message of this `identity`.
