@@ -1,10 +1,13 @@
 //! The embedded durable history: a restart of a single-node hub forgets nothing.
 //!
-//! One redb file, `DIR/history.redb`, with one table from the hub's seq to one update, kept
-//! within the same bounds as the in-memory history (the newest updates, by count and bytes);
-//! trimming happens in the same transaction as the writes that push updates out. The hub's
-//! writer thread (`hub::writer`) calls [`Store::commit`] once per batch of publishes, so one
-//! fsync covers every publish that arrived together. redb's own file lock keeps a second hub
+//! Two files in the data directory. `history.log` (see [`log`]) takes each batch of publishes
+//! from the hub's writer thread (`hub::writer`) as one appended frame and one `fdatasync`: when
+//! [`Store::commit`] returns, the batch is on disk, and one fsync covers every publish that
+//! arrived together. `history.redb` is the history itself, one redb table from the hub's seq to
+//! one update, kept within the same bounds as the in-memory history (the newest updates, by
+//! count and bytes): every megabyte or so of log, one durable redb transaction (a checkpoint)
+//! writes the logged batches, trims what they pushed out, and the log starts again. A start
+//! replays what the log holds past the last checkpoint. redb's own file lock keeps a second hub
 //! off the same directory.
 //!
 //! A record holds what replay needs and nothing else: the update's metadata and its
@@ -13,16 +16,31 @@
 //! `version u8 (1) | time_ms u64 | flags u8 (bit 0: private) | id_len u32 | id |
 //! topic_count u32 | (topic_len u32 | topic)* | encoded…`.
 
+mod log;
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use redb::{Database, DatabaseError, ReadableTable, StorageError, TableDefinition};
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+};
 
 use crate::hub::{SharedUpdate, Update};
 
 /// seq → record. redb orders `u64` keys numerically, as big-endian bytes would sort.
 const UPDATES: TableDefinition<u64, &[u8]> = TableDefinition::new("updates");
+/// The store's own state: the nonce of the log's current lap (absent in a store written
+/// before the log existed, whose history loads as it is).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LOG_NONCE: &str = "log_nonce";
+/// Log bytes after which a commit checkpoints into redb. Larger means fewer, longer
+/// checkpoints (one durable redb transaction each) and more to replay after a crash.
+const CHECKPOINT_BYTES: u64 = 1 << 20;
+/// Past this much log (checkpoints failing, e.g. redb's file cannot grow), commits are refused
+/// rather than let the log and the batches waiting for redb grow without end.
+const MAX_LOG_BYTES: u64 = 64 << 20;
 /// The file inside the data directory.
 pub const FILE: &str = "history.redb";
 const VERSION: u8 = 1;
@@ -54,12 +72,21 @@ pub struct WriteError(pub String);
 /// The open store, owned by the hub's writer thread.
 pub struct Store {
     path: PathBuf,
-    /// `None` after a failed write: reopened (and its bookkeeping read again) before the next.
+    /// `None` after a failed checkpoint: reopened (and its bookkeeping read again) before the
+    /// next commit.
     db: Option<Database>,
+    log: log::Log,
+    /// The batches in the log and not yet in redb, in commit order.
+    pending: Vec<Vec<SharedUpdate>>,
     bounds: Bounds,
-    /// (seq, weight) of every update on disk, oldest first: what decides the trimming.
+    /// (seq, weight) of every update in redb, oldest first: what decides the trimming.
     retained: VecDeque<(u64, usize)>,
     bytes: usize,
+    /// Both files' sizes, as of the last checkpoint and append (no `stat` per commit).
+    redb_bytes: u64,
+    log_bytes: u64,
+    /// [`CHECKPOINT_BYTES`], smaller in tests so that they checkpoint between commits.
+    checkpoint_bytes: u64,
 }
 
 impl Store {
@@ -88,14 +115,45 @@ impl Store {
             .create(&path)
             .map_err(|e| open_error(dir, &path, e))?;
         let damaged = |e: String| OpenError::Damaged(path.clone(), e);
+        let nonce = read_nonce(&db).map_err(|e| damaged(e.0))?;
+        let (log, batches) = log::Log::open(dir, nonce).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                OpenError::Damaged(dir.join(log::FILE), e.to_string())
+            }
+            _ => OpenError::Unusable(dir.join(log::FILE), e.to_string()),
+        })?;
+        let mut pending = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let updates = batch
+                .into_iter()
+                .map(|(seq, record)| decode(seq, &record).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| OpenError::Damaged(dir.join(log::FILE), e))?;
+            pending.push(updates);
+        }
+        let replayed = !pending.is_empty();
         let mut store = Store {
             path: path.clone(),
             db: Some(db),
+            log,
+            pending,
             bounds,
             retained: VecDeque::new(),
             bytes: 0,
+            redb_bytes: 0,
+            log_bytes: 0,
+            checkpoint_bytes: CHECKPOINT_BYTES,
         };
-        let kept = store.load().map_err(|e| damaged(e.0))?;
+        let mut kept = store.load().map_err(|e| damaged(e.0))?;
+        // What the log holds past the last checkpoint goes into redb now, and the log starts a
+        // new lap: a start always leaves everything in redb.
+        store.checkpoint().map_err(|e| {
+            OpenError::Unusable(path.clone(), format!("cannot write the history store: {e}"))
+        })?;
+        if replayed {
+            kept = store.load().map_err(|e| damaged(e.0))?;
+        }
+        store.log_bytes = store.log.file_bytes();
         Ok((store, kept))
     }
 
@@ -129,22 +187,26 @@ impl Store {
         txn.commit().map_err(err)?;
         self.retained = kept.iter().map(|u| (u.seq, u.weight())).collect();
         self.bytes = bytes;
+        self.redb_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         Ok(kept)
     }
 
     /// The seq after the newest stored update.
     pub fn next_seq(&self) -> u64 {
-        self.retained.back().map_or(0, |(s, _)| s + 1)
+        match self.pending.last().and_then(|b| b.last()) {
+            Some(u) => u.seq + 1,
+            None => self.retained.back().map_or(0, |(s, _)| s + 1),
+        }
     }
 
-    /// The store file's size on disk.
+    /// The store's files' size on disk.
     pub fn file_bytes(&self) -> u64 {
-        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+        self.redb_bytes + self.log_bytes
     }
 
-    /// Writes `updates` (in seq order, after everything stored) and drops what they push out
-    /// of the bounds, in one durable transaction: when this returns `Ok`, they are on disk.
-    /// On an error nothing of them is kept, and the next call starts from a reopened file.
+    /// Writes `updates` (in seq order; from their first seq on they replace what was stored)
+    /// and drops what they push out of the bounds: when this returns `Ok`, they are on disk.
+    /// On an error nothing of them is kept.
     pub fn commit(&mut self, updates: &[SharedUpdate]) -> Result<(), WriteError> {
         if self.db.is_none() {
             let db = Database::create(&self.path)
@@ -156,7 +218,29 @@ impl Store {
             }
             tracing::info!("the history store is writable again");
         }
-        let result = self.write(updates);
+        if self.log.len() >= MAX_LOG_BYTES {
+            self.checkpoint()?;
+        }
+        self.log
+            .append(updates)
+            .map_err(|e| WriteError(e.to_string()))?;
+        self.log_bytes = self.log_bytes.max(self.log.len());
+        self.pending.push(updates.to_vec());
+        if self.log.len() >= self.checkpoint_bytes {
+            // The batch is on disk in the log whatever happens here: a failed checkpoint is
+            // tried again at the next commit, from a reopened redb.
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!("the history store could not checkpoint its log into redb: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the logged batches into redb in one durable transaction, with the nonce of the
+    /// log's next lap, and starts that lap. On an error redb is reopened before the next
+    /// commit, and the batches stay in the log (and in memory) for the next checkpoint.
+    fn checkpoint(&mut self) -> Result<(), WriteError> {
+        let result = self.write_pending();
         if result.is_err() {
             // redb refuses every transaction after an I/O error: start again from the file.
             self.db = None;
@@ -164,48 +248,82 @@ impl Store {
         result
     }
 
-    fn write(&mut self, updates: &[SharedUpdate]) -> Result<(), WriteError> {
-        let db = self.db.as_ref().expect("reopened");
+    fn write_pending(&mut self) -> Result<(), WriteError> {
+        let db = self
+            .db
+            .as_ref()
+            .ok_or_else(|| WriteError("the history store is not open".into()))?;
+        let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
         let txn = db.begin_write().map_err(err)?;
         let mut retained = std::mem::take(&mut self.retained); // on an error, commit() reloads it
         let mut bytes = self.bytes;
         {
             let mut table = txn.open_table(UPDATES).map_err(err)?;
-            // A commit reported as failed may still have reached the disk (an error on its
-            // last fsync): what the reopened file holds from these seqs on was refused, and
-            // must not come back with these seqs or at the next start.
-            if let Some(first) = updates.first() {
-                table.retain_in(first.seq.., |_, _| false).map_err(err)?;
-                while retained.back().is_some_and(|&(seq, _)| seq >= first.seq) {
-                    if let Some((_, w)) = retained.pop_back() {
-                        bytes -= w;
+            for updates in &self.pending {
+                // A commit reported as failed may still have reached the disk: what redb
+                // holds from these seqs on was refused, and must not come back.
+                if let Some(first) = updates.first() {
+                    table.retain_in(first.seq.., |_, _| false).map_err(err)?;
+                    while retained.back().is_some_and(|&(seq, _)| seq >= first.seq) {
+                        if let Some((_, w)) = retained.pop_back() {
+                            bytes -= w;
+                        }
                     }
                 }
-            }
-            let mut record = Vec::new();
-            for u in updates {
-                record.clear();
-                encode(u, &mut record);
-                table.insert(u.seq, record.as_slice()).map_err(err)?;
-                retained.push_back((u.seq, u.weight()));
-                bytes += u.weight();
-                while retained.len() > self.bounds.updates
-                    || (bytes > self.bounds.bytes && retained.len() > 1)
-                {
-                    let Some((_, w)) = retained.pop_front() else {
-                        break;
-                    };
-                    bytes -= w;
+                let mut record = Vec::new();
+                for u in updates {
+                    record.clear();
+                    encode(u, &mut record);
+                    table.insert(u.seq, record.as_slice()).map_err(err)?;
+                    retained.push_back((u.seq, u.weight()));
+                    bytes += u.weight();
+                    while retained.len() > self.bounds.updates
+                        || (bytes > self.bounds.bytes && retained.len() > 1)
+                    {
+                        let Some((_, w)) = retained.pop_front() else {
+                            break;
+                        };
+                        bytes -= w;
+                    }
                 }
             }
             if let Some(&(oldest, _)) = retained.front() {
                 table.retain_in(..oldest, |_, _| false).map_err(err)?;
             }
+            let mut meta = txn.open_table(META).map_err(err)?;
+            meta.insert(LOG_NONCE, nonce).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         self.retained = retained;
         self.bytes = bytes;
+        self.pending.clear();
+        self.log.restart(nonce);
+        self.redb_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         Ok(())
+    }
+}
+
+impl Drop for Store {
+    /// A clean stop leaves everything in redb, so the next start has no log to replay.
+    fn drop(&mut self) {
+        if !self.pending.is_empty() && self.db.is_some() {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(
+                    "the history store could not checkpoint its log at close ({e}): the next \
+                     start replays it"
+                );
+            }
+        }
+    }
+}
+
+/// The nonce of the log's current lap, if the store has one.
+fn read_nonce(db: &Database) -> Result<Option<u64>, WriteError> {
+    let txn = db.begin_read().map_err(err)?;
+    match txn.open_table(META) {
+        Ok(meta) => Ok(meta.get(LOG_NONCE).map_err(err)?.map(|v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(err(e)),
     }
 }
 
@@ -323,7 +441,7 @@ fn decode(seq: u64, mut b: &[u8]) -> Result<Update, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::os::unix::fs::FileExt;
 
     use super::*;
 
@@ -400,13 +518,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    impl Store {
+        /// What a kill leaves: redb as of the last checkpoint, the log as written (no
+        /// checkpoint at close). Returns where the log's frames end.
+        fn crash(mut self) -> u64 {
+            self.pending.clear();
+            self.log.len()
+        }
+    }
+
+    /// Writes `bytes` into the log at `at`, as a frame torn by a crash (or any garbage) would.
+    fn scribble(dir: &Path, at: u64, bytes: &[u8]) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(log::FILE))
+            .unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
     /// One step of the property test: a commit of `n` updates of `size` bytes each (starting
     /// `back` seqs before the next one, as after a commit reported failed that may have reached
-    /// the disk), or a reopen with the bounds of `bounds`.
+    /// the disk), a reopen with the bounds of `bounds`, or a kill that leaves `garbage` after
+    /// the log's last frame (a torn write) and a restart.
     #[derive(Debug, Clone)]
     enum Step {
         Commit { n: usize, size: usize, back: u64 },
         Reopen { bounds: (usize, usize) },
+        Crash { garbage: Vec<u8> },
     }
 
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -415,6 +553,8 @@ mod tests {
             4 => (1..6usize, 0..600usize, prop_oneof![6 => Just(0u64), 1 => 1..3u64])
                 .prop_map(|(n, size, back)| Step::Commit { n, size, back }),
             1 => (1..8usize, 200..4_000usize).prop_map(|bounds| Step::Reopen { bounds }),
+            1 => proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|garbage| Step::Crash { garbage }),
         ]
     }
 
@@ -434,17 +574,20 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
-        /// Whatever the commits, their sizes, the rewrites of seqs after a failure and the
-        /// bounds at each reopen, the store reloads exactly the newest updates within its
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Whatever the commits, their sizes, the rewrites of seqs after a failure, the bounds
+        /// at each reopen, the kills (torn log tails) and how often the log is checkpointed
+        /// into redb, the store reloads exactly the newest updates within its
         /// bounds, byte for byte, and carries on numbering after the newest.
         #[test]
         fn the_store_keeps_exactly_the_newest_within_its_bounds(
             steps in proptest::collection::vec(step(), 1..24),
+            checkpoint_bytes in 1..4_000u64,
         ) {
             let d = dir("property");
             let mut bounds = Bounds { updates: 4, bytes: 2_000 };
             let (mut store, kept) = Store::open(&d, bounds).unwrap();
+            store.checkpoint_bytes = checkpoint_bytes;
             proptest::prop_assert!(kept.is_empty());
             let mut model: Vec<SharedUpdate> = Vec::new();
             for step in steps {
@@ -464,7 +607,18 @@ mod tests {
                         bounds = Bounds { updates, bytes };
                         let (reopened, kept) = Store::open(&d, bounds).unwrap();
                         store = reopened;
+                        store.checkpoint_bytes = checkpoint_bytes;
                         trim(&mut model, bounds);
+                        let got: Vec<_> = kept.iter().map(fields).collect();
+                        let want: Vec<_> = model.iter().map(|u| fields(u)).collect();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                    Step::Crash { garbage } => {
+                        let end = store.crash();
+                        scribble(&d, end, &garbage);
+                        let (reopened, kept) = Store::open(&d, bounds).unwrap();
+                        store = reopened;
+                        store.checkpoint_bytes = checkpoint_bytes;
                         let got: Vec<_> = kept.iter().map(fields).collect();
                         let want: Vec<_> = model.iter().map(|u| fields(u)).collect();
                         proptest::prop_assert_eq!(got, want);
@@ -474,6 +628,92 @@ mod tests {
                 proptest::prop_assert_eq!(store.next_seq(), next);
             }
             drop(store);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    fn seqs(kept: &[Update]) -> Vec<u64> {
+        kept.iter().map(|u| u.seq).collect()
+    }
+
+    const WIDE: Bounds = Bounds {
+        updates: 100,
+        bytes: 1 << 20,
+    };
+
+    /// A kill between the log's fsync and the checkpoint loses nothing: the next start finds
+    /// the batches in the log alone (redb never had them) and puts them into redb.
+    #[test]
+    fn a_kill_before_the_checkpoint_loses_no_commit() {
+        let d = dir("kill");
+        let (mut store, _) = Store::open(&d, WIDE).unwrap();
+        store.commit(&[update(0, "a"), update(1, "b")]).unwrap();
+        store.commit(&[update(2, "c")]).unwrap();
+        store.crash();
+        // redb alone holds none of them: only the log does.
+        {
+            let db = Database::open(d.join(FILE)).unwrap();
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(UPDATES).unwrap();
+            assert_eq!(table.iter().unwrap().count(), 0);
+        }
+        let (mut store, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2]);
+        assert_eq!(&kept[2].encoded[..], b"id: urn:x:2\ndata: c\n\n");
+        // The start checkpointed them: a second kill, with nothing new, keeps them too.
+        store.commit(&[update(3, "d")]).unwrap();
+        store.crash();
+        let (store, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2, 3]);
+        assert_eq!(store.next_seq(), 4);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A frame the crash tore (cut short, or with a byte that never landed) is cut with
+    /// everything after it, everything before it is kept, and the log carries on from there.
+    #[test]
+    fn a_torn_tail_is_cut_and_everything_before_it_kept() {
+        for tear in ["short", "flipped", "forged"] {
+            let d = dir(&format!("torn-{tear}"));
+            let (mut store, _) = Store::open(&d, WIDE).unwrap();
+            store.commit(&[update(0, "a")]).unwrap();
+            let first_end = store.log.len();
+            store.commit(&[update(1, "b"), update(2, "c")]).unwrap();
+            let end = store.crash();
+            let path = d.join(log::FILE);
+            match tear {
+                // The second frame never fully landed (the crash came before its fsync).
+                "short" => {
+                    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                    f.set_len(end - 5).unwrap();
+                }
+                // One byte of it did not land as written.
+                "flipped" => {
+                    let at = first_end + (end - first_end) / 2;
+                    let mut byte = [0u8];
+                    std::fs::File::open(&path)
+                        .unwrap()
+                        .read_exact_at(&mut byte, at)
+                        .unwrap();
+                    scribble(&d, at, &[byte[0] ^ 0x20]);
+                }
+                // A well-formed frame of another lap (what an earlier lap left, or what a
+                // publisher's data could spell) in its place: not read without the nonce.
+                _ => {
+                    let mut frame = Vec::new();
+                    log::encode_frame(&mut frame, 0x5eed, &[update(1, "forged")]);
+                    scribble(&d, first_end, &frame);
+                }
+            }
+            let (mut store, kept) = Store::open(&d, WIDE).unwrap_or_else(|e| panic!("{tear}: {e}"));
+            assert_eq!(seqs(&kept), [0], "{tear}");
+            assert_eq!(store.next_seq(), kept.last().map_or(0, |u| u.seq + 1));
+            let next = store.next_seq();
+            store.commit(&[update(next, "d")]).unwrap();
+            store.crash();
+            let (_, again) = Store::open(&d, WIDE).unwrap();
+            assert_eq!(seqs(&again), [seqs(&kept), vec![next]].concat(), "{tear}");
             let _ = std::fs::remove_dir_all(&d);
         }
     }
