@@ -718,6 +718,34 @@ mod tests {
         }
     }
 
+    /// A store written before the log existed (redb alone, no nonce) loads as it is, and the
+    /// log starts with it.
+    #[test]
+    fn a_store_from_before_the_log_loads_and_carries_on() {
+        let d = dir("upgrade");
+        std::fs::create_dir_all(&d).unwrap();
+        {
+            let db = Database::create(d.join(FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(UPDATES).unwrap();
+                for seq in 0..3 {
+                    let mut record = Vec::new();
+                    encode(&update(seq, "old"), &mut record);
+                    table.insert(seq, record.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let (mut store, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2]);
+        store.commit(&[update(3, "new")]).unwrap();
+        store.crash();
+        let (_, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2, 3]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn garbage_is_damage() {
         let d = dir("garbage");
