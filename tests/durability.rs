@@ -352,9 +352,17 @@ async fn a_full_disk_refuses_the_publish_and_publishing_resumes_when_space_retur
     let data_dir = disk.0.join("data");
     let args = ["--data-dir", arg(&data_dir), "--history-size", "1000"];
     let hub = TestHub::start_process(&args);
-    // Leave about a megabyte free.
+    // Leave about a megabyte free (whatever the hub's files took): fill the disk, then give
+    // a megabyte back.
     let filler = disk.0.join("filler");
-    std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(1 << 20)).unwrap();
+    }
     let mut s = hub.subscribe("topic=t", &[]).await;
     let mut p = hub.publisher().await;
     let big = "x".repeat(60_000);
