@@ -254,6 +254,7 @@ impl Store {
             .as_ref()
             .ok_or_else(|| WriteError("the history store is not open".into()))?;
         let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
+        let began = std::time::Instant::now();
         let txn = db.begin_write().map_err(err)?;
         let mut retained = std::mem::take(&mut self.retained); // on an error, commit() reloads it
         let mut bytes = self.bytes;
@@ -296,6 +297,12 @@ impl Store {
         txn.commit().map_err(err)?;
         self.retained = retained;
         self.bytes = bytes;
+        tracing::debug!(
+            commits = self.pending.len(),
+            log_bytes = self.log.len(),
+            ms = began.elapsed().as_secs_f64() * 1e3,
+            "the history store checkpointed its log into redb"
+        );
         self.pending.clear();
         self.log.restart(nonce);
         self.redb_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
