@@ -91,8 +91,17 @@ impl Log {
     pub fn append(&mut self, updates: &[SharedUpdate]) -> std::io::Result<()> {
         let frame = &mut self.frame;
         encode_frame(frame, self.nonce, updates);
-        self.file.write_all_at(frame, self.end)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all_at(frame, self.end)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A frame refused to its publishers may still have landed whole (its fsync failed
+            // after the write): blank its head, so that a restart before the next frame takes
+            // its place does not read it. Best effort, as the disk is failing.
+            let _ = self.file.write_all_at(&[0; HEAD], self.end);
+            return Err(e);
+        }
         self.end += frame.len() as u64;
         // A batch of large updates leaves a large buffer: not kept past a megabyte.
         if frame.capacity() > 1 << 20 {
