@@ -74,6 +74,11 @@ impl Log {
         Ok((log, batches))
     }
 
+    /// The lap being written.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
     /// Bytes of frames in this lap.
     pub fn len(&self) -> u64 {
         self.end

@@ -87,6 +87,10 @@ pub struct Store {
     log_bytes: u64,
     /// [`CHECKPOINT_BYTES`], smaller in tests so that they checkpoint between commits.
     checkpoint_bytes: u64,
+    /// Test-only fault: the next checkpoint reports an error after redb's commit landed (as
+    /// when the commit's last fsync fails after its header reached the disk).
+    #[cfg(test)]
+    fail_after_checkpoint: bool,
 }
 
 impl Store {
@@ -143,6 +147,8 @@ impl Store {
             redb_bytes: 0,
             log_bytes: 0,
             checkpoint_bytes: CHECKPOINT_BYTES,
+            #[cfg(test)]
+            fail_after_checkpoint: false,
         };
         let mut kept = store.load().map_err(|e| damaged(e.0))?;
         // What the log holds past the last checkpoint goes into redb now, and the log starts a
@@ -212,7 +218,7 @@ impl Store {
             let db = Database::create(&self.path)
                 .map_err(|e| WriteError(format!("cannot reopen the history store: {e}")))?;
             self.db = Some(db);
-            if let Err(e) = self.load() {
+            if let Err(e) = self.reopened() {
                 self.db = None;
                 return Err(e);
             }
@@ -232,6 +238,21 @@ impl Store {
             if let Err(e) = self.checkpoint() {
                 tracing::warn!("the history store could not checkpoint its log into redb: {e}");
             }
+        }
+        Ok(())
+    }
+
+    /// Reads redb's bookkeeping again after a failed checkpoint. A checkpoint reported as
+    /// failed may still have landed (its commit's last fsync failed after the header reached
+    /// the disk): then redb holds the logged batches and names a new lap, and the log must
+    /// carry on under that lap, or the next start would skip every frame written from now on.
+    fn reopened(&mut self) -> Result<(), WriteError> {
+        self.load()?;
+        let nonce = read_nonce(self.db.as_ref().expect("open"))?;
+        if let Some(nonce) = nonce.filter(|&n| n != self.log.nonce()) {
+            tracing::info!("the failed checkpoint of the history log had reached redb");
+            self.pending.clear();
+            self.log.restart(nonce);
         }
         Ok(())
     }
@@ -295,6 +316,12 @@ impl Store {
             meta.insert(LOG_NONCE, nonce).map_err(err)?;
         }
         txn.commit().map_err(err)?;
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_after_checkpoint) {
+            return Err(WriteError(
+                "injected: the checkpoint's commit landed but failed".into(),
+            ));
+        }
         self.retained = retained;
         self.bytes = bytes;
         tracing::debug!(
@@ -673,6 +700,27 @@ mod tests {
         let (store, kept) = Store::open(&d, WIDE).unwrap();
         assert_eq!(seqs(&kept), [0, 1, 2, 3]);
         assert_eq!(store.next_seq(), 4);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A checkpoint whose redb commit landed but was reported failed: the commits answered
+    /// after it (written under the lap redb now names) survive a kill.
+    #[test]
+    fn a_checkpoint_that_landed_but_failed_loses_no_later_commit() {
+        let d = dir("landed");
+        let (mut store, _) = Store::open(&d, WIDE).unwrap();
+        store.checkpoint_bytes = 1;
+        store.fail_after_checkpoint = true;
+        store.commit(&[update(0, "a")]).unwrap();
+        assert!(store.db.is_none(), "the injected failure did not happen");
+        store.checkpoint_bytes = u64::MAX;
+        store.commit(&[update(1, "b")]).unwrap();
+        store.commit(&[update(2, "c")]).unwrap();
+        store.crash();
+        let (store, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2]);
+        assert_eq!(store.next_seq(), 3);
         drop(store);
         let _ = std::fs::remove_dir_all(&d);
     }
