@@ -16,7 +16,9 @@
 //! number the checkpoint writes into redb before the log starts again, so frames of an earlier
 //! lap (still on disk further in) are never read as new, and no publisher can forge one (its
 //! data could hold a well-formed frame, but not the secret nonce). Reading stops at the first
-//! frame that is short, fails its check or is of another lap: a torn or refused tail is cut.
+//! frame of another lap (the end of the lap), and at a frame of this lap that is short or fails
+//! its check: a torn tail is cut, with a warning, unless a good frame of the lap follows it,
+//! which is damage and refuses the start.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -58,10 +60,49 @@ impl Log {
         let mut batches = Vec::new();
         let mut end = 0;
         if let Some(nonce) = nonce {
-            let mut reader = BufReader::with_capacity(1 << 16, &file);
-            while let Some((len, batch)) = read_frame(&mut reader, nonce)? {
-                batches.push(batch);
-                end += len as u64;
+            let size = file.metadata()?.len();
+            let mut reader = BufReader::with_capacity(1 << 16, At { file: &file, at: 0 });
+            loop {
+                match read_frame(&mut reader, nonce, size - end)? {
+                    Frame::Whole(len, batch) => {
+                        batches.push(batch);
+                        end += len as u64;
+                    }
+                    Frame::End => break,
+                    Frame::Torn(len) => {
+                        // Frames are appended one at a time, each on disk before the next is
+                        // written: a good frame of this lap after a bad one means the bad one
+                        // was whole once and was damaged since, and what follows it was
+                        // answered. That is not cut silently.
+                        let next = end + (HEAD + len) as u64;
+                        let mut after = At {
+                            file: &file,
+                            at: next,
+                        };
+                        if let Ok(Frame::Whole(..)) =
+                            read_frame(&mut after, nonce, size.saturating_sub(next))
+                        {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!(
+                                    "the log's frame at byte {end} (after {} good ones) fails \
+                                     its check, but a good frame of the same lap follows it: \
+                                     the log is damaged in its middle, not torn at its end",
+                                    batches.len()
+                                ),
+                            ));
+                        }
+                        let cut = (HEAD + len) as u64;
+                        tracing::warn!(
+                            "the history log ends with a torn frame (the last run stopped while \
+                             writing it, so it was never answered): cut {} bytes at byte {end}, \
+                             after {} good frames",
+                            cut.min(size - end),
+                            batches.len()
+                        );
+                        break;
+                    }
+                }
             }
         }
         preallocate(&file);
@@ -177,24 +218,39 @@ pub(super) fn encode_frame(frame: &mut Vec<u8>, nonce: u64, updates: &[SharedUpd
     frame[4..12].copy_from_slice(&check.to_le_bytes());
 }
 
-/// Reads one frame of lap `nonce`: `None` at the end of the lap (end of file, a short or
-/// failed frame, another lap's frame). A frame that passes its check but does not parse is
-/// damage, not a tail, and an error.
-fn read_frame(r: &mut impl Read, nonce: u64) -> std::io::Result<Option<(usize, Batch)>> {
+/// What the log holds at one place.
+enum Frame {
+    /// A frame of the lap, its length on disk and its batch.
+    Whole(usize, Batch),
+    /// The end of the lap: the end of the file, or a head of another lap (zeros, an earlier
+    /// lap's frame, a refused frame's blanked head).
+    End,
+    /// A head of this lap whose frame is cut short or fails its check, with the payload length
+    /// its head says.
+    Torn(usize),
+}
+
+/// Reads one frame of lap `nonce`, at most `room` bytes (what the file still holds, so that a
+/// torn head's length allocates nothing past the file). A frame that passes its check but
+/// does not parse is damage, not a tail, and an error.
+fn read_frame(r: &mut impl Read, nonce: u64, room: u64) -> std::io::Result<Frame> {
     let mut head = [0u8; HEAD];
     if !read_full(r, &mut head)? {
-        return Ok(None);
+        return Ok(Frame::End);
     }
     let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
     let check = u64::from_le_bytes(head[4..12].try_into().unwrap());
     let frame_nonce = u64::from_le_bytes(head[12..20].try_into().unwrap());
-    if frame_nonce != nonce || len > MAX_FRAME {
-        return Ok(None);
+    if frame_nonce != nonce {
+        return Ok(Frame::End);
+    }
+    if len > MAX_FRAME || (HEAD + len) as u64 > room {
+        return Ok(Frame::Torn(len));
     }
     let mut body = vec![0u8; 8 + len];
     body[..8].copy_from_slice(&head[12..20]);
     if !read_full(r, &mut body[8..])? || xxhash_rust::xxh3::xxh3_64(&body) != check {
-        return Ok(None);
+        return Ok(Frame::Torn(len));
     }
     let damaged = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
     let mut b = &body[8..];
@@ -216,7 +272,22 @@ fn read_frame(r: &mut impl Read, nonce: u64) -> std::io::Result<Option<(usize, B
     if !b.is_empty() || batch.is_empty() {
         return Err(damaged("a log frame holds more or less than its records"));
     }
-    Ok(Some((HEAD + len, batch)))
+    Ok(Frame::Whole(HEAD + len, batch))
+}
+
+/// Reads the file from a position with `pread`, so that a look further on leaves the main
+/// reader where it is.
+struct At<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// Fills `buf`; `false` if the file ends first.

@@ -773,6 +773,51 @@ mod tests {
         }
     }
 
+    /// A frame damaged in the middle of the log (good frames of the same lap after it, each
+    /// answered) refuses the start as damage instead of being cut with what follows it, and
+    /// `--data-dir-recover` is the way past it.
+    #[test]
+    fn damage_in_the_middle_of_the_log_refuses_the_start() {
+        let d = dir("middle");
+        let (mut store, _) = Store::open(&d, WIDE).unwrap();
+        store.commit(&[update(0, "a")]).unwrap();
+        let first_end = store.log.len();
+        store.commit(&[update(1, "b")]).unwrap();
+        let second_end = store.log.len();
+        store.commit(&[update(2, "c")]).unwrap();
+        store.commit(&[update(3, "d")]).unwrap();
+        store.crash();
+        let at = first_end + (second_end - first_end) / 2;
+        let mut byte = [0u8];
+        std::fs::File::open(d.join(log::FILE))
+            .unwrap()
+            .read_exact_at(&mut byte, at)
+            .unwrap();
+        scribble(&d, at, &[byte[0] ^ 0x01]);
+        match Store::open(&d, WIDE) {
+            Err(OpenError::Damaged(path, why)) => {
+                assert_eq!(path, d.join(log::FILE));
+                assert!(why.contains("damaged in its middle"), "{why}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok((_, kept)) => panic!("opened with {:?}, 1..=3 were answered", seqs(&kept)),
+        }
+        let (_, kept) = open_or_recover(&d, WIDE, true).unwrap();
+        assert!(kept.is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+        remove_aside("middle");
+    }
+
+    /// Removes what `--data-dir-recover` moved aside in a test.
+    fn remove_aside(name: &str) {
+        let prefix = format!("ssehub-store-{name}-{}.corrupt-", std::process::id());
+        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
     /// A store written before the log existed (redb alone, no nonce) loads as it is, and the
     /// log starts with it.
     #[test]
@@ -817,14 +862,6 @@ mod tests {
         let (_, kept) = open_or_recover(&d, bounds, true).unwrap();
         assert!(kept.is_empty());
         let _ = std::fs::remove_dir_all(&d);
-        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!(
-                "ssehub-store-garbage-{}.corrupt-",
-                std::process::id()
-            )) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        remove_aside("garbage");
     }
 }
