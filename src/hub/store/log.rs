@@ -45,6 +45,15 @@ pub struct Log {
     end: u64,
     nonce: u64,
     frame: Vec<u8>,
+    /// A refused frame may still be readable (its head could not be blanked on disk): the lap
+    /// must end, by a checkpoint naming a new one, before anything else is appended.
+    stale: bool,
+    /// Test-only faults: the next frame's fsync fails (after its write), and so does the
+    /// blanking of its head.
+    #[cfg(test)]
+    pub(super) fail_sync: bool,
+    #[cfg(test)]
+    pub(super) fail_blank: bool,
 }
 
 impl Log {
@@ -111,6 +120,11 @@ impl Log {
             end,
             nonce: nonce.unwrap_or(0),
             frame: Vec::new(),
+            stale: false,
+            #[cfg(test)]
+            fail_sync: false,
+            #[cfg(test)]
+            fail_blank: false,
         };
         Ok((log, batches))
     }
@@ -130,6 +144,13 @@ impl Log {
     pub fn restart(&mut self, nonce: u64) {
         self.nonce = nonce;
         self.end = 0;
+        self.stale = false;
+    }
+
+    /// Whether a refused frame may still be read back at the next start (see
+    /// [`Log::append`]): then the lap must end before the next append.
+    pub fn stale(&self) -> bool {
+        self.stale
     }
 
     /// Appends one frame holding `updates` and waits until it is on disk. On an error the
@@ -137,15 +158,21 @@ impl Log {
     pub fn append(&mut self, updates: &[SharedUpdate]) -> std::io::Result<()> {
         let frame = &mut self.frame;
         encode_frame(frame, self.nonce, updates);
-        let written = self
-            .file
-            .write_all_at(frame, self.end)
-            .and_then(|()| self.file.sync_data());
+        let written = self.file.write_all_at(frame, self.end).and_then(|()| {
+            #[cfg(test)]
+            if std::mem::take(&mut self.fail_sync) {
+                return Err(std::io::Error::other("injected: the frame's fsync failed"));
+            }
+            self.file.sync_data()
+        });
         if let Err(e) = written {
             // A frame refused to its publishers may still have landed whole (its fsync failed
-            // after the write): blank its head, so that a restart before the next frame takes
-            // its place does not read it. Best effort, as the disk is failing.
-            let _ = self.file.write_all_at(&[0; HEAD], self.end);
+            // after the write): its head is blanked on disk, so that a restart before the next
+            // frame takes its place does not read it. If that fails too, the caller ends the
+            // lap before anything else is appended (see `stale`).
+            if self.blank().is_err() {
+                self.stale = true;
+            }
             return Err(e);
         }
         self.end += frame.len() as u64;
@@ -154,6 +181,16 @@ impl Log {
             *frame = Vec::new();
         }
         Ok(())
+    }
+
+    /// Zeros the head at the log's end (a refused frame's) and waits until that is on disk.
+    fn blank(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_blank) {
+            return Err(std::io::Error::other("injected: the blanking failed"));
+        }
+        self.file.write_all_at(&[0; HEAD], self.end)?;
+        self.file.sync_data()
     }
 
     /// The file's size on disk.
