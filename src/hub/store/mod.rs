@@ -35,6 +35,10 @@ const UPDATES: TableDefinition<u64, &[u8]> = TableDefinition::new("updates");
 /// before the log existed, whose history loads as it is).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG_NONCE: &str = "log_nonce";
+/// The seq after redb's newest update as of the last checkpoint. A version of ssehub without
+/// the log ignores `meta`: if redb's newest update is not this one at a start, such a version
+/// wrote redb since (a downgrade and an upgrade after a crash), and the log's frames are stale.
+const LOG_NEXT_SEQ: &str = "log_next_seq";
 /// Log bytes after which a commit checkpoints into redb. Larger means fewer, longer
 /// checkpoints (one durable redb transaction each) and more to replay after a crash.
 const CHECKPOINT_BYTES: u64 = 1 << 20;
@@ -119,7 +123,7 @@ impl Store {
             .create(&path)
             .map_err(|e| open_error(dir, &path, e))?;
         let damaged = |e: String| OpenError::Damaged(path.clone(), e);
-        let nonce = read_nonce(&db).map_err(|e| damaged(e.0))?;
+        let nonce = current_lap(&db).map_err(|e| damaged(e.0))?;
         let (log, batches) = log::Log::open(dir, nonce).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => {
                 OpenError::Damaged(dir.join(log::FILE), e.to_string())
@@ -324,6 +328,8 @@ impl Store {
             }
             let mut meta = txn.open_table(META).map_err(err)?;
             meta.insert(LOG_NONCE, nonce).map_err(err)?;
+            let next = retained.back().map_or(0, |&(seq, _)| seq + 1);
+            meta.insert(LOG_NEXT_SEQ, next).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         #[cfg(test)]
@@ -369,6 +375,35 @@ fn read_nonce(db: &Database) -> Result<Option<u64>, WriteError> {
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
         Err(e) => Err(err(e)),
     }
+}
+
+/// The lap whose frames the log holds past redb, if they are to be replayed: not when redb was
+/// written since by a version without the log (see [`LOG_NEXT_SEQ`]), whose updates they would
+/// overwrite.
+fn current_lap(db: &Database) -> Result<Option<u64>, WriteError> {
+    let Some(nonce) = read_nonce(db)? else {
+        return Ok(None);
+    };
+    let txn = db.begin_read().map_err(err)?;
+    let meta = txn.open_table(META).map_err(err)?;
+    let Some(recorded) = meta.get(LOG_NEXT_SEQ).map_err(err)?.map(|v| v.value()) else {
+        return Ok(Some(nonce));
+    };
+    let next = match txn.open_table(UPDATES) {
+        Ok(table) => table.last().map_err(err)?.map_or(0, |(k, _)| k.value() + 1),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(err(e)),
+    };
+    if next != recorded {
+        tracing::warn!(
+            "the history store was written by a version of ssehub without its log since the \
+             last checkpoint (its newest update is {next}, the log's checkpoint left \
+             {recorded}): the publishes only the log held (if any) are dropped, as replaying \
+             them would overwrite newer ones"
+        );
+        return Ok(None);
+    }
+    Ok(Some(nonce))
 }
 
 fn err(e: impl Into<redb::Error>) -> WriteError {
@@ -877,6 +912,38 @@ mod tests {
         store.crash();
         let (_, kept) = Store::open(&d, WIDE).unwrap();
         assert_eq!(seqs(&kept), [0, 1, 2, 3]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A kill, a downgrade to a version without the log that publishes and stops, and an
+    /// upgrade again: the log's stale frames do not overwrite what that version stored.
+    #[test]
+    fn a_log_older_than_redb_is_not_replayed() {
+        let d = dir("downgrade");
+        let (mut store, _) = Store::open(&d, WIDE).unwrap();
+        store.commit(&[update(0, "a")]).unwrap();
+        store.checkpoint().unwrap();
+        store.commit(&[update(1, "logged")]).unwrap();
+        store.crash();
+        // What the older version does: redb alone, its own seqs from 1 on.
+        {
+            let db = Database::create(d.join(FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(UPDATES).unwrap();
+                for seq in 1..4 {
+                    let mut record = Vec::new();
+                    encode(&update(seq, "old"), &mut record);
+                    table.insert(seq, record.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let (store, kept) = Store::open(&d, WIDE).unwrap();
+        assert_eq!(seqs(&kept), [0, 1, 2, 3]);
+        assert_eq!(&kept[1].encoded[..], b"id: urn:x:1\ndata: old\n\n");
+        assert_eq!(store.next_seq(), 4);
+        drop(store);
         let _ = std::fs::remove_dir_all(&d);
     }
 
