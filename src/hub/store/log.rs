@@ -31,7 +31,7 @@ use crate::hub::SharedUpdate;
 pub const FILE: &str = "history.log";
 const HEAD: usize = 4 + 8 + 8;
 /// What a new log is given to start with: a lap's worth (the store checkpoints at a megabyte).
-const PREALLOCATE: u64 = 1 << 20;
+pub(super) const PREALLOCATE: u64 = 1 << 20;
 /// The longest frame read back: a batch is at most the writer's queued bytes (64 MiB) and its
 /// records' headers; a length past this is a torn or foreign tail, not a frame.
 const MAX_FRAME: usize = 256 << 20;
@@ -141,10 +141,23 @@ impl Log {
 
     /// Starts a new lap named `nonce` at the file's first byte (once redb holds everything
     /// the last lap held, under that nonce).
+    /// A lap that grew the file past twice its usual size (one large batch, or checkpoints
+    /// failing for a while) gives the space back here, so the file stays about a lap long.
     pub fn restart(&mut self, nonce: u64) {
         self.nonce = nonce;
         self.end = 0;
         self.stale = false;
+        if self.file_bytes() > 2 * PREALLOCATE {
+            // Everything past the first lap's bytes is of a lap redb already holds. Best
+            // effort: a file that cannot shrink is only larger.
+            let shrunk = self
+                .file
+                .set_len(PREALLOCATE)
+                .and_then(|()| self.file.sync_all());
+            if let Err(e) = shrunk {
+                tracing::warn!("could not shrink the history log back to its usual size: {e}");
+            }
+        }
     }
 
     /// Whether a refused frame may still be read back at the next start (see

@@ -349,6 +349,7 @@ impl Store {
         self.pending.clear();
         self.log.restart(nonce);
         self.redb_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        self.log_bytes = self.log.file_bytes();
         Ok(())
     }
 }
@@ -792,6 +793,34 @@ mod tests {
             assert_eq!(&kept[1].encoded[..], b"id: urn:x:1\ndata: b\n\n");
             let _ = std::fs::remove_dir_all(&d);
         }
+    }
+
+    /// A batch far larger than a lap grows the log for that lap only: the checkpoint after it
+    /// shrinks the file back, and what follows is still kept across a kill.
+    #[test]
+    fn a_large_batch_does_not_grow_the_log_for_good() {
+        let d = dir("shrink");
+        let bounds = Bounds {
+            updates: 100,
+            bytes: 16 << 20,
+        };
+        let (mut store, _) = Store::open(&d, bounds).unwrap();
+        store.commit(&[update(0, &"x".repeat(3 << 20))]).unwrap();
+        assert!(
+            store.pending.is_empty(),
+            "no checkpoint after a 3 MiB frame"
+        );
+        assert!(
+            store.log.file_bytes() <= log::PREALLOCATE,
+            "{}",
+            store.log.file_bytes()
+        );
+        assert!(store.file_bytes() < store.redb_bytes + (2 << 20));
+        store.commit(&[update(1, "b")]).unwrap();
+        store.crash();
+        let (_, kept) = Store::open(&d, bounds).unwrap();
+        assert_eq!(seqs(&kept), [0, 1]);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// A frame the crash tore (cut short, or with a byte that never landed) is cut with
