@@ -45,6 +45,9 @@ const CHECKPOINT_BYTES: u64 = 1 << 20;
 /// Past this much log (checkpoints failing, e.g. redb's file cannot grow), commits are refused
 /// rather than let the log and the batches waiting for redb grow without end.
 const MAX_LOG_BYTES: u64 = 64 << 20;
+/// The wait after a first failed checkpoint, doubled at each further failure up to the second.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// The file inside the data directory.
 pub const FILE: &str = "history.redb";
 const VERSION: u8 = 1;
@@ -91,6 +94,8 @@ pub struct Store {
     log_bytes: u64,
     /// [`CHECKPOINT_BYTES`], smaller in tests so that they checkpoint between commits.
     checkpoint_bytes: u64,
+    /// After a failed checkpoint: when the next is tried, and the wait before it.
+    retry: Option<(std::time::Instant, std::time::Duration)>,
     /// Test-only fault: the next checkpoint reports an error after redb's commit landed (as
     /// when the commit's last fsync fails after its header reached the disk).
     #[cfg(test)]
@@ -151,6 +156,7 @@ impl Store {
             redb_bytes: 0,
             log_bytes: 0,
             checkpoint_bytes: CHECKPOINT_BYTES,
+            retry: None,
             #[cfg(test)]
             fail_after_checkpoint: false,
         };
@@ -218,6 +224,10 @@ impl Store {
     /// and drops what they push out of the bounds: when this returns `Ok`, they are on disk.
     /// On an error nothing of them is kept.
     pub fn commit(&mut self, updates: &[SharedUpdate]) -> Result<(), WriteError> {
+        if updates.is_empty() {
+            // An empty frame would read back as damage.
+            return Ok(());
+        }
         if self.db.is_none() {
             let db = Database::create(&self.path)
                 .map_err(|e| WriteError(format!("cannot reopen the history store: {e}")))?;
@@ -246,11 +256,24 @@ impl Store {
         }
         self.log_bytes = self.log_bytes.max(self.log.len());
         self.pending.push(updates.to_vec());
-        if self.log.len() >= self.checkpoint_bytes {
+        let due = self
+            .retry
+            .is_none_or(|(at, _)| std::time::Instant::now() >= at);
+        if self.log.len() >= self.checkpoint_bytes && due {
             // The batch is on disk in the log whatever happens here: a failed checkpoint is
-            // tried again at the next commit, from a reopened redb.
+            // tried again from a reopened redb, after a wait that doubles while they keep
+            // failing (each try is a durable redb transaction of everything logged, on the
+            // thread that also fans out), until the log's bound forces one.
             if let Err(e) = self.checkpoint() {
-                tracing::warn!("the history store could not checkpoint its log into redb: {e}");
+                let wait = self
+                    .retry
+                    .map_or(RETRY_FIRST, |(_, w)| (w * 2).min(RETRY_MAX));
+                self.retry = Some((std::time::Instant::now() + wait, wait));
+                tracing::warn!(
+                    "the history store could not checkpoint its log into redb ({e}): trying \
+                     again in {} ms",
+                    wait.as_millis()
+                );
             }
         }
         Ok(())
@@ -348,6 +371,7 @@ impl Store {
         );
         self.pending.clear();
         self.log.restart(nonce);
+        self.retry = None;
         self.redb_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         self.log_bytes = self.log.file_bytes();
         Ok(())
@@ -819,6 +843,31 @@ mod tests {
         store.commit(&[update(1, "b")]).unwrap();
         store.crash();
         let (_, kept) = Store::open(&d, bounds).unwrap();
+        assert_eq!(seqs(&kept), [0, 1]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A failed checkpoint is not tried again at the very next commit (the log holds the
+    /// batches meanwhile), and an empty commit writes nothing that would read back as damage.
+    #[test]
+    fn a_failed_checkpoint_waits_before_the_next_try() {
+        let d = dir("retry");
+        let (mut store, _) = Store::open(&d, WIDE).unwrap();
+        store.checkpoint_bytes = 1;
+        store.fail_after_checkpoint = true;
+        store.commit(&[update(0, "a")]).unwrap();
+        // Whatever the machine's speed, the next commit comes within the wait.
+        let (at, wait) = store.retry.expect("no wait after the failed checkpoint");
+        store.retry = Some((at + std::time::Duration::from_secs(3600), wait));
+        store.commit(&[update(1, "b")]).unwrap();
+        assert_eq!(
+            store.pending.len(),
+            1,
+            "the checkpoint was tried again at once"
+        );
+        store.commit(&[]).unwrap();
+        store.crash();
+        let (_, kept) = Store::open(&d, WIDE).unwrap();
         assert_eq!(seqs(&kept), [0, 1]);
         let _ = std::fs::remove_dir_all(&d);
     }
