@@ -507,6 +507,14 @@ async fn a_kill_before_the_checkpoint_loses_nothing_and_a_torn_tail_is_cut() {
         got, want,
         "every answered publish, once, in order, nothing else"
     );
+    // The cut is said, with what its head claimed (the first frame's length and head).
+    let claimed = 20 + u32::from_le_bytes(bytes[..4].try_into().unwrap());
+    let said = format!("cut {claimed} bytes at byte {end}");
+    assert!(
+        hub.wait_for_log(&said, Duration::from_secs(5)),
+        "no `{said}` in {:?}",
+        hub.logs()
+    );
     let mut p = hub.publisher().await;
     let after = p.ok(&[("topic", "t"), ("data", "after")]).await;
     hub.signal("KILL");

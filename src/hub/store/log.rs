@@ -1,7 +1,10 @@
 //! The store's write-ahead log: what makes a group commit cost one small append and one fsync.
 //!
-//! Written by hand because no crate we found does only this, and redb alone costs too much per
-//! commit: measured under a steady 2,000 publishes/s (16 publishers, about 6 updates per
+//! Written by hand because no crate we found does only this: okaywal is a general log with
+//! segment files and a checkpointing protocol of its own to drive (more moving parts and
+//! another on-disk format for one appended frame per commit), and redb's own non-durable
+//! commits with a periodic durable one lose what a crash catches between the two, which a
+//! `200` promises not to. And redb alone costs too much per commit: measured under a steady 2,000 publishes/s (16 publishers, about 6 updates per
 //! commit), each redb commit wrote a 320-byte header and 8–9 scattered 4 KiB pages (≈ 37 KB for
 //! ≈ 1.5 KB of updates) before its one `fdatasync`, and took 2.4 ms on average, where a bare
 //! `fdatasync` of a small append takes about 0.2 ms. Here a commit is one `pwrite` of its

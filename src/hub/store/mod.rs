@@ -311,7 +311,10 @@ impl Store {
             .db
             .as_ref()
             .ok_or_else(|| WriteError("the history store is not open".into()))?;
-        let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
+        // A v4 UUID's fixed version and variant bits sit at different places in its two
+        // halves, so their XOR has 64 random bits.
+        let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+        let nonce = high ^ low;
         let began = std::time::Instant::now();
         let txn = db.begin_write().map_err(err)?;
         let mut retained = std::mem::take(&mut self.retained); // on an error, commit() reloads it
