@@ -20,8 +20,8 @@
 //! lap (still on disk further in) are never read as new, and no publisher can forge one (its
 //! data could hold a well-formed frame, but not the secret nonce). Reading stops at the first
 //! frame of another lap (the end of the lap), and at a frame of this lap that is short or fails
-//! its check: a torn tail is cut, with a warning, unless a good frame of the lap follows it,
-//! which is damage and refuses the start.
+//! its check: a torn tail is cut, with a warning, unless a good frame of the lap lies anywhere
+//! after that point, which is damage and refuses the start.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -75,46 +75,57 @@ impl Log {
             let size = file.metadata()?.len();
             let mut reader = BufReader::with_capacity(1 << 16, At { file: &file, at: 0 });
             loop {
-                match read_frame(&mut reader, nonce, size - end)? {
+                let head_at_end = end;
+                let stop = match read_frame(&mut reader, nonce, size - end)? {
                     Frame::Whole(len, batch) => {
                         batches.push(batch);
                         end += len as u64;
+                        continue;
                     }
-                    Frame::End => break,
+                    Frame::End if end >= size => break,
+                    stop => stop,
+                };
+                // Frames are appended one at a time, each on disk before the next is written,
+                // and a refused frame's head is blanked or its lap ended: so no good frame of
+                // this lap lies past where its frames stop, unless what stopped the reading
+                // (a bad frame, a head of another nonce or of zeros) is damage to frames that
+                // were answered. Those are not cut, silently or not: the whole rest of the
+                // file (about a lap) is searched for one.
+                if let Some(at) = find_frame(&file, nonce, head_at_end + 1, size)? {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the log's frames stop at byte {end} (after {} good ones), but a \
+                             good frame of the same lap is at byte {at}: the log is damaged in \
+                             its middle, not torn at its end",
+                            batches.len()
+                        ),
+                    ));
+                }
+                match stop {
                     Frame::Torn(len) => {
-                        // Frames are appended one at a time, each on disk before the next is
-                        // written: a good frame of this lap after a bad one means the bad one
-                        // was whole once and was damaged since, and what follows it was
-                        // answered. That is not cut silently.
-                        let next = end + (HEAD + len) as u64;
-                        let mut after = At {
-                            file: &file,
-                            at: next,
-                        };
-                        if let Ok(Frame::Whole(..)) =
-                            read_frame(&mut after, nonce, size.saturating_sub(next))
-                        {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                format!(
-                                    "the log's frame at byte {end} (after {} good ones) fails \
-                                     its check, but a good frame of the same lap follows it: \
-                                     the log is damaged in its middle, not torn at its end",
-                                    batches.len()
-                                ),
-                            ));
-                        }
-                        let cut = (HEAD + len) as u64;
+                        // A torn write and damage to the last frame read the same: which one
+                        // it was is not known, so the warning does not claim it.
+                        let cut = ((HEAD + len) as u64).min(size - end);
                         tracing::warn!(
-                            "the history log ends with a torn frame (the last run stopped while \
-                             writing it, so it was never answered): cut {} bytes at byte {end}, \
-                             after {} good frames",
-                            cut.min(size - end),
+                            "the history log's last frame is short or fails its check (most \
+                             likely a write torn by the stop, not confirmed on disk, so not \
+                             answered): cut {cut} bytes at byte {end}, after {} good frames",
                             batches.len()
                         );
-                        break;
+                    }
+                    _ => {
+                        if looks_like_lap(&file, nonce, end)? {
+                            tracing::warn!(
+                                "the history log's frames end at byte {end} (after {} good \
+                                 ones) at a head whose lap differs from this one's in only a \
+                                 few bits: if it was damage, the one frame there is lost",
+                                batches.len()
+                            );
+                        }
                     }
                 }
+                break;
             }
         }
         preallocate(&file);
@@ -326,6 +337,49 @@ fn read_frame(r: &mut impl Read, nonce: u64, room: u64) -> std::io::Result<Frame
         return Err(damaged("a log frame holds more or less than its records"));
     }
     Ok(Frame::Whole(HEAD + len, batch))
+}
+
+/// Where the first good frame of lap `nonce` at or after byte `from` is, if any: each place
+/// whose nonce bytes match is read as a frame (a frame that passes its check but does not
+/// parse counts: it is of this lap). Reads the file a window at a time, so memory stays
+/// bounded whatever its size.
+fn find_frame(file: &File, nonce: u64, from: u64, size: u64) -> std::io::Result<Option<u64>> {
+    const WINDOW: usize = 1 << 20;
+    let want = nonce.to_le_bytes();
+    let mut buf = vec![0u8; WINDOW + HEAD];
+    let mut start = from;
+    while start + HEAD as u64 <= size {
+        let n = ((size - start) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], start)?;
+        // Heads starting in this window; the next window starts where the last one here could.
+        let heads = n + 1 - HEAD;
+        for i in 0..heads.min(WINDOW) {
+            if buf[i + 12..i + HEAD] != want {
+                continue;
+            }
+            let at = start + i as u64;
+            let mut r = At { file, at };
+            match read_frame(&mut r, nonce, size - at) {
+                Ok(Frame::Whole(..)) => return Ok(Some(at)),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(Some(at)),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        start += heads.min(WINDOW) as u64;
+    }
+    Ok(None)
+}
+
+/// Whether the head at `at` names a lap within 8 bits of `nonce`: damage to a frame's nonce
+/// bytes, not an earlier lap's head or old bytes (those differ in about 32 bits of 64).
+fn looks_like_lap(file: &File, nonce: u64, at: u64) -> std::io::Result<bool> {
+    let mut got = [0u8; 8];
+    match file.read_exact_at(&mut got, at + 12) {
+        Ok(()) => Ok((u64::from_le_bytes(got) ^ nonce).count_ones() <= 8),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads the file from a position with `pread`, so that a look further on leaves the main

@@ -958,6 +958,66 @@ mod tests {
         remove_aside("middle");
     }
 
+    /// Commits four one-update frames and kills; returns where each frame starts (and the
+    /// end of the last).
+    fn four_frames(d: &Path) -> Vec<u64> {
+        let (mut store, _) = Store::open(d, WIDE).unwrap();
+        let mut at = vec![store.log.len()];
+        for (seq, data) in ["a", "b", "c", "d"].iter().enumerate() {
+            store.commit(&[update(seq as u64, data)]).unwrap();
+            at.push(store.log.len());
+        }
+        store.crash();
+        at
+    }
+
+    /// Reopens `d` and expects the start refused as damage to the log's middle.
+    fn expect_middle_damage(d: &Path) {
+        match Store::open(d, WIDE) {
+            Err(OpenError::Damaged(path, why)) => {
+                assert_eq!(path, d.join(log::FILE));
+                assert!(why.contains("damaged in its middle"), "{why}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok((_, kept)) => panic!("opened with {:?}, 0..=3 were answered", seqs(&kept)),
+        }
+    }
+
+    /// Damage that ends the reading at a head that is not this lap's (a frame's nonce bytes
+    /// rotted, or its head read back as zeros) with answered frames after it refuses the start.
+    #[test]
+    fn a_damaged_or_zeroed_head_in_the_middle_refuses_the_start() {
+        for (name, zeros) in [("nonce", false), ("zeros", true)] {
+            let d = dir(name);
+            let at = four_frames(&d);
+            if zeros {
+                scribble(&d, at[1], &[0; 20]);
+            } else {
+                scribble(&d, at[1] + 14, &[0xA5]);
+            }
+            expect_middle_damage(&d);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    /// Damage covering two neighbouring frames (one bad page), or a frame's length field, is
+    /// not taken for a torn tail: good frames of the lap after it refuse the start.
+    #[test]
+    fn damage_over_two_frames_or_a_length_refuses_the_start() {
+        let d = dir("twoframes");
+        let at = four_frames(&d);
+        // The tail of frame 1 and the head of frame 2.
+        scribble(&d, at[2] - 3, &[0xFF; 8]);
+        expect_middle_damage(&d);
+        let _ = std::fs::remove_dir_all(&d);
+
+        let d = dir("length");
+        let at = four_frames(&d);
+        scribble(&d, at[1], &[0x77, 0x01]);
+        expect_middle_damage(&d);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     /// Removes what `--data-dir-recover` moved aside in a test.
     fn remove_aside(name: &str) {
         let prefix = format!("ssehub-store-{name}-{}.corrupt-", std::process::id());
