@@ -135,6 +135,7 @@ impl Store {
             }
             _ => OpenError::Unusable(dir.join(log::FILE), e.to_string()),
         })?;
+        check_seqs(&batches).map_err(|e| OpenError::Damaged(dir.join(log::FILE), e))?;
         let mut pending = Vec::with_capacity(batches.len());
         for batch in batches {
             let updates = batch
@@ -161,6 +162,21 @@ impl Store {
             fail_after_checkpoint: false,
         };
         let mut kept = store.load().map_err(|e| damaged(e.0))?;
+        // The first logged batch carries on from redb's newest update (or replaces some of
+        // the newest, after a commit refused that redb took anyway); a gap is not a log this
+        // store wrote.
+        let first = store.pending.first().map(|b| b[0].seq);
+        if let (Some(first), Some(&(newest, _))) = (first, store.retained.back()) {
+            if first > newest.saturating_add(1) {
+                return Err(OpenError::Damaged(
+                    dir.join(log::FILE),
+                    format!(
+                        "the log's first update is {first} but the store's newest is {newest}: \
+                         the updates between are missing"
+                    ),
+                ));
+            }
+        }
         // What the log holds past the last checkpoint goes into redb now, and the log starts a
         // new lap: a start always leaves everything in redb.
         store.checkpoint().map_err(|e| {
@@ -210,8 +226,8 @@ impl Store {
     /// The seq after the newest stored update.
     pub fn next_seq(&self) -> u64 {
         match self.pending.last().and_then(|b| b.last()) {
-            Some(u) => u.seq + 1,
-            None => self.retained.back().map_or(0, |(s, _)| s + 1),
+            Some(u) => u.seq.saturating_add(1),
+            None => self.retained.back().map_or(0, |(s, _)| s.saturating_add(1)),
         }
     }
 
@@ -354,7 +370,7 @@ impl Store {
             }
             let mut meta = txn.open_table(META).map_err(err)?;
             meta.insert(LOG_NONCE, nonce).map_err(err)?;
-            let next = retained.back().map_or(0, |&(seq, _)| seq + 1);
+            let next = retained.back().map_or(0, |&(seq, _)| seq.saturating_add(1));
             meta.insert(LOG_NEXT_SEQ, next).map_err(err)?;
         }
         txn.commit().map_err(err)?;
@@ -418,7 +434,10 @@ fn current_lap(db: &Database) -> Result<Option<u64>, WriteError> {
         return Ok(Some(nonce));
     };
     let next = match txn.open_table(UPDATES) {
-        Ok(table) => table.last().map_err(err)?.map_or(0, |(k, _)| k.value() + 1),
+        Ok(table) => table
+            .last()
+            .map_err(err)?
+            .map_or(0, |(k, _)| k.value().saturating_add(1)),
         Err(redb::TableError::TableDoesNotExist(_)) => 0,
         Err(e) => return Err(err(e)),
     };
@@ -432,6 +451,34 @@ fn current_lap(db: &Database) -> Result<Option<u64>, WriteError> {
         return Ok(None);
     }
     Ok(Some(nonce))
+}
+
+/// Checks the seqs of the log's batches as the writer gives them: one after another within a
+/// batch, each batch starting at most one past the last (a later batch may take again the seqs
+/// of a commit that was refused), and none at `u64::MAX` (no seq follows it). Anything else
+/// passed its check without being written by this store, and is damage.
+fn check_seqs(batches: &[log::Batch]) -> Result<(), String> {
+    let mut next: Option<u64> = None;
+    for (i, batch) in batches.iter().enumerate() {
+        for (j, &(seq, _)) in batch.iter().enumerate() {
+            let fits = match next {
+                None => true,
+                Some(n) if j == 0 => seq <= n,
+                Some(n) => seq == n,
+            };
+            if !fits {
+                return Err(format!(
+                    "the log's frame {i} holds seq {seq} where {} was due: its seqs are not \
+                     in the order the store writes them",
+                    next.unwrap_or(0)
+                ));
+            }
+            next = Some(seq.checked_add(1).ok_or_else(|| {
+                format!("the log's frame {i} holds seq {seq}, which no seq can follow")
+            })?);
+        }
+    }
+    Ok(())
 }
 
 fn err(e: impl Into<redb::Error>) -> WriteError {
@@ -558,7 +605,7 @@ mod tests {
             id: format!("urn:x:{seq}"),
             topics: vec!["a".into(), "b/é".into()],
             private: seq % 2 == 1,
-            time_ms: 1_700_000_000_000 + seq,
+            time_ms: seq.wrapping_add(1_700_000_000_000),
             encoded: Bytes::from(format!("id: urn:x:{seq}\ndata: {data}\n\n")),
             alt: None,
             alt_is_legacy: false,
@@ -1016,6 +1063,44 @@ mod tests {
         scribble(&d, at[1], &[0x77, 0x01]);
         expect_middle_damage(&d);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A frame that passes its check (written here with the lap's nonce, as only someone who
+    /// read it from redb could) but holds seqs the store never writes refuses the start:
+    /// `u64::MAX` (no seq after it), seqs out of order, a gap after the last frame, or a gap
+    /// after redb's newest update.
+    #[test]
+    fn a_frame_with_seqs_out_of_order_is_damage() {
+        let cases: [(&str, &[u64], bool); 5] = [
+            ("seqmax", &[u64::MAX], false),
+            ("seqdown", &[3, 2], false),
+            ("seqskip", &[2, 4], false),
+            ("seqgap", &[9], false),
+            ("seqredb", &[9], true),
+        ];
+        for (name, bad, after_checkpoint) in cases {
+            let d = dir(name);
+            let (mut store, _) = Store::open(&d, WIDE).unwrap();
+            store.commit(&[update(0, "a"), update(1, "b")]).unwrap();
+            if after_checkpoint {
+                store.checkpoint().unwrap();
+            }
+            let nonce = store.log.nonce();
+            let end = store.crash();
+            let updates: Vec<_> = bad.iter().map(|&seq| update(seq, "x")).collect();
+            let mut frame = Vec::new();
+            log::encode_frame(&mut frame, nonce, &updates);
+            scribble(&d, end, &frame);
+            match Store::open(&d, WIDE) {
+                Err(OpenError::Damaged(path, why)) => {
+                    assert_eq!(path, d.join(log::FILE), "{name}");
+                    assert!(why.contains("seq") || why.contains("update"), "{why}");
+                }
+                Err(e) => panic!("{name}: {e}"),
+                Ok((_, kept)) => panic!("{name}: opened with {:?}", seqs(&kept)),
+            }
+            let _ = std::fs::remove_dir_all(&d);
+        }
     }
 
     /// Removes what `--data-dir-recover` moved aside in a test.
