@@ -410,3 +410,48 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The search finds a frame wherever it starts, across the edge between two windows too,
+    /// and nothing where no frame of the lap is.
+    #[test]
+    fn the_search_finds_a_frame_across_a_window_edge() {
+        let path = std::env::temp_dir().join(format!("ssehub-log-find-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let size = (1 << 20) + 4096;
+        file.set_len(size).unwrap();
+        assert_eq!(find_frame(&file, 7, 0, size).unwrap(), None);
+        let update = std::sync::Arc::new(crate::hub::Update {
+            seq: 1,
+            id: "urn:x".into(),
+            topics: vec!["a".into()],
+            private: false,
+            time_ms: 0,
+            encoded: bytes::Bytes::from_static(b"data: x\n\n"),
+            alt: None,
+            alt_is_legacy: false,
+        });
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 7, &[update]);
+        for at in [(1 << 20) - 15, (1 << 20) - 5, 1 << 20, 3] {
+            file.set_len(0).unwrap();
+            file.set_len(size).unwrap();
+            file.write_all_at(&frame, at).unwrap();
+            assert_eq!(find_frame(&file, 7, 0, size).unwrap(), Some(at), "{at}");
+            assert_eq!(find_frame(&file, 8, 0, size).unwrap(), None);
+            assert_eq!(find_frame(&file, 7, at + 1, size).unwrap(), None);
+            assert!(looks_like_lap(&file, 7 ^ 0b101, at).unwrap());
+            assert!(!looks_like_lap(&file, !7, at).unwrap());
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
