@@ -614,15 +614,29 @@ async fn stream_contents(nats: &Nats) -> Vec<(String, String)> {
         .get_stream("ssehub-updates")
         .await
         .expect("the update stream");
-    let state = stream
-        .info()
-        .await
-        .expect("the stream's state")
-        .state
-        .clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state = loop {
+        match stream.info().await {
+            Ok(info) => break info.state.clone(),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the stream's state: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let mut contents = Vec::new();
     for sequence in state.first_sequence..=state.last_sequence {
-        let m = stream.get_raw_message(sequence).await.expect("a message");
+        // Just after its servers came back, JetStream can answer 503 for a moment.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let m = loop {
+            match stream.get_raw_message(sequence).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "message {sequence}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         let fields: std::collections::HashMap<String, String> =
             serde_json::from_slice(&m.payload).expect("written by ssehub");
         contents.push((fields["id"].clone(), fields["data"].clone()));
