@@ -808,6 +808,20 @@ async fn all_nats_servers_killed_and_restarted_deliver_what_the_stream_kept() {
     all_nats_servers_away_and_back(Outage::Killed).await;
 }
 
+/// Updates 0..10 published through the first node, and received by every subscriber of `subs`.
+async fn publish_ten_seen_by_all(nodes: &[TestHub], subs: &mut [EventStream]) {
+    let mut p = nodes[0].publisher().await;
+    for i in 0..10 {
+        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
+    }
+    for s in subs {
+        assert_eq!(
+            data(&take(s, 10, Duration::from_secs(20)).await),
+            numbers(0..10)
+        );
+    }
+}
+
 /// A message the stream stops holding a moment after a node's check on reconnecting found it
 /// (as nats-server 2.9 can just after its servers come back; here the message is deleted): the
 /// node's watch notices within its comparisons, reads the stream again from there, counts a
@@ -817,16 +831,7 @@ async fn a_message_dropped_after_a_nodes_check_is_noticed_by_its_watch() {
     let Some((mut nats, nodes, mut subs)) = two_nodes_on(1).await else {
         return;
     };
-    let mut p = nodes[0].publisher().await;
-    for i in 0..10 {
-        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
-    }
-    for s in &mut subs {
-        assert_eq!(
-            data(&take(s, 10, Duration::from_secs(20)).await),
-            numbers(0..10)
-        );
-    }
+    publish_ten_seen_by_all(&nodes, &mut subs).await;
     // The server restarts: each node checks what it applied, finds it held, and watches.
     let server = &mut nats.servers[0];
     server.signal("TERM");
@@ -884,16 +889,7 @@ async fn updates_nats_lost_and_whose_sequences_it_gave_again_are_delivered() {
     let Some((mut nats, nodes, mut subs)) = two_nodes_on(1).await else {
         return;
     };
-    let mut p = nodes[0].publisher().await;
-    for i in 0..10 {
-        p.ok(&[("topic", "t"), ("data", &i.to_string())]).await;
-    }
-    for s in &mut subs {
-        assert_eq!(
-            data(&take(s, 10, Duration::from_secs(20)).await),
-            numbers(0..10)
-        );
-    }
+    publish_ten_seen_by_all(&nodes, &mut subs).await;
     // A copy of the server's data now, put back after ten more updates.
     let server = &mut nats.servers[0];
     let copy = server.dir.with_extension("copy");

@@ -60,6 +60,20 @@ async fn tls_connect_with(
     alpn: &[&[u8]],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = client_config(trust, alpn, versions);
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A client configuration trusting `trust`, offering `alpn` and the TLS `versions` given.
+fn client_config(
+    trust: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trust.clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -70,11 +84,7 @@ async fn tls_connect_with(
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap()
+    config
 }
 
 /// Opens an HTTP/2 connection on `io` and sends one GET on it.
@@ -708,16 +718,7 @@ async fn handshake_messages_in_pieces_and_key_updates_keep_a_stream_going() {
         &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
         cert.der.clone(),
     );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut config = client_config(&cert.der, &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
     config.max_fragment_size = Some(64);
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
