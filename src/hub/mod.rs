@@ -869,22 +869,47 @@ impl HubShared {
             alt,
             alt_is_legacy,
         });
-        self.place(core, update, &matches)
+        self.place(core, update, &matches, DIRECT_MAX)
     }
 
-    /// Puts an update the writer has stored, with its seq, in its place (see `writer`).
-    fn fan_out_placed(&self, update: SharedUpdate, matches: &templates::Matches) -> Published {
-        self.place(self.core.lock(), update, matches)
+    /// Puts an update the writer has stored, with its seq, in its place (see `writer`),
+    /// claiming at most `direct_max` idle streams for direct writes. The streams that queued it
+    /// are woken at once; the direct writes (and the removal of subscribers dropped as too
+    /// slow) are returned for [`HubShared::hand_over`], so that the writer can answer the
+    /// update's publisher first.
+    fn place_stored(
+        &self,
+        update: SharedUpdate,
+        matches: &templates::Matches,
+        direct_max: usize,
+    ) -> (Published, Placed) {
+        self.take_place(self.core.lock(), update, matches, direct_max)
     }
 
     /// Adds `update` to the history and offers it to its subscribers, `core` held until its
-    /// place is taken.
+    /// place is taken, then wakes and writes to them.
     fn place(
+        &self,
+        core: parking_lot::MutexGuard<'_, Core>,
+        update: SharedUpdate,
+        matches: &templates::Matches,
+        direct_max: usize,
+    ) -> Published {
+        let (published, placed) = self.take_place(core, update, matches, direct_max);
+        self.hand_over(placed);
+        published
+    }
+
+    /// [`HubShared::place`] but for the direct writes and the removals: the update's place in
+    /// the history and in each subscriber's order (under the lock), then the streams that
+    /// queued it woken and everything counted.
+    fn take_place(
         &self,
         mut core: parking_lot::MutexGuard<'_, Core>,
         update: SharedUpdate,
         matches: &templates::Matches,
-    ) -> Published {
+        direct_max: usize,
+    ) -> (Published, Placed) {
         let limit = self.config.subscriber_queue;
         let metrics = &self.metrics;
         let window = self.coalescing.window();
@@ -895,7 +920,15 @@ impl HubShared {
         let seq = update.seq;
         let id = update.id.clone();
         core.history.push(update.clone());
-        let fanned = core.fan_out(&update, matches, limit, &self.coalescing, window, hold);
+        let fanned = core.fan_out(
+            &update,
+            matches,
+            limit,
+            &self.coalescing,
+            hold,
+            // Coalescing wants every write it can save: no direct write while it holds updates.
+            if window.is_zero() { direct_max } else { 0 },
+        );
         metrics
             .history_len
             .store(core.history.len() as u64, Relaxed);
@@ -911,9 +944,6 @@ impl HubShared {
             waker.wake();
         }
         self.flusher.schedule(fanned.held);
-        for (sub, sink) in &fanned.direct {
-            sub.direct_done(sink.try_send(update.wire(sub.legacy_wire)));
-        }
         let delivered = fanned.queued + fanned.direct.len();
         metrics.updates_published.fetch_add(1, Relaxed);
         metrics
@@ -923,11 +953,30 @@ impl HubShared {
         metrics
             .direct_writes
             .fetch_add(fanned.direct.len() as u64, Relaxed);
-        for sub in &fanned.dropped {
-            metrics.dropped(DropReason::Slow);
+        let placed = Placed {
+            update,
+            direct: fanned.direct,
+            dropped: fanned.dropped,
+        };
+        (Published { id, seq, delivered }, placed)
+    }
+
+    /// The rest of [`HubShared::place`]: writes to the streams claimed for a direct write,
+    /// removes those dropped for being too far behind.
+    fn hand_over(&self, placed: Placed) {
+        let Placed {
+            update,
+            direct,
+            dropped,
+        } = placed;
+        for (sub, sink) in &direct {
+            sub.direct_done(sink.try_send(update.wire(sub.legacy_wire)));
+        }
+        for sub in &dropped {
+            self.metrics.dropped(DropReason::Slow);
             tracing::info!(
                 subscriber = sub.id,
-                queue = limit,
+                queue = self.config.subscriber_queue,
                 "Dropped client: too slow (more than --subscriber-queue updates behind)"
             );
             // Unregistered now, not when its stream ends: an HTTP/2 stream whose client
@@ -935,7 +984,6 @@ impl HubShared {
             // its place (and a slot under --max-connections) until the client read again.
             self.remove(sub, Some(DropReason::Slow));
         }
-        Published { id, seq, delivered }
     }
 
     /// Notes whether templates and URL patterns are held, for publishes to read without the
@@ -1040,8 +1088,7 @@ impl Core {
     }
 
     /// Offers `update` to every matching subscriber: queued for most, claimed for a direct
-    /// write by the caller for at most [`DIRECT_MAX`] while the hub is within its write budget
-    /// (coalescing wants every write it can save otherwise).
+    /// write by the caller for at most `direct_max` (0 while the hub is over its write budget).
     /// `matches` are the templates the update's topics matched, tested before the lock was
     /// taken; `window` is the hub's coalescing window, `hold` the flusher's clock (see
     /// [`subscriber::HoldClock`]).
@@ -1051,13 +1098,12 @@ impl Core {
         matches: &templates::Matches,
         limit: usize,
         coalescing: &coalesce::Coalescing,
-        window: Duration,
         hold: subscriber::HoldClock,
+        direct_max: usize,
     ) -> FanOut {
         let mut out = FanOut::default();
-        let within_budget = window.is_zero();
         let mut offer = |sub: &Arc<Subscriber>| {
-            let direct = within_budget && out.direct.len() < DIRECT_MAX;
+            let direct = out.direct.len() < direct_max;
             match sub.offer(update, limit, coalescing, direct, hold) {
                 Offer::Queued(waker) => {
                     out.queued += 1;
@@ -1095,6 +1141,15 @@ impl Core {
         out.template_tests = tests;
         out
     }
+}
+
+/// An update placed and its queued streams woken, with what is left to do after it.
+pub(crate) struct Placed {
+    update: SharedUpdate,
+    /// Streams claimed for a direct write of `update`.
+    direct: Vec<(Arc<Subscriber>, Arc<dyn DirectSink>)>,
+    /// Subscribers dropped for being too far behind, to unregister.
+    dropped: Vec<Arc<Subscriber>>,
 }
 
 /// What one fan-out did.

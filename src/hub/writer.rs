@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::store::{Store, WriteError};
-use super::{templates, HubShared, Published, SharedUpdate, Update};
+use super::{templates, HubShared, Placed, Published, SharedUpdate, Update};
 
 /// The most publishes one transaction takes: bounds how long the first of them waits.
 const MAX_BATCH: usize = 1024;
@@ -126,10 +126,27 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Msg>, mut store: Store, mut next_seq: 
         // finds the room its first publish took.
         hub.queued_bytes
             .fetch_sub(weight, std::sync::atomic::Ordering::Relaxed);
+        // Direct writes run on this thread, one after another, while the next batch waits. A
+        // lone publish writes to as many idle streams as a publish of a memory-only hub, and
+        // its publisher is answered before those writes; a batch of several (the writer is
+        // behind) leaves every write to the streams' own tasks, which write on every core.
+        // Updates queued behind a claimed stream's write wait for it, so a batch that claimed
+        // streams for its first update and queued the rest could fill their queues.
+        // Measured at S3's 10,000 publishes a second over 100 subscribers (16 closed-loop
+        // publishers): each answer took ~1.2 ms with the commit at 0.23 ms, as ~40,000 direct
+        // writes a second ran on this thread before the next commit; see docs/BENCHMARKS.md.
+        let direct_max = if batch.len() == 1 {
+            super::DIRECT_MAX
+        } else {
+            0
+        };
+        // Each publisher is answered once its update has its place (and its queued streams
+        // are woken): the direct writes and removals of the batch come after every answer.
+        let mut placed = Vec::with_capacity(batch.len());
         match result {
             Ok(()) => {
                 for (job, update) in batch.drain(..).zip(updates) {
-                    finish(&hub, job, update);
+                    placed.push(finish(&hub, job, update, direct_max));
                 }
             }
             Err(e) => {
@@ -148,10 +165,13 @@ fn run(hub: Weak<HubShared>, rx: Receiver<Msg>, mut store: Store, mut next_seq: 
                     } else {
                         let update = place(&job, next_seq);
                         next_seq += 1;
-                        finish(&hub, job, update);
+                        placed.push(finish(&hub, job, update, direct_max));
                     }
                 }
             }
+        }
+        for p in placed {
+            hub.hand_over(p);
         }
     }
     // Closed: the store is dropped (redb marks the file cleanly closed) before the hub hears
@@ -190,13 +210,15 @@ fn place(job: &Job, seq: u64) -> SharedUpdate {
     })
 }
 
-/// Hands a stored update to the hub and answers its publisher.
-fn finish(hub: &HubShared, mut job: Job, update: SharedUpdate) {
-    let published = hub.fan_out_placed(update, &job.matches);
+/// Gives a stored update its place in the hub and answers its publisher; what is left of its
+/// fan-out is returned.
+fn finish(hub: &HubShared, mut job: Job, update: SharedUpdate, direct_max: usize) -> Placed {
+    let (published, placed) = hub.place_stored(update, &job.matches, direct_max);
     if job.durable {
         hub.metrics.observe_publish(job.started.elapsed());
     }
     if let Some(reply) = job.reply.take() {
         let _ = reply.send(Ok(published));
     }
+    placed
 }
