@@ -674,6 +674,130 @@ async fn a_tls_record_that_never_ends_is_closed_by_the_handshake_deadline() {
     }
 }
 
+/// [`tls_connect`] with a second handle on the TCP connection under the TLS, to write bytes
+/// that are no part of the client's records.
+async fn tls_connect_with_raw(
+    hub: &TestHub,
+    trust: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    std::net::TcpStream,
+) {
+    let tcp = tokio::net::TcpStream::connect(hub.addr)
+        .await
+        .unwrap()
+        .into_std()
+        .unwrap();
+    // Shares the socket's non-blocking mode: fine for the few bytes a test writes with it.
+    let raw = tcp.try_clone().unwrap();
+    let config = client_config(trust, alpn, rustls::DEFAULT_VERSIONS);
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            ServerName::try_from("127.0.0.1").unwrap(),
+            tokio::net::TcpStream::from_std(tcp).unwrap(),
+        )
+        .await
+        .unwrap();
+    (tls, raw)
+}
+
+/// After the handshake a client can make the hub keep one unfinished record at most, and not
+/// for long: subscribers over HTTP/1.1 and HTTP/2 that send the first 3 bytes of a record and
+/// no more are closed once it has been unfinished for the head deadline (`--idle-timeout`); one
+/// whose record header announces more than a TLS record may hold is closed at once (the log
+/// says so, not the deadline). A subscriber that behaves, on the same hub, keeps its stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_left_unfinished_after_the_handshake_closes_the_connection() {
+    use std::io::Write as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("stalled-record"));
+    let hub = TestHub::start_tls(
+        &[
+            "--tls-cert",
+            &cert.cert(),
+            "--tls-key",
+            &cert.key(),
+            "--idle-timeout",
+            "2s",
+        ],
+        cert.der.clone(),
+    );
+    let mut good = hub.subscribe("topic=r", &[]).await;
+    let get = b"GET /.well-known/mercure?topic=r HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (mut stalled_h1, mut stalled_h1_raw) =
+        tls_connect_with_raw(&hub, &cert.der, &[b"http/1.1"]).await;
+    stalled_h1.write_all(get).await.unwrap();
+    let (oversized, mut oversized_raw) =
+        tls_connect_with_raw(&hub, &cert.der, &[b"http/1.1"]).await;
+    let mut oversized = oversized;
+    oversized.write_all(get).await.unwrap();
+    let (stalled_h2, mut stalled_h2_raw) = tls_connect_with_raw(&hub, &cert.der, &[b"h2"]).await;
+    let peers = [&stalled_h1_raw, &oversized_raw, &stalled_h2_raw].map(|t| t.local_addr().unwrap());
+    let mut stalled_h2 = h2_get(stalled_h2, hub.url("/.well-known/mercure?topic=r"))
+        .await
+        .into_body();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 4.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // An application data record's type and version, and no length yet.
+    stalled_h1_raw.write_all(&[0x17, 0x03, 0x03]).unwrap();
+    stalled_h2_raw.write_all(&[0x17, 0x03, 0x03]).unwrap();
+    // A header announcing 2^14 + 512 bytes, which rustls would wait for, and a little of them.
+    let mut header = vec![0x17, 0x03, 0x03, 0x42, 0x00];
+    header.resize(100, 0);
+    oversized_raw.write_all(&header).unwrap();
+    let within = Duration::from_secs(15);
+    for (name, tls) in [("HTTP/1.1", &mut stalled_h1), ("oversized", &mut oversized)] {
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(within, async {
+            while let Ok(n) = tls.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{name}: closed");
+    }
+    let closed = tokio::time::timeout(within, async {
+        while let Some(Ok(_)) = stalled_h2.frame().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "HTTP/2: closed");
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let logs = hub.logs();
+    let reason = |peer: std::net::SocketAddr, why: &str| {
+        let peer = format!("peer={peer}");
+        logs.iter().any(|l| l.contains(&peer) && l.contains(why))
+    };
+    for peer in [peers[0], peers[2]] {
+        assert!(
+            reason(peer, "a record unfinished for 2s"),
+            "{peer}: {logs:#?}"
+        );
+    }
+    assert!(
+        reason(peers[1], "a record larger than 16645 bytes"),
+        "{}: {logs:#?}",
+        peers[1]
+    );
+    hub.publisher()
+        .await
+        .ok(&[("topic", "r"), ("data", "still here")])
+        .await;
+    let got = common::take(&mut good, 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].data, "still here");
+}
+
 /// The start of a handshake message in one record, then a record of no TLS type: the server
 /// refuses with an alert. rustls keeps its place in the bytes of the unfinished message, so the
 /// alert must be made with them at hand (made without them, the connection's task panicked).

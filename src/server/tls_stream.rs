@@ -8,19 +8,23 @@
 //! written at once. A connection keeps only what it could not pass on yet (the start of a
 //! record still arriving, plaintext its reader had no room for, encrypted bytes the socket did
 //! not take), each in a `Vec` freed once empty. An idle connection holds its rustls state and
-//! nothing else.
+//! nothing else. After the handshake, what a peer can make it keep of an unfinished record is
+//! bounded in size (one record) and in time (the head deadline, `--idle-timeout`).
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// Bytes asked of the socket per read: room for a few whole records.
 const READ_SIZE: usize = 32 * 1024;
@@ -29,10 +33,18 @@ const READ_SIZE: usize = 32 * 1024;
 const WRITE_SIZE: usize = 64 * 1024;
 /// A record's largest overhead (header, explicit nonce, tag, inner content type), with margin.
 const RECORD_OVERHEAD: usize = 64;
-/// The most of an unfinished record or handshake message a peer can make a connection keep:
-/// rustls refuses records over 16 KiB + 2 KiB and handshake messages over 64 KiB itself; this
-/// is the backstop should that ever change.
-const MAX_INCOMPLETE: usize = 96 * 1024;
+/// The most of an unfinished handshake message (spread over records) a peer can make a
+/// connection keep during the handshake: rustls refuses handshake messages over 64 KiB itself;
+/// this is the backstop should that ever change.
+const MAX_INCOMPLETE_HANDSHAKE: usize = 96 * 1024;
+/// The most of an unfinished record a peer can make a connection keep after the handshake, when
+/// it may stay open for hours: one record, header (5 bytes) included. A TLS 1.3 record carries
+/// at most 2^14 + 256 bytes (RFC 8446, 5.2: content, type, padding and tag); a TLS 1.2 one, with
+/// the AEAD suites rustls offers, 2^14 + 24. rustls itself waits for up to 2^14 + 2047 (room for
+/// TLS 1.2's CBC and compression, which it never negotiates), so a header announcing more than
+/// this is refused here as soon as it arrives: 16,645 bytes per connection at most, not 18 KiB,
+/// nor the 96 KiB a handshake may keep.
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
 
 thread_local! {
     /// The worker thread's scratch for reading and writing: connections of one thread are
@@ -70,11 +82,25 @@ pub struct TlsStream {
     /// The peer sent its close_notify or ended TCP: reads answer end of input.
     read_closed: bool,
     close_notify_queued: bool,
+    /// How long a record may stay unfinished after the handshake (see [`accept`]).
+    record_timeout: Duration,
+    /// When the record `incoming` holds the start of must be whole: set after the handshake
+    /// while `incoming` is not empty, boxed so that a connection without one pays a pointer.
+    record_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// Runs the server side of a TLS handshake on `tcp` (the caller bounds it in time). Plaintext
 /// that arrives along with the client's last handshake flight is kept for the first read.
-pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+/// Afterwards a record that stays unfinished for `record_timeout` (counted from its first bytes)
+/// ends the connection: a client that sends part of one and then nothing would otherwise keep
+/// up to [`MAX_RECORD`] bytes for as long as its stream lasts. A connection as slow as that
+/// (under 2 KB/s for a full record within the default 10 s) could not send a request head
+/// within the same deadline either.
+pub async fn accept(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    record_timeout: Duration,
+) -> io::Result<TlsStream> {
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         tcp,
@@ -86,6 +112,8 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         outgoing_at: 0,
         read_closed: false,
         close_notify_queued: false,
+        record_timeout,
+        record_deadline: None,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -164,9 +192,16 @@ impl TlsStream {
                 return Poll::Ready(Err(e));
             }
             let rest = &scratch[used..filled];
+            if !self.conn.is_handshaking() {
+                if rest.len() > MAX_RECORD || announces_too_much(rest) {
+                    let why = format!("a record larger than {MAX_RECORD} bytes was started");
+                    return Poll::Ready(Err(self.closing(io::ErrorKind::InvalidData, why)));
+                }
+                self.time_unfinished_record(rest.is_empty(), used > 0);
+            }
             if rest.is_empty() {
                 self.incoming = Vec::new();
-            } else if rest.len() > MAX_INCOMPLETE {
+            } else if rest.len() > MAX_INCOMPLETE_HANDSHAKE {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "TLS: an unfinished record or handshake message is too large",
@@ -177,6 +212,45 @@ impl TlsStream {
             }
             Poll::Ready(Ok(()))
         })
+    }
+
+    /// After the handshake, starts (or ends) the clock of the record kept unfinished: `none`
+    /// when nothing is kept, `new` when the bytes kept are not those of the record kept before
+    /// (rustls was done with some of what it had).
+    fn time_unfinished_record(&mut self, none: bool, new: bool) {
+        if none {
+            self.record_deadline = None;
+            return;
+        }
+        let deadline = Instant::now() + self.record_timeout;
+        match &mut self.record_deadline {
+            Some(sleep) if new => sleep.as_mut().reset(deadline),
+            Some(_) => {}
+            None => self.record_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    /// `Pending` (the task woken when it passes) until the deadline of a record kept
+    /// unfinished, if any; then the error that ends the connection.
+    fn poll_record_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(deadline) = &mut self.record_deadline else {
+            return Poll::Pending;
+        };
+        ready!(deadline.as_mut().poll(cx));
+        self.record_deadline = None;
+        self.read_closed = true;
+        let why = format!("a record unfinished for {:?}", self.record_timeout);
+        Poll::Ready(Err(self.closing(io::ErrorKind::TimedOut, why)))
+    }
+
+    /// Logs why the hub closes the connection (a peer misbehaving after its handshake) and
+    /// returns the error that closes it.
+    fn closing(&self, kind: io::ErrorKind, why: String) -> io::Error {
+        match self.tcp.peer_addr() {
+            Ok(peer) => tracing::info!(%peer, "closing a TLS connection: {why}"),
+            Err(_) => tracing::info!("closing a TLS connection: {why}"),
+        }
+        io::Error::new(kind, format!("TLS: {why}"))
     }
 
     /// Feeds `data` to rustls until it needs more; `used` says how many bytes of `data` are
@@ -305,6 +379,7 @@ impl TlsStream {
             self.incoming.drain(..discard);
             if self.incoming.is_empty() && self.incoming.capacity() > 0 {
                 self.incoming = Vec::new();
+                self.record_deadline = None;
             }
             if let Some(done) = done {
                 return Ok(done);
@@ -344,6 +419,19 @@ impl TlsStream {
         }
         self.outgoing.extend_from_slice(sealed);
         Ok(())
+    }
+}
+
+/// Whether `kept`, what is kept of an unfinished record after the handshake, starts with a
+/// record header (recognised by its type and version) announcing more than [`MAX_RECORD`].
+/// What starts otherwise (a handshake message rustls is joining from several records, a key
+/// update in pieces) is bounded by its length alone.
+fn announces_too_much(kept: &[u8]) -> bool {
+    match kept {
+        [20..=23, 3, _, high, low, ..] => {
+            5 + usize::from(u16::from_be_bytes([*high, *low])) > MAX_RECORD
+        }
+        _ => false,
     }
 }
 
@@ -400,7 +488,10 @@ impl AsyncRead for TlsStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_read_once(cx, buf))?;
+            match this.poll_read_once(cx, buf) {
+                Poll::Ready(read) => read?,
+                Poll::Pending => return this.poll_record_deadline(cx),
+            }
             // What reading made rustls answer (a renegotiation refused) goes out now if the
             // socket takes it; if not, the next write or flush sends it first. Its own key
             // update, answering the client's, rustls gives only at the next write.
@@ -482,5 +573,22 @@ impl AsyncWrite for TlsStream {
             ready!(this.poll_flush_outgoing(cx))?;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_header_announcing_more_than_a_record_is_found() {
+        // No length yet, then TLS 1.3's largest record (2^14 + 256), then a byte more.
+        assert!(!announces_too_much(&[0x17, 0x03, 0x03]));
+        assert!(!announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x00]));
+        assert!(announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x01, 0]));
+        assert!(announces_too_much(&[0x15, 0x03, 0x01, 0xff, 0xff]));
+        // The start of a handshake message rustls is joining from records (a key update,
+        // type 24) is no header: its length alone bounds it.
+        assert!(!announces_too_much(&[0x18, 0x03, 0xff, 0xff, 0xff]));
     }
 }
