@@ -459,9 +459,18 @@ fn the_client_says_how_to_have_a_certificate_trusted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Reads the SETTINGS the hub opens an HTTP/2 connection with, as a raw client does: the
-/// preface and an empty SETTINGS frame out, frames in until the hub's own (not an ack).
-async fn server_settings<IO>(mut io: IO) -> Vec<(u16, u32)>
+/// What the hub opens an HTTP/2 connection with, as a raw client reads it.
+struct ServerPreface {
+    settings: Vec<(u16, u32)>,
+    /// The connection's receive window: the 65,535 bytes every connection starts with, plus
+    /// what the hub's first WINDOW_UPDATE on stream 0 adds.
+    connection_window: u32,
+}
+
+/// Reads what the hub opens an HTTP/2 connection with, as a raw client does: the preface and
+/// an empty SETTINGS frame out, frames in until the hub's own SETTINGS (not an ack) and its
+/// WINDOW_UPDATE for the connection have come.
+async fn server_preface<IO>(mut io: IO) -> ServerPreface
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -469,36 +478,47 @@ where
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
     io.write_all(&hello).await.unwrap();
-    loop {
+    let (mut settings, mut connection_window) = (None, None);
+    while settings.is_none() || connection_window.is_none() {
         let mut header = [0u8; 9];
         io.read_exact(&mut header).await.unwrap();
         let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
         let mut payload = vec![0u8; len];
         io.read_exact(&mut payload).await.unwrap();
         let (kind, ack) = (header[3], header[4] & 1 == 1);
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
         if kind == 0x4 && !ack {
-            return payload
-                .chunks_exact(6)
-                .map(|p| {
-                    let id = u16::from_be_bytes([p[0], p[1]]);
-                    (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
-                })
-                .collect();
+            let pairs = payload.chunks_exact(6).map(|p| {
+                let id = u16::from_be_bytes([p[0], p[1]]);
+                (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+            });
+            settings = Some(pairs.collect());
+        } else if kind == 0x8 && stream == 0 {
+            let added = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            connection_window = Some(65_535 + (added & 0x7fff_ffff));
         }
+    }
+    ServerPreface {
+        settings: settings.unwrap(),
+        connection_window: connection_window.unwrap(),
     }
 }
 
 /// The hub's HTTP/2 settings reach the client, over TLS (ALPN h2) and over h2c alike, from
-/// the task an HTTP/2 connection is served on once accepted: the stream limit and the head
-/// limit.
+/// the task an HTTP/2 connection is served on once accepted: the stream limit, the head
+/// limit, and the receive windows that bound what request bodies a client can make one
+/// connection hold unread (64 KiB a stream, 256 KiB a connection; hyper's default was 1 MiB
+/// for both).
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_settings_reach_the_client_over_tls_and_h2c() {
     const HEADER_TABLE_SIZE: u16 = 0x1;
     const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
     const MAX_HEADER_LIST_SIZE: u16 = 0x6;
     let expected = [
         (HEADER_TABLE_SIZE, 0),
         (MAX_CONCURRENT_STREAMS, 256),
+        (INITIAL_WINDOW_SIZE, 64 * 1024),
         (MAX_HEADER_LIST_SIZE, 64 * 1024),
     ];
     let cert = make_cert(&temp_dir("settings"));
@@ -508,22 +528,69 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
     );
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     let within = Duration::from_secs(10);
-    let over_tls = tokio::time::timeout(within, server_settings(tls))
+    let over_tls = tokio::time::timeout(within, server_preface(tls))
         .await
         .expect("the hub's SETTINGS over TLS within 10 s");
     let plain = TestHub::start(&[]);
     let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
-    let over_h2c = tokio::time::timeout(within, server_settings(tcp))
+    let over_h2c = tokio::time::timeout(within, server_preface(tcp))
         .await
         .expect("the hub's SETTINGS over h2c within 10 s");
-    for settings in [over_tls, over_h2c] {
+    for preface in [over_tls, over_h2c] {
+        let settings = &preface.settings;
         for (id, value) in expected {
             assert!(
                 settings.contains(&(id, value)),
                 "setting {id:#x} = {value} expected in {settings:?}"
             );
         }
+        assert_eq!(preface.connection_window, 256 * 1024);
     }
+}
+
+/// A publish of the largest body `--max-body` allows (the default, 1 MiB) is read whole over
+/// HTTP/2, through sixteen of its stream's 64 KiB windows, and reaches a subscriber whole; a
+/// byte more is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_publish_is_read_whole_over_http2() {
+    let cert = make_cert(&temp_dir("h2-publish"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut subscriber = hub.subscribe("topic=w", &[]).await;
+    let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let auth = format!("Bearer {}", hub.publisher_token());
+    let max_body = 1024 * 1024;
+    let form = |len: usize| {
+        let fields = "topic=w&data=";
+        format!("{fields}{}", numbered(len - fields.len()))
+    };
+    let publish = |body: String| {
+        let mut sender = sender.clone();
+        let req = Request::post(hub.url("/.well-known/mercure"))
+            .header("authorization", &auth)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        async move { sender.send_request(req).await.unwrap().status() }
+    };
+    let largest = form(max_body);
+    assert_eq!(publish(largest.clone()).await, StatusCode::OK);
+    assert_eq!(
+        publish(form(max_body + 1)).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let got = common::take(&mut subscriber, 1, Duration::from_secs(10)).await;
+    assert!(
+        got[0].data == largest["topic=w&data=".len()..],
+        "the 1 MiB publish whole"
+    );
 }
 
 /// Data no two records of a large update share: a cut or a reordering shows.
