@@ -955,3 +955,177 @@ async fn handshake_messages_in_pieces_and_key_updates_keep_a_stream_going() {
     let logs = hub.logs();
     assert!(logs.iter().all(|l| !l.contains("panicked")), "{logs:#?}");
 }
+
+/// The body of an HTTP/1.1 chunked response, `raw` being all of it from the head on.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    let mut body = Vec::new();
+    while let Some(eol) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[at..at + eol]).unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        at += eol + 2;
+        if size == 0 || at + size > raw.len() {
+            break;
+        }
+        body.extend_from_slice(&raw[at..at + size]);
+        at += size + 2;
+    }
+    body
+}
+
+/// A TLS subscriber whose socket takes little at a time (a small receive buffer, read 2 KiB
+/// at a time with pauses between) while 120 updates of 40 KB are published gets every byte
+/// intact and in order. The 4.8 MB are more than the kernel buffers for the hub's socket: its
+/// writes are cut short by a full socket, and go on where they stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reading_tls_subscriber_gets_every_byte_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("slow-reader"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(hub.addr).await.unwrap();
+    let config = client_config(&cert.der, &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /.well-known/mercure?topic=p HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let updates: Vec<String> = (0..120)
+        .map(|i| format!("{i:03}:{}:{i:03}", numbered(40_000)))
+        .collect();
+    let mut p = hub.publisher().await;
+    let published = updates.clone();
+    tokio::spawn(async move {
+        for update in &published {
+            p.ok(&[("topic", "p"), ("data", update)]).await;
+        }
+    });
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 2048];
+    // The last update's end, the event's and its chunk's.
+    let last = updates[119].as_bytes();
+    let tail = [&last[last.len() - 64..], b"\n\n\r\n"].concat();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while !wire[wire.len().saturating_sub(64 * 1024)..]
+            .windows(tail.len())
+            .any(|w| w == tail.as_slice())
+        {
+            let n = tls.read(&mut buf).await.expect("the stream goes on");
+            assert!(n > 0, "the stream ended");
+            wire.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the last update in time");
+    let mut events = Vec::new();
+    Parser::new().feed(&dechunk(&wire), &mut events).unwrap();
+    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data.len(), updates.len(), "every update, once");
+    for (i, (got, sent)) in data.iter().zip(&updates).enumerate() {
+        assert!(got == sent, "update {i} intact");
+    }
+}
+
+/// Puts a pipe between an HTTP/2 client and `tls`, and reads `tls` to its end whatever the
+/// client does (it may stop reading once it has what it wanted): the task returned says how
+/// reading ended, at an end of input or with an error.
+fn relay(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client, relayed) = tokio::io::duplex(1 << 16);
+    let (mut tls_in, mut tls_out) = tokio::io::split(tls);
+    let (mut from_client, mut to_client) = tokio::io::split(relayed);
+    tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut tls_out).await });
+    let end = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tls_in.read(&mut buf).await? {
+                0 => return Ok(()),
+                n => {
+                    let _ = to_client.write_all(&buf[..n]).await;
+                }
+            }
+        }
+    });
+    (client, end)
+}
+
+/// When the hub ends TLS streams (it is shutting down), its clients see a close_notify before
+/// the end of TCP, over HTTP/1.1 and HTTP/2: a rustls client reads a clean end, not "peer
+/// closed connection without sending TLS close_notify".
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_streams_ended_by_the_hub_end_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("close-notify"));
+    let mut hub = TestHub::start_process_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut h1 = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
+    h1.write_all(b"GET /.well-known/mercure?topic=c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h2, h2_end) = relay(tls_connect(&hub, &cert.der, &[b"h2"]).await);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(hub.url("/.well-known/mercure?topic=c"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut h2_body = sender.send_request(req).await.unwrap().into_body();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    hub.terminate();
+    let within = Duration::from_secs(15);
+    let mut buf = vec![0u8; 1 << 16];
+    let h1_end = tokio::time::timeout(within, async {
+        loop {
+            match h1.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the HTTP/1.1 stream ended");
+    assert!(h1_end.is_ok(), "HTTP/1.1: a clean end, got {h1_end:?}");
+    tokio::time::timeout(within, async {
+        while let Some(Ok(_)) = h2_body.frame().await {}
+    })
+    .await
+    .expect("the HTTP/2 stream ended");
+    let h2_end = tokio::time::timeout(within, h2_end)
+        .await
+        .expect("the HTTP/2 connection ended")
+        .unwrap();
+    assert!(h2_end.is_ok(), "HTTP/2: a clean end, got {h2_end:?}");
+    assert!(hub.wait_exit(within).is_some_and(|s| s.success()));
+}
