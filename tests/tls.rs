@@ -1129,3 +1129,77 @@ async fn tls_streams_ended_by_the_hub_end_with_close_notify() {
     assert!(h2_end.is_ok(), "HTTP/2: a clean end, got {h2_end:?}");
     assert!(hub.wait_exit(within).is_some_and(|s| s.success()));
 }
+
+/// A publish whose body comes slowly in one large record (what a TLS library makes of one large
+/// write) is not cut off by the deadline of unfinished records while its bytes keep coming: the
+/// deadline starts again with each KiB. Here a 6 KB record arrives over ~3 s, against a 1 s
+/// `--idle-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_in_one_large_record_is_not_cut_off() {
+    let cert = make_cert(&temp_dir("slow-upload"));
+    let hub = TestHub::start_tls(
+        &[
+            "--tls-cert",
+            &cert.cert(),
+            "--tls-key",
+            &cert.key(),
+            "--idle-timeout",
+            "1s",
+        ],
+        cert.der.clone(),
+    );
+    let mut subscriber = hub.subscribe("topic=slow", &[]).await;
+    let data = numbered(6000);
+    let body = format!("topic=slow&data={data}");
+    let request = format!(
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        hub.publisher_token(),
+        body.len()
+    );
+    let config = Arc::new(client_config(
+        &cert.der,
+        &[b"http/1.1"],
+        rustls::DEFAULT_VERSIONS,
+    ));
+    let addr = hub.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        // The head in one record, sent at once; the body in one record, sent 512 bytes every
+        // quarter of a second.
+        conn.writer().write_all(request.as_bytes()).unwrap();
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        conn.writer().write_all(body.as_bytes()).unwrap();
+        let mut record = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut record).unwrap();
+        }
+        assert!(
+            record.len() > 5 * 1024,
+            "one large record: {}",
+            record.len()
+        );
+        for piece in record.chunks(512) {
+            tcp.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let mut answer = Vec::new();
+        let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+        let _ = tls.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "answered: {answer:?}");
+    let got = common::take(&mut subscriber, 1, Duration::from_secs(10)).await;
+    assert!(got[0].data == data, "the update whole");
+}

@@ -45,6 +45,10 @@ const MAX_INCOMPLETE_HANDSHAKE: usize = 96 * 1024;
 /// this is refused here as soon as it arrives: 16,645 bytes per connection at most, not 18 KiB,
 /// nor the 96 KiB a handshake may keep.
 const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+/// Bytes of an unfinished record that start its clock again (see [`accept`]): an upload at 1 KB
+/// every `--idle-timeout` (100 bytes a second by default) carries on; `--request-timeout`
+/// bounds a request however it trickles in.
+const RECORD_PROGRESS: usize = 1024;
 
 thread_local! {
     /// The worker thread's scratch for reading and writing: connections of one thread are
@@ -87,15 +91,16 @@ pub struct TlsStream {
     /// When the record `incoming` holds the start of must be whole: set after the handshake
     /// while `incoming` is not empty, boxed so that a connection without one pays a pointer.
     record_deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the unfinished record kept when its clock last started.
+    record_mark: usize,
 }
 
 /// Runs the server side of a TLS handshake on `tcp` (the caller bounds it in time). Plaintext
 /// that arrives along with the client's last handshake flight is kept for the first read.
-/// Afterwards a record that stays unfinished for `record_timeout` (counted from its first bytes)
-/// ends the connection: a client that sends part of one and then nothing would otherwise keep
-/// up to [`MAX_RECORD`] bytes for as long as its stream lasts. A connection as slow as that
-/// (under 2 KB/s for a full record within the default 10 s) could not send a request head
-/// within the same deadline either.
+/// Afterwards a record that stays unfinished for `record_timeout` without [`RECORD_PROGRESS`]
+/// more of its bytes arriving ends the connection: a client that sends part of one and then
+/// nothing (or a byte now and then) would otherwise keep up to [`MAX_RECORD`] bytes for as
+/// long as its stream lasts.
 pub async fn accept(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
@@ -114,6 +119,7 @@ pub async fn accept(
         close_notify_queued: false,
         record_timeout,
         record_deadline: None,
+        record_mark: 0,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -197,7 +203,7 @@ impl TlsStream {
                     let why = format!("a record larger than {MAX_RECORD} bytes was started");
                     return Poll::Ready(Err(self.closing(io::ErrorKind::InvalidData, why)));
                 }
-                self.time_unfinished_record(rest.is_empty(), used > 0);
+                self.time_unfinished_record(rest.len(), used > 0);
             }
             if rest.is_empty() {
                 self.incoming = Vec::new();
@@ -214,20 +220,25 @@ impl TlsStream {
         })
     }
 
-    /// After the handshake, starts (or ends) the clock of the record kept unfinished: `none`
-    /// when nothing is kept, `new` when the bytes kept are not those of the record kept before
-    /// (rustls was done with some of what it had).
-    fn time_unfinished_record(&mut self, none: bool, new: bool) {
-        if none {
+    /// After the handshake, starts (or ends) the clock of the record kept unfinished (`kept`
+    /// bytes of it): `new` when the bytes kept are not those of the record kept before (rustls
+    /// was done with some of what it had). The clock starts again whenever
+    /// [`RECORD_PROGRESS`] more bytes of the record have come: a client uploading a large
+    /// body slowly in full-size records is not cut off, one that trickles a byte now and then
+    /// is.
+    fn time_unfinished_record(&mut self, kept: usize, new: bool) {
+        if kept == 0 {
             self.record_deadline = None;
             return;
         }
+        let progressed = kept >= self.record_mark + RECORD_PROGRESS;
         let deadline = Instant::now() + self.record_timeout;
         match &mut self.record_deadline {
-            Some(sleep) if new => sleep.as_mut().reset(deadline),
-            Some(_) => {}
+            Some(sleep) if new || progressed => sleep.as_mut().reset(deadline),
+            Some(_) => return,
             None => self.record_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
+        self.record_mark = kept;
     }
 
     /// `Pending` (the task woken when it passes) until the deadline of a record kept
@@ -428,7 +439,8 @@ impl TlsStream {
 /// update in pieces) is bounded by its length alone.
 fn announces_too_much(kept: &[u8]) -> bool {
     match kept {
-        [20..=23, 3, _, high, low, ..] => {
+        // Types 20 to 23, and 24 (heartbeat), which rustls reads as a record too.
+        [20..=24, 3, _, high, low, ..] => {
             5 + usize::from(u16::from_be_bytes([*high, *low])) > MAX_RECORD
         }
         _ => false,
@@ -587,8 +599,10 @@ mod tests {
         assert!(!announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x00]));
         assert!(announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x01, 0]));
         assert!(announces_too_much(&[0x15, 0x03, 0x01, 0xff, 0xff]));
-        // The start of a handshake message rustls is joining from records (a key update,
-        // type 24) is no header: its length alone bounds it.
-        assert!(!announces_too_much(&[0x18, 0x03, 0xff, 0xff, 0xff]));
+        // A heartbeat record's header is one too; the start of a handshake message rustls is
+        // joining from records (a key update, type 24, 3 bytes of length) is no header: its
+        // length alone bounds it.
+        assert!(announces_too_much(&[0x18, 0x03, 0x03, 0xff, 0xff]));
+        assert!(!announces_too_much(&[0x18, 0x00, 0x00, 0x01, 0x00]));
     }
 }
