@@ -459,9 +459,18 @@ fn the_client_says_how_to_have_a_certificate_trusted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Reads the SETTINGS the hub opens an HTTP/2 connection with, as a raw client does: the
-/// preface and an empty SETTINGS frame out, frames in until the hub's own (not an ack).
-async fn server_settings<IO>(mut io: IO) -> Vec<(u16, u32)>
+/// What the hub opens an HTTP/2 connection with, as a raw client reads it.
+struct ServerPreface {
+    settings: Vec<(u16, u32)>,
+    /// The connection's receive window: the 65,535 bytes every connection starts with, plus
+    /// what the hub's first WINDOW_UPDATE on stream 0 adds.
+    connection_window: u32,
+}
+
+/// Reads what the hub opens an HTTP/2 connection with, as a raw client does: the preface and
+/// an empty SETTINGS frame out, frames in until the hub's own SETTINGS (not an ack) and its
+/// WINDOW_UPDATE for the connection have come.
+async fn server_preface<IO>(mut io: IO) -> ServerPreface
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -469,36 +478,47 @@ where
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
     io.write_all(&hello).await.unwrap();
-    loop {
+    let (mut settings, mut connection_window) = (None, None);
+    while settings.is_none() || connection_window.is_none() {
         let mut header = [0u8; 9];
         io.read_exact(&mut header).await.unwrap();
         let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
         let mut payload = vec![0u8; len];
         io.read_exact(&mut payload).await.unwrap();
         let (kind, ack) = (header[3], header[4] & 1 == 1);
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
         if kind == 0x4 && !ack {
-            return payload
-                .chunks_exact(6)
-                .map(|p| {
-                    let id = u16::from_be_bytes([p[0], p[1]]);
-                    (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
-                })
-                .collect();
+            let pairs = payload.chunks_exact(6).map(|p| {
+                let id = u16::from_be_bytes([p[0], p[1]]);
+                (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+            });
+            settings = Some(pairs.collect());
+        } else if kind == 0x8 && stream == 0 {
+            let added = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            connection_window = Some(65_535 + (added & 0x7fff_ffff));
         }
+    }
+    ServerPreface {
+        settings: settings.unwrap(),
+        connection_window: connection_window.unwrap(),
     }
 }
 
 /// The hub's HTTP/2 settings reach the client, over TLS (ALPN h2) and over h2c alike, from
-/// the task an HTTP/2 connection is served on once accepted: the stream limit and the head
-/// limit.
+/// the task an HTTP/2 connection is served on once accepted: the stream limit, the head
+/// limit, and the receive windows that bound what request bodies a client can make one
+/// connection hold unread (64 KiB a stream, 256 KiB a connection; hyper's default was 1 MiB
+/// for both).
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_settings_reach_the_client_over_tls_and_h2c() {
     const HEADER_TABLE_SIZE: u16 = 0x1;
     const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
     const MAX_HEADER_LIST_SIZE: u16 = 0x6;
     let expected = [
         (HEADER_TABLE_SIZE, 0),
         (MAX_CONCURRENT_STREAMS, 256),
+        (INITIAL_WINDOW_SIZE, 64 * 1024),
         (MAX_HEADER_LIST_SIZE, 64 * 1024),
     ];
     let cert = make_cert(&temp_dir("settings"));
@@ -508,22 +528,69 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
     );
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     let within = Duration::from_secs(10);
-    let over_tls = tokio::time::timeout(within, server_settings(tls))
+    let over_tls = tokio::time::timeout(within, server_preface(tls))
         .await
         .expect("the hub's SETTINGS over TLS within 10 s");
     let plain = TestHub::start(&[]);
     let tcp = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
-    let over_h2c = tokio::time::timeout(within, server_settings(tcp))
+    let over_h2c = tokio::time::timeout(within, server_preface(tcp))
         .await
         .expect("the hub's SETTINGS over h2c within 10 s");
-    for settings in [over_tls, over_h2c] {
+    for preface in [over_tls, over_h2c] {
+        let settings = &preface.settings;
         for (id, value) in expected {
             assert!(
                 settings.contains(&(id, value)),
                 "setting {id:#x} = {value} expected in {settings:?}"
             );
         }
+        assert_eq!(preface.connection_window, 256 * 1024);
     }
+}
+
+/// A publish of the largest body `--max-body` allows (the default, 1 MiB) is read whole over
+/// HTTP/2, through sixteen of its stream's 64 KiB windows, and reaches a subscriber whole; a
+/// byte more is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_publish_is_read_whole_over_http2() {
+    let cert = make_cert(&temp_dir("h2-publish"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut subscriber = hub.subscribe("topic=w", &[]).await;
+    let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let auth = format!("Bearer {}", hub.publisher_token());
+    let max_body = 1024 * 1024;
+    let form = |len: usize| {
+        let fields = "topic=w&data=";
+        format!("{fields}{}", numbered(len - fields.len()))
+    };
+    let publish = |body: String| {
+        let mut sender = sender.clone();
+        let req = Request::post(hub.url("/.well-known/mercure"))
+            .header("authorization", &auth)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        async move { sender.send_request(req).await.unwrap().status() }
+    };
+    let largest = form(max_body);
+    assert_eq!(publish(largest.clone()).await, StatusCode::OK);
+    assert_eq!(
+        publish(form(max_body + 1)).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let got = common::take(&mut subscriber, 1, Duration::from_secs(10)).await;
+    assert!(
+        got[0].data == largest["topic=w&data=".len()..],
+        "the 1 MiB publish whole"
+    );
 }
 
 /// Data no two records of a large update share: a cut or a reordering shows.
@@ -674,6 +741,130 @@ async fn a_tls_record_that_never_ends_is_closed_by_the_handshake_deadline() {
     }
 }
 
+/// [`tls_connect`] with a second handle on the TCP connection under the TLS, to write bytes
+/// that are no part of the client's records.
+async fn tls_connect_with_raw(
+    hub: &TestHub,
+    trust: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    std::net::TcpStream,
+) {
+    let tcp = tokio::net::TcpStream::connect(hub.addr)
+        .await
+        .unwrap()
+        .into_std()
+        .unwrap();
+    // Shares the socket's non-blocking mode: fine for the few bytes a test writes with it.
+    let raw = tcp.try_clone().unwrap();
+    let config = client_config(trust, alpn, rustls::DEFAULT_VERSIONS);
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            ServerName::try_from("127.0.0.1").unwrap(),
+            tokio::net::TcpStream::from_std(tcp).unwrap(),
+        )
+        .await
+        .unwrap();
+    (tls, raw)
+}
+
+/// After the handshake a client can make the hub keep one unfinished record at most, and not
+/// for long: subscribers over HTTP/1.1 and HTTP/2 that send the first 3 bytes of a record and
+/// no more are closed once it has been unfinished for the head deadline (`--idle-timeout`); one
+/// whose record header announces more than a TLS record may hold is closed at once (the log
+/// says so, not the deadline). A subscriber that behaves, on the same hub, keeps its stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_left_unfinished_after_the_handshake_closes_the_connection() {
+    use std::io::Write as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("stalled-record"));
+    let hub = TestHub::start_tls(
+        &[
+            "--tls-cert",
+            &cert.cert(),
+            "--tls-key",
+            &cert.key(),
+            "--idle-timeout",
+            "2s",
+        ],
+        cert.der.clone(),
+    );
+    let mut good = hub.subscribe("topic=r", &[]).await;
+    let get = b"GET /.well-known/mercure?topic=r HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (mut stalled_h1, mut stalled_h1_raw) =
+        tls_connect_with_raw(&hub, &cert.der, &[b"http/1.1"]).await;
+    stalled_h1.write_all(get).await.unwrap();
+    let (oversized, mut oversized_raw) =
+        tls_connect_with_raw(&hub, &cert.der, &[b"http/1.1"]).await;
+    let mut oversized = oversized;
+    oversized.write_all(get).await.unwrap();
+    let (stalled_h2, mut stalled_h2_raw) = tls_connect_with_raw(&hub, &cert.der, &[b"h2"]).await;
+    let peers = [&stalled_h1_raw, &oversized_raw, &stalled_h2_raw].map(|t| t.local_addr().unwrap());
+    let mut stalled_h2 = h2_get(stalled_h2, hub.url("/.well-known/mercure?topic=r"))
+        .await
+        .into_body();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 4.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // An application data record's type and version, and no length yet.
+    stalled_h1_raw.write_all(&[0x17, 0x03, 0x03]).unwrap();
+    stalled_h2_raw.write_all(&[0x17, 0x03, 0x03]).unwrap();
+    // A header announcing 2^14 + 512 bytes, which rustls would wait for, and a little of them.
+    let mut header = vec![0x17, 0x03, 0x03, 0x42, 0x00];
+    header.resize(100, 0);
+    oversized_raw.write_all(&header).unwrap();
+    let within = Duration::from_secs(15);
+    for (name, tls) in [("HTTP/1.1", &mut stalled_h1), ("oversized", &mut oversized)] {
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(within, async {
+            while let Ok(n) = tls.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{name}: closed");
+    }
+    let closed = tokio::time::timeout(within, async {
+        while let Some(Ok(_)) = stalled_h2.frame().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "HTTP/2: closed");
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let logs = hub.logs();
+    let reason = |peer: std::net::SocketAddr, why: &str| {
+        let peer = format!("peer={peer}");
+        logs.iter().any(|l| l.contains(&peer) && l.contains(why))
+    };
+    for peer in [peers[0], peers[2]] {
+        assert!(
+            reason(peer, "a record unfinished for 2s"),
+            "{peer}: {logs:#?}"
+        );
+    }
+    assert!(
+        reason(peers[1], "a record larger than 16645 bytes"),
+        "{}: {logs:#?}",
+        peers[1]
+    );
+    hub.publisher()
+        .await
+        .ok(&[("topic", "r"), ("data", "still here")])
+        .await;
+    let got = common::take(&mut good, 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].data, "still here");
+}
+
 /// The start of a handshake message in one record, then a record of no TLS type: the server
 /// refuses with an alert. rustls keeps its place in the bytes of the unfinished message, so the
 /// alert must be made with them at hand (made without them, the connection's task panicked).
@@ -763,4 +954,252 @@ async fn handshake_messages_in_pieces_and_key_updates_keep_a_stream_going() {
     );
     let logs = hub.logs();
     assert!(logs.iter().all(|l| !l.contains("panicked")), "{logs:#?}");
+}
+
+/// The body of an HTTP/1.1 chunked response, `raw` being all of it from the head on.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    let mut body = Vec::new();
+    while let Some(eol) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[at..at + eol]).unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        at += eol + 2;
+        if size == 0 || at + size > raw.len() {
+            break;
+        }
+        body.extend_from_slice(&raw[at..at + size]);
+        at += size + 2;
+    }
+    body
+}
+
+/// A TLS subscriber whose socket takes little at a time (a small receive buffer, read 2 KiB
+/// at a time with pauses between) while 120 updates of 40 KB are published gets every byte
+/// intact and in order. The 4.8 MB are more than the kernel buffers for the hub's socket: its
+/// writes are cut short by a full socket, and go on where they stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reading_tls_subscriber_gets_every_byte_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("slow-reader"));
+    let hub = TestHub::start_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(hub.addr).await.unwrap();
+    let config = client_config(&cert.der, &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /.well-known/mercure?topic=p HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let updates: Vec<String> = (0..120)
+        .map(|i| format!("{i:03}:{}:{i:03}", numbered(40_000)))
+        .collect();
+    let mut p = hub.publisher().await;
+    let published = updates.clone();
+    tokio::spawn(async move {
+        for update in &published {
+            p.ok(&[("topic", "p"), ("data", update)]).await;
+        }
+    });
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 2048];
+    // The last update's end, the event's and its chunk's.
+    let last = updates[119].as_bytes();
+    let tail = [&last[last.len() - 64..], b"\n\n\r\n"].concat();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while !wire[wire.len().saturating_sub(64 * 1024)..]
+            .windows(tail.len())
+            .any(|w| w == tail.as_slice())
+        {
+            let n = tls.read(&mut buf).await.expect("the stream goes on");
+            assert!(n > 0, "the stream ended");
+            wire.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the last update in time");
+    let mut events = Vec::new();
+    Parser::new().feed(&dechunk(&wire), &mut events).unwrap();
+    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data.len(), updates.len(), "every update, once");
+    for (i, (got, sent)) in data.iter().zip(&updates).enumerate() {
+        assert!(got == sent, "update {i} intact");
+    }
+}
+
+/// Puts a pipe between an HTTP/2 client and `tls`, and reads `tls` to its end whatever the
+/// client does (it may stop reading once it has what it wanted): the task returned says how
+/// reading ended, at an end of input or with an error.
+fn relay(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client, relayed) = tokio::io::duplex(1 << 16);
+    let (mut tls_in, mut tls_out) = tokio::io::split(tls);
+    let (mut from_client, mut to_client) = tokio::io::split(relayed);
+    tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut tls_out).await });
+    let end = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tls_in.read(&mut buf).await? {
+                0 => return Ok(()),
+                n => {
+                    let _ = to_client.write_all(&buf[..n]).await;
+                }
+            }
+        }
+    });
+    (client, end)
+}
+
+/// When the hub ends TLS streams (it is shutting down), its clients see a close_notify before
+/// the end of TCP, over HTTP/1.1 and HTTP/2: a rustls client reads a clean end, not "peer
+/// closed connection without sending TLS close_notify".
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_streams_ended_by_the_hub_end_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = make_cert(&temp_dir("close-notify"));
+    let mut hub = TestHub::start_process_tls(
+        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
+        cert.der.clone(),
+    );
+    let mut h1 = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
+    h1.write_all(b"GET /.well-known/mercure?topic=c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h2, h2_end) = relay(tls_connect(&hub, &cert.der, &[b"h2"]).await);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(hub.url("/.well-known/mercure?topic=c"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut h2_body = sender.send_request(req).await.unwrap().into_body();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    hub.terminate();
+    let within = Duration::from_secs(15);
+    let mut buf = vec![0u8; 1 << 16];
+    let h1_end = tokio::time::timeout(within, async {
+        loop {
+            match h1.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the HTTP/1.1 stream ended");
+    assert!(h1_end.is_ok(), "HTTP/1.1: a clean end, got {h1_end:?}");
+    tokio::time::timeout(within, async {
+        while let Some(Ok(_)) = h2_body.frame().await {}
+    })
+    .await
+    .expect("the HTTP/2 stream ended");
+    let h2_end = tokio::time::timeout(within, h2_end)
+        .await
+        .expect("the HTTP/2 connection ended")
+        .unwrap();
+    assert!(h2_end.is_ok(), "HTTP/2: a clean end, got {h2_end:?}");
+    assert!(hub.wait_exit(within).is_some_and(|s| s.success()));
+}
+
+/// A publish whose body comes slowly in one large record (what a TLS library makes of one large
+/// write) is not cut off by the deadline of unfinished records while its bytes keep coming: the
+/// deadline starts again with each KiB. Here a 6 KB record arrives over ~3 s, against a 1 s
+/// `--idle-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_in_one_large_record_is_not_cut_off() {
+    let cert = make_cert(&temp_dir("slow-upload"));
+    let hub = TestHub::start_tls(
+        &[
+            "--tls-cert",
+            &cert.cert(),
+            "--tls-key",
+            &cert.key(),
+            "--idle-timeout",
+            "1s",
+        ],
+        cert.der.clone(),
+    );
+    let mut subscriber = hub.subscribe("topic=slow", &[]).await;
+    let data = numbered(6000);
+    let body = format!("topic=slow&data={data}");
+    let request = format!(
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        hub.publisher_token(),
+        body.len()
+    );
+    let config = Arc::new(client_config(
+        &cert.der,
+        &[b"http/1.1"],
+        rustls::DEFAULT_VERSIONS,
+    ));
+    let addr = hub.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        // The head in one record, sent at once; the body in one record, sent 512 bytes every
+        // quarter of a second.
+        conn.writer().write_all(request.as_bytes()).unwrap();
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        conn.writer().write_all(body.as_bytes()).unwrap();
+        let mut record = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut record).unwrap();
+        }
+        assert!(
+            record.len() > 5 * 1024,
+            "one large record: {}",
+            record.len()
+        );
+        for piece in record.chunks(512) {
+            tcp.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let mut answer = Vec::new();
+        let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+        let _ = tls.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "answered: {answer:?}");
+    let got = common::take(&mut subscriber, 1, Duration::from_secs(10)).await;
+    assert!(got[0].data == data, "the update whole");
 }

@@ -43,6 +43,21 @@ pub(super) fn builder(idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// let one stalled stream hold that much on top of the queue.
 const MAX_SEND_BUF: usize = 64 * 1024;
 
+/// How much of a request body one HTTP/2 stream may send before the hub has read it
+/// (`SETTINGS_INITIAL_WINDOW_SIZE`), and how much all of a connection's streams may together
+/// (the connection's window). h2 keeps what arrives until the request's handler reads it and
+/// hands the window back as it does (a body nobody will read, a subscription's, is dropped and
+/// what comes for it thrown away), so these bound what a client can make one connection hold of
+/// bodies not read yet (while a handler waits before reading, or the hub is too busy to run
+/// it), up to `--request-timeout`. hyper's defaults are 1 MiB for both
+/// (with `adaptive_window` off, as here), made for clients that upload large bodies fast. Here
+/// only publishes carry a body, almost all of a few KiB, the largest `--max-body` (1 MiB by
+/// default): 64 KiB lets most publishes come in one round trip, a larger one at a window per
+/// round trip (640 KB/s a stream from a publisher 100 ms away), and the connection's window is
+/// four streams' worth: 256 KiB a connection at most, a quarter of hyper's default.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
+
 /// hyper's settings for HTTP/2, chosen for connections that mostly carry event streams: few
 /// requests, each lasting hours, and data flowing from the server. hyper's own builder, as
 /// the auto builder does not offer the header table's size.
@@ -57,7 +72,11 @@ pub(super) fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         // them) for as long as the connection lasts, to shorten the few requests that follow
         // on a connection whose streams last hours: not worth the memory of each connection.
         .header_table_size(0)
-        .max_send_buf_size(MAX_SEND_BUF);
+        .max_send_buf_size(MAX_SEND_BUF)
+        // Either call turns `adaptive_window` off, which would grow the windows with the
+        // bandwidth-delay product it measures with PINGs, up to 16 MiB.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     builder
 }
 

@@ -160,7 +160,7 @@ impl Listener {
         shutdown.spawn_connection(async move {
             let handshake = tokio::time::timeout_at(
                 accepted + idle_timeout,
-                tls_stream::accept(stream, config),
+                tls_stream::accept(stream, config, idle_timeout),
             );
             let handshake = tokio::select! {
                 _ = stop.stopped() => return,

@@ -8,19 +8,23 @@
 //! written at once. A connection keeps only what it could not pass on yet (the start of a
 //! record still arriving, plaintext its reader had no room for, encrypted bytes the socket did
 //! not take), each in a `Vec` freed once empty. An idle connection holds its rustls state and
-//! nothing else.
+//! nothing else. After the handshake, what a peer can make it keep of an unfinished record is
+//! bounded in size (one record) and in time (the head deadline, `--idle-timeout`).
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// Bytes asked of the socket per read: room for a few whole records.
 const READ_SIZE: usize = 32 * 1024;
@@ -29,10 +33,22 @@ const READ_SIZE: usize = 32 * 1024;
 const WRITE_SIZE: usize = 64 * 1024;
 /// A record's largest overhead (header, explicit nonce, tag, inner content type), with margin.
 const RECORD_OVERHEAD: usize = 64;
-/// The most of an unfinished record or handshake message a peer can make a connection keep:
-/// rustls refuses records over 16 KiB + 2 KiB and handshake messages over 64 KiB itself; this
-/// is the backstop should that ever change.
-const MAX_INCOMPLETE: usize = 96 * 1024;
+/// The most of an unfinished handshake message (spread over records) a peer can make a
+/// connection keep during the handshake: rustls refuses handshake messages over 64 KiB itself;
+/// this is the backstop should that ever change.
+const MAX_INCOMPLETE_HANDSHAKE: usize = 96 * 1024;
+/// The most of an unfinished record a peer can make a connection keep after the handshake, when
+/// it may stay open for hours: one record, header (5 bytes) included. A TLS 1.3 record carries
+/// at most 2^14 + 256 bytes (RFC 8446, 5.2: content, type, padding and tag); a TLS 1.2 one, with
+/// the AEAD suites rustls offers, 2^14 + 24. rustls itself waits for up to 2^14 + 2047 (room for
+/// TLS 1.2's CBC and compression, which it never negotiates), so a header announcing more than
+/// this is refused here as soon as it arrives: 16,645 bytes per connection at most, not 18 KiB,
+/// nor the 96 KiB a handshake may keep.
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+/// Bytes of an unfinished record that start its clock again (see [`accept`]): an upload at 1 KB
+/// every `--idle-timeout` (100 bytes a second by default) carries on; `--request-timeout`
+/// bounds a request however it trickles in.
+const RECORD_PROGRESS: usize = 1024;
 
 thread_local! {
     /// The worker thread's scratch for reading and writing: connections of one thread are
@@ -70,11 +86,26 @@ pub struct TlsStream {
     /// The peer sent its close_notify or ended TCP: reads answer end of input.
     read_closed: bool,
     close_notify_queued: bool,
+    /// How long a record may stay unfinished after the handshake (see [`accept`]).
+    record_timeout: Duration,
+    /// When the record `incoming` holds the start of must be whole: set after the handshake
+    /// while `incoming` is not empty, boxed so that a connection without one pays a pointer.
+    record_deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the unfinished record kept when its clock last started.
+    record_mark: usize,
 }
 
 /// Runs the server side of a TLS handshake on `tcp` (the caller bounds it in time). Plaintext
 /// that arrives along with the client's last handshake flight is kept for the first read.
-pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+/// Afterwards a record that stays unfinished for `record_timeout` without [`RECORD_PROGRESS`]
+/// more of its bytes arriving ends the connection: a client that sends part of one and then
+/// nothing (or a byte now and then) would otherwise keep up to [`MAX_RECORD`] bytes for as
+/// long as its stream lasts.
+pub async fn accept(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    record_timeout: Duration,
+) -> io::Result<TlsStream> {
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         tcp,
@@ -86,6 +117,9 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         outgoing_at: 0,
         read_closed: false,
         close_notify_queued: false,
+        record_timeout,
+        record_deadline: None,
+        record_mark: 0,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -164,9 +198,16 @@ impl TlsStream {
                 return Poll::Ready(Err(e));
             }
             let rest = &scratch[used..filled];
+            if !self.conn.is_handshaking() {
+                if rest.len() > MAX_RECORD || announces_too_much(rest) {
+                    let why = format!("a record larger than {MAX_RECORD} bytes was started");
+                    return Poll::Ready(Err(self.closing(io::ErrorKind::InvalidData, why)));
+                }
+                self.time_unfinished_record(rest.len(), used > 0);
+            }
             if rest.is_empty() {
                 self.incoming = Vec::new();
-            } else if rest.len() > MAX_INCOMPLETE {
+            } else if rest.len() > MAX_INCOMPLETE_HANDSHAKE {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "TLS: an unfinished record or handshake message is too large",
@@ -177,6 +218,50 @@ impl TlsStream {
             }
             Poll::Ready(Ok(()))
         })
+    }
+
+    /// After the handshake, starts (or ends) the clock of the record kept unfinished (`kept`
+    /// bytes of it): `new` when the bytes kept are not those of the record kept before (rustls
+    /// was done with some of what it had). The clock starts again whenever
+    /// [`RECORD_PROGRESS`] more bytes of the record have come: a client uploading a large
+    /// body slowly in full-size records is not cut off, one that trickles a byte now and then
+    /// is.
+    fn time_unfinished_record(&mut self, kept: usize, new: bool) {
+        if kept == 0 {
+            self.record_deadline = None;
+            return;
+        }
+        let progressed = kept >= self.record_mark + RECORD_PROGRESS;
+        let deadline = Instant::now() + self.record_timeout;
+        match &mut self.record_deadline {
+            Some(sleep) if new || progressed => sleep.as_mut().reset(deadline),
+            Some(_) => return,
+            None => self.record_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        self.record_mark = kept;
+    }
+
+    /// `Pending` (the task woken when it passes) until the deadline of a record kept
+    /// unfinished, if any; then the error that ends the connection.
+    fn poll_record_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(deadline) = &mut self.record_deadline else {
+            return Poll::Pending;
+        };
+        ready!(deadline.as_mut().poll(cx));
+        self.record_deadline = None;
+        self.read_closed = true;
+        let why = format!("a record unfinished for {:?}", self.record_timeout);
+        Poll::Ready(Err(self.closing(io::ErrorKind::TimedOut, why)))
+    }
+
+    /// Logs why the hub closes the connection (a peer misbehaving after its handshake) and
+    /// returns the error that closes it.
+    fn closing(&self, kind: io::ErrorKind, why: String) -> io::Error {
+        match self.tcp.peer_addr() {
+            Ok(peer) => tracing::info!(%peer, "closing a TLS connection: {why}"),
+            Err(_) => tracing::info!("closing a TLS connection: {why}"),
+        }
+        io::Error::new(kind, format!("TLS: {why}"))
     }
 
     /// Feeds `data` to rustls until it needs more; `used` says how many bytes of `data` are
@@ -305,6 +390,7 @@ impl TlsStream {
             self.incoming.drain(..discard);
             if self.incoming.is_empty() && self.incoming.capacity() > 0 {
                 self.incoming = Vec::new();
+                self.record_deadline = None;
             }
             if let Some(done) = done {
                 return Ok(done);
@@ -344,6 +430,20 @@ impl TlsStream {
         }
         self.outgoing.extend_from_slice(sealed);
         Ok(())
+    }
+}
+
+/// Whether `kept`, what is kept of an unfinished record after the handshake, starts with a
+/// record header (recognised by its type and version) announcing more than [`MAX_RECORD`].
+/// What starts otherwise (a handshake message rustls is joining from several records, a key
+/// update in pieces) is bounded by its length alone.
+fn announces_too_much(kept: &[u8]) -> bool {
+    match kept {
+        // Types 20 to 23, and 24 (heartbeat), which rustls reads as a record too.
+        [20..=24, 3, _, high, low, ..] => {
+            5 + usize::from(u16::from_be_bytes([*high, *low])) > MAX_RECORD
+        }
+        _ => false,
     }
 }
 
@@ -400,7 +500,10 @@ impl AsyncRead for TlsStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_read_once(cx, buf))?;
+            match this.poll_read_once(cx, buf) {
+                Poll::Ready(read) => read?,
+                Poll::Pending => return this.poll_record_deadline(cx),
+            }
             // What reading made rustls answer (a renegotiation refused) goes out now if the
             // socket takes it; if not, the next write or flush sends it first. Its own key
             // update, answering the client's, rustls gives only at the next write.
@@ -482,5 +585,24 @@ impl AsyncWrite for TlsStream {
             ready!(this.poll_flush_outgoing(cx))?;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_header_announcing_more_than_a_record_is_found() {
+        // No length yet, then TLS 1.3's largest record (2^14 + 256), then a byte more.
+        assert!(!announces_too_much(&[0x17, 0x03, 0x03]));
+        assert!(!announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x00]));
+        assert!(announces_too_much(&[0x17, 0x03, 0x03, 0x41, 0x01, 0]));
+        assert!(announces_too_much(&[0x15, 0x03, 0x01, 0xff, 0xff]));
+        // A heartbeat record's header is one too; the start of a handshake message rustls is
+        // joining from records (a key update, type 24, 3 bytes of length) is no header: its
+        // length alone bounds it.
+        assert!(announces_too_much(&[0x18, 0x03, 0x03, 0xff, 0xff]));
+        assert!(!announces_too_much(&[0x18, 0x00, 0x00, 0x01, 0x00]));
     }
 }
