@@ -556,6 +556,11 @@ async fn assert_each_once(
         task.abort();
         let events = got.lock().unwrap().clone();
         let unique: HashSet<&String> = events.iter().map(|e| &e.id).collect();
+        if unique.len() != events.len() {
+            for (k, n) in nodes.iter().enumerate() {
+                println!("DIAG node {k}'s log:\n{}", n.logs().join("\n"));
+            }
+        }
         assert_eq!(unique.len(), events.len(), "each update once");
         orders.push(ids(&events));
     }
