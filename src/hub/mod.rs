@@ -869,7 +869,7 @@ impl HubShared {
             alt,
             alt_is_legacy,
         });
-        self.place(core, update, &matches, DIRECT_MAX)
+        self.place(core, update, &matches)
     }
 
     /// Puts an update the writer has stored, with its seq, in its place (see `writer`),
@@ -893,9 +893,8 @@ impl HubShared {
         core: parking_lot::MutexGuard<'_, Core>,
         update: SharedUpdate,
         matches: &templates::Matches,
-        direct_max: usize,
     ) -> Published {
-        let (published, placed) = self.take_place(core, update, matches, direct_max);
+        let (published, placed) = self.take_place(core, update, matches, DIRECT_MAX);
         self.hand_over(placed);
         published
     }
