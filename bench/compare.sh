@@ -5,6 +5,11 @@
 #
 #   bench/compare.sh                      # everything, twice
 #   RUNS=3 PEERS="ssehub baseline" SCENARIOS="S1 S3" bench/compare.sh
+#   PEERS="ssehub ssehub_memory" SCENARIOS="S1 S3" bench/compare.sh   # the durable history's cost
+#
+# Peers: ssehub (at its defaults: durable history on, each run in a fresh data directory),
+# ssehub_memory (the same binary with `--data-dir none`: the history in memory only), the
+# baseline and nchan. ssehub_memory runs only when named in PEERS.
 #
 # S7 (ssehub only: three nodes on one Redis against one node) needs redis-server; SCALE (ssehub
 # only) runs the S2 shape at 1,000, 5,000, 10,000 and 19,000 subscribers.
@@ -177,14 +182,19 @@ SERVER_PID=""
 # (without ending the script) when its port is taken or it does not come up.
 start_peer() {
   local port
-  case $1 in ssehub) port=8000 ;; baseline) port=3000 ;; nchan) port=8090 ;; esac
+  case $1 in ssehub|ssehub_memory) port=8000 ;; baseline) port=3000 ;; nchan) port=8090 ;; esac
   port_free "$port" || return 1
   case $1 in
-    ssehub)
+    ssehub|ssehub_memory)
       # Each run starts with an empty durable history of its own (the default, --data-dir,
-      # on), unless SSEHUB_FLAGS names one (`--data-dir none` measures it off).
+      # on), unless SSEHUB_FLAGS names one (`--data-dir none` measures it off); ssehub_memory
+      # keeps its history in memory only.
       local data=()
-      [[ " ${SSEHUB_FLAGS:-} " == *" --data-dir "* ]] || data=(--data-dir "$(mktemp -d "$WORK/data.XXXXXX")")
+      if [ "$1" = ssehub_memory ]; then
+        data=(--data-dir none)
+      elif [[ " ${SSEHUB_FLAGS:-} " != *" --data-dir "* ]]; then
+        data=(--data-dir "$(mktemp -d "$WORK/data.XXXXXX")")
+      fi
       # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
       local tls=()
       [ "$TLS" = 0 ] || tls=(--tls-cert "$CERT" --tls-key "$KEY")
@@ -217,7 +227,7 @@ stop_peer() {
 # The URL the bench subscribes to on PEER over TLS (the same ports as plain HTTP).
 tls_url() {
   case $1 in
-    ssehub) echo https://127.0.0.1:8000/.well-known/mercure ;;
+    ssehub|ssehub_memory) echo https://127.0.0.1:8000/.well-known/mercure ;;
     baseline) echo https://127.0.0.1:3000 ;;
     nchan) echo https://127.0.0.1:8090 ;;
   esac
@@ -233,7 +243,7 @@ check_h2() {
   CHECKED_H2+="$peer-$scenario "
   local path
   case $peer in
-    ssehub) path="?topic=h2-check" ;; baseline) path="/events?topic=h2-check" ;; nchan) path="/sub/h2-check" ;;
+    ssehub|ssehub_memory) path="?topic=h2-check" ;; baseline) path="/events?topic=h2-check" ;; nchan) path="/sub/h2-check" ;;
   esac
   curl --http2 -k -sv --max-time 3 -H 'Accept: text/event-stream' -o /dev/null \
     "$(tls_url "$peer")$path" 2>"$WORK/curl.log" || true
@@ -259,7 +269,7 @@ bench() {
     check_h2 "$peer" "$scenario"
   fi
   log "$scenario $peer run $run: ${tls[*]} $*"
-  if ! "$SSEHUB" bench --target "$peer" --jwt-key "$SECRET" --pid "$PIDS" --label "$scenario" \
+  if ! "$SSEHUB" bench --target "${peer%_memory}" --jwt-key "$SECRET" --pid "$PIDS" --label "$scenario" \
       --json "${tls[@]}" "$@" >"$out.tmp" 2>"$WORK/bench.err"; then
     log "bench failed: $(tail -1 "$WORK/bench.err")"
     rm -f "$out.tmp"
@@ -267,7 +277,7 @@ bench() {
     mv "$out.tmp" "$out"
     # ssehub's batching as it stood at the end of the run (budget, window, how busy the cores
     # were, writes by kind), beside the run's JSON.
-    if [ "$peer" = ssehub ] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
+    if [[ $peer == ssehub* ]] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
       curl -s --max-time 2 http://127.0.0.1:8000/metrics \
         | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total) ' \
         >"${out%.json}.metrics" || true
@@ -407,7 +417,7 @@ mkdir -p "$RESULTS"
 for s in $SCENARIOS; do
   # Every peer's, not only those about to run: a table must not set this batch's figures
   # beside an earlier batch's (or another machine's).
-  for p in ssehub baseline nchan; do
+  for p in ssehub ssehub_memory baseline nchan; do
     clear_old "$s" "$p"
   done
   for run in $(seq 1 "$RUNS"); do

@@ -20,14 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frontier  # noqa: E402  (bench/frontier.py, beside this file)
 
 NOTES = "<!-- notes: everything below is kept by bench/summarize.py -->"
-PEERS = ["ssehub", "baseline", "nchan"]
-PEER_NAMES = {"ssehub": "ssehub", "baseline": "naive axum + broadcast", "nchan": "nginx + nchan"}
+PEERS = ["ssehub", "ssehub_memory", "baseline", "nchan"]
+PEER_NAMES = {"ssehub": "ssehub", "ssehub_memory": "ssehub, history in memory only",
+              "baseline": "naive axum + broadcast", "nchan": "nginx + nchan"}
 
 results_dir = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
 runs = {}  # (label, peer) -> [report], in run order; each report keeps its run number in "_run"
 found = []
 for path in glob.glob(os.path.join(results_dir, "*.json")):
-    m = re.match(r"(.+)-(ssehub|baseline|nchan)-(\d+)\.json$", os.path.basename(path))
+    m = re.match(r"(.+)-(ssehub_memory|ssehub|baseline|nchan)-(\d+)\.json$", os.path.basename(path))
     if m:
         found.append((m.group(1), m.group(2), int(m.group(3)), path))
 for label, peer, run, path in sorted(found, key=lambda x: (x[0], x[1], x[2])):
@@ -167,8 +168,13 @@ def s3_table():
                 if (r["lost"] == 0 and r["latency_ms"]["p99"] < 100 and r["duplicates"] == 0
                         and r["rate_achieved"] >= 0.9 * r["rate_requested"]):
                     per_run[r["_run"]] = max(per_run[r["_run"]], round(r["rate_achieved"]))
-        best.append(fmt(med(list(per_run.values()))) if per_run else "—")
-    out.append("| | " + " | ".join(best) + " |")
+        best.append(med(list(per_run.values())) if per_run else None)
+    out.append("| | " + " | ".join(fmt(b) if b is not None else "—" for b in best) + " |")
+    rate = dict(zip(peers, best))
+    if rate.get("ssehub") and rate.get("ssehub_memory"):
+        out.append("")
+        out.append(f"With the durable history on (ssehub's default), {rate['ssehub'] / rate['ssehub_memory']:.0%} "
+                   "of the rate with it in memory only (`--data-dir none`), in the same batch.")
     return "\n".join(out)
 
 
@@ -403,7 +409,7 @@ def idle_table():
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
-PEER_COLOURS = {"ssehub": "#1f77b4", "baseline": "#999999", "nchan": "#d95f02"}
+PEER_COLOURS = {"ssehub": "#1f77b4", "ssehub_memory": "#6baed6", "baseline": "#999999", "nchan": "#d95f02"}
 
 
 def bars_svg(title, unit, path, labels, log=False):
