@@ -35,101 +35,116 @@ pub(super) enum End {
 /// ends. `sink` is the connection's for direct writes, if it has one: what it could not finish
 /// goes out before anything newer. `held` (the connection's place and its request counted as
 /// under way) is let go once the stream has ended.
-pub(super) async fn pump<S, H>(
+///
+/// Not an `async fn`: one keeps each of its arguments twice for as long as it runs (where it
+/// was called with them, and where its body moved them to), and this one runs for as long as
+/// the stream lasts. An `async` block uses what it captured where it is.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn pump<S, H>(
     mut io: S,
     sink: Option<std::sync::Arc<DirectTcp>>,
-    head: Vec<u8>,
+    mut head: Vec<u8>,
     mut stream: SubscriberStream,
     path: &'static str,
     peer: SocketAddr,
     held: H,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let subscriber = stream.subscriber_id();
-    let mut head = Some(head);
-    let mut stray = 0usize;
-    let end = loop {
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(wire) = stream.poll_wire(cx) {
-                return Poll::Ready(wire.ok_or(End::Finished));
+    async move {
+        let subscriber = stream.subscriber_id();
+        let mut stray = 0usize;
+        let end = loop {
+            let next = std::future::poll_fn(|cx| {
+                if let Poll::Ready(wire) = stream.poll_wire(cx) {
+                    return Poll::Ready(wire.ok_or(End::Finished));
+                }
+                // A client never speaks on an event stream; reading is how its leaving is seen.
+                // While nothing arrives this costs no system call: tokio knows the socket is idle.
+                match poll_discard(&mut io, cx, &mut stray) {
+                    Poll::Ready(e) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            if matches!(&next, Ok(Wire::Data(chunk)) if chunk.is_empty()) {
+                // An empty chunk would read as the end of the body.
+                continue;
             }
-            // A client never speaks on an event stream; reading is how its leaving is seen.
-            // While nothing arrives this costs no system call: tokio knows the socket is idle.
-            match poll_discard(&mut io, cx, &mut stray) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
+            // The response's head goes out with the first write (and is empty afterwards).
+            let head_bytes = std::mem::take(&mut head);
+            // Once the hub has ended the stream (shutdown, token expiry) the subscriber can no
+            // longer be dropped as slow, so what is left to write gets a deadline instead.
+            let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
+            let written = match &next {
+                Ok(Wire::Data(chunk)) => {
+                    let mut size = [0u8; 18];
+                    let size = chunk_size_line(chunk.len(), &mut size);
+                    let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
+                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                }
+                Ok(Wire::FinishDirect) => {
+                    // The hub lets nobody else write until the task asks it again: the rest of a
+                    // direct write the socket cut short goes out now, before anything newer.
+                    let rest = sink.as_ref().and_then(|s| s.take_unfinished());
+                    let parts: [&[u8]; 2] = [&head_bytes, rest.as_deref().unwrap_or_default()];
+                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                }
+                // Dropped for being too slow: its socket is full, so close without a last word.
+                Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
+                Err(End::Finished) => {
+                    let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
+                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                }
+                Err(_) => Ok(()),
+            };
+            match (next, written) {
+                (Ok(_), Ok(())) => {}
+                (Err(End::Finished), Ok(())) => {
+                    let shutdown = tokio::io::AsyncWriteExt::shutdown(&mut io);
+                    // Boxed, as the deadline of `within`.
+                    let _ = Box::pin(tokio::time::timeout(LAST_WRITES, shutdown)).await;
+                    break End::Finished;
+                }
+                (_, Err(e)) | (Err(e), Ok(())) => break e,
             }
-        })
-        .await;
-        if matches!(&next, Ok(Wire::Data(chunk)) if chunk.is_empty()) {
-            // An empty chunk would read as the end of the body.
-            continue;
-        }
-        let head_bytes = head.take().unwrap_or_default();
-        // Once the hub has ended the stream (shutdown, token expiry) the subscriber can no
-        // longer be dropped as slow, so what is left to write gets a deadline instead.
-        let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
-        let written = match &next {
-            Ok(Wire::Data(chunk)) => {
-                let mut size = [0u8; 18];
-                let size = chunk_size_line(chunk.len(), &mut size);
-                let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
-                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
-            }
-            Ok(Wire::FinishDirect) => {
-                // The hub lets nobody else write until the task asks it again: the rest of a
-                // direct write the socket cut short goes out now, before anything newer.
-                let rest = sink.as_ref().and_then(|s| s.take_unfinished());
-                let parts: [&[u8]; 2] = [&head_bytes, rest.as_deref().unwrap_or_default()];
-                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
-            }
-            // Dropped for being too slow: its socket is full, so close without a last word.
-            Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
-            Err(End::Finished) => {
-                let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
-                within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
-            }
-            Err(_) => Ok(()),
         };
-        match (next, written) {
-            (Ok(_), Ok(())) => {}
-            (Err(End::Finished), Ok(())) => {
-                let shutdown = tokio::io::AsyncWriteExt::shutdown(&mut io);
-                let _ = tokio::time::timeout(LAST_WRITES, shutdown).await;
-                break End::Finished;
-            }
-            (_, Err(e)) | (Err(e), Ok(())) => break e,
+        match end {
+            End::Finished | End::Dropped => {}
+            End::Gone => tracing::debug!(%peer, subscriber, "client closed its event stream"),
+            End::Stray => tracing::info!(
+                %peer,
+                subscriber,
+                "closing an event stream whose client kept sending data"
+            ),
         }
-    };
-    match end {
-        End::Finished | End::Dropped => {}
-        End::Gone => tracing::debug!(%peer, subscriber, "client closed its event stream"),
-        End::Stray => tracing::info!(
-            %peer,
-            subscriber,
-            "closing an event stream whose client kept sending data"
-        ),
+        drop(stream);
+        tracing::info!(subscriber, "Finished HTTP request at {path}");
+        // The socket is closed before its place is given back: a connection taking the place
+        // must find the descriptor free (at the open-file limit it would fail to accept).
+        drop(io);
+        drop(sink);
+        drop(held);
     }
-    drop(stream);
-    tracing::info!(subscriber, "Finished HTTP request at {path}");
-    // The socket is closed before its place is given back: a connection taking the place
-    // must find the descriptor free (at the open-file limit it would fail to accept).
-    drop(io);
-    drop(sink);
-    drop(held);
 }
 
-/// `write` bounded by `deadline`, if any; past it the connection is taken as gone.
-async fn within(
+/// `write` bounded by `deadline`, if any; past it the connection is taken as gone. Only a
+/// stream's last writes have a deadline, and its timer is boxed: a task is as large as its
+/// largest state for as long as it lasts, so a timer inline would cost every idle stream.
+fn within<W>(
     deadline: Option<Instant>,
-    write: impl std::future::Future<Output = Result<(), End>>,
-) -> Result<(), End> {
+    write: W,
+) -> impl std::future::Future<Output = Result<(), End>>
+where
+    W: std::future::Future<Output = Result<(), End>>,
+{
+    use futures_util::future::{Either, FutureExt as _};
     match deadline {
-        Some(d) => tokio::time::timeout_at(d, write)
-            .await
-            .unwrap_or(Err(End::Gone)),
-        None => write.await,
+        Some(d) => Either::Left(
+            Box::pin(tokio::time::timeout_at(d, write)).map(|r| r.unwrap_or(Err(End::Gone))),
+        ),
+        None => Either::Right(write),
     }
 }
 
