@@ -65,8 +65,9 @@ pub(super) struct Link {
     created: AtomicI64,
     /// Set when the stream may have lost messages this node applied: the connection to NATS
     /// broke (set by the client's event callback, before it reconnects: the servers may have
-    /// restarted without their newest messages), or the probe found the stream ending before
-    /// `applied`. The reader checks what it applied before it applies anything more.
+    /// restarted without their newest messages), the probe found the stream ending before
+    /// `applied`, or the probe got an answer again after none. The reader checks what it
+    /// applied before it applies anything more, and watches what it reads next.
     unchecked: Arc<AtomicBool>,
     /// The last sequence the reader applied, for the probe.
     applied: AtomicU64,
@@ -716,7 +717,14 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
         };
         let was = link.answers.swap(result.is_ok(), Relaxed);
         match result {
-            Ok(()) if !was => tracing::info!("NATS JetStream is back"),
+            Ok(()) if !was => {
+                // Its servers may have been away without this node's connection breaking
+                // (frozen, or unreachable for less than the client's pings): they can come back
+                // serving an unconfirmed tail and drop it, as after a restart. So the reader
+                // checks and watches, as after a disconnection.
+                link.unchecked.store(true, Relaxed);
+                tracing::info!("NATS JetStream is back");
+            }
             Err(e) if was => tracing::warn!("lost NATS JetStream: {e}; publishes answer 503"),
             _ => {}
         }
