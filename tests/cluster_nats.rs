@@ -791,7 +791,6 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug, diagnosed 2026-12-07: a watch finding older than the 4,096 sequences a node remembers makes it rewind there and deliver every update between twice (CI: 8,765 events for 6,465 updates after a rewind to sequence 68); --ignored runs it"]
 async fn all_nats_servers_frozen_and_resumed_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Frozen).await;
 }
@@ -800,7 +799,6 @@ async fn all_nats_servers_frozen_and_resumed_lose_no_acknowledged_update() {
 /// just after the restart the stream served an update no majority held and then gave its
 /// sequence to a later one, which a node that had read on never delivered.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug, diagnosed 2026-12-07: a watch finding older than the 4,096 sequences a node remembers makes it rewind there and deliver every update between twice (CI: 8,765 events for 6,465 updates after a rewind to sequence 68); --ignored runs it"]
 async fn all_nats_servers_stopped_and_started_again_lose_no_acknowledged_update() {
     all_nats_servers_away_and_back(Outage::Stopped).await;
 }

@@ -8,16 +8,28 @@
 //! old leader's) and drop them a moment later, when another server leads, giving their
 //! sequences to later messages (seen with nats-server 2.9 stopped and started together). So
 //! after each check on reconnecting, the newest message then and the first ones read after it
-//! (those an old leader's unconfirmed tail can hold) are *watched*: kept aside, out of the
-//! ring's reach, and compared again with the stream a few times over the next half minute.
+//! (those an old leader's unconfirmed tail can hold) are *watched*: kept aside, and compared
+//! again with the stream a few times over the next half minute.
+//!
+//! A watch can find a change half a minute or more after its check, thousands of messages back
+//! at high rates: reading again from there delivers each update once only if every message
+//! applied since is remembered. So while a watch runs the ring keeps everything from the oldest
+//! watched message on, however many that is, up to [`WATCH_CAP`] (32 MiB), and is trimmed back
+//! to [`RING`] (and its memory given back) once the watch is over. Only past that cap can a
+//! rewind not go back as far as asked; it then reads again from the oldest message remembered,
+//! and the caller logs and counts what it skips.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
-/// How many of the last messages applied are remembered (16 bytes each, 64 KiB): a rewind
-/// can tell what it delivered already only within them (seconds of reading at high rates).
+/// How many of the last messages applied are remembered outside a watch (16 bytes each,
+/// 64 KiB): the check on reconnecting looks for what the stream lost among them.
 pub(super) const RING: usize = 4096;
+/// How many at most while a watch runs (16 bytes each, 32 MiB): everything from the oldest
+/// watched message on, so that a rewind to what the watch finds knows what it delivered (about
+/// two minutes at 15,000 updates/s).
+pub(super) const WATCH_CAP: usize = 1 << 21;
 /// When, after a check on reconnecting, what was read since is compared with the stream again.
 /// Measured on nats-server 2.9: the stream settled within a few seconds of its servers' return.
 pub(super) const SCANS: [Duration; 5] = [
@@ -36,11 +48,16 @@ pub(super) const WATCHED: usize = 64;
 pub(super) struct Applied {
     /// (sequence, identity) of the last messages applied, oldest first, sequences increasing.
     ring: VecDeque<(u64, u64)>,
+    /// How many the ring may hold while a watch runs: [`WATCH_CAP`] (smaller in tests).
+    cap: usize,
     /// Keyed per process, so that nobody can choose an id whose identity equals another's.
     hasher: RandomState,
     /// After a rewind: identities delivered already from the sequences read again, skipped
     /// until the reader passes `until`, the last sequence it had applied before the rewind.
-    delivered: Vec<u64>,
+    /// Looked up in the set (a rewind may read hundreds of thousands again); the list keeps
+    /// the order they came in, to drop the oldest past `2 * cap`.
+    delivered: HashSet<u64>,
+    delivered_order: VecDeque<u64>,
     until: u64,
     /// The watch after a check: the messages watched, oldest first, and when the next
     /// comparisons are due (none: no watch).
@@ -50,10 +67,16 @@ pub(super) struct Applied {
 
 impl Applied {
     pub(super) fn new() -> Applied {
+        Applied::with_cap(WATCH_CAP)
+    }
+
+    fn with_cap(cap: usize) -> Applied {
         Applied {
             ring: VecDeque::with_capacity(RING),
+            cap: cap.max(RING),
             hasher: RandomState::new(),
-            delivered: Vec::new(),
+            delivered: HashSet::new(),
+            delivered_order: VecDeque::new(),
             until: 0,
             watched: Vec::new(),
             scans: VecDeque::new(),
@@ -76,14 +99,14 @@ impl Applied {
             !self.delivered.contains(&identity)
         } else {
             if self.until != 0 {
-                self.delivered = Vec::new();
+                self.delivered = HashSet::new();
+                self.delivered_order = VecDeque::new();
                 self.until = 0;
             }
             true
         };
-        if self.ring.len() == RING {
-            self.ring.pop_front();
-        }
+        // Room made first, so that the ring never grows past its cap, even for a moment.
+        self.trim_to(RING - 1, self.cap - 1);
         self.ring.push_back((sequence, identity));
         if !self.scans.is_empty() && self.watched.len() < WATCHED {
             self.watched.push((sequence, identity));
@@ -91,37 +114,89 @@ impl Applied {
         fresh
     }
 
+    /// Drops what no watch needs kept any more: once a watch is over, the ring back to
+    /// [`RING`] and its memory. Done at each message recorded; the reader calls it too when a
+    /// watch ends without finding anything, for a node with nothing more to read. Not when a
+    /// watch's last comparison finds a change: the rewind that follows needs the whole ring.
+    pub(super) fn trim(&mut self) {
+        self.trim_to(RING, self.cap);
+    }
+
+    /// Drops the oldest messages down to `keep`, except, while a watch runs, those from the
+    /// oldest watched on, which only `cap` bounds.
+    fn trim_to(&mut self, keep: usize, cap: usize) {
+        let watched_from = self.watched.iter().map(|e| e.0).min().unwrap_or(u64::MAX);
+        while self.ring.len() > keep
+            && (self.ring.len() > cap || self.ring.front().is_some_and(|e| e.0 < watched_from))
+        {
+            self.ring.pop_front();
+        }
+        if self.watched.is_empty() && self.ring.capacity() > 2 * RING {
+            // A watch's growth given back.
+            self.ring.shrink_to(RING);
+        }
+    }
+
     /// The messages remembered from sequence `first` on, oldest first.
-    pub(super) fn since(&self, first: u64) -> Vec<(u64, u64)> {
+    #[cfg(test)]
+    fn since(&self, first: u64) -> Vec<(u64, u64)> {
         self.ring.iter().filter(|e| e.0 >= first).copied().collect()
     }
 
+    /// Where the messages remembered from sequence `first` on begin, for [`Applied::nth`], and
+    /// where they end: read in place (a watch can keep millions).
+    pub(super) fn range_since(&self, first: u64) -> std::ops::Range<usize> {
+        self.ring.partition_point(|e| e.0 < first)..self.ring.len()
+    }
+
+    /// The `i`-th message remembered, oldest first.
+    pub(super) fn nth(&self, i: usize) -> (u64, u64) {
+        self.ring[i]
+    }
+
     /// Forgets the messages from `sequence` on (the stream holds others there now), keeping
-    /// their identities so that reading those sequences again up to `last` delivers only the
-    /// updates not delivered yet.
-    pub(super) fn rewind(&mut self, sequence: u64, last: u64) {
+    /// their identities so that reading those sequences again up to `last` (the last sequence
+    /// applied) delivers only the updates not delivered yet. Returns where to read again from:
+    /// `sequence`, unless that is before every message remembered; then the oldest remembered
+    /// (with none remembered, `last + 1`): what was delivered before it is not known, and
+    /// reading it again would deliver it twice. While a watch runs, what it finds is always
+    /// remembered, unless the ring reached its cap.
+    pub(super) fn rewind(&mut self, sequence: u64, last: u64) -> u64 {
+        let from = match self.ring.front() {
+            Some(&(oldest, _)) => sequence.max(oldest),
+            None => sequence.max(last + 1),
+        };
         while let Some(&(s, identity)) = self.ring.back() {
-            if s < sequence {
+            if s < from {
                 break;
             }
             self.ring.pop_back();
-            if !self.delivered.contains(&identity) {
-                self.delivered.push(identity);
+            if self.delivered.insert(identity) {
+                self.delivered_order.push_back(identity);
             }
         }
-        // Read again, they are watched again as they come.
+        // Those read again are watched again as they come. Those skipped (from `sequence` to
+        // `from`) are not compared again: the stream holds other messages there, or might, and
+        // they would be found changed at every comparison.
         self.watched.retain(|e| e.0 < sequence);
         // Bounded even if rewinds follow each other before the reader passes `until`.
-        if self.delivered.len() > 2 * RING {
-            self.delivered.drain(..self.delivered.len() - 2 * RING);
+        let bound = 2 * self.cap;
+        if self.delivered_order.len() > bound {
+            let excess = self.delivered_order.len() - bound;
+            for identity in self.delivered_order.drain(..excess) {
+                self.delivered.remove(&identity);
+            }
         }
         self.until = self.until.max(last);
+        from
     }
 
     /// Forgets everything: the stream was made anew, its sequences start over.
     pub(super) fn clear(&mut self) {
         self.ring.clear();
-        self.delivered = Vec::new();
+        self.ring.shrink_to(RING);
+        self.delivered = HashSet::new();
+        self.delivered_order = VecDeque::new();
         self.until = 0;
         self.scans.clear();
         self.watched.clear();
@@ -180,8 +255,11 @@ mod tests {
             assert!(a.record(seq, id(&a, name)));
         }
         // The stream lost "c" and "d"; "e" took sequence 3, then "d" (retried) sequence 4.
-        a.rewind(3, 4);
+        assert_eq!(a.rewind(3, 4), 3);
         assert_eq!(a.since(0), [(1, id(&a, "a")), (2, id(&a, "b"))]);
+        assert_eq!(a.range_since(2), 1..2);
+        assert_eq!(a.nth(1), (2, id(&a, "b")));
+        assert!(a.range_since(3).is_empty());
         assert!(a.record(3, id(&a, "e")));
         assert!(!a.record(4, id(&a, "d")), "delivered already");
         // Past the old last sequence, everything is new again.
@@ -198,14 +276,136 @@ mod tests {
         let kept = a.since(0);
         assert_eq!(kept.len(), RING);
         assert_eq!(kept[0].0, 11);
-        // Rewinding everything keeps the skip list bounded.
-        for _ in 0..5 {
-            a.rewind(0, RING as u64 * 10);
-            for seq in 1..=RING as u64 {
-                a.record(seq, seq * 7 + a.delivered.len() as u64);
+        // Rewinding everything again and again, with a watch on (the ring at its cap), keeps
+        // the skip list bounded.
+        let mut a = Applied::with_cap(2 * RING);
+        a.record(1, 1);
+        a.watch(Instant::now());
+        for round in 0..5 {
+            assert_eq!(a.rewind(1, u64::MAX / 2), 1);
+            for seq in 1..=2 * RING as u64 {
+                a.record(seq, seq * 7 + round * 1_000_000);
             }
         }
-        assert!(a.delivered.len() <= 2 * RING);
+        assert_eq!(a.delivered.len(), 2 * a.cap);
+        assert_eq!(a.delivered_order.len(), a.delivered.len());
+    }
+
+    /// Seen in CI: a watch found a change at sequence 68 after the node had read ~6,400
+    /// updates; only the last 4,096 were remembered, and the rewind to 68 delivered the ~2,300
+    /// between those and 68 a second time.
+    #[test]
+    fn a_rewind_to_what_a_watch_found_delivers_nothing_twice() {
+        let mut a = Applied::new();
+        let t0 = Instant::now();
+        for seq in 1..=67 {
+            a.record(seq, seq);
+        }
+        a.watch(t0);
+        let n = 6465;
+        for seq in 68..=n {
+            assert!(a.record(seq, seq));
+        }
+        assert_eq!(a.since(0)[0], (67, 67), "kept from the oldest watched on");
+        let w = a.due(t0 + SCANS[2]).unwrap();
+        assert_eq!(w[..2], [(67, 67), (68, 68)]);
+        // The stream holds another message at 68 now, and the same ones after it.
+        assert_eq!(a.rewind(68, n), 68);
+        let t1 = t0 + SCANS[2];
+        a.watch(t1);
+        assert!(
+            a.record(68, 1_000_000),
+            "the message that took its sequence"
+        );
+        for seq in 69..=n {
+            assert!(!a.record(seq, seq), "{seq} was delivered already");
+        }
+        assert!(a.record(n + 1, n + 1));
+        // The changed message is not compared again (it would be found changed every time);
+        // the one read there now is.
+        let w = a.due(t1 + SCANS[0]).unwrap();
+        assert!(!w.contains(&(68, 68)));
+        assert_eq!(w[..2], [(67, 67), (68, 1_000_000)]);
+    }
+
+    #[test]
+    fn past_its_cap_a_rewind_reads_again_from_the_oldest_remembered() {
+        let cap = 2 * RING;
+        let mut a = Applied::with_cap(cap);
+        let t0 = Instant::now();
+        a.record(1, 1);
+        a.watch(t0);
+        let n = 3 * cap as u64;
+        for seq in 2..=n {
+            a.record(seq, seq);
+        }
+        let kept = a.since(0);
+        assert_eq!(kept.len(), cap);
+        assert!(a.ring.capacity() <= cap, "never grown past its cap");
+        let front = kept[0].0;
+        assert_eq!(front, n - cap as u64 + 1);
+        assert!(a.due(t0 + SCANS[0]).unwrap().contains(&(1, 1)));
+        // Only what the ring holds is read again, once: what it knew was delivered.
+        assert_eq!(a.rewind(1, n), front);
+        assert!(a.since(0).is_empty());
+        // With nothing remembered, a rewind to before the reader's position (`from - 1`
+        // now) reads nothing again: what was delivered there is not known any more.
+        assert_eq!(a.rewind(40, front - 1), front);
+        for seq in front..=n {
+            assert!(!a.record(seq, seq), "{seq} was delivered already");
+        }
+        assert!(a.record(n + 1, n + 1));
+        // Neither the changed message nor those skipped are compared again.
+        let w = a.due(t0 + SCANS[1]).unwrap();
+        assert_eq!(w.len(), WATCHED);
+        assert!(w.iter().all(|e| e.0 >= front));
+    }
+
+    #[test]
+    fn a_rewind_with_nothing_remembered_reads_nothing_again() {
+        let mut a = Applied::new();
+        assert_eq!(a.rewind(3, 10), 11);
+        assert!(a.record(11, 11));
+        // A rewind within the ring is not moved.
+        assert_eq!(a.rewind(11, 11), 11);
+        assert!(!a.record(11, 11));
+    }
+
+    #[test]
+    fn a_watch_over_gives_back_what_it_kept() {
+        let mut a = Applied::with_cap(8 * RING);
+        let t0 = Instant::now();
+        a.record(1, 1);
+        a.watch(t0);
+        let n = 4 * RING as u64;
+        for seq in 2..=n {
+            a.record(seq, seq);
+        }
+        assert_eq!(
+            a.since(0).len(),
+            n as usize,
+            "everything from the oldest watched on"
+        );
+        for d in SCANS {
+            assert!(a.due(t0 + d).is_some());
+        }
+        // Over, but kept until the last comparison's answer: a change it finds needs them.
+        assert_eq!(a.since(0).len(), n as usize);
+        a.trim();
+        assert_eq!(a.since(0)[0].0, n - RING as u64 + 1);
+        assert_eq!(a.since(0).len(), RING);
+        assert!(a.ring.capacity() <= 2 * RING);
+        // The next message read trims too.
+        let mut b = Applied::with_cap(8 * RING);
+        b.record(1, 1);
+        b.watch(t0);
+        for seq in 2..=n {
+            b.record(seq, seq);
+        }
+        while b.due(t0 + SCANS[4]).is_some() {}
+        b.record(n + 1, n + 1);
+        assert_eq!(b.since(0).len(), RING);
+        assert!(b.ring.capacity() <= 2 * RING);
     }
 
     #[test]
@@ -258,7 +458,7 @@ mod tests {
         let w = a.due(t1 + SCANS[0]).unwrap();
         assert_eq!(w[0], (newest, newest * 10));
         // A rewind drops the watched it reads again (recorded anew as they come).
-        a.rewind(newest + 1, newest + RING as u64);
+        assert_eq!(a.rewind(newest + 1, newest + RING as u64), newest + 1);
         assert_eq!(a.due(t1 + SCANS[1]), Some(vec![(newest, newest * 10)]));
     }
 

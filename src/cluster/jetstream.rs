@@ -65,8 +65,9 @@ pub(super) struct Link {
     created: AtomicI64,
     /// Set when the stream may have lost messages this node applied: the connection to NATS
     /// broke (set by the client's event callback, before it reconnects: the servers may have
-    /// restarted without their newest messages), or the probe found the stream ending before
-    /// `applied`. The reader checks what it applied before it applies anything more.
+    /// restarted without their newest messages), the probe found the stream ending before
+    /// `applied`, or the probe got an answer again after none. The reader checks what it
+    /// applied before it applies anything more, and watches what it reads next.
     unchecked: Arc<AtomicBool>,
     /// The last sequence the reader applied, for the probe.
     applied: AtomicU64,
@@ -545,8 +546,19 @@ async fn reopen(
                  lost for nodes that had not read them; reading the stream again from the first \
                  lost sequence, delivering only updates not delivered yet"
             );
-            reader.applied.rewind(changed, reader.last);
-            reader.last = changed - 1;
+            let from = reader.applied.rewind(changed, reader.last);
+            if from > changed {
+                hub.metrics().cluster_gaps.fetch_add(1, Relaxed);
+                tracing::error!(
+                    skipped_from = changed,
+                    skipped_to = from - 1,
+                    "the update stream in NATS JetStream changed further back than this node \
+                     remembers what it delivered: those sequences are not read again, and the \
+                     updates the stream holds there now are lost for this node's subscribers \
+                     (read again, those it delivered already would be delivered twice)"
+                );
+            }
+            reader.last = from - 1;
         }
         // Held now, but perhaps not for long: compared again while the stream settles.
         reader.applied.watch(Instant::now());
@@ -571,24 +583,24 @@ async fn first_changed(
     applied: &Applied,
     first: u64,
 ) -> Result<Option<u64>, String> {
-    let entries = applied.since(first);
-    let Some(&newest) = entries.last() else {
-        return Ok(None);
-    };
-    if holds(stream, applied, newest).await? {
+    let entries = applied.range_since(first);
+    if entries.is_empty() {
         return Ok(None);
     }
-    // entries[..low] held, entries[high..] changed.
-    let (mut low, mut high) = (0, entries.len() - 1);
+    if holds(stream, applied, applied.nth(entries.end - 1)).await? {
+        return Ok(None);
+    }
+    // Those before `low` held, those from `high` on changed.
+    let (mut low, mut high) = (entries.start, entries.end - 1);
     while low < high {
         let middle = (low + high) / 2;
-        if holds(stream, applied, entries[middle]).await? {
+        if holds(stream, applied, applied.nth(middle)).await? {
             low = middle + 1;
         } else {
             high = middle;
         }
     }
-    Ok(Some(entries[low].0))
+    Ok(Some(applied.nth(low).0))
 }
 
 /// When a comparison of the watch (see `Applied`) is due: `Some` with the first watched
@@ -628,8 +640,10 @@ async fn moved_since_check(link: &Link, reader: &mut Reader) -> Option<Option<u6
             None
         }
     };
-    if let Some(m) = moved {
-        reader.moved = Some(reader.moved.map_or(m, |was| was.min(m)));
+    match moved {
+        Some(m) => reader.moved = Some(reader.moved.map_or(m, |was| was.min(m))),
+        // The ring back to its size outside a watch, if this was its last comparison.
+        None => reader.applied.trim(),
     }
     Some(moved)
 }
@@ -703,7 +717,14 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
         };
         let was = link.answers.swap(result.is_ok(), Relaxed);
         match result {
-            Ok(()) if !was => tracing::info!("NATS JetStream is back"),
+            Ok(()) if !was => {
+                // Its servers may have been away without this node's connection breaking
+                // (frozen, or unreachable for less than the client's pings): they can come back
+                // serving an unconfirmed tail and drop it, as after a restart. So the reader
+                // checks and watches, as after a disconnection.
+                link.unchecked.store(true, Relaxed);
+                tracing::info!("NATS JetStream is back");
+            }
             Err(e) if was => tracing::warn!("lost NATS JetStream: {e}; publishes answer 503"),
             _ => {}
         }
