@@ -26,6 +26,20 @@ impl Cert {
     fn key(&self) -> String {
         self.dir.join("key.pem").display().to_string()
     }
+    /// A hub serving TLS with this certificate (and `extra` flags), trusted by its clients.
+    fn hub(&self, extra: &[&str]) -> TestHub {
+        let (cert, key) = (self.cert(), self.key());
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+        args.extend_from_slice(extra);
+        TestHub::start_tls(&args, self.der.clone())
+    }
+    /// [`Cert::hub`] as a process of the built binary (its pid, signals, exit).
+    fn process(&self, extra: &[&str]) -> TestHub {
+        let (cert, key) = (self.cert(), self.key());
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+        args.extend_from_slice(extra);
+        TestHub::start_process_tls(&args, self.der.clone())
+    }
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written to a fresh directory.
@@ -121,10 +135,7 @@ async fn read_events(body: &mut hyper::body::Incoming, n: usize) -> Vec<ssehub::
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_over_tls_carries_a_hundred_streams_on_one_connection() {
     let cert = make_cert(&temp_dir("h2"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (sender, conn) =
@@ -161,10 +172,7 @@ async fn http2_over_tls_carries_a_hundred_streams_on_one_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn http1_by_alpn_and_h2c_with_prior_knowledge() {
     let cert = make_cert(&temp_dir("h1"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let tls = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -210,10 +218,7 @@ async fn http1_by_alpn_and_h2c_with_prior_knowledge() {
 async fn sighup_reloads_the_certificate_without_dropping_streams() {
     let dir = temp_dir("reload");
     let first = make_cert(&dir);
-    let mut hub = TestHub::start_process_tls(
-        &["--tls-cert", &first.cert(), "--tls-key", &first.key()],
-        first.der.clone(),
-    );
+    let mut hub = first.process(&[]);
     let tls = tls_connect(&hub, &first.der, &[b"h2"]).await;
     let resp = h2_get(
         tls,
@@ -259,10 +264,7 @@ async fn curl_http2_streams_updates_over_tls() {
         return;
     }
     let cert = make_cert(&temp_dir("curl"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let url = format!("https://{}/.well-known/mercure?topic=d", hub.addr);
     let curl = std::process::Command::new("curl")
         .args([
@@ -305,17 +307,7 @@ async fn curl_http2_streams_updates_over_tls() {
 async fn a_stalled_https_subscriber_is_dropped_and_forgotten() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("stalled"));
-    let hub = TestHub::start_tls(
-        &[
-            "--tls-cert",
-            &cert.cert(),
-            "--tls-key",
-            &cert.key(),
-            "--subscriber-queue",
-            "20",
-        ],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&["--subscriber-queue", "20"]);
     let mut tls = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
     tls.write_all(b"GET /.well-known/mercure?topic=s HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -420,10 +412,7 @@ fn the_client_says_how_to_have_a_certificate_trusted() {
     };
 
     let cert = make_cert(&temp_dir("untrusted"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let (code, err) = publish(&hub, None);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("UnknownIssuer"), "{err}");
@@ -522,10 +511,7 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
         (MAX_HEADER_LIST_SIZE, 64 * 1024),
     ];
     let cert = make_cert(&temp_dir("settings"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     let within = Duration::from_secs(10);
     let over_tls = tokio::time::timeout(within, server_preface(tls))
@@ -554,10 +540,7 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_largest_publish_is_read_whole_over_http2() {
     let cert = make_cert(&temp_dir("h2-publish"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let mut subscriber = hub.subscribe("topic=w", &[]).await;
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     let (sender, conn) =
@@ -611,10 +594,7 @@ fn numbered(len: usize) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_tls_subscribers_get_large_updates_and_large_publishes_are_read_whole() {
     let cert = make_cert(&temp_dir("large"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let mut h1 = hub.subscribe("topic=big", &[]).await;
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     let h2 = h2_get(tls, hub.url("/.well-known/mercure?topic=big")).await;
@@ -645,10 +625,7 @@ async fn idle_tls_subscribers_get_large_updates_and_large_publishes_are_read_who
 async fn tls_1_2_clients_get_their_streams() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("tls12"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let tls12 = &[&rustls::version::TLS12];
     let mut h1 = tls_connect_with(&hub, &cert.der, &[b"http/1.1"], tls12).await;
     assert_eq!(
@@ -699,17 +676,7 @@ async fn tls_1_2_clients_get_their_streams() {
 async fn a_tls_record_that_never_ends_is_closed_by_the_handshake_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("unfinished"));
-    let hub = TestHub::start_tls(
-        &[
-            "--tls-cert",
-            &cert.cert(),
-            "--tls-key",
-            &cert.key(),
-            "--idle-timeout",
-            "2s",
-        ],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&["--idle-timeout", "2s"]);
     // A handshake record header claiming 16 KiB (the most allowed), then 1 KiB of it; and one
     // claiming 64 KiB.
     for claimed in [0x4000u16, 0xffff] {
@@ -779,17 +746,7 @@ async fn a_record_left_unfinished_after_the_handshake_closes_the_connection() {
     use std::io::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("stalled-record"));
-    let hub = TestHub::start_tls(
-        &[
-            "--tls-cert",
-            &cert.cert(),
-            "--tls-key",
-            &cert.key(),
-            "--idle-timeout",
-            "2s",
-        ],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&["--idle-timeout", "2s"]);
     let mut good = hub.subscribe("topic=r", &[]).await;
     let get = b"GET /.well-known/mercure?topic=r HTTP/1.1\r\nHost: x\r\n\r\n";
     let (mut stalled_h1, mut stalled_h1_raw) =
@@ -872,10 +829,7 @@ async fn a_record_left_unfinished_after_the_handshake_closes_the_connection() {
 async fn a_bad_record_after_part_of_a_handshake_message_gets_an_alert_not_a_panic() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("badtype"));
-    let hub = TestHub::start_process_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.process(&[]);
     let mut tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     // A handshake record carrying the first 4 of the 260 bytes a ClientHello header announces.
     tcp.write_all(&[
@@ -905,10 +859,7 @@ async fn a_bad_record_after_part_of_a_handshake_message_gets_an_alert_not_a_pani
 async fn handshake_messages_in_pieces_and_key_updates_keep_a_stream_going() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("fragments"));
-    let hub = TestHub::start_process_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.process(&[]);
     let mut config = client_config(&cert.der, &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
     config.max_fragment_size = Some(64);
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
@@ -985,10 +936,7 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
 async fn a_slow_reading_tls_subscriber_gets_every_byte_in_order() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("slow-reader"));
-    let hub = TestHub::start_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&[]);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let tcp = socket.connect(hub.addr).await.unwrap();
@@ -1078,10 +1026,7 @@ fn relay(
 async fn tls_streams_ended_by_the_hub_end_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = make_cert(&temp_dir("close-notify"));
-    let mut hub = TestHub::start_process_tls(
-        &["--tls-cert", &cert.cert(), "--tls-key", &cert.key()],
-        cert.der.clone(),
-    );
+    let mut hub = cert.process(&[]);
     let mut h1 = tls_connect(&hub, &cert.der, &[b"http/1.1"]).await;
     h1.write_all(b"GET /.well-known/mercure?topic=c HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -1137,17 +1082,7 @@ async fn tls_streams_ended_by_the_hub_end_with_close_notify() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_upload_in_one_large_record_is_not_cut_off() {
     let cert = make_cert(&temp_dir("slow-upload"));
-    let hub = TestHub::start_tls(
-        &[
-            "--tls-cert",
-            &cert.cert(),
-            "--tls-key",
-            &cert.key(),
-            "--idle-timeout",
-            "1s",
-        ],
-        cert.der.clone(),
-    );
+    let hub = cert.hub(&["--idle-timeout", "1s"]);
     let mut subscriber = hub.subscribe("topic=slow", &[]).await;
     let data = numbered(6000);
     let body = format!("topic=slow&data={data}");
