@@ -756,18 +756,16 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
     while diagnose(&contents, &got, &oks, Instant::now() >= deadline) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if matches!(outage, Outage::Frozen) {
-        assert_each_once_in_one_order(&oks, seen, &nodes).await;
-        return;
-    }
-    // Stopped, the servers keep every update they acknowledged; killed at once they may lose
-    // some (kept in the process, not yet on disk). Either way what the stream holds after the
-    // restart is what every node delivers, each once, in the stream's order, except on a node
-    // that had to read again (it counts a gap): it delivered an update no majority held, which
-    // the stream then dropped and gave its sequence to a later one, delivered late.
+    // Frozen or stopped, the servers keep every update they acknowledged; killed at once they
+    // may lose some (kept in the process, not yet on disk). Either way what the stream holds
+    // afterwards is what every node delivers, each once, in the stream's order, except on a
+    // node that had to read again (it counts a gap): it delivered an update no majority held
+    // (refused 503, or never answered), which the stream then dropped and gave its sequence to
+    // a later one, delivered late. Frozen servers can leave that too: seen 2 runs in 18 under
+    // load, once a node read the old leader's tail before the others led.
     let held: HashSet<&String> = contents.iter().map(|(_, d)| d).collect();
     let lost = oks.iter().filter(|d| !held.contains(d)).count();
-    if matches!(outage, Outage::Stopped) {
+    if matches!(outage, Outage::Frozen | Outage::Stopped) {
         assert_eq!(lost, 0, "the servers kept every update answered 200");
     }
     let in_stream: Vec<String> = contents.iter().map(|(_, d)| d.clone()).collect();

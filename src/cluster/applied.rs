@@ -63,6 +63,10 @@ pub(super) struct Applied {
     /// comparisons are due (none: no watch).
     watched: Vec<(u64, u64)>,
     scans: VecDeque<Instant>,
+    /// When the watched messages began to be watched: a check that comes later than the
+    /// watch's length after it starts a watch of its own, instead of keeping them (and the
+    /// ring from them on) for as long as checks keep coming.
+    watch_began: Option<Instant>,
 }
 
 impl Applied {
@@ -80,6 +84,7 @@ impl Applied {
             until: 0,
             watched: Vec::new(),
             scans: VecDeque::new(),
+            watch_began: None,
         }
     }
 
@@ -186,6 +191,8 @@ impl Applied {
             for identity in self.delivered_order.drain(..excess) {
                 self.delivered.remove(&identity);
             }
+            self.delivered_order.shrink_to(bound);
+            self.delivered.shrink_to(bound);
         }
         self.until = self.until.max(last);
         from
@@ -209,8 +216,15 @@ impl Applied {
         let Some(&newest) = self.ring.back() else {
             return;
         };
-        if self.scans.is_empty() {
+        let watch_length = SCANS[SCANS.len() - 1];
+        if self.scans.is_empty()
+            || self
+                .watch_began
+                .is_none_or(|began| now.saturating_duration_since(began) >= watch_length)
+        {
+            // Those watched had their comparisons (the last one is due at this length).
             self.watched.clear();
+            self.watch_began = Some(now);
         }
         if self.watched.len() < WATCHED && !self.watched.contains(&newest) {
             self.watched.push(newest);
@@ -468,5 +482,31 @@ mod tests {
         assert_eq!(a.identity(Some("x"), b"1"), a.identity(Some("x"), b"2"));
         assert_ne!(a.identity(Some("x"), b""), a.identity(Some("y"), b""));
         assert_ne!(a.identity(None, b"1"), a.identity(None, b"2"));
+    }
+
+    #[test]
+    fn checks_that_keep_coming_do_not_hold_a_watch_for_good() {
+        // A check every 20 s (a probe that keeps failing and answering again) restarts the
+        // comparisons; what was watched more than a watch's length ago is let go, and the
+        // ring with it.
+        let mut a = Applied::with_cap(4 * RING);
+        let t0 = Instant::now();
+        a.record(1, 1);
+        a.watch(t0);
+        let mut seq = 1;
+        for step in 1..=20u64 {
+            let now = t0 + Duration::from_secs(20 * step);
+            for _ in 0..2_000 {
+                seq += 1;
+                a.record(seq, seq);
+            }
+            let _ = a.due(now);
+            a.watch(now);
+        }
+        assert!(!a.watched.contains(&(1, 1)), "the first watched is let go");
+        assert!(a.ring.len() <= RING + 2_000, "ring {}", a.ring.len());
+        // A rewind to the oldest watched knows what it delivered.
+        let oldest = a.watched[0].0;
+        assert_eq!(a.rewind(oldest, seq), oldest);
     }
 }
