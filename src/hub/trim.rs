@@ -7,8 +7,12 @@
 //! for a moment too (a TLS handshake's certificate, key exchange and transcript, a request's
 //! routing), freed between the allocations that stay, so the pages it leaves free are kept
 //! as well: after 2,000 TLS subscribers connecting 500 at a time, ≈ 1 KiB per subscriber.
-//! After enough connections have come or gone (or subscribers left), the hub asks glibc to
-//! release free pages (`malloc_trim`), off the runtime's threads since it walks every arena.
+//! Once enough connections have come or gone (or subscribers left) and the comings and goings
+//! have paused for a tick, the hub asks glibc to release free pages (`malloc_trim`), off the
+//! runtime's threads since it walks every arena (holding each arena's lock: 0.1–2 ms on a heap
+//! of tens of megabytes, up to tens after mass departures). Waiting for the pause trims once
+//! after a burst rather than at every tick of it, and a steady churn (which anyone can cause
+//! by connecting and closing) trims only every [`STEADY`] changes.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -17,14 +21,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::Hub;
 
-/// How often the hub looks at how many subscribers left.
-const EVERY: Duration = Duration::from_secs(2);
-/// Subscribers gone and connections come or gone since the last trim for another to be
-/// worth it.
-const LEFT: u64 = 100;
+/// How often the hub looks at how many subscribers and connections came and went.
+const EVERY: Duration = Duration::from_secs(1);
+/// Changes (a subscriber gone, a connection opened, a connection closed) since the last trim
+/// for another to be worth it, once they pause.
+const CHANGES: u64 = 100;
+/// Changes after which the hub trims even if they have not paused (a churn that never stops).
+const STEADY: u64 = 100 * CHANGES;
 
-/// Trims the allocator's free memory whenever at least [`LEFT`] subscribers went or
-/// connections came or went since the previous time, until `stop`.
+/// Trims the allocator's free memory when at least [`CHANGES`] changes happened since the
+/// previous time and none in the last tick (or [`STEADY`] whatever the last tick), until
+/// `stop`.
 pub async fn run(hub: Hub, stop: CancellationToken) {
     let left = || {
         let m = hub.metrics();
@@ -38,6 +45,7 @@ pub async fn run(hub: Hub, stop: CancellationToken) {
         subscribers + closed + opened
     };
     let mut trimmed_at = left();
+    let mut previous = trimmed_at;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -46,7 +54,10 @@ pub async fn run(hub: Hub, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         let now = left();
-        if now.saturating_sub(trimmed_at) >= LEFT {
+        let since = now.saturating_sub(trimmed_at);
+        let paused = now == previous;
+        previous = now;
+        if (since >= CHANGES && paused) || since >= STEADY {
             trimmed_at = now;
             let _ = tokio::task::spawn_blocking(release_free_memory).await;
         }
