@@ -28,17 +28,21 @@ impl Cert {
     }
     /// A hub serving TLS with this certificate (and `extra` flags), trusted by its clients.
     fn hub(&self, extra: &[&str]) -> TestHub {
-        let (cert, key) = (self.cert(), self.key());
-        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
-        args.extend_from_slice(extra);
-        TestHub::start_tls(&args, self.der.clone())
+        self.start(extra, TestHub::start_tls)
     }
     /// [`Cert::hub`] as a process of the built binary (its pid, signals, exit).
     fn process(&self, extra: &[&str]) -> TestHub {
+        self.start(extra, TestHub::start_process_tls)
+    }
+    fn start(
+        &self,
+        extra: &[&str],
+        start: fn(&[&str], CertificateDer<'static>) -> TestHub,
+    ) -> TestHub {
         let (cert, key) = (self.cert(), self.key());
         let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
         args.extend_from_slice(extra);
-        TestHub::start_process_tls(&args, self.der.clone())
+        start(&args, self.der.clone())
     }
 }
 

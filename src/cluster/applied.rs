@@ -130,7 +130,8 @@ impl Applied {
     /// Drops the oldest messages down to `keep`, except, while a watch runs, those from the
     /// oldest watched on, which only `cap` bounds.
     fn trim_to(&mut self, keep: usize, cap: usize) {
-        let watched_from = self.watched.iter().map(|e| e.0).min().unwrap_or(u64::MAX);
+        // Watched oldest first: the first is the oldest to keep.
+        let watched_from = self.watched.first().map_or(u64::MAX, |e| e.0);
         while self.ring.len() > keep
             && (self.ring.len() > cap || self.ring.front().is_some_and(|e| e.0 < watched_from))
         {
@@ -342,17 +343,23 @@ mod tests {
         assert_eq!(w[..2], [(67, 67), (68, 1_000_000)]);
     }
 
-    #[test]
-    fn past_its_cap_a_rewind_reads_again_from_the_oldest_remembered() {
-        let cap = 2 * RING;
+    /// A node with ring cap `cap` that watched from sequence 1 on and then read up to `n`.
+    fn watched_through(cap: usize, n: u64) -> (Applied, Instant) {
         let mut a = Applied::with_cap(cap);
         let t0 = Instant::now();
         a.record(1, 1);
         a.watch(t0);
-        let n = 3 * cap as u64;
         for seq in 2..=n {
             a.record(seq, seq);
         }
+        (a, t0)
+    }
+
+    #[test]
+    fn past_its_cap_a_rewind_reads_again_from_the_oldest_remembered() {
+        let cap = 2 * RING;
+        let n = 3 * cap as u64;
+        let (mut a, t0) = watched_through(cap, n);
         let kept = a.since(0);
         assert_eq!(kept.len(), cap);
         assert!(a.ring.capacity() <= cap, "never grown past its cap");
@@ -387,14 +394,8 @@ mod tests {
 
     #[test]
     fn a_watch_over_gives_back_what_it_kept() {
-        let mut a = Applied::with_cap(8 * RING);
-        let t0 = Instant::now();
-        a.record(1, 1);
-        a.watch(t0);
         let n = 4 * RING as u64;
-        for seq in 2..=n {
-            a.record(seq, seq);
-        }
+        let (mut a, t0) = watched_through(8 * RING, n);
         assert_eq!(
             a.since(0).len(),
             n as usize,

@@ -33,7 +33,7 @@ const STEADY: u64 = 100 * CHANGES;
 /// previous time and none in the last tick (or [`STEADY`] whatever the last tick), until
 /// `stop`.
 pub async fn run(hub: Hub, stop: CancellationToken) {
-    let left = || {
+    let changes = || {
         let m = hub.metrics();
         let subscribers = m
             .subscribers_total
@@ -44,7 +44,7 @@ pub async fn run(hub: Hub, stop: CancellationToken) {
         let opened = m.connections_open.load(Relaxed) + closed;
         subscribers + closed + opened
     };
-    let mut trimmed_at = left();
+    let mut trimmed_at = changes();
     let mut previous = trimmed_at;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,7 +53,7 @@ pub async fn run(hub: Hub, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let now = left();
+        let now = changes();
         let since = now.saturating_sub(trimmed_at);
         let paused = now == previous;
         previous = now;
