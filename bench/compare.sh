@@ -31,6 +31,9 @@
 # write budgets from large to small (`wbN`: --write-budget N), for the table and plot of p99
 # latency against deliveries per server CPU-second (bench/frontier.py).
 # PROFILE=dev runs debug builds (to try the script out; its figures mean nothing).
+# PORT_OFFSET moves every port the script listens on (ssehub 8000, the S7 nodes 8001-8003, the
+# baseline 3000, nchan 8090, Redis 6391, NATS 4231-4233 and 4331-4333) up by that much, so two
+# batches can share a machine (their figures then disturb each other: for trying things out).
 #
 # Each run gets a freshly started server, so its memory figures start from idle.
 set -euo pipefail
@@ -52,6 +55,10 @@ S3_SECONDS=${S3_SECONDS:-3}
 S3_PUBLISHERS=${S3_PUBLISHERS:-16}
 LEAN_BOUND=${LEAN_BOUND:-250ms}
 RESULTS=${RESULTS:-bench/results}
+PORT_OFFSET=${PORT_OFFSET:-0}
+SSEHUB_PORT=$((8000 + PORT_OFFSET))
+BASELINE_PORT=$((3000 + PORT_OFFSET))
+NCHAN_PORT=$((8090 + PORT_OFFSET))
 SECRET=bench-secret-not-for-production
 WORK=$(mktemp -d /tmp/ssehub-bench.XXXXXX)
 OUT_DIR=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
@@ -136,7 +143,7 @@ http {
   uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
   scgi_temp_path $WORK/nginx/tmp/scgi;
   server {
-    listen 127.0.0.1:8090 $NGINX_LISTEN backlog=4096;
+    listen 127.0.0.1:$NCHAN_PORT $NGINX_LISTEN backlog=4096;
     $NGINX_TLS
     location ~ ^/pub/(.+)\$ {
       nchan_publisher;
@@ -182,7 +189,9 @@ SERVER_PID=""
 # (without ending the script) when its port is taken or it does not come up.
 start_peer() {
   local port
-  case $1 in ssehub|ssehub_memory) port=8000 ;; baseline) port=3000 ;; nchan) port=8090 ;; esac
+  case $1 in
+    ssehub|ssehub_memory) port=$SSEHUB_PORT ;; baseline) port=$BASELINE_PORT ;; nchan) port=$NCHAN_PORT ;;
+  esac
   port_free "$port" || return 1
   case $1 in
     ssehub|ssehub_memory)
@@ -198,19 +207,19 @@ start_peer() {
       # shellcheck disable=SC2086 # SSEHUB_FLAGS: extra serve flags, split on spaces
       local tls=()
       [ "$TLS" = 0 ] || tls=(--tls-cert "$CERT" --tls-key "$KEY")
-      RUST_LOG=warn "$SSEHUB" serve --listen 127.0.0.1:8000 --publisher-jwt-key "$SECRET" \
+      RUST_LOG=warn "$SSEHUB" serve --listen "127.0.0.1:$SSEHUB_PORT" --publisher-jwt-key "$SECRET" \
         --clock-interval 0 --max-connections 19800 "${data[@]}" "${tls[@]}" ${SSEHUB_FLAGS:-} \
         >"$WORK/ssehub.log" 2>&1 &
-      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 8000 || return 1 ;;
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port "$SSEHUB_PORT" || return 1 ;;
     baseline)
       local tls=()
       [ "$TLS" = 0 ] || tls=("$CERT" "$KEY")
-      "$BASELINE" 127.0.0.1:3000 "${tls[@]}" >"$WORK/baseline.log" 2>&1 &
-      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port 3000 || return 1 ;;
+      "$BASELINE" "127.0.0.1:$BASELINE_PORT" "${tls[@]}" >"$WORK/baseline.log" 2>&1 &
+      SERVER_PID=$!; PIDS=$SERVER_PID; wait_port "$BASELINE_PORT" || return 1 ;;
     nchan)
       write_nginx_conf
       nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
-      SERVER_PID=$!; wait_port 8090 || return 1; sleep 0.3
+      SERVER_PID=$!; wait_port "$NCHAN_PORT" || return 1; sleep 0.3
       PIDS=$(pgrep -P "$SERVER_PID" | paste -sd, -); PIDS="$SERVER_PID${PIDS:+,$PIDS}" ;;
   esac
 }
@@ -224,12 +233,14 @@ stop_peer() {
   fi
 }
 
-# The URL the bench subscribes to on PEER over TLS (the same ports as plain HTTP).
-tls_url() {
+# The URL the bench talks to on PEER, over TLS or not (the same ports either way).
+peer_url() {
+  local scheme=http
+  [ "$TLS" = 0 ] || scheme=https
   case $1 in
-    ssehub|ssehub_memory) echo https://127.0.0.1:8000/.well-known/mercure ;;
-    baseline) echo https://127.0.0.1:3000 ;;
-    nchan) echo https://127.0.0.1:8090 ;;
+    ssehub|ssehub_memory) echo "$scheme://127.0.0.1:$SSEHUB_PORT/.well-known/mercure" ;;
+    baseline) echo "$scheme://127.0.0.1:$BASELINE_PORT" ;;
+    nchan) echo "$scheme://127.0.0.1:$NCHAN_PORT" ;;
   esac
 }
 
@@ -246,7 +257,7 @@ check_h2() {
     ssehub|ssehub_memory) path="?topic=h2-check" ;; baseline) path="/events?topic=h2-check" ;; nchan) path="/sub/h2-check" ;;
   esac
   curl --http2 -k -sv --max-time 3 -H 'Accept: text/event-stream' -o /dev/null \
-    "$(tls_url "$peer")$path" 2>"$WORK/curl.log" || true
+    "$(peer_url "$peer")$path" 2>"$WORK/curl.log" || true
   if grep -q '^< HTTP/2 ' "$WORK/curl.log"; then
     log "$scenario: $peer serves HTTP/2 over TLS (curl --http2 -k: $(grep -m1 '^< HTTP/2 ' "$WORK/curl.log" | tr -d '<\r'))"
   else
@@ -263,9 +274,9 @@ bench() {
     stop_peer
     return 0
   fi
-  local tls=()
+  local tls=(--hub "$(peer_url "$peer")")
   if [ "$TLS" = 1 ]; then
-    tls=(--hub "$(tls_url "$peer")" --ca "$CERT")
+    tls+=(--ca "$CERT")
     check_h2 "$peer" "$scenario"
   fi
   log "$scenario $peer run $run: ${tls[*]} $*"
@@ -278,7 +289,7 @@ bench() {
     # ssehub's batching as it stood at the end of the run (budget, window, how busy the cores
     # were, writes by kind), beside the run's JSON.
     if [[ $peer == ssehub* ]] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
-      curl -s --max-time 2 http://127.0.0.1:8000/metrics \
+      curl -s --max-time 2 "http://127.0.0.1:$SSEHUB_PORT/metrics" \
         | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total) ' \
         >"${out%.json}.metrics" || true
     fi
@@ -288,7 +299,7 @@ bench() {
 
 # S7: three ssehub nodes sharing one Redis, S1's load spread over them (subscribers and
 # publishers round-robin), CPU summed over the nodes and Redis; against S1 on one node.
-REDIS_PORT=${REDIS_PORT:-6391}
+REDIS_PORT=${REDIS_PORT:-$((6391 + PORT_OFFSET))}
 s7() {
   local run=$1
   if ! command -v redis-server >/dev/null; then
@@ -302,14 +313,14 @@ s7() {
   local redis=$!
   wait_port "$REDIS_PORT"
   local pids=() hubs=()
-  for port in 8001 8002 8003; do
+  for port in $((SSEHUB_PORT + 1)) $((SSEHUB_PORT + 2)) $((SSEHUB_PORT + 3)); do
     RUST_LOG=warn "$SSEHUB" serve --listen "127.0.0.1:$port" \
       --publisher-jwt-key "$SECRET" --clock-interval 0 --redis "redis://127.0.0.1:$REDIS_PORT" \
       >"$WORK/node-$port.log" 2>&1 &
     pids+=($!)
     hubs+=("http://127.0.0.1:$port/.well-known/mercure")
   done
-  for port in 8001 8002 8003; do wait_port $port; done
+  for port in $((SSEHUB_PORT + 1)) $((SSEHUB_PORT + 2)) $((SSEHUB_PORT + 3)); do wait_port $port; done
   # With --write-budget auto (the default) each node batches by the machine's load, the other
   # nodes' included: nothing to wait for (a fixed budget would be shared through Redis).
   local out="$RESULTS/S7-cluster-ssehub-$run.json"
@@ -330,7 +341,7 @@ s7() {
 
 # S7-nats: S7 on NATS JetStream instead of Redis: three nodes on three nats-server processes
 # (one cluster, stream replicas 3), CPU summed over the nodes and the three servers.
-NATS_PORT=${NATS_PORT:-4231}
+NATS_PORT=${NATS_PORT:-$((4231 + PORT_OFFSET))}
 s7_nats() {
   local run=$1 nats
   nats=$(command -v nats-server || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } || true)
@@ -353,7 +364,7 @@ s7_nats() {
   done
   for i in 0 1 2; do wait_port $((NATS_PORT + i)); done
   local pids=() hubs=() port
-  for port in 8001 8002 8003; do
+  for port in $((SSEHUB_PORT + 1)) $((SSEHUB_PORT + 2)) $((SSEHUB_PORT + 3)); do
     # The first node makes the stream once the servers have elected their JetStream leader (a
     # node waits up to 30 s for it; it accepts connections only once it holds the history).
     local deadline=$((SECONDS + 20))
