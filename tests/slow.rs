@@ -177,3 +177,53 @@ async fn a_backlog_is_sent_without_a_copy_of_it() {
         "RSS grew by {growth_mib} MiB while the backlog was sent"
     );
 }
+
+/// A stream the hub ends (here at `--max-stream-lifetime`) while its client has stopped
+/// reading gets `LAST_WRITES` (5 s) to finish, then its connection is closed: a client cannot
+/// keep a connection, and the socket buffers full of its updates, by never reading once its
+/// stream is over (the hub no longer drops such a stream as slow).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_the_hub_ends_is_closed_after_its_last_writes() {
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let stalled = stalled_subscriber(&hub, "ending").await;
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Far more than the socket's buffers hold, in far fewer updates than --subscriber-queue
+    // (1,000), sent before the lifetime is over: a write is waiting on the full socket when the
+    // stream ends.
+    let mut p = hub.publisher().await;
+    let big = "e".repeat(60_000);
+    for _ in 0..60 {
+        p.ok(&[("topic", "ending"), ("data", &big)]).await;
+    }
+    drop(p);
+    hub.wait_metric(
+        "ssehub_subscribers_dropped_total{reason=\"lifetime\"}",
+        |v| v >= 1.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    let ended = std::time::Instant::now();
+    // Only the scrape's own connection is left once the stalled one is closed.
+    hub.wait_metric(
+        "ssehub_connections_open",
+        |v| v <= 1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let took = ended.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "closed {took:?} after the stream ended: sooner than its last writes' 5 s"
+    );
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+            .await,
+        0.0
+    );
+    drop(stalled);
+}

@@ -619,15 +619,18 @@ impl Drain {
 }
 
 impl SubscriberStream {
-    /// Has the hub dropped this subscriber for falling too far behind? If not, the stream's
-    /// task is woken when that happens (for a writer waiting on a full socket).
-    pub fn poll_dropped(&mut self, cx: &mut Context<'_>) -> bool {
+    /// For a writer waiting on a full socket: has the hub ended this stream, and why (`Slow`:
+    /// dropped for falling too far behind)? Runs the token's expiry and the lifetime too, which
+    /// would otherwise wait for the next chunk to be asked for: a client that stops reading
+    /// must not keep its stream past them. While the stream is open, the task is woken when it
+    /// ends.
+    pub fn poll_closed(&mut self, cx: &mut Context<'_>) -> Option<DropReason> {
+        self.poll_expiry(cx);
         let mut st = self.sub.state.lock();
-        if st.closed == Some(DropReason::Slow) {
-            return true;
+        if st.closed.is_none() {
+            register(&mut st.waker, cx);
         }
-        register(&mut st.waker, cx);
-        false
+        st.closed
     }
 
     /// Has the hub ended this stream (whatever is still queued is being sent)?

@@ -2,6 +2,7 @@
 //! by chunk, one vectored write per wake-up, and notices when the client leaves, misbehaves or
 //! is dropped by the hub.
 
+use std::future::Future as _;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use super::io::{chunk_size_line, remaining, DirectTcp};
 use crate::hub::{SubscriberStream, Wire};
+use crate::metrics::DropReason;
 
 /// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
 /// send nothing on an event stream; this bounds the work one that does can cause).
@@ -55,6 +57,8 @@ where
     async move {
         let subscriber = stream.subscriber_id();
         let mut stray = 0usize;
+        // When the stream's last writes must be done by, once the hub has ended it.
+        let mut last_writes: Option<Instant> = None;
         let end = loop {
             let next = std::future::poll_fn(|cx| {
                 if let Poll::Ready(wire) = stream.poll_wire(cx) {
@@ -74,28 +78,30 @@ where
             }
             // The response's head goes out with the first write (and is empty afterwards).
             let head_bytes = std::mem::take(&mut head);
-            // Once the hub has ended the stream (shutdown, token expiry) the subscriber can no
-            // longer be dropped as slow, so what is left to write gets a deadline instead.
-            let deadline = stream.ending().then(|| Instant::now() + LAST_WRITES);
+            let slow = stream.dropped_as_slow();
+            let watch = Some(Watch {
+                stream: &mut stream,
+                last_writes: &mut last_writes,
+            });
             let written = match &next {
                 Ok(Wire::Data(chunk)) => {
                     let mut size = [0u8; 18];
                     let size = chunk_size_line(chunk.len(), &mut size);
                     let parts: [&[u8]; 4] = [&head_bytes, size, chunk, b"\r\n"];
-                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                    write_all(&mut io, &parts, watch).await
                 }
                 Ok(Wire::FinishDirect) => {
                     // The hub lets nobody else write until the task asks it again: the rest of a
                     // direct write the socket cut short goes out now, before anything newer.
                     let rest = sink.as_ref().and_then(|s| s.take_unfinished());
                     let parts: [&[u8]; 2] = [&head_bytes, rest.as_deref().unwrap_or_default()];
-                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                    write_all(&mut io, &parts, watch).await
                 }
                 // Dropped for being too slow: its socket is full, so close without a last word.
-                Err(End::Finished) if stream.dropped_as_slow() => Err(End::Dropped),
+                Err(End::Finished) if slow => Err(End::Dropped),
                 Err(End::Finished) => {
                     let parts: [&[u8]; 2] = [&head_bytes, b"0\r\n\r\n"];
-                    within(deadline, write_all(&mut io, &parts, Some(&mut stream))).await
+                    write_all(&mut io, &parts, watch).await
                 }
                 Err(_) => Ok(()),
             };
@@ -129,25 +135,6 @@ where
     }
 }
 
-/// `write` bounded by `deadline`, if any; past it the connection is taken as gone. Only a
-/// stream's last writes have a deadline, and its timer is boxed: a task is as large as its
-/// largest state for as long as it lasts, so a timer inline would cost every idle stream.
-fn within<W>(
-    deadline: Option<Instant>,
-    write: W,
-) -> impl std::future::Future<Output = Result<(), End>>
-where
-    W: std::future::Future<Output = Result<(), End>>,
-{
-    use futures_util::future::{Either, FutureExt as _};
-    match deadline {
-        Some(d) => Either::Left(
-            Box::pin(tokio::time::timeout_at(d, write)).map(|r| r.unwrap_or(Err(End::Gone))),
-        ),
-        None => Either::Right(write),
-    }
-}
-
 /// Reads and throws away whatever the client sends. `Ready` when the connection is over.
 fn poll_discard<S: AsyncRead + Unpin>(
     io: &mut S,
@@ -171,21 +158,46 @@ fn poll_discard<S: AsyncRead + Unpin>(
     }
 }
 
-/// Writes every byte of `parts` with vectored writes, giving up with [`End::Dropped`] as soon
-/// as the hub drops `stream`'s subscriber (one dropped while its socket is full would otherwise
-/// wait here forever).
+/// What a write to an event stream's connection watches besides the socket.
+pub(super) struct Watch<'a> {
+    pub stream: &'a mut SubscriberStream,
+    /// When the stream's last writes must be done by: set by the first write that finds the
+    /// stream ended, kept for the writes after it.
+    pub last_writes: &'a mut Option<Instant>,
+}
+
+/// Writes every byte of `parts` with vectored writes. With a `watch`, gives up with
+/// [`End::Dropped`] as soon as the hub drops the stream's subscriber as slow, and with
+/// [`End::Gone`] once a stream the hub has ended (shutdown, the token's expiry, the lifetime)
+/// is past its last writes' deadline: either would otherwise wait here for as long as its
+/// client does not read, and an ended stream can no longer be dropped as slow. The deadline's
+/// timer is boxed and made only then: a task is as large as its largest state for as long as
+/// it lasts, so a timer inline would cost every idle stream.
 pub(super) async fn write_all<S: AsyncWrite + Unpin>(
     io: &mut S,
     parts: &[&[u8]],
-    mut stream: Option<&mut SubscriberStream>,
+    mut watch: Option<Watch<'_>>,
 ) -> Result<(), End> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut written = 0;
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         // Checked on every poll, the flush included: a TLS stream takes a whole chunk into its
         // own buffer and then waits in the flush when the socket is full.
-        if stream.as_mut().is_some_and(|s| s.poll_dropped(cx)) {
-            return Poll::Ready(Err(End::Dropped));
+        if let Some(w) = watch.as_mut() {
+            match w.stream.poll_closed(cx) {
+                Some(DropReason::Slow) => return Poll::Ready(Err(End::Dropped)),
+                Some(_) => {
+                    let at = *w
+                        .last_writes
+                        .get_or_insert_with(|| Instant::now() + LAST_WRITES);
+                    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(End::Gone));
+                    }
+                }
+                None => {}
+            }
         }
         while written < total {
             let mut slices = [IoSlice::new(&[]); 4];
