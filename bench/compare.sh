@@ -34,6 +34,8 @@
 # PORT_OFFSET moves every port the script listens on (ssehub 8000, the S7 nodes 8001-8003, the
 # baseline 3000, nchan 8090, Redis 6391, NATS 4231-4233 and 4331-4333) up by that much, so two
 # batches can share a machine (their figures then disturb each other: for trying things out).
+# Offsets of 200 or more, in hundreds, keep two batches' ports apart (100 would put NATS on the
+# other's routes); the script refuses to start if any of its ports is taken.
 #
 # Each run gets a freshly started server, so its memory figures start from idle.
 set -euo pipefail
@@ -423,6 +425,20 @@ clear_old() {
     *) rm -f "$RESULTS/$s-$p"-*.json ;;
   esac
 }
+
+# Every port the batch may listen on must be free before it starts: another batch's server on
+# one of them (two batches with PORT_OFFSETs too close) would be measured instead, as waiting
+# for a port only sees that something answers there.
+busy=0
+for port in "$SSEHUB_PORT" $((SSEHUB_PORT + 1)) $((SSEHUB_PORT + 2)) $((SSEHUB_PORT + 3)) \
+    "$BASELINE_PORT" "$NCHAN_PORT" "$REDIS_PORT" "$NATS_PORT" $((NATS_PORT + 1)) $((NATS_PORT + 2)) \
+    $((NATS_PORT + 100)) $((NATS_PORT + 101)) $((NATS_PORT + 102)); do
+  port_free "$port" || busy=1
+done
+if [ "$busy" = 1 ]; then
+  log "stop what listens there, or give another PORT_OFFSET (200, 1000, …)"
+  exit 1
+fi
 
 mkdir -p "$RESULTS"
 for s in $SCENARIOS; do

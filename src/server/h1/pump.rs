@@ -109,8 +109,11 @@ where
                 (Ok(_), Ok(())) => {}
                 (Err(End::Finished), Ok(())) => {
                     let shutdown = tokio::io::AsyncWriteExt::shutdown(&mut io);
-                    // Boxed, as the deadline of `within`.
-                    let _ = Box::pin(tokio::time::timeout(LAST_WRITES, shutdown)).await;
+                    // Within the last writes' deadline (set by the closing chunk's write): over
+                    // TLS the shutdown writes close_notify, which can wait on a full socket.
+                    // Boxed, as `write_all`'s timer.
+                    let by = last_writes.unwrap_or_else(|| Instant::now() + LAST_WRITES);
+                    let _ = Box::pin(tokio::time::timeout_at(by, shutdown)).await;
                     break End::Finished;
                 }
                 (_, Err(e)) | (Err(e), Ok(())) => break e,
