@@ -134,6 +134,15 @@ impl Nats {
                 if ready {
                     break;
                 }
+                if Instant::now() >= deadline {
+                    // Why, for the failure's diagnosis (the harness shows stdout): seen once
+                    // under load at the first start of a cluster, with nothing else to go on.
+                    let meta = jsz.map(|j| j["meta_cluster"].clone());
+                    println!("nats-server {}'s meta cluster: {meta:?}", s.name);
+                    for t in &self.servers {
+                        println!("nats-server {}'s log:\n{}", t.name, t.log_tail(60));
+                    }
+                }
                 assert!(
                     Instant::now() < deadline,
                     "nats-server {} not ready",
@@ -182,15 +191,32 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        // Its log, kept across restarts, for the diagnosis of a server that never got ready.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("nats-server's log file");
         self.child = Some(
             Command::new(&self.binary)
                 .args(&self.args)
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(log.try_clone().expect("nats-server's log file"))
+                .stderr(log)
                 .spawn()
                 .expect("start nats-server"),
         );
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.with_extension("log")
+    }
+
+    /// The last `n` lines of its log.
+    fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Sends a signal (by name: STOP, CONT, TERM, KILL) without waiting for anything.
@@ -223,6 +249,7 @@ impl Drop for Server {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.log());
     }
 }
 
@@ -786,6 +813,13 @@ async fn all_nats_servers_away_and_back(outage: Outage) {
         "NATS lost {lost} of {} updates answered 200; gaps counted by each node: {gaps:?}",
         oks.len()
     );
+    // What each node did about the outage (checks, what its watch found, reading again), shown
+    // with the test's output (`--show-output`): which paths a passing run took.
+    for (k, n) in nodes.iter().enumerate() {
+        for line in n.logs().iter().filter(|l| l.contains("NATS JetStream")) {
+            println!("node {k}: {line}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -802,11 +836,13 @@ async fn all_nats_servers_stopped_and_started_again_lose_no_acknowledged_update(
 }
 
 /// Killed at once, the servers may also lose updates they acknowledged (the test prints how
-/// many); what the stream kept, every node delivers. Failed 1 run in 16 with the watch (a node
-/// lacking an update the stream held after the restart; not yet diagnosed), so it is not run
-/// by default: `--ignored` runs it.
+/// many); what the stream kept, every node delivers. Failed 1 run in 16 with the watch's first
+/// version (a node lacking an update the stream held after the restart; its log was lost, so
+/// never explained). With the watch keeping everything from its oldest watched message on and
+/// a check when the probe is answered again, it passed 64 runs of 64 of this whole binary
+/// beside two busy loops on 2 cores (2026-12-07): NATS lost no acknowledged update in any, and
+/// in 5 a node read the stream again (its watch found the old leader's tail dropped).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known: 1 run in 16 a node lacks an update the stream kept (not yet diagnosed)"]
 async fn all_nats_servers_killed_and_restarted_deliver_what_the_stream_kept() {
     all_nats_servers_away_and_back(Outage::Killed).await;
 }

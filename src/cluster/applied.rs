@@ -183,8 +183,15 @@ impl Applied {
         }
         // Those read again are watched again as they come. Those skipped (from `sequence` to
         // `from`) are not compared again: the stream holds other messages there, or might, and
-        // they would be found changed at every comparison.
-        self.watched.retain(|e| e.0 < sequence);
+        // they would be found changed at every comparison. Past the cap (`from` after
+        // `sequence`) neither are those before `sequence`: the ring no longer holds them, and
+        // each one found changed would make another rewind that cannot go back there either
+        // (another gap counted, and everything remembered read again).
+        if from > sequence {
+            self.watched.clear();
+        } else {
+            self.watched.retain(|e| e.0 < sequence);
+        }
         // Bounded even if rewinds follow each other before the reader passes `until`.
         let bound = 2 * self.cap;
         if self.delivered_order.len() > bound {
@@ -214,9 +221,6 @@ impl Applied {
     /// next ones read (up to `WATCHED` in all, with those of a watch already on) are compared
     /// with the stream again at each of `SCANS` after `now`.
     pub(super) fn watch(&mut self, now: Instant) {
-        let Some(&newest) = self.ring.back() else {
-            return;
-        };
         let watch_length = SCANS[SCANS.len() - 1];
         if self.scans.is_empty()
             || self
@@ -227,20 +231,27 @@ impl Applied {
             self.watched.clear();
             self.watch_began = Some(now);
         }
-        if self.watched.len() < WATCHED && !self.watched.contains(&newest) {
-            self.watched.push(newest);
+        // With nothing remembered (nothing applied yet, or a rewind past the cap read all of
+        // it again), only what is read next is watched.
+        if let Some(&newest) = self.ring.back() {
+            if self.watched.len() < WATCHED && !self.watched.contains(&newest) {
+                self.watched.push(newest);
+            }
         }
         self.scans = SCANS.iter().map(|d| now + *d).collect();
     }
 
-    /// If a comparison is due at `now`: the messages to compare, oldest first. The watch ends
-    /// after its last comparison.
+    /// If a comparison is due at `now`: the messages to compare, oldest first (none watched
+    /// yet: nothing to compare, `None`). The watch ends after its last comparison.
     pub(super) fn due(&mut self, now: Instant) -> Option<Vec<(u64, u64)>> {
         if self.scans.front().is_none_or(|t| now < *t) {
             return None;
         }
         while self.scans.front().is_some_and(|t| now >= *t) {
             self.scans.pop_front();
+        }
+        if self.watched.is_empty() {
+            return None;
         }
         let watched = self.watched.clone();
         if self.scans.is_empty() {
@@ -380,6 +391,52 @@ mod tests {
         let w = a.due(t0 + SCANS[1]).unwrap();
         assert_eq!(w.len(), WATCHED);
         assert!(w.iter().all(|e| e.0 >= front));
+    }
+
+    /// Review 20RN L2: after a rewind past the cap, the watched messages before the change
+    /// (and before the ring's front) were compared again; each one found changed made another
+    /// rewind past the cap, with another gap and everything remembered read again.
+    #[test]
+    fn past_its_cap_a_rewind_stops_watching_what_it_cannot_read_again() {
+        let cap = 2 * RING;
+        let n = 3 * cap as u64;
+        let (mut a, t0) = watched_through(cap, n);
+        let front = a.since(0)[0].0;
+        assert_eq!(a.due(t0 + SCANS[0]).unwrap()[..2], [(1, 1), (2, 2)]);
+        // The stream changed from 40 on: 1 to 39 were held, but the ring no longer has them.
+        assert_eq!(a.rewind(40, n), front);
+        let t1 = t0 + SCANS[1];
+        a.watch(t1);
+        for seq in front..=n {
+            assert!(!a.record(seq, seq), "{seq} was delivered already");
+        }
+        let w = a.due(t1 + SCANS[0]).unwrap();
+        assert!(w.iter().all(|e| e.0 >= front), "{:?}", &w[..3]);
+        assert_eq!(w[0], (front, front), "what is read again is watched");
+    }
+
+    /// Review 20RN L2: a change found at a watch's last comparison, past the cap, read again
+    /// everything remembered; the check that followed found the ring empty and watched nothing,
+    /// so a change among what was read again went unnoticed.
+    #[test]
+    fn what_is_read_again_after_a_rewind_past_its_cap_is_watched() {
+        let cap = 2 * RING;
+        let n = 3 * cap as u64;
+        let (mut a, t0) = watched_through(cap, n);
+        let front = a.since(0)[0].0;
+        for d in SCANS {
+            assert!(a.due(t0 + d).is_some());
+        }
+        assert_eq!(a.rewind(1, n), front);
+        assert!(a.since(0).is_empty());
+        let t1 = t0 + SCANS[4];
+        a.watch(t1);
+        for seq in front..=n {
+            assert!(!a.record(seq, seq), "{seq} was delivered already");
+        }
+        let w = a.due(t1 + SCANS[0]).expect("watched");
+        assert_eq!(w.len(), WATCHED);
+        assert_eq!(w[0], (front, front));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! of the last messages applied to notice sequences NATS lost and gave to other messages.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,16 +63,49 @@ pub(super) struct Link {
     /// When the stream the probe last saw was made (unix ns): another value than the reader's
     /// means NATS lost the stream and it was made anew, to be read from its start.
     created: AtomicI64,
-    /// Set when the stream may have lost messages this node applied: the connection to NATS
-    /// broke (set by the client's event callback, before it reconnects: the servers may have
-    /// restarted without their newest messages), the probe found the stream ending before
-    /// `applied`, or the probe got an answer again after none. The reader checks what it
-    /// applied before it applies anything more, and watches what it reads next.
-    unchecked: Arc<AtomicBool>,
+    /// Set (not 0) when the stream may have lost messages this node applied, with why (bits
+    /// of [`Why`]): the connection to NATS broke (set by the client's event callback, before
+    /// it reconnects: the servers may have restarted without their newest messages), the probe
+    /// found the stream ending before `applied`, or the probe got an answer again after none.
+    /// The reader checks what it applied before it applies anything more, and watches what it
+    /// reads next.
+    unchecked: Arc<AtomicU8>,
     /// The last sequence the reader applied, for the probe.
     applied: AtomicU64,
     /// The clock's buckets, made or bound when the clock first asks.
     clock: OnceCell<(kv::Store, kv::Store)>,
+}
+
+/// Why the reader checks what it applied: bits of `Link::unchecked`.
+struct Why;
+
+impl Why {
+    const DISCONNECTED: u8 = 1;
+    const BEHIND: u8 = 2;
+    const ANSWERS_AGAIN: u8 = 4;
+    /// Only when no other reason is known: a check that failed is made again.
+    const FAILED: u8 = 8;
+
+    /// The reasons of `bits`, for the log.
+    fn describe(bits: u8) -> String {
+        let reasons: Vec<&str> = [
+            (Why::DISCONNECTED, "the connection to NATS broke"),
+            (Why::BEHIND, "the stream ended before this node's position"),
+            (
+                Why::ANSWERS_AGAIN,
+                "NATS JetStream answered again after it did not",
+            ),
+        ]
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, reason)| *reason)
+        .collect();
+        if reasons.is_empty() {
+            "a check that failed, made again".to_owned()
+        } else {
+            reasons.join("; ")
+        }
+    }
 }
 
 /// What the reader needs to carry on where the start left off.
@@ -101,12 +134,12 @@ impl Link {
             .map(|u| crate::config::redact_url(u))
             .collect::<Vec<_>>()
             .join(",");
-        let unchecked = Arc::new(AtomicBool::new(false));
+        let unchecked = Arc::new(AtomicU8::new(0));
         let on_event = unchecked.clone();
         let options = async_nats::ConnectOptions::new()
             .event_callback(move |event| {
                 if matches!(event, async_nats::Event::Disconnected) {
-                    on_event.store(true, Relaxed);
+                    on_event.fetch_or(Why::DISCONNECTED, Relaxed);
                 }
                 std::future::ready(())
             })
@@ -422,14 +455,19 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
             _ = watch.tick() => None,
             _ = stop.cancelled() => return,
         };
-        let problem = match next {
+        // Why the reader reads the stream again: a check (logged as what happened) or a
+        // consumer lost (a warning).
+        let (problem, lost) = match next {
             // While the stream may have lost what this node applied, nothing more is applied
             // before the check (in `reopen`): this message is read again after it.
-            Some(Some(Ok(_))) | None if link.unchecked.load(Relaxed) => {
-                "checking that the stream still holds what this node delivered (the connection \
-                 to NATS broke, or the stream ends before this node's position)"
-                    .to_owned()
-            }
+            Some(Some(Ok(_))) | None if link.unchecked.load(Relaxed) != 0 => (
+                format!(
+                    "checking that the update stream in NATS JetStream still holds what this \
+                     node delivered ({})",
+                    Why::describe(link.unchecked.load(Relaxed))
+                ),
+                false,
+            ),
             Some(Some(Ok(message))) => {
                 reader.take(hub, &message);
                 link.applied.store(reader.last, Relaxed);
@@ -437,9 +475,12 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 backoff = MIN_BACKOFF;
                 continue;
             }
-            None if link.created.load(Relaxed) != reader.created => {
-                "the stream was made anew (NATS lost its data)".to_owned()
-            }
+            None if link.created.load(Relaxed) != reader.created => (
+                "lost the update stream in NATS JetStream: the stream was made anew (NATS lost \
+                 its data)"
+                    .to_owned(),
+                true,
+            ),
             None => {
                 let compared = moved_since_check(link, &mut reader).await;
                 if compared.is_some() {
@@ -447,10 +488,13 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                     progress = Instant::now();
                 }
                 if let Some(Some(moved)) = compared {
-                    format!(
-                        "the stream now holds another message at sequence {moved} than the one \
-                         this node delivered there (its servers came back and dropped a message \
-                         no majority held)"
+                    (
+                        format!(
+                            "the update stream in NATS JetStream now holds another message at \
+                             sequence {moved} than the one this node delivered there (its \
+                             servers came back and dropped a message no majority held)"
+                        ),
+                        false,
                     )
                 } else if link.newest.load(Relaxed) <= reader.last {
                     progress = Instant::now();
@@ -458,21 +502,33 @@ pub(super) async fn follow(cluster: Cluster, mut reader: Reader, stop: Cancellat
                 } else if progress.elapsed() < STALL {
                     continue;
                 } else {
-                    format!(
-                    "the consumer delivered nothing for {}s while the stream is at sequence {} \
-                     and this node at {}",
-                        STALL.as_secs(),
-                        link.newest.load(Relaxed),
-                        reader.last
+                    (
+                        format!(
+                            "lost the update stream in NATS JetStream: the consumer delivered \
+                             nothing for {}s while the stream is at sequence {} and this node at \
+                             {}",
+                            STALL.as_secs(),
+                            link.newest.load(Relaxed),
+                            reader.last
+                        ),
+                        true,
                     )
                 }
             }
-            Some(Some(Err(e))) => e.to_string(),
-            Some(None) => "the consumer ended".to_owned(),
+            Some(Some(Err(e))) => (
+                format!("lost the update stream in NATS JetStream: {e}"),
+                true,
+            ),
+            Some(None) => (
+                "lost the update stream in NATS JetStream: the consumer ended".to_owned(),
+                true,
+            ),
         };
-        tracing::warn!(
-            "lost the update stream in NATS JetStream: {problem}; retrying with backoff"
-        );
+        if lost {
+            tracing::warn!("{problem}; retrying with backoff");
+        } else {
+            tracing::info!("{problem}; reading it again after the check");
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -505,7 +561,7 @@ async fn reopen(
     reader: &mut Reader,
 ) -> Result<consumer::pull::Ordered, String> {
     // Cleared first: a disconnection during the check asks for another.
-    link.unchecked.store(false, Relaxed);
+    let why = link.unchecked.swap(0, Relaxed);
     let checked = async {
         let mut stream = link
             .js
@@ -567,7 +623,9 @@ async fn reopen(
     match checked.await {
         Ok(stream) => open(&stream, reader.last + 1).await,
         Err(e) => {
-            link.unchecked.store(true, Relaxed);
+            // Checked again at the next attempt, for the same reasons (at least one).
+            let why = if why == 0 { Why::FAILED } else { why };
+            link.unchecked.fetch_or(why, Relaxed);
             Err(e)
         }
     }
@@ -700,7 +758,7 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
                 link.created.store(created, Relaxed);
                 link.newest.store(newest, Relaxed);
                 if newest < applied {
-                    link.unchecked.store(true, Relaxed);
+                    link.unchecked.fetch_or(Why::BEHIND, Relaxed);
                 }
                 Ok(())
             }
@@ -722,11 +780,32 @@ pub(super) async fn probe(cluster: Cluster, stop: CancellationToken) {
                 // (frozen, or unreachable for less than the client's pings): they can come back
                 // serving an unconfirmed tail and drop it, as after a restart. So the reader
                 // checks and watches, as after a disconnection.
-                link.unchecked.store(true, Relaxed);
+                link.unchecked.fetch_or(Why::ANSWERS_AGAIN, Relaxed);
                 tracing::info!("NATS JetStream is back");
             }
             Err(e) if was => tracing::warn!("lost NATS JetStream: {e}; publishes answer 503"),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_check_is_logged_with_what_asked_for_it() {
+        assert_eq!(
+            Why::describe(Why::ANSWERS_AGAIN),
+            "NATS JetStream answered again after it did not"
+        );
+        assert_eq!(
+            Why::describe(Why::DISCONNECTED | Why::BEHIND),
+            "the connection to NATS broke; the stream ended before this node's position"
+        );
+        assert_eq!(
+            Why::describe(Why::FAILED),
+            "a check that failed, made again"
+        );
     }
 }
