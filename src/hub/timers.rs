@@ -187,7 +187,9 @@ mod tests {
         );
         assert!(next(&mut stream).await.is_none());
         assert_eq!(
-            hub.shared.metrics.dropped_count(crate::metrics::DropReason::Lifetime),
+            hub.shared
+                .metrics
+                .dropped_count(crate::metrics::DropReason::Lifetime),
             1
         );
         stop.cancel();
