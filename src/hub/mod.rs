@@ -84,7 +84,8 @@ pub struct HubConfig {
     /// Publish Mercure subscription events and keep what the subscription API lists.
     pub subscription_events: bool,
     /// The longest a stream lives (then it ends cleanly and its client resumes); a token's
-    /// `exp` ends it earlier. `None`: no bound.
+    /// `exp` ends it earlier. `None`: no bound. Enforced by the hub's timers
+    /// ([`Hub::run_timers`]).
     pub max_stream_lifetime: Option<Duration>,
     /// Bytes the compiled URI templates may take (`--template-memory`).
     pub template_memory: usize,
@@ -93,6 +94,13 @@ pub struct HubConfig {
     /// The hub's URL (`--resource-identifier`): relative URL patterns and topics are read
     /// against it; `None`: against [`selector::DEFAULT_BASE`].
     pub resource_identifier: Option<url::Url>,
+}
+
+/// How often the hub looks for streams that reached a `lifetime` (`--max-stream-lifetime`): a
+/// hundredth of it, between 100 ms and a minute. A visit of every subscriber (as a heartbeat
+/// tick makes) instead of a timer per stream, which an idle stream would hold for all its life.
+pub(crate) fn lifetime_sweep(lifetime: Duration) -> Duration {
+    (lifetime / 100).clamp(Duration::from_millis(100), Duration::from_secs(60))
 }
 
 impl Default for HubConfig {
@@ -511,10 +519,20 @@ impl Hub {
             .config
             .max_stream_lifetime
             .map(|l| l.mul_f64(1.0 - rand::random::<f64>() / 10.0));
-        let ends_in = match (expires_in, lifetime) {
-            (Some(exp), Some(life)) if life < exp => Some((life, DropReason::Lifetime)),
-            (Some(exp), _) => Some((exp, DropReason::Expired)),
-            (None, life) => life.map(|life| (life, DropReason::Lifetime)),
+        // The token's `exp` ends the stream on the dot, with a timer of its own, if it comes
+        // first; the lifetime's end is found by the hub's sweep, drawn sooner by the sweep's
+        // period so that no stream outlives the bound.
+        let (expires_in, lives) = match (expires_in, lifetime) {
+            (Some(exp), Some(life)) if life < exp => (None, Some(life)),
+            (Some(exp), _) => (Some(exp), None),
+            (None, life) => (None, life),
+        };
+        let ends_at = match (lives, self.shared.config.max_stream_lifetime) {
+            (Some(life), Some(bound)) => {
+                let sooner = life.saturating_sub(lifetime_sweep(bound));
+                clock::now_ns() + sooner.as_nanos() as u64
+            }
+            _ => 0,
         };
 
         let mut core = self.shared.core.lock();
@@ -536,14 +554,9 @@ impl Hub {
         // A request speaks one dialect (`topic=` with `match…` is refused): a 0.x one has
         // `Topic` selectors.
         let legacy_wire = req.topics.iter().any(|m| m.kind == MatchType::Topic);
-        let sub = Arc::new(Subscriber::new(
-            id,
-            selectors,
-            rights,
-            req.kill,
-            info,
-            legacy_wire,
-        ));
+        let sub = Arc::new(
+            Subscriber::new(id, selectors, rights, req.kill, info, legacy_wire).ending_at(ends_at),
+        );
         // The token's selectors too: they decide private updates.
         let templated = sub
             .selectors
@@ -586,7 +599,7 @@ impl Hub {
                 self.shared.clone(),
                 sub,
                 replay,
-                ends_in,
+                expires_in,
                 self.shared.config.coalesce,
             ),
             last_event_id: header,
@@ -643,6 +656,29 @@ impl Hub {
         let subs: Vec<_> = self.shared.core.lock().all.values().cloned().collect();
         for s in subs {
             s.tick();
+        }
+    }
+
+    /// Ends the streams that reached `--max-stream-lifetime` (after what is queued: the client
+    /// resumes with `Last-Event-ID`). Called by the hub's timers every [`lifetime_sweep`].
+    pub fn end_lifetimes(&self) {
+        let now = clock::now_ns();
+        let due: Vec<_> = {
+            let core = self.shared.core.lock();
+            core.all
+                .values()
+                .filter(|s| s.outlived(now))
+                .cloned()
+                .collect()
+        };
+        for s in due {
+            if s.close(DropReason::Lifetime) {
+                self.shared.metrics.dropped(DropReason::Lifetime);
+                tracing::info!(
+                    subscriber = s.id,
+                    "Ended stream: --max-stream-lifetime reached (the client resumes)"
+                );
+            }
         }
     }
 

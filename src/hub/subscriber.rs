@@ -112,6 +112,9 @@ pub(crate) struct Subscriber {
     /// A Mercure 0.x (`topic=`) stream: subscription events reach it in 0.x's shape (see
     /// [`crate::hub::Update::wire`]).
     pub legacy_wire: bool,
+    /// When the stream reaches `--max-stream-lifetime` ([`now_ns`]; 0: never). The hub's sweep
+    /// ends it then, instead of a timer per stream that an idle stream would keep for hours.
+    ends_at: u64,
 }
 
 /// The hub-wide heartbeat ticks this many times per `--heartbeat`, and a stream gets a comment
@@ -194,7 +197,19 @@ impl Subscriber {
             state: Mutex::new(State::default()),
             kill,
             info,
+            ends_at: 0,
         }
+    }
+
+    /// The stream ends at `at` ([`now_ns`]), when the hub's sweep finds it past it.
+    pub fn ending_at(mut self, at: u64) -> Self {
+        self.ends_at = at;
+        self
+    }
+
+    /// Has the stream reached its lifetime at `now`?
+    pub fn outlived(&self, now: u64) -> bool {
+        self.ends_at != 0 && now >= self.ends_at
     }
 
     /// May this subscriber see `update` at all (topics and, for private updates, rights)?
@@ -378,15 +393,20 @@ impl Subscriber {
 
 /// The body of one subscriber's response: the opening comment, the replay, then live updates
 /// until the hub, the token's expiry or the client ends it.
+///
+/// Kept small: an HTTP/2 stream's body is held (boxed) for as long as the stream lasts, and an
+/// HTTP/1.1 stream's task holds it too.
 pub struct SubscriberStream {
     hub: Arc<HubShared>,
     sub: Arc<Subscriber>,
-    opening: Option<Bytes>,
-    replay: std::vec::IntoIter<SharedUpdate>,
-    /// When the stream ends by itself, and why: the token's `exp` (nothing more is sent) or
-    /// `--max-stream-lifetime` (what is queued goes out first, as at shutdown).
-    expires: Option<(Pin<Box<tokio::time::Sleep>>, DropReason)>,
+    /// The replay still to send, newest first (taken from the end).
+    replay: Vec<SharedUpdate>,
+    /// When the token's `exp` ends the stream (nothing more is sent after it). The end of
+    /// `--max-stream-lifetime` is the hub's sweep's to find (see [`Subscriber::outlived`]).
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
     drain: Drain,
+    /// The opening comment is still to send.
+    opening: bool,
     done: bool,
 }
 
@@ -395,34 +415,38 @@ pub struct SubscriberStream {
 struct Drain {
     /// Reused between drains so that taking the queue does not allocate.
     spare: VecDeque<SharedUpdate>,
-    /// Coalescing: live updates are sent at most once per `window`, from the subscriber's
-    /// `last_sent`; `hold` wakes the stream when the window is over, at `hold_at` (allocated
-    /// only once a stream is that busy, and only when no flusher holds it).
-    window: Duration,
+    /// Coalescing (`--coalesce` not 0): live updates are sent at most once per the hub's
+    /// window, from the subscriber's `last_sent`; `hold` wakes the stream when the window is
+    /// over, at `hold_at` (allocated only once a stream is that busy, and only when no flusher
+    /// holds it).
+    coalesce: bool,
     hold_at: u64,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl SubscriberStream {
+    /// A stream for `sub`: `replay` first (oldest first), ended by the token's expiry in
+    /// `expires_in`, coalescing live updates if `window` is not zero.
     pub(crate) fn new(
         hub: Arc<HubShared>,
         sub: Arc<Subscriber>,
-        replay: Vec<SharedUpdate>,
-        expires_in: Option<(Duration, DropReason)>,
+        mut replay: Vec<SharedUpdate>,
+        expires_in: Option<Duration>,
         window: Duration,
     ) -> Self {
+        replay.reverse();
         SubscriberStream {
             hub,
             sub,
-            opening: Some(Bytes::from_static(sse::OPENING)),
-            replay: replay.into_iter(),
-            expires: expires_in.map(|(d, why)| (Box::pin(tokio::time::sleep(d)), why)),
+            replay,
+            expires: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
             drain: Drain {
                 spare: VecDeque::new(),
-                window,
+                coalesce: !window.is_zero(),
                 hold_at: 0,
                 hold: None,
             },
+            opening: true,
             done: false,
         }
     }
@@ -443,10 +467,11 @@ impl SubscriberStream {
     fn next_chunk(&mut self, cx: &mut Context<'_>) -> Option<Wire> {
         // First, so that a token expiring during a long replay stops it there.
         self.poll_expiry(cx);
-        if let Some(opening) = self.opening.take() {
+        if std::mem::take(&mut self.opening) {
+            let opening = Bytes::from_static(sse::OPENING);
             return Some(Wire::Data(self.with_replay(opening)));
         }
-        if self.replay.len() > 0 {
+        if !self.replay.is_empty() {
             return Some(Wire::Data(self.with_replay(Bytes::new())));
         }
         let mut st = self.sub.state.lock();
@@ -478,37 +503,27 @@ impl SubscriberStream {
         None
     }
 
-    /// Ends the stream when its token expires or it reached `--max-stream-lifetime`.
+    /// Ends the stream when its token expires: nothing more is sent.
     fn poll_expiry(&mut self, cx: &mut Context<'_>) {
-        let Some((exp, why)) = self.expires.as_mut() else {
+        let Some(exp) = self.expires.as_mut() else {
             return;
         };
-        let why = *why;
         if exp.as_mut().poll(cx).is_pending() {
             return;
         }
         self.expires = None;
-        if why == DropReason::Expired {
-            self.replay = Vec::new().into_iter();
-            // Nor does what was queued for it go out after `exp`.
-            self.sub.state.lock().queue.clear();
-        }
-        if self.sub.close(why) {
-            self.hub.metrics.dropped(why);
-            if why == DropReason::Expired {
-                tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
-            } else {
-                tracing::info!(
-                    subscriber = self.sub.id,
-                    "Ended stream: --max-stream-lifetime reached (the client resumes)"
-                );
-            }
+        self.replay = Vec::new();
+        // Nor does what was queued for it go out after `exp`.
+        self.sub.state.lock().queue.clear();
+        if self.sub.close(DropReason::Expired) {
+            self.hub.metrics.dropped(DropReason::Expired);
+            tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
         }
     }
 
     /// `first` followed by as much of the replay as fits in a chunk.
     fn with_replay(&mut self, first: Bytes) -> Bytes {
-        if self.replay.len() == 0 {
+        if self.replay.is_empty() {
             return first;
         }
         let mut buf = BytesMut::from(&first[..]);
@@ -518,7 +533,7 @@ impl SubscriberStream {
 
     fn fill_replay(&mut self, buf: &mut BytesMut) {
         while buf.len() < CHUNK_BYTES {
-            match self.replay.next() {
+            match self.replay.pop() {
                 Some(u) => buf.extend_from_slice(u.wire(self.sub.legacy_wire)),
                 None => break,
             }
@@ -611,7 +626,7 @@ impl Drain {
 
     /// How long updates wait after a write to this subscriber (see `coalesce`).
     fn window(&self, hub: &HubShared) -> Duration {
-        if self.window.is_zero() {
+        if !self.coalesce {
             return Duration::ZERO;
         }
         hub.coalescing.window()

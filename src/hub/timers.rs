@@ -8,16 +8,16 @@ use std::time::Duration;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{trim, Hub, HEARTBEAT_TICKS};
+use super::{lifetime_sweep, trim, Hub, HEARTBEAT_TICKS};
 
 /// How often the coalescing window is retuned from what the hub delivered.
 const RETUNE_EVERY: Duration = Duration::from_millis(100);
 
 impl Hub {
     /// Runs the hub's timers until `stop`: the allocator trim (see `trim`), the coalescing
-    /// retune every 100 ms while `--coalesce` is on, and, with `heartbeat` (`--heartbeat`), a
-    /// comment line on every stream that had nothing to send for that long. Spawn it once per
-    /// hub.
+    /// retune every 100 ms while `--coalesce` is on, the end of streams that reached
+    /// `--max-stream-lifetime`, and, with `heartbeat` (`--heartbeat`), a comment line on every
+    /// stream that had nothing to send for that long. Spawn it once per hub.
     pub fn run_timers(
         &self,
         heartbeat: Option<Duration>,
@@ -28,6 +28,7 @@ impl Hub {
             tokio::join!(
                 trim::run(hub.clone(), stop.clone()),
                 retune(&hub, &stop),
+                lifetimes(&hub, &stop),
                 beat(&hub, heartbeat, &stop),
             );
         }
@@ -45,6 +46,20 @@ async fn retune(hub: &Hub, stop: &CancellationToken) {
             // How late the tick ran is the runtime's own lag: a hub whose tasks wait that long
             // for a worker is behind, whatever the CPU figures say.
             at = tick.tick() => hub.retune_coalescing(at.elapsed()),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn lifetimes(hub: &Hub, stop: &CancellationToken) {
+    let Some(lifetime) = hub.shared.config.max_stream_lifetime else {
+        return;
+    };
+    let mut tick = interval(lifetime_sweep(lifetime));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => hub.end_lifetimes(),
             _ = stop.cancelled() => return,
         }
     }
@@ -141,6 +156,44 @@ mod tests {
             stop.cancel();
             timers.await.unwrap();
         }
+    }
+
+    /// A stream reaches `--max-stream-lifetime` (less up to a tenth at random) through the
+    /// hub's sweep, every hundredth of it here: never later than the bound, and what was queued
+    /// goes out before its end.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ends_at_its_lifetime_through_the_sweep() {
+        let lifetime = Duration::from_secs(100);
+        let hub = Hub::new(HubConfig {
+            max_stream_lifetime: Some(lifetime),
+            ..HubConfig::default()
+        });
+        let stop = CancellationToken::new();
+        let timers = tokio::spawn(hub.run_timers(None, stop.clone()));
+        let start = Instant::now();
+        let mut stream = subscribe(&hub);
+        assert!(matches!(next(&mut stream).await, Some(Wire::Data(_))));
+        // Before 0.9 × 100 s less a sweep's period of 1 s, nothing ends it.
+        tokio::time::sleep(Duration::from_secs(88)).await;
+        assert!(!stream.ending());
+        publish(&hub, 1);
+        assert!(matches!(next(&mut stream).await, Some(Wire::Data(_))));
+        publish(&hub, 1);
+        tokio::time::sleep_until(start + lifetime).await;
+        assert!(stream.ending(), "ended within the bound");
+        assert!(
+            matches!(next(&mut stream).await, Some(Wire::Data(_))),
+            "what was queued"
+        );
+        assert!(next(&mut stream).await.is_none());
+        assert_eq!(
+            hub.shared
+                .metrics
+                .dropped_count(crate::metrics::DropReason::Lifetime),
+            1
+        );
+        stop.cancel();
+        timers.await.unwrap();
     }
 
     /// A stream that is sent nothing is left alone when there is no heartbeat.

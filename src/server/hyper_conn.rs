@@ -91,24 +91,20 @@ pub(super) fn service(
     http::Request<Incoming>,
     Response = axum::response::Response,
     Error = Infallible,
-    Future = impl std::future::Future<Output = Result<axum::response::Response, Infallible>> + Send,
+    Future = Answer,
 > + Send
        + 'static {
-    hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+    hyper::service::service_fn(move |mut req: http::Request<Incoming>| -> Answer {
         // Under way until its response has been sent (an event stream's lasts as
         // long as the stream): a connection with none is idle.
         let mut busy = requests.begin();
         req.extensions_mut().insert(conn.clone());
         let app = router.clone();
-        async move {
+        Box::pin(async move {
             let response = match oversized_head(&req) {
                 Some(refusal) => refusal,
                 None => {
-                    // Boxed: hyper runs each HTTP/2 stream as a task sized for the largest
-                    // state of this future, and routing is far larger than what an event
-                    // stream keeps afterwards (its body); boxed, it is freed once answered.
-                    let routing = Box::pin(app.oneshot(req.map(axum::body::Body::new)));
-                    let Ok(r) = routing.await;
+                    let Ok(r) = app.oneshot(req.map(axum::body::Body::new)).await;
                     r
                 }
             };
@@ -121,9 +117,17 @@ pub(super) fn service(
             }
             let counted = |body| axum::body::Body::new(CountedBody::new(body, busy));
             Ok::<_, Infallible>(response.map(counted))
-        }
+        })
     })
 }
+
+/// What the service returns for a request: boxed, because hyper runs each HTTP/2 stream as a
+/// task sized for the largest of this future and the response's body, for as long as the
+/// stream lasts. Unboxed, the request itself (its head, ~300 bytes) and the routing would stay
+/// in every event stream's task after the answer; boxed, they are freed once it is given.
+pub(super) type Answer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<axum::response::Response, Infallible>> + Send>,
+>;
 
 /// Serves an HTTP/2 connection on a task of its own, holding only the connection. The task
 /// that accepted it (and ran the TLS handshake, or would have served HTTP/1.1) is sized for
