@@ -178,6 +178,55 @@ async fn a_backlog_is_sent_without_a_copy_of_it() {
     );
 }
 
+/// The same for a stream hyper writes rather than the hub's own HTTP/1.1 writer (a subscribe
+/// request with a body is one): the hub closes its connection 5 s after the stream's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_hyper_writes_is_closed_after_its_last_writes() {
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(hub.addr).await.unwrap();
+    stalled
+        .write_all(
+            b"GET /.well-known/mercure?topic=hyper HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 1\r\n\r\nA",
+        )
+        .await
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut p = hub.publisher().await;
+    let big = "h".repeat(60_000);
+    for _ in 0..60 {
+        p.ok(&[("topic", "hyper"), ("data", &big)]).await;
+    }
+    drop(p);
+    hub.wait_metric(
+        "ssehub_subscribers_dropped_total{reason=\"lifetime\"}",
+        |v| v >= 1.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    let ended = std::time::Instant::now();
+    hub.wait_metric(
+        "ssehub_connections_open",
+        |v| v <= 1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let took = ended.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "closed {took:?} after the stream ended: sooner than its last writes' 5 s"
+    );
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+    drop(stalled);
+}
+
 /// A stream the hub ends (here at `--max-stream-lifetime`) while its client has stopped
 /// reading gets `LAST_WRITES` (5 s) to finish, then its connection is closed: a client cannot
 /// keep a connection, and the socket buffers full of its updates, by never reading once its

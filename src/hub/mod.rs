@@ -46,7 +46,7 @@ pub use selector::{
     MAX_TEMPLATE_EXPRESSIONS,
 };
 use subscriber::HEARTBEAT_TICKS;
-pub use subscriber::{DirectSink, Sent, SubscriberStream, Wire};
+pub use subscriber::{DirectSink, Sent, SubscriberStream, Wire, LAST_WRITES};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
 pub use templates::MAX_MATCHING_WORK;
@@ -673,6 +673,7 @@ impl Hub {
         };
         for s in due {
             if s.close(DropReason::Lifetime) {
+                s.close_later();
                 self.shared.metrics.dropped(DropReason::Lifetime);
                 tracing::info!(
                     subscriber = s.id,

@@ -94,6 +94,10 @@ enum Window {
 /// updates themselves are shared). An update bigger than this goes alone, uncopied.
 const CHUNK_BYTES: usize = 64 * 1024;
 
+/// How long the last writes of a stream the hub has ended may take (shutdown, the token's
+/// expiry, the lifetime), all of them together; past it the connection is closed.
+pub const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Subscriber {
     pub id: u64,
     pub selectors: Vec<Arc<Selector>>,
@@ -210,6 +214,30 @@ impl Subscriber {
     /// Has the stream reached its lifetime at `now`?
     pub fn outlived(&self, now: u64) -> bool {
         self.ends_at != 0 && now >= self.ends_at
+    }
+
+    /// For a stream the hub has just ended: closes its connection [`LAST_WRITES`] from now if
+    /// the stream is still being written then. The hub's own HTTP/1.1 writer has that deadline
+    /// itself (`server::h1::pump`); a stream hyper writes (HTTP/1.1 with a request body, or
+    /// after another request on its connection) has none, and hyper polls its body only while
+    /// the socket takes more, so a client that stopped reading would keep it past its end for
+    /// good. Streams without a `kill` (HTTP/2, where the connection carries others) are left.
+    pub fn close_later(self: &Arc<Self>) {
+        let Some(kill) = self.kill.clone() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let stream = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(LAST_WRITES).await;
+            // Gone once its stream is: nothing to close, and the connection may be serving
+            // another request by now.
+            if stream.upgrade().is_some() {
+                kill.cancel();
+            }
+        });
     }
 
     /// May this subscriber see `update` at all (topics and, for private updates, rights)?

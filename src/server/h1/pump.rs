@@ -12,14 +12,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::io::{chunk_size_line, remaining, DirectTcp};
-use crate::hub::{SubscriberStream, Wire};
+use crate::hub::{SubscriberStream, Wire, LAST_WRITES};
 use crate::metrics::DropReason;
 
 /// Bytes a subscriber may send after its request before it is taken as misbehaving (clients
 /// send nothing on an event stream; this bounds the work one that does can cause).
 const MAX_STRAY_INPUT: usize = 64 * 1024;
-/// How long the last writes of a stream the hub has ended may take.
-const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a stream's connection ended.
 pub(super) enum End {
