@@ -179,17 +179,35 @@ async fn a_backlog_is_sent_without_a_copy_of_it() {
 }
 
 /// The same for a stream hyper writes rather than the hub's own HTTP/1.1 writer (a subscribe
-/// request with a body is one): the hub closes its connection 5 s after the stream's end.
+/// request with a body is one): the hub closes its connection 5 s after the stream's end, at its
+/// lifetime or at its token's `exp`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_stream_hyper_writes_is_closed_after_its_last_writes() {
-    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    stalled_hyper_stream_is_closed(&["--max-stream-lifetime", "2s"], None, "lifetime").await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let claims = serde_json::json!({"exp": exp, "mercure": {"subscribe": ["*"]}});
+    let key = jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+    stalled_hyper_stream_is_closed(&["--max-stream-lifetime", "1h"], Some(&token), "expired").await;
+}
+
+async fn stalled_hyper_stream_is_closed(args: &[&str], token: Option<&str>, reason: &str) {
+    let hub = TestHub::start(args);
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stalled = sock.connect(hub.addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     stalled
         .write_all(
-            b"GET /.well-known/mercure?topic=hyper HTTP/1.1\r\nHost: x\r\n\
-              Content-Length: 1\r\n\r\nA",
+            format!(
+                "GET /.well-known/mercure?topic=hyper HTTP/1.1\r\nHost: x\r\n{auth}\
+                 Content-Length: 1\r\n\r\nA"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
@@ -206,7 +224,7 @@ async fn a_stalled_stream_hyper_writes_is_closed_after_its_last_writes() {
     }
     drop(p);
     hub.wait_metric(
-        "ssehub_subscribers_dropped_total{reason=\"lifetime\"}",
+        &format!("ssehub_subscribers_dropped_total{{reason=\"{reason}\"}}"),
         |v| v >= 1.0,
         Duration::from_secs(15),
     )
@@ -221,7 +239,7 @@ async fn a_stalled_stream_hyper_writes_is_closed_after_its_last_writes() {
     let took = ended.elapsed();
     assert!(
         took >= Duration::from_secs(3),
-        "closed {took:?} after the stream ended: sooner than its last writes' 5 s"
+        "{reason}: closed {took:?} after the stream ended: sooner than its last writes' 5 s"
     );
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
     drop(stalled);

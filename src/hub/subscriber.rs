@@ -118,7 +118,11 @@ pub(crate) struct Subscriber {
     pub legacy_wire: bool,
     /// When the stream reaches `--max-stream-lifetime` ([`now_ns`]; 0: never). The hub's sweep
     /// ends it then, instead of a timer per stream that an idle stream would keep for hours.
+    /// When the token's `exp` comes first it is that, and `by_exp` is set: the stream's own
+    /// timer ends it on the dot, but only when its body is polled, which hyper does only while
+    /// the client reads; the sweep is the backstop.
     ends_at: u64,
+    by_exp: bool,
 }
 
 /// The hub-wide heartbeat ticks this many times per `--heartbeat`, and a stream gets a comment
@@ -202,13 +206,32 @@ impl Subscriber {
             kill,
             info,
             ends_at: 0,
+            by_exp: false,
         }
     }
 
-    /// The stream ends at `at` ([`now_ns`]), when the hub's sweep finds it past it.
-    pub fn ending_at(mut self, at: u64) -> Self {
+    /// The stream ends at `at` ([`now_ns`]), when the hub's sweep finds it past it; `by_exp`:
+    /// as its token expires there (nothing queued goes out), not at its lifetime.
+    pub fn ending_at(mut self, at: u64, by_exp: bool) -> Self {
         self.ends_at = at;
+        self.by_exp = by_exp;
         self
+    }
+
+    /// Why the stream ends at its `ends_at`.
+    pub fn end_reason(&self) -> DropReason {
+        if self.by_exp {
+            DropReason::Expired
+        } else {
+            DropReason::Lifetime
+        }
+    }
+
+    /// Ends the stream as its token's `exp` does: what is queued is not sent. Whether it was
+    /// open until now.
+    pub fn expire(&self) -> bool {
+        self.state.lock().queue.clear();
+        self.close(DropReason::Expired)
     }
 
     /// Has the stream reached its lifetime at `now`?

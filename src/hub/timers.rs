@@ -51,11 +51,16 @@ async fn retune(hub: &Hub, stop: &CancellationToken) {
     }
 }
 
+/// Ends the streams past their lifetime, and those past their token's `exp` whose clients
+/// stopped reading (see `Subscriber::ending_at`): every [`lifetime_sweep`], or every second
+/// without `--max-stream-lifetime`.
 async fn lifetimes(hub: &Hub, stop: &CancellationToken) {
-    let Some(lifetime) = hub.shared.config.max_stream_lifetime else {
-        return;
-    };
-    let mut tick = interval(lifetime_sweep(lifetime));
+    let every = hub
+        .shared
+        .config
+        .max_stream_lifetime
+        .map_or(Duration::from_secs(1), lifetime_sweep);
+    let mut tick = interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -159,7 +164,7 @@ mod tests {
     }
 
     /// A stream reaches `--max-stream-lifetime` (less up to a tenth at random) through the
-    /// hub's sweep, every hundredth of it here: never later than the bound, and what was queued
+    /// hub's sweep, every 100 ms here: never later than the bound, and what was queued
     /// goes out before its end.
     #[tokio::test(start_paused = true)]
     async fn a_stream_ends_at_its_lifetime_through_the_sweep() {
@@ -173,7 +178,7 @@ mod tests {
         let start = Instant::now();
         let mut stream = subscribe(&hub);
         assert!(matches!(next(&mut stream).await, Some(Wire::Data(_))));
-        // Before 0.9 × 100 s less a sweep's period of 1 s, nothing ends it.
+        // Before 0.9 × 100 s less a sweep's period of 0.1 s, nothing ends it.
         tokio::time::sleep(Duration::from_secs(88)).await;
         assert!(!stream.ending());
         publish(&hub, 1);
