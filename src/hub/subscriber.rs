@@ -589,6 +589,11 @@ impl SubscriberStream {
                 None => break,
             }
         }
+        if self.replay.is_empty() {
+            // Its buffer given back: a stream that resumed from many updates would otherwise
+            // keep eight bytes a replayed update for as long as it lasts.
+            self.replay = Vec::new();
+        }
     }
 }
 
