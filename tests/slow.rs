@@ -9,13 +9,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Connects with a tiny receive buffer, asks for the stream, and never reads.
 async fn stalled_subscriber(hub: &TestHub, topic: &str) -> tokio::net::TcpStream {
+    stalled_request(hub, topic, "\r\n").await
+}
+
+/// As [`stalled_subscriber`], with `rest` after the request's `Host` line: further header
+/// lines, the blank line and a body, if any.
+async fn stalled_request(hub: &TestHub, topic: &str, rest: &str) -> tokio::net::TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stream = sock.connect(hub.addr).await.unwrap();
     stream
         .write_all(
             format!(
-                "GET /.well-known/mercure?topic={topic} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                "GET /.well-known/mercure?topic={topic} HTTP/1.1\r\nHost: {}\r\n{rest}",
                 hub.addr
             )
             .as_bytes(),
@@ -183,93 +189,45 @@ async fn a_backlog_is_sent_without_a_copy_of_it() {
 /// lifetime or at its token's `exp`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_stream_hyper_writes_is_closed_after_its_last_writes() {
-    stalled_hyper_stream_is_closed(&["--max-stream-lifetime", "2s"], None, "lifetime").await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3;
-    let claims = serde_json::json!({"exp": exp, "mercure": {"subscribe": ["*"]}});
-    let key = jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes());
-    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
-    stalled_hyper_stream_is_closed(&["--max-stream-lifetime", "1h"], Some(&token), "expired").await;
-}
+    let with_body = "Content-Length: 1\r\n\r\nA";
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let stalled = stalled_request(&hub, "hyper", with_body).await;
+    closed_after_its_last_writes(&hub, "hyper", "lifetime").await;
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+    drop(stalled);
 
-async fn stalled_hyper_stream_is_closed(args: &[&str], token: Option<&str>, reason: &str) {
-    let hub = TestHub::start(args);
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = sock.connect(hub.addr).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    stalled
-        .write_all(
-            format!(
-                "GET /.well-known/mercure?topic=hyper HTTP/1.1\r\nHost: x\r\n{auth}\
-                 Content-Length: 1\r\n\r\nA"
-            )
-            .as_bytes(),
-        )
-        .await
+    let hub = TestHub::start(&["--max-stream-lifetime", "1h"]);
+    let subscribe = ["*".to_owned()];
+    let token = hub
+        .key
+        .mint(None, Some(&subscribe), Some(Duration::from_secs(3)))
         .unwrap();
-    hub.wait_metric(
-        "ssehub_subscribers_connected",
-        |v| v >= 1.0,
-        Duration::from_secs(10),
-    )
-    .await;
-    let mut p = hub.publisher().await;
-    let big = "h".repeat(60_000);
-    for _ in 0..60 {
-        p.ok(&[("topic", "hyper"), ("data", &big)]).await;
-    }
-    drop(p);
-    hub.wait_metric(
-        &format!("ssehub_subscribers_dropped_total{{reason=\"{reason}\"}}"),
-        |v| v >= 1.0,
-        Duration::from_secs(15),
-    )
-    .await;
-    let ended = std::time::Instant::now();
-    hub.wait_metric(
-        "ssehub_connections_open",
-        |v| v <= 1.0,
-        Duration::from_secs(30),
-    )
-    .await;
-    let took = ended.elapsed();
-    assert!(
-        took >= Duration::from_secs(3),
-        "{reason}: closed {took:?} after the stream ended: sooner than its last writes' 5 s"
-    );
+    let rest = format!("Authorization: Bearer {token}\r\n{with_body}");
+    let stalled = stalled_request(&hub, "hyper", &rest).await;
+    closed_after_its_last_writes(&hub, "hyper", "expired").await;
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
     drop(stalled);
 }
 
-/// A stream the hub ends (here at `--max-stream-lifetime`) while its client has stopped
-/// reading gets `LAST_WRITES` (5 s) to finish, then its connection is closed: a client cannot
-/// keep a connection, and the socket buffers full of its updates, by never reading once its
-/// stream is over (the hub no longer drops such a stream as slow).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stalled_stream_the_hub_ends_is_closed_after_its_last_writes() {
-    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
-    let stalled = stalled_subscriber(&hub, "ending").await;
+/// With a stalled subscriber to `topic` connected: sends it far more than the socket's buffers
+/// hold, in far fewer updates than --subscriber-queue (1,000), so that a write is waiting on
+/// the full socket when the hub ends the stream (for `reason`); then checks that its connection
+/// is closed, and not before its last writes' 5 s.
+async fn closed_after_its_last_writes(hub: &TestHub, topic: &str, reason: &str) {
     hub.wait_metric(
         "ssehub_subscribers_connected",
         |v| v >= 1.0,
         Duration::from_secs(10),
     )
     .await;
-    // Far more than the socket's buffers hold, in far fewer updates than --subscriber-queue
-    // (1,000), sent before the lifetime is over: a write is waiting on the full socket when the
-    // stream ends.
     let mut p = hub.publisher().await;
     let big = "e".repeat(60_000);
     for _ in 0..60 {
-        p.ok(&[("topic", "ending"), ("data", &big)]).await;
+        p.ok(&[("topic", topic), ("data", &big)]).await;
     }
     drop(p);
     hub.wait_metric(
-        "ssehub_subscribers_dropped_total{reason=\"lifetime\"}",
+        &format!("ssehub_subscribers_dropped_total{{reason=\"{reason}\"}}"),
         |v| v >= 1.0,
         Duration::from_secs(15),
     )
@@ -285,8 +243,19 @@ async fn a_stalled_stream_the_hub_ends_is_closed_after_its_last_writes() {
     let took = ended.elapsed();
     assert!(
         took >= Duration::from_secs(3),
-        "closed {took:?} after the stream ended: sooner than its last writes' 5 s"
+        "{reason}: closed {took:?} after the stream ended: sooner than its last writes' 5 s"
     );
+}
+
+/// A stream the hub ends (here at `--max-stream-lifetime`) while its client has stopped
+/// reading gets `LAST_WRITES` (5 s) to finish, then its connection is closed: a client cannot
+/// keep a connection, and the socket buffers full of its updates, by never reading once its
+/// stream is over (the hub no longer drops such a stream as slow).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_the_hub_ends_is_closed_after_its_last_writes() {
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let stalled = stalled_subscriber(&hub, "ending").await;
+    closed_after_its_last_writes(&hub, "ending", "lifetime").await;
     assert_eq!(
         hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
             .await,
