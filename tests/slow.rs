@@ -263,3 +263,117 @@ async fn a_stalled_stream_the_hub_ends_is_closed_after_its_last_writes() {
     );
     drop(stalled);
 }
+
+/// An HTTP/2 client that answers PINGs but never grants a stream any window keeps hyper from
+/// ever polling its body, so the end the hub gives the stream never gets through. The hub
+/// resets such a stream alone (RST_STREAM CANCEL) and the connection goes on: at once when the
+/// subscriber is dropped as too slow, 5 s after its end at its lifetime or its token's `exp`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_http2_stream_is_reset_and_its_connection_goes_on() {
+    // Its lifetime.
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let (client, stream) = stalled_http2_stream(&hub, "ending", None).await;
+    let took = reset_after(stream).await;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "lifetime: reset {took:?} after the stream began, not 2 s + 5 s later"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+
+    // Its token's `exp`.
+    let hub = TestHub::start(&["--max-stream-lifetime", "1h"]);
+    let subscribe = ["*".to_owned()];
+    let token = hub
+        .key
+        .mint(None, Some(&subscribe), Some(Duration::from_secs(2)))
+        .unwrap();
+    let (client, stream) = stalled_http2_stream(&hub, "expiring", Some(&token)).await;
+    let took = reset_after(stream).await;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "exp: reset {took:?} after the stream began, not 2 s + 5 s later"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"expired\"}")
+            .await,
+        1.0
+    );
+
+    // Too slow: a queue of 5 overflows at the sixth update, and the stream is reset then.
+    let hub = TestHub::start(&["--subscriber-queue", "5"]);
+    let (client, stream) = stalled_http2_stream(&hub, "slow", None).await;
+    let mut p = hub.publisher().await;
+    for i in 0..6 {
+        p.ok(&[("topic", "slow"), ("data", &i.to_string())]).await;
+    }
+    let took = reset_after(stream).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "slow: reset only after {took:?}"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+}
+
+/// An HTTP/2 connection (h2c) whose streams get no window at all, and one event stream on it
+/// for `topic`, its response's head received. The connection's task runs on, answering PINGs.
+async fn stalled_http2_stream(
+    hub: &TestHub,
+    topic: &str,
+    token: Option<&str>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    (std::time::Instant, h2::RecvStream),
+) {
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut req = http::Request::get(format!(
+        "http://{}/.well-known/mercure?topic={topic}",
+        hub.addr
+    ));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let (response, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+    let began = std::time::Instant::now();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    (client, (began, response.into_body()))
+}
+
+/// How long after it began the stream was reset by the hub (waits at most 20 s; nothing may
+/// arrive on it, as it has no window).
+async fn reset_after((began, mut body): (std::time::Instant, h2::RecvStream)) -> Duration {
+    let next = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+    let took = began.elapsed();
+    match next {
+        Err(_) => panic!("the stalled stream was not reset within {took:?}"),
+        Ok(Some(Err(e))) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+        Ok(other) => panic!("expected a reset, got {other:?}"),
+    }
+    took
+}
+
+/// The connection whose stream was reset still carries requests.
+async fn still_serves(hub: &TestHub, client: &h2::client::SendRequest<bytes::Bytes>) {
+    let req = http::Request::get(format!("http://{}/healthz", hub.addr))
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(req, true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("the connection answers")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

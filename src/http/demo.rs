@@ -31,13 +31,13 @@ pub async fn events(State(app): State<AppState>, req: Request) -> Response {
         Err(r) => return r,
     };
     let conn = req.extensions().get::<Connection>();
-    let kill = super::stream_kill(conn, &req);
+    let teardown = super::stream_teardown(conn, &req);
     let sub = app.hub.subscribe(subscribe_request(
         &app,
         vec![crate::hub::Matcher::topic(TOPIC)],
         rights,
         last_event_id,
-        kill,
+        teardown,
     ));
     match sub {
         Ok(s) => {

@@ -333,7 +333,7 @@ pub(super) fn subscribe_request(
     topics: Vec<Matcher>,
     rights: Option<Rights>,
     last_event_id: Option<String>,
-    kill: Option<tokio_util::sync::CancellationToken>,
+    teardown: Option<crate::hub::Teardown>,
 ) -> SubscribeRequest {
     let (subscribe, expires_at, payloads) = match rights {
         // A token without `mercure.subscribe` still identifies the subscriber: it receives
@@ -355,7 +355,7 @@ pub(super) fn subscribe_request(
         rights: subscribe,
         last_event_id,
         expires_at,
-        kill,
+        teardown,
         payloads,
     }
 }
@@ -461,13 +461,13 @@ fn open_stream(app: AppState, req: Request, q: SubscribeQuery) -> Response {
         .filter(|c| c.is_empty())
         .map(|_| newest_visible(&app, rights.as_ref()));
     let conn = req.extensions().get::<Connection>();
-    let kill = super::stream_kill(conn, &req);
+    let teardown = super::stream_teardown(conn, &req);
     let sub = app.hub.subscribe(subscribe_request(
         &app,
         q.topics,
         rights,
         cursor.filter(|c| !c.is_empty()),
-        kill,
+        teardown,
     ));
     match sub {
         Ok(s) => {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Key;
 use crate::cluster::Cluster;
 use crate::config::Origins;
-use crate::hub::{Hub, SubscriberStream};
+use crate::hub::{Hub, SubscriberStream, Teardown};
 
 /// The transport's connection budget as the routes see it (`server::budget` counts the
 /// connections): whether it is spent, in which case a new event stream is refused.
@@ -199,20 +199,23 @@ fn room_for_stream(app: &AppState) -> Result<(), Response> {
     Err(mercure::subscribe_error(crate::hub::SubscribeError::Full))
 }
 
-/// How the hub drops a subscriber that stopped reading: over HTTP/1.1 by closing its
-/// connection (its stream's task waits on a full socket and cannot end the response itself).
-/// Over HTTP/2 the connection carries other streams, which must not go with it: the
-/// subscriber is closed and its queue freed, and its stream ends when the client reads again
-/// or the connection goes (what a stalled stream holds meanwhile is bounded by its flow-control
-/// window).
-pub fn stream_kill(
+/// How the hub tears down a subscriber's stream that can no longer end by itself (its client
+/// stopped reading; see [`Teardown`]): over HTTP/1.1 by closing its connection, over HTTP/2
+/// by resetting the stream alone (the connection carries others). `None` where neither
+/// applies (a request that no server connection carries, as in unit tests).
+pub fn stream_teardown(
     conn: Option<&Connection>,
     req: &axum::extract::Request,
-) -> Option<CancellationToken> {
+) -> Option<Teardown> {
     if req.version() == http::Version::HTTP_2 {
-        return None;
+        return crate::server::current_stream_cancel().map(Teardown::Stream);
     }
-    conn.map(|c| c.kill.clone())
+    let c = conn?;
+    Some(if c.stream_slot.is_some() {
+        Teardown::OwnWriter(c.kill.clone())
+    } else {
+        Teardown::Connection(c.kill.clone())
+    })
 }
 
 /// An HTML page of the hub's own (the demo, the dashboard): never framed by another site

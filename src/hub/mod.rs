@@ -21,6 +21,7 @@ pub(crate) mod selector;
 pub mod store;
 mod subscriber;
 pub(crate) mod subscriptions;
+mod teardown;
 mod templates;
 mod timers;
 mod trim;
@@ -34,7 +35,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio_util::sync::CancellationToken;
 
 pub(crate) use coalesce::cores;
 pub use coalesce::{WriteBudget, WRITES_PER_CORE};
@@ -49,6 +49,7 @@ use subscriber::HEARTBEAT_TICKS;
 pub use subscriber::{DirectSink, Sent, SubscriberStream, Wire, LAST_WRITES};
 use subscriber::{Offer, Subscriber};
 use subscriptions::SubscriberInfo;
+pub use teardown::{StreamCancel, Teardown};
 pub use templates::MAX_MATCHING_WORK;
 pub use update::{Draft, Invalid, SharedUpdate, Update, MAX_TOPICS};
 
@@ -187,8 +188,8 @@ pub struct SubscribeRequest {
     pub last_event_id: Option<String>,
     /// When the subscriber's token expires.
     pub expires_at: Option<SystemTime>,
-    /// Cancelled to tear the connection down if the subscriber must be dropped.
-    pub kill: Option<CancellationToken>,
+    /// How to tear the stream down if it cannot end by itself.
+    pub teardown: Option<Teardown>,
     /// The payload of each subscription, for subscription events: by the index of its
     /// matcher in `topics` (missing ones have none).
     pub payloads: Vec<Option<Arc<serde_json::Value>>>,
@@ -573,7 +574,7 @@ impl Hub {
         // `Topic` selectors.
         let legacy_wire = req.topics.iter().any(|m| m.kind == MatchType::Topic);
         let sub = Arc::new(
-            Subscriber::new(id, selectors, rights, req.kill, info, legacy_wire)
+            Subscriber::new(id, selectors, rights, req.teardown, info, legacy_wire)
                 .ending_at(ends_at, by_exp),
         );
         // The token's selectors too: they decide private updates.
@@ -686,7 +687,9 @@ impl Hub {
             let core = self.shared.core.lock();
             core.all
                 .values()
-                .filter(|s| s.outlived(now))
+                // Ended already (its client stalled before its end came through): nothing more
+                // to do, and its teardown is on its way.
+                .filter(|s| s.outlived(now) && !s.is_closed())
                 .cloned()
                 .collect()
         };

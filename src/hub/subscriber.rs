@@ -33,12 +33,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use parking_lot::{Mutex, MutexGuard};
-use tokio_util::sync::CancellationToken;
 
 use super::clock::{instant_of, now_ns, TICK_NS};
 use super::coalesce::Coalescing;
 use super::selector::{any_matches, Selector};
 use super::subscriptions::SubscriberInfo;
+use super::teardown::Teardown;
 use super::update::SharedUpdate;
 use super::writer_state::{OnFlush, OnPoll, OnPublish, Writer};
 use super::HubShared;
@@ -108,9 +108,9 @@ pub(crate) struct Subscriber {
     /// When it was last counted as receiving (see `Coalescing::touched`).
     seen: AtomicU64,
     state: Mutex<State>,
-    /// Cancelled to tear down the connection when the stream can no longer end by itself (a
-    /// client that stopped reading never lets the end of the stream through).
-    kill: Option<CancellationToken>,
+    /// Tears the stream down when it can no longer end by itself (a client that stopped
+    /// reading never lets the end of the stream through).
+    teardown: Option<Teardown>,
     /// Kept only when the hub publishes subscription events.
     pub info: Option<Box<SubscriberInfo>>,
     /// A Mercure 0.x (`topic=`) stream: subscription events reach it in 0.x's shape (see
@@ -191,7 +191,7 @@ impl Subscriber {
         id: u64,
         selectors: Vec<Arc<Selector>>,
         rights: Option<Vec<Arc<Selector>>>,
-        kill: Option<CancellationToken>,
+        teardown: Option<Teardown>,
         info: Option<Box<SubscriberInfo>>,
         legacy_wire: bool,
     ) -> Self {
@@ -203,7 +203,7 @@ impl Subscriber {
             last_seq: AtomicU64::new(u64::MAX),
             seen: AtomicU64::new(0),
             state: Mutex::new(State::default()),
-            kill,
+            teardown,
             info,
             ends_at: 0,
             by_exp: false,
@@ -239,28 +239,13 @@ impl Subscriber {
         self.ends_at != 0 && now >= self.ends_at
     }
 
-    /// For a stream the hub has just ended: closes its connection [`LAST_WRITES`] from now if
-    /// the stream is still being written then. The hub's own HTTP/1.1 writer has that deadline
-    /// itself (`server::h1::pump`); a stream hyper writes (HTTP/1.1 with a request body, or
-    /// after another request on its connection) has none, and hyper polls its body only while
-    /// the socket takes more, so a client that stopped reading would keep it past its end for
-    /// good. Streams without a `kill` (HTTP/2, where the connection carries others) are left.
+    /// For a stream the hub has just ended: tears it down [`LAST_WRITES`] from now if it is
+    /// still being served then (see [`Teardown::after_last_writes`]): a stream hyper writes
+    /// is polled only while its client reads, so one that stopped would keep it past its end.
     pub fn close_later(self: &Arc<Self>) {
-        let Some(kill) = self.kill.clone() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let stream = Arc::downgrade(self);
-        runtime.spawn(async move {
-            tokio::time::sleep(LAST_WRITES).await;
-            // Gone once its stream is: nothing to close, and the connection may be serving
-            // another request by now.
-            if stream.upgrade().is_some() {
-                kill.cancel();
-            }
-        });
+        if let Some(t) = &self.teardown {
+            t.after_last_writes(Arc::downgrade(self));
+        }
     }
 
     /// May this subscriber see `update` at all (topics and, for private updates, rights)?
@@ -303,8 +288,8 @@ impl Subscriber {
             st.queue = VecDeque::new();
             let waker = st.waker.take();
             drop(st);
-            if let Some(k) = &self.kill {
-                k.cancel();
+            if let Some(t) = &self.teardown {
+                t.now();
             }
             return Offer::Dropped(waker);
         }
@@ -439,6 +424,11 @@ impl Subscriber {
 
     fn closed(&self) -> Option<DropReason> {
         self.state.lock().closed
+    }
+
+    /// Has the stream been ended (by the hub, its token's expiry or its client)?
+    pub fn is_closed(&self) -> bool {
+        self.closed().is_some()
     }
 }
 

@@ -18,6 +18,7 @@ use tower::ServiceExt as _;
 use super::budget::{CountedBody, Permit, Requests};
 use super::h1::head::head_size;
 use super::shutdown::Shutdown;
+use super::stream_tasks::StreamTasks;
 use super::MAX_HEAD;
 use crate::http::Connection;
 
@@ -61,8 +62,9 @@ const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
 /// hyper's settings for HTTP/2, chosen for connections that mostly carry event streams: few
 /// requests, each lasting hours, and data flowing from the server. hyper's own builder, as
 /// the auto builder does not offer the header table's size.
-pub(super) fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+pub(super) fn http2() -> hyper::server::conn::http2::Builder<StreamTasks> {
+    // Each stream's task can be cancelled by the hub: see `stream_tasks`.
+    let mut builder = hyper::server::conn::http2::Builder::new(StreamTasks);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)

@@ -41,7 +41,7 @@ pub(crate) struct Listener {
     max_body: usize,
     metrics: Arc<Metrics>,
     builder: auto::Builder<TokioExecutor>,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http2: hyper::server::conn::http2::Builder<super::stream_tasks::StreamTasks>,
 }
 
 impl Listener {

@@ -16,8 +16,11 @@ pub(crate) mod h1;
 mod hyper_conn;
 pub(crate) mod listener;
 pub mod shutdown;
+mod stream_tasks;
 pub(crate) mod tls;
 pub(crate) mod tls_stream;
+
+pub use stream_tasks::current_stream_cancel;
 
 /// The largest request head, in bytes; larger ones get 431.
 pub const MAX_HEAD: usize = 64 * 1024;
