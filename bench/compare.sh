@@ -64,7 +64,9 @@ NCHAN_PORT=$((8090 + PORT_OFFSET))
 SECRET=bench-secret-not-for-production
 WORK=$(mktemp -d /tmp/ssehub-bench.XXXXXX)
 OUT_DIR=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
-SSEHUB=target/$OUT_DIR/ssehub
+# SSEHUB_BINARY runs another build of ssehub as the server and the load generator (to compare
+# two builds in one batch: copy one aside, e.g. `cp target/release/ssehub /tmp/ssehub-before`).
+SSEHUB=${SSEHUB_BINARY:-target/$OUT_DIR/ssehub}
 BASELINE=bench/baseline/target/$OUT_DIR/sse-baseline
 
 log() { echo "==> $*" >&2; }

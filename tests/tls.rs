@@ -538,6 +538,112 @@ async fn http2_settings_reach_the_client_over_tls_and_h2c() {
     }
 }
 
+/// The hub's HTTP/2 responses are never entered in the connection's HPACK table: each header
+/// is sent as a literal never indexed, so the client's table (which the hub's encoder
+/// mirrors, for as long as the connection lasts) stays empty. Read from the wire, as a raw
+/// client: an event stream's response and a plain one.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_responses_are_kept_out_of_the_header_table() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start(&[]);
+    let mut io = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    let authority = hub.addr.to_string();
+    for (stream, path) in [(1u8, "/.well-known/mercure?topic=a"), (3, "/healthz")] {
+        // GET (static index 2), http (6), then :path (4) and :authority (1) as literals
+        // without indexing.
+        let mut block = vec![0x82, 0x86];
+        for (name, value) in [(4u8, path), (1, authority.as_str())] {
+            block.extend_from_slice(&[name, value.len() as u8]);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let len = (block.len() as u32).to_be_bytes();
+        // HEADERS, END_STREAM | END_HEADERS.
+        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, stream]);
+        out.extend_from_slice(&block);
+    }
+    io.write_all(&out).await.unwrap();
+    let mut answered = Vec::new();
+    let read = async {
+        while answered.len() < 2 {
+            let mut header = [0u8; 9];
+            io.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.unwrap();
+            if header[3] == 0x1 {
+                assert_eq!(header[4] & 0x28, 0, "no padding or priority expected");
+                answered.push((header[8], hpack_representations(&payload)));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("both responses' HEADERS within 10 s");
+    for (stream, kinds) in answered {
+        assert!(kinds.len() >= 3, "stream {stream}: {kinds:?}");
+        // The status (a static entry) may be indexed; every other header is never indexed.
+        assert!(
+            kinds.iter().skip(1).all(|k| *k == "never indexed"),
+            "stream {stream}: {kinds:?}"
+        );
+    }
+}
+
+/// The kinds of the representations in an HPACK header block (RFC 7541 §6), in order.
+fn hpack_representations(block: &[u8]) -> Vec<&'static str> {
+    // An integer with an n-bit prefix (§5.1), from `at`; returns it and where it ends.
+    fn integer(block: &[u8], at: usize, bits: u32) -> (usize, usize) {
+        let max = (1usize << bits) - 1;
+        let mut value = block[at] as usize & max;
+        let mut i = at + 1;
+        if value == max {
+            let mut shift = 0;
+            loop {
+                let b = block[i];
+                value += ((b & 0x7f) as usize) << shift;
+                shift += 7;
+                i += 1;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        (value, i)
+    }
+    // A string literal (§5.2) from `at`: where it ends.
+    let string = |at: usize| {
+        let (len, start) = integer(block, at, 7);
+        start + len
+    };
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at < block.len() {
+        let b = block[at];
+        let (kind, bits) = match b {
+            _ if b & 0x80 != 0 => ("indexed", 7),
+            _ if b & 0xc0 == 0x40 => ("incremental indexing", 6),
+            _ if b & 0xe0 == 0x20 => ("table size update", 5),
+            _ if b & 0xf0 == 0x10 => ("never indexed", 4),
+            _ => ("without indexing", 4),
+        };
+        let (name, next) = integer(block, at, bits);
+        at = next;
+        if matches!(
+            kind,
+            "incremental indexing" | "never indexed" | "without indexing"
+        ) {
+            if name == 0 {
+                at = string(at);
+            }
+            at = string(at);
+        }
+        kinds.push(kind);
+    }
+    kinds
+}
+
 /// A publish of the largest body `--max-body` allows (the default, 1 MiB) is read whole over
 /// HTTP/2, through sixteen of its stream's 64 KiB windows, and reaches a subscriber whole; a
 /// byte more is refused.
