@@ -1248,3 +1248,119 @@ async fn a_slow_upload_in_one_large_record_is_not_cut_off() {
     let got = common::take(&mut subscriber, 1, Duration::from_secs(10)).await;
     assert!(got[0].data == data, "the update whole");
 }
+
+/// Review 22R: the HTTP/2 stream teardown over TLS (ALPN h2), not only h2c: a stream whose
+/// client grants no window is reset 5 s after its lifetime, and the connection goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_http2_stream_over_tls_is_reset_alone() {
+    let cert = make_cert(&temp_dir("stalled-h2"));
+    let hub = cert.hub(&["--max-stream-lifetime", "2s"]);
+    let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("https://{}/.well-known/mercure?topic=t", hub.addr))
+        .body(())
+        .unwrap();
+    let began = std::time::Instant::now();
+    let (response, _) = client.send_request(req, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let next = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+    let took = began.elapsed();
+    match next {
+        Ok(Some(Err(e))) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+        other => panic!("expected a reset, got {other:?} after {took:?}"),
+    }
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+    // The connection still serves.
+    let req = Request::get(format!("https://{}/healthz", hub.addr))
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(req, true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"lifetime\"}")
+            .await,
+        1.0
+    );
+}
+
+/// Review 22R: the hub's own HTTP/1.1 writer over TLS, its client stalled, gets no teardown
+/// task after its end any more (Teardown::OwnWriter): its own last-writes deadline closes the
+/// connection, 5 s after the end, not sooner.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_https_stream_the_hub_ends_is_closed_after_its_last_writes() {
+    use tokio::io::AsyncWriteExt;
+    let cert = make_cert(&temp_dir("stalled-end"));
+    let hub = cert.hub(&["--max-stream-lifetime", "3s"]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(hub.addr).await.unwrap();
+    let config = client_config(&cert.der, &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /.well-known/mercure?topic=e HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut p = hub.publisher().await;
+    let big = "e".repeat(60_000);
+    for _ in 0..80 {
+        p.ok(&[("topic", "e"), ("data", &big)]).await;
+    }
+    drop(p);
+    hub.wait_metric(
+        "ssehub_subscribers_dropped_total{reason=\"lifetime\"}",
+        |v| v >= 1.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    let ended = std::time::Instant::now();
+    hub.wait_metric(
+        "ssehub_connections_open",
+        |v| v <= 1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let took = ended.elapsed();
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+            .await,
+        0.0,
+        "ended, not dropped as slow"
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "closed {took:?} after its end"
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "closed {took:?} after its end"
+    );
+    drop(tls);
+}

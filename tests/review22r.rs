@@ -1,0 +1,181 @@
+//! Review 22R's experiments on the HTTP/2 stream teardown and the HPACK change.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestHub;
+
+/// An h2c connection whose streams get no window; its driver runs on its own task.
+async fn zero_window_client(hub: &TestHub) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .max_concurrent_reset_streams(1000)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await.unwrap()
+}
+
+async fn open(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    hub: &TestHub,
+    topic: &str,
+) -> h2::client::ResponseFuture {
+    let req = http::Request::get(format!(
+        "http://{}/.well-known/mercure?topic={topic}",
+        hub.addr
+    ))
+    .body(())
+    .unwrap();
+    *client = client.clone().ready().await.unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    response
+}
+
+/// Many stalled streams on one connection, three rounds: each round's streams are all reset
+/// (CANCEL) when dropped as slow, each counted once, none left registered, and the connection
+/// carries the next round.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_stalled_streams_on_one_connection_are_each_reset_once() {
+    const N: usize = 60;
+    let hub = TestHub::start(&["--subscriber-queue", "5"]);
+    let mut client = zero_window_client(&hub).await;
+    for round in 0..3 {
+        let mut bodies = Vec::new();
+        for _ in 0..N {
+            let r = open(&mut client, &hub, "many").await;
+            bodies.push(r);
+        }
+        let mut streams = Vec::new();
+        for r in bodies {
+            let r = tokio::time::timeout(Duration::from_secs(10), r)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            streams.push(r.into_body());
+        }
+        hub.wait_metric(
+            "ssehub_subscribers_connected",
+            |v| v >= N as f64,
+            Duration::from_secs(10),
+        )
+        .await;
+        let mut p = hub.publisher().await;
+        for i in 0..6 {
+            p.ok(&[("topic", "many"), ("data", &i.to_string())]).await;
+        }
+        for mut s in streams {
+            let next = tokio::time::timeout(Duration::from_secs(10), s.data())
+                .await
+                .expect("reset within 10 s");
+            match next {
+                Some(Err(e)) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+                other => panic!("round {round}: expected a reset, got {other:?}"),
+            }
+        }
+        hub.wait_metric(
+            "ssehub_subscribers_connected",
+            |v| v == 0.0,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+                .await,
+            ((round + 1) * N) as f64,
+            "each slow stream counted once"
+        );
+    }
+    // The connection (and the scrape's) are still open.
+    assert!(hub.metric("ssehub_connections_open").await >= 2.0);
+}
+
+/// Streams the client itself resets at once, in a loop, while the hub's side of each is being
+/// made: nothing is left registered and the hub still serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_reset_by_the_client_in_a_loop_leave_nothing() {
+    let hub = TestHub::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move { connection.await });
+    let mut done = 0;
+    for i in 0..400 {
+        let req = http::Request::get(format!(
+            "http://{}/.well-known/mercure?topic=r{i}",
+            hub.addr
+        ))
+        .body(())
+        .unwrap();
+        client = match client.ready().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("connection refused more streams after {i}: {e}");
+                break;
+            }
+        };
+        let (response, mut send) = client.send_request(req, false).unwrap();
+        if i % 2 == 0 {
+            // Once the head is back (the subscriber registered), then reset.
+            let _ = response.await;
+        }
+        send.send_reset(h2::Reason::CANCEL);
+        done += 1;
+    }
+    eprintln!(
+        "{done} streams reset; driver finished: {}",
+        driver.is_finished()
+    );
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+/// A response whose status is not one of HPACK's static entries (here a 401) is entered in
+/// the connection's header table all the same: `:status` is a pseudo-header, which cannot be
+/// marked sensitive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_outside_the_static_table_is_still_indexed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start(&[]);
+    let mut io = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    let authority = hub.addr.to_string();
+    for stream in [1u8, 3] {
+        // POST (static 3), http (6), :path and :authority literal without indexing.
+        let mut block = vec![0x83, 0x86];
+        for (name, value) in [(4u8, "/.well-known/mercure"), (1, authority.as_str())] {
+            block.extend_from_slice(&[name, value.len() as u8]);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let len = (block.len() as u32).to_be_bytes();
+        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, stream]);
+        out.extend_from_slice(&block);
+    }
+    io.write_all(&out).await.unwrap();
+    let mut firsts = Vec::new();
+    while firsts.len() < 2 {
+        let mut header = [0u8; 9];
+        io.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        if header[3] == 0x1 {
+            firsts.push(payload[..6.min(payload.len())].to_vec());
+        }
+    }
+    eprintln!("first bytes of each response block: {firsts:02x?}");
+    // 0x48 = literal with incremental indexing, name :status (static 8); "401".
+    assert_eq!(firsts[0][0], 0x48, "{firsts:02x?}");
+    // The second response refers to it in the dynamic table (index 62 = 0xbe).
+    assert_eq!(firsts[1][0], 0xbe, "{firsts:02x?}");
+}
