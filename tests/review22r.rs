@@ -179,3 +179,70 @@ async fn a_status_outside_the_static_table_is_still_indexed() {
     // The second response refers to it in the dynamic table (index 62 = 0xbe).
     assert_eq!(firsts[1][0], 0xbe, "{firsts:02x?}");
 }
+
+/// An h2c client that grants every window but never reads its socket at all: its stream is
+/// dropped as slow (the hub forgets it at once, though the RST_STREAM cannot go out), and the
+/// connection is closed by HTTP/2's keep-alive (a PING every 30 s, 20 s for its answer).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_its_connection_is_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let hub = TestHub::start(&["--subscriber-queue", "5"]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut io = sock.connect(hub.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 2^31 - 1.
+    out.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    // WINDOW_UPDATE on the connection: up to 2^31 - 1.
+    let inc = (0x7fff_ffffu32 - 65_535).to_be_bytes();
+    out.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&inc);
+    let authority = hub.addr.to_string();
+    let mut block = vec![0x82, 0x86];
+    for (name, value) in [
+        (4u8, "/.well-known/mercure?topic=n"),
+        (1, authority.as_str()),
+    ] {
+        block.extend_from_slice(&[name, value.len() as u8]);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let len = (block.len() as u32).to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    io.write_all(&out).await.unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut p = hub.publisher().await;
+    let big = "n".repeat(60_000);
+    let mut sent = 0;
+    while hub.metric("ssehub_subscribers_connected").await > 0.0 {
+        assert!(sent < 2_000, "still connected after {sent} updates");
+        for _ in 0..20 {
+            p.ok(&[("topic", "n"), ("data", &big)]).await;
+        }
+        sent += 20;
+    }
+    eprintln!("dropped after {sent} updates of 60 KB");
+    let dropped_at = std::time::Instant::now();
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"slow\"}")
+            .await,
+        1.0
+    );
+    // Only the scrape's connection left once keep-alive gives up on it.
+    hub.wait_metric(
+        "ssehub_connections_open",
+        |v| v <= 1.0,
+        Duration::from_secs(75),
+    )
+    .await;
+    eprintln!(
+        "connection closed {:?} after the drop",
+        dropped_at.elapsed()
+    );
+    drop(io);
+}
