@@ -163,4 +163,58 @@ mod tests {
             "the other task runs on"
         );
     }
+    /// Review 22R: a task that takes its handle and is cancelled in that same poll (as a
+    /// subscriber dropped as slow while its handler runs) is dropped without being woken again.
+    struct CancelsItself(Arc<AtomicBool>);
+
+    impl Future for CancelsItself {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            current_stream_cancel().unwrap().cancel();
+            Poll::Pending
+        }
+    }
+
+    impl Drop for CancelsItself {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Review 22R: panics mid-poll leave no handle lent on the thread.
+    struct Panics;
+
+    impl Future for Panics {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            let _ = current_stream_cancel().unwrap();
+            panic!("mid-poll");
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelled_in_its_first_poll_and_panics_leave_nothing_behind() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        hyper::rt::Executor::execute(&StreamTasks, CancelsItself(dropped.clone()));
+        hyper::rt::Executor::execute(&StreamTasks, Panics);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "cancelled in its first poll: dropped"
+        );
+        assert!(
+            current_stream_cancel().is_none(),
+            "nothing left lent after a panic"
+        );
+        // The thread goes on lending correctly to the next task.
+        let got = Arc::new(parking_lot::Mutex::new(None));
+        let w = Waits {
+            handle: got.clone(),
+            dropped: Default::default(),
+        };
+        hyper::rt::Executor::execute(&StreamTasks, w);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(got.lock().is_some());
+        assert!(current_stream_cancel().is_none());
+    }
 }
