@@ -246,3 +246,95 @@ async fn a_client_that_never_reads_its_connection_is_bounded() {
     );
     drop(io);
 }
+
+/// HPACK integer (RFC 7541 §5.1) with an n-bit prefix, the prefix byte's other bits `flags`.
+fn hpack_int(out: &mut Vec<u8>, bits: u32, flags: u8, mut v: usize) {
+    let max = (1usize << bits) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A literal header without indexing, new name.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0);
+    hpack_int(out, 7, 0, name.len());
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(out, 7, 0, value.len());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The end the token's `exp` gives a stream is found by the stream's own timer whenever its
+/// body is polled. A client whose stream has no window, a heartbeat pending, and that grants
+/// one byte just after `exp` (before the sweep): the body is polled, the timer closes the
+/// subscriber (counted as expired) and hands out the heartbeat, which takes the byte; the body
+/// is never polled again, the sweep skips the closed subscriber, and no teardown was asked
+/// for: the stream stays. Demonstrates review 22R's MEDIUM 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ended_by_its_own_exp_timer_is_never_torn_down() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start(&["--heartbeat", "1s"]);
+    let subscribe = ["*".to_owned()];
+    let ttl = Duration::from_secs(4);
+    let exp = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + ttl).as_secs();
+    let token = hub.key.mint(None, Some(&subscribe), Some(ttl)).unwrap();
+    let mut io = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0.
+    out.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+    let mut block = vec![0x82, 0x86];
+    hpack_literal(&mut block, ":path", "/.well-known/mercure?topic=x");
+    hpack_literal(&mut block, ":authority", &hub.addr.to_string());
+    hpack_literal(&mut block, "authorization", &format!("Bearer {token}"));
+    let len = (block.len() as u32).to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    io.write_all(&out).await.unwrap();
+    // Read (and drop) what the hub sends meanwhile, acking nothing: a few frames.
+    let (mut rd, mut wr) = io.into_split();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let exp_at = UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(30);
+    let wait = exp_at.duration_since(SystemTime::now()).unwrap();
+    tokio::time::sleep(wait).await;
+    // WINDOW_UPDATE, stream 1, one byte (REVIEW22R_NO_GRANT: none, the control).
+    let grant: &[u8] = if std::env::var_os("REVIEW22R_NO_GRANT").is_some() {
+        &[]
+    } else {
+        &[0, 0, 4, 0x8, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    };
+    wr.write_all(grant).await.unwrap();
+    hub.wait_metric(
+        "ssehub_subscribers_dropped_total{reason=\"expired\"}",
+        |v| v >= 1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Well past its end and the 5 s of last writes.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let left = hub.metric("ssehub_subscribers_connected").await;
+    eprintln!("subscribers still connected 9 s after exp: {left}");
+    assert_eq!(left, 1.0, "the ended stream was torn down after all");
+    drop(wr);
+}
