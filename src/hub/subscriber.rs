@@ -557,6 +557,10 @@ impl SubscriberStream {
         // Nor does what was queued for it go out after `exp`.
         self.sub.state.lock().queue.clear();
         if self.sub.close(DropReason::Expired) {
+            // What this poll still hands out (a heartbeat) may take the last of the client's
+            // window, and the body not be polled again: torn down if it is still served in
+            // 5 s (the sweep no longer looks at an ended stream).
+            self.sub.close_later();
             self.hub.metrics.dropped(DropReason::Expired);
             tracing::info!(subscriber = self.sub.id, "Dropped client: token expired");
         }

@@ -163,7 +163,7 @@ mod tests {
             "the other task runs on"
         );
     }
-    /// Review 22R: a task that takes its handle and is cancelled in that same poll (as a
+    /// A task that takes its handle and is cancelled in that same poll (as a
     /// subscriber dropped as slow while its handler runs) is dropped without being woken again.
     struct CancelsItself(Arc<AtomicBool>);
 
@@ -181,7 +181,7 @@ mod tests {
         }
     }
 
-    /// Review 22R: panics mid-poll leave no handle lent on the thread.
+    /// Panics mid-poll leave no handle lent on the thread.
     struct Panics;
 
     impl Future for Panics {

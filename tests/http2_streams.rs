@@ -1,4 +1,5 @@
-//! Review 22R's experiments on the HTTP/2 stream teardown and the HPACK change.
+//! HTTP/2 event streams whose clients stall, reset, or never read: each stream is torn down
+//! alone, counted once, and nothing stays registered (see `server::stream_tasks`).
 
 mod common;
 
@@ -103,7 +104,7 @@ async fn subscriptions_reset_by_the_client_in_a_loop_leave_nothing() {
     let hub = TestHub::start(&[]);
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
-    let driver = tokio::spawn(async move { connection.await });
+    let driver = tokio::spawn(connection);
     let mut done = 0;
     for i in 0..400 {
         let req = http::Request::get(format!(
@@ -137,47 +138,6 @@ async fn subscriptions_reset_by_the_client_in_a_loop_leave_nothing() {
         Duration::from_secs(10),
     )
     .await;
-}
-
-/// A response whose status is not one of HPACK's static entries (here a 401) is entered in
-/// the connection's header table all the same: `:status` is a pseudo-header, which cannot be
-/// marked sensitive.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_status_outside_the_static_table_is_still_indexed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let hub = TestHub::start(&[]);
-    let mut io = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
-    let authority = hub.addr.to_string();
-    for stream in [1u8, 3] {
-        // POST (static 3), http (6), :path and :authority literal without indexing.
-        let mut block = vec![0x83, 0x86];
-        for (name, value) in [(4u8, "/.well-known/mercure"), (1, authority.as_str())] {
-            block.extend_from_slice(&[name, value.len() as u8]);
-            block.extend_from_slice(value.as_bytes());
-        }
-        let len = (block.len() as u32).to_be_bytes();
-        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, stream]);
-        out.extend_from_slice(&block);
-    }
-    io.write_all(&out).await.unwrap();
-    let mut firsts = Vec::new();
-    while firsts.len() < 2 {
-        let mut header = [0u8; 9];
-        io.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        io.read_exact(&mut payload).await.unwrap();
-        if header[3] == 0x1 {
-            firsts.push(payload[..6.min(payload.len())].to_vec());
-        }
-    }
-    eprintln!("first bytes of each response block: {firsts:02x?}");
-    // 0x48 = literal with incremental indexing, name :status (static 8); "401".
-    assert_eq!(firsts[0][0], 0x48, "{firsts:02x?}");
-    // The second response refers to it in the dynamic table (index 62 = 0xbe).
-    assert_eq!(firsts[1][0], 0xbe, "{firsts:02x?}");
 }
 
 /// An h2c client that grants every window but never reads its socket at all: its stream is
@@ -273,13 +233,13 @@ fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 /// The end the token's `exp` gives a stream is found by the stream's own timer whenever its
-/// body is polled. A client whose stream has no window, a heartbeat pending, and that grants
-/// one byte just after `exp` (before the sweep): the body is polled, the timer closes the
-/// subscriber (counted as expired) and hands out the heartbeat, which takes the byte; the body
-/// is never polled again, the sweep skips the closed subscriber, and no teardown was asked
-/// for: the stream stays. Demonstrates review 22R's MEDIUM 1.
+/// body is polled. A client whose stream has no window, a heartbeat pending, grants one byte
+/// just after `exp` (before the hub's sweep): the body is polled, the timer closes the
+/// subscriber (counted as expired) and hands out the heartbeat, which takes the byte, and the
+/// body is not polled again. The stream is still reset 5 s later (review 22R MEDIUM 1: it was
+/// kept for good).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_stream_ended_by_its_own_exp_timer_is_never_torn_down() {
+async fn a_stream_ended_by_its_own_exp_timer_is_torn_down_too() {
     use std::time::{SystemTime, UNIX_EPOCH};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hub = TestHub::start(&["--heartbeat", "1s"]);
@@ -318,23 +278,22 @@ async fn a_stream_ended_by_its_own_exp_timer_is_never_torn_down() {
     let exp_at = UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(30);
     let wait = exp_at.duration_since(SystemTime::now()).unwrap();
     tokio::time::sleep(wait).await;
-    // WINDOW_UPDATE, stream 1, one byte (REVIEW22R_NO_GRANT: none, the control).
-    let grant: &[u8] = if std::env::var_os("REVIEW22R_NO_GRANT").is_some() {
-        &[]
-    } else {
-        &[0, 0, 4, 0x8, 0, 0, 0, 0, 1, 0, 0, 0, 1]
-    };
-    wr.write_all(grant).await.unwrap();
+    // WINDOW_UPDATE, stream 1, one byte.
+    wr.write_all(&[0, 0, 4, 0x8, 0, 0, 0, 0, 1, 0, 0, 0, 1])
+        .await
+        .unwrap();
     hub.wait_metric(
         "ssehub_subscribers_dropped_total{reason=\"expired\"}",
         |v| v >= 1.0,
         Duration::from_secs(5),
     )
     .await;
-    // Well past its end and the 5 s of last writes.
-    tokio::time::sleep(Duration::from_secs(9)).await;
-    let left = hub.metric("ssehub_subscribers_connected").await;
-    eprintln!("subscribers still connected 9 s after exp: {left}");
-    assert_eq!(left, 1.0, "the ended stream was torn down after all");
+    // Torn down after the 5 s of last writes.
+    hub.wait_metric(
+        "ssehub_subscribers_connected",
+        |v| v == 0.0,
+        Duration::from_secs(12),
+    )
+    .await;
     drop(wr);
 }
