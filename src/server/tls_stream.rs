@@ -74,6 +74,21 @@ fn with_scratch<R>(size: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 pub struct TlsStream {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
+    /// What the connection could not pass on yet, boxed and only while there is some: an idle
+    /// connection (boxed whole for its stream's life, with rustls's 1,088 bytes) pays a pointer
+    /// for it, not 104 bytes of empty buffers and an unset clock.
+    kept: Option<Box<Kept>>,
+    /// The peer sent its close_notify or ended TCP: reads answer end of input.
+    read_closed: bool,
+    close_notify_queued: bool,
+    /// How long a record may stay unfinished after the handshake (see [`accept`]).
+    record_timeout: Duration,
+}
+
+/// What a [`TlsStream`] keeps between polls: each buffer is freed once empty, and the whole
+/// once all are (see [`TlsStream::release_kept`]).
+#[derive(Default)]
+struct Kept {
     /// The start of a record (or of a handshake message spanning records) not yet whole.
     incoming: Vec<u8>,
     /// Decrypted bytes the reader had no room for, from `plaintext_at` on.
@@ -83,16 +98,27 @@ pub struct TlsStream {
     /// anything newer.
     outgoing: Vec<u8>,
     outgoing_at: usize,
-    /// The peer sent its close_notify or ended TCP: reads answer end of input.
-    read_closed: bool,
-    close_notify_queued: bool,
-    /// How long a record may stay unfinished after the handshake (see [`accept`]).
-    record_timeout: Duration,
     /// When the record `incoming` holds the start of must be whole: set after the handshake
     /// while `incoming` is not empty, boxed so that a connection without one pays a pointer.
     record_deadline: Option<Pin<Box<Sleep>>>,
     /// Bytes of the unfinished record kept when its clock last started.
     record_mark: usize,
+}
+
+impl Kept {
+    /// Whether nothing is kept (a buffer read to its end counts as empty).
+    fn is_empty(&self) -> bool {
+        self.incoming.is_empty()
+            && self.plaintext_at >= self.plaintext.len()
+            && self.outgoing_at >= self.outgoing.len()
+            && self.record_deadline.is_none()
+    }
+}
+
+/// The connection's [`Kept`], made if it has none: a function of the field, not a method, so
+/// that rustls's state (another field) can be borrowed at the same time.
+fn kept_or_new(kept: &mut Option<Box<Kept>>) -> &mut Kept {
+    kept.get_or_insert_with(Box::default)
 }
 
 /// Runs the server side of a TLS handshake on `tcp` (the caller bounds it in time). Plaintext
@@ -110,16 +136,10 @@ pub async fn accept(
     let mut stream = TlsStream {
         tcp,
         conn,
-        incoming: Vec::new(),
-        plaintext: Vec::new(),
-        plaintext_at: 0,
-        outgoing: Vec::new(),
-        outgoing_at: 0,
+        kept: None,
         read_closed: false,
         close_notify_queued: false,
         record_timeout,
-        record_deadline: None,
-        record_mark: 0,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -142,6 +162,32 @@ impl TlsStream {
     /// The protocol ALPN chose, if any.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.conn.alpn_protocol()
+    }
+
+    /// Frees what the connection keeps once nothing is in it.
+    fn release_kept(&mut self) {
+        if self.kept.as_ref().is_some_and(|k| k.is_empty()) {
+            self.kept = None;
+        }
+    }
+
+    /// Bytes of an unfinished record (or handshake message) kept.
+    fn incoming_len(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.incoming.len())
+    }
+
+    /// Whether encrypted bytes wait for the socket.
+    fn has_outgoing(&self) -> bool {
+        self.kept
+            .as_ref()
+            .is_some_and(|k| k.outgoing_at < k.outgoing.len())
+    }
+
+    /// Whether decrypted bytes wait for the reader.
+    fn has_plaintext(&self) -> bool {
+        self.kept
+            .as_ref()
+            .is_some_and(|k| k.plaintext_at < k.plaintext.len())
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -168,9 +214,11 @@ impl TlsStream {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let kept = self.incoming.len();
+        let kept = self.incoming_len();
         with_scratch(kept + READ_SIZE, |scratch| {
-            scratch[..kept].copy_from_slice(&self.incoming);
+            if let Some(k) = &self.kept {
+                scratch[..kept].copy_from_slice(&k.incoming);
+            }
             let n = loop {
                 match self.tcp.try_read(&mut scratch[kept..]) {
                     Ok(n) => break n,
@@ -206,15 +254,19 @@ impl TlsStream {
                 self.time_unfinished_record(rest.len(), used > 0);
             }
             if rest.is_empty() {
-                self.incoming = Vec::new();
+                if let Some(k) = &mut self.kept {
+                    k.incoming = Vec::new();
+                }
+                self.release_kept();
             } else if rest.len() > MAX_INCOMPLETE_HANDSHAKE {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "TLS: an unfinished record or handshake message is too large",
                 )));
             } else {
-                self.incoming.clear();
-                self.incoming.extend_from_slice(rest);
+                let incoming = &mut kept_or_new(&mut self.kept).incoming;
+                incoming.clear();
+                incoming.extend_from_slice(rest);
             }
             Poll::Ready(Ok(()))
         })
@@ -226,29 +278,35 @@ impl TlsStream {
     /// [`RECORD_PROGRESS`] more bytes of the record have come: a client uploading a large
     /// body slowly in full-size records is not cut off, one that trickles a byte now and then
     /// is.
-    fn time_unfinished_record(&mut self, kept: usize, new: bool) {
-        if kept == 0 {
-            self.record_deadline = None;
+    fn time_unfinished_record(&mut self, len: usize, new: bool) {
+        if len == 0 {
+            if let Some(k) = &mut self.kept {
+                k.record_deadline = None;
+            }
             return;
         }
-        let progressed = kept >= self.record_mark + RECORD_PROGRESS;
         let deadline = Instant::now() + self.record_timeout;
-        match &mut self.record_deadline {
+        let k = kept_or_new(&mut self.kept);
+        let progressed = len >= k.record_mark + RECORD_PROGRESS;
+        match &mut k.record_deadline {
             Some(sleep) if new || progressed => sleep.as_mut().reset(deadline),
             Some(_) => return,
-            None => self.record_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            None => k.record_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
-        self.record_mark = kept;
+        k.record_mark = len;
     }
 
     /// `Pending` (the task woken when it passes) until the deadline of a record kept
     /// unfinished, if any; then the error that ends the connection.
     fn poll_record_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(deadline) = &mut self.record_deadline else {
+        let Some(k) = &mut self.kept else {
+            return Poll::Pending;
+        };
+        let Some(deadline) = &mut k.record_deadline else {
             return Poll::Pending;
         };
         ready!(deadline.as_mut().poll(cx));
-        self.record_deadline = None;
+        k.record_deadline = None;
         self.read_closed = true;
         let why = format!("a record unfinished for {:?}", self.record_timeout);
         Poll::Ready(Err(self.closing(io::ErrorKind::TimedOut, why)))
@@ -283,12 +341,18 @@ impl TlsStream {
                         discard += record.discard;
                         let n = record.payload.len().min(out.remaining());
                         out.put_slice(&record.payload[..n]);
-                        self.plaintext.extend_from_slice(&record.payload[n..]);
+                        if n < record.payload.len() {
+                            kept_or_new(&mut self.kept)
+                                .plaintext
+                                .extend_from_slice(&record.payload[n..]);
+                        }
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, |buf| encode.encode(buf))
-                        .map_err(encode_error)?;
+                    encode_into(&mut kept_or_new(&mut self.kept).outgoing, |buf| {
+                        encode.encode(buf)
+                    })
+                    .map_err(encode_error)?;
                 }
                 // The encoded bytes wait in `outgoing`, which goes out before anything newer.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
@@ -322,29 +386,38 @@ impl TlsStream {
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
             self.conn.process_tls_records(pending).state
         {
-            let _ = encode_into(&mut self.outgoing, |buf| encode.encode(buf));
+            let _ = encode_into(&mut kept_or_new(&mut self.kept).outgoing, |buf| {
+                encode.encode(buf)
+            });
         }
-        let _ = self.tcp.try_write(&self.outgoing[self.outgoing_at..]);
-        self.outgoing = Vec::new();
-        self.outgoing_at = 0;
+        if let Some(k) = &mut self.kept {
+            let _ = self.tcp.try_write(&k.outgoing[k.outgoing_at..]);
+            k.outgoing = Vec::new();
+            k.outgoing_at = 0;
+        }
+        self.release_kept();
     }
 
     /// Writes what is kept in `outgoing`; `Ready` once all of it is out.
     fn poll_flush_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.outgoing_at < self.outgoing.len() {
-            match self.tcp.try_write(&self.outgoing[self.outgoing_at..]) {
+        let Some(k) = &mut self.kept else {
+            return Poll::Ready(Ok(()));
+        };
+        while k.outgoing_at < k.outgoing.len() {
+            match self.tcp.try_write(&k.outgoing[k.outgoing_at..]) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.outgoing_at += n,
+                Ok(n) => k.outgoing_at += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(self.tcp.poll_write_ready(cx))?;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        if self.outgoing.capacity() > 0 {
-            self.outgoing = Vec::new();
-            self.outgoing_at = 0;
+        if k.outgoing.capacity() > 0 {
+            k.outgoing = Vec::new();
+            k.outgoing_at = 0;
         }
+        self.release_kept();
         Poll::Ready(Ok(()))
     }
 
@@ -360,8 +433,17 @@ impl TlsStream {
         loop {
             // rustls is given back what it had not discarded (the start of a handshake message
             // spread over records, a key update or renegotiation in the middle of a stream): it
-            // keeps offsets into those bytes, and an empty buffer would not hold them.
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            // keeps offsets into those bytes, and an empty buffer would not hold them. What it
+            // encodes goes to `outgoing`, or to `encoded` when nothing is kept yet (then kept
+            // once rustls lets go of `incoming`).
+            let mut encoded = Vec::new();
+            let (incoming, outgoing): (&mut [u8], &mut Vec<u8>) = match self.kept.as_deref_mut() {
+                Some(Kept {
+                    incoming, outgoing, ..
+                }) => (incoming, outgoing),
+                None => (&mut [], &mut encoded),
+            };
+            let status = self.conn.process_tls_records(incoming);
             let discard = status.discard;
             let mut done = None;
             match status.state.map_err(tls_error)? {
@@ -369,8 +451,7 @@ impl TlsStream {
                     done = f.take().map(|f| f(&mut traffic));
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, |buf| encode.encode(buf))
-                        .map_err(encode_error)?;
+                    encode_into(outgoing, |buf| encode.encode(buf)).map_err(encode_error)?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::PeerClosed => self.read_closed = true,
@@ -387,11 +468,17 @@ impl TlsStream {
                     ))
                 }
             }
-            self.incoming.drain(..discard);
-            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
-                self.incoming = Vec::new();
-                self.record_deadline = None;
+            if !encoded.is_empty() {
+                kept_or_new(&mut self.kept).outgoing = encoded;
             }
+            if let Some(k) = &mut self.kept {
+                k.incoming.drain(..discard);
+                if k.incoming.is_empty() && k.incoming.capacity() > 0 {
+                    k.incoming = Vec::new();
+                    k.record_deadline = None;
+                }
+            }
+            self.release_kept();
             if let Some(done) = done {
                 return Ok(done);
             }
@@ -418,7 +505,7 @@ impl TlsStream {
     }
 
     fn keep_or_write(&mut self, mut sealed: &[u8]) -> io::Result<()> {
-        if self.outgoing_at == self.outgoing.len() {
+        if !self.has_outgoing() {
             while !sealed.is_empty() {
                 match self.tcp.try_write(sealed) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -428,7 +515,11 @@ impl TlsStream {
                 }
             }
         }
-        self.outgoing.extend_from_slice(sealed);
+        if !sealed.is_empty() {
+            kept_or_new(&mut self.kept)
+                .outgoing
+                .extend_from_slice(sealed);
+        }
         Ok(())
     }
 }
@@ -481,14 +572,19 @@ impl AsyncRead for TlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.plaintext_at < this.plaintext.len() {
-            let kept = &this.plaintext[this.plaintext_at..];
-            let n = kept.len().min(buf.remaining());
-            buf.put_slice(&kept[..n]);
-            this.plaintext_at += n;
-            if this.plaintext_at == this.plaintext.len() {
-                this.plaintext = Vec::new();
-                this.plaintext_at = 0;
+        if let Some(k) = this
+            .kept
+            .as_deref_mut()
+            .filter(|k| k.plaintext_at < k.plaintext.len())
+        {
+            let rest = &k.plaintext[k.plaintext_at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            k.plaintext_at += n;
+            if k.plaintext_at == k.plaintext.len() {
+                k.plaintext = Vec::new();
+                k.plaintext_at = 0;
+                this.release_kept();
             }
             return Poll::Ready(Ok(()));
         }
@@ -507,12 +603,12 @@ impl AsyncRead for TlsStream {
             // What reading made rustls answer (a renegotiation refused) goes out now if the
             // socket takes it; if not, the next write or flush sends it first. Its own key
             // update, answering the client's, rustls gives only at the next write.
-            if this.outgoing_at < this.outgoing.len() {
+            if this.has_outgoing() {
                 if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
                     return Poll::Ready(Err(e));
                 }
             }
-            if buf.filled().len() > before || !this.plaintext.is_empty() {
+            if buf.filled().len() > before || this.has_plaintext() {
                 return Poll::Ready(Ok(()));
             }
         }
@@ -581,7 +677,9 @@ impl AsyncWrite for TlsStream {
             let len = this
                 .with_write_traffic(|w| w.queue_close_notify(&mut alert))?
                 .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-            this.outgoing.extend_from_slice(&alert[..len]);
+            kept_or_new(&mut this.kept)
+                .outgoing
+                .extend_from_slice(&alert[..len]);
             ready!(this.poll_flush_outgoing(cx))?;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
@@ -591,6 +689,77 @@ impl AsyncWrite for TlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server configuration with a new self-signed certificate for 127.0.0.1, and a client
+    /// configuration trusting it.
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let cert = c.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// An idle connection keeps its rustls state and the socket, nothing more: what is kept
+    /// between polls (plaintext the reader had no room for, here) is freed once passed on.
+    #[tokio::test]
+    async fn an_idle_connection_keeps_only_its_tls_state() {
+        let inline = size_of::<TlsStream>();
+        let floor = size_of::<UnbufferedServerConnection>() + size_of::<TcpStream>();
+        assert!(
+            inline <= floor + 32,
+            "{inline} bytes, rustls and the socket {floor}"
+        );
+
+        let (server, client) = configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(b"hello").await.unwrap();
+            let mut answer = [0u8; 5];
+            tls.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"world");
+            tls
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut stream = accept(tcp, server, Duration::from_secs(10)).await.unwrap();
+        let mut start = [0u8; 2];
+        stream.read_exact(&mut start).await.unwrap();
+        assert_eq!(&start, b"he");
+        assert!(
+            stream.kept.is_some(),
+            "the rest of the record is kept for the reader"
+        );
+        let mut rest = [0u8; 3];
+        stream.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"llo");
+        assert!(stream.kept.is_none(), "nothing kept once read");
+        stream.write_all(b"world").await.unwrap();
+        stream.flush().await.unwrap();
+        assert!(stream.kept.is_none(), "nothing kept once written");
+        let _open = peer.await.unwrap();
+    }
 
     #[test]
     fn a_record_header_announcing_more_than_a_record_is_found() {
