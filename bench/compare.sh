@@ -291,10 +291,11 @@ bench() {
   else
     mv "$out.tmp" "$out"
     # ssehub's batching as it stood at the end of the run (budget, window, how busy the cores
-    # were, writes by kind), beside the run's JSON.
-    if [[ $peer == ssehub* ]] && [ "$TLS" = 0 ] && command -v curl >/dev/null; then
-      curl -s --max-time 2 "http://127.0.0.1:$SSEHUB_PORT/metrics" \
-        | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total) ' \
+    # were, writes by kind) and its commits' time, beside the run's JSON.
+    if [[ $peer == ssehub* ]] && command -v curl >/dev/null; then
+      scheme=http; [ "$TLS" = 0 ] || scheme=https
+      curl -sk --max-time 2 "$scheme://127.0.0.1:$SSEHUB_PORT/metrics" \
+        | grep -E '^ssehub_(write_budget|coalesce_window_seconds|cpu_busy_ratio|deliveries_total|direct_writes_total|coalesced_writes_total|task_writes_total|store_commit_seconds_sum|store_commit_seconds_count|store_updates_per_commit_sum|store_updates_per_commit_count) ' \
         >"${out%.json}.metrics" || true
     fi
   fi
