@@ -761,6 +761,192 @@ mod tests {
         let _open = peer.await.unwrap();
     }
 
+    /// A blocking rustls client on its own thread, its handshake done with `addr`.
+    fn blocking_client(
+        addr: std::net::SocketAddr,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (rustls::ClientConnection, std::net::TcpStream) {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        (conn, tcp)
+    }
+
+    /// Review 22S: the start of a record is kept with its clock (the box made for it), the
+    /// reader's wait may be cancelled without losing it, the record made whole is read whole
+    /// and the box freed; a record left unfinished then ends the connection at its deadline.
+    #[tokio::test]
+    async fn review22s_an_unfinished_record_is_kept_with_its_clock_and_freed_once_whole() {
+        use std::io::Write as _;
+        let (server, client) = configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let (mut conn, mut tcp) = blocking_client(addr, client);
+            let mut record = Vec::new();
+            conn.writer().write_all(b"hello").unwrap();
+            conn.write_tls(&mut record).unwrap();
+            tcp.write_all(&record[..10]).unwrap();
+            go_rx.recv().unwrap();
+            tcp.write_all(&record[10..]).unwrap();
+            // The start of another record, never finished.
+            let mut second = Vec::new();
+            conn.writer().write_all(b"again").unwrap();
+            conn.write_tls(&mut second).unwrap();
+            tcp.write_all(&second[..3]).unwrap();
+            go_rx.recv().unwrap();
+            tcp
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let timeout = Duration::from_secs(2);
+        let mut stream = accept(tcp, server, timeout).await.unwrap();
+        let mut buf = [0u8; 64];
+        let waited = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await;
+        assert!(waited.is_err(), "nothing to read from part of a record");
+        assert_eq!(stream.incoming_len(), 10, "the start of the record is kept");
+        assert!(stream.kept.as_ref().unwrap().record_deadline.is_some());
+        go_tx.send(()).unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        // The second record's start may have come with the first's end, or after it.
+        let started = Instant::now();
+        let err = loop {
+            match stream.read(&mut buf).await {
+                Ok(n) => panic!("read {n} bytes of an unfinished record"),
+                Err(e) => break e,
+            }
+        };
+        let took = started.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+            "the unfinished record's deadline fired after {took:?}"
+        );
+        go_tx.send(()).unwrap();
+        drop(peer.join().unwrap());
+    }
+
+    /// Review 22S: encrypted bytes the socket does not take are kept (the box made for them)
+    /// and go out before anything newer: a client that stops reading, then reads everything,
+    /// gets every byte in order and the close_notify; nothing is kept once flushed.
+    #[tokio::test]
+    async fn review22s_writes_the_socket_cannot_take_are_kept_in_order_then_freed() {
+        use std::io::Read as _;
+        let (server, client) = configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let (mut conn, mut tcp) = blocking_client(addr, client);
+            go_rx.recv().unwrap();
+            let mut got = Vec::new();
+            let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+            stream.read_to_end(&mut got).unwrap();
+            got
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut stream = accept(tcp, server, Duration::from_secs(10)).await.unwrap();
+        // Numbered bytes, in writes of odd sizes, so that a cut, a repeat or a swap shows.
+        let mut sent: Vec<u8> = Vec::new();
+        let mut next = 0u32;
+        let mut piece = |len: usize| {
+            let mut p = Vec::with_capacity(len);
+            while p.len() < len {
+                p.extend_from_slice(format!("{next:08} ").as_bytes());
+                next += 1;
+            }
+            p.truncate(len);
+            p
+        };
+        let mut full = false;
+        for round in 0..10_000 {
+            let chunk = piece(7_001 + round % 13);
+            match tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await {
+                Ok(n) => sent.extend_from_slice(&chunk[..n.unwrap()]),
+                Err(_) => {
+                    full = true;
+                    break;
+                }
+            }
+        }
+        assert!(full, "the socket never filled");
+        assert!(
+            stream.has_outgoing(),
+            "what the socket did not take is kept"
+        );
+        go_tx.send(()).unwrap();
+        stream.flush().await.unwrap();
+        assert!(stream.kept.is_none(), "nothing kept once flushed");
+        for round in 0..50 {
+            let chunk = piece(3_000 + round);
+            stream.write_all(&chunk).await.unwrap();
+            sent.extend_from_slice(&chunk);
+        }
+        stream.shutdown().await.unwrap();
+        assert!(stream.kept.is_none(), "nothing kept once shut down");
+        let got = peer.join().unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes differ");
+    }
+
+    /// Review 22S: a request sent right behind the client's Finished is kept from the handshake
+    /// for the first read, read whole, and the box freed.
+    #[tokio::test]
+    async fn review22s_plaintext_behind_the_handshake_is_read_whole() {
+        use std::io::Write as _;
+        let (server, client) = configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let request = b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nhost: x\r\n\r\n".repeat(300);
+        let expected = request.clone();
+        let peer = std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            // Flight by flight, and the request queued before the client's last flight goes.
+            while conn.is_handshaking() {
+                if conn.wants_write() {
+                    conn.write_tls(&mut tcp).unwrap();
+                } else {
+                    conn.read_tls(&mut tcp).unwrap();
+                    conn.process_new_packets().unwrap();
+                }
+                if !conn.is_handshaking() {
+                    conn.writer().write_all(&request).unwrap();
+                }
+            }
+            conn.writer().write_all(b"").unwrap();
+            let mut all = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut all).unwrap();
+            }
+            tcp.write_all(&all).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            tcp
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        // The client's Finished and the request arrive together.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut stream = accept(tcp, server, Duration::from_secs(10)).await.unwrap();
+        let mut got = vec![0u8; expected.len()];
+        let mut at = 0;
+        while at < got.len() {
+            let end = (at + 100).min(got.len());
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), stream.read(&mut got[at..end]));
+            let n = read.await.expect("the rest of the request").unwrap();
+            assert!(n > 0, "ended after {at} bytes");
+            at += n;
+        }
+        assert!(got == expected, "the request differs");
+        assert!(stream.kept.is_none(), "nothing kept once read");
+        drop(peer.join().unwrap());
+    }
+
     #[test]
     fn a_record_header_announcing_more_than_a_record_is_found() {
         // No length yet, then TLS 1.3's largest record (2^14 + 256), then a byte more.

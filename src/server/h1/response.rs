@@ -152,4 +152,72 @@ mod tests {
         assert_eq!(got.len(), 29, "{got}");
         assert!(got.ends_with(" GMT"), "{got}");
     }
+
+    /// Review 22S (found around the change, not made by it): over TLS, shutting the sending
+    /// side down writes close_notify, which waits on the socket. `answer` bounds its write
+    /// (`ANSWER_WRITE`) but not the shutdown after it, so a TLS client that stops reading and
+    /// then asks for `Connection: close` (or gets a refusal) keeps its connection, and its place
+    /// in the budget, for as long as it likes. Fails today: still waiting after 60 s (virtual).
+    #[tokio::test(start_paused = true)]
+    async fn review22s_an_answer_that_closes_a_tls_connection_its_client_does_not_read_ends() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt as _;
+        let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let cert = c.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).unwrap();
+            }
+            // Reads nothing more until told.
+            let _ = go_rx.recv();
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut stream =
+            crate::server::tls_stream::accept(tcp, Arc::new(server), Duration::from_secs(3600))
+                .await
+                .unwrap();
+        // Earlier answers the client did not read fill the socket.
+        let chunk = vec![b'x'; 16 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await {
+                Ok(written) => assert!(written.unwrap() > 0),
+                Err(_) => break,
+            }
+        }
+        let refusal = Response::new(axum::body::Body::from("refused"));
+        let started = tokio::time::Instant::now();
+        let done =
+            tokio::time::timeout(Duration::from_secs(60), answer(&mut stream, refusal, true)).await;
+        let took = started.elapsed();
+        let _ = go_tx.send(());
+        drop(stream);
+        peer.join().unwrap();
+        assert!(
+            done.is_ok(),
+            "answer(close) still waiting after {took:?} on a client that does not read"
+        );
+    }
 }
