@@ -814,11 +814,9 @@ mod tests {
         assert_eq!(&buf[..n], b"hello");
         // The second record's start may have come with the first's end, or after it.
         let started = Instant::now();
-        let err = loop {
-            match stream.read(&mut buf).await {
-                Ok(n) => panic!("read {n} bytes of an unfinished record"),
-                Err(e) => break e,
-            }
+        let err = match stream.read(&mut buf).await {
+            Ok(n) => panic!("read {n} bytes of an unfinished record"),
+            Err(e) => e,
         };
         let took = started.elapsed();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");

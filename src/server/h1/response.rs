@@ -201,11 +201,10 @@ mod tests {
                 .unwrap();
         // Earlier answers the client did not read fill the socket.
         let chunk = vec![b'x'; 16 * 1024];
-        loop {
-            match tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await {
-                Ok(written) => assert!(written.unwrap() > 0),
-                Err(_) => break,
-            }
+        while let Ok(written) =
+            tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await
+        {
+            assert!(written.unwrap() > 0);
         }
         let refusal = Response::new(axum::body::Body::from("refused"));
         let started = tokio::time::Instant::now();
