@@ -775,11 +775,11 @@ mod tests {
         (conn, tcp)
     }
 
-    /// Review 22S: the start of a record is kept with its clock (the box made for it), the
+    /// The start of a record is kept with its clock (the box made for it), the
     /// reader's wait may be cancelled without losing it, the record made whole is read whole
     /// and the box freed; a record left unfinished then ends the connection at its deadline.
     #[tokio::test]
-    async fn review22s_an_unfinished_record_is_kept_with_its_clock_and_freed_once_whole() {
+    async fn an_unfinished_record_is_kept_with_its_clock_and_freed_once_whole() {
         use std::io::Write as _;
         let (server, client) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -828,11 +828,11 @@ mod tests {
         drop(peer.join().unwrap());
     }
 
-    /// Review 22S: encrypted bytes the socket does not take are kept (the box made for them)
+    /// Encrypted bytes the socket does not take are kept (the box made for them)
     /// and go out before anything newer: a client that stops reading, then reads everything,
     /// gets every byte in order and the close_notify; nothing is kept once flushed.
     #[tokio::test]
-    async fn review22s_writes_the_socket_cannot_take_are_kept_in_order_then_freed() {
+    async fn writes_the_socket_cannot_take_are_kept_in_order_then_freed() {
         use std::io::Read as _;
         let (server, client) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -891,10 +891,10 @@ mod tests {
         assert!(got == sent, "bytes differ");
     }
 
-    /// Review 22S: a request sent right behind the client's Finished is kept from the handshake
+    /// A request sent right behind the client's Finished is kept from the handshake
     /// for the first read, read whole, and the box freed.
     #[tokio::test]
-    async fn review22s_plaintext_behind_the_handshake_is_read_whole() {
+    async fn plaintext_behind_the_handshake_is_read_whole() {
         use std::io::Write as _;
         let (server, client) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
