@@ -7,19 +7,10 @@ use std::time::Duration;
 
 use common::TestHub;
 
-/// An h2c connection whose streams get no window; its driver runs on its own task.
+/// An h2c connection whose streams get no window.
 async fn zero_window_client(hub: &TestHub) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .max_concurrent_reset_streams(1000)
-        .handshake(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client.ready().await.unwrap()
+    common::zero_window_h2(tcp).await
 }
 
 async fn open(
@@ -157,18 +148,8 @@ async fn a_client_that_never_reads_its_connection_is_bounded() {
     let inc = (0x7fff_ffffu32 - 65_535).to_be_bytes();
     out.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&inc);
-    let authority = hub.addr.to_string();
-    let mut block = vec![0x82, 0x86];
-    for (name, value) in [
-        (4u8, "/.well-known/mercure?topic=n"),
-        (1, authority.as_str()),
-    ] {
-        block.extend_from_slice(&[name, value.len() as u8]);
-        block.extend_from_slice(value.as_bytes());
-    }
-    let len = (block.len() as u32).to_be_bytes();
-    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1]);
-    out.extend_from_slice(&block);
+    let path = "/.well-known/mercure?topic=n";
+    out.extend_from_slice(&common::h2_get_frame(1, path, &hub.addr.to_string(), &[]));
     io.write_all(&out).await.unwrap();
     hub.wait_metric(
         "ssehub_subscribers_connected",
@@ -207,31 +188,6 @@ async fn a_client_that_never_reads_its_connection_is_bounded() {
     drop(io);
 }
 
-/// HPACK integer (RFC 7541 §5.1) with an n-bit prefix, the prefix byte's other bits `flags`.
-fn hpack_int(out: &mut Vec<u8>, bits: u32, flags: u8, mut v: usize) {
-    let max = (1usize << bits) - 1;
-    if v < max {
-        out.push(flags | v as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128) as u8 | 0x80);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal header without indexing, new name.
-fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(0);
-    hpack_int(out, 7, 0, name.len());
-    out.extend_from_slice(name.as_bytes());
-    hpack_int(out, 7, 0, value.len());
-    out.extend_from_slice(value.as_bytes());
-}
-
 /// The end the token's `exp` gives a stream is found by the stream's own timer whenever its
 /// body is polled. A client whose stream has no window, a heartbeat pending, grants one byte
 /// just after `exp` (before the hub's sweep): the body is polled, the timer closes the
@@ -251,13 +207,15 @@ async fn a_stream_ended_by_its_own_exp_timer_is_torn_down_too() {
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0.
     out.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
-    let mut block = vec![0x82, 0x86];
-    hpack_literal(&mut block, ":path", "/.well-known/mercure?topic=x");
-    hpack_literal(&mut block, ":authority", &hub.addr.to_string());
-    hpack_literal(&mut block, "authorization", &format!("Bearer {token}"));
-    let len = (block.len() as u32).to_be_bytes();
-    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1]);
-    out.extend_from_slice(&block);
+    let path = "/.well-known/mercure?topic=x";
+    let bearer = format!("Bearer {token}");
+    let headers = [("authorization", bearer.as_str())];
+    out.extend_from_slice(&common::h2_get_frame(
+        1,
+        path,
+        &hub.addr.to_string(),
+        &headers,
+    ));
     io.write_all(&out).await.unwrap();
     // Read (and drop) what the hub sends meanwhile, acking nothing: a few frames.
     let (mut rd, mut wr) = io.into_split();
@@ -296,4 +254,95 @@ async fn a_stream_ended_by_its_own_exp_timer_is_torn_down_too() {
     )
     .await;
     drop(wr);
+}
+
+/// An HTTP/2 client that answers PINGs but never grants a stream any window keeps hyper from
+/// ever polling its body, so the end the hub gives the stream never gets through. The hub
+/// resets such a stream alone (RST_STREAM CANCEL) and the connection goes on: at once when the
+/// subscriber is dropped as too slow, 5 s after its end at its lifetime or its token's `exp`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_http2_stream_is_reset_and_its_connection_goes_on() {
+    // Its lifetime.
+    let hub = TestHub::start(&["--max-stream-lifetime", "2s"]);
+    let (client, stream) = stalled_http2_stream(&hub, "ending", None).await;
+    let took = reset_after(stream).await;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "lifetime: reset {took:?} after the stream began, not 2 s + 5 s later"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+
+    // Its token's `exp`.
+    let hub = TestHub::start(&["--max-stream-lifetime", "1h"]);
+    let subscribe = ["*".to_owned()];
+    let token = hub
+        .key
+        .mint(None, Some(&subscribe), Some(Duration::from_secs(2)))
+        .unwrap();
+    let (client, stream) = stalled_http2_stream(&hub, "expiring", Some(&token)).await;
+    let took = reset_after(stream).await;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "exp: reset {took:?} after the stream began, not 2 s + 5 s later"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(
+        hub.metric("ssehub_subscribers_dropped_total{reason=\"expired\"}")
+            .await,
+        1.0
+    );
+
+    // Too slow: a queue of 5 overflows at the sixth update, and the stream is reset then.
+    let hub = TestHub::start(&["--subscriber-queue", "5"]);
+    let (client, stream) = stalled_http2_stream(&hub, "slow", None).await;
+    let mut p = hub.publisher().await;
+    for i in 0..6 {
+        p.ok(&[("topic", "slow"), ("data", &i.to_string())]).await;
+    }
+    let took = reset_after(stream).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "slow: reset only after {took:?}"
+    );
+    still_serves(&hub, &client).await;
+    assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
+}
+
+/// An HTTP/2 connection (h2c) whose streams get no window at all, and one event stream on it
+/// for `topic`, its response's head received. The connection's task runs on, answering PINGs.
+async fn stalled_http2_stream(
+    hub: &TestHub,
+    topic: &str,
+    token: Option<&str>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    (std::time::Instant, h2::RecvStream),
+) {
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let mut client = common::zero_window_h2(tcp).await;
+    let mut req = http::Request::get(format!(
+        "http://{}/.well-known/mercure?topic={topic}",
+        hub.addr
+    ));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let (response, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+    let began = std::time::Instant::now();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    (client, (began, response.into_body()))
+}
+
+/// How long after it began the stream was reset by the hub.
+async fn reset_after((began, body): (std::time::Instant, h2::RecvStream)) -> Duration {
+    common::h2_reset(body).await;
+    began.elapsed()
+}
+
+/// The connection whose stream was reset still carries requests.
+async fn still_serves(hub: &TestHub, client: &h2::client::SendRequest<bytes::Bytes>) {
+    let url = format!("http://{}/healthz", hub.addr);
+    assert_eq!(common::h2_status(client, url).await, 200);
 }

@@ -552,22 +552,12 @@ async fn http2_responses_are_kept_out_of_the_header_table() {
     out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
     let authority = hub.addr.to_string();
     let paths = [
-        (1u8, "/healthz"),
+        (1u32, "/healthz"),
         (3, "/.well-known/mercure?topic=a"),
         (5, "/.well-known/mercure?topic=b"),
     ];
     for (stream, path) in paths {
-        // GET (static index 2), http (6), then :path (4) and :authority (1) as literals
-        // without indexing.
-        let mut block = vec![0x82, 0x86];
-        for (name, value) in [(4u8, path), (1, authority.as_str())] {
-            block.extend_from_slice(&[name, value.len() as u8]);
-            block.extend_from_slice(value.as_bytes());
-        }
-        let len = (block.len() as u32).to_be_bytes();
-        // HEADERS, END_STREAM | END_HEADERS.
-        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, stream]);
-        out.extend_from_slice(&block);
+        out.extend_from_slice(&common::h2_get_frame(stream, path, &authority, &[]));
     }
     io.write_all(&out).await.unwrap();
     let mut answered = Vec::new();
@@ -580,7 +570,7 @@ async fn http2_responses_are_kept_out_of_the_header_table() {
             io.read_exact(&mut payload).await.unwrap();
             if header[3] == 0x1 {
                 assert_eq!(header[4] & 0x28, 0, "no padding or priority expected");
-                answered.push((header[8], hpack_representations(&payload)));
+                answered.push((header[8] as u32, hpack_representations(&payload)));
             }
         }
     };
@@ -1272,15 +1262,7 @@ async fn a_stalled_http2_stream_over_tls_is_reset_alone() {
     let hub = cert.hub(&["--max-stream-lifetime", "2s"]);
     let tls = tls_connect(&hub, &cert.der, &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tls)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut client = client.ready().await.unwrap();
+    let mut client = common::zero_window_h2(tls).await;
     let req = Request::get(format!("https://{}/.well-known/mercure?topic=t", hub.addr))
         .body(())
         .unwrap();
@@ -1288,28 +1270,15 @@ async fn a_stalled_http2_stream_over_tls_is_reset_alone() {
     let (response, _) = client.send_request(req, true).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let next = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+    common::h2_reset(response.into_body()).await;
     let took = began.elapsed();
-    match next {
-        Ok(Some(Err(e))) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
-        other => panic!("expected a reset, got {other:?} after {took:?}"),
-    }
     assert!(
         took >= Duration::from_secs(5) && took < Duration::from_secs(12),
         "{took:?}"
     );
     // The connection still serves.
-    let req = Request::get(format!("https://{}/healthz", hub.addr))
-        .body(())
-        .unwrap();
-    let mut ready = client.clone().ready().await.unwrap();
-    let (response, _) = ready.send_request(req, true).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), response)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let url = format!("https://{}/healthz", hub.addr);
+    assert_eq!(common::h2_status(&client, url).await, 200);
     assert_eq!(hub.metric("ssehub_subscribers_connected").await, 0.0);
     assert_eq!(
         hub.metric("ssehub_subscribers_dropped_total{reason=\"lifetime\"}")

@@ -64,13 +64,15 @@ impl<F: Future<Output = ()>> Future for Cancellable<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
         if let Some(c) = this.cancel {
+            // Its handler has the handle: from here on (each of an event stream's writes) only
+            // the cancel is watched, and nothing is lent.
             if c.poll_cancelled(cx).is_ready() {
                 // Dropping the task drops hyper's handle on the stream: h2 resets it.
                 return Poll::Ready(());
             }
+            return this.task.poll(cx);
         }
-        let lent = POLLING.with_borrow_mut(|p| p.replace(this.cancel.take()));
-        let restore = Lent(lent);
+        let restore = Lent(POLLING.with_borrow_mut(|p| p.replace(None)));
         let polled = this.task.poll(cx);
         *this.cancel = POLLING.with_borrow_mut(|p| p.take()).flatten();
         drop(restore);
@@ -87,7 +89,8 @@ impl<F: Future<Output = ()>> Future for Cancellable<F> {
 }
 
 /// The cancel handle of the HTTP/2 stream whose task is being polled on this thread, made on
-/// first use; `None` outside such a poll.
+/// first use (by the subscribe handler); `None` outside such a poll, and in the task's polls
+/// after the one that made it.
 pub fn current_stream_cancel() -> Option<Arc<StreamCancel>> {
     POLLING.with_borrow_mut(|p| {
         p.as_mut()

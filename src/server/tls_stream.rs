@@ -687,13 +687,13 @@ impl AsyncWrite for TlsStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A server configuration with a new self-signed certificate for 127.0.0.1, and a client
     /// configuration trusting it.
-    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+    pub(crate) fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
         let cert = c.cert.der().clone();
         let key =

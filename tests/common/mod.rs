@@ -846,3 +846,84 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// An HTTP/2 client on `io` whose streams get no flow-control window at all (the hub can send
+/// them their response's head and nothing else); its connection's task runs on, answering
+/// PINGs.
+pub async fn zero_window_h2<IO>(io: IO) -> h2::client::SendRequest<bytes::Bytes>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .max_concurrent_reset_streams(1000)
+        .handshake(io)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await.unwrap()
+}
+
+/// Waits (at most 20 s) for the hub to reset an HTTP/2 stream that has no window (nothing may
+/// arrive on it), and checks the reset is a CANCEL.
+pub async fn h2_reset(mut body: h2::RecvStream) {
+    let next = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+    match next {
+        Err(_) => panic!("the stalled stream was not reset within 20 s"),
+        Ok(Some(Err(e))) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+        Ok(other) => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+/// The status of a GET of `url` on an HTTP/2 connection, answered within 5 s.
+pub async fn h2_status(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    url: String,
+) -> http::StatusCode {
+    let req = http::Request::get(url).body(()).unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(req, true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("the connection answers")
+        .unwrap()
+        .status()
+}
+
+/// A HEADERS frame (END_STREAM | END_HEADERS) of a GET of `path` on HTTP/2 stream `stream`,
+/// coded by hand as a raw client does: the method and scheme (GET, http) by HPACK's static
+/// table, `:path`, `:authority` and `extra` as literals without indexing.
+pub fn h2_get_frame(stream: u32, path: &str, authority: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    // An integer with an n-bit prefix (RFC 7541 §5.1), the prefix byte's other bits `flags`.
+    fn integer(out: &mut Vec<u8>, bits: u32, flags: u8, mut v: usize) {
+        let max = (1usize << bits) - 1;
+        if v < max {
+            out.push(flags | v as u8);
+            return;
+        }
+        out.push(flags | max as u8);
+        v -= max;
+        while v >= 128 {
+            out.push((v % 128) as u8 | 0x80);
+            v /= 128;
+        }
+        out.push(v as u8);
+    }
+    let mut block = vec![0x82, 0x86];
+    let headers = [(":path", path), (":authority", authority)];
+    for (name, value) in headers.iter().chain(extra) {
+        // A literal without indexing, its name new (§6.2.2).
+        block.push(0);
+        integer(&mut block, 7, 0, name.len());
+        block.extend_from_slice(name.as_bytes());
+        integer(&mut block, 7, 0, value.len());
+        block.extend_from_slice(value.as_bytes());
+    }
+    let len = (block.len() as u32).to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], 0x1, 0x5];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}

@@ -164,33 +164,15 @@ mod tests {
     /// long as it liked).
     #[tokio::test(start_paused = true)]
     async fn an_answer_that_closes_a_tls_connection_its_client_does_not_read_ends() {
-        use std::sync::Arc;
         use std::time::Duration;
         use tokio::io::AsyncWriteExt as _;
-        let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-        let cert = c.cert.der().clone();
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let (server, client) = crate::server::tls_stream::tests::configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let peer = std::thread::spawn(move || {
             let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+            let mut conn = rustls::ClientConnection::new(client, name).unwrap();
             let mut tcp = std::net::TcpStream::connect(addr).unwrap();
             while conn.is_handshaking() {
                 conn.complete_io(&mut tcp).unwrap();
@@ -199,10 +181,9 @@ mod tests {
             let _ = go_rx.recv();
         });
         let (tcp, _) = listener.accept().await.unwrap();
-        let mut stream =
-            crate::server::tls_stream::accept(tcp, Arc::new(server), Duration::from_secs(3600))
-                .await
-                .unwrap();
+        let mut stream = crate::server::tls_stream::accept(tcp, server, Duration::from_secs(3600))
+            .await
+            .unwrap();
         // Earlier answers the client did not read fill the socket.
         let chunk = vec![b'x'; 16 * 1024];
         while let Ok(written) =
